@@ -1,0 +1,12 @@
+"""The /v1 API: one blueprint per resource, all behind API-key auth."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from app.api import keys
+from app.auth import authenticate
+
+bp = Blueprint("v1", __name__, url_prefix="/v1")
+bp.before_request(authenticate)
+bp.register_blueprint(keys.bp)

