@@ -1,0 +1,34 @@
+# The two commands a fresh machine needs: `make dev` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: dev test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+dev: $(STAMP)  ## Start Redis (embedded), web, both workers and the sweeper
+	$(BIN)/sluice dev $(ARGS)
+
+test: $(STAMP)  ## Lint, then the whole suite against real Redis, DB, workers and HTTP
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)  ## Benchmarks against the real stack; print tables
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

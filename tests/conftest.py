@@ -1,0 +1,158 @@
+"""Fixtures: a real database (schema from migrations), a real Redis, real web and workers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import flask_migrate
+import httpx
+import openai
+import pytest
+import redis
+from flask import Flask
+
+from app import create_app, embedded_redis
+from app.auth import create_key
+from tests.fake_upstream import FakeUpstream
+from tests.stack import Stack, drop_postgres_database, fresh_postgres_database
+
+TEST_SETTINGS = {
+    "SLUICE_MOCK_TTFT_MS": "5",
+    "SLUICE_MOCK_TOKENS_PER_SECOND": "2000",
+    "SLUICE_STREAM_LEASE_SECONDS": "3",
+    "SLUICE_STREAM_PING_SECONDS": "1",
+    "SLUICE_WORKER_HEARTBEAT_SECONDS": "1",
+    "SLUICE_BATCH_CHUNK_SIZE": "10",
+    "SLUICE_LOG_LEVEL": "WARNING",
+}
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sluice-home")
+
+
+@pytest.fixture(scope="session")
+def database_url(home: Path) -> Iterator[str]:
+    """DATABASE_URL's server with a fresh database, or SQLite under the test home."""
+    server = os.environ.get("DATABASE_URL")
+    if server and server.startswith(("postgres://", "postgresql")):
+        url, name = fresh_postgres_database(server)
+        yield url
+        drop_postgres_database(server, name)
+    else:
+        yield f"sqlite:///{home / 'test.db'}"
+
+
+@pytest.fixture(scope="session")
+def redis_url(home: Path) -> Iterator[str]:
+    """REDIS_URL (flushed first), or an embedded Redis owned by the test session."""
+    server = os.environ.get("REDIS_URL")
+    if server:
+        redis.Redis.from_url(server).flushdb()
+        yield server
+        return
+    url, proc = embedded_redis.start(home / "redis")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def test_env(
+    home: Path, database_url: str, redis_url: str, upstream: FakeUpstream
+) -> Iterator[dict[str, str]]:
+    """The environment shared by this process and every process of the stack."""
+    env = {
+        "SLUICE_HOME": str(home),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "OPENAI_API_KEY": "sk-test-upstream",
+        "OPENAI_BASE_URL": upstream.openai_base_url,
+        "ANTHROPIC_API_KEY": "sk-ant-test-upstream",
+        "ANTHROPIC_BASE_URL": upstream.anthropic_base_url,
+        **TEST_SETTINGS,
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    os.environ.pop("SLUICE_CONFIG", None)
+    yield dict(os.environ)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def app(test_env: dict[str, str]) -> Flask:
+    """An in-process app on the test database, its schema built by the migrations."""
+    flask_app = create_app()
+    with flask_app.app_context():
+        flask_migrate.upgrade()
+    return flask_app
+
+
+@pytest.fixture
+def app_ctx(app: Flask) -> Iterator[Flask]:
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture(scope="session")
+def stack(app: Flask, test_env: dict[str, str], home: Path) -> Iterator[Stack]:
+    """gunicorn (gevent) web, one stream worker and one batch worker, ready."""
+    running = Stack(env=test_env, home=home)
+    running.start_web()
+    running.start_worker("stream")
+    running.start_worker("batch")
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def _new_key(app: Flask, *, admin: bool = False) -> str:
+    with app.app_context():
+        return create_key(f"tenant-{secrets.token_hex(4)}", admin=admin)[1]
+
+
+@pytest.fixture
+def api_key(app: Flask) -> str:
+    """A key for a tenant of this test's own, so tests never see each other's data."""
+    return _new_key(app)
+
+
+@pytest.fixture
+def other_key(app: Flask) -> str:
+    """A key for a second tenant, for isolation tests."""
+    return _new_key(app)
+
+
+@pytest.fixture
+def admin_key(app: Flask) -> str:
+    return _new_key(app, admin=True)
+
+
+@pytest.fixture
+def client(stack: Stack, api_key: str) -> Iterator[httpx.Client]:
+    """An HTTP client on the live web server, authenticated as this test's tenant."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=stack.url, headers=headers, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+def openai_client(stack: Stack, api_key: str) -> openai.OpenAI:
+    """The official SDK pointed at Sluice."""
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=api_key, max_retries=0, timeout=30)

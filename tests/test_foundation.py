@@ -1,0 +1,171 @@
+"""Foundation: config, migrations, auth and tenant scoping, CLI, probes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flask_migrate
+import httpx
+import pytest
+from click.testing import CliRunner
+from flask import Flask
+from sqlalchemy import inspect
+
+from app import create_app
+from app.cli import main as sluice
+from app.config import ConfigError, load_config
+from app.extensions import db
+from tests.stack import Stack, drop_postgres_database, fresh_postgres_database
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SLUICE_STREAM_PING_SECONDS": "soon"}, "SLUICE_STREAM_PING_SECONDS"),
+        ({"SLUICE_BATCH_CHUNK_SIZE": "-1"}, "SLUICE_BATCH_CHUNK_SIZE"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+        ({"SLUICE_CONFIG": "/nonexistent/sluice.toml"}, "SLUICE_CONFIG"),
+    ],
+)
+def test_bad_config_names_the_setting(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(env)
+
+
+def test_toml_settings_and_unknown_keys(tmp_path: Path) -> None:
+    good = tmp_path / "sluice.toml"
+    good.write_text('[sluice]\nstream_ping_seconds = 7\n[providers.local]\nkind = "openai"\n')
+    config = load_config({"SLUICE_CONFIG": str(good)})
+    assert config["STREAM_PING_SECONDS"] == 7.0
+    assert config["PROVIDERS"]["local"]["kind"] == "openai"
+    assert (
+        load_config({"SLUICE_CONFIG": str(good), "SLUICE_STREAM_PING_SECONDS": "3"})[
+            "STREAM_PING_SECONDS"
+        ]
+        == 3.0
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sluice]\nping = 1\n")
+    with pytest.raises(ConfigError, match="ping"):
+        load_config({"SLUICE_CONFIG": str(bad)})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[sluice\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config({"SLUICE_CONFIG": str(broken)})
+
+
+def test_defaults_are_embedded(tmp_path: Path) -> None:
+    config = load_config({"SLUICE_HOME": str(tmp_path)})
+    assert config["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{tmp_path / 'sluice.db'}"
+    assert config["REDIS_URL"] is None
+    url = load_config({"DATABASE_URL": "postgres://u@h/d"})["SQLALCHEMY_DATABASE_URI"]
+    assert url == "postgresql+psycopg://u@h/d"
+
+
+def test_migrations_upgrade_and_downgrade_cleanly(test_env: dict[str, str], tmp_path: Path) -> None:
+    server = test_env["DATABASE_URL"]
+    name = None
+    if server.startswith("postgresql"):
+        url, name = fresh_postgres_database(server)
+    else:
+        url = f"sqlite:///{tmp_path / 'migrate.db'}"
+    try:
+        scratch = create_app(
+            {
+                "SQLALCHEMY_DATABASE_URI": url.replace("postgresql://", "postgresql+psycopg://"),
+                "EMBEDDED_REDIS": False,
+            }
+        )
+        with scratch.app_context():
+            flask_migrate.upgrade()
+            tables = set(inspect(db.engine).get_table_names())
+            assert {"tenants", "api_keys", "jobs", "batches", "files"} <= tables
+            flask_migrate.downgrade(revision="base")
+            assert set(inspect(db.engine).get_table_names()) <= {"alembic_version"}
+            flask_migrate.upgrade()
+            assert "jobs" in inspect(db.engine).get_table_names()
+            db.engine.dispose()
+    finally:
+        if name:
+            drop_postgres_database(server, name)
+
+
+def test_v1_needs_a_valid_key(stack: Stack, api_key: str, admin_key: str) -> None:
+    missing = httpx.get(stack.url + "/v1/me")
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    wrong = httpx.get(stack.url + "/v1/me", headers={"Authorization": "Bearer sk-sluice-nope"})
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["type"] == "authentication_error"
+    me = httpx.get(stack.url + "/v1/me", headers={"Authorization": f"Bearer {api_key}"})
+    assert me.status_code == 200
+    assert me.json()["admin"] is False
+
+
+def test_admin_routes_need_admin_and_revocation_bites(
+    stack: Stack, api_key: str, admin_key: str
+) -> None:
+    user = {"Authorization": f"Bearer {api_key}"}
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    assert httpx.get(stack.url + "/v1/admin/keys", headers=user).status_code == 403
+    created = httpx.post(stack.url + "/v1/admin/keys", headers=admin, json={"tenant": "t-new"})
+    assert created.status_code == 201
+    new_key = created.json()["key"]
+    listed = httpx.get(stack.url + "/v1/admin/keys", headers=admin).json()["data"]
+    assert created.json()["id"] in {k["id"] for k in listed}
+    assert all("key" not in k and "key_hash" not in k for k in listed)
+    new = {"Authorization": f"Bearer {new_key}"}
+    assert httpx.get(stack.url + "/v1/me", headers=new).status_code == 200
+    revoked = httpx.post(stack.url + f"/v1/admin/keys/{created.json()['id']}/revoke", headers=admin)
+    assert revoked.status_code == 200
+    after = httpx.get(stack.url + "/v1/me", headers=new)
+    assert after.status_code == 401
+    assert "revoked" in after.json()["error"]["message"]
+    bad = httpx.post(stack.url + "/v1/admin/keys", headers=admin, json={})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "tenant"
+
+
+def test_probes(stack: Stack) -> None:
+    assert httpx.get(stack.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(stack.url + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {
+        "database": "ok",
+        "redis": "ok",
+        "stream_worker": "ok",
+        "batch_worker": "ok",
+    }
+
+
+def test_readyz_names_what_is_missing(test_env: dict[str, str]) -> None:
+    no_workers = test_env["REDIS_URL"].rsplit("/", 1)[0] + "/14"
+    for redis_url, missing in [
+        (no_workers, ["batch_worker", "stream_worker"]),
+        ("redis://127.0.0.1:1/0", ["redis"]),
+    ]:
+        probe = create_app({"REDIS_URL": redis_url})
+        answer = probe.test_client().get("/readyz")
+        assert answer.status_code == 503
+        assert answer.json["missing"] == missing
+
+
+def test_keys_cli(app: Flask, test_env: dict[str, str]) -> None:
+    runner = CliRunner()
+    created = runner.invoke(sluice, ["keys", "create", "--tenant", "cli-tenant"], env=test_env)
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip()
+    assert key.startswith("sk-sluice-") and "\n" not in key
+    listed = runner.invoke(sluice, ["keys", "list"], env=test_env)
+    assert "cli-tenant" in listed.stdout
+    assert key not in listed.stdout
+    key_id = next(line.split()[0] for line in listed.stdout.splitlines() if "cli-tenant" in line)
+    assert runner.invoke(sluice, ["keys", "revoke", key_id], env=test_env).exit_code == 0
+    assert "revoked" in runner.invoke(sluice, ["keys", "list"], env=test_env).stdout
+    missing = runner.invoke(sluice, ["keys", "revoke", "key_nope"], env=test_env)
+    assert missing.exit_code != 0
+    assert "no API key" in missing.output
+    bad = runner.invoke(sluice, ["keys", "list"], env={**test_env, "DATABASE_URL": "mysql://x"})
+    assert bad.exit_code != 0
+    assert "DATABASE_URL" in bad.output
