@@ -60,10 +60,12 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     from app.api import bp as api_bp
+    from app.dashboard import bp as dashboard_bp
     from app.health import bp as health_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(api_bp)
+    app.register_blueprint(dashboard_bp)
 
 
 @event.listens_for(Engine, "connect")

@@ -36,7 +36,7 @@ def celery_init_app(app: Flask) -> None:
         task_queues=[Queue(STREAM_QUEUE), Queue(BATCH_QUEUE)],
         task_default_queue=BATCH_QUEUE,
         task_routes={"sluice.stream.*": {"queue": STREAM_QUEUE}},
-        imports=["workers.tasks"],
+        imports=["workers.tasks", "workers.stream_tasks", "workers.batch_tasks"],
         beat_schedule={
             "sweep": {"task": "sluice.sweep", "schedule": 5.0, "options": {"expires": 5}},
         },

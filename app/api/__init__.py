@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from app.api import keys
+from app.api import batches, chat, document_batches, files, jobs, keys
 from app.auth import authenticate
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 bp.before_request(authenticate)
-bp.register_blueprint(keys.bp)
+for resource in (keys, chat, jobs, document_batches, files, batches):
+    bp.register_blueprint(resource.bp)

@@ -1,0 +1,3 @@
+"""`sluice submit` and `sluice results`: the batch channel from the terminal."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""`sluice policy check|explain`."""
+
+from __future__ import annotations

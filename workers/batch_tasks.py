@@ -1,0 +1,3 @@
+"""Thin tasks for the batch channel (queue `batch`)."""
+
+from __future__ import annotations

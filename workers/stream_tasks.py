@@ -1,0 +1,3 @@
+"""Thin tasks for the stream channel (queue `interactive`)."""
+
+from __future__ import annotations
