@@ -1,0 +1,632 @@
+"""A real HTTP server speaking the OpenAI and Anthropic wire formats, for tests and benchmarks.
+
+The request's model name picks the behaviour: `echo` repeats the last user message,
+a name registered with `add_scenario` (or `POST /_scenarios`) follows its script, and any
+other name produces deterministic text. Options may ride in the name: `fake?ttft_ms=100&tps=200`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl
+
+from workers.providers.base import content_text, estimate_tokens, last_user_text
+from workers.providers.mock import mock_words
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A scripted upstream behaviour; unset fields fall back to the server defaults."""
+
+    deltas: list[str] | None = None
+    echo: bool = False
+    tokens: int | None = None
+    ttft_ms: float | None = None
+    tps: float | None = None
+    delay_ms: float | None = None
+    status: int | None = None
+    retry_after: str | None = None
+    fail_times: int | None = None
+    error_after: int | None = None
+    drop_after: int | None = None
+    finish_reason: str = "stop"
+    message: str = "scripted failure from the fake upstream"
+
+
+_CONVERTERS: dict[str, Any] = {
+    "tokens": int,
+    "ttft_ms": float,
+    "tps": float,
+    "delay_ms": float,
+    "status": int,
+    "retry_after": str,
+    "fail_times": int,
+    "error_after": int,
+    "drop_after": int,
+    "finish_reason": str,
+    "message": str,
+    "echo": lambda v: str(v).lower() in ("1", "true", "yes"),
+}
+
+_OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+_ANTHROPIC_STOP = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def scenario_from_options(options: dict[str, Any], base: Scenario | None = None) -> Scenario:
+    """Build a Scenario from loosely typed options (JSON body or query string)."""
+    values: dict[str, Any] = {}
+    for key, raw in options.items():
+        if key == "deltas":
+            values["deltas"] = [str(d) for d in raw] if raw is not None else None
+        elif key in _CONVERTERS:
+            values[key] = None if raw is None else _CONVERTERS[key](raw)
+        elif key != "name":
+            raise ValueError(f"unknown scenario option {key!r}")
+    return dataclasses.replace(base or Scenario(), **values)
+
+
+def split_tokens(text: str) -> list[str]:
+    """Split text into word-ish deltas that join back to exactly `text`."""
+    return re.findall(r"\s*\S+|\s+$", text) if text else []
+
+
+class _Server(ThreadingHTTPServer):
+    """A threaded server with a deep accept backlog and daemon handler threads."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+    upstream: FakeUpstream
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Ignore clients that hang up; report anything else."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class FakeUpstream:
+    """The fake provider server; use as a context manager or call start()/stop()."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ttft_ms: float = 0.0,
+        tps: float = 0.0,
+        tokens: int = 20,
+        delay_ms: float = 0.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.defaults = Scenario(tokens=tokens, ttft_ms=ttft_ms, tps=tps, delay_ms=delay_ms)
+        self._scenarios: dict[str, Scenario] = {}
+        self._requests: Counter[str] = Counter()
+        self._disconnects: Counter[str] = Counter()
+        self._bodies: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> FakeUpstream:
+        """Bind and serve in a background thread."""
+        self.stopping.clear()
+        self._server = _Server((self.host, self.port), _Handler)
+        self._server.upstream = self
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; open streams are cut at their next delta."""
+        self.stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """The server's root URL."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """The base_url for the openai SDK."""
+        return f"{self.url}/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        """The base_url for the anthropic SDK (which adds /v1 itself)."""
+        return self.url
+
+    # -- scenarios ---------------------------------------------------------------------------
+
+    def add_scenario(self, name: str, scenario: Scenario | None = None, **options: Any) -> None:
+        """Register a scripted behaviour for model `name` (resets its request log)."""
+        built = scenario_from_options(options, scenario or Scenario())
+        with self._lock:
+            self._scenarios[name] = built
+            self._requests.pop(name, None)
+            self._disconnects.pop(name, None)
+
+    def requests(self, name: str) -> int:
+        """How many requests named this model (ignoring any `?options`)."""
+        with self._lock:
+            return self._requests[name]
+
+    def disconnects(self, name: str) -> int:
+        """How many streams for this model the client abandoned before the end."""
+        with self._lock:
+            return self._disconnects[name]
+
+    def last_request(self, name: str) -> dict[str, Any] | None:
+        """The JSON body of the latest request for this model."""
+        with self._lock:
+            return self._bodies.get(name)
+
+    def reset(self) -> None:
+        """Forget all scenarios and request logs."""
+        with self._lock:
+            self._scenarios.clear()
+            self._requests.clear()
+            self._disconnects.clear()
+            self._bodies.clear()
+
+    def _begin(self, model: str, body: dict[str, Any]) -> tuple[str, Scenario, int]:
+        """Resolve a model to (name, scenario, attempt number) and log the request."""
+        name, _, query = model.partition("?")
+        with self._lock:
+            base = self._scenarios.get(name)
+            self._requests[name] += 1
+            attempt = self._requests[name]
+            self._bodies[name] = body
+        if base is None:
+            base = Scenario(echo=name == "echo")
+        scenario = scenario_from_options(dict(parse_qsl(query)), base) if query else base
+        return name, scenario, attempt
+
+    def _note_disconnect(self, name: str) -> None:
+        """Record a stream the client abandoned."""
+        with self._lock:
+            self._disconnects[name] += 1
+
+    def _setting(self, scenario: Scenario, key: str) -> Any:
+        """A scenario value, else the server default."""
+        value = getattr(scenario, key)
+        return getattr(self.defaults, key) if value is None else value
+
+
+class _Abort(Exception):
+    """The stream must end now (client gone or server stopping)."""
+
+
+@dataclass
+class _Plan:
+    """What one request will produce."""
+
+    name: str
+    model: str
+    scenario: Scenario
+    deltas: list[str]
+    finish_reason: str
+    prompt_tokens: int
+    ttft: float
+    interval: float
+    fail: bool = False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes requests to the OpenAI, Anthropic and control endpoints."""
+
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay quiet."""
+
+    @property
+    def upstream(self) -> FakeUpstream:
+        return self.server.upstream
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _read_json(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw) if raw else {}
+
+    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _chunk(self, text: str) -> None:
+        data = text.encode()
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except OSError as exc:
+            raise _Abort from exc
+
+    def _end_stream(self) -> None:
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as exc:
+            raise _Abort from exc
+
+    def _drop(self) -> None:
+        """Cut the connection without finishing the chunked body."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _wait_until(self, deadline: float) -> None:
+        delay = deadline - time.monotonic()
+        if delay > 0 and self.upstream.stopping.wait(delay):
+            raise _Abort
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        if self.path in ("/_health", "/health"):
+            self._send_json(200, {"ok": True})
+        elif self.path.startswith("/_scenarios/"):
+            name = self.path.removeprefix("/_scenarios/")
+            counts = {
+                "requests": self.upstream.requests(name),
+                "disconnects": self.upstream.disconnects(name),
+            }
+            self._send_json(200, counts)
+        else:
+            self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_DELETE(self) -> None:
+        if self.path == "/_scenarios":
+            self.upstream.reset()
+            self._send_json(200, {"ok": True})
+        else:
+            self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:
+        try:
+            body = self._read_json()
+        except ValueError:
+            self._send_json(400, {"error": {"message": "body is not JSON"}})
+            return
+        if self.path == "/_scenarios":
+            try:
+                self.upstream.add_scenario(str(body["name"]), **body)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._send_json(400, {"error": {"message": f"bad scenario: {exc}"}})
+                return
+            self._send_json(201, {"ok": True})
+        elif self.path.rstrip("/") == "/v1/chat/completions":
+            self._serve("openai", body)
+        elif self.path.split("?")[0].rstrip("/") == "/v1/messages":
+            self._serve("anthropic", body)
+        else:
+            self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _plan(self, body: dict[str, Any]) -> _Plan:
+        up = self.upstream
+        model = str(body.get("model", ""))
+        name, scenario, attempt = up._begin(model, body)
+        messages = list(body.get("messages") or [])
+        if isinstance(body.get("system"), str):
+            messages.insert(0, {"role": "system", "content": body["system"]})
+        if scenario.deltas is not None:
+            deltas = list(scenario.deltas)
+        elif scenario.echo:
+            deltas = split_tokens(last_user_text(messages))
+        else:
+            words = mock_words(
+                f"{model}\n{last_user_text(messages)}", up._setting(scenario, "tokens")
+            )
+            deltas = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        finish = scenario.finish_reason
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(limit, int) and 0 <= limit < len(deltas):
+            deltas, finish = deltas[:limit], "length"
+        tps = up._setting(scenario, "tps")
+        plan = _Plan(
+            name=name,
+            model=model,
+            scenario=scenario,
+            deltas=deltas,
+            finish_reason=finish,
+            prompt_tokens=estimate_tokens(
+                [{"content": content_text(m.get("content"))} for m in messages]
+            ),
+            ttft=up._setting(scenario, "ttft_ms") / 1000,
+            interval=1 / tps if tps and tps > 0 else 0.0,
+        )
+        plan.fail = scenario.status is not None and (
+            scenario.fail_times is None or attempt <= scenario.fail_times
+        )
+        return plan
+
+    def _serve(self, kind: str, body: dict[str, Any]) -> None:
+        plan = self._plan(body)
+        scenario = plan.scenario
+        if plan.fail:
+            self._send_error(kind, int(scenario.status or 500), scenario)
+            return
+        if not body.get("stream"):
+            delay = self.upstream._setting(scenario, "delay_ms") / 1000
+            if delay > 0:
+                self.upstream.stopping.wait(delay)
+            payload = self._openai_body(plan) if kind == "openai" else self._anthropic_body(plan)
+            self._send_json(200, payload)
+            return
+        self._start_stream()
+        events = (
+            self._openai_events(plan, body) if kind == "openai" else self._anthropic_events(plan)
+        )
+        try:
+            self._run_stream(plan, events)
+        except _Abort:
+            self.close_connection = True
+            self.upstream._note_disconnect(plan.name)
+
+    def _run_stream(self, plan: _Plan, events: Iterator[tuple[str, str]]) -> None:
+        """Write events, pacing deltas; honour error_after / drop_after."""
+        start = time.monotonic()
+        sent = 0
+        scenario = plan.scenario
+        for kind, text in events:
+            if kind == "delta":
+                if sent == scenario.drop_after:
+                    self._drop()
+                    return
+                if sent == scenario.error_after:
+                    self._chunk(self._error_event(scenario.message))
+                    self._end_stream()
+                    return
+                self._wait_until(start + plan.ttft + sent * plan.interval)
+                sent += 1
+            elif kind == "finish":
+                if scenario.drop_after is not None and sent >= scenario.drop_after:
+                    self._drop()
+                    return
+                if scenario.error_after is not None and sent >= scenario.error_after:
+                    self._chunk(self._error_event(scenario.message))
+                    self._end_stream()
+                    return
+            self._chunk(text)
+        self._end_stream()
+
+    # -- error replies -----------------------------------------------------------------------
+
+    def _send_error(self, kind: str, status: int, scenario: Scenario) -> None:
+        headers = {"Retry-After": str(scenario.retry_after)} if scenario.retry_after else {}
+        if kind == "openai":
+            error_type = _OPENAI_ERROR_TYPES.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            )
+            payload: dict[str, Any] = {
+                "error": {
+                    "message": scenario.message,
+                    "type": error_type,
+                    "param": None,
+                    "code": None,
+                }
+            }
+        else:
+            error_type = _ANTHROPIC_ERROR_TYPES.get(
+                status, "api_error" if status >= 500 else "invalid_request_error"
+            )
+            payload = {"type": "error", "error": {"type": error_type, "message": scenario.message}}
+        self._send_json(status, payload, headers)
+
+    # -- OpenAI wire format ------------------------------------------------------------------
+
+    @staticmethod
+    def _openai_usage(plan: _Plan) -> dict[str, int]:
+        completion = len([d for d in plan.deltas if d])
+        return {
+            "prompt_tokens": plan.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": plan.prompt_tokens + completion,
+        }
+
+    def _openai_body(self, plan: _Plan) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": plan.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "".join(plan.deltas),
+                        "refusal": None,
+                    },
+                    "logprobs": None,
+                    "finish_reason": plan.finish_reason,
+                }
+            ],
+            "usage": self._openai_usage(plan),
+            "system_fingerprint": None,
+        }
+
+    def _openai_events(self, plan: _Plan, body: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": plan.model,
+            "system_fingerprint": None,
+        }
+        if include_usage:
+            base["usage"] = None
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**base, 'choices': [choice]}, ensure_ascii=False)}\n\n"
+
+        yield "start", chunk({"role": "assistant", "content": "", "refusal": None})
+        for delta in plan.deltas:
+            yield "delta", chunk({"content": delta})
+        yield "finish", chunk({}, plan.finish_reason)
+        if include_usage:
+            usage = {**base, "choices": [], "usage": self._openai_usage(plan)}
+            yield "usage", f"data: {json.dumps(usage)}\n\n"
+        yield "done", "data: [DONE]\n\n"
+
+    # -- Anthropic wire format ---------------------------------------------------------------
+
+    def _anthropic_body(self, plan: _Plan) -> dict[str, Any]:
+        return {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": plan.model,
+            "content": [{"type": "text", "text": "".join(plan.deltas)}],
+            "stop_reason": _ANTHROPIC_STOP.get(plan.finish_reason, "end_turn"),
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": plan.prompt_tokens,
+                "output_tokens": len([d for d in plan.deltas if d]),
+            },
+        }
+
+    def _anthropic_events(self, plan: _Plan) -> Iterator[tuple[str, str]]:
+        def event(name: str, data: dict[str, Any]) -> str:
+            return (
+                f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False)}\n\n"
+            )
+
+        message = {**self._anthropic_body(plan), "content": [], "stop_reason": None}
+        message["usage"] = {"input_tokens": plan.prompt_tokens, "output_tokens": 1}
+        yield "start", event("message_start", {"message": message})
+        yield (
+            "start",
+            event(
+                "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
+            ),
+        )
+        yield "start", event("ping", {})
+        for delta in plan.deltas:
+            yield (
+                "delta",
+                event(
+                    "content_block_delta",
+                    {"index": 0, "delta": {"type": "text_delta", "text": delta}},
+                ),
+            )
+        yield "finish", event("content_block_stop", {"index": 0})
+        stop = {
+            "stop_reason": _ANTHROPIC_STOP.get(plan.finish_reason, "end_turn"),
+            "stop_sequence": None,
+        }
+        usage = {"output_tokens": len([d for d in plan.deltas if d])}
+        yield "end", event("message_delta", {"delta": stop, "usage": usage})
+        yield "end", event("message_stop", {})
+
+    def _error_event(self, message: str) -> str:
+        """A mid-stream error in the wire format of the current endpoint."""
+        if self.path.rstrip("/") == "/v1/chat/completions":
+            error = {"message": message, "type": "server_error", "param": None, "code": None}
+            return f"data: {json.dumps({'error': error})}\n\n"
+        data = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+        return f"event: error\ndata: {json.dumps(data)}\n\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the fake upstream until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8900)
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="default time to first token")
+    parser.add_argument(
+        "--tps", type=float, default=0.0, help="default tokens/second (0: no pacing)"
+    )
+    parser.add_argument("--tokens", type=int, default=20, help="default tokens per answer")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="default non-streaming latency")
+    args = parser.parse_args(argv)
+    server = FakeUpstream(
+        args.host,
+        args.port,
+        ttft_ms=args.ttft_ms,
+        tps=args.tps,
+        tokens=args.tokens,
+        delay_ms=args.delay_ms,
+    )
+    server.start()
+    print(f"fake upstream on {server.url} (openai: {server.openai_base_url})", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

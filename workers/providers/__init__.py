@@ -1,0 +1,25 @@
+"""LLM providers behind one interface: stream() and complete()."""
+
+from workers.providers.base import (
+    ChatRequest,
+    Completion,
+    Provider,
+    ProviderError,
+    ProviderStream,
+    Usage,
+    estimate_tokens,
+)
+from workers.providers.registry import ProviderRegistry, UnknownModel, build_registry
+
+__all__ = [
+    "ChatRequest",
+    "Completion",
+    "Provider",
+    "ProviderError",
+    "ProviderRegistry",
+    "ProviderStream",
+    "UnknownModel",
+    "Usage",
+    "build_registry",
+    "estimate_tokens",
+]

@@ -1,0 +1,211 @@
+"""Anthropic Messages API via the official `anthropic` SDK, mapped to the OpenAI shapes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+
+from workers.providers.base import (
+    ChatRequest,
+    Completion,
+    ProviderError,
+    Usage,
+    content_text,
+    error_from_status,
+)
+from workers.providers.errors import map_transport_error, upstream_message
+from workers.providers.streaming import SDKStream
+
+STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def map_anthropic_error(exc: BaseException, provider: str = "anthropic") -> ProviderError | None:
+    """Translate an anthropic SDK (or transport) exception into a ProviderError."""
+    if isinstance(exc, anthropic.APIStatusError):
+        message = upstream_message(exc.body, exc.message)
+        if exc.status_code < 400:  # an `error` event inside a 200 stream
+            kind = getattr(exc, "type", None) or "error"
+            return ProviderError(
+                f"{provider}: stream error ({kind}): {message}",
+                retryable=True,
+                code="upstream_stream_error",
+            )
+        return error_from_status(exc.status_code, f"{provider}: {message}", exc.response.headers)
+    if isinstance(exc, anthropic.APITimeoutError):
+        return ProviderError(
+            f"{provider}: request timed out", retryable=True, code="upstream_timeout"
+        )
+    if isinstance(exc, anthropic.APIConnectionError):
+        return ProviderError(
+            f"{provider}: connection error: {exc.__cause__ or exc.message}",
+            retryable=True,
+            code="upstream_connection_error",
+        )
+    if isinstance(exc, anthropic.APIError):
+        message = upstream_message(exc.body, exc.message)
+        return ProviderError(f"{provider}: {message}", retryable=True, code="upstream_stream_error")
+    if isinstance(exc, anthropic.AnthropicError):
+        return ProviderError(f"{provider}: {exc}", retryable=False)
+    return map_transport_error(exc, provider)
+
+
+def to_anthropic_messages(
+    messages: list[dict[str, Any]],
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split OpenAI messages into Anthropic's `system` and alternating text `messages`."""
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        text = content_text(message.get("content"))
+        if role in ("system", "developer"):
+            if text:
+                system.append(text)
+            continue
+        role = "assistant" if role == "assistant" else "user"
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + text
+        else:
+            turns.append({"role": role, "content": text})
+    return ("\n\n".join(system) or None), turns
+
+
+class AnthropicStream(SDKStream):
+    """A streamed Anthropic message, seen as OpenAI-style text deltas."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._input_tokens = 0
+        self._stopped = False
+
+    def _handle(self, event: Any) -> str | None:
+        """Pick text, usage and stop reason out of raw Messages stream events."""
+        kind = getattr(event, "type", None)
+        if kind == "message_start":
+            usage = getattr(event.message, "usage", None)
+            self._input_tokens = (getattr(usage, "input_tokens", 0) or 0) if usage else 0
+        elif kind == "content_block_delta":
+            if getattr(event.delta, "type", None) == "text_delta":
+                return event.delta.text
+        elif kind == "message_delta":
+            self.finish_reason = STOP_REASONS.get(event.delta.stop_reason or "end_turn", "stop")
+            usage = event.usage
+            prompt = getattr(usage, "input_tokens", None) or self._input_tokens
+            self.usage = Usage(prompt, usage.output_tokens or 0)
+        elif kind == "message_stop":
+            self._stopped = True
+        return None
+
+    def _complete(self) -> bool:
+        """Complete once `message_stop` (or at least a stop reason) arrived."""
+        return self._stopped or self.finish_reason is not None
+
+
+class AnthropicProvider:
+    """Claude models through the Messages API."""
+
+    def __init__(
+        self,
+        name: str = "anthropic",
+        *,
+        api_key: str | Callable[[], str | None] | None,
+        base_url: str | None = None,
+        timeout: float = 600.0,
+        default_max_tokens: int = 1024,
+        key_hint: str = "ANTHROPIC_API_KEY",
+    ) -> None:
+        self.name = name
+        self._api_key = api_key
+        self._base_url = base_url
+        self._timeout = timeout
+        self._default_max_tokens = default_max_tokens
+        self._key_hint = key_hint
+        self._client: anthropic.Anthropic | None = None
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> anthropic.Anthropic:
+        """The provider's SDK client, made on first use and then reused."""
+        if self._client is not None:
+            return self._client
+        api_key = self._api_key() if callable(self._api_key) else self._api_key
+        if not api_key:
+            raise ProviderError(
+                f"{self._key_hint} is not set; cannot call provider '{self.name}'",
+                retryable=False,
+                code="provider_not_configured",
+            )
+        with self._lock:
+            if self._client is None:
+                self._client = anthropic.Anthropic(
+                    api_key=api_key,
+                    base_url=self._base_url,
+                    timeout=self._timeout,
+                    max_retries=0,
+                )
+        return self._client
+
+    def _params(self, request: ChatRequest) -> dict[str, Any]:
+        """SDK keyword arguments for a request."""
+        system, messages = to_anthropic_messages(request.messages)
+        params: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            "max_tokens": request.max_tokens or self._default_max_tokens,
+        }
+        if system:
+            params["system"] = system
+        if request.stop:
+            params["stop_sequences"] = request.stop
+        if request.user:
+            params["metadata"] = {"user_id": request.user}
+        sampling = {"temperature": request.temperature, "top_p": request.top_p}
+        extra = {k: v for k, v in sampling.items() if v is not None}
+        if extra:
+            params["extra_body"] = extra
+        return params
+
+    def _map(self, exc: BaseException) -> ProviderError | None:
+        """Map an exception raised by this provider's SDK calls."""
+        return map_anthropic_error(exc, self.name)
+
+    def stream(self, request: ChatRequest) -> AnthropicStream:
+        """Start a streamed message; HTTP errors raise here, later ones during iteration."""
+        client = self._get_client()
+        try:
+            sdk_stream = client.messages.create(**self._params(request), stream=True)
+        except Exception as exc:
+            mapped = self._map(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        stream = AnthropicStream(sdk_stream, request, self._map)
+        stream.provider_name = self.name
+        return stream
+
+    def complete(self, request: ChatRequest) -> Completion:
+        """Run a non-streaming message."""
+        client = self._get_client()
+        try:
+            message = client.messages.create(**self._params(request))
+        except Exception as exc:
+            mapped = self._map(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        text = "".join(
+            block.text for block in message.content if getattr(block, "type", None) == "text"
+        )
+        usage = Usage(message.usage.input_tokens or 0, message.usage.output_tokens or 0)
+        reason = STOP_REASONS.get(message.stop_reason or "end_turn", "stop")
+        return Completion(text, reason, usage)

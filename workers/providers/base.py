@@ -1,0 +1,210 @@
+"""The provider interface: requests, completions, streams and errors."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat generation request, in OpenAI message format."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts for one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        """The OpenAI `usage` object."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished non-streaming generation."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+class ProviderError(Exception):
+    """An upstream failure, mapped to retryable or not."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        code: str = "upstream_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status_code = status_code
+        self.retry_after = retry_after
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with keyword arguments intact (Celery results, multiprocessing)."""
+        return (_rebuild_error, (self.message, self._kwargs()))
+
+    def _kwargs(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this error."""
+        return {
+            "retryable": self.retryable,
+            "status_code": self.status_code,
+            "retry_after": self.retry_after,
+            "code": self.code,
+        }
+
+    @property
+    def error_type(self) -> str:
+        """The OpenAI error `type` for this error."""
+        return "rate_limit_error" if self.code == "rate_limit_exceeded" else "upstream_error"
+
+    def to_openai_error(self) -> dict[str, Any]:
+        """The OpenAI-style `error` object for this failure."""
+        return {"message": self.message, "type": self.error_type, "code": self.code, "param": None}
+
+    def __repr__(self) -> str:
+        return f"ProviderError({self.message!r}, **{self._kwargs()!r})"
+
+
+def _rebuild_error(message: str, kwargs: dict[str, Any]) -> ProviderError:
+    """Unpickle a ProviderError."""
+    return ProviderError(message, **kwargs)
+
+
+@runtime_checkable
+class ProviderStream(Protocol):
+    """An in-flight streamed generation; iterate for text deltas."""
+
+    finish_reason: str | None
+    usage: Usage | None
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A backend that can generate chat completions."""
+
+    name: str
+
+    def stream(self, request: ChatRequest) -> ProviderStream: ...
+
+    def complete(self, request: ChatRequest) -> Completion: ...
+
+
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 529})
+
+
+def is_retryable_status(status_code: int) -> bool:
+    """Whether an upstream HTTP status is worth retrying."""
+    return status_code in RETRYABLE_STATUSES or status_code >= 500
+
+
+def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from `retry-after-ms` / `Retry-After` (seconds or HTTP date)."""
+    if not headers:
+        return None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_from_status(
+    status_code: int, message: str, headers: Mapping[str, str] | None = None
+) -> ProviderError:
+    """Map an upstream HTTP error status to a ProviderError."""
+    if status_code == 429:
+        return ProviderError(
+            message,
+            retryable=True,
+            status_code=429,
+            retry_after=parse_retry_after(headers),
+            code="rate_limit_exceeded",
+        )
+    return ProviderError(
+        message,
+        retryable=is_retryable_status(status_code),
+        status_code=status_code,
+        retry_after=parse_retry_after(headers) if status_code >= 500 else None,
+    )
+
+
+def content_text(content: Any) -> str:
+    """Flatten OpenAI message content (str or list of parts) to plain text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
+    return str(content)
+
+
+def estimate_tokens(messages: list[dict[str, Any]]) -> int:
+    """A rough prompt token count: about four characters a token plus per-message overhead."""
+    chars = sum(len(content_text(m.get("content"))) for m in messages)
+    return (chars + 3) // 4 + 4 * len(messages)
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message, or "" if there is none."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return content_text(message.get("content"))
+    return ""

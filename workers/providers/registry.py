@@ -1,0 +1,160 @@
+"""Resolve "provider/model" names to provider instances built from the app config."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from workers.providers.base import Provider
+
+DUMMY_API_KEY = "sk-none"
+KINDS = ("openai", "anthropic", "mock")
+
+ProviderFactory = Callable[[], Provider]
+
+
+class UnknownModel(ValueError):
+    """A model name that does not resolve to a configured provider."""
+
+
+class ProviderRegistry:
+    """Named provider factories; each provider is built on first use and then cached."""
+
+    def __init__(self, factories: Mapping[str, ProviderFactory] | None = None) -> None:
+        self._factories: dict[str, ProviderFactory] = dict(factories or {})
+        self._providers: dict[str, Provider] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, provider: Provider | ProviderFactory) -> None:
+        """Add or replace a provider (an instance or a zero-argument factory)."""
+        if not name or "/" in name:
+            raise ValueError(f"bad provider name {name!r}")
+        with self._lock:
+            self._providers.pop(name, None)
+            if callable(provider) and not hasattr(provider, "stream"):
+                self._factories[name] = provider
+            else:
+                self._factories[name] = lambda: provider  # type: ignore[return-value]
+
+    def names(self) -> list[str]:
+        """The known provider names, in registration order."""
+        return list(self._factories)
+
+    def get(self, name: str) -> Provider:
+        """The provider called `name`, constructing it on first use."""
+        provider = self._providers.get(name)
+        if provider is not None:
+            return provider
+        if name not in self._factories:
+            raise UnknownModel(f"unknown provider '{name}'; known: {', '.join(self.names())}")
+        with self._lock:
+            provider = self._providers.get(name)
+            if provider is None:
+                provider = self._factories[name]()
+                self._providers[name] = provider
+        return provider
+
+    def resolve(self, model: str) -> tuple[Provider, str]:
+        """Split "provider/model" on the first "/" and return (provider, provider's model name)."""
+        if not isinstance(model, str) or "/" not in model:
+            raise UnknownModel(
+                f"model must look like provider/model (e.g. mock/echo), got {model!r}"
+            )
+        name, _, upstream_model = model.partition("/")
+        if not name or not upstream_model.strip():
+            raise UnknownModel(
+                f"model must look like provider/model (e.g. mock/echo), got {model!r}"
+            )
+        if name not in self._factories:
+            raise UnknownModel(
+                f"unknown provider '{name}' in model '{model}'; known: {', '.join(self.names())}"
+            )
+        return self.get(name), upstream_model
+
+
+def _key_source(
+    table: Mapping[str, Any], fallback: str | None
+) -> str | Callable[[], str | None] | None:
+    """A literal key, an environment lookup made at call time, or the fallback."""
+    if table.get("api_key"):
+        return str(table["api_key"])
+    env_name = table.get("api_key_env")
+    if env_name:
+        return lambda: os.environ.get(str(env_name)) or fallback
+    return fallback
+
+
+def _setting(
+    table: Mapping[str, Any], key: str, config: Mapping[str, Any], conf_key: str, default: Any
+) -> Any:
+    """A table value, else the app config value, else the default (None counts as unset)."""
+    for value in (table.get(key), config.get(conf_key)):
+        if value is not None and value != "":
+            return value
+    return default
+
+
+def _factory(
+    name: str, table: Mapping[str, Any], config: Mapping[str, Any], builtin: bool
+) -> ProviderFactory:
+    """A factory for one provider from its `[providers.NAME]` table and the app config."""
+    kind = str(table.get("kind", name if builtin else "openai"))
+    timeout = float(_setting(table, "timeout", config, "PROVIDER_TIMEOUT", 600.0))
+    if kind == "mock":
+        from workers.providers.mock import MockProvider, MockSettings
+
+        settings = MockSettings(
+            length=int(_setting(table, "length", config, "MOCK_LENGTH", 40)),
+            ttft_ms=float(_setting(table, "ttft_ms", config, "MOCK_TTFT_MS", 50)),
+            tokens_per_second=float(
+                _setting(table, "tokens_per_second", config, "MOCK_TOKENS_PER_SECOND", 50)
+            ),
+        )
+        return lambda: MockProvider(name, settings)
+    if kind == "openai":
+        from workers.providers.openai_provider import OpenAIProvider
+
+        base_url = table.get("base_url") or (config.get("OPENAI_BASE_URL") if builtin else None)
+        key = _key_source(table, config.get("OPENAI_API_KEY") if builtin else DUMMY_API_KEY)
+        hint = "OPENAI_API_KEY" if builtin else f"the API key for provider '{name}'"
+        return lambda: OpenAIProvider(
+            name, api_key=key, base_url=base_url, timeout=timeout, key_hint=hint
+        )
+    if kind == "anthropic":
+        from workers.providers.anthropic_provider import AnthropicProvider
+
+        base_url = table.get("base_url") or (config.get("ANTHROPIC_BASE_URL") if builtin else None)
+        key = _key_source(table, config.get("ANTHROPIC_API_KEY") if builtin else DUMMY_API_KEY)
+        hint = "ANTHROPIC_API_KEY" if builtin else f"the API key for provider '{name}'"
+        max_tokens = int(
+            _setting(table, "default_max_tokens", config, "ANTHROPIC_DEFAULT_MAX_TOKENS", 1024)
+        )
+        return lambda: AnthropicProvider(
+            name,
+            api_key=key,
+            base_url=base_url,
+            timeout=timeout,
+            default_max_tokens=max_tokens,
+            key_hint=hint,
+        )
+    raise ValueError(f"providers.{name}: unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
+    """Build the registry: mock, openai, anthropic, plus each `[providers.NAME]` table."""
+    tables: Mapping[str, Any] = config.get("PROVIDERS") or {}
+    registry = ProviderRegistry()
+    for name in ("mock", "openai", "anthropic"):
+        registry.register(name, _factory(name, tables.get(name) or {}, config, builtin=True))
+    for name, table in tables.items():
+        if name in KINDS:
+            continue
+        if not isinstance(table, Mapping):
+            raise ValueError(f"providers.{name} must be a table")
+        kind = table.get("kind", "openai")
+        if kind in ("openai", "anthropic") and not table.get("base_url"):
+            raise ValueError(f"providers.{name} needs a base_url")
+        registry.register(name, _factory(name, table, config, builtin=False))
+    return registry
