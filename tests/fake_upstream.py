@@ -256,6 +256,7 @@ class _Plan:
     ttft: float
     interval: float
     fail: bool = False
+    received: float = 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -348,6 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self) -> None:
+        received = time.monotonic()
         try:
             body = self._read_json()
         except ValueError:
@@ -355,21 +357,22 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/_scenarios":
             try:
-                self.upstream.add_scenario(str(body["name"]), **body)
+                name = str(body.pop("name"))
+                self.upstream.add_scenario(name, **body)
             except (KeyError, TypeError, ValueError) as exc:
                 self._send_json(400, {"error": {"message": f"bad scenario: {exc}"}})
                 return
             self._send_json(201, {"ok": True})
         elif self.path.rstrip("/") == "/v1/chat/completions":
-            self._serve("openai", body)
+            self._serve("openai", body, received)
         elif self.path.split("?")[0].rstrip("/") == "/v1/messages":
-            self._serve("anthropic", body)
+            self._serve("anthropic", body, received)
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
 
     # -- generation --------------------------------------------------------------------------
 
-    def _plan(self, body: dict[str, Any]) -> _Plan:
+    def _plan(self, body: dict[str, Any], received: float) -> _Plan:
         up = self.upstream
         model = str(body.get("model", ""))
         name, scenario, attempt = up._begin(model, body)
@@ -401,22 +404,27 @@ class _Handler(BaseHTTPRequestHandler):
             ),
             ttft=up._setting(scenario, "ttft_ms") / 1000,
             interval=1 / tps if tps and tps > 0 else 0.0,
+            received=received,
         )
         plan.fail = scenario.status is not None and (
             scenario.fail_times is None or attempt <= scenario.fail_times
         )
         return plan
 
-    def _serve(self, kind: str, body: dict[str, Any]) -> None:
-        plan = self._plan(body)
+    def _serve(self, kind: str, body: dict[str, Any], received: float) -> None:
+        try:
+            plan = self._plan(body, received)
+        except (TypeError, ValueError) as exc:
+            self._send_error(kind, 400, Scenario(message=f"fake upstream: {exc}"))
+            return
         scenario = plan.scenario
         if plan.fail:
             self._send_error(kind, int(scenario.status or 500), scenario)
             return
         if not body.get("stream"):
-            delay = self.upstream._setting(scenario, "delay_ms") / 1000
-            if delay > 0:
-                self.upstream.stopping.wait(delay)
+            delay = plan.received + self.upstream._setting(scenario, "delay_ms") / 1000
+            if delay > time.monotonic():
+                self.upstream.stopping.wait(delay - time.monotonic())
             payload = self._openai_body(plan) if kind == "openai" else self._anthropic_body(plan)
             self._send_json(200, payload)
             return
@@ -432,7 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _run_stream(self, plan: _Plan, events: Iterator[tuple[str, str]]) -> None:
         """Write events, pacing deltas; honour error_after / drop_after."""
-        start = time.monotonic()
+        start = plan.received
         sent = 0
         scenario = plan.scenario
         for kind, text in events:

@@ -1,0 +1,131 @@
+"""The fake upstream itself: control endpoints, pacing, concurrency, wire details."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.fake_upstream import FakeUpstream, split_tokens
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(tokens=5) as server:
+        yield server
+
+
+def chat(model: str, *, stream: bool = False, text: str = "hi") -> dict[str, object]:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
+
+
+def test_split_tokens_round_trips() -> None:
+    for text in ["", "a", " lead", "a b\n\nc  ", "世界 🚀\tx\n"]:
+        assert "".join(split_tokens(text)) == text
+
+
+def test_scenarios_over_http(upstream: FakeUpstream) -> None:
+    with httpx.Client(base_url=upstream.url) as client:
+        created = client.post(
+            "/_scenarios", json={"name": "remote", "status": 429, "retry_after": 2}
+        )
+        assert created.status_code == 201
+        assert client.post("/_scenarios", json={"name": "bad", "nope": 1}).status_code == 400
+        reply = client.post("/v1/chat/completions", json=chat("remote"))
+        assert reply.status_code == 429 and reply.headers["retry-after"] == "2"
+        assert reply.json()["error"]["type"] == "rate_limit_error"
+        reply = client.post("/v1/messages", json={**chat("remote"), "max_tokens": 5})
+        assert reply.json() == {
+            "type": "error",
+            "error": {
+                "type": "rate_limit_error",
+                "message": "scripted failure from the fake upstream",
+            },
+        }
+        assert client.get("/_scenarios/remote").json() == {"requests": 2, "disconnects": 0}
+        assert client.get("/_health").json() == {"ok": True}
+
+
+def test_openai_stream_wire_format(upstream: FakeUpstream) -> None:
+    body = {**chat("wire", stream=True), "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{upstream.openai_base_url}/chat/completions", json=body) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert [c["choices"][0]["finish_reason"] for c in chunks[1:-1]] == [None] * 5 + ["stop"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_anthropic_stream_event_order(upstream: FakeUpstream) -> None:
+    body = {**chat("order", stream=True), "max_tokens": 100}
+    with httpx.stream("POST", f"{upstream.url}/v1/messages", json=body) as reply:
+        events = [
+            line.removeprefix("event: ") for line in reply.iter_lines() if line.startswith("event:")
+        ]
+    assert events == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 5,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+
+
+def test_pacing_is_roughly_right(upstream: FakeUpstream) -> None:
+    body = chat("paced?ttft_ms=200&tps=50&tokens=10", stream=True)
+    started = time.monotonic()
+    stamps: list[float] = []
+    with httpx.stream("POST", f"{upstream.openai_base_url}/chat/completions", json=body) as reply:
+        for line in reply.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                stamps.append(time.monotonic() - started)
+    assert len(stamps) == 10
+    assert 0.18 <= stamps[0] < 1.0  # ttft 200 ms
+    assert 0.15 <= stamps[-1] - stamps[0] < 1.5  # nine gaps of 20 ms
+
+
+def test_many_concurrent_streams(upstream: FakeUpstream) -> None:
+    results: list[int] = []
+    lock = threading.Lock()
+    limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+    client = httpx.Client(timeout=20, limits=limits)
+
+    def one(i: int) -> None:
+        body = chat("crowd?tps=100&tokens=10", stream=True, text=f"caller {i}")
+        reply = client.post(f"{upstream.openai_base_url}/chat/completions", json=body)
+        with lock:
+            results.append(reply.text.count('"content": "') - 1)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+    with client:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert results == [10] * 200
+    assert upstream.requests("crowd") == 200
+
+
+def test_bad_model_options_are_a_400(upstream: FakeUpstream) -> None:
+    reply = httpx.post(f"{upstream.openai_base_url}/chat/completions", json=chat("x?bogus=1"))
+    assert reply.status_code == 400 and "bogus" in reply.json()["error"]["message"]
+
+
+def test_drop_leaves_chunked_body_incomplete(upstream: FakeUpstream) -> None:
+    upstream.add_scenario("cut", drop_after=2)
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST", f"{upstream.openai_base_url}/chat/completions", json=chat("cut", stream=True)
+        ) as reply,
+    ):
+        for _ in reply.iter_bytes():
+            pass
