@@ -1,16 +1,15 @@
-"""A real HTTP server speaking the OpenAI and Anthropic wire formats, for tests and benchmarks.
+"""A real HTTP server speaking the OpenAI and Anthropic wire formats, for tests and benchmarks."""
 
-The request's model name picks the behaviour: `echo` repeats the last user message,
-a name registered with `add_scenario` (or `POST /_scenarios`) follows its script, and any
-other name produces deterministic text. Options may ride in the name: `fake?ttft_ms=100&tps=200`.
-"""
+# The request's model name picks the behaviour: `echo` repeats the last user message, a
+# name registered with `add_scenario` (or `POST /_scenarios`) follows its script, and any
+# other name produces deterministic text. Options may ride in the name, as in
+# `fake?ttft_ms=100&tps=200&tokens=40`; they override the scenario and server defaults.
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import re
 import socket
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from workers.providers.base import content_text, estimate_tokens, last_user_text
-from workers.providers.mock import mock_words
+from workers.providers.mock import mock_words, split_tokens
 
 
 @dataclass(frozen=True)
@@ -93,11 +92,6 @@ def scenario_from_options(options: dict[str, Any], base: Scenario | None = None)
         elif key != "name":
             raise ValueError(f"unknown scenario option {key!r}")
     return dataclasses.replace(base or Scenario(), **values)
-
-
-def split_tokens(text: str) -> list[str]:
-    """Split text into word-ish deltas that join back to exactly `text`."""
-    return re.findall(r"\s*\S+|\s+$", text) if text else []
 
 
 class _Server(ThreadingHTTPServer):
@@ -411,7 +405,17 @@ class _Handler(BaseHTTPRequestHandler):
         )
         return plan
 
+    def _authorised(self, kind: str) -> bool:
+        """Whether the request carries an API key the way the real API expects it."""
+        bearer = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if kind == "openai":
+            return bool(bearer)
+        return bool(self.headers.get("x-api-key") or bearer)
+
     def _serve(self, kind: str, body: dict[str, Any], received: float) -> None:
+        if not self._authorised(kind):
+            self._send_error(kind, 401, Scenario(message="missing API key"))
+            return
         try:
             plan = self._plan(body, received)
         except (TypeError, ValueError) as exc:

@@ -19,6 +19,9 @@ def upstream() -> Iterator[FakeUpstream]:
         yield server
 
 
+HEADERS = {"Authorization": "Bearer test", "x-api-key": "test"}
+
+
 def chat(model: str, *, stream: bool = False, text: str = "hi") -> dict[str, object]:
     return {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
 
@@ -29,7 +32,7 @@ def test_split_tokens_round_trips() -> None:
 
 
 def test_scenarios_over_http(upstream: FakeUpstream) -> None:
-    with httpx.Client(base_url=upstream.url) as client:
+    with httpx.Client(base_url=upstream.url, headers=HEADERS) as client:
         created = client.post(
             "/_scenarios", json={"name": "remote", "status": 429, "retry_after": 2}
         )
@@ -52,7 +55,9 @@ def test_scenarios_over_http(upstream: FakeUpstream) -> None:
 
 def test_openai_stream_wire_format(upstream: FakeUpstream) -> None:
     body = {**chat("wire", stream=True), "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{upstream.openai_base_url}/chat/completions", json=body) as reply:
+    with httpx.stream(
+        "POST", f"{upstream.openai_base_url}/chat/completions", json=body, headers=HEADERS
+    ) as reply:
         assert reply.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in reply.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
@@ -64,7 +69,7 @@ def test_openai_stream_wire_format(upstream: FakeUpstream) -> None:
 
 def test_anthropic_stream_event_order(upstream: FakeUpstream) -> None:
     body = {**chat("order", stream=True), "max_tokens": 100}
-    with httpx.stream("POST", f"{upstream.url}/v1/messages", json=body) as reply:
+    with httpx.stream("POST", f"{upstream.url}/v1/messages", json=body, headers=HEADERS) as reply:
         events = [
             line.removeprefix("event: ") for line in reply.iter_lines() if line.startswith("event:")
         ]
@@ -83,7 +88,9 @@ def test_pacing_is_roughly_right(upstream: FakeUpstream) -> None:
     body = chat("paced?ttft_ms=200&tps=50&tokens=10", stream=True)
     started = time.monotonic()
     stamps: list[float] = []
-    with httpx.stream("POST", f"{upstream.openai_base_url}/chat/completions", json=body) as reply:
+    with httpx.stream(
+        "POST", f"{upstream.openai_base_url}/chat/completions", json=body, headers=HEADERS
+    ) as reply:
         for line in reply.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 stamps.append(time.monotonic() - started)
@@ -96,7 +103,7 @@ def test_many_concurrent_streams(upstream: FakeUpstream) -> None:
     results: list[int] = []
     lock = threading.Lock()
     limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
-    client = httpx.Client(timeout=20, limits=limits)
+    client = httpx.Client(timeout=20, limits=limits, headers=HEADERS)
 
     def one(i: int) -> None:
         body = chat("crowd?tps=100&tokens=10", stream=True, text=f"caller {i}")
@@ -114,8 +121,14 @@ def test_many_concurrent_streams(upstream: FakeUpstream) -> None:
     assert upstream.requests("crowd") == 200
 
 
+def test_missing_key_is_a_401(upstream: FakeUpstream) -> None:
+    assert httpx.post(f"{upstream.url}/v1/messages", json=chat("x")).status_code == 401
+
+
 def test_bad_model_options_are_a_400(upstream: FakeUpstream) -> None:
-    reply = httpx.post(f"{upstream.openai_base_url}/chat/completions", json=chat("x?bogus=1"))
+    reply = httpx.post(
+        f"{upstream.openai_base_url}/chat/completions", json=chat("x?bogus=1"), headers=HEADERS
+    )
     assert reply.status_code == 400 and "bogus" in reply.json()["error"]["message"]
 
 
@@ -124,7 +137,10 @@ def test_drop_leaves_chunked_body_incomplete(upstream: FakeUpstream) -> None:
     with (
         pytest.raises(httpx.RemoteProtocolError),
         httpx.stream(
-            "POST", f"{upstream.openai_base_url}/chat/completions", json=chat("cut", stream=True)
+            "POST",
+            f"{upstream.openai_base_url}/chat/completions",
+            json=chat("cut", stream=True),
+            headers=HEADERS,
         ) as reply,
     ):
         for _ in reply.iter_bytes():

@@ -405,6 +405,12 @@ def test_mock_close_and_error_preset() -> None:
     assert not info.value.retryable
 
 
+def test_mock_echo_keeps_text() -> None:
+    text = "héllo 世界\n\n  spaced\tout "
+    stream = fast_mock().stream(ChatRequest("echo", user(text)))
+    assert "".join(stream) == text and stream.finish_reason == "stop"
+
+
 # -- registry ---------------------------------------------------------------------------------
 
 

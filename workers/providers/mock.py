@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -129,6 +130,11 @@ def mock_words(seed_text: str, count: int) -> list[str]:
     return words
 
 
+def split_tokens(text: str) -> list[str]:
+    """Split text into word-ish deltas (leading whitespace attached) that join back to it."""
+    return re.findall(r"\s*\S+|\s+$", text) if text else []
+
+
 def _settings_for(model: str, base: MockSettings) -> tuple[str, MockSettings]:
     """Apply `mock/NAME?length=..&ttft_ms=..&tps=..` options and the `slow` preset."""
     name, _, query = model.partition("?")
@@ -152,9 +158,9 @@ class MockStream:
     """A paced, deterministic stream of words."""
 
     def __init__(
-        self, words: list[str], settings: MockSettings, prompt_tokens: int, *, truncated: bool
+        self, deltas: list[str], settings: MockSettings, prompt_tokens: int, *, truncated: bool
     ) -> None:
-        self._words = words
+        self._deltas = deltas
         self._settings = settings
         self._prompt_tokens = prompt_tokens
         self._truncated = truncated
@@ -170,7 +176,7 @@ class MockStream:
             interval = (
                 1 / self._settings.tokens_per_second if self._settings.tokens_per_second > 0 else 0
             )
-            for i, word in enumerate(self._words):
+            for i, delta in enumerate(self._deltas):
                 if self._closed.is_set():
                     return
                 if i and interval:
@@ -178,7 +184,7 @@ class MockStream:
                     if self._closed.is_set():
                         return
                 emitted += 1
-                yield word if i == 0 else " " + word
+                yield delta
             self.finish_reason = "length" if self._truncated else "stop"
         finally:
             self.usage = Usage(self._prompt_tokens, emitted)
@@ -189,7 +195,7 @@ class MockStream:
 
 
 class MockProvider:
-    """Generates deterministic text from the prompt; `mock/error` and `mock/slow` are presets."""
+    """Deterministic text from the prompt; `mock/echo`, `mock/error`, `mock/slow` are presets."""
 
     def __init__(self, name: str = "mock", settings: MockSettings | None = None) -> None:
         self.name = name
@@ -202,12 +208,16 @@ class MockProvider:
             raise ProviderError(
                 "mock: simulated upstream failure", retryable=False, status_code=400
             )
-        count = settings.length
-        truncated = request.max_tokens is not None and request.max_tokens < count
+        prompt = last_user_text(request.messages)
+        if name == "echo":
+            deltas = split_tokens(prompt)
+        else:
+            words = mock_words(f"{name}\n{prompt}", settings.length)
+            deltas = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        truncated = request.max_tokens is not None and request.max_tokens < len(deltas)
         if truncated:
-            count = max(0, request.max_tokens or 0)
-        words = mock_words(f"{name}\n{last_user_text(request.messages)}", settings.length)[:count]
-        return MockStream(words, settings, estimate_tokens(request.messages), truncated=truncated)
+            deltas = deltas[: max(0, request.max_tokens or 0)]
+        return MockStream(deltas, settings, estimate_tokens(request.messages), truncated=truncated)
 
     def stream(self, request: ChatRequest) -> MockStream:
         """Stream the deterministic answer, paced by the settings."""
