@@ -36,6 +36,11 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "FILES_MAX_BYTES": (int, 200_000_000),
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
+    "STREAM_MAX_CONCURRENT": (int, 256),
+    "STREAM_MAX_PER_TENANT": (int, 32),
+    "STREAM_SLOT_QUEUED_SECONDS": (float, 120.0),
+    "POLICY_MAX_INTERACTIVE_TOKENS": (int, 32_000),
+    "POLICY_RELOAD_SECONDS": (float, 1.0),
 }
 
 
