@@ -723,3 +723,46 @@ def prefers_async(header: str | None) -> bool:
         if token == "respond-async":
             return True
     return False
+
+
+def document_messages(document: str, instructions: str | None = None) -> list[dict[str, Any]]:
+    """A `document` (plus optional instructions as the system message) as chat messages."""
+    messages: list[dict[str, Any]] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    messages.append({"role": "user", "content": document})
+    return messages
+
+
+def request_from_body(
+    endpoint: str,
+    body: Mapping[str, Any],
+    *,
+    tenant_id: str,
+    tenant_name: str,
+    prefer_async: bool = False,
+) -> RouteRequest:
+    """A RouteRequest from a /v1/jobs or chat body (lenient: validation happens elsewhere)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) and isinstance(body.get("document"), str):
+        instructions = body.get("instructions")
+        messages = document_messages(
+            body["document"], instructions if isinstance(instructions, str) else None
+        )
+    messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    mode = body.get("mode", "auto")
+    stream = body.get("stream")
+    priority = body.get("priority", 0)
+    metadata = body.get("metadata")
+    return RouteRequest(
+        endpoint=endpoint,
+        tenant_id=tenant_id,
+        tenant_name=tenant_name,
+        model=str(body.get("model") or ""),
+        requested_mode=mode if mode in REQUESTED_MODES else "auto",
+        stream=stream if isinstance(stream, bool) else None,
+        prefer_async=prefer_async,
+        input_tokens=estimate_input_tokens(messages),
+        priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else 0,
+        metadata=dict(metadata) if isinstance(metadata, dict) else {},
+    )

@@ -6,6 +6,7 @@ import click
 
 from app.cli.admin import db_group, keys_group, worker
 from app.cli.dev import dev
+from app.cli.policy import policy_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,3 +19,4 @@ main.add_command(dev)
 main.add_command(db_group)
 main.add_command(keys_group)
 main.add_command(worker)
+main.add_command(policy_group)
