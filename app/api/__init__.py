@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from app.api import batches, chat, document_batches, files, jobs, keys
+from app.api import batches, chat, document_batches, files, jobs, keys, submit
 from app.auth import authenticate
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 bp.before_request(authenticate)
-for resource in (keys, chat, jobs, document_batches, files, batches):
+for resource in (keys, chat, jobs, submit, document_batches, files, batches):
     bp.register_blueprint(resource.bp)
