@@ -1,0 +1,435 @@
+"""The routing policy: conditions, outcomes, the default policy, validation and reload."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from app.cli.policy import policy_group
+from app.config import ConfigError
+from app.policy import (
+    PolicyHolder,
+    Route,
+    RouteRequest,
+    default_policy,
+    evaluate,
+    explain,
+    fmt_tokens,
+    install_sighup,
+    parse_policy,
+    prefers_async,
+    request_from_body,
+)
+
+
+def req(**kw: Any) -> RouteRequest:
+    base: dict[str, Any] = {
+        "endpoint": "/v1/jobs",
+        "tenant_id": "ten_1",
+        "tenant_name": "acme",
+        "model": "mock/fast",
+    }
+    return RouteRequest(**(base | kw))
+
+
+def one_rule(when: dict[str, Any], **outcome: Any) -> dict[str, Any]:
+    """A policy whose first rule is under test and whose fallback rule is 'other'."""
+    rule = {"name": "r", "when": when, "route": "batch"} | outcome
+    return {"rules": [rule, {"name": "other", "route": "stream"}]}
+
+
+# (when, matching request, non-matching request)
+CONDITIONS = [
+    ({"endpoint": "/v1/chat/completions"}, req(endpoint="/v1/chat/completions"), req()),
+    ({"endpoint": ["/v1/batches", "/v1/document-*"]}, req(endpoint="/v1/document-batches"), req()),
+    ({"mode": "stream"}, req(requested_mode="stream"), req(requested_mode="auto")),
+    ({"mode": ["auto", "batch"]}, req(requested_mode="batch"), req(requested_mode="stream")),
+    ({"stream": True}, req(stream=True), req(stream=None)),
+    ({"stream": False}, req(stream=False), req(stream=True)),
+    ({"prefer_async": True}, req(prefer_async=True), req()),
+    ({"prefer_async": False}, req(), req(prefer_async=True)),
+    ({"tenant": "acme"}, req(), req(tenant_name="globex")),
+    ({"tenant": ["glob*", "ten_1"]}, req(tenant_name="x"), req(tenant_name="x", tenant_id="t2")),
+    ({"model": "openai/gpt-4o*"}, req(model="openai/gpt-4o-mini"), req(model="openai/o1")),
+    ({"model": ["anthropic/*", "mock/*"]}, req(), req(model="openai/gpt-4o")),
+    ({"input_tokens_above": 16000}, req(input_tokens=16001), req(input_tokens=16000)),
+    ({"input_tokens_below": 100}, req(input_tokens=99), req(input_tokens=100)),
+    ({"priority": 5}, req(priority=5), req(priority=4)),
+    ({"priority": [1, 2]}, req(priority=2), req(priority=3)),
+    ({"priority_above": 5}, req(priority=6), req(priority=5)),
+    ({"priority_below": 0}, req(priority=-1), req(priority=0)),
+    ({"metadata_keys": ["team"]}, req(metadata={"team": "x"}), req(metadata={"other": 1})),
+    ({"metadata": {"tier": "gold"}}, req(metadata={"tier": "gold"}), req(metadata={"tier": "s"})),
+    (
+        {"endpoint": "/v1/jobs", "input_tokens_above": 10, "prefer_async": True},
+        req(input_tokens=11, prefer_async=True),
+        req(input_tokens=11),
+    ),
+]
+
+
+@pytest.mark.parametrize(("when", "hit", "miss"), CONDITIONS, ids=lambda v: str(v)[:40])
+def test_each_condition_matches_and_misses(
+    when: dict[str, Any], hit: RouteRequest, miss: RouteRequest
+) -> None:
+    policy = parse_policy(one_rule(when))
+    assert evaluate(policy, hit).rule == "r"
+    assert evaluate(policy, miss).rule == "other"
+    _, verdicts = explain(policy, miss)
+    assert verdicts[0].rule == "r" and not verdicts[0].matched
+    assert any(not ok for ok, _ in verdicts[0].checks)
+
+
+OUTCOMES = [
+    ({"route": "stream"}, {"mode": "stream", "overflow": "reject", "on_disconnect": "detach"}),
+    ({"route": "batch"}, {"mode": "batch"}),
+    (
+        {"route": "reject", "status": 403, "message": "no {model} for {tenant}"},
+        {"mode": "reject", "status": 403, "message": "no mock/fast for acme"},
+    ),
+    ({"route": "reject"}, {"mode": "reject", "status": 400}),
+    (
+        {"route": "stream", "on_disconnect": "cancel", "overflow": "queue", "queue_timeout": 2.5},
+        {"on_disconnect": "cancel", "overflow": "queue", "queue_timeout": 2.5},
+    ),
+    # overflow=batch needs Prefer: respond-async; without it, queue if it may wait, else reject
+    ({"route": "stream", "overflow": "batch"}, {"overflow": "reject"}),
+    ({"route": "stream", "overflow": "batch", "queue_timeout": 1}, {"overflow": "queue"}),
+    ({"route": "stream", "reason": "custom {rule}: {endpoint}"}, {"reason": "custom r: /v1/jobs"}),
+]
+
+
+@pytest.mark.parametrize(("outcome", "expected"), OUTCOMES, ids=lambda v: str(v)[:50])
+def test_each_outcome(outcome: dict[str, Any], expected: dict[str, Any]) -> None:
+    route = evaluate(parse_policy(one_rule({}, **outcome)), req())
+    assert route.rule == "r"
+    for name, value in expected.items():
+        assert getattr(route, name) == value, name
+
+
+def test_overflow_batch_kept_when_client_allows_async() -> None:
+    policy = parse_policy(one_rule({}, route="stream", overflow="batch"))
+    route = evaluate(policy, req(prefer_async=True))
+    assert (route.overflow, route.prefer_async) == ("batch", True)
+
+
+def test_auto_reason_describes_the_matched_conditions() -> None:
+    table = {
+        "rules": [
+            {
+                "name": "big",
+                "when": {"input_tokens_above": 16000, "prefer_async": True},
+                "route": "batch",
+            },
+            {
+                "name": "big-sync",
+                "when": {"input_tokens_above": 16000},
+                "route": "reject",
+                "reason": "input ~{tokens} tokens > {limit} limit for interactive",
+            },
+        ]
+    }
+    policy = parse_policy(table)
+    big = evaluate(policy, req(input_tokens=48_300, prefer_async=True))
+    assert big.reason == (
+        "client allows async (Prefer: respond-async); input ~48k tokens > 16k limit"
+    )
+    sync = evaluate(policy, req(input_tokens=48_300))
+    assert sync.reason == "input ~48k tokens > 16k limit for interactive"
+    assert "big-sync" in sync.message  # a reject without a message still says why
+    fallback = evaluate(policy, req(input_tokens=10))
+    assert (fallback.mode, fallback.rule) == ("stream", "fallback")
+
+
+def test_tenant_limits_from_the_policy_reach_the_route() -> None:
+    table = one_rule({}, route="stream") | {
+        "limits": {"max_streams": 9, "max_streams_per_tenant": 3, "tenants": {"acme": 5}}
+    }
+    policy = parse_policy(table)
+    assert (policy.max_streams, policy.max_streams_per_tenant) == (9, 3)
+    assert evaluate(policy, req()).tenant_max_streams == 5
+    assert evaluate(policy, req(tenant_name="other")).tenant_max_streams is None
+
+
+CHAT = "/v1/chat/completions"
+DEFAULTS = [
+    (req(endpoint="/v1/document-batches"), "batch", "batch-endpoints"),
+    (req(endpoint="/v1/batches", input_tokens=10**6), "batch", "batch-endpoints"),
+    (req(requested_mode="batch"), "batch", "requested-batch"),
+    (req(endpoint=CHAT, stream=True), "stream", "interactive"),
+    (req(endpoint=CHAT, stream=False), "stream", "interactive"),
+    (req(requested_mode="stream"), "stream", "interactive"),
+    (req(), "stream", "interactive"),
+    (req(endpoint=CHAT, stream=True, input_tokens=48_000), "reject", "large-input"),
+    (req(input_tokens=32_001), "reject", "large-input"),
+    (req(input_tokens=32_000), "stream", "interactive"),
+    (req(endpoint=CHAT, input_tokens=48_000, prefer_async=True), "batch", "large-input-async"),
+    (req(requested_mode="batch", input_tokens=48_000), "batch", "requested-batch"),
+]
+
+
+@pytest.mark.parametrize(("request_", "mode", "rule"), DEFAULTS, ids=lambda v: str(v)[:60])
+def test_default_policy(request_: RouteRequest, mode: str, rule: str) -> None:
+    route = evaluate(default_policy(), request_)
+    assert (route.mode, route.rule) == (mode, rule)
+    assert route.reason
+    if rule == "interactive":
+        assert route.overflow == "reject"
+
+
+def test_default_large_input_messages() -> None:
+    route = evaluate(default_policy(), req(endpoint=CHAT, input_tokens=48_123))
+    assert route.status == 413
+    assert route.reason == "input ~48k tokens > 32k limit for interactive"
+    assert "POST /v1/document-batches" in route.message
+    assert "Prefer: respond-async" in route.message
+    small = default_policy({"POLICY_MAX_INTERACTIVE_TOKENS": 16_000})
+    assert evaluate(small, req(input_tokens=20_000)).rule == "large-input"
+
+
+BAD = [
+    ({}, "policy.rules must be a non-empty array"),
+    ([], "[policy] must be a table"),
+    ({"rules": [{"route": "stream"}]}, "policy rule #1: name is required"),
+    ({"rules": [{"name": "a", "route": "fast"}]}, "policy rule 'a': route must be one of"),
+    ({"rules": [{"name": "a"}]}, "policy rule 'a': route is required"),
+    (
+        {"rules": [{"name": "a", "route": "batch"}, {"name": "a", "route": "batch"}]},
+        "policy rule 'a': name is used by an earlier rule",
+    ),
+    (
+        {"rules": [{"name": "big", "route": "batch", "when": {"input_tokens_above": "32k"}}]},
+        "policy rule 'big': when.input_tokens_above must be an integer",
+    ),
+    (
+        {"rules": [{"name": "m", "route": "batch", "when": {"mode": "fast"}}]},
+        "policy rule 'm': when.mode must be one of",
+    ),
+    (
+        {"rules": [{"name": "m", "route": "batch", "when": {"colour": "red"}}]},
+        "policy rule 'm': when.colour is not a condition",
+    ),
+    (
+        {"rules": [{"name": "m", "route": "batch", "when": {"prefer_async": "yes"}}]},
+        "policy rule 'm': when.prefer_async must be true or false",
+    ),
+    (
+        {"rules": [{"name": "s", "route": "stream", "overflow": "spill"}]},
+        "policy rule 's': overflow must be one of",
+    ),
+    (
+        {"rules": [{"name": "s", "route": "stream", "overflow": "queue"}]},
+        "policy rule 's': queue_timeout is required",
+    ),
+    (
+        {"rules": [{"name": "s", "route": "stream", "on_disconnect": "hang"}]},
+        "policy rule 's': on_disconnect must be one of",
+    ),
+    (
+        {"rules": [{"name": "s", "route": "stream", "queue_timeout": -1}]},
+        "policy rule 's': queue_timeout must be a non-negative",
+    ),
+    (
+        {"rules": [{"name": "x", "route": "reject", "status": 200}]},
+        "policy rule 'x': status must be an HTTP error status",
+    ),
+    (
+        {"rules": [{"name": "x", "route": "batch", "status": 413}]},
+        "policy rule 'x': status only applies",
+    ),
+    (
+        {"rules": [{"name": "x", "route": "reject", "message": "too big: {size}"}]},
+        "policy rule 'x': message uses unknown placeholder {size}",
+    ),
+    (
+        {"rules": [{"name": "x", "route": "batch", "colour": 1}]},
+        "policy rule 'x': colour is not a rule field",
+    ),
+    ({"rules": [{"name": "x", "route": "batch"}], "extra": 1}, "policy.extra is not"),
+    (
+        {"rules": [{"name": "x", "route": "batch"}], "limits": {"max_streams": -1}},
+        "policy.limits.max_streams must be at least 0",
+    ),
+    (
+        {"rules": [{"name": "x", "route": "batch"}], "limits": {"tenants": {"acme": "ten"}}},
+        "policy.limits.tenants.acme must be an integer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("table", "message"), BAD, ids=lambda v: str(v)[:50])
+def test_invalid_policy_names_rule_and_field(table: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_policy(table)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ("respond-async", True),
+        ("wait=10, respond-async", True),
+        ("Respond-Async; foo=bar", True),
+        ("return=minimal", False),
+        ("respond-asynchronously", False),
+    ],
+)
+def test_prefer_header(header: str | None, expected: bool) -> None:
+    assert prefers_async(header) is expected
+
+
+def test_request_from_body_turns_a_document_into_messages() -> None:
+    body = {"model": "m", "document": "x" * 4000, "instructions": "sum", "priority": 3}
+    r = request_from_body("/v1/jobs", body, tenant_id="t", tenant_name="n", prefer_async=True)
+    assert r.input_tokens >= 1000 and r.priority == 3 and r.prefer_async
+    assert r.requested_mode == "auto" and r.stream is None
+    chat = request_from_body(
+        CHAT, {"model": "m", "messages": [], "stream": True}, tenant_id="t", tenant_name="n"
+    )
+    assert chat.stream is True
+
+
+def test_fmt_tokens() -> None:
+    assert [fmt_tokens(n) for n in (900, 1500, 2000, 48_300, 160_000)] == [
+        "900", "1.5k", "2k", "48k", "160k",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- files: start and reload
+
+GOOD = """
+[policy]
+[[policy.rules]]
+name = "everything-batch"
+route = "batch"
+"""
+
+GOOD_2 = """
+[policy]
+[[policy.rules]]
+name = "everything-streams"
+route = "stream"
+overflow = "queue"
+queue_timeout = 3
+"""
+
+BAD_FILE = """
+[policy]
+[[policy.rules]]
+name = "huge"
+route = "batch"
+when = { input_tokens_above = "lots" }
+"""
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(textwrap.dedent(text))
+    # a distinct mtime even on coarse filesystems
+    stamp = time.time() + hash(text) % 1000
+    os.utime(path, (stamp, stamp))
+
+
+def _holder(path: Path, **config: Any) -> PolicyHolder:
+    from app.policy import read_policy_file
+
+    settings = {"SLUICE_CONFIG": str(path), "POLICY": read_policy_file(str(path))}
+    return PolicyHolder(settings | {"POLICY_RELOAD_SECONDS": 0.0} | config)
+
+
+def test_bad_policy_file_at_start_fails_create_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_env: dict[str, str]
+) -> None:
+    from app import create_app
+
+    path = tmp_path / "sluice.toml"
+    _write(path, BAD_FILE)
+    monkeypatch.setenv("SLUICE_CONFIG", str(path))
+    with pytest.raises(ConfigError) as err:
+        create_app()
+    assert "policy rule 'huge': when.input_tokens_above" in str(err.value)
+    _write(path, GOOD)
+    app = create_app()
+    with app.test_request_context():
+        from app.policy import decide
+
+        assert decide(req()).rule == "everything-batch"
+
+
+def test_reload_on_mtime_keeps_last_good_policy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "sluice.toml"
+    _write(path, GOOD)
+    holder = _holder(path)
+    assert holder.current().rules[0].name == "everything-batch"
+    _write(path, BAD_FILE)
+    with caplog.at_level(logging.ERROR, logger="app.policy"):
+        assert holder.current().rules[0].name == "everything-batch"
+    assert "policy rule 'huge': when.input_tokens_above" in (holder.last_error or "")
+    assert "keeping the last good policy" in caplog.text
+    _write(path, GOOD_2)
+    assert holder.current().rules[0].name == "everything-streams"
+    assert holder.last_error is None
+
+
+def test_reload_on_sighup(tmp_path: Path) -> None:
+    path = tmp_path / "sluice.toml"
+    _write(path, GOOD)
+    holder = _holder(path, POLICY_RELOAD_SECONDS=3600.0)  # no mtime polling: only the signal
+    assert install_sighup()
+    path.write_text(GOOD_2)
+    os.utime(path, None)
+    assert holder.current().rules[0].name == "everything-batch"
+    os.kill(os.getpid(), signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while holder.current().rules[0].name != "everything-streams":
+        assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+        time.sleep(0.01)
+
+
+def test_cli_check_and_explain(tmp_path: Path) -> None:
+    runner = CliRunner()
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    _write(good, GOOD_2)
+    _write(bad, BAD_FILE)
+    ok = runner.invoke(policy_group, ["check", str(good)])
+    assert ok.exit_code == 0 and "everything-streams -> stream overflow=queue" in ok.output
+    failed = runner.invoke(policy_group, ["check", str(bad)])
+    assert failed.exit_code == 1
+    assert "policy rule 'huge': when.input_tokens_above" in failed.output
+
+    request = tmp_path / "request.json"
+    request.write_text('{"model": "mock/x", "document": "' + "word " * 40_000 + '"}')
+    args = ["explain", "--request", str(request), "--file", str(tmp_path / "none.toml")]
+    missing = runner.invoke(policy_group, args)
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    plain = runner.invoke(
+        policy_group, ["explain", "--request", str(request)], env={"SLUICE_CONFIG": ""}
+    )
+    assert plain.exit_code == 0, plain.output
+    assert "MATCH large-input:" in plain.output and "route: reject" in plain.output
+    assert "input ~50k tokens > 32k limit" in plain.output
+    prefer = runner.invoke(
+        policy_group,
+        ["explain", "--request", str(request), "--header", "Prefer: respond-async"],
+        env={"SLUICE_CONFIG": ""},
+    )
+    assert "route: batch (rule large-input-async)" in prefer.output
+    custom = runner.invoke(
+        policy_group, ["explain", "--request", str(request), "--file", str(good)]
+    )
+    assert "route: stream (rule everything-streams)" in custom.output
+
+
+def test_route_header() -> None:
+    assert Route("batch", "big", "why").header == "batch; rule=big"
