@@ -71,6 +71,10 @@ def _validate(body: dict[str, Any]) -> dict[str, Any]:
         raise APIError(400, "instructions only applies with document", param="instructions")
     chat.pop("stream", None)
     chat.pop("stream_options", None)
+    from app.services.chat_request import parse_chat_body
+
+    # 400 naming the field, before routing
+    parse_chat_body({**chat, "metadata": metadata}, current_app.config)
     return chat
 
 
@@ -123,7 +127,9 @@ def _run_stream(
     from app.services.jobs import start_stream_job
     from app.streams import sse_response
 
-    parsed = parse_chat_body({**chat, "stream": True}, current_app.config)
+    parsed = parse_chat_body(
+        {**chat, "stream": True, "metadata": body.get("metadata")}, current_app.config
+    )
     job_id = new_id("job_")
     got = admission.acquire_stream_slot(route, tenant_id, job_id)
     if got == "batch":
@@ -145,8 +151,6 @@ def submit_job() -> Response:
     """Route one job by the policy: SSE for stream, 202 + Location for batch."""
     body = _body()
     chat = _validate(body)
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise APIError(400, "model is required", param="model")
     prefer_async = policy.prefers_async(request.headers.get("Prefer"))
     req = policy.request_from_body(
         "/v1/jobs",
