@@ -1,7 +1,40 @@
-"""/v1 batches endpoints."""
+"""/v1 batches endpoints (OpenAI Batches API) over the batch engine."""
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, g, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from app.api.files import list_object, page_params
+from app.services import openai_batches
 
 bp = Blueprint("batches", __name__)
+
+
+@bp.post("/batches")
+def create_batch() -> ResponseReturnValue:
+    batch = openai_batches.create(
+        tenant_id=g.tenant_id,
+        tenant_name=g.api_key.tenant.name,
+        params=request.get_json(silent=True),
+        idempotency_key=request.headers.get("Idempotency-Key") or None,
+    )
+    return jsonify(openai_batches.serialize_batch(batch))
+
+
+@bp.get("/batches")
+def list_batches() -> ResponseReturnValue:
+    limit, after = page_params(100, 20)
+    rows, has_more = openai_batches.list_batches(g.tenant_id, limit=limit, after=after)
+    return jsonify(list_object([openai_batches.serialize_batch(b) for b in rows], has_more))
+
+
+@bp.get("/batches/<batch_id>")
+def retrieve_batch(batch_id: str) -> ResponseReturnValue:
+    return jsonify(openai_batches.serialize_batch(openai_batches.get(g.tenant_id, batch_id)))
+
+
+@bp.post("/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> ResponseReturnValue:
+    batch = openai_batches.cancel(openai_batches.get(g.tenant_id, batch_id))
+    return jsonify(openai_batches.serialize_batch(batch))

@@ -1,0 +1,564 @@
+"""The OpenAI Batches API over the batch engine: input validation, the batch object, results.
+
+Input files are read streaming, twice: once to validate every line (errors name the line,
+as OpenAI reports them), once to feed the engine's lazy item iterator. Only the set of
+custom_ids is held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+
+from app.errors import APIError
+from app.extensions import db
+from app.models import Batch, File, Job, utcnow
+from app.policy import Route, RouteRequest, decide, estimate_input_tokens
+from app.services import batches as engine
+from app.services import events
+from app.services import files as storage
+
+KIND = "openai"
+ENDPOINTS = ("/v1/chat/completions",)
+COMPLETION_WINDOWS = ("24h",)
+MAX_ERRORS = 1000
+METADATA_MAX_KEYS = 16
+ERROR_STATUSES = ("failed", "cancelled", "expired")
+
+
+@dataclass
+class Validation:
+    """What one validating pass over an input file found."""
+
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    count: int = 0
+    models: set[str] = field(default_factory=set)
+    input_tokens: int = 0
+
+    def add(self, code: str, message: str, *, line: int | None, param: str | None = None) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append({"code": code, "message": message, "param": param, "line": line})
+
+
+# ---------------------------------------------------------------- request parameters
+
+
+def check_create_params(body: Any) -> tuple[str, str, str, dict[str, str] | None]:
+    """(input_file_id, endpoint, completion_window, metadata) or an OpenAI-style 400."""
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", param=None)
+    values: dict[str, str] = {}
+    for name in ("input_file_id", "endpoint", "completion_window"):
+        value = body.get(name)
+        if value is None or value == "":
+            raise APIError(
+                400,
+                f"Missing required parameter: '{name}'.",
+                param=name,
+                code="missing_required_parameter",
+            )
+        if not isinstance(value, str):
+            raise APIError(
+                400,
+                f"Invalid type for '{name}': expected a string.",
+                param=name,
+                code="invalid_type",
+            )
+        values[name] = value
+    if values["endpoint"] not in ENDPOINTS:
+        raise APIError(
+            400,
+            f"Invalid value for 'endpoint': {values['endpoint']!r}. Supported values are: "
+            + ", ".join(repr(e) for e in ENDPOINTS)
+            + ".",
+            param="endpoint",
+            code="invalid_value",
+        )
+    if values["completion_window"] not in COMPLETION_WINDOWS:
+        raise APIError(
+            400,
+            f"Invalid value for 'completion_window': {values['completion_window']!r}. "
+            "Supported values are: '24h'.",
+            param="completion_window",
+            code="invalid_value",
+        )
+    return (
+        values["input_file_id"],
+        values["endpoint"],
+        values["completion_window"],
+        check_metadata(body.get("metadata")),
+    )
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    """OpenAI's metadata rules: up to 16 string pairs, keys <= 64 and values <= 512 chars."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise APIError(400, "Invalid type for 'metadata': expected an object.", param="metadata")
+    if len(metadata) > METADATA_MAX_KEYS:
+        raise APIError(
+            400, f"Invalid 'metadata': at most {METADATA_MAX_KEYS} keys.", param="metadata"
+        )
+    for key, value in metadata.items():
+        if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+            raise APIError(
+                400,
+                "Invalid 'metadata': keys must be at most 64 characters and values strings "
+                "of at most 512 characters.",
+                param="metadata",
+            )
+    return metadata
+
+
+def input_file(tenant_id: str, file_id: str) -> File:
+    """The tenant's batch input file (another tenant's file is a 404, as if it did not exist)."""
+    file = storage.get_file(tenant_id, file_id)
+    if file is None:
+        raise APIError(
+            404, f"No such File object: {file_id}", param="input_file_id", code="not_found"
+        )
+    if file.purpose != "batch":
+        raise APIError(
+            400,
+            f"File {file_id} has purpose {file.purpose!r}; a batch input file must have "
+            "purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_file_purpose",
+        )
+    return file
+
+
+# ---------------------------------------------------------------- line validation
+
+
+def validate_chat_body(body: dict[str, Any], config: Mapping[str, Any]) -> None:
+    """Raise APIError for a body the chat endpoint would reject."""
+    try:
+        from app.services.chat_request import parse_chat_body
+    except ImportError:  # the chat module has not landed: a minimal stand-in
+        _minimal_chat_check(body, config)
+        return
+    parse_chat_body(body, config)
+
+
+def _minimal_chat_check(body: dict[str, Any], config: Mapping[str, Any]) -> None:
+    from workers.providers.registry import UnknownModel, build_registry
+
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "Missing required parameter: 'model'.", param="model")
+    try:
+        build_registry(config).resolve(model)
+    except UnknownModel as exc:
+        raise APIError(400, str(exc), param="model", code="model_not_found") from None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "Missing required parameter: 'messages'.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise APIError(400, f"Invalid 'messages[{i}]': needs a role.", param=f"messages[{i}]")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "Only n=1 is supported.", param="n")
+
+
+def _parse_line(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _BAD
+
+
+_BAD = object()
+
+
+def iter_lines(file: File) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) for every non-blank line, streamed from disk."""
+    with storage.open_lines(file) as fh:
+        for number, raw in enumerate(fh, 1):
+            if raw.strip():
+                yield number, raw
+
+
+def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Validation:
+    """One streaming pass over the input file; every bad line becomes an error naming it."""
+    found = Validation()
+    seen: set[str] = set()
+    limit = int(config["BATCH_MAX_DOCUMENTS"])
+    for number, raw in iter_lines(file):
+        found.count += 1
+        line = _parse_line(raw)
+        if line is _BAD or not isinstance(line, dict):
+            found.add("invalid_json_line", "This line is not parseable as valid JSON.", line=number)
+            continue
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            found.add(
+                "missing_custom_id",
+                "Missing required parameter: 'custom_id' (a non-empty string).",
+                line=number,
+                param="custom_id",
+            )
+        elif len(custom_id) > engine.MAX_ITEM_ID:
+            found.add(
+                "invalid_custom_id",
+                f"The custom_id is longer than {engine.MAX_ITEM_ID} characters.",
+                line=number,
+                param="custom_id",
+            )
+        elif custom_id in seen:
+            found.add(
+                "duplicate_custom_id",
+                "The custom_id for this request is a duplicate of another request. The "
+                "custom_id parameter must be unique for each request in a batch.",
+                line=number,
+                param="custom_id",
+            )
+        else:
+            seen.add(custom_id)
+        if line.get("method") != "POST":
+            found.add(
+                "invalid_method",
+                f"The method for this request must be 'POST', got {line.get('method')!r}.",
+                line=number,
+                param="method",
+            )
+        if line.get("url") != endpoint:
+            found.add(
+                "url_mismatch",
+                "The provided URL for this request does not match the batch endpoint "
+                f"({endpoint!r}).",
+                line=number,
+                param="url",
+            )
+        body = line.get("body")
+        if not isinstance(body, dict):
+            found.add(
+                "invalid_request",
+                "Missing required parameter: 'body' (a JSON object).",
+                line=number,
+                param="body",
+            )
+            continue
+        try:
+            validate_chat_body(body, config)
+        except APIError as exc:
+            param = f"body.{exc.param}" if exc.param else "body"
+            found.add(exc.code or "invalid_request", exc.message, line=number, param=param)
+            continue
+        found.models.add(str(body.get("model")))
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            found.input_tokens += estimate_input_tokens(
+                [m for m in messages if isinstance(m, dict)]
+            )
+    if found.count == 0:
+        found.add("empty_file", "The input file is empty: it has no requests.", line=None)
+    elif found.count > limit:
+        found.add(
+            "too_many_tasks",
+            f"The input file has {found.count} requests; a batch may hold at most {limit}.",
+            line=None,
+        )
+    return found
+
+
+def iter_items(file: File) -> Iterator[engine.BatchItem]:
+    """The engine's items, read again streaming from the (already validated) file."""
+    for _number, raw in iter_lines(file):
+        line = json.loads(raw)
+        body = dict(line["body"])
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        yield engine.BatchItem(item_id=line["custom_id"], body=body)
+
+
+# ---------------------------------------------------------------- create, get, list
+
+
+def create(
+    *,
+    tenant_id: str,
+    tenant_name: str,
+    params: Any,
+    idempotency_key: str | None = None,
+) -> Batch:
+    """POST /v1/batches: validate, route, then a failed batch or a running one."""
+    file_id, endpoint, window, metadata = check_create_params(params)
+    if idempotency_key:
+        existing = engine.find_by_idempotency_key(tenant_id, idempotency_key)
+        if existing is not None and existing.kind == KIND:
+            return existing
+    file = input_file(tenant_id, file_id)
+    config = current_app.config
+    found = validate_input(file, endpoint, config)
+    model = next(iter(found.models)) if len(found.models) == 1 else None
+    route = decide(
+        RouteRequest(
+            endpoint="/v1/batches",
+            tenant_id=tenant_id,
+            tenant_name=tenant_name,
+            model=model or "",
+            requested_mode="batch",
+            input_tokens=found.input_tokens,
+            metadata=dict(metadata or {}),
+        )
+    )
+    if route.mode == "reject":
+        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
+    if found.errors:
+        return _failed_batch(
+            tenant_id, file_id, endpoint, window, metadata, found, route, idempotency_key, model
+        )
+    return engine.create_batch(
+        tenant_id=tenant_id,
+        kind=KIND,
+        items=iter_items(file),
+        route=route,
+        model=model,
+        endpoint=endpoint,
+        completion_window=window,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+        input_file_id=file_id,
+    )
+
+
+def _failed_batch(
+    tenant_id: str,
+    file_id: str,
+    endpoint: str,
+    window: str,
+    metadata: dict[str, str] | None,
+    found: Validation,
+    route: Route,
+    idempotency_key: str | None,
+    model: str | None,
+) -> Batch:
+    """A batch that failed validation: it exists, names every bad line, and runs nothing."""
+    now = utcnow()
+    batch = Batch(
+        tenant_id=tenant_id,
+        kind=KIND,
+        status="failed",
+        endpoint=endpoint,
+        model=model,
+        metadata_=metadata,
+        idempotency_key=idempotency_key,
+        completion_window=window,
+        input_file_id=file_id,
+        errors=found.errors,
+        route_rule=route.rule,
+        route_reason=route.reason,
+        total=0,
+        created_at=now,
+        failed_at=now,
+        expires_at=now + timedelta(seconds=engine.window_seconds(window)),
+    )
+    db.session.add(batch)
+    db.session.commit()
+    events.batch_changed(batch)
+    return batch
+
+
+def get(tenant_id: str, batch_id: str) -> Batch:
+    """The tenant's OpenAI batch, or a 404."""
+    batch = engine.get_batch(tenant_id, batch_id)
+    if batch is None or batch.kind != KIND:
+        raise APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="not_found")
+    return batch
+
+
+def list_batches(tenant_id: str, *, limit: int, after: str | None) -> tuple[list[Batch], bool]:
+    """One page of the tenant's OpenAI batches, newest first, and whether more follow."""
+    query = select(Batch).where(Batch.tenant_id == tenant_id, Batch.kind == KIND)
+    if after:
+        query = query.where(Batch.id < after)
+    rows = list(db.session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel(batch: Batch) -> Batch:
+    """POST /v1/batches/{id}/cancel (a terminal batch is a 409, as OpenAI answers)."""
+    return engine.cancel_batch(batch)
+
+
+# ---------------------------------------------------------------- the batch object
+
+
+def request_counts(batch: Batch) -> dict[str, int]:
+    """OpenAI's {total, completed, failed}: cancelled and expired items count as failed."""
+    counts = engine.batch_counts(batch)
+    failed = sum(counts.get(status, 0) for status in ERROR_STATUSES)
+    return {"total": counts["total"], "completed": counts.get("succeeded", 0), "failed": failed}
+
+
+def usage_object(batch: Batch) -> dict[str, Any]:
+    prompt, completion = batch.prompt_tokens or 0, batch.completion_tokens or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+def errors_object(batch: Batch) -> dict[str, Any] | None:
+    if not batch.errors:
+        return None
+    data = [
+        {
+            "code": e.get("code"),
+            "message": e.get("message"),
+            "param": e.get("param"),
+            "line": e.get("line"),
+        }
+        for e in batch.errors
+        if isinstance(e, dict)
+    ]
+    return {"object": "list", "data": data}
+
+
+def serialize_batch(batch: Batch) -> dict[str, Any]:
+    """OpenAI's batch object, every field present."""
+    unix = storage.unix
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "model": batch.model,
+        "errors": errors_object(batch),
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": unix(batch.created_at),
+        "in_progress_at": unix(batch.in_progress_at),
+        "expires_at": unix(batch.expires_at),
+        "finalizing_at": unix(batch.finalizing_at),
+        "completed_at": unix(batch.completed_at),
+        "failed_at": unix(batch.failed_at),
+        "expired_at": unix(batch.expired_at),
+        "cancelling_at": unix(batch.cancelling_at),
+        "cancelled_at": unix(batch.cancelled_at),
+        "request_counts": request_counts(batch),
+        "metadata": batch.metadata_,
+        "usage": usage_object(batch),
+    }
+
+
+# ---------------------------------------------------------------- result files
+
+
+def _suffix(job: Job) -> str:
+    return job.id.split("_", 1)[-1]
+
+
+def chat_completion_object(job: Job) -> dict[str, Any]:
+    """The `chat.completion` the chat endpoint would have returned for this job."""
+    usage = job.usage or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return {
+        "id": f"chatcmpl-{_suffix(job)}",
+        "object": "chat.completion",
+        "created": storage.unix(job.finished_at or job.created_at),
+        "model": job.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": job.output or "", "refusal": None},
+                "logprobs": None,
+                "finish_reason": job.finish_reason or "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": int(usage.get("total_tokens") or prompt + completion),
+        },
+        "system_fingerprint": None,
+    }
+
+
+def _line(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload, separators=(",", ":")) + "\n").encode()
+
+
+def output_line(job: Job) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{_suffix(job)}",
+        "custom_id": job.item_id,
+        "response": {
+            "status_code": 200,
+            "request_id": f"req_{_suffix(job)}",
+            "body": chat_completion_object(job),
+        },
+        "error": None,
+    }
+
+
+def error_line(job: Job) -> dict[str, Any]:
+    error = dict(job.error or {})
+    status = error.pop("status_code", None) or error.pop("status", None)
+    code = error.get("code") or ("batch_" + job.status if job.status != "failed" else "failed")
+    message = error.get("message") or f"The request ended {job.status}."
+    response = None
+    if isinstance(status, int):
+        body = {
+            "message": message,
+            "type": error.get("type") or "invalid_request_error",
+            "param": error.get("param"),
+            "code": error.get("code"),
+        }
+        response = {
+            "status_code": status,
+            "request_id": f"req_{_suffix(job)}",
+            "body": {"error": body},
+        }
+    return {
+        "id": f"batch_req_{_suffix(job)}",
+        "custom_id": job.item_id,
+        "response": response,
+        "error": {"code": code, "message": message},
+    }
+
+
+def write_result_files(batch: Batch) -> None:
+    """Called once by the engine at finalization: write the output and error files.
+
+    Sets output_file_id / error_file_id (None when that file would be empty) and the
+    batch's token usage; the engine commits.
+    """
+    tokens = {"prompt": 0, "completion": 0}
+
+    def succeeded() -> Iterator[bytes]:
+        for job in engine.iter_items(batch, "succeeded"):
+            usage = job.usage or {}
+            tokens["prompt"] += int(usage.get("prompt_tokens") or 0)
+            tokens["completion"] += int(usage.get("completion_tokens") or 0)
+            yield _line(output_line(job))
+
+    def unsucceeded() -> Iterator[bytes]:
+        for job in engine.iter_items(batch):
+            if job.status in ERROR_STATUSES:
+                yield _line(error_line(job))
+
+    output = storage.create_generated_file(
+        batch.tenant_id, f"{batch.id}_output.jsonl", "batch_output", succeeded()
+    )
+    errors = storage.create_generated_file(
+        batch.tenant_id, f"{batch.id}_error.jsonl", "batch_output", unsucceeded()
+    )
+    batch.output_file_id = output.id if output else None
+    batch.error_file_id = errors.id if errors else None
+    batch.prompt_tokens = tokens["prompt"]
+    batch.completion_tokens = tokens["completion"]
