@@ -32,6 +32,12 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "BATCH_MAX_REQUEST_BYTES": (int, 200_000_000),
     "BATCH_MAX_ATTEMPTS": (int, 5),
     "BATCH_COMPLETION_WINDOW_HOURS": (float, 24.0),
+    "BATCH_ITEM_CONCURRENCY": (int, 100),  # provider calls in flight per chunk task
+    "BATCH_BACKOFF_BASE": (float, 1.0),  # seconds; doubles per retry, with jitter
+    "BATCH_BACKOFF_MAX": (float, 60.0),
+    "BATCH_RETRY_AFTER_MAX": (float, 300.0),  # cap on an upstream Retry-After
+    "BATCH_EVENTS_POLL_SECONDS": (float, 0.5),
+    "PROVIDER_LEASE_SECONDS": (float, 30.0),  # a dead worker's provider slots lapse after this
     "PROVIDER_CONCURRENCY": (int, 64),
     "FILES_MAX_BYTES": (int, 200_000_000),
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),

@@ -1,7 +1,316 @@
-"""/v1 document-batches endpoints."""
+"""/v1 document-batches endpoints: submit, list, get, cancel, results (JSONL), events (SSE)."""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+
+from app.errors import APIError
+from app.extensions import db
+from app.models import Batch, Job, utcnow
+from app.models.batch import TERMINAL
+from app.policy import RouteRequest, decide
+from app.services import batches, documents
 
 bp = Blueprint("document_batches", __name__)
+
+JSONL_TYPES = (
+    "application/jsonl",
+    "application/x-ndjson",
+    "application/x-jsonlines",
+    "application/json-lines",
+    "text/jsonl",
+)
+RESULT_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+PAGE = 1000
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value else None
+
+
+def batch_json(batch: Batch, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """The document batch object."""
+    counts = counts or batches.batch_counts(batch)
+    return {
+        "id": batch.id,
+        "object": "document_batch",
+        "status": batch.status,
+        "model": batch.model,
+        "instructions": batch.instructions,
+        "prompt_template": batch.prompt_template,
+        "params": batch.params or {},
+        "metadata": batch.metadata_,
+        "completion_window": batch.completion_window,
+        "counts": counts,
+        "request_counts": {
+            "total": counts["total"],
+            "completed": counts["succeeded"],
+            "failed": counts["failed"],
+        },
+        "usage": {
+            "prompt_tokens": batch.prompt_tokens,
+            "completion_tokens": batch.completion_tokens,
+            "total_tokens": batch.prompt_tokens + batch.completion_tokens,
+        },
+        "errors": batch.errors,
+        "route": {"rule": batch.route_rule, "reason": batch.route_reason},
+        "created_at": _ts(batch.created_at),
+        "in_progress_at": _ts(batch.in_progress_at),
+        "finalizing_at": _ts(batch.finalizing_at),
+        "completed_at": _ts(batch.completed_at),
+        "failed_at": _ts(batch.failed_at),
+        "expires_at": _ts(batch.expires_at),
+        "expired_at": _ts(batch.expired_at),
+        "cancelling_at": _ts(batch.cancelling_at),
+        "cancelled_at": _ts(batch.cancelled_at),
+        "results_url": f"/v1/document-batches/{batch.id}/results",
+    }
+
+
+def _batch_or_404(batch_id: str) -> Batch:
+    batch = batches.get_batch(g.tenant_id, batch_id)
+    if batch is None or batch.kind != "documents":
+        raise APIError(
+            404, f"No document batch with id '{batch_id}'.", param="batch_id", code="not_found"
+        )
+    return batch
+
+
+def _intake(options: documents.Options) -> documents.Intake:
+    config = current_app.config
+    return documents.Intake(
+        options=options,
+        max_documents=config["BATCH_MAX_DOCUMENTS"],
+        max_document_bytes=config["BATCH_MAX_DOCUMENT_BYTES"],
+    )
+
+
+def _read_submission(max_bytes: int) -> tuple[documents.Options, Iterator[batches.BatchItem]]:
+    """Options and a lazy item stream from a JSON, JSONL or multipart body."""
+    mimetype = request.mimetype
+    if mimetype == "application/json":
+        payload = request.get_json(silent=True)
+        if not isinstance(payload, dict):
+            raise APIError(400, "The body is not a JSON object.", code="invalid_json")
+        options = documents.parse_options(payload)
+        return options, documents.from_json(payload.get("documents"), _intake(options))
+    if mimetype in JSONL_TYPES:
+        options = documents.parse_options(request.args)
+        return options, documents.from_jsonl(request.stream, _intake(options), max_bytes)
+    if mimetype == "multipart/form-data":
+        request.max_form_parts = current_app.config["BATCH_MAX_DOCUMENTS"] + 100
+        options = documents.parse_options(request.form)
+        files = [(f.filename or name, f.stream) for name, f in request.files.items(multi=True)]
+        return options, documents.from_files(files, _intake(options))
+    raise APIError(
+        415,
+        "Send application/json, multipart/form-data (files) or application/jsonl"
+        " (batch fields in the query string).",
+        code="unsupported_media_type",
+    )
+
+
+@bp.post("/document-batches")
+def create() -> ResponseReturnValue:
+    """Validate every document, then queue the batch (202 + Location)."""
+    started = utcnow()
+    max_bytes = current_app.config["BATCH_MAX_REQUEST_BYTES"]
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise documents.request_too_large(max_bytes)
+    key = request.headers.get("Idempotency-Key") or None
+    if key and len(key) > 255:
+        raise APIError(
+            400, "Idempotency-Key is longer than 255 characters", param="Idempotency-Key"
+        )
+    if key:
+        existing = batches.find_by_idempotency_key(g.tenant_id, key)
+        if existing is not None:
+            return _created(existing, replayed=True)
+    options, items = _read_submission(max_bytes)
+    route = decide(
+        RouteRequest(
+            endpoint="/v1/document-batches",
+            tenant_id=g.tenant_id,
+            tenant_name=g.api_key.tenant.name,
+            model=options.model,
+            requested_mode="batch",
+            prefer_async=True,
+            metadata=options.metadata or {},
+        )
+    )
+    window = (
+        options.completion_window or f"{current_app.config['BATCH_COMPLETION_WINDOW_HOURS']:g}h"
+    )
+    batch = batches.create_batch(
+        tenant_id=g.tenant_id,
+        kind="documents",
+        items=items,
+        route=route,
+        model=options.model,
+        completion_window=window,
+        metadata=options.metadata,
+        idempotency_key=key,
+        instructions=options.instructions,
+        prompt_template=options.prompt_template,
+        params=options.params() or None,
+    )
+    return _created(batch, replayed=batch.created_at < started)
+
+
+def _created(batch: Batch, *, replayed: bool) -> ResponseReturnValue:
+    response = jsonify(batch_json(batch))
+    response.status_code = 200 if replayed else 202
+    response.headers["Location"] = f"/v1/document-batches/{batch.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@bp.get("/document-batches")
+def list_batches() -> ResponseReturnValue:
+    """Newest first; ?limit=1..100 (default 20), ?after=<batch id> for the next page."""
+    raw = request.args.get("limit", "20")
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise APIError(400, f"limit must be an integer, got {raw!r}", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise APIError(400, "limit must be between 1 and 100", param="limit")
+    query = select(Batch).where(Batch.tenant_id == g.tenant_id, Batch.kind == "documents")
+    after = request.args.get("after")
+    if after:
+        query = query.where(Batch.id < after)
+    rows = list(db.session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    data = [batch_json(b) for b in page]
+    return jsonify(
+        object="list",
+        data=data,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(rows) > limit,
+    )
+
+
+@bp.get("/document-batches/<batch_id>")
+def get(batch_id: str) -> ResponseReturnValue:
+    return jsonify(batch_json(_batch_or_404(batch_id)))
+
+
+@bp.post("/document-batches/<batch_id>/cancel")
+def cancel(batch_id: str) -> ResponseReturnValue:
+    batch = batches.cancel_batch(_batch_or_404(batch_id))
+    return jsonify(batch_json(batch))
+
+
+def _result_line(row: Any) -> str:
+    return json.dumps(
+        {
+            "document_id": row.item_id,
+            "index": row.item_index,
+            "status": row.status,
+            "output": row.output,
+            "finish_reason": row.finish_reason,
+            "usage": row.usage,
+            "error": row.error,
+            "metadata": row.metadata,
+        },
+        ensure_ascii=False,
+    )
+
+
+@bp.get("/document-batches/<batch_id>/results")
+def results(batch_id: str) -> ResponseReturnValue:
+    """One JSONL line per document in submission order; ?status= filters."""
+    batch = _batch_or_404(batch_id)
+    status = request.args.get("status") or None
+    if status is not None and status not in RESULT_STATUSES:
+        raise APIError(400, f"status must be one of {', '.join(RESULT_STATUSES)}", param="status")
+    engine = db.engine
+    jobs = Job.__table__
+    columns = [
+        jobs.c[n]
+        for n in (
+            "item_index",
+            "item_id",
+            "status",
+            "output",
+            "finish_reason",
+            "usage",
+            "error",
+            "metadata",
+        )
+    ]
+    db.session.remove()
+
+    def generate() -> Iterator[str]:
+        last = -1
+        while True:
+            query = select(*columns).where(jobs.c.batch_id == batch.id, jobs.c.item_index > last)
+            if status:
+                query = query.where(jobs.c.status == status)
+            with engine.connect() as conn:  # a short read per page, never held across yields
+                rows = conn.execute(query.order_by(jobs.c.item_index).limit(PAGE)).all()
+            if not rows:
+                return
+            yield "".join(_result_line(r) + "\n" for r in rows)
+            last = rows[-1].item_index
+
+    headers = {"Content-Disposition": f'attachment; filename="{batch.id}-results.jsonl"'}
+    return Response(generate(), mimetype="application/jsonl", headers=headers)
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@bp.get("/document-batches/<batch_id>/events")
+def events(batch_id: str) -> ResponseReturnValue:
+    """SSE: `progress` with counts whenever they change, then one terminal `done` event."""
+    batch = _batch_or_404(batch_id)
+    tenant_id = g.tenant_id
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    poll = max(0.1, app.config["BATCH_EVENTS_POLL_SECONDS"])
+    ping_every = app.config["STREAM_PING_SECONDS"]
+    db.session.remove()
+
+    def snapshot() -> dict[str, Any] | None:
+        with app.app_context():
+            try:
+                current = batches.get_batch(tenant_id, batch.id)
+                return batch_json(current) if current is not None else None
+            finally:
+                db.session.remove()
+
+    def generate() -> Iterator[str]:
+        yield f"retry: {app.config['STREAM_RETRY_MS']}\n\n"
+        last_sent: Any = None
+        last_write = time.monotonic()
+        while True:
+            state = snapshot()
+            if state is None:
+                return
+            progress = (state["status"], state["counts"])
+            if state["status"] in TERMINAL:
+                yield _sse("progress", state)
+                yield _sse("done", state)
+                return
+            if progress != last_sent:
+                yield _sse("progress", state)
+                last_sent = progress
+                last_write = time.monotonic()
+            elif time.monotonic() - last_write >= ping_every:
+                yield ": ping\n\n"
+                last_write = time.monotonic()
+            time.sleep(poll)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(generate(), mimetype="text/event-stream", headers=headers)

@@ -19,4 +19,8 @@ def sweep() -> None:
 
 def _steps() -> list[tuple[str, Callable[[], None]]]:
     """Each channel's sweep step, by name."""
-    return []
+    from app.services.batch_runner import sweep_batches
+
+    steps: list[tuple[str, Callable[[], None]]] = []
+    steps.append(("batch", sweep_batches))
+    return steps

@@ -1,0 +1,434 @@
+"""The batch engine: create, count, cancel and finalize batches of background jobs.
+
+Both front doors (document batches and the OpenAI Batches API) feed items here. Rows are
+bulk-inserted with Core statements inside one transaction; work is sent to the `batch`
+queue as chunk tasks `(batch_id, first_index, last_index)`; every state change is a
+conditional UPDATE so redelivered tasks and racing sweepers never double-apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.errors import APIError
+from app.extensions import celery, db, redis_store
+from app.models import Batch, Job, new_id, utcnow
+from app.policy import Route
+from app.queueing import BATCH_QUEUE
+from app.services import events
+
+log = logging.getLogger(__name__)
+
+CHUNK_TASK = "sluice.batch.run_chunk"
+JOB_TASK = "sluice.batch.run_job"
+INSERT_CHUNK = 1000
+ACTIVE = ("queued", "running")
+COUNT_KEYS = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+CANCEL_KEY = "sluice:batch:cancel:{}"
+MAX_ITEM_ID = 512
+
+jobs_t = Job.__table__
+batches_t = Batch.__table__
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One unit of work: the caller's id and a chat-completions body."""
+
+    item_id: str  # document id, or OpenAI custom_id
+    body: dict[str, Any]  # {"model", "messages", optional "max_tokens", "temperature", ...}
+    metadata: dict[str, Any] | None = None
+
+
+def window_seconds(window: str) -> float:
+    """Seconds in a completion window such as "24h", "30m", "90s" or "2d"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(window or ""))
+    if not match or float(match.group(1)) <= 0:
+        raise APIError(
+            400,
+            f"completion_window must look like '24h' (s, m, h or d), got {window!r}",
+            param="completion_window",
+            code="invalid_completion_window",
+        )
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def find_by_idempotency_key(tenant_id: str, key: str) -> Batch | None:
+    """The tenant's batch created with this Idempotency-Key, if any."""
+    return db.session.scalar(
+        select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == key)
+    )
+
+
+class _Models:
+    """Resolves "provider/model" names once per distinct name."""
+
+    def __init__(self) -> None:
+        from workers.providers.registry import build_registry
+
+        self._registry = build_registry(current_app.config)
+        self._seen: dict[str, str] = {}
+
+    def provider(self, model: Any, where: str) -> str:
+        if isinstance(model, str) and model in self._seen:
+            return self._seen[model]
+        from workers.providers.registry import UnknownModel
+
+        try:
+            provider, _ = self._registry.resolve(model)
+        except UnknownModel as exc:
+            raise APIError(400, f"{where}: {exc}", param="model", code="model_not_found") from None
+        self._seen[model] = provider.name
+        return provider.name
+
+
+def create_batch(
+    *,
+    tenant_id: str,
+    kind: str,
+    items: Iterable[BatchItem],
+    route: Route,
+    model: str | None = None,
+    endpoint: str = "/v1/chat/completions",
+    completion_window: str = "24h",
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    input_file_id: str | None = None,
+    instructions: str | None = None,
+    prompt_template: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> Batch:
+    """Insert the batch and one queued job per item in one transaction, then enqueue chunks.
+
+    Items are consumed lazily; an exception from the iterable (e.g. a validation error
+    raised once the whole input has been read) rolls everything back.
+    """
+    if route.mode == "reject":
+        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
+    if idempotency_key:
+        existing = find_by_idempotency_key(tenant_id, idempotency_key)
+        if existing is not None:
+            return existing
+    config = current_app.config
+    window = window_seconds(completion_window)
+    limit = config["BATCH_MAX_DOCUMENTS"]
+    models = _Models()
+    if model:
+        models.provider(model, "model")
+    now = utcnow()
+    batch_id = new_id("batch_")
+    total = 0
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(
+                insert(batches_t).values(
+                    id=batch_id,
+                    tenant_id=tenant_id,
+                    kind=kind,
+                    status="validating",
+                    endpoint=endpoint,
+                    model=model,
+                    instructions=instructions,
+                    prompt_template=prompt_template,
+                    params=params,
+                    metadata=metadata,
+                    idempotency_key=idempotency_key,
+                    completion_window=completion_window,
+                    input_file_id=input_file_id,
+                    route_rule=route.rule,
+                    route_reason=route.reason,
+                    total=0,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=window),
+                )
+            )
+            rows: list[dict[str, Any]] = []
+            for item in items:
+                if total >= limit:
+                    raise APIError(
+                        413,
+                        f"a batch may hold at most {limit} items (BATCH_MAX_DOCUMENTS)",
+                        param="documents",
+                        code="too_many_items",
+                    )
+                item_model = item.body.get("model") or model
+                where = f"item {total} ({item.item_id})"
+                if len(item.item_id) > MAX_ITEM_ID:
+                    raise APIError(
+                        400, f"{where}: id longer than {MAX_ITEM_ID} characters", param="id"
+                    )
+                rows.append(
+                    {
+                        "id": new_id("job_"),
+                        "tenant_id": tenant_id,
+                        "mode": "batch",
+                        "status": "queued",
+                        "endpoint": endpoint,
+                        "route_rule": route.rule,
+                        "route_reason": route.reason,
+                        "provider": models.provider(item_model, where),
+                        "model": item_model,
+                        "priority": 0,
+                        "request": item.body,
+                        "metadata": item.metadata,
+                        "attempts": 0,
+                        "batch_id": batch_id,
+                        "item_index": total,
+                        "item_id": item.item_id,
+                        "created_at": now,
+                    }
+                )
+                total += 1
+                if len(rows) >= INSERT_CHUNK:
+                    conn.execute(insert(jobs_t), rows)
+                    rows = []
+            if rows:
+                conn.execute(insert(jobs_t), rows)
+            if total == 0:
+                raise APIError(400, "a batch needs at least one item", code="empty_batch")
+            conn.execute(
+                update(batches_t)
+                .where(batches_t.c.id == batch_id)
+                .values(status="in_progress", total=total, in_progress_at=utcnow())
+            )
+    except IntegrityError:
+        if idempotency_key:
+            db.session.rollback()
+            existing = find_by_idempotency_key(tenant_id, idempotency_key)
+            if existing is not None:
+                return existing
+        raise
+    enqueue_chunks(batch_id, 0, total - 1)
+    batch = db.session.get(Batch, batch_id)
+    assert batch is not None
+    events.batch_changed(batch)
+    return batch
+
+
+def enqueue_chunks(batch_id: str, first: int, last: int) -> int:
+    """Send chunk tasks covering item indexes first..last; returns how many were sent."""
+    size = max(1, int(current_app.config["BATCH_CHUNK_SIZE"]))
+    sent = 0
+    for lo in range(first, last + 1, size):
+        celery.send_task(
+            CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE
+        )
+        sent += 1
+    return sent
+
+
+def submit_batch_job(
+    tenant_id: str, body: dict[str, Any], route: Route, metadata: dict[str, Any] | None = None
+) -> Job:
+    """A single background job without a batch, for POST /v1/jobs routed to batch."""
+    if route.mode == "reject":
+        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
+    model = body.get("model")
+    provider = _Models().provider(model, "model")
+    job = Job(
+        tenant_id=tenant_id,
+        mode="batch",
+        status="queued",
+        route_rule=route.rule,
+        route_reason=route.reason,
+        provider=provider,
+        model=model,
+        request=body,
+        metadata_=metadata,
+    )
+    db.session.add(job)
+    db.session.commit()
+    celery.send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
+    events.job_changed(job)
+    return job
+
+
+def get_batch(tenant_id: str, batch_id: str) -> Batch | None:
+    """The tenant's batch, or None (another tenant's batch is None too)."""
+    return db.session.scalar(
+        select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
+    )
+
+
+def counts_for(batch_id: str, total: int) -> dict[str, int]:
+    """Item counts by status for one batch id."""
+    rows = db.session.execute(
+        select(jobs_t.c.status, func.count())
+        .where(jobs_t.c.batch_id == batch_id)
+        .group_by(jobs_t.c.status)
+    ).all()
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    for status, n in rows:
+        counts[status] = counts.get(status, 0) + n
+    return {"total": total, **counts}
+
+
+def batch_counts(batch: Batch) -> dict[str, int]:
+    """total, queued, running, succeeded, failed, cancelled, expired."""
+    return counts_for(batch.id, batch.total)
+
+
+def cancel_batch(batch: Batch) -> Batch:
+    """Stop a batch: queued items never run, running ones finish or stop, then cancelled."""
+    if batch.status in ("cancelling", "cancelled"):
+        return batch
+    if batch.status != "in_progress":
+        raise APIError(
+            409,
+            f"batch {batch.id} is {batch.status}; only an in-progress batch can be cancelled",
+            code="batch_not_cancellable",
+        )
+    now = utcnow()
+    with db.engine.begin() as conn:
+        moved = conn.execute(
+            update(batches_t)
+            .where(batches_t.c.id == batch.id, batches_t.c.status == "in_progress")
+            .values(status="cancelling", cancelling_at=now)
+        ).rowcount
+        if moved:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.batch_id == batch.id, jobs_t.c.status == "queued")
+                .values(status="cancelled", finished_at=now, error=_error("batch_cancelled"))
+            )
+    try:
+        redis_store.client.set(CANCEL_KEY.format(batch.id), "1", ex=7 * 86400)
+    except Exception:
+        log.warning("cancel flag for %s not set in Redis", batch.id)
+    maybe_finalize(batch.id)
+    db.session.refresh(batch)
+    events.batch_changed(batch)
+    return batch
+
+
+def _error(code: str) -> dict[str, Any]:
+    messages = {
+        "batch_cancelled": "The batch was cancelled before this item ran.",
+        "batch_expired": "The batch expired before this item could run.",
+    }
+    return {"message": messages[code], "type": "batch_error", "code": code, "param": None}
+
+
+def iter_items(batch: Batch, status: str | None = None) -> Iterator[Job]:
+    """The batch's jobs in item order, streamed from the database."""
+    query = select(Job).where(Job.batch_id == batch.id).order_by(Job.item_index)
+    if status:
+        query = query.where(Job.status == status)
+    yield from db.session.scalars(query.execution_options(yield_per=1000))
+
+
+def has_active_items(batch_id: str) -> bool:
+    with db.engine.connect() as conn:
+        return bool(
+            conn.scalar(
+                select(exists().where(jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_(ACTIVE)))
+            )
+        )
+
+
+def maybe_finalize(batch_id: str, *, stale_finalizing: bool = False) -> bool:
+    """Finalize the batch once no item is queued or running; True if this call did it.
+
+    Exactly once: only the caller whose conditional UPDATE moves the batch into
+    `finalizing` runs the finalizer. With stale_finalizing, a batch stuck in `finalizing`
+    (its finalizer's process died) is taken over.
+    """
+    if has_active_items(batch_id):
+        return False
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            select(batches_t.c.status, batches_t.c.expired_at, batches_t.c.finalizing_at).where(
+                batches_t.c.id == batch_id
+            )
+        ).first()
+    if row is None:
+        return False
+    prior = row.status
+    if prior not in ("in_progress", "cancelling") and not (
+        stale_finalizing and prior == "finalizing"
+    ):
+        return False
+    final = "cancelled" if prior == "cancelling" else "expired" if row.expired_at else "completed"
+    if prior == "finalizing":
+        final = "cancelled" if _cancel_flag(batch_id) else final
+    now = utcnow()
+    condition = [batches_t.c.id == batch_id, batches_t.c.status == prior]
+    if prior == "finalizing":
+        condition.append(batches_t.c.finalizing_at == row.finalizing_at)
+    with db.engine.begin() as conn:
+        if not conn.execute(
+            update(batches_t).where(*condition).values(status="finalizing", finalizing_at=now)
+        ).rowcount:
+            return False
+    _run_finalizer(batch_id, final)
+    return True
+
+
+def _cancel_flag(batch_id: str) -> bool:
+    try:
+        return bool(redis_store.client.exists(CANCEL_KEY.format(batch_id)))
+    except Exception:
+        return False
+
+
+def _run_finalizer(batch_id: str, final: str) -> None:
+    """Run the kind's finalizer, then move finalizing -> the final status."""
+    from app.services import batch_finalizers
+
+    batch = db.session.get(Batch, batch_id, populate_existing=True)
+    assert batch is not None
+    values: dict[str, Any] = {"status": final, f"{final}_at": utcnow()}
+    if final == "expired" and batch.expired_at is not None:
+        values["expired_at"] = batch.expired_at
+    try:
+        batch_finalizers.finalize(batch)
+        db.session.commit()
+    except Exception as exc:
+        log.exception("finalizer for batch %s failed", batch_id)
+        db.session.rollback()
+        error = {"code": "finalize_failed", "message": f"{type(exc).__name__}: {exc}"}
+        values = {"status": "failed", "failed_at": utcnow(), "errors": [error]}
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(batches_t)
+            .where(batches_t.c.id == batch_id, batches_t.c.status == "finalizing")
+            .values(**values)
+        )
+    db.session.expire_all()
+    batch = db.session.get(Batch, batch_id)
+    if batch is not None:
+        events.batch_changed(batch)
+
+
+def expire_batch(batch_id: str) -> None:
+    """Past its window: queued items become `expired`; finished ones are kept."""
+    now = utcnow()
+    with db.engine.begin() as conn:
+        moved = conn.execute(
+            update(batches_t)
+            .where(
+                batches_t.c.id == batch_id,
+                batches_t.c.status == "in_progress",
+                batches_t.c.expired_at.is_(None),
+            )
+            .values(expired_at=now)
+        ).rowcount
+        if moved:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == "queued")
+                .values(status="expired", finished_at=now, error=_error("batch_expired"))
+            )
+    maybe_finalize(batch_id)

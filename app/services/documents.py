@@ -1,0 +1,383 @@
+"""Document intake: JSON, JSONL streams and uploaded files, validated into BatchItems.
+
+Every source is read lazily and validated as it goes. Problems are collected (not raised
+one at a time) so the final 422 names every bad document or line; the generators raise
+it once the input is exhausted, which rolls back the engine's single transaction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from typing import IO, Any
+
+from app.errors import APIError
+from app.services.batches import BatchItem
+
+TEXT_TYPES = (".txt", ".md", ".markdown", ".text")
+HTML_TYPES = (".html", ".htm")
+FILE_TYPES = (*TEXT_TYPES, *HTML_TYPES, ".pdf", ".docx", ".jsonl")
+MAX_LISTED = 50  # problems spelled out in error.message; `details` carries up to MAX_DETAILS
+MAX_DETAILS = 1000
+
+
+@dataclass(frozen=True)
+class Options:
+    """What applies to every document of a batch."""
+
+    model: str
+    instructions: str
+    prompt_template: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    metadata: dict[str, Any] | None = None
+    completion_window: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in (("max_tokens", self.max_tokens), ("temperature", self.temperature))
+            if v is not None
+        }
+
+    def body(self, text: str) -> dict[str, Any]:
+        """The chat-completions body for one document."""
+        prompt = self.prompt_template.replace("{document}", text) if self.prompt_template else text
+        return {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": self.instructions},
+                {"role": "user", "content": prompt},
+            ],
+            **self.params(),
+        }
+
+
+def _number(raw: Any, name: str, kind: type, low: float, high: float | None) -> Any:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, bool):
+        raise APIError(400, f"{name} must be a number", param=name)
+    try:
+        value = kind(raw)
+        if kind is int and isinstance(raw, float) and raw != int(raw):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise APIError(
+            400,
+            f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}",
+            param=name,
+        ) from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise APIError(400, f"{name} must be {bound}, got {raw!r}", param=name)
+    return value
+
+
+def parse_options(source: Mapping[str, Any]) -> Options:
+    """Validate the batch-wide fields (from a JSON body, form fields or the query string)."""
+    model = source.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise APIError(400, "model is required (e.g. 'openai/gpt-4o-mini')", param="model")
+    instructions = source.get("instructions")
+    if not isinstance(instructions, str) or not instructions.strip():
+        raise APIError(
+            400,
+            "instructions is required: the system prompt for every document",
+            param="instructions",
+        )
+    template = source.get("prompt_template") or None
+    if template is not None and (not isinstance(template, str) or "{document}" not in template):
+        raise APIError(
+            400, "prompt_template must be a string containing {document}", param="prompt_template"
+        )
+    metadata = source.get("metadata")
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata) if metadata else None
+        except ValueError:
+            raise APIError(400, "metadata must be a JSON object", param="metadata") from None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise APIError(400, "metadata must be an object", param="metadata")
+    window = source.get("completion_window") or None
+    if window is not None and not isinstance(window, str):
+        raise APIError(
+            400, "completion_window must be a string like '24h'", param="completion_window"
+        )
+    return Options(
+        model=model.strip(),
+        instructions=instructions,
+        prompt_template=template,
+        max_tokens=_number(source.get("max_tokens"), "max_tokens", int, 1, None),
+        temperature=_number(source.get("temperature"), "temperature", float, 0, 2),
+        metadata=metadata,
+        completion_window=window,
+    )
+
+
+@dataclass
+class Intake:
+    """Collects problems and enforces limits while documents stream through."""
+
+    options: Options
+    max_documents: int
+    max_document_bytes: int
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    problem_count: int = 0
+    count: int = 0
+    seen: set[str] = field(default_factory=set)
+
+    def problem(self, message: str, **where: Any) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_DETAILS:
+            self.problems.append({**where, "message": message})
+
+    def document(
+        self, doc_id: Any, text: Any, metadata: Any, label: str, **where: Any
+    ) -> BatchItem | None:
+        """Validate one document; a BatchItem, or None after recording what is wrong."""
+        self.count += 1
+        if self.count > self.max_documents:
+            raise APIError(
+                413,
+                f"too many documents: at most {self.max_documents} per batch (BATCH_MAX_DOCUMENTS)",
+                param="documents",
+                code="too_many_documents",
+            )
+        bad: list[str] = []
+        if doc_id is None:
+            doc_id = where.get("file") or str(self.count - 1)
+        if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+            doc_id = str(doc_id)
+        if not isinstance(doc_id, str) or not doc_id.strip():
+            bad.append("id must be a non-empty string")
+        elif len(doc_id) > 512:
+            bad.append("id is longer than 512 characters")
+        elif doc_id in self.seen:
+            bad.append(f"duplicate id {doc_id!r}")
+        if not isinstance(text, str) or not text.strip():
+            bad.append("text must be a non-empty string")
+        else:
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > self.max_document_bytes:
+                bad.append(
+                    f"document is {size} bytes; the limit is {self.max_document_bytes}"
+                    " (BATCH_MAX_DOCUMENT_BYTES)"
+                )
+        if metadata is not None and not isinstance(metadata, dict):
+            bad.append("metadata must be an object")
+        if bad:
+            shown = doc_id if isinstance(doc_id, str) else None
+            self.problem(f"{label}: {'; '.join(bad)}", document_id=shown, **where)
+            return None
+        self.seen.add(doc_id)
+        return BatchItem(item_id=doc_id, body=self.options.body(text), metadata=metadata)
+
+    def finish(self) -> None:
+        """Raise the 422 naming every problem, if there were any; 400 if there was nothing."""
+        if self.problem_count:
+            listed = "; ".join(p["message"] for p in self.problems[:MAX_LISTED])
+            more = self.problem_count - min(self.problem_count, MAX_LISTED)
+            suffix = f"; and {more} more (see details)" if more else ""
+            raise APIError(
+                422,
+                f"{self.problem_count} invalid document(s), nothing was queued: {listed}{suffix}",
+                param="documents",
+                code="invalid_documents",
+                extra={"details": self.problems},
+            )
+        if self.count == 0:
+            raise APIError(400, "no documents were given", param="documents", code="no_documents")
+
+
+def from_json(documents: Any, intake: Intake) -> Iterator[BatchItem]:
+    """Documents from a JSON array of {"id", "text", "metadata"}."""
+    if not isinstance(documents, list):
+        raise APIError(400, "documents must be an array of {id, text, metadata}", param="documents")
+    for index, doc in enumerate(documents):
+        label = f"documents[{index}]"
+        if not isinstance(doc, dict):
+            intake.count += 1
+            intake.problem(f"{label}: must be an object with id and text", index=index)
+            continue
+        item = intake.document(
+            doc.get("id"), doc.get("text"), doc.get("metadata"), label, index=index
+        )
+        if item is not None:
+            yield item
+    intake.finish()
+
+
+def _jsonl(lines: Iterable[bytes], intake: Intake, source: str | None) -> Iterator[BatchItem]:
+    """Documents from JSONL lines; errors carry 1-based line numbers (and the file name)."""
+    where_file = {"file": source} if source else {}
+    prefix = f"{source} " if source else ""
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        label = f"{prefix}line {number}"
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            intake.count += 1
+            intake.problem(f"{label}: invalid JSON ({exc})", line=number, **where_file)
+            continue
+        if not isinstance(doc, dict):
+            intake.count += 1
+            intake.problem(
+                f"{label}: must be a JSON object with id and text", line=number, **where_file
+            )
+            continue
+        doc_id = doc.get("id")
+        if doc_id is None and source:
+            doc_id = f"{source}:{number}"
+        item = intake.document(
+            doc_id, doc.get("text"), doc.get("metadata"), label, line=number, **where_file
+        )
+        if item is not None:
+            yield item
+
+
+def from_jsonl(stream: IO[bytes], intake: Intake, max_bytes: int) -> Iterator[BatchItem]:
+    """Documents from a JSONL request body, read line by line with a byte budget."""
+    yield from _jsonl(_limited_lines(stream, max_bytes), intake, None)
+    intake.finish()
+
+
+def _limited_lines(stream: IO[bytes], max_bytes: int) -> Iterator[bytes]:
+    seen = 0
+    reader = stream if hasattr(stream, "readline") else io.BufferedReader(stream)  # type: ignore[arg-type]
+    while True:
+        line = reader.readline(1 << 24)
+        if not line:
+            return
+        seen += len(line)
+        if seen > max_bytes:
+            raise request_too_large(max_bytes)
+        yield line
+
+
+def request_too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"request body is larger than {max_bytes} bytes (BATCH_MAX_REQUEST_BYTES)",
+        code="request_too_large",
+    )
+
+
+class _HTMLText(HTMLParser):
+    """Visible text of an HTML document (script and style dropped)."""
+
+    SKIP = frozenset({"script", "style", "head", "title", "noscript", "template"})
+    BLOCK = frozenset(
+        {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP and self.skipping:
+            self.skipping -= 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.parts.append(data)
+
+    def text(self) -> str:
+        lines = (" ".join(line.split()) for line in "".join(self.parts).splitlines())
+        return "\n".join(line for line in lines if line)
+
+
+def html_text(raw: str) -> str:
+    parser = _HTMLText()
+    parser.feed(raw)
+    parser.close()
+    return parser.text()
+
+
+def extract_text(name: str, data: IO[bytes]) -> str:
+    """The text of one uploaded document; ValueError says what is wrong with it."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in TEXT_TYPES or ext in HTML_TYPES:
+        try:
+            text = data.read().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ValueError("is not UTF-8 text") from None
+        return html_text(text) if ext in HTML_TYPES else text
+    if ext == ".pdf":
+        from pypdf import PdfReader
+        from pypdf.errors import PyPdfError
+
+        try:
+            reader = PdfReader(data)
+            return "\n".join((page.extract_text() or "") for page in reader.pages).strip()
+        except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
+            raise ValueError(f"is not a readable PDF ({exc})") from None
+    if ext == ".docx":
+        import zipfile
+
+        import docx
+
+        try:
+            document = docx.Document(data)
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+            raise ValueError(f"is not a readable .docx ({type(exc).__name__})") from None
+        return "\n".join(p.text for p in document.paragraphs if p.text)
+    raise ValueError(f"has an unsupported type; accepted: {', '.join(FILE_TYPES)}")
+
+
+def _size(data: IO[bytes]) -> int:
+    data.seek(0, os.SEEK_END)
+    size = data.tell()
+    data.seek(0)
+    return size
+
+
+def from_files(files: list[tuple[str, IO[bytes]]], intake: Intake) -> Iterator[BatchItem]:
+    """Documents from uploaded files: one per text/html/pdf/docx file, one per JSONL line."""
+    if not files:
+        raise APIError(400, "upload at least one file (field name: files)", param="files")
+    for index, (name, data) in enumerate(files):
+        name = name or f"file{index}"
+        if name.lower().endswith(".jsonl"):
+            yield from _jsonl(iter(data.readline, b""), intake, name)
+            continue
+        size = _size(data)
+        if size > intake.max_document_bytes * 4 and not name.lower().endswith((".pdf", ".docx")):
+            intake.count += 1
+            intake.problem(
+                f"{name}: file is {size} bytes; the limit is {intake.max_document_bytes}"
+                " (BATCH_MAX_DOCUMENT_BYTES)",
+                file=name,
+            )
+            continue
+        try:
+            text = extract_text(name, data)
+        except ValueError as exc:
+            intake.count += 1
+            intake.problem(f"{name}: {exc}", file=name, document_id=name)
+            continue
+        if not text.strip():
+            intake.count += 1
+            intake.problem(f"{name}: no text could be extracted", file=name, document_id=name)
+            continue
+        item = intake.document(name, text, None, name, file=name)
+        if item is not None:
+            yield item
+    intake.finish()
