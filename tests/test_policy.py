@@ -433,3 +433,16 @@ def test_cli_check_and_explain(tmp_path: Path) -> None:
 
 def test_route_header() -> None:
     assert Route("batch", "big", "why").header == "batch; rule=big"
+
+
+def test_shipped_example_policy_is_valid() -> None:
+    from app.policy import read_policy_file
+
+    root = Path(__file__).resolve().parent.parent
+    policy = parse_policy(read_policy_file(str(root / "sluice.example.toml")))
+    assert [r.name for r in policy.rules][:2] == ["batch-endpoints", "requested-batch"]
+    big = evaluate(policy, req(input_tokens=48_000))
+    assert big.reason == "input ~48k tokens > 16k limit for interactive"
+    assert evaluate(policy, req(tenant_name="trial-x", model="openai/gpt-4o")).status == 403
+    assert evaluate(policy, req(priority=9)).overflow == "queue"
+    assert evaluate(policy, req(tenant_name="acme")).tenant_max_streams == 64
