@@ -62,10 +62,12 @@ def register_blueprints(app: Flask) -> None:
     from app.api import bp as api_bp
     from app.dashboard import bp as dashboard_bp
     from app.health import bp as health_bp
+    from app.metrics import bp as metrics_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(dashboard_bp)
+    app.register_blueprint(metrics_bp)
 
 
 @event.listens_for(Engine, "connect")

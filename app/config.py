@@ -26,6 +26,8 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "STREAM_LEASE_SECONDS": (float, 10.0),
     "STREAM_COALESCE_MS": (float, 5.0),
     "STREAM_MAX_RETRIES": (int, 2),
+    "STREAM_QUEUED_TIMEOUT_SECONDS": (float, 300.0),
+    "STREAM_RELAY_REDIS_CONNECTIONS": (int, 32),
     "BATCH_CHUNK_SIZE": (int, 100),
     "BATCH_MAX_DOCUMENTS": (int, 100_000),
     "BATCH_MAX_DOCUMENT_BYTES": (int, 1_000_000),
@@ -47,6 +49,8 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "STREAM_SLOT_QUEUED_SECONDS": (float, 120.0),
     "POLICY_MAX_INTERACTIVE_TOKENS": (int, 32_000),
     "POLICY_RELOAD_SECONDS": (float, 1.0),
+    "SECRET_KEY": (str, ""),  # signs dashboard sessions; empty: SLUICE_HOME/secret-key
+    "DASHBOARD_REFRESH_SECONDS": (float, 5.0),
 }
 
 

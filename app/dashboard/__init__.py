@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from app.dashboard.views import bp
 
-bp = Blueprint(
-    "dashboard",
-    __name__,
-    url_prefix="/dashboard",
-    template_folder="templates",
-    static_folder="static",
-)
+__all__ = ["bp"]

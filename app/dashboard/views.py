@@ -1,0 +1,211 @@
+"""Dashboard routes: the page, its JSON endpoints, the live SSE feed, login and logout."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask.blueprints import BlueprintSetupState
+from flask.typing import ResponseReturnValue
+from flask_sse import Message
+
+from app.dashboard import access, queries
+from app.extensions import db, redis_store
+from app.models import job as job_model
+from app.models import utcnow
+from app.services.events import DASHBOARD_CHANNEL
+
+bp = Blueprint(
+    "dashboard",
+    __name__,
+    url_prefix="/dashboard",
+    template_folder="templates",
+    static_folder="static",
+)
+
+OPEN_ENDPOINTS = {"dashboard.static", "dashboard.login"}
+API_ENDPOINTS = {
+    "dashboard.api_summary",
+    "dashboard.api_jobs",
+    "dashboard.api_batches",
+    "dashboard.stream",
+}
+FEED_MAX_SECONDS = 300.0  # the browser's EventSource reconnects by itself
+MAX_LIMIT = 500
+
+
+@bp.record_once
+def _setup(state: BlueprintSetupState) -> None:
+    app = state.app
+    app.secret_key = access.secret_key_for(app)
+    if app.config.get("SESSION_COOKIE_SAMESITE") is None:
+        app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.config.setdefault("PERMANENT_SESSION_LIFETIME", timedelta(days=7))
+
+
+@bp.before_request
+def _require_admin() -> ResponseReturnValue | None:
+    """`?key=` logs in once; otherwise an admin session is required."""
+    if request.endpoint in OPEN_ENDPOINTS:
+        return None
+    if "key" in request.args:
+        ok = access.login(request.args["key"])
+        rest = {k: v for k, v in request.args.items(multi=True) if k != "key"}
+        target = request.path + ("?" + urlencode(rest) if rest else "")
+        if not ok:
+            return _login_page("That key is not a live admin key.", target, 401)
+        return redirect(target)  # drop the key from the address bar
+    if access.current_admin() is not None:
+        return None
+    if request.endpoint in API_ENDPOINTS:
+        return jsonify(
+            error={"message": "Dashboard needs an admin key.", "code": "unauthorized"}
+        ), 401
+    return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
+
+
+def _safe_next(target: str | None) -> str:
+    if target and target.startswith("/dashboard") and "//" not in target and "\\" not in target:
+        return target
+    return url_for("dashboard.index")
+
+
+def _login_page(error: str | None, next_url: str | None, status: int = 200) -> ResponseReturnValue:
+    return render_template("login.html", error=error, next=_safe_next(next_url)), status
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> ResponseReturnValue:
+    if request.method == "GET":
+        return _login_page(None, request.args.get("next"))
+    next_url = request.form.get("next")
+    if access.login(request.form.get("key", "")):
+        return redirect(_safe_next(next_url))
+    return _login_page("That key is not a live admin key.", next_url, 401)
+
+
+@bp.post("/logout")
+def logout() -> ResponseReturnValue:
+    access.logout()
+    return redirect(url_for("dashboard.login"))
+
+
+@bp.get("/")
+def index() -> ResponseReturnValue:
+    initial = {
+        "summary": summary(),
+        "jobs": queries.recent_jobs(50),
+        "batches": queries.recent_batches(20),
+    }
+    return render_template(
+        "dashboard.html",
+        initial=initial,
+        refresh_ms=int(current_app.config.get("DASHBOARD_REFRESH_SECONDS", 5) * 1000),
+    )
+
+
+def summary() -> dict[str, Any]:
+    max_age = current_app.config["WORKER_HEARTBEAT_SECONDS"] * 3
+    client = redis_store.client
+    found = queries.workers(client, max_age)
+    counts = queries.job_counts()
+    return {
+        "generated_at": utcnow().isoformat(),
+        "workers": found,
+        "workers_by_mode": queries.workers_by_mode(found),
+        "queues": queries.queue_depths(client),
+        "jobs": counts,
+        "batches": queries.batch_counts(),
+        "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in queries.IN_FLIGHT),
+        "oldest_queued_seconds": queries.oldest_queued_age(utcnow()),
+    }
+
+
+@bp.get("/api/summary")
+def api_summary() -> ResponseReturnValue:
+    return jsonify(summary())
+
+
+def _limit(default: int) -> int:
+    try:
+        return max(1, min(MAX_LIMIT, int(request.args.get("limit", default))))
+    except ValueError:
+        return default
+
+
+@bp.get("/api/jobs")
+def api_jobs() -> ResponseReturnValue:
+    mode = request.args.get("mode") or None
+    status = request.args.get("status") or None
+    if mode not in (None, *job_model.MODES):
+        mode = None
+    if status not in (None, *job_model.STATUSES):
+        status = None
+    jobs = queries.recent_jobs(
+        _limit(50), mode=mode, status=status, before=request.args.get("before") or None
+    )
+    return jsonify(data=jobs)
+
+
+@bp.get("/api/batches")
+def api_batches() -> ResponseReturnValue:
+    return jsonify(data=queries.recent_batches(_limit(20)))
+
+
+@bp.get("/stream")
+def stream() -> ResponseReturnValue:
+    """Relay the broadcast channel as SSE, with pings while idle; no DB session held."""
+    ping = max(0.2, float(current_app.config["STREAM_PING_SECONDS"]))
+    retry = int(current_app.config["STREAM_RETRY_MS"])
+    client = redis_store.client
+    db.session.remove()
+    return Response(
+        _feed(client, ping, retry),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _feed(client: Any, ping: float, retry: int) -> Iterator[str]:
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(DASHBOARD_CHANNEL)
+        yield f"retry: {retry}\n: connected\n\n"
+        deadline = time.monotonic() + FEED_MAX_SECONDS
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=ping)
+            if message is None:
+                yield ": ping\n\n"
+                continue
+            frames = [_frame(message)]
+            while len(frames) < 200:  # coalesce a burst into one write
+                more = pubsub.get_message(timeout=0)
+                if more is None:
+                    break
+                frames.append(_frame(more))
+            yield "".join(frames)
+    finally:
+        pubsub.close()
+
+
+def _frame(message: dict[str, Any]) -> str:
+    if message.get("type") != "message":
+        return ""
+    try:
+        return str(Message(**json.loads(message["data"])))
+    except (TypeError, ValueError):
+        return ""
