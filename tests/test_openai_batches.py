@@ -286,3 +286,26 @@ def test_tenant_isolation(openai_client: openai.OpenAI, stack: Stack, other_key:
     assert caught.value.body["param"] == "input_file_id"
     assert [b.id for b in other.batches.list()] == []
     assert openai_client.batches.retrieve(batch_id).id == batch_id
+
+
+def test_expiry_writes_unrun_items_to_the_error_file(
+    openai_client: openai.OpenAI, app: Flask
+) -> None:
+    """The engine's expiry (what the sweeper does past the window) ends as OpenAI's `expired`."""
+    from app.services.batches import expire_batch
+
+    slow = "mock/slow-item?ttft_ms=1500&length=3"
+    batch = _create(
+        openai_client, _upload(openai_client, [_line(f"e-{i}", model=slow) for i in range(80)])
+    )
+    with app.app_context():
+        expire_batch(batch.id)
+    done = _wait(openai_client, batch.id)
+    assert done.status == "expired"
+    assert done.expired_at is not None and done.completed_at is None
+    counts = done.request_counts
+    assert counts.total == 80 and counts.completed + counts.failed == 80 and counts.failed > 0
+    errors = _jsonl(openai_client, done.error_file_id)
+    assert len(errors) == counts.failed
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert all(e["response"] is None for e in errors)

@@ -111,9 +111,13 @@ def store_upload(tenant_id: str, filename: str, purpose: str, part: CountingWrit
 
 
 def create_generated_file(
-    tenant_id: str, filename: str, purpose: str, lines: Iterable[bytes]
+    tenant_id: str, filename: str, purpose: str, lines: Iterable[bytes], key: str | None = None
 ) -> File | None:
-    """Write lines to a new file and add (not commit) its row; None when there are no lines."""
+    """Write lines to a new file and add (not commit) its row; None when there are no lines.
+
+    With a key the bytes go to FILES_DIR/<tenant_id>/<key>, so a re-run (a finalizer taken
+    over after a crash) overwrites its earlier attempt instead of leaving orphaned bytes.
+    """
     tmp = temp_path()
     count = 0
     size = 0
@@ -128,7 +132,7 @@ def create_generated_file(
         tmp.unlink()
         return None
     file_id = new_id("file-")
-    relative = Path(tenant_id) / file_id
+    relative = Path(tenant_id) / (key or file_id)
     target = files_dir() / relative
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)

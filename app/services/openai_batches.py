@@ -8,6 +8,7 @@ custom_ids is held in memory.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,6 +29,7 @@ KIND = "openai"
 ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = ("24h",)
 MAX_ERRORS = 1000
+YIELD_EVERY = 200
 METADATA_MAX_KEYS = 16
 ERROR_STATUSES = ("failed", "cancelled", "expired")
 
@@ -182,6 +184,8 @@ def iter_lines(file: File) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes) for every non-blank line, streamed from disk."""
     with storage.open_lines(file) as fh:
         for number, raw in enumerate(fh, 1):
+            if number % YIELD_EVERY == 0:
+                time.sleep(0)  # under gevent, let the web worker's other requests run
             if raw.strip():
                 yield number, raw
 
@@ -468,9 +472,9 @@ def chat_completion_object(job: Job) -> dict[str, Any]:
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
     return {
-        "id": f"chatcmpl-{_suffix(job)}",
+        "id": f"chatcmpl-{job.id}",  # as app/api/chat.py names a job's completion
         "object": "chat.completion",
-        "created": storage.unix(job.finished_at or job.created_at),
+        "created": storage.unix(job.created_at),
         "model": job.model,
         "choices": [
             {
@@ -553,10 +557,18 @@ def write_result_files(batch: Batch) -> None:
                 yield _line(error_line(job))
 
     output = storage.create_generated_file(
-        batch.tenant_id, f"{batch.id}_output.jsonl", "batch_output", succeeded()
+        batch.tenant_id,
+        f"{batch.id}_output.jsonl",
+        "batch_output",
+        succeeded(),
+        key=f"{batch.id}_output.jsonl",
     )
     errors = storage.create_generated_file(
-        batch.tenant_id, f"{batch.id}_error.jsonl", "batch_output", unsucceeded()
+        batch.tenant_id,
+        f"{batch.id}_error.jsonl",
+        "batch_output",
+        unsucceeded(),
+        key=f"{batch.id}_error.jsonl",
     )
     batch.output_file_id = output.id if output else None
     batch.error_file_id = errors.id if errors else None
