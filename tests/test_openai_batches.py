@@ -22,7 +22,9 @@ from tests.stack import Stack
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
-def _line(custom_id: Any, model: str = "mock/echo", content: str = "hello there", **over: Any):
+def _line(
+    custom_id: Any, model: str = "mock/echo", content: str = "hello there", **over: Any
+) -> dict[str, Any]:
     line: dict[str, Any] = {
         "custom_id": custom_id,
         "method": "POST",

@@ -144,7 +144,9 @@ def validate_chat_body(body: dict[str, Any], config: Mapping[str, Any]) -> None:
     """Raise APIError for a body the chat endpoint would reject."""
     try:
         from app.services.chat_request import parse_chat_body
-    except ImportError:  # the chat module has not landed: a minimal stand-in
+    except ModuleNotFoundError as exc:  # the chat module has not landed: a minimal stand-in
+        if exc.name != "app.services.chat_request":
+            raise
         _minimal_chat_check(body, config)
         return
     parse_chat_body(body, config)
