@@ -30,13 +30,14 @@ from app.models import Batch, Job, utcnow
 from app.queueing import BATCH_QUEUE
 from app.services import events
 from app.services.batches import (
-    CANCEL_KEY,
     JOB_TASK,
     batches_t,
     enqueue_chunks,
     expire_batch,
     jobs_t,
     maybe_finalize,
+    stop_error,
+    stop_reason,
 )
 from app.services.heartbeat import live_workers
 from workers.providers.base import ChatRequest, ProviderError
@@ -193,7 +194,7 @@ class Outcome:
 
     job_id: str
     attempt: int
-    status: str  # succeeded | failed | cancelled
+    status: str  # succeeded | failed | cancelled | expired
     output: str | None = None
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
@@ -262,12 +263,12 @@ def run_item(row: Any, cancelled: Any) -> Outcome:
         return Outcome(row.id, row.attempts, "failed", error=_failure(error, 0))
     sem = semaphore()
     for tries in range(1, max_tries + 1):
-        if cancelled():
-            return Outcome(row.id, row.attempts, "cancelled", error=_cancelled_error())
+        if stop := cancelled():
+            return Outcome(row.id, row.attempts, stop, error=stop_error(stop))
         try:
             with sem.slot(provider.name):
-                if cancelled():  # the wait for a slot may have been long
-                    return Outcome(row.id, row.attempts, "cancelled", error=_cancelled_error())
+                if stop := cancelled():  # the wait for a slot may have been long
+                    return Outcome(row.id, row.attempts, stop, error=stop_error(stop))
                 completion = provider.complete(request)
         except Exception as exc:
             retryable = isinstance(exc, ProviderError) and exc.retryable
@@ -285,15 +286,6 @@ def run_item(row: Any, cancelled: Any) -> Outcome:
             usage=completion.usage.as_dict(),
         )
     raise AssertionError("unreachable")
-
-
-def _cancelled_error() -> dict[str, Any]:
-    return {
-        "message": "The batch was cancelled before this item ran.",
-        "type": "batch_error",
-        "code": "batch_cancelled",
-        "param": None,
-    }
 
 
 _WRITE = (
@@ -367,24 +359,23 @@ def claim_range(batch_id: str, first: int, last: int, worker: str) -> list[Any]:
         return list(conn.execute(stmt).all())
 
 
-def _cancel_checker(batch_id: str) -> Any:
-    """A cheap `is this batch cancelled?` that asks Redis at most every half second."""
-    state = {"at": 0.0, "value": False}
-    key = CANCEL_KEY.format(batch_id)
+def _stop_checker(batch_id: str) -> Any:
+    """A cheap `should this batch stop?` that asks Redis at most every half second.
 
-    def cancelled() -> bool:
+    Returns "cancelled" or "expired" once the batch was told to stop, else None.
+    """
+    state: dict[str, Any] = {"at": 0.0, "value": None}
+
+    def stopped() -> str | None:
         if state["value"]:
-            return True
+            return state["value"]
         now = time.monotonic()
         if now - state["at"] > 0.5:
             state["at"] = now
-            try:
-                state["value"] = bool(redis_store.client.exists(key))
-            except Exception:
-                state["value"] = False
-        return bool(state["value"])
+            state["value"] = stop_reason(batch_id)
+        return state["value"]
 
-    return cancelled
+    return stopped
 
 
 def run_chunk(batch_id: str, first: int, last: int, worker: str) -> int:
@@ -393,7 +384,7 @@ def run_chunk(batch_id: str, first: int, last: int, worker: str) -> int:
     if not rows:
         maybe_finalize(batch_id)
         return 0
-    written = _run_rows(batch_id, rows, _cancel_checker(batch_id))
+    written = _run_rows(batch_id, rows, _stop_checker(batch_id))
     maybe_finalize(batch_id)
     return written
 
@@ -450,7 +441,7 @@ def run_job(job_id: str, worker: str) -> bool:
     job = db.session.get(Job, job_id)
     if job is not None:
         events.job_changed(job)
-    written = _run_rows(None, rows, lambda: False)
+    written = _run_rows(None, rows, lambda: None)
     job = db.session.get(Job, job_id, populate_existing=True)
     if job is not None:
         events.job_changed(job)

@@ -33,7 +33,7 @@ JOB_TASK = "sluice.batch.run_job"
 INSERT_CHUNK = 1000
 ACTIVE = ("queued", "running")
 COUNT_KEYS = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
-CANCEL_KEY = "sluice:batch:cancel:{}"
+STOP_KEY = "sluice:batch:stop:{}"  # value: "cancelled" or "expired"
 MAX_ITEM_ID = 512
 
 jobs_t = Job.__table__
@@ -301,24 +301,39 @@ def cancel_batch(batch: Batch) -> Batch:
             conn.execute(
                 update(jobs_t)
                 .where(jobs_t.c.batch_id == batch.id, jobs_t.c.status == "queued")
-                .values(status="cancelled", finished_at=now, error=_error("batch_cancelled"))
+                .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
             )
-    try:
-        redis_store.client.set(CANCEL_KEY.format(batch.id), "1", ex=7 * 86400)
-    except Exception:
-        log.warning("cancel flag for %s not set in Redis", batch.id)
+    set_stop(batch.id, "cancelled")
     maybe_finalize(batch.id)
     db.session.refresh(batch)
     events.batch_changed(batch)
     return batch
 
 
-def _error(code: str) -> dict[str, Any]:
-    messages = {
-        "batch_cancelled": "The batch was cancelled before this item ran.",
-        "batch_expired": "The batch expired before this item could run.",
-    }
-    return {"message": messages[code], "type": "batch_error", "code": code, "param": None}
+def set_stop(batch_id: str, reason: str) -> None:
+    """Tell workers holding claimed items of this batch not to start them."""
+    try:
+        redis_store.client.set(STOP_KEY.format(batch_id), reason, ex=7 * 86400)
+    except Exception:
+        log.warning("stop flag for %s not set in Redis", batch_id)
+
+
+def stop_reason(batch_id: str) -> str | None:
+    """Why the batch was told to stop ("cancelled" or "expired"), or None."""
+    try:
+        return redis_store.client.get(STOP_KEY.format(batch_id))
+    except Exception:
+        return None
+
+
+def stop_error(reason: str) -> dict[str, Any]:
+    """The error stored on an item that never ran: reason is "cancelled" or "expired"."""
+    reason = reason.removeprefix("batch_")
+    message = {
+        "cancelled": "The batch was cancelled before this item ran.",
+        "expired": "The batch expired before this item could run.",
+    }[reason]
+    return {"message": message, "type": "batch_error", "code": f"batch_{reason}", "param": None}
 
 
 def iter_items(batch: Batch, status: str | None = None) -> Iterator[Job]:
@@ -362,7 +377,7 @@ def maybe_finalize(batch_id: str, *, stale_finalizing: bool = False) -> bool:
         return False
     final = "cancelled" if prior == "cancelling" else "expired" if row.expired_at else "completed"
     if prior == "finalizing":
-        final = "cancelled" if _cancel_flag(batch_id) else final
+        final = "cancelled" if stop_reason(batch_id) == "cancelled" else final
     now = utcnow()
     condition = [batches_t.c.id == batch_id, batches_t.c.status == prior]
     if prior == "finalizing":
@@ -374,13 +389,6 @@ def maybe_finalize(batch_id: str, *, stale_finalizing: bool = False) -> bool:
             return False
     _run_finalizer(batch_id, final)
     return True
-
-
-def _cancel_flag(batch_id: str) -> bool:
-    try:
-        return bool(redis_store.client.exists(CANCEL_KEY.format(batch_id)))
-    except Exception:
-        return False
 
 
 def _run_finalizer(batch_id: str, final: str) -> None:
@@ -429,6 +437,8 @@ def expire_batch(batch_id: str) -> None:
             conn.execute(
                 update(jobs_t)
                 .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == "queued")
-                .values(status="expired", finished_at=now, error=_error("batch_expired"))
+                .values(status="expired", finished_at=now, error=stop_error("batch_expired"))
             )
+    if moved:
+        set_stop(batch_id, "expired")
     maybe_finalize(batch_id)
