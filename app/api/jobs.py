@@ -1,7 +1,143 @@
-"""/v1 jobs endpoints."""
+"""/v1/jobs: read, list, follow (SSE, resumable) and cancel the tenant's jobs."""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import re
+import time
+
+from flask import Blueprint, Response, g, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select, update
+
+from app.api.chat import _ignore, hub, make_tail, sse_response
+from app.errors import APIError
+from app.extensions import db
+from app.models import Job, utcnow
+from app.models.job import MODES, STATUSES, TERMINAL
+from app.services.jobs import job_object
+from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job
+from app.streams import ChunkRenderer, log_key, read_all, request_cancel, text_of
 
 bp = Blueprint("jobs", __name__)
+
+_ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+CANCEL_WAIT_SECONDS = 3.0
+
+
+def get_job(job_id: str) -> Job:
+    """The caller's job, or 404 (another tenant's job does not exist for the caller)."""
+    job = db.session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == g.tenant_id))
+    if job is None:
+        raise APIError(404, f"No job found with id '{job_id}'.", param="id", code="not_found")
+    return job
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@bp.get("/jobs")
+def list_jobs() -> ResponseReturnValue:
+    args = request.args
+    stmt = select(Job).where(Job.tenant_id == g.tenant_id)
+    mode = args.get("mode")
+    if mode:
+        if mode not in MODES:
+            raise APIError(400, f"'mode' must be one of {', '.join(MODES)}.", param="mode")
+        stmt = stmt.where(Job.mode == mode)
+    status = args.get("status")
+    if status:
+        if status not in STATUSES:
+            raise APIError(400, f"'status' must be one of {', '.join(STATUSES)}.", param="status")
+        stmt = stmt.where(Job.status == status)
+    try:
+        limit = int(args.get("limit", 20))
+    except ValueError:
+        raise APIError(400, "'limit' must be an integer.", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise APIError(400, "'limit' must be between 1 and 100.", param="limit")
+    after = args.get("after")
+    if after:
+        stmt = stmt.where(Job.id < after)
+    rows = list(db.session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return {
+        "object": "list",
+        "data": [job_object(job) for job in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(rows) > limit,
+    }
+
+
+@bp.get("/jobs/<job_id>")
+def show_job(job_id: str) -> ResponseReturnValue:
+    job = get_job(job_id)
+    output = None
+    if job.mode == "stream" and job.status not in TERMINAL:
+        output = text_of(read_all(hub().client, job.id)) or None
+    return job_object(job, output=output)
+
+
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> ResponseReturnValue:
+    last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
+    if last is not None:
+        last = last.strip()
+        if not _ENTRY_ID.match(last):
+            raise APIError(
+                400, f"'last_event_id' is not an event id: {last!r}.", param="last_event_id"
+            )
+    job = get_job(job_id)
+    headers = {"X-Sluice-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
+    if job.mode != "stream":
+        return Response(status=204, headers=headers)
+    client = hub().client
+    if job.status in TERMINAL:
+        pipe = client.pipeline(transaction=False)
+        pipe.exists(log_key(job.id))
+        pipe.xrevrange(log_key(job.id), count=1)
+        exists, newest = pipe.execute()
+        if not exists:
+            return Response(status=204, headers=headers)  # the log expired: read the job
+        if last is not None and newest and _entry_key(newest[0][0]) <= _entry_key(last):
+            return Response(status=204, headers=headers)  # the client has seen the end
+    include_usage = bool(((job.request or {}).get("stream_options") or {}).get("include_usage"))
+    created = int(job.created_at.timestamp())
+    renderer = ChunkRenderer(job.id, job.model, created, include_usage)
+    renderer.started = last is not None
+    tail = make_tail(job.id, after=last or "0-0", running=job.status == "running")
+    db.session.remove()
+    return sse_response(tail, renderer, headers, _ignore)
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> ResponseReturnValue:
+    job = get_job(job_id)
+    if job.status in TERMINAL:
+        return job_object(job)
+    if job.mode == "stream":
+        request_cancel(hub().client, job.id)
+        if job.status == "queued":
+            cancel_queued_job(job.id)  # lost the race? the worker sees the flag instead
+    else:
+        stmt = (
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(status="cancelled", finished_at=utcnow(), error=CANCELLED_ERROR)
+        )
+        cancelled = db.session.execute(stmt).rowcount > 0
+        db.session.commit()
+        if not cancelled:
+            raise APIError(
+                409, "This background job is already running and cannot be stopped.", param="id"
+            )
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    while True:
+        db.session.expire_all()
+        job = get_job(job_id)
+        if job.status in TERMINAL or time.monotonic() >= deadline:
+            return job_object(job)
+        db.session.commit()
+        time.sleep(0.05)

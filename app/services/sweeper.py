@@ -23,4 +23,12 @@ def _steps() -> list[tuple[str, Callable[[], None]]]:
 
     steps: list[tuple[str, Callable[[], None]]] = []
     steps.append(("batch", sweep_batches))
+    steps.append(("stream", _sweep_streams))
     return steps
+
+
+def _sweep_streams() -> None:
+    """Fail stream jobs whose worker lease lapsed, and stream jobs queued too long."""
+    from app.services.stream_runner import sweep_streams
+
+    sweep_streams()

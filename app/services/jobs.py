@@ -1,0 +1,96 @@
+"""Jobs: the API serializer and starting a stream job (row committed, task sent)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert
+
+from app.extensions import celery, db
+from app.models import Job, new_id, utcnow
+from app.policy import Route
+from app.queueing import STREAM_QUEUE
+from app.services.chat_request import ChatBody
+from app.services.events import job_changed
+
+STREAM_TASK = "sluice.stream.run"
+
+
+def _epoch(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def _ms(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds() * 1000, 1)
+
+
+def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
+    """The API representation of a job; `output` overrides the row's (live text while running)."""
+    return {
+        "id": job.id,
+        "object": "job",
+        "mode": job.mode,
+        "status": job.status,
+        "endpoint": job.endpoint,
+        "model": job.model,
+        "provider": job.provider,
+        "route": {"mode": job.mode, "rule": job.route_rule, "reason": job.route_reason},
+        "batch_id": job.batch_id,
+        "item_id": job.item_id,
+        "created_at": _epoch(job.created_at),
+        "started_at": _epoch(job.started_at),
+        "first_token_at": _epoch(job.first_token_at),
+        "finished_at": _epoch(job.finished_at),
+        "timings": {
+            "queued_ms": _ms(job.created_at, job.started_at),
+            "ttft_ms": _ms(job.created_at, job.first_token_at),
+            "duration_ms": _ms(job.created_at, job.finished_at),
+        },
+        "attempts": job.attempts,
+        "worker": job.worker,
+        "output": job.output if output is None else output,
+        "finish_reason": job.finish_reason,
+        "usage": job.usage,
+        "error": job.error,
+        "metadata": job.metadata_,
+    }
+
+
+def stream_task_payload(body: ChatBody) -> dict[str, Any]:
+    """What the stream task needs to call the provider without reading the row first."""
+    return body.to_record()
+
+
+def start_stream_job(
+    tenant_id: str, body: ChatBody, route: Route, *, job_id: str | None = None
+) -> Job:
+    """Commit a queued stream Job and send its task to the `interactive` queue.
+
+    The returned Job is not bound to the session and has every column loaded, so reading
+    it never costs a query. Pass job_id when a stream slot was already taken for it.
+    """
+    values: dict[str, Any] = {
+        "id": job_id or new_id("job_"),
+        "tenant_id": tenant_id,
+        "mode": "stream",
+        "status": "queued",
+        "endpoint": "/v1/chat/completions",
+        "route_rule": route.rule[:100] if route.rule else None,
+        "route_reason": route.reason[:500] if route.reason else None,
+        "provider": body.provider,
+        "model": body.model,
+        "priority": 0,
+        "request": body.to_record(),
+        "metadata_": body.metadata,
+        "attempts": 0,
+        "created_at": utcnow(),
+    }
+    db.session.execute(insert(Job), [values])
+    db.session.commit()
+    job = Job(**values)
+    celery.send_task(STREAM_TASK, args=[job.id, stream_task_payload(body)], queue=STREAM_QUEUE)
+    job_changed(job)
+    return job

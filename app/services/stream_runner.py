@@ -1,0 +1,523 @@
+"""The worker side of a stream job: provider stream -> delta log, with retries, cancel, lease.
+
+One job run costs two database writes (running, then the final state with output, usage
+and timings) and one pipelined Redis round trip per coalesced delta. The `running` write
+happens while the provider works on its first token, so it adds nothing to TTFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from app import admission
+from app.extensions import db, redis_store
+from app.models import Job, utcnow
+from app.services.events import job_changed
+from app.streams import (
+    DeltaLog,
+    cancel_key,
+    error_entry,
+    is_terminal,
+    lease_key,
+    log_key,
+    read_all,
+    text_of,
+    write_terminal,
+)
+from workers.providers import ChatRequest, ProviderError, ProviderRegistry, Usage, build_registry
+from workers.providers.base import estimate_tokens
+from workers.providers.registry import UnknownModel
+
+log = logging.getLogger(__name__)
+
+CANCEL_CHECK_SECONDS = 0.5  # how often an idle run (waiting on the provider) looks for a cancel
+RETRY_DELAY_CAP = 30.0  # never wait longer than this between attempts, whatever Retry-After says
+CANCELLED_ERROR = {
+    "message": "The job was cancelled.",
+    "type": "cancelled",
+    "code": "job_cancelled",
+    "param": None,
+}
+
+_registries: dict[int, tuple[Mapping[str, Any], ProviderRegistry]] = {}
+
+
+def registry_for(config: Mapping[str, Any]) -> ProviderRegistry:
+    """The process's provider registry for this config (providers keep their HTTP clients)."""
+    cached = _registries.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    registry = build_registry(config)
+    _registries[id(config)] = (config, registry)
+    return registry
+
+
+def chat_request_from_record(record: Mapping[str, Any]) -> ChatRequest:
+    """The provider request for a stored chat body (`model` stays "provider/model")."""
+    stop = record.get("stop")
+    return ChatRequest(
+        model=str(record["model"]),
+        messages=list(record["messages"]),
+        max_tokens=record.get("max_tokens") or record.get("max_completion_tokens"),
+        temperature=record.get("temperature"),
+        top_p=record.get("top_p"),
+        stop=[stop] if isinstance(stop, str) else stop,
+        user=record.get("user"),
+    )
+
+
+def _note(job_id: str, **fields: Any) -> None:
+    """Tell the dashboard about a state change without loading the row."""
+    job_changed(Job(id=job_id, mode="stream", **fields))
+
+
+def _end_job(
+    job_id: str, status: str, *, from_status: tuple[str, ...] = ("running",), **values: Any
+) -> bool:
+    """Conditionally move a job to a terminal state; True if this call did it."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(from_status))
+        .values(status=status, finished_at=utcnow(), **values)
+    )
+    done = db.session.execute(stmt).rowcount > 0
+    db.session.commit()
+    return done
+
+
+def _ttl(config: Mapping[str, Any]) -> int:
+    return int(config["STREAM_LOG_TTL_SECONDS"])
+
+
+def fail_lost_job(job_id: str, *, check_lease: bool = True) -> bool:
+    """Fail a running stream job whose worker is gone (its lease lapsed); True if it did."""
+    client = redis_store.client
+    config = current_app.config
+    if check_lease and client.exists(lease_key(job_id)):
+        return False
+    status = db.session.scalar(select(Job.status).where(Job.id == job_id))
+    db.session.commit()
+    if status != "running":
+        return False
+    entries = read_all(client, job_id)
+    if entries and is_terminal(entries[-1][1]):
+        return False
+    lease = config["STREAM_LEASE_SECONDS"]
+    error = {
+        "message": f"The stream worker stopped (no lease renewal for {lease:g}s); "
+        "the generation was lost.",
+        "type": "server_error",
+        "code": "worker_lost",
+        "param": None,
+    }
+    if not _end_job(job_id, "failed", output=text_of(entries), error=error):
+        return False
+    write_terminal(client, job_id, error_entry(error), _ttl(config))
+    _release(job_id)
+    _note(job_id, status="failed")
+    return True
+
+
+def fail_unstarted_job(job_id: str, waited: float) -> bool:
+    """Fail a stream job that stayed queued too long; True if it did."""
+    error = {
+        "message": f"No stream worker started the job within {waited:g}s.",
+        "type": "server_error",
+        "code": "not_started",
+        "param": None,
+    }
+    if not _end_job(job_id, "failed", from_status=("queued",), error=error):
+        return False
+    write_terminal(redis_store.client, job_id, error_entry(error), _ttl(current_app.config))
+    _release(job_id)
+    _note(job_id, status="failed")
+    return True
+
+
+def cancel_queued_job(job_id: str) -> bool:
+    """Cancel a job no worker has started; True if it was still queued."""
+    if not _end_job(job_id, "cancelled", from_status=("queued",), error=CANCELLED_ERROR):
+        return False
+    write_terminal(
+        redis_store.client, job_id, error_entry(CANCELLED_ERROR), _ttl(current_app.config)
+    )
+    _release(job_id)
+    _note(job_id, status="cancelled")
+    return True
+
+
+def _release(job_id: str) -> None:
+    try:
+        admission.release_stream_slot(job_id)
+    except Exception:
+        log.exception("could not release the stream slot of %s", job_id)
+
+
+def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
+    """Sweeper step: fail running stream jobs whose lease lapsed, and long-queued ones."""
+    config = current_app.config
+    client = redis_store.client
+    lease = float(config["STREAM_LEASE_SECONDS"])
+    if queued_timeout is None:
+        queued_timeout = float(config["STREAM_QUEUED_TIMEOUT_SECONDS"])
+    now = utcnow()
+    running = db.session.scalars(
+        select(Job.id).where(
+            Job.status == "running",
+            Job.mode == "stream",
+            Job.started_at < now - timedelta(seconds=lease),
+        )
+    ).all()
+    queued = db.session.scalars(
+        select(Job.id).where(
+            Job.status == "queued",
+            Job.mode == "stream",
+            Job.created_at < now - timedelta(seconds=queued_timeout),
+        )
+    ).all()
+    db.session.commit()
+    counts = {"lost": 0, "unstarted": 0}
+    if running:
+        pipe = client.pipeline(transaction=False)
+        for job_id in running:
+            pipe.exists(lease_key(job_id))
+        for job_id, leased in zip(running, pipe.execute(), strict=True):
+            if not leased and fail_lost_job(job_id):
+                counts["lost"] += 1
+    for job_id in queued:
+        if not client.exists(lease_key(job_id)) and fail_unstarted_job(job_id, queued_timeout):
+            counts["unstarted"] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------ running
+
+
+class _Reader:
+    """Runs the provider stream in its own thread (a greenlet under gevent) into a queue."""
+
+    def __init__(self, registry: ProviderRegistry, request: ChatRequest) -> None:
+        self.queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.stream: Any = None
+        self.deltas = 0
+        self._closed = False
+        self._registry = registry
+        self._request = request
+        self.thread = threading.Thread(target=self._run, daemon=True, name="provider-stream")
+        self.thread.start()
+
+    def _run(self) -> None:
+        put = self.queue.put
+        try:
+            provider, name = self._registry.resolve(self._request.model)
+            stream = provider.stream(_with_model(self._request, name))
+            self.stream = stream
+            if self._closed:
+                stream.close()
+                return
+            for delta in stream:
+                if delta:
+                    self.deltas += 1
+                    put(("d", delta))
+            put(("end", stream))
+        except BaseException as exc:
+            put(("err", exc))
+
+    def close(self) -> None:
+        """Close the upstream stream (ProviderStream.close()) and let the thread end."""
+        self._closed = True
+        stream = self.stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:
+                log.debug("provider stream close failed", exc_info=True)
+        self.thread.join(2)
+
+
+def _with_model(request: ChatRequest, name: str) -> ChatRequest:
+    return ChatRequest(
+        model=name,
+        messages=request.messages,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop,
+        user=request.user,
+    )
+
+
+@dataclass
+class _Run:
+    """The state of one job run."""
+
+    job_id: str
+    request: ChatRequest
+    dlog: DeltaLog
+    lease_value: str
+    lease_seconds: float
+    window: float
+    parts: list[str] = field(default_factory=list)
+    first_token_at: datetime | None = None
+    tenant_id: str | None = None
+    next_refresh: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def refresh(self) -> bool:
+        """Renew lease, log expiry and stream slot; return whether a cancel was requested."""
+        self.next_refresh = time.monotonic() + self.lease_seconds / 3
+        cancelled = self.dlog.refresh(self.lease_value, self.lease_seconds)
+        try:
+            admission.renew_stream_slot(self.job_id)
+        except Exception:
+            log.warning("could not renew the stream slot of %s", self.job_id, exc_info=True)
+        return cancelled
+
+
+class _Stop(Exception):
+    """End the consume loop with a status."""
+
+    def __init__(self, status: str, error: dict[str, Any] | None = None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.error = error
+
+
+def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker: str = "") -> str:
+    """Run one stream job end to end (idempotent); return what happened."""
+    config = current_app.config
+    client = redis_store.client
+    lease_seconds = float(config["STREAM_LEASE_SECONDS"])
+    lease_value = f"{worker or 'worker'}:{uuid.uuid4().hex[:8]}"
+    pipe = client.pipeline(transaction=False)
+    pipe.set(lease_key(job_id), lease_value, nx=True, px=max(1, int(lease_seconds * 1000)))
+    pipe.exists(cancel_key(job_id))
+    pipe.exists(log_key(job_id))
+    got_lease, cancelled, has_log = pipe.execute()
+    if not got_lease:
+        return "busy"  # another worker holds this job
+    try:
+        if has_log:  # a redelivery after a crash: the client has seen text; never rerun
+            fail_lost_job(job_id, check_lease=False)
+            return "lost"
+        if cancelled:
+            cancel_queued_job(job_id)
+            return "cancelled"
+        if payload is None:
+            payload = db.session.scalar(select(Job.request).where(Job.id == job_id))
+            db.session.commit()
+            if payload is None:
+                return "missing"
+        return _run(job_id, payload, worker, lease_value, lease_seconds)
+    finally:
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(lease_key(job_id))
+        pipe.execute()
+        _release(job_id)
+
+
+def _mark_running(job_id: str, worker: str) -> tuple[str, Any] | None:
+    """queued -> running (also a running job with no log: its worker died before any text)."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .values(
+            status="running", started_at=utcnow(), worker=worker[:200], attempts=Job.attempts + 1
+        )
+        .returning(Job.tenant_id, Job.model)
+    )
+    row = db.session.execute(stmt).first()
+    db.session.commit()
+    return None if row is None else (row[0], row[1])
+
+
+def _run(
+    job_id: str, payload: Mapping[str, Any], worker: str, lease_value: str, lease_seconds: float
+) -> str:
+    config = current_app.config
+    request = chat_request_from_record(payload)
+    dlog = DeltaLog(
+        redis_store.client,
+        job_id,
+        running_ttl=int(config["STREAM_LOG_TTL_SECONDS"]) + int(config["PROVIDER_TIMEOUT"]),
+        final_ttl=int(config["STREAM_LOG_TTL_SECONDS"]),
+    )
+    run = _Run(
+        job_id,
+        request,
+        dlog,
+        lease_value,
+        lease_seconds,
+        window=float(config["STREAM_COALESCE_MS"]) / 1000,
+    )
+    registry = registry_for(config)
+    max_retries = int(config["STREAM_MAX_RETRIES"])
+    reader = _Reader(registry, request)  # the upstream call starts now ...
+    marked = _mark_running(job_id, worker)  # ... while the row says so
+    if marked is None:
+        reader.close()
+        return "not-queued"
+    run.tenant_id = marked[0]
+    _note(job_id, status="running", tenant_id=run.tenant_id, worker=worker)
+    run.next_refresh = time.monotonic() + lease_seconds / 3
+    attempt = 0
+    while True:
+        try:
+            _consume(run, reader)
+            return _finish(run, reader)
+        except _Stop as stop:
+            reader.close()
+            return _end(run, reader, stop.status, stop.error)
+        except ProviderError as exc:
+            if not run.parts and exc.retryable and attempt < max_retries:
+                attempt += 1
+                delay = exc.retry_after if exc.retry_after is not None else 0.25 * 2**attempt
+                log.info("job %s: retry %d after %s: %s", job_id, attempt, delay, exc.message)
+                try:
+                    _wait(run, min(max(delay, 0.0), RETRY_DELAY_CAP))
+                except _Stop as stop:
+                    return _end(run, reader, stop.status, stop.error)
+                reader = _Reader(registry, request)
+                continue
+            return _end(run, reader, "failed", exc.to_openai_error())
+        except UnknownModel as exc:
+            error = {
+                "message": str(exc),
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+            }
+            return _end(run, reader, "failed", error | {"param": "model"})
+        except Exception as exc:
+            log.exception("job %s: stream failed", job_id)
+            reader.close()
+            error = {
+                "message": f"Internal error while streaming: {type(exc).__name__}",
+                "type": "server_error",
+                "code": "internal_error",
+                "param": None,
+            }
+            return _end(run, reader, "failed", error)
+
+
+def _wait(run: _Run, seconds: float) -> None:
+    """Sleep between attempts, renewing the lease and watching for a cancel."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, max(0.05, run.next_refresh - time.monotonic())))
+        if time.monotonic() >= run.next_refresh and run.refresh():
+            raise _Stop("cancelled", CANCELLED_ERROR)
+
+
+def _consume(run: _Run, reader: _Reader) -> None:
+    """Move deltas from the provider to the log until the stream ends (or raise)."""
+    get = reader.queue.get
+    get_nowait = reader.queue.get_nowait
+    dlog = run.dlog
+    window = run.window
+    last_flush = time.monotonic() - window
+    while True:
+        now = time.monotonic()
+        timeout = min(run.next_refresh, last_flush + CANCEL_CHECK_SECONDS) - now
+        try:
+            kind, value = get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            if time.monotonic() >= run.next_refresh:
+                cancelled = run.refresh()
+            else:
+                cancelled = bool(dlog.client.exists(dlog.cancel_key))
+            if cancelled:
+                raise _Stop("cancelled", CANCELLED_ERROR) from None
+            last_flush = max(last_flush, time.monotonic() - window)
+            continue
+        if kind != "d":
+            _settle(kind, value)
+            return
+        buffer = [value]
+        pending: tuple[str, Any] | None = None
+        if window > 0 and (wait := last_flush + window - time.monotonic()) > 0:
+            time.sleep(wait)  # coalesce what arrives within the window
+        while True:
+            try:
+                kind, value = get_nowait()
+            except queue.Empty:
+                break
+            if kind == "d":
+                buffer.append(value)
+            else:
+                pending = (kind, value)
+                break
+        text = "".join(buffer)
+        if run.first_token_at is None:
+            run.first_token_at = utcnow()
+        cancelled = dlog.append(text)
+        last_flush = time.monotonic()
+        run.parts.append(text)
+        if cancelled:
+            raise _Stop("cancelled", CANCELLED_ERROR)
+        if last_flush >= run.next_refresh and run.refresh():
+            raise _Stop("cancelled", CANCELLED_ERROR)
+        if pending is not None:
+            _settle(*pending)
+            return
+
+
+def _settle(kind: str, value: Any) -> None:
+    """An end-of-stream queue item: return on success, raise the provider's error."""
+    if kind == "err":
+        raise value
+
+
+def _usage(run: _Run, reader: _Reader) -> dict[str, int]:
+    stream = reader.stream
+    usage = getattr(stream, "usage", None) if stream is not None else None
+    if not isinstance(usage, Usage):
+        usage = Usage(estimate_tokens(run.request.messages), reader.deltas)
+    return usage.as_dict()
+
+
+def _finish(run: _Run, reader: _Reader) -> str:
+    stream = reader.stream
+    finish_reason = getattr(stream, "finish_reason", None) or "stop"
+    usage = _usage(run, reader)
+    ok = _end_job(
+        run.job_id,
+        "succeeded",
+        output=run.text,
+        finish_reason=finish_reason,
+        usage=usage,
+        first_token_at=run.first_token_at,
+    )
+    if ok:
+        run.dlog.finish(finish_reason, usage)
+        _note(run.job_id, status="succeeded", tenant_id=run.tenant_id)
+    return "succeeded" if ok else "superseded"
+
+
+def _end(run: _Run, reader: _Reader, status: str, error: dict[str, Any] | None) -> str:
+    """End as failed or cancelled, keeping the partial output."""
+    ok = _end_job(
+        run.job_id,
+        status,
+        output=run.text,
+        usage=_usage(run, reader),
+        error=error,
+        first_token_at=run.first_token_at,
+    )
+    if ok:
+        run.dlog.fail(error or {})
+        _note(run.job_id, status=status, tenant_id=run.tenant_id)
+    return status if ok else "superseded"
