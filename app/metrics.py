@@ -14,14 +14,13 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, current_app, g, request
 from flask.typing import ResponseReturnValue
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Histogram,
     ProcessCollector,
-    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from app.dashboard import queries
@@ -149,4 +148,6 @@ def _count(response: Response) -> Response:
 
 @bp.get("/metrics")
 def metrics() -> ResponseReturnValue:
-    return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    """Prometheus text (or OpenMetrics when the scraper asks for it in Accept)."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encoder(REGISTRY), content_type=content_type)
