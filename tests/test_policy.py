@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
@@ -446,3 +448,106 @@ def test_shipped_example_policy_is_valid() -> None:
     assert evaluate(policy, req(tenant_name="trial-x", model="openai/gpt-4o")).status == 403
     assert evaluate(policy, req(priority=9)).overflow == "queue"
     assert evaluate(policy, req(tenant_name="acme")).tenant_max_streams == 64
+
+
+# ---------------------------------------------------------------- POST /v1/jobs on the live stack
+
+
+def sse_text(response: httpx.Response) -> str:
+    """The concatenated delta text of an SSE chat-chunk stream, read to [DONE]."""
+    parts: list[str] = []
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                parts.append(choice["delta"].get("content") or "")
+        if line == "data: [DONE]":
+            break
+    return "".join(parts)
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_jobs_stream_route_answers_sse(client: httpx.Client) -> None:
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": "one two three"}]}
+    with client.stream("POST", "/v1/jobs", json=body | {"priority": 2}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["X-Sluice-Route"] == "stream; rule=interactive"
+        job_id = response.headers["Location"].rsplit("/", 1)[1]
+        assert sse_text(response) == "one two three"
+    job = wait_job(client, job_id)
+    assert job["status"] == "succeeded" and job["mode"] == "stream"
+    assert job["endpoint"] == "/v1/jobs"
+    assert job["route"] == {
+        "mode": "stream",
+        "rule": "interactive",
+        "reason": "interactive request (mode=auto) streams",
+    }
+
+
+def test_jobs_batch_route_answers_202(client: httpx.Client) -> None:
+    body = {"model": "mock/echo", "document": "alpha beta", "instructions": "echo it"}
+    plain = client.post("/v1/jobs", json=body | {"mode": "batch", "metadata": {"k": "v"}})
+    assert plain.status_code == 202, plain.text
+    assert plain.headers["X-Sluice-Route"] == "batch; rule=requested-batch"
+    assert "Preference-Applied" not in plain.headers
+    job = plain.json()
+    assert plain.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["mode"] == "batch" and job["route"]["rule"] == "requested-batch"
+    done = wait_job(client, job["id"])
+    assert done["status"] == "succeeded" and done["metadata"] == {"k": "v"}
+    asked = client.post(
+        "/v1/jobs", json=body | {"mode": "batch"}, headers={"Prefer": "respond-async"}
+    )
+    assert asked.status_code == 202 and asked.headers["Preference-Applied"] == "respond-async"
+
+
+def test_jobs_large_input_rejected_or_sent_to_batch(client: httpx.Client) -> None:
+    body = {"model": "mock/big?length=3", "document": "word " * 40_000}  # ~50k tokens
+    rejected = client.post("/v1/jobs", json=body)
+    assert rejected.status_code == 413, rejected.text
+    assert rejected.headers["X-Sluice-Route"] == "reject; rule=large-input"
+    error = rejected.json()["error"]
+    assert error["code"] == "rejected_by_policy" and error["rule"] == "large-input"
+    assert "POST /v1/document-batches" in error["message"]
+    assert "Prefer: respond-async" in error["message"]
+    accepted = client.post("/v1/jobs", json=body, headers={"Prefer": "respond-async"})
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.headers["Preference-Applied"] == "respond-async"
+    assert accepted.headers["X-Sluice-Route"] == "batch; rule=large-input-async"
+    reason = accepted.json()["route"]["reason"]
+    assert reason.startswith("input ~50k tokens > 32k limit for interactive")
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "mock/echo", "messages": [{"role": "user", "content": "word " * 40_000}]},
+    )
+    assert chat.status_code == 413 and chat.headers["X-Sluice-Route"].startswith("reject")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "mock/x"}, "messages"),
+        ({"model": "mock/x", "document": "a", "messages": []}, "messages"),
+        ({"model": "mock/x", "document": ""}, "document"),
+        ({"model": "mock/x", "document": "a", "mode": "fast"}, "mode"),
+        ({"model": "mock/x", "document": "a", "priority": "high"}, "priority"),
+        ({"model": "mock/x", "document": "a", "metadata": [1]}, "metadata"),
+        ({"model": "nope/x", "document": "a"}, "model"),
+    ],
+)
+def test_jobs_bad_input_names_the_field(
+    client: httpx.Client, body: dict[str, Any], param: str
+) -> None:
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

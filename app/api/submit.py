@@ -123,9 +123,10 @@ def _run_batch(
 def _run_stream(
     tenant_id: str, chat: dict[str, Any], route: policy.Route, body: dict[str, Any]
 ) -> Response:
+    from app.api.chat import make_tail, sse_response
     from app.services.chat_request import parse_chat_body
     from app.services.jobs import start_stream_job
-    from app.streams import sse_response
+    from app.streams import ChunkRenderer, request_cancel
 
     parsed = parse_chat_body(
         {**chat, "stream": True, "metadata": body.get("metadata")}, current_app.config
@@ -137,13 +138,24 @@ def _run_stream(
         return _run_batch(tenant_id, chat, route, body)
     try:
         job = start_stream_job(tenant_id, parsed, route, job_id=job_id)
-    except Exception:
+    except BaseException:
         admission.release_stream_slot(job_id)
         raise
     _mark(job.id, route, body.get("priority", 0))
-    response = sse_response(job.id)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return response
+    tail = make_tail(job.id)
+    db.session.remove()  # never hold a session across the relay
+    renderer = ChunkRenderer(job.id, parsed.model, int(job.created_at.timestamp()), False)
+
+    def on_close(finished: bool) -> None:
+        if route.on_disconnect == "cancel" and not finished:
+            request_cancel(tail.hub.client, job.id)
+
+    headers = {
+        "X-Sluice-Route": route.header,
+        "X-Sluice-Job-Id": job.id,
+        "Location": f"/v1/jobs/{job.id}",
+    }
+    return sse_response(tail, renderer, headers, on_close)
 
 
 @bp.post("/jobs")
