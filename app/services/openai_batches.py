@@ -24,6 +24,7 @@ from app.policy import Route, RouteRequest, decide, estimate_input_tokens
 from app.services import batches as engine
 from app.services import events
 from app.services import files as storage
+from app.services.chat_request import parse_chat_body
 
 KIND = "openai"
 ENDPOINTS = ("/v1/chat/completions",)
@@ -141,35 +142,8 @@ def input_file(tenant_id: str, file_id: str) -> File:
 
 
 def validate_chat_body(body: dict[str, Any], config: Mapping[str, Any]) -> None:
-    """Raise APIError for a body the chat endpoint would reject."""
-    try:
-        from app.services.chat_request import parse_chat_body
-    except ModuleNotFoundError as exc:  # the chat module has not landed: a minimal stand-in
-        if exc.name != "app.services.chat_request":
-            raise
-        _minimal_chat_check(body, config)
-        return
+    """Raise APIError for a body the chat endpoint would reject (its own validator)."""
     parse_chat_body(body, config)
-
-
-def _minimal_chat_check(body: dict[str, Any], config: Mapping[str, Any]) -> None:
-    from workers.providers.registry import UnknownModel, build_registry
-
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "Missing required parameter: 'model'.", param="model")
-    try:
-        build_registry(config).resolve(model)
-    except UnknownModel as exc:
-        raise APIError(400, str(exc), param="model", code="model_not_found") from None
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "Missing required parameter: 'messages'.", param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise APIError(400, f"Invalid 'messages[{i}]': needs a role.", param=f"messages[{i}]")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "Only n=1 is supported.", param="n")
 
 
 def _parse_line(raw: bytes) -> Any:
