@@ -6,16 +6,21 @@ import secrets
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from flask import Flask
 
 from app import admission
+from app.auth import lookup_key
 from app.errors import APIError
 from app.extensions import redis_store
 from app.models import new_id
 from app.policy import Route
+from tests.stack import Stack
 
 
 @pytest.fixture
@@ -165,3 +170,205 @@ def test_acquire_is_idempotent_per_job(slots: Flask) -> None:
     assert admission.acquire_stream_slot(stream_route(), t, "same") == "stream"
     assert admission.acquire_stream_slot(stream_route(), t, "same") == "stream"
     assert admission.usage(t)["global"] == 1
+
+
+# ---------------------------------------------------------------- through the live stack
+
+LIVE_POLICY = """
+[policy.limits]
+max_streams_per_tenant = 2
+
+[[policy.rules]]
+name = "queue"
+when = { metadata_keys = ["queue"] }
+route = "stream"
+overflow = "queue"
+queue_timeout = 8
+
+[[policy.rules]]
+name = "spill"
+when = { metadata_keys = ["spill"] }
+route = "stream"
+overflow = "batch"
+
+[[policy.rules]]
+name = "hangup"
+when = { metadata_keys = ["hangup"] }
+route = "stream"
+on_disconnect = "cancel"
+
+[[policy.rules]]
+name = "interactive"
+route = "stream"
+"""
+
+SLOW = "mock/slow?length=30&tps=20&ttft_ms=10"  # about 1.5 s a stream
+QUICK = "mock/quick?length=3"
+
+
+@pytest.fixture(scope="module")
+def policy_web(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """A second web process (same DB, Redis, workers) reading its own policy file."""
+    home = tmp_path_factory.mktemp("policy-web")
+    path = home / "sluice.toml"
+    path.write_text(LIVE_POLICY)
+    web = Stack(env=stack.env | {"SLUICE_CONFIG": str(path)}, home=home)
+    web.start_web()
+    try:
+        web.wait_ready()
+        yield web.url, path
+    finally:
+        web.stop()
+
+
+@pytest.fixture
+def live(policy_web: tuple[str, Path], api_key: str) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=policy_web[0], headers=headers, timeout=30) as http:
+        yield http
+
+
+def tenant_of(app: Flask, api_key: str) -> str:
+    with app.app_context():
+        found = lookup_key(api_key)
+        assert found is not None
+        return found.tenant_id
+
+
+def body(model: str = SLOW, **metadata: str) -> dict[str, Any]:
+    return {"model": model, "document": "hello", "metadata": metadata}
+
+
+def open_stream(http: httpx.Client, payload: dict[str, Any], **headers: str) -> httpx.Response:
+    """POST /v1/jobs and return the open streamed response (headers read, body not)."""
+    request = http.build_request("POST", "/v1/jobs", json=payload, headers=headers)
+    return http.send(request, stream=True)
+
+
+def job_id_of(response: httpx.Response) -> str:
+    return response.headers["Location"].rsplit("/", 1)[1]
+
+
+def slots_in_use(app: Flask, tenant_id: str) -> int:
+    with app.app_context():
+        return admission.usage(tenant_id)["tenant"]
+
+
+def wait_until(check: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_live_reject_overflow_and_release_on_finish(
+    live: httpx.Client, app: Flask, api_key: str
+) -> None:
+    tid = tenant_of(app, api_key)
+    held = [open_stream(live, body()) for _ in range(2)]
+    try:
+        assert [r.status_code for r in held] == [200, 200]
+        assert slots_in_use(app, tid) == 2
+        over = live.post("/v1/jobs", json=body())
+        assert over.status_code == 429, over.text
+        assert over.headers["Retry-After"] == "1"
+        assert over.headers["X-Sluice-Route"] == "stream; rule=interactive"
+        assert over.json()["error"]["code"] == "stream_capacity_exceeded"
+        for response in held:  # read each stream to its end: the worker releases the slot
+            response.read()
+    finally:
+        for response in held:
+            response.close()
+    wait_until(lambda: slots_in_use(app, tid) == 0)
+    with closing(open_stream(live, body(QUICK))) as again:
+        assert again.status_code == 200
+
+
+def test_live_queue_overflow_waits_for_a_slot(live: httpx.Client, app: Flask) -> None:
+    held = [open_stream(live, body()) for _ in range(2)]
+    try:
+        start = time.monotonic()
+        with closing(open_stream(live, body(QUICK, queue="1"))) as queued:
+            waited = time.monotonic() - start
+            assert queued.status_code == 200
+            assert queued.headers["X-Sluice-Route"] == "stream; rule=queue"
+            queued.read()
+        assert 0.5 < waited < 8  # it waited for one of the slow streams to finish
+    finally:
+        for response in held:
+            response.close()
+
+
+def test_live_batch_overflow_needs_respond_async(live: httpx.Client) -> None:
+    held = [open_stream(live, body()) for _ in range(2)]
+    try:
+        spilled = live.post(
+            "/v1/jobs", json=body(QUICK, spill="1"), headers={"Prefer": "respond-async"}
+        )
+        assert spilled.status_code == 202, spilled.text
+        assert spilled.headers["Preference-Applied"] == "respond-async"
+        assert spilled.headers["X-Sluice-Route"] == "batch; rule=spill"
+        job = spilled.json()
+        assert job["mode"] == "batch" and "no stream slot free" in job["route"]["reason"]
+        refused = live.post("/v1/jobs", json=body(QUICK, spill="1"))
+        assert refused.status_code == 429  # without Prefer: respond-async it cannot spill
+    finally:
+        for response in held:
+            response.close()
+
+
+def test_live_cancel_and_disconnect_cancel_release_slots(
+    live: httpx.Client, app: Flask, api_key: str
+) -> None:
+    tid = tenant_of(app, api_key)
+    kept = open_stream(live, body())
+    hangup = open_stream(live, body(hangup="1"))
+    try:
+        assert slots_in_use(app, tid) == 2
+        cancelled = live.post(f"/v1/jobs/{job_id_of(kept)}/cancel").json()
+        wait_until(lambda: slots_in_use(app, tid) == 1)
+        assert cancelled["status"] in ("cancelled", "running")
+        hangup_id = job_id_of(hangup)
+        next(hangup.iter_lines())  # the stream is live; now the client goes away
+        hangup.close()
+        wait_until(lambda: slots_in_use(app, tid) == 0)
+        job = live.get(f"/v1/jobs/{hangup_id}").json()
+        wait_until(lambda: live.get(f"/v1/jobs/{hangup_id}").json()["status"] == "cancelled")
+        assert job["route"]["rule"] == "hangup"
+    finally:
+        kept.close()
+        hangup.close()
+
+
+def test_live_killed_worker_slot_expires(
+    stack: Stack, live: httpx.Client, app: Flask, api_key: str
+) -> None:
+    """A stream worker killed mid-job stops renewing; its slot lapses with the lease."""
+    tid = tenant_of(app, api_key)
+    name = stack.start_worker("stream", "adm-kill")
+    try:
+        stack.wait_ready()
+        deadline = time.monotonic() + 20
+        victim: str | None = None
+        while victim is None:  # until a job lands on our own worker
+            assert time.monotonic() < deadline, "no job reached the adm-kill worker"
+            response = open_stream(live, body("mock/slow?length=200&tps=20&ttft_ms=10"))
+            job_id = job_id_of(response)
+            response.close()
+            wait_until(lambda j=job_id: live.get(f"/v1/jobs/{j}").json()["worker"], 10)
+            worker = live.get(f"/v1/jobs/{job_id}").json()["worker"] or ""
+            if worker.startswith("adm-kill"):
+                victim = job_id
+            else:
+                live.post(f"/v1/jobs/{job_id}/cancel")
+                wait_until(lambda: slots_in_use(app, tid) == 0)
+        assert slots_in_use(app, tid) == 1
+        lease = float(stack.env["SLUICE_STREAM_LEASE_SECONDS"])
+        time.sleep(lease / 3 + 0.5)  # the worker has renewed: the slot now lives by its lease
+    finally:
+        stack.kill(name)
+    start = time.monotonic()
+    wait_until(lambda: slots_in_use(app, tid) == 0, timeout=lease + 10)
+    assert time.monotonic() - start < lease + 10
