@@ -243,6 +243,35 @@ def test_job_changes_are_published_in_flask_sse_format(
     assert received[2]["type"] == "batch" and received[2]["data"]["id"] == batch.id
 
 
+def test_transient_objects_publish_their_set_fields(app_ctx: Flask, redis_url: str) -> None:
+    listener = redis.Redis.from_url(redis_url, decode_responses=True).pubsub()
+    listener.subscribe(events.DASHBOARD_CHANNEL)
+    listener.get_message(timeout=2)
+    finished = utcnow()
+    events.job_changed(Job(id="job_x", mode="stream", status="succeeded", finished_at=finished))
+    message = None
+    while message is None or message["type"] != "message":
+        message = listener.get_message(timeout=5)
+        assert message is not None
+    listener.close()
+    data = json.loads(message["data"])["data"]
+    assert data == {"id": "job_x", "mode": "stream", "status": "succeeded"}
+
+
+def test_secret_key_is_created_once_and_kept(tmp_path: Path) -> None:
+    from app.dashboard.access import load_or_create_secret, secret_key_for
+
+    path = tmp_path / "home" / "secret-key"
+    first = load_or_create_secret(path)
+    assert len(first) >= 40 and load_or_create_secret(path) == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    app = Flask("t")
+    app.config.update(SECRET_KEY="", SLUICE_HOME=str(tmp_path / "home"))
+    assert secret_key_for(app) == first
+    app.config["SECRET_KEY"] = "from-the-environment"
+    assert secret_key_for(app) == "from-the-environment"
+
+
 def test_publishing_never_raises(
     app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -51,7 +51,13 @@ def test_metrics_families_and_live_values(stack: Stack) -> None:
         assert name in families, name
         assert families[name].type == kind, name
 
+    deadline = time.monotonic() + 5  # liveness is a heartbeat: allow a beat or two
     samples = scrape(stack)
+    while time.monotonic() < deadline and not all(
+        value(samples, "sluice_workers_live", mode=mode) for mode in ("stream", "batch")
+    ):
+        time.sleep(0.2)
+        samples = scrape(stack)
     for mode in ("stream", "batch"):
         assert value(samples, "sluice_workers_live", mode=mode) >= 1
         for status in ("queued", "running", "succeeded", "failed", "cancelled"):
