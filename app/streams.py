@@ -307,7 +307,7 @@ class ChunkRenderer:
         self.include_usage = include_usage
         head = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk"}
         head |= {"created": created, "model": model, "system_fingerprint": None}
-        base = json.dumps(head, ensure_ascii=False)[:-1]
+        base = json.dumps(head)[:-1]
         tail = ',"usage":null}' if include_usage else "}"
         self._base = base
         self._tail = tail
@@ -329,7 +329,7 @@ class ChunkRenderer:
         if kind == "delta":
             pre = self._delta_pre if self.started else self._role_pre
             self.started = True
-            text = json.dumps(fields.get("d", ""), ensure_ascii=False)
+            text = json.dumps(fields.get("d", ""))  # ASCII: no U+2028 for splitlines()
             return f"id: {entry_id}\ndata: {pre}{text}{self._delta_post}\n\n"
         frames: list[str] = []
         if kind == "done":

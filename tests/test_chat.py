@@ -9,9 +9,7 @@ import pytest
 from tests.fake_upstream import FakeUpstream
 
 
-def test_sdk_streaming_with_usage_chunk(
-    openai_client: openai.OpenAI, client: httpx.Client
-) -> None:
+def test_sdk_streaming_with_usage_chunk(openai_client: openai.OpenAI, client: httpx.Client) -> None:
     stream = openai_client.chat.completions.create(
         model="mock/echo",
         messages=[{"role": "user", "content": "one two three four five"}],

@@ -63,6 +63,25 @@ def registry_for(config: Mapping[str, Any]) -> ProviderRegistry:
     return registry
 
 
+def warm_up(config: Mapping[str, Any]) -> None:
+    """Build the providers and their SDK clients now, not inside the first job.
+
+    The first use of an SDK imports a lot of code; under gevent that blocks the whole
+    worker for seconds, long enough for every running job's lease to lapse.
+    """
+    registry = registry_for(config)
+    for name in registry.names():
+        try:
+            provider = registry.get(name)
+            client = getattr(provider, "_get_client", None)
+            if client is not None:
+                sdk = client()
+                getattr(sdk, "chat", None) and sdk.chat.completions
+                getattr(sdk, "messages", None)
+        except Exception as exc:  # an unconfigured provider is fine until someone uses it
+            log.debug("warm-up of provider %s skipped: %s", name, exc)
+
+
 def chat_request_from_record(record: Mapping[str, Any]) -> ChatRequest:
     """The provider request for a stored chat body (`model` stays "provider/model")."""
     stop = record.get("stop")

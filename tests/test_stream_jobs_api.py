@@ -1,0 +1,83 @@
+"""The jobs API: read, list with pagination, tenant isolation."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from flask import Flask
+
+from tests.fake_upstream import FakeUpstream
+from tests.stack import Stack
+from tests.test_stream_resume import follow, stream_chat
+
+
+def test_other_tenants_jobs_do_not_exist(
+    client: httpx.Client, stack: Stack, other_key: str
+) -> None:
+    job_id = stream_chat(client, "mock/echo", "secret words")
+    assert follow(client, job_id).done
+    with httpx.Client(
+        base_url=stack.url, headers={"Authorization": f"Bearer {other_key}"}, timeout=10
+    ) as other:
+        assert other.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert other.get(f"/v1/jobs/{job_id}/events").status_code == 404
+        assert other.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
+        assert job_id not in [j["id"] for j in other.get("/v1/jobs").json()["data"]]
+    assert client.get(f"/v1/jobs/{job_id}").json()["output"] == "secret words"
+    assert client.get("/v1/jobs/job_nope").json()["error"]["type"] == "not_found_error"
+
+
+def test_list_newest_first_with_pagination(client: httpx.Client) -> None:
+    made = []
+    for i in range(5):
+        body = {"model": "mock/echo", "messages": [{"role": "user", "content": f"n{i}"}]}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+        made.append(response.headers["x-sluice-job-id"])
+    seen: list[str] = []
+    after = None
+    while True:
+        params = {"limit": 2, "mode": "stream"} | ({"after": after} if after else {})
+        page = client.get("/v1/jobs", params=params).json()
+        assert page["object"] == "list" and len(page["data"]) <= 2
+        seen.extend(j["id"] for j in page["data"])
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == list(reversed(made))
+    done = client.get("/v1/jobs", params={"status": "succeeded"}).json()["data"]
+    assert {j["id"] for j in done} == set(made)
+    assert client.get("/v1/jobs", params={"status": "queued"}).json()["data"] == []
+    for bad, param in (
+        ({"limit": 0}, "limit"),
+        ({"mode": "x"}, "mode"),
+        ({"status": "y"}, "status"),
+    ):
+        response = client.get("/v1/jobs", params=bad)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_job_object_shape(client: httpx.Client, app: Flask) -> None:
+    job_id = stream_chat(client, "mock/echo", "shape", metadata={"k": "v"})
+    assert follow(client, job_id).done
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["object"] == "job" and job["model"] == "mock/echo" and job["provider"] == "mock"
+    assert job["route"]["mode"] == "stream" and job["route"]["reason"]
+    assert job["metadata"] == {"k": "v"}
+    assert job["finish_reason"] == "stop" and job["error"] is None
+    timings = job["timings"]
+    assert 0 <= timings["queued_ms"] <= timings["ttft_ms"] <= timings["duration_ms"]
+
+
+def test_running_job_shows_output_so_far(client: httpx.Client, upstream: FakeUpstream) -> None:
+    upstream.add_scenario("so-far", deltas=["early ", "late"], tps=2)
+    job_id = stream_chat(client, "openai/so-far")
+    for _ in range(50):
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["output"]:
+            break
+        time.sleep(0.05)
+    assert job["status"] == "running" and job["output"] == "early "
+    sse = follow(client, job_id)
+    assert sse.text == "early late"
