@@ -6,6 +6,7 @@ import click
 
 from app.cli.admin import db_group, keys_group, worker
 from app.cli.batch import results, submit
+from app.cli.chat import chat
 from app.cli.dev import dev
 from app.cli.policy import policy_group
 
@@ -20,6 +21,7 @@ main.add_command(dev)
 main.add_command(db_group)
 main.add_command(keys_group)
 main.add_command(worker)
+main.add_command(chat)
 main.add_command(policy_group)
 main.add_command(submit)
 main.add_command(results)
