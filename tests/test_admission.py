@@ -372,3 +372,51 @@ def test_live_killed_worker_slot_expires(
     start = time.monotonic()
     wait_until(lambda: slots_in_use(app, tid) == 0, timeout=lease + 10)
     assert time.monotonic() - start < lease + 10
+
+
+BLOCKING_RULE = """
+[[policy.rules]]
+name = "blocked"
+when = { metadata_keys = ["blocked"] }
+route = "reject"
+status = 403
+message = "blocked by {rule}"
+"""
+
+BROKEN_RULE = """
+[[policy.rules]]
+name = "broken"
+route = "stream"
+overflow = "sideways"
+"""
+
+
+def test_live_policy_reloads_when_the_file_changes(
+    policy_web: tuple[str, Path], live: httpx.Client
+) -> None:
+    """The web process picks up an edited file; an invalid edit keeps the last good policy."""
+    _, path = policy_web
+    payload = body(QUICK, blocked="1")
+    try:
+        # rules are an array: appending a table puts it at the end, so put it first instead
+        path.write_text(
+            LIVE_POLICY.replace("[[policy.rules]]", BLOCKING_RULE + "\n[[policy.rules]]", 1)
+        )
+        wait_until(
+            lambda: live.post("/v1/jobs", json=payload | {"mode": "batch"}).status_code == 403, 10
+        )
+        refused = live.post("/v1/jobs", json=payload)
+        assert refused.json()["error"]["message"] == "blocked by blocked"
+        assert refused.headers["X-Sluice-Route"] == "reject; rule=blocked"
+
+        path.write_text(BROKEN_RULE + path.read_text())
+        time.sleep(2.5)  # past the reload check: the broken file was read and refused
+        still = live.post("/v1/jobs", json=payload | {"mode": "batch"})
+        assert still.status_code == 403  # the last good policy is still in force
+        log = (path.parent / "web.log").read_text()
+        assert "policy reload failed, keeping the last good policy" in log
+        assert "policy rule 'broken': overflow must be one of" in log
+    finally:
+        path.write_text(LIVE_POLICY)
+    # back to the original rules: the catch-all streams it
+    wait_until(lambda: live.post("/v1/jobs", json=payload).status_code == 200, 10)
