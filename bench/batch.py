@@ -137,7 +137,8 @@ class Bench:
 
 def throughput(args: argparse.Namespace, delay_ms: float, n: int) -> dict[str, Any]:
     with Bench(args, delay_ms) as bench:
-        bench.submit_jsonl(min(n, 200), "openai/warmup")  # warm connections and imports
+        _, warm = bench.submit_jsonl(min(n, 200), "openai/warmup")  # connections, imports
+        bench.wait(warm["id"])
         started = time.perf_counter()
         accept, batch = bench.submit_jsonl(n, "openai/bench")
         done = bench.wait(batch["id"])

@@ -141,7 +141,7 @@ class ProviderSemaphore:
             token = self.try_acquire(provider)
             while token is None:
                 time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.1)
+                delay = min(delay * 2, 0.05)
                 token = self.try_acquire(provider)
             try:
                 yield
