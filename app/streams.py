@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,17 @@ Entry = tuple[str, dict[str, str]]
 # ------------------------------------------------------------------------------ worker side
 
 
+# KEYS: log, cancel flag. ARGV: job id, previous entry id, text, expiry (0: leave), channel.
+# Adds the delta, publishes "job\nprev\nid\ntext" (so relays that hold `prev` need no read),
+# and answers {new id, cancel requested}.
+_APPEND = """
+local id = redis.call('XADD', KEYS[1], '*', 't', 'delta', 'd', ARGV[3])
+if ARGV[4] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+redis.call('PUBLISH', ARGV[5], ARGV[1] .. '\\n' .. ARGV[2] .. '\\n' .. id .. '\\n' .. ARGV[3])
+return {id, redis.call('EXISTS', KEYS[2])}
+"""
+
+
 class DeltaLog:
     """Append-only writer of one job's log (the worker is its only writer while running)."""
 
@@ -56,20 +68,20 @@ class DeltaLog:
         self.running_ttl = max(1, int(running_ttl))
         self.final_ttl = max(1, int(final_ttl))
         self._expiry_set = False
+        self._script = client.register_script(_APPEND)
+        self.last_id = "0-0"
         self.entries = 0
 
     def append(self, text: str) -> bool:
-        """Add one delta entry and notify relays; return whether a cancel was requested."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.key, {"t": "delta", "d": text})
-        if not self._expiry_set:
-            pipe.expire(self.key, self.running_ttl)
-        pipe.publish(NOTIFY_CHANNEL, self.job_id)
-        pipe.exists(self.cancel_key)
-        result = pipe.execute()
+        """Add one delta entry and notify relays (one round trip); return whether cancelled."""
+        expiry = 0 if self._expiry_set else self.running_ttl
+        keys = [self.key, self.cancel_key]
+        args = [self.job_id, self.last_id, text, expiry, NOTIFY_CHANNEL]
+        entry_id, cancelled = self._script(keys=keys, args=args)
+        self.last_id = entry_id
         self._expiry_set = True
         self.entries += 1
-        return bool(result[-1])
+        return bool(cancelled)
 
     def refresh(self, lease: str, lease_seconds: float) -> bool:
         """Renew the lease and the running expiry; return whether a cancel was requested."""
@@ -136,8 +148,31 @@ def is_terminal(fields: dict[str, str]) -> bool:
 # ------------------------------------------------------------------------------- web side
 
 
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Subscription:
+    """One relay's place in one job's log, fed directly by the hub when it can be."""
+
+    __slots__ = ("event", "job_id", "last", "pending")
+
+    def __init__(self, job_id: str, last: str) -> None:
+        self.job_id = job_id
+        self.last = last  # the newest entry this relay has or will have
+        self.pending: deque[Entry] = deque()
+        self.event = threading.Event()
+
+
 class StreamHub:
-    """Per-process fan-in of worker notices: one pub/sub connection, one listener thread."""
+    """Per-process fan-in of worker notices: one pub/sub connection, one listener thread.
+
+    A delta notice carries the entry and the id of the entry before it; a relay whose last
+    entry is that one gets the new entry handed over with no Redis read at all. Any other
+    relay (behind, or after a reconnect of the hub) is only woken and reads with XREAD.
+    """
 
     def __init__(self, url: str, pool_size: int = 32) -> None:
         self.url = url
@@ -146,7 +181,7 @@ class StreamHub:
             url, decode_responses=True, max_connections=pool_size, timeout=30
         )
         self.client = redis.Redis(connection_pool=pool)
-        self._waiters: dict[str, set[threading.Event]] = {}
+        self._subs: dict[str, set[Subscription]] = {}
         self._lock = threading.Lock()
         self._started = False
         self.connected = threading.Event()
@@ -171,7 +206,7 @@ class StreamHub:
                 backoff = 0.05
                 for message in pubsub.listen():
                     if message.get("type") == "message":
-                        self._wake(message["data"])
+                        self._dispatch(message["data"])
             except Exception as exc:
                 log.warning("stream hub lost its pub/sub connection: %r", exc)
             finally:
@@ -184,38 +219,50 @@ class StreamHub:
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    def _wake(self, job_id: str) -> None:
-        waiters = self._waiters.get(job_id)
-        if waiters:
-            for event in tuple(waiters):
-                event.set()
+    def _dispatch(self, data: str) -> None:
+        job_id, sep, rest = data.partition("\n")
+        subs = self._subs.get(job_id)
+        if not subs:
+            return
+        if not sep:  # a bare notice: everyone reads
+            for sub in tuple(subs):
+                sub.event.set()
+            return
+        prev, _, rest = rest.partition("\n")
+        entry_id, _, text = rest.partition("\n")
+        entry = (entry_id, {"t": "delta", "d": text})
+        for sub in tuple(subs):
+            if sub.last == prev:
+                sub.pending.append(entry)
+                sub.last = entry_id
+            sub.event.set()
 
     def _wake_all(self) -> None:
         with self._lock:
-            events = [e for waiters in self._waiters.values() for e in waiters]
-        for event in events:
-            event.set()
+            subs = [sub for group in self._subs.values() for sub in group]
+        for sub in subs:
+            sub.event.set()
 
-    def subscribe(self, job_id: str) -> threading.Event:
-        """An event set whenever the job's log may have grown (register BEFORE reading)."""
+    def subscribe(self, job_id: str, last: str) -> Subscription:
+        """Register BEFORE reading the log, so no notice can fall between read and wait."""
         if not self._started:
             self._start()
-        event = threading.Event()
+        sub = Subscription(job_id, last)
         with self._lock:
-            self._waiters.setdefault(job_id, set()).add(event)
-        return event
+            self._subs.setdefault(job_id, set()).add(sub)
+        return sub
 
-    def unsubscribe(self, job_id: str, event: threading.Event) -> None:
+    def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
+            group = self._subs.get(sub.job_id)
+            if group is not None:
+                group.discard(sub)
+                if not group:
+                    del self._subs[sub.job_id]
 
     @property
     def subscribers(self) -> int:
-        return sum(len(w) for w in self._waiters.values())
+        return sum(len(group) for group in self._subs.values())
 
 
 _hubs: dict[str, StreamHub] = {}
@@ -249,44 +296,61 @@ class Tail:
         """Yield entries up to and including the terminal one; None means "send a ping"."""
         client = self.hub.client
         key = log_key(self.job_id)
-        event = self.hub.subscribe(self.job_id)
+        sub = self.hub.subscribe(self.job_id, self.after)
+        event, pending = sub.event, sub.pending
+        after = entry_key(self.after)
         wake_every = max(0.05, min(self.ping_seconds, self.lease_seconds / 2))
         last_ping = time.monotonic()
         last_db_check = time.monotonic()
+        check_lease = False
+        need_read = True
         try:
-            check_lease = False
             while True:
                 event.clear()
-                if check_lease:
-                    pipe = client.pipeline(transaction=False)
-                    pipe.xread({key: self.after}, count=1000)
-                    pipe.exists(lease_key(self.job_id))
-                    found, leased = pipe.execute()
+                leased = None
+                if pending:
+                    entries: list[Entry] = list(pending)
+                    pending.clear()
+                elif need_read or check_lease:
+                    if check_lease:
+                        pipe = client.pipeline(transaction=False)
+                        pipe.xread({key: self.after}, count=1000)
+                        pipe.exists(lease_key(self.job_id))
+                        found, leased = pipe.execute()
+                    else:
+                        found = client.xread({key: self.after}, count=1000)
+                    entries = found[0][1] if found else []
+                    need_read = len(entries) >= 1000
                 else:
-                    found, leased = client.xread({key: self.after}, count=1000), None
+                    entries = []
                 check_lease = False
-                entries = found[0][1] if found else []
                 for entry_id, fields in entries:
+                    ident = entry_key(entry_id)
+                    if ident <= after:
+                        continue  # handed over and also read: already sent
+                    after = ident
                     self.after = entry_id
+                    if entry_key(sub.last) < ident:
+                        sub.last = entry_id
                     self.running = True
                     yield entry_id, fields
                     if is_terminal(fields):
                         return
-                if len(entries) >= 1000:
-                    continue
                 if entries:
                     last_ping = time.monotonic()
                     continue
-                if leased is False or leased == 0:
+                if leased == 0:
                     now = time.monotonic()
                     due = self.running or now - last_db_check > 5 * self.lease_seconds
                     if due and self.check_lost is not None:
                         last_db_check = now
                         if self.check_lost(self.job_id):
+                            need_read = True
                             continue  # its terminal entry is in the log now
                 elif leased:
                     self.running = True
                 if event.wait(wake_every):
+                    need_read = not pending  # a bare notice, or a notice for a later entry
                     continue
                 check_lease = True
                 now = time.monotonic()
@@ -294,7 +358,7 @@ class Tail:
                     last_ping = now
                     yield None
         finally:
-            self.hub.unsubscribe(self.job_id, event)
+            self.hub.unsubscribe(sub)
 
 
 # ----------------------------------------------------------------------- SSE rendering

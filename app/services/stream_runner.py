@@ -386,6 +386,7 @@ def _run(
     registry = registry_for(config)
     max_retries = int(config["STREAM_MAX_RETRIES"])
     reader = _Reader(registry, request)  # the upstream call starts now ...
+    time.sleep(0)  # (under gevent: let it send the request before the blocking DB write)
     marked = _mark_running(job_id, worker)  # ... while the row says so
     if marked is None:
         reader.close()
