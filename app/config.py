@@ -28,8 +28,6 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "STREAM_MAX_RETRIES": (int, 2),
     "STREAM_QUEUED_TIMEOUT_SECONDS": (float, 300.0),
     "STREAM_RELAY_REDIS_CONNECTIONS": (int, 32),
-    "STREAM_QUEUED_TIMEOUT_SECONDS": (float, 300.0),
-    "STREAM_RELAY_REDIS_CONNECTIONS": (int, 32),
     "BATCH_CHUNK_SIZE": (int, 100),
     "BATCH_MAX_DOCUMENTS": (int, 100_000),
     "BATCH_MAX_DOCUMENT_BYTES": (int, 1_000_000),
