@@ -11,8 +11,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.models.base import Base, new_id, utcnow
 
 MODES = ("stream", "batch")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")  # expired: batch items only
 
 
 class Job(Base):
