@@ -19,6 +19,7 @@ from app.auth import create_key
 from tests.fake_upstream import FakeUpstream
 from tests.stack import Stack, drop_postgres_database, fresh_postgres_database
 
+CLAIM_KEY = "sluice:test-session"
 TEST_SETTINGS = {
     "SLUICE_MOCK_TTFT_MS": "5",
     "SLUICE_MOCK_TOKENS_PER_SECOND": "2000",
@@ -47,13 +48,27 @@ def database_url(home: Path) -> Iterator[str]:
         yield f"sqlite:///{home / 'test.db'}"
 
 
+def _claim_redis_db(server: str) -> tuple[str, redis.Redis]:
+    """Claim a Redis database no concurrent test session uses (broker queues are per db)."""
+    base = server.rsplit("/", 1)[0] if server.count("/") > 2 else server.rstrip("/")
+    first = int(server.rsplit("/", 1)[1] or 0) if server.count("/") > 2 else 0
+    for index in [first, *range(15, 0, -1)]:
+        client = redis.Redis.from_url(f"{base}/{index}")
+        if client.set(CLAIM_KEY, os.getpid(), nx=True, ex=3600):
+            client.flushdb()
+            client.set(CLAIM_KEY, os.getpid(), ex=3600)
+            return f"{base}/{index}", client
+    raise RuntimeError(f"every database of {base} is claimed by another test session")
+
+
 @pytest.fixture(scope="session")
 def redis_url(home: Path) -> Iterator[str]:
-    """REDIS_URL (flushed first), or an embedded Redis owned by the test session."""
+    """A database of REDIS_URL's server claimed for this session, or an embedded Redis."""
     server = os.environ.get("REDIS_URL")
     if server:
-        redis.Redis.from_url(server).flushdb()
-        yield server
+        url, claimed = _claim_redis_db(server)
+        yield url
+        claimed.flushdb()
         return
     url, proc = embedded_redis.start(home / "redis")
     yield url
