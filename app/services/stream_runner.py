@@ -105,6 +105,8 @@ def _end_job(
     job_id: str, status: str, *, from_status: tuple[str, ...] = ("running",), **values: Any
 ) -> bool:
     """Conditionally move a job to a terminal state; True if this call did it."""
+    if isinstance(values.get("output"), str):
+        values["output"] = db_text(values["output"])
     stmt = (
         update(Job)
         .where(Job.id == job_id, Job.status.in_(from_status))
@@ -113,6 +115,14 @@ def _end_job(
     done = db.session.execute(stmt).rowcount > 0
     db.session.commit()
     return done
+
+
+def db_text(text: str) -> str:
+    """Text a database column can hold: NUL (refused by PostgreSQL) becomes U+FFFD.
+
+    The delta log keeps the exact text; only the row's copy is touched.
+    """
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def _ttl(config: Mapping[str, Any]) -> int:
@@ -212,12 +222,24 @@ def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
         for job_id in running:
             pipe.exists(lease_key(job_id))
         for job_id, leased in zip(running, pipe.execute(), strict=True):
-            if not leased and fail_lost_job(job_id):
+            if not leased and _safely(fail_lost_job, job_id):
                 counts["lost"] += 1
     for job_id in queued:
-        if not client.exists(lease_key(job_id)) and fail_unstarted_job(job_id, queued_timeout):
+        if not client.exists(lease_key(job_id)) and _safely(
+            fail_unstarted_job, job_id, queued_timeout
+        ):
             counts["unstarted"] += 1
     return counts
+
+
+def _safely(step: Any, *args: Any) -> bool:
+    """One job's sweep; a failure is logged and never stops the others."""
+    try:
+        return bool(step(*args))
+    except Exception:
+        db.session.rollback()
+        log.exception("stream sweep of %s failed", args[0])
+        return False
 
 
 # ------------------------------------------------------------------------------ running
