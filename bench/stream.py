@@ -341,7 +341,6 @@ async def run_idle(stack: BenchStack) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
         for _ in range(jobs):
             body = chat_body("openai/idle?ttft_ms=600000&tokens=1")
-            body["stream"] = False
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 ids.append(response.headers["x-sluice-job-id"])
     web_pid = children(stack.procs["web"].pid)
@@ -397,6 +396,13 @@ async def run_idle(stack: BenchStack) -> dict[str, Any]:
 
 
 def print_tables(args: argparse.Namespace, rows: list[dict[str, Any]], idle: dict | None) -> None:
+    if rows:
+        _print_load(args, rows)
+    if idle:
+        _print_idle(idle)
+
+
+def _print_load(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(
         f"\nfake upstream: TTFT {args.ttft_ms:g} ms, {args.tps:g} tokens/s, "
         f"{args.tokens} tokens per stream\n"
@@ -417,6 +423,9 @@ def print_tables(args: argparse.Namespace, rows: list[dict[str, Any]], idle: dic
         )
         if r["errors"]:
             print(f"  errors: {r['errors']}")
+
+
+def _print_idle(idle: dict[str, Any]) -> None:
     if idle:
         print(
             "\n| idle open streams | jobs | time to open | Redis clients before / with streams "
@@ -444,9 +453,10 @@ def main(argv: list[str]) -> None:
     stack = BenchStack(args)
     try:
         stack.start()
-        rows = asyncio.run(run_load(stack))
-        idle = asyncio.run(run_idle(stack)) if args.idle else None
-        print_tables(args, rows, idle)
+        rows = asyncio.run(run_load(stack)) if args.concurrency != [0] else []
+        print_tables(args, rows, None)
+        if args.idle:
+            print_tables(args, [], asyncio.run(run_idle(stack)))
     finally:
         stack.stop()
         print(f"\n(logs in {stack.home})", file=sys.stderr)
