@@ -351,6 +351,7 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
     got_lease, cancelled, has_log = pipe.execute()
     if not got_lease:
         return "busy"  # another worker holds this job
+    admission.renew_stream_slot(job_id)  # from here on, the slot lapses with this worker
     try:
         if has_log:  # a redelivery after a crash: the client has seen text; never rerun
             fail_lost_job(job_id, check_lease=False)
