@@ -530,6 +530,26 @@ def test_jobs_large_input_rejected_or_sent_to_batch(client: httpx.Client) -> Non
         json={"model": "mock/echo", "messages": [{"role": "user", "content": "word " * 40_000}]},
     )
     assert chat.status_code == 413 and chat.headers["X-Sluice-Route"].startswith("reject")
+    async_chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "mock/big?length=3", "messages": body_messages(body["document"])},
+        headers={"Prefer": "respond-async"},
+    )
+    assert async_chat.status_code == 202, async_chat.text
+    assert async_chat.headers["Preference-Applied"] == "respond-async"
+    job = async_chat.json()
+    assert job["mode"] == "batch" and async_chat.headers["Location"] == f"/v1/jobs/{job['id']}"
+    deadline = time.monotonic() + 30
+    while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    assert job["endpoint"] == "/v1/chat/completions"
+    assert len(job["output"].split()) == 3
+
+
+def body_messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,14 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from app.admission import acquire_stream_slot, release_stream_slot
+from app.admission import acquire_stream_slot, overflow_route, release_stream_slot
 from app.errors import APIError
-from app.models import new_id
-from app.policy import RouteRequest, decide, prefers_async
-from app.services.chat_request import parse_chat_body
-from app.services.jobs import start_stream_job
+from app.extensions import db
+from app.models import Job, new_id
+from app.policy import Route, RouteRequest, decide, prefers_async
+from app.services.batches import submit_batch_job
+from app.services.chat_request import ChatBody, parse_chat_body
+from app.services.jobs import job_object, start_stream_job
 from app.streams import (
     ChunkRenderer,
     StreamHub,
@@ -125,29 +127,63 @@ def chat_completions() -> ResponseReturnValue:
             metadata=dict(body.metadata or {}),
         )
     )
-    route_header = {"X-Sluice-Route": f"{route.mode}; rule={route.rule}"}
+    g.sluice_route = route
+    return run_routed(tenant_id, body, route, endpoint="/v1/chat/completions")
+
+
+def accepted_response(job: Job, route: Route) -> Response:
+    """202 for a job routed to the batch channel: the job object and where to poll it."""
+    response = jsonify(job_object(job))
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    response.headers["X-Sluice-Route"] = route.header
+    response.headers["X-Sluice-Job-Id"] = job.id
+    if route.prefer_async:
+        response.headers["Preference-Applied"] = "respond-async"
+    return response
+
+
+def run_routed(
+    tenant_id: str, body: ChatBody, route: Route, *, endpoint: str, priority: int = 0
+) -> Response:
+    """Run a routed chat body: SSE (or one completion) for stream, 202 for batch."""
     if route.mode == "reject":
         raise APIError(
             route.status,
             route.message or route.reason,
             code="rejected_by_policy",
-            headers=route_header,
+            headers={"X-Sluice-Route": route.header},
+            extra={"rule": route.rule, "reason": route.reason},
         )
     job_id = new_id("job_")
-    if acquire_stream_slot(route, tenant_id, job_id) != "stream":
-        raise APIError(
-            429,
-            "This request was routed to the batch channel, which chat completions do not "
-            "serve; submit it with POST /v1/jobs.",
-            code="routed_to_batch",
-            headers=route_header | {"Retry-After": "1"},
+    if route.mode == "stream" and acquire_stream_slot(route, tenant_id, job_id) == "batch":
+        route = g.sluice_route = overflow_route(route)
+    if route.mode == "batch":
+        record = body.to_record()
+        record.pop("stream", None)
+        record.pop("stream_options", None)
+        job = submit_batch_job(
+            tenant_id,
+            record,
+            route,
+            metadata=body.metadata,
+            endpoint=endpoint,
+            priority=priority,
         )
+        return accepted_response(job, route)
     try:
-        job = start_stream_job(tenant_id, body, route, job_id=job_id)
+        job = start_stream_job(
+            tenant_id, body, route, job_id=job_id, endpoint=endpoint, priority=priority
+        )
     except BaseException:
         release_stream_slot(job_id)
         raise
-    headers = route_header | {"X-Sluice-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
+    db.session.remove()  # never hold a session across the relay
+    headers = {
+        "X-Sluice-Route": route.header,
+        "X-Sluice-Job-Id": job.id,
+        "Location": f"/v1/jobs/{job.id}",
+    }
     created = int(job.created_at.timestamp())
     tail = make_tail(job.id)
     if body.stream:
@@ -171,4 +207,6 @@ def chat_completions() -> ResponseReturnValue:
     payload = completion_object(
         job.id, body.model, created, outcome.text, outcome.finish_reason, outcome.usage
     )
-    return payload, 200, headers
+    response = jsonify(payload)
+    response.headers.update(headers)
+    return response

@@ -230,7 +230,13 @@ def enqueue_chunks(batch_id: str, first: int, last: int) -> int:
 
 
 def submit_batch_job(
-    tenant_id: str, body: dict[str, Any], route: Route, metadata: dict[str, Any] | None = None
+    tenant_id: str,
+    body: dict[str, Any],
+    route: Route,
+    metadata: dict[str, Any] | None = None,
+    *,
+    endpoint: str = "/v1/chat/completions",
+    priority: int = 0,
 ) -> Job:
     """A single background job without a batch, for POST /v1/jobs routed to batch."""
     if route.mode == "reject":
@@ -241,6 +247,8 @@ def submit_batch_job(
         tenant_id=tenant_id,
         mode="batch",
         status="queued",
+        endpoint=endpoint,
+        priority=priority,
         route_rule=route.rule,
         route_reason=route.reason,
         provider=provider,

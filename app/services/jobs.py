@@ -65,7 +65,13 @@ def stream_task_payload(body: ChatBody) -> dict[str, Any]:
 
 
 def start_stream_job(
-    tenant_id: str, body: ChatBody, route: Route, *, job_id: str | None = None
+    tenant_id: str,
+    body: ChatBody,
+    route: Route,
+    *,
+    job_id: str | None = None,
+    endpoint: str = "/v1/chat/completions",
+    priority: int = 0,
 ) -> Job:
     """Commit a queued stream Job and send its task to the `interactive` queue.
 
@@ -77,12 +83,12 @@ def start_stream_job(
         "tenant_id": tenant_id,
         "mode": "stream",
         "status": "queued",
-        "endpoint": "/v1/chat/completions",
+        "endpoint": endpoint,
         "route_rule": route.rule[:100] if route.rule else None,
         "route_reason": route.reason[:500] if route.reason else None,
         "provider": body.provider,
         "model": body.model,
-        "priority": 0,
+        "priority": priority,
         "request": body.to_record(),
         "metadata_": body.metadata,
         "attempts": 0,
