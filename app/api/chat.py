@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -16,7 +15,7 @@ from app.models import Job, new_id
 from app.policy import Route, RouteRequest, decide, prefers_async
 from app.services.batches import submit_batch_job
 from app.services.chat_request import ChatBody, parse_chat_body
-from app.services.jobs import job_object, start_stream_job
+from app.services.jobs import completion_object, job_object, start_stream_job
 from app.streams import (
     ChunkRenderer,
     StreamHub,
@@ -87,23 +86,6 @@ def sse_response(
 
 def _ignore(_finished: bool) -> None:
     """A client that goes away detaches; the job runs on."""
-
-
-def completion_object(
-    job_id: str, model: str, created: int, text: str, finish: str | None, usage: Any
-) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text, "refusal": None}
-    return {
-        "id": f"chatcmpl-{job_id}",
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
-        ],
-        "usage": usage,
-    }
 
 
 @bp.post("/chat/completions")

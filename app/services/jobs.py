@@ -100,3 +100,21 @@ def start_stream_job(
     celery.send_task(STREAM_TASK, args=[job.id, stream_task_payload(body)], queue=STREAM_QUEUE)
     job_changed(job)
     return job
+
+
+def completion_object(
+    job_id: str, model: str, created: int, text: str, finish: str | None, usage: Any
+) -> dict[str, Any]:
+    """The `chat.completion` object for a job's output, as OpenAI's API returns it."""
+    message = {"role": "assistant", "content": text, "refusal": None}
+    return {
+        "id": f"chatcmpl-{job_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
+        ],
+        "usage": usage,
+    }

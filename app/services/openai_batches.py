@@ -25,6 +25,7 @@ from app.services import batches as engine
 from app.services import events
 from app.services import files as storage
 from app.services.chat_request import parse_chat_body
+from app.services.jobs import completion_object
 
 KIND = "openai"
 ENDPOINTS = ("/v1/chat/completions",)
@@ -447,26 +448,15 @@ def chat_completion_object(job: Job) -> dict[str, Any]:
     usage = job.usage or {}
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
-    return {
-        "id": f"chatcmpl-{job.id}",  # as app/api/chat.py names a job's completion
-        "object": "chat.completion",
-        "created": storage.unix(job.created_at),
-        "model": job.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": job.output or "", "refusal": None},
-                "logprobs": None,
-                "finish_reason": job.finish_reason or "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": int(usage.get("total_tokens") or prompt + completion),
-        },
-        "system_fingerprint": None,
-    }
+    total = int(usage.get("total_tokens") or prompt + completion)
+    return completion_object(
+        job.id,
+        job.model,
+        storage.unix(job.created_at),
+        job.output or "",
+        job.finish_reason,
+        {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
+    )
 
 
 def _line(payload: dict[str, Any]) -> bytes:
