@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import random
 import threading
@@ -22,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from flask import current_app
@@ -45,13 +42,8 @@ from app.services.batches import (
 from app.services.heartbeat import live_workers
 from workers.providers.base import (
     ChatRequest,
-    Completion,
     ProviderError,
-    Usage,
-    error_from_status,
-    estimate_tokens,
 )
-from workers.providers.errors import upstream_message
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +277,7 @@ def run_item(row: Any, cancelled: Any) -> Outcome:
             with sem.slot(provider.name):
                 if stop := cancelled():  # the wait for a slot may have been long
                     return Outcome(row.id, row.attempts, stop, error=stop_error(stop))
-                completion = complete(provider, request)
+                completion = provider.complete(request)
         except Exception as exc:
             retryable = isinstance(exc, ProviderError) and exc.retryable
             if not retryable or tries == max_tries:
@@ -629,120 +621,3 @@ def finalize_stragglers(stale_after: float = 600.0) -> int:
         else:
             done += maybe_finalize(row.id)
     return done
-
-
-# -- a lean HTTP path for OpenAI-compatible non-streaming calls -------------------------------
-#
-# The openai SDK spends ~1.5 ms of CPU per call (request building, pydantic models, httpx) and
-# slows further under hundreds of concurrent greenlets; at batch volume that, not the
-# upstream, is the ceiling. For OpenAI-compatible providers the runner therefore POSTs the
-# same JSON itself over pooled keep-alive connections and maps errors with the providers'
-# own helpers (BATCH_LEAN_HTTP=0 goes back to provider.complete()).
-
-
-class LeanOpenAI:
-    """POST /chat/completions over a small pool of keep-alive HTTP connections."""
-
-    def __init__(self, name: str, base_url: str, api_key: str, timeout: float) -> None:
-        parts = urlsplit(base_url.rstrip("/"))
-        self.name = name
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname or "localhost"
-        self.port = parts.port or (443 if self.https else 80)
-        self.path = (parts.path or "") + "/chat/completions"
-        self.timeout = timeout
-        self.headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
-        self._idle: list[http.client.HTTPConnection] = []
-
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._idle:
-            return self._idle.pop()
-        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        return kind(self.host, self.port, timeout=self.timeout)
-
-    def _post(self, payload: bytes) -> tuple[int, dict[str, str], bytes]:
-        for fresh in (False, True):
-            conn = self._connection() if not fresh else None
-            if conn is None:
-                kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-                conn = kind(self.host, self.port, timeout=self.timeout)
-            reused = conn.sock is not None
-            try:
-                conn.request("POST", self.path, payload, self.headers)
-                response = conn.getresponse()
-                data = response.read()
-            except TimeoutError:
-                conn.close()
-                raise ProviderError(
-                    f"{self.name}: request timed out", retryable=True, code="upstream_timeout"
-                ) from None
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                if reused and not fresh:
-                    continue  # a keep-alive connection the server had closed: once more, fresh
-                raise ProviderError(
-                    f"{self.name}: connection error: {exc!r}",
-                    retryable=True,
-                    code="upstream_connection_error",
-                ) from None
-            headers = {k.lower(): v for k, v in response.getheaders()}
-            if response.will_close:
-                conn.close()
-            else:
-                self._idle.append(conn)
-            return response.status, headers, data
-        raise AssertionError("unreachable")
-
-    def complete(self, request: ChatRequest) -> Completion:
-        body: dict[str, Any] = {"model": request.model, "messages": request.messages}
-        for key in ("max_tokens", "temperature", "top_p", "user"):
-            value = getattr(request, key)
-            if value is not None:
-                body[key] = value
-        if request.stop:
-            body["stop"] = request.stop
-        status, headers, data = self._post(json.dumps(body).encode())
-        try:
-            parsed = json.loads(data) if data else {}
-        except ValueError:
-            parsed = {}
-        if status >= 400:
-            message = upstream_message(parsed, data[:200].decode("utf-8", "replace"))
-            raise error_from_status(status, f"{self.name}: {message}", headers)
-        choice = (parsed.get("choices") or [{}])[0]
-        text = ((choice.get("message") or {}).get("content")) or ""
-        finish = choice.get("finish_reason") or "stop"
-        finish = "tool_calls" if finish == "function_call" else finish
-        raw_usage = parsed.get("usage")
-        if isinstance(raw_usage, dict):
-            usage = Usage(
-                int(raw_usage.get("prompt_tokens") or 0),
-                int(raw_usage.get("completion_tokens") or 0),
-            )
-        else:
-            usage = Usage(estimate_tokens(request.messages), len(text.split()))
-        return Completion(text, finish, usage)
-
-
-_lean: dict[int, Any] = {}
-
-
-def complete(provider: Any, request: ChatRequest) -> Completion:
-    """provider.complete(request), over the lean path for OpenAI-compatible providers."""
-    if not current_app.config["BATCH_LEAN_HTTP"]:
-        return provider.complete(request)
-    lean = _lean.get(id(provider))
-    if lean is None:
-        from workers.providers.openai_provider import OpenAIProvider
-
-        lean = False
-        if isinstance(provider, OpenAIProvider):
-            client = provider._get_client()  # raises provider_not_configured without a key
-            timeout = client.timeout if isinstance(client.timeout, int | float) else 600.0
-            lean = LeanOpenAI(provider.name, str(client.base_url), client.api_key, timeout)
-        _lean[id(provider)] = lean
-    return lean.complete(request) if lean else provider.complete(request)

@@ -17,7 +17,7 @@ from workers.providers.base import (
     error_from_status,
 )
 from workers.providers.errors import map_transport_error, upstream_message
-from workers.providers.streaming import SDKStream
+from workers.providers.streaming import RawSSEStream, open_streaming, read_json
 
 STOP_REASONS = {
     "end_turn": "stop",
@@ -81,30 +81,42 @@ def to_anthropic_messages(
     return ("\n\n".join(system) or None), turns
 
 
-class AnthropicStream(SDKStream):
-    """A streamed Anthropic message, seen as OpenAI-style text deltas."""
+class AnthropicStream(RawSSEStream):
+    """A streamed Anthropic message, parsed from the raw SSE body into OpenAI-style deltas."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._input_tokens = 0
         self._stopped = False
 
-    def _handle(self, event: Any) -> str | None:
+    def _handle(self, event: str | None, data: Any) -> str | None:
         """Pick text, usage and stop reason out of raw Messages stream events."""
-        kind = getattr(event, "type", None)
-        if kind == "message_start":
-            usage = getattr(event.message, "usage", None)
-            self._input_tokens = (getattr(usage, "input_tokens", 0) or 0) if usage else 0
-        elif kind == "content_block_delta":
-            if getattr(event.delta, "type", None) == "text_delta":
-                return event.delta.text
-        elif kind == "message_delta":
-            self.finish_reason = STOP_REASONS.get(event.delta.stop_reason or "end_turn", "stop")
-            usage = event.usage
-            prompt = getattr(usage, "input_tokens", None) or self._input_tokens
-            self.usage = Usage(prompt, usage.output_tokens or 0)
-        elif kind == "message_stop":
+        if event is None or not isinstance(data, dict):
+            return None
+        if event == "content_block_delta":
+            delta = data.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return delta.get("text")
+        elif event == "message_start":
+            usage = (data.get("message") or {}).get("usage") or {}
+            self._input_tokens = int(usage.get("input_tokens") or 0)
+        elif event == "message_delta":
+            reason = (data.get("delta") or {}).get("stop_reason") or "end_turn"
+            self.finish_reason = STOP_REASONS.get(reason, "stop")
+            usage = data.get("usage") or {}
+            prompt = int(usage.get("input_tokens") or 0) or self._input_tokens
+            self.usage = Usage(prompt, int(usage.get("output_tokens") or 0))
+        elif event == "message_stop":
             self._stopped = True
+        elif event == "error":
+            error = data.get("error")
+            kind = (error.get("type") if isinstance(error, dict) else None) or "error"
+            message = upstream_message(data, f"{data}")
+            raise ProviderError(
+                f"{self.provider_name}: stream error ({kind}): {message}",
+                retryable=True,
+                code="upstream_stream_error",
+            )
         return None
 
     def _complete(self) -> bool:
@@ -182,30 +194,32 @@ class AnthropicProvider:
     def stream(self, request: ChatRequest) -> AnthropicStream:
         """Start a streamed message; HTTP errors raise here, later ones during iteration."""
         client = self._get_client()
-        try:
-            sdk_stream = client.messages.create(**self._params(request), stream=True)
-        except Exception as exc:
-            mapped = self._map(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
-        stream = AnthropicStream(sdk_stream, request, self._map)
+        response = open_streaming(
+            client.messages.with_streaming_response.create,
+            self._map,
+            **self._params(request),
+            stream=True,
+        )
+        stream = AnthropicStream(response, request, self._map)
         stream.provider_name = self.name
         return stream
 
     def complete(self, request: ChatRequest) -> Completion:
-        """Run a non-streaming message."""
+        """Run a non-streaming message (raw SDK response, decoded without models)."""
         client = self._get_client()
-        try:
-            message = client.messages.create(**self._params(request))
-        except Exception as exc:
-            mapped = self._map(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
-        text = "".join(
-            block.text for block in message.content if getattr(block, "type", None) == "text"
+        body = read_json(
+            client.messages.with_streaming_response.create, self._map, **self._params(request)
         )
-        usage = Usage(message.usage.input_tokens or 0, message.usage.output_tokens or 0)
-        reason = STOP_REASONS.get(message.stop_reason or "end_turn", "stop")
-        return Completion(text, reason, usage)
+        body = body if isinstance(body, dict) else {}
+        text = "".join(
+            block.get("text") or ""
+            for block in body.get("content") or []
+            if isinstance(block, dict) and block.get("type") == "text"
+        )
+        usage = body.get("usage") or {}
+        reason = STOP_REASONS.get(body.get("stop_reason") or "end_turn", "stop")
+        return Completion(
+            text,
+            reason,
+            Usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)),
+        )

@@ -17,7 +17,7 @@ from workers.providers.base import (
     estimate_tokens,
 )
 from workers.providers.errors import map_transport_error, upstream_message
-from workers.providers.streaming import SDKStream
+from workers.providers.streaming import RawSSEStream, open_streaming, read_json
 
 _FINISH_REASONS = {"function_call": "tool_calls"}
 
@@ -52,22 +52,39 @@ def _finish_reason(value: str | None) -> str:
     return _FINISH_REASONS.get(value or "stop", value or "stop")
 
 
-class OpenAIStream(SDKStream):
-    """A streamed chat completion."""
+class OpenAIStream(RawSSEStream):
+    """A streamed chat completion, parsed from the raw SSE body."""
 
-    def _handle(self, event: Any) -> str | None:
+    def _handle(self, event: str | None, data: Any) -> str | None:
         """Take usage from the usage chunk and text from content deltas."""
-        if getattr(event, "usage", None) is not None:
-            self.usage = Usage(event.usage.prompt_tokens or 0, event.usage.completion_tokens or 0)
-        text: list[str] = []
-        for choice in event.choices or []:
-            if choice.index not in (0, None):
+        if not isinstance(data, dict):
+            return None
+        if data.get("error"):
+            error = data["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            if not isinstance(message, str) or not message:
+                message = "An error occurred during streaming"
+            raise self._stream_error(message)
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self.usage = Usage(
+                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            )
+        choices = data.get("choices")
+        if not choices:
+            return None
+        text = ""
+        for choice in choices:
+            if choice.get("index") not in (0, None):
                 continue
-            if choice.delta is not None and choice.delta.content:
-                text.append(choice.delta.content)
-            if choice.finish_reason:
-                self.finish_reason = _finish_reason(choice.finish_reason)
-        return "".join(text)
+            delta = choice.get("delta")
+            if delta:
+                content = delta.get("content")
+                if content:
+                    text += content
+            if reason := choice.get("finish_reason"):
+                self.finish_reason = _finish_reason(reason)
+        return text
 
 
 class OpenAIProvider:
@@ -131,33 +148,39 @@ class OpenAIProvider:
     def stream(self, request: ChatRequest) -> OpenAIStream:
         """Start a streamed completion; HTTP errors raise here, later ones during iteration."""
         client = self._get_client()
-        try:
-            sdk_stream = client.chat.completions.create(
-                **self._params(request), stream=True, stream_options={"include_usage": True}
-            )
-        except Exception as exc:
-            mapped = self._map(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
-        stream = OpenAIStream(sdk_stream, request, self._map)
+        response = open_streaming(
+            client.chat.completions.with_streaming_response.create,
+            self._map,
+            **self._params(request),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        stream = OpenAIStream(response, request, self._map)
         stream.provider_name = self.name
         return stream
 
     def complete(self, request: ChatRequest) -> Completion:
-        """Run a non-streaming completion."""
+        """Run a non-streaming completion (raw SDK response, decoded without models)."""
         client = self._get_client()
-        try:
-            response = client.chat.completions.create(**self._params(request))
-        except Exception as exc:
-            mapped = self._map(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
-        choice = response.choices[0] if response.choices else None
-        text = (choice.message.content if choice and choice.message else None) or ""
-        if response.usage is not None:
-            usage = Usage(response.usage.prompt_tokens or 0, response.usage.completion_tokens or 0)
-        else:
-            usage = Usage(estimate_tokens(request.messages), len(text.split()))
-        return Completion(text, _finish_reason(choice.finish_reason if choice else None), usage)
+        body = read_json(
+            client.chat.completions.with_streaming_response.create,
+            self._map,
+            **self._params(request),
+        )
+        return completion_from_body(body, request)
+
+
+def completion_from_body(body: Any, request: ChatRequest) -> Completion:
+    """A Completion from an OpenAI `chat.completion` JSON body."""
+    body = body if isinstance(body, dict) else {}
+    choices = body.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    text = ((choice.get("message") or {}).get("content")) or ""
+    raw_usage = body.get("usage")
+    if isinstance(raw_usage, dict):
+        usage = Usage(
+            int(raw_usage.get("prompt_tokens") or 0), int(raw_usage.get("completion_tokens") or 0)
+        )
+    else:
+        usage = Usage(estimate_tokens(request.messages), len(text.split()))
+    return Completion(text, _finish_reason(choice.get("finish_reason")), usage)
