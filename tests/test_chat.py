@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from tests.fake_upstream import FakeUpstream
+from tests.stack import Stack
 
 
 def test_sdk_streaming_with_usage_chunk(openai_client: openai.OpenAI, client: httpx.Client) -> None:
@@ -135,3 +136,18 @@ def test_max_tokens_gives_length(openai_client: openai.OpenAI) -> None:
     )
     assert completion.choices[0].message.content == "a b"
     assert completion.choices[0].finish_reason == "length"
+
+
+def test_chat_cli_streams_and_reports_ttft(stack: Stack, api_key: str) -> None:
+    from click.testing import CliRunner
+
+    from app.cli import main as sluice
+
+    prompt = "héllo wörld\nsecond line"
+    args = ["chat", prompt, "--model", "mock/echo", "--url", stack.url, "--key", api_key]
+    result = CliRunner().invoke(sluice, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n") == prompt
+    assert "TTFT" in result.stderr and "tokens/s" in result.stderr
+    bad = CliRunner().invoke(sluice, [*args[:4], "--model", "nope/x", *args[4:]])
+    assert bad.exit_code != 0 and "model" in bad.output

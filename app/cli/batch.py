@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import mimetypes
-import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -14,21 +13,10 @@ from typing import Any
 import click
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from app.cli.context import DEFAULT_URL, resolve_key
+
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 UPLOAD_CHUNK = 256 * 1024
-
-
-def resolve_key(key: str | None) -> str:
-    """--key, else SLUICE_API_KEY, else $SLUICE_HOME/dev-admin-key (what `sluice dev` writes)."""
-    if key:
-        return key
-    if os.environ.get("SLUICE_API_KEY"):
-        return os.environ["SLUICE_API_KEY"]
-    path = Path(os.environ.get("SLUICE_HOME") or "var") / "dev-admin-key"
-    if path.is_file():
-        return path.read_text().strip()
-    raise click.ClickException(f"no API key: pass --key, set SLUICE_API_KEY or create {path}")
 
 
 def _client(url: str, key: str | None) -> httpx.Client:

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import click
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _api_key(key: str | None) -> str:
-    """--key, else SLUICE_API_KEY, else the dev admin key under SLUICE_HOME."""
-    if key:
-        return key
-    if os.environ.get("SLUICE_API_KEY"):
-        return os.environ["SLUICE_API_KEY"]
-    path = Path(os.environ.get("SLUICE_HOME") or "var") / "dev-admin-key"
-    if path.is_file():
-        return path.read_text().strip()
-    raise click.ClickException(
-        "no API key: pass --key, set SLUICE_API_KEY, or run `sluice dev` to create a dev key"
-    )
+from app.cli.context import DEFAULT_URL, resolve_key
 
 
 def _error_text(raw: bytes) -> str:
@@ -37,7 +21,9 @@ def _error_text(raw: bytes) -> str:
 @click.command("chat")
 @click.argument("prompt")
 @click.option("--model", "-m", default="mock/echo", show_default=True, help="provider/model")
-@click.option("--url", default=DEFAULT_URL, show_default=True, help="Sluice base URL.")
+@click.option(
+    "--url", envvar="SLUICE_URL", default=DEFAULT_URL, show_default=True, help="Sluice base URL."
+)
 @click.option("--key", default=None, help="API key (default: SLUICE_API_KEY or the dev key).")
 @click.option("--max-tokens", type=int, default=None)
 def chat(prompt: str, model: str, url: str, key: str | None, max_tokens: int | None) -> None:
@@ -50,7 +36,7 @@ def chat(prompt: str, model: str, url: str, key: str | None, max_tokens: int | N
     }
     if max_tokens:
         body["max_tokens"] = max_tokens
-    headers = {"Authorization": f"Bearer {_api_key(key)}"}
+    headers = {"Authorization": f"Bearer {resolve_key(key)}"}
     started = time.monotonic()
     first: float | None = None
     usage: dict[str, int] = {}

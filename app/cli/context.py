@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,3 +20,20 @@ def make_app(*, redis: bool = False, **overrides: Any) -> Flask:
         return create_app({"EMBEDDED_REDIS": redis, **overrides})
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def resolve_key(key: str | None) -> str:
+    """--key, else SLUICE_API_KEY, else $SLUICE_HOME/dev-admin-key (what `sluice dev` writes)."""
+    if key:
+        return key
+    if os.environ.get("SLUICE_API_KEY"):
+        return os.environ["SLUICE_API_KEY"]
+    path = Path(os.environ.get("SLUICE_HOME") or "var") / "dev-admin-key"
+    if path.is_file():
+        return path.read_text().strip()
+    raise click.ClickException(
+        f"no API key: pass --key, set SLUICE_API_KEY, or run `sluice dev` to create {path}"
+    )
