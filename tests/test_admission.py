@@ -337,9 +337,22 @@ def test_live_cancel_and_disconnect_cancel_release_slots(
         job = live.get(f"/v1/jobs/{hangup_id}").json()
         wait_until(lambda: live.get(f"/v1/jobs/{hangup_id}").json()["status"] == "cancelled")
         assert job["route"]["rule"] == "hangup"
+        assert job["route"]["on_disconnect"] == "cancel"
     finally:
         kept.close()
         hangup.close()
+
+
+def test_live_resumed_relay_honours_disconnect_cancel(live: httpx.Client) -> None:
+    """The rule's on_disconnect is kept on the job, so a resumed relay's hang-up cancels too."""
+    original = open_stream(live, body(hangup="1"))
+    job_id = job_id_of(original)
+    try:
+        with live.stream("GET", f"/v1/jobs/{job_id}/events") as resumed:
+            next(resumed.iter_lines())  # live; now this second client goes away
+        wait_until(lambda: live.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled")
+    finally:
+        original.close()
 
 
 def test_live_killed_worker_slot_expires(

@@ -88,6 +88,19 @@ def _ignore(_finished: bool) -> None:
     """A client that goes away detaches; the job runs on."""
 
 
+def on_disconnect(action: str, tail: Tail) -> Callable[[bool], None]:
+    """What the relay does when its client goes before the end: detach, or cancel the job."""
+    if action != "cancel":
+        return _ignore
+    client = tail.hub.client
+
+    def cancel(finished: bool) -> None:
+        if not finished:
+            request_cancel(client, tail.job_id)
+
+    return cancel
+
+
 @bp.post("/chat/completions")
 def chat_completions() -> ResponseReturnValue:
     raw = request.get_json(silent=True)
@@ -170,15 +183,7 @@ def run_routed(
     tail = make_tail(job.id)
     if body.stream:
         renderer = ChunkRenderer(job.id, body.model, created, body.include_usage)
-        on_close = _ignore
-        if route.on_disconnect == "cancel":
-            client = tail.hub.client
-
-            def on_close(finished: bool) -> None:
-                if not finished:
-                    request_cancel(client, job.id)
-
-        return sse_response(tail, renderer, headers, on_close)
+        return sse_response(tail, renderer, headers, on_disconnect(route.on_disconnect, tail))
     outcome = collect(tail)
     if outcome.error is not None:
         status = _ERROR_STATUS.get(str(outcome.error.get("type")), 500)

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, g, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select, update
 
-from app.api.chat import _ignore, hub, make_tail, sse_response
+from app.api.chat import hub, make_tail, on_disconnect, sse_response
 from app.errors import APIError
 from app.extensions import db
 from app.models import Job, utcnow
@@ -109,7 +109,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
     renderer.started = last is not None
     tail = make_tail(job.id, after=last or "0-0", running=job.status == "running")
     db.session.remove()
-    return sse_response(tail, renderer, headers, _ignore)
+    return sse_response(tail, renderer, headers, on_disconnect(job.on_disconnect, tail))
 
 
 @bp.post("/jobs/<job_id>/cancel")

@@ -35,6 +35,9 @@ class Job(Base):
     provider: Mapped[str] = mapped_column(String(60))
     model: Mapped[str] = mapped_column(String(200))
     priority: Mapped[int] = mapped_column(default=0)
+    on_disconnect: Mapped[str] = mapped_column(
+        String(10), default="detach", server_default="detach"
+    )
     request: Mapped[dict[str, Any]]
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     output: Mapped[str | None] = mapped_column(Text)
