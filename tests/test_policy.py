@@ -490,6 +490,7 @@ def test_jobs_stream_route_answers_sse(client: httpx.Client) -> None:
         "mode": "stream",
         "rule": "interactive",
         "reason": "interactive request (mode=auto) streams",
+        "on_disconnect": "detach",
     }
 
 
