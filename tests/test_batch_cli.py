@@ -56,3 +56,14 @@ def test_submit_reports_validation_errors(stack: Stack, api_key: str, tmp_path: 
     )
     assert result.exit_code != 0
     assert "HTTP 422" in result.output and "bad.jsonl line 2: invalid JSON" in result.output
+
+
+def test_unreachable_server_is_one_clear_line() -> None:
+    from click.testing import CliRunner
+
+    from app.cli import main as sluice
+
+    args = ["results", "batch_x", "--url", "http://127.0.0.1:1", "--key", "sk-sluice-x"]
+    result = CliRunner().invoke(sluice, args)
+    assert result.exit_code == 1
+    assert "cannot reach Sluice" in result.output and "Traceback" not in result.output

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+import httpx
 
 from app.cli.admin import db_group, keys_group, worker
 from app.cli.batch import results, submit
@@ -11,7 +14,19 @@ from app.cli.dev import dev
 from app.cli.policy import policy_group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class SluiceGroup(click.Group):
+    """Client commands that cannot reach the server fail with one clear line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except httpx.TransportError as exc:
+            raise click.ClickException(
+                f"cannot reach Sluice ({exc}); is it running? Set --url or SLUICE_URL."
+            ) from None
+
+
+@click.group(cls=SluiceGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sluice")
 def main() -> None:
     """Sluice: a job orchestrator for LLM work."""
