@@ -222,7 +222,11 @@ class BenchStack:
             "--bind", f"127.0.0.1:{self.web_port}", "--graceful-timeout", "2",
             "app:create_app()",
         ])  # fmt: skip
-        self._spawn("stream", worker_argv("stream", 400, name=f"bench-{secrets.token_hex(3)}"))
+        for n in range(self.args.workers):
+            name = f"bench{n}-{secrets.token_hex(3)}"
+            self._spawn(
+                f"stream{n}", worker_argv("stream", self.args.worker_concurrency, name=name)
+            )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
@@ -237,8 +241,17 @@ class BenchStack:
             time.sleep(0.3)
         raise RuntimeError(f"stack did not start; logs in {self.home}")
 
+    def web_pids(self) -> list[int]:
+        return children(self.procs["web"].pid)
+
+    def worker_pids(self) -> list[int]:
+        pids: list[int] = []
+        for n in range(self.args.workers):
+            pids += children(self.procs[f"stream{n}"].pid)
+        return pids
+
     def pids(self) -> list[int]:
-        return children(self.procs["web"].pid) + children(self.procs["stream"].pid)
+        return self.web_pids() + self.worker_pids()
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -301,9 +314,16 @@ async def run_load(stack: BenchStack) -> list[dict[str, Any]]:
         total = max(concurrency, stack.args.streams if concurrency == 1 else concurrency * 2)
         await wave(stack, min(concurrency, 10), min(concurrency, 10), direct=False)  # warm
         direct, direct_wall = await wave(stack, concurrency, total, direct=True)
-        cpu0 = cpu_seconds(stack.pids())
+        web, workers = stack.web_pids(), stack.worker_pids()
+        idle0 = (cpu_seconds(web), cpu_seconds(workers))
+        await asyncio.sleep(3)  # the processes' background CPU, to take out of the figure
+        cpu0 = (cpu_seconds(web), cpu_seconds(workers))
+        idle_rate = [(b - a) / 3 for a, b in zip(idle0, cpu0, strict=True)]
         sluice, wall = await wave(stack, concurrency, total, direct=False)
-        cpu = cpu_seconds(stack.pids()) - cpu0
+        cpu1 = (cpu_seconds(web), cpu_seconds(workers))
+        used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+        net = [max(0.0, u - r * wall) for u, r in zip(used, idle_rate, strict=True)]
+        cpu = sum(used)
         d, s = summarise(direct), summarise(sluice)
         expected = direct[0].text if direct and direct[0].ok else None
         cut = sum(1 for r in sluice if not r.ok or (expected is not None and r.text != expected))
@@ -322,6 +342,8 @@ async def run_load(stack: BenchStack) -> list[dict[str, Any]]:
                 "cut": cut,
                 "errors": sorted({r.error for r in sluice if r.error})[:3],
                 "cpu_ms_per_stream": cpu * 1000 / total,
+                "net_web_ms": net[0] * 1000 / total,
+                "net_worker_ms": net[1] * 1000 / total,
             }
         )
     return rows
@@ -410,16 +432,17 @@ def _print_load(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(
         "| streams at once | TTFT direct p50 | TTFT Sluice p50 | TTFT overhead p50 / p99 "
         "| inter-token added p50 / p99 | deltas/s Sluice (direct) | cut streams "
-        "| CPU ms per stream (web+worker) |"
+        "| CPU ms per stream (web+worker) | net of idle: web + worker |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['concurrency']} ({r['streams']} streams) | {r['direct_ttft50']:.1f} ms "
             f"| {r['sluice_ttft50']:.1f} ms | {r['overhead50']:.1f} / {r['overhead99']:.1f} ms "
             f"| {r['gap_added50']:.1f} / {r['gap_added99']:.1f} ms "
             f"| {r['deltas_per_s']:.0f} ({r['direct_deltas_per_s']:.0f}) | {r['cut']} "
-            f"| {r['cpu_ms_per_stream']:.1f} |"
+            f"| {r['cpu_ms_per_stream']:.1f} "
+            f"| {r['net_web_ms']:.1f} + {r['net_worker_ms']:.1f} |"
         )
         if r["errors"]:
             print(f"  errors: {r['errors']}")
@@ -448,6 +471,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tps", type=float, default=50.0)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--idle", type=int, default=10_000, help="idle open streams (0: skip)")
+    parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
+    parser.add_argument("--worker-concurrency", type=int, default=400, help="greenlets each")
     parser.add_argument("--keep", action="store_true", help="keep the stack's data dir")
     args = parser.parse_args(argv)
     stack = BenchStack(args)
