@@ -57,11 +57,119 @@ return {id, redis.call('EXISTS', KEYS[2])}
 """
 
 
+class _Append:
+    """One queued append and, once sent, its answer."""
+
+    __slots__ = ("args", "done", "error", "keys", "result")
+
+    def __init__(self, keys: list[str], args: list[Any]) -> None:
+        self.keys = keys
+        self.args = args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class AppendBatcher:
+    """Sends the delta appends of every job running in a process through shared pipelines.
+
+    One sender thread (a greenlet under gevent) takes whatever appends are waiting and sends
+    them in one pipelined round trip; appends made while that trip is in flight go in the
+    next. An append made while the sender is idle goes out at once, so nothing is delayed;
+    under load many jobs' appends share one write and one read (per-job order is kept: a
+    job waits for its append's answer before making the next).
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._script = client.register_script(_APPEND)
+        self._pending: deque[_Append] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def append(self, keys: list[str], args: list[Any]) -> Any:
+        """Run the append script for one job; returns its answer (raises its error)."""
+        item = _Append(keys, args)
+        self._pending.append(item)
+        self._ensure_sender()
+        self._wake.set()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _ensure_sender(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="delta-log-appender"
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        pending = self._pending
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(len(pending), self.MAX_BATCH))]
+                self._send(batch)
+
+    def _send(self, batch: list[_Append]) -> None:
+        try:
+            if len(batch) == 1:
+                item = batch[0]
+                item.result = self._script(keys=item.keys, args=item.args)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for item in batch:
+                    self._script(keys=item.keys, args=item.args, client=pipe)
+                for item, answer in zip(batch, pipe.execute(raise_on_error=False), strict=True):
+                    if isinstance(answer, BaseException):
+                        item.error = answer
+                    else:
+                        item.result = answer
+        except BaseException as exc:  # the round trip failed: every append in it did
+            for item in batch:
+                if item.result is None:
+                    item.error = exc
+        finally:
+            for item in batch:
+                item.done.set()
+
+
+_batchers: dict[int, AppendBatcher] = {}
+
+
+def append_batcher(client: redis.Redis) -> AppendBatcher:
+    """The process's shared append sender for this Redis client."""
+    batcher = _batchers.get(id(client))
+    if batcher is None or batcher.client is not client:
+        batcher = _batchers[id(client)] = AppendBatcher(client)
+    return batcher
+
+
 class DeltaLog:
     """Append-only writer of one job's log (the worker is its only writer while running)."""
 
-    def __init__(self, client: redis.Redis, job_id: str, *, running_ttl: int, final_ttl: int):
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_id: str,
+        *,
+        running_ttl: int,
+        final_ttl: int,
+        batcher: AppendBatcher | None = None,
+    ):
         self.client = client
+        self.batcher = batcher
         self.job_id = job_id
         self.key = log_key(job_id)
         self.cancel_key = cancel_key(job_id)
@@ -77,7 +185,10 @@ class DeltaLog:
         expiry = 0 if self._expiry_set else self.running_ttl
         keys = [self.key, self.cancel_key]
         args = [self.job_id, self.last_id, text, expiry, NOTIFY_CHANNEL]
-        entry_id, cancelled = self._script(keys=keys, args=args)
+        if self.batcher is not None:
+            entry_id, cancelled = self.batcher.append(keys, args)
+        else:
+            entry_id, cancelled = self._script(keys=keys, args=args)
         self.last_id = entry_id
         self._expiry_set = True
         self.entries += 1

@@ -26,6 +26,7 @@ from app.models import Job, utcnow
 from app.services.events import job_changed
 from app.streams import (
     DeltaLog,
+    append_batcher,
     cancel_key,
     error_entry,
     is_terminal,
@@ -41,6 +42,7 @@ from workers.providers.registry import UnknownModel
 
 log = logging.getLogger(__name__)
 
+MARK_RUNNING_WAIT = 0.02  # longest the `running` write waits for the upstream's headers
 CANCEL_CHECK_SECONDS = 0.5  # how often an idle run (waiting on the provider) looks for a cancel
 RETRY_DELAY_CAP = 30.0  # never wait longer than this between attempts, whatever Retry-After says
 CANCELLED_ERROR = {
@@ -252,6 +254,7 @@ class _Reader:
         self.queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.stream: Any = None
         self.deltas = 0
+        self.sent = threading.Event()  # the upstream answered (headers) or the call failed
         self._closed = False
         self._registry = registry
         self._request = request
@@ -262,7 +265,10 @@ class _Reader:
         put = self.queue.put
         try:
             provider, name = self._registry.resolve(self._request.model)
-            stream = provider.stream(_with_model(self._request, name))
+            try:
+                stream = provider.stream(_with_model(self._request, name))
+            finally:
+                self.sent.set()
             self.stream = stream
             if self._closed:
                 stream.close()
@@ -273,6 +279,7 @@ class _Reader:
                     put(("d", delta))
             put(("end", stream))
         except BaseException as exc:
+            self.sent.set()
             put(("err", exc))
 
     def close(self) -> None:
@@ -397,6 +404,7 @@ def _run(
         job_id,
         running_ttl=int(config["STREAM_LOG_TTL_SECONDS"]) + int(config["PROVIDER_TIMEOUT"]),
         final_ttl=int(config["STREAM_LOG_TTL_SECONDS"]),
+        batcher=append_batcher(redis_store.client),
     )
     run = _Run(
         job_id,
@@ -409,8 +417,11 @@ def _run(
     registry = registry_for(config)
     max_retries = int(config["STREAM_MAX_RETRIES"])
     reader = _Reader(registry, request)  # the upstream call starts now ...
-    time.sleep(0)  # (under gevent: let it send the request before the blocking DB write)
-    marked = _mark_running(job_id, worker)  # ... while the row says so
+    # ... and the row is marked while the provider works on its first token. The SDK yields
+    # before it sends (its pool probes idle connections), so wait for the response headers
+    # (or a short cap) rather than let the blocking DB write hold the request back.
+    reader.sent.wait(MARK_RUNNING_WAIT)
+    marked = _mark_running(job_id, worker)
     if marked is None:
         reader.close()
         return "not-queued"
