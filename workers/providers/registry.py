@@ -113,32 +113,42 @@ def _factory(
             ),
         )
         return lambda: MockProvider(name, settings)
+    # The SDK modules are imported when a provider is first built, not here: listing the
+    # names (the web does, per process) must not pay seconds of SDK imports.
     if kind == "openai":
-        from workers.providers.openai_provider import OpenAIProvider
-
         base_url = table.get("base_url") or (config.get("OPENAI_BASE_URL") if builtin else None)
         key = _key_source(table, config.get("OPENAI_API_KEY") if builtin else DUMMY_API_KEY)
         hint = "OPENAI_API_KEY" if builtin else f"the API key for provider '{name}'"
-        return lambda: OpenAIProvider(
-            name, api_key=key, base_url=base_url, timeout=timeout, key_hint=hint
-        )
-    if kind == "anthropic":
-        from workers.providers.anthropic_provider import AnthropicProvider
 
+        def make_openai() -> Any:
+            from workers.providers.openai_provider import OpenAIProvider
+
+            return OpenAIProvider(
+                name, api_key=key, base_url=base_url, timeout=timeout, key_hint=hint
+            )
+
+        return make_openai
+    if kind == "anthropic":
         base_url = table.get("base_url") or (config.get("ANTHROPIC_BASE_URL") if builtin else None)
         key = _key_source(table, config.get("ANTHROPIC_API_KEY") if builtin else DUMMY_API_KEY)
         hint = "ANTHROPIC_API_KEY" if builtin else f"the API key for provider '{name}'"
         max_tokens = int(
             _setting(table, "default_max_tokens", config, "ANTHROPIC_DEFAULT_MAX_TOKENS", 1024)
         )
-        return lambda: AnthropicProvider(
-            name,
-            api_key=key,
-            base_url=base_url,
-            timeout=timeout,
-            default_max_tokens=max_tokens,
-            key_hint=hint,
-        )
+
+        def make_anthropic() -> Any:
+            from workers.providers.anthropic_provider import AnthropicProvider
+
+            return AnthropicProvider(
+                name,
+                api_key=key,
+                base_url=base_url,
+                timeout=timeout,
+                default_max_tokens=max_tokens,
+                key_hint=hint,
+            )
+
+        return make_anthropic
     raise ValueError(f"providers.{name}: unknown kind {kind!r}; expected one of {KINDS}")
 
 
