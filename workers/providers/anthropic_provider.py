@@ -8,6 +8,7 @@ from typing import Any
 
 import anthropic
 
+from workers.providers import gevent_compat
 from workers.providers.base import (
     ChatRequest,
     Completion,
@@ -157,6 +158,7 @@ class AnthropicProvider:
                 retryable=False,
                 code="provider_not_configured",
             )
+        gevent_compat.install()
         with self._lock:
             if self._client is None:
                 self._client = anthropic.Anthropic(

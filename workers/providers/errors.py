@@ -13,6 +13,8 @@ try:  # the SDKs' own HTTP stack, when they use it
 except ImportError:  # pragma: no cover - older SDKs are built on httpx
     httpx2 = httpx  # type: ignore[assignment]
 
+RawResponse = httpx2.Response  # what the SDK's HTTP stack returns, for `cast_to`
+
 _TIMEOUTS: tuple[type[BaseException], ...] = (
     httpx2.TimeoutException,
     httpx.TimeoutException,

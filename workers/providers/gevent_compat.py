@@ -1,0 +1,66 @@
+"""Keep the SDKs' HTTP pool from yielding to the gevent hub when it probes idle connections.
+
+Before reusing a pooled keep-alive connection, httpcore checks that the socket has nothing
+to read with a zero-timeout `select.poll()`. Under gevent's monkey-patching that poll is
+gevent's, which parks the calling greenlet on the hub even with a zero timeout: every
+request yields once per idle connection in the pool before it is sent. With hundreds of
+greenlets and connections that made calls wait on each other (batch throughput fell to a
+sixth) and let other work run between building a request and sending it. A zero-timeout
+poll never blocks, so the original, unpatched `select.poll` is used instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import select
+import socket
+import sys
+from typing import Any
+
+_done = False
+
+
+def _native_poll() -> Any:
+    """The unpatched select.poll (gevent's replacement when monkey-patching is active)."""
+    if "gevent" in sys.modules:
+        try:
+            from gevent import monkey
+
+            return monkey.get_original("select", "poll")
+        except Exception:  # pragma: no cover - gevent without get_original
+            pass
+    return getattr(select, "poll", None)
+
+
+def _make_probe(poll: Any) -> Any:
+    readable = select.POLLIN
+
+    def is_socket_readable(sock: socket.socket | None) -> bool:
+        """Whether a pooled socket has data (or EOF) waiting; never blocks, never yields."""
+        fd = None if sock is None else sock.fileno()
+        if fd is None or fd < 0:
+            return True
+        probe = poll()
+        probe.register(fd, readable)
+        return bool(probe.poll(0))
+
+    return is_socket_readable
+
+
+def install() -> None:
+    """Patch httpcore2 / httpcore's sync backends (idempotent; a no-op if they are absent)."""
+    global _done
+    if _done:
+        return
+    _done = True
+    poll = _native_poll()
+    if poll is None:  # pragma: no cover - platforms without poll keep the library's probe
+        return
+    probe = _make_probe(poll)
+    for name in ("httpcore2._backends.sync", "httpcore._backends.sync"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "is_socket_readable"):
+            module.is_socket_readable = probe
