@@ -37,7 +37,9 @@ def _children(host: str, port: int, home: Path) -> dict[str, list[str]]:
             "--worker-connections", "10000", "--bind", f"{host}:{port}",
             "--graceful-timeout", "5", "--timeout", "120", "app:create_app()",
         ],
-        "stream": worker_argv("stream"),
+        # two stream worker processes: one is CPU-bound well before 50 concurrent streams
+        "stream": worker_argv("stream", name="stream1"),
+        "stream2": worker_argv("stream", name="stream2"),
         "batch": worker_argv("batch"),
         "sweeper": [
             py, "-m", "celery", "-A", "workers.celery_app", "beat", "--loglevel", "WARNING",
