@@ -44,6 +44,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "FILES_MAX_BYTES": (int, 200_000_000),
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
+    "BROKER_MAX_CONNECTIONS": (int, 1000),
     "STREAM_MAX_CONCURRENT": (int, 256),
     "STREAM_MAX_PER_TENANT": (int, 32),
     "STREAM_SLOT_QUEUED_SECONDS": (float, 120.0),

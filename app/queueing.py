@@ -21,11 +21,18 @@ def celery_init_app(app: Flask) -> None:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    transport = {"visibility_timeout": app.config["VISIBILITY_TIMEOUT"]}
+    # gevent pools ack hundreds of late-acked tasks at once: kombu's default of 10 Redis
+    # connections runs dry (MaxConnectionsError), the consumer reconnects and cancels its
+    # running tasks. Connections are opened lazily, so a high cap costs nothing idle.
+    transport = {
+        "visibility_timeout": app.config["VISIBILITY_TIMEOUT"],
+        "max_connections": app.config["BROKER_MAX_CONNECTIONS"],
+    }
     celery.conf.update(
         broker_url=app.config["REDIS_URL"],
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        broker_pool_limit=100,  # producers shared by the web's greenlets
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
