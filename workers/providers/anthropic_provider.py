@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import anthropic
 
-from workers.providers import gevent_compat
 from workers.providers.base import (
     ChatRequest,
     Completion,
@@ -18,6 +16,7 @@ from workers.providers.base import (
     error_from_status,
 )
 from workers.providers.errors import map_transport_error, upstream_message
+from workers.providers.sdk import SDKProvider
 from workers.providers.streaming import RawSSEStream, open_streaming, read_json
 
 STOP_REASONS = {
@@ -125,7 +124,7 @@ class AnthropicStream(RawSSEStream):
         return self._stopped or self.finish_reason is not None
 
 
-class AnthropicProvider:
+class AnthropicProvider(SDKProvider):
     """Claude models through the Messages API."""
 
     def __init__(
@@ -138,36 +137,15 @@ class AnthropicProvider:
         default_max_tokens: int = 1024,
         key_hint: str = "ANTHROPIC_API_KEY",
     ) -> None:
-        self.name = name
-        self._api_key = api_key
-        self._base_url = base_url
-        self._timeout = timeout
+        super().__init__(
+            name, api_key=api_key, base_url=base_url, timeout=timeout, key_hint=key_hint
+        )
         self._default_max_tokens = default_max_tokens
-        self._key_hint = key_hint
-        self._client: anthropic.Anthropic | None = None
-        self._lock = threading.Lock()
 
-    def _get_client(self) -> anthropic.Anthropic:
-        """The provider's SDK client, made on first use and then reused."""
-        if self._client is not None:
-            return self._client
-        api_key = self._api_key() if callable(self._api_key) else self._api_key
-        if not api_key:
-            raise ProviderError(
-                f"{self._key_hint} is not set; cannot call provider '{self.name}'",
-                retryable=False,
-                code="provider_not_configured",
-            )
-        gevent_compat.install()
-        with self._lock:
-            if self._client is None:
-                self._client = anthropic.Anthropic(
-                    api_key=api_key,
-                    base_url=self._base_url,
-                    timeout=self._timeout,
-                    max_retries=0,
-                )
-        return self._client
+    def _make_client(self, api_key: str) -> anthropic.Anthropic:
+        return anthropic.Anthropic(
+            api_key=api_key, base_url=self._base_url, timeout=self._timeout, max_retries=0
+        )
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
         """SDK keyword arguments for a request."""

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import openai
 
-from workers.providers import gevent_compat
 from workers.providers.base import (
     ChatRequest,
     Completion,
@@ -19,6 +17,7 @@ from workers.providers.base import (
     estimate_tokens,
 )
 from workers.providers.errors import RawResponse, map_transport_error, upstream_message
+from workers.providers.sdk import SDKProvider
 from workers.providers.streaming import RawSSEStream
 
 _FINISH_REASONS = {"function_call": "tool_calls"}
@@ -89,7 +88,7 @@ class OpenAIStream(RawSSEStream):
         return text
 
 
-class OpenAIProvider:
+class OpenAIProvider(SDKProvider):
     """Chat completions against api.openai.com or any OpenAI-compatible server."""
 
     def __init__(
@@ -101,35 +100,14 @@ class OpenAIProvider:
         timeout: float = 600.0,
         key_hint: str = "OPENAI_API_KEY",
     ) -> None:
-        self.name = name
-        self._api_key = api_key
-        self._base_url = base_url
-        self._timeout = timeout
-        self._key_hint = key_hint
-        self._client: openai.OpenAI | None = None
-        self._lock = threading.Lock()
+        super().__init__(
+            name, api_key=api_key, base_url=base_url, timeout=timeout, key_hint=key_hint
+        )
 
-    def _get_client(self) -> openai.OpenAI:
-        """The provider's SDK client, made on first use and then reused."""
-        if self._client is not None:
-            return self._client
-        api_key = self._api_key() if callable(self._api_key) else self._api_key
-        if not api_key:
-            raise ProviderError(
-                f"{self._key_hint} is not set; cannot call provider '{self.name}'",
-                retryable=False,
-                code="provider_not_configured",
-            )
-        gevent_compat.install()
-        with self._lock:
-            if self._client is None:
-                self._client = openai.OpenAI(
-                    api_key=api_key,
-                    base_url=self._base_url,
-                    timeout=self._timeout,
-                    max_retries=0,
-                )
-        return self._client
+    def _make_client(self, api_key: str) -> openai.OpenAI:
+        return openai.OpenAI(
+            api_key=api_key, base_url=self._base_url, timeout=self._timeout, max_retries=0
+        )
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
         """SDK keyword arguments for a request."""
