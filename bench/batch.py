@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import psutil
 
+from app.embedded_redis import die_with_parent
 from tests.stack import Stack, free_port
 
 
@@ -67,7 +68,7 @@ class Bench:
         self.upstream = subprocess.Popen(
             [py, "-m", "tests.fake_upstream", "--port", str(self.upstream_port),
              "--delay-ms", str(self.delay_ms), "--tokens", "20"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )  # fmt: skip
         if not self.env.get("REDIS_URL"):
             from app import embedded_redis

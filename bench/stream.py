@@ -26,6 +26,7 @@ import httpx
 import redis
 
 from app.cli.admin import worker_argv
+from app.embedded_redis import die_with_parent
 from tests.stack import free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -176,7 +177,12 @@ class BenchStack:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.procs[name] = proc
         return proc

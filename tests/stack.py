@@ -17,6 +17,7 @@ import httpx
 import psycopg
 
 from app.cli.admin import worker_argv
+from app.embedded_redis import die_with_parent
 
 
 def free_port() -> int:
@@ -59,7 +60,12 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs[name] = subprocess.Popen(
-            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # an interrupted session leaves no orphan consumers
         )
 
     def start_web(self) -> None:

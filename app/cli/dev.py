@@ -79,7 +79,10 @@ def dev(host: str, port: int) -> None:
         flask_migrate.upgrade()
         key = _dev_key(home)
 
-    procs = {name: subprocess.Popen(argv) for name, argv in _children(host, port, home).items()}
+    procs = {
+        name: subprocess.Popen(argv, preexec_fn=embedded_redis.die_with_parent)
+        for name, argv in _children(host, port, home).items()
+    }
     base = f"http://{host}:{port}"
     click.secho(
         f"\nSluice is starting (data in {home})\n"
