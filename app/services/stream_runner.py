@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -266,7 +266,7 @@ class _Reader:
         try:
             provider, name = self._registry.resolve(self._request.model)
             try:
-                stream = provider.stream(_with_model(self._request, name))
+                stream = provider.stream(replace(self._request, model=name))
             finally:
                 self.sent.set()
             self.stream = stream
@@ -292,18 +292,6 @@ class _Reader:
             except Exception:
                 log.debug("provider stream close failed", exc_info=True)
         self.thread.join(2)
-
-
-def _with_model(request: ChatRequest, name: str) -> ChatRequest:
-    return ChatRequest(
-        model=name,
-        messages=request.messages,
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        stop=request.stop,
-        user=request.user,
-    )
 
 
 @dataclass
