@@ -705,7 +705,7 @@ def estimate_input_tokens(messages: list[dict[str, Any]]) -> int:
     """A rough input-token estimate for routing (the providers' estimator when present)."""
     estimator: Callable[[list[dict[str, Any]]], int]
     try:
-        from workers.providers.base import estimate_tokens as estimator
+        from app.providers.base import estimate_tokens as estimator
     except ImportError:  # pragma: no cover - providers always ship it
         estimator = _fallback_estimate
     try:

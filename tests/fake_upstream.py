@@ -22,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
 
-from workers.providers.base import content_text, estimate_tokens, last_user_text
-from workers.providers.mock import mock_words, split_tokens
+from app.providers.base import content_text, estimate_tokens, last_user_text
+from app.providers.mock import mock_words, split_tokens
 
 
 @dataclass(frozen=True)

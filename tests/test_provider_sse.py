@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.providers.anthropic_provider import AnthropicStream
-from workers.providers.base import ChatRequest, ProviderError
-from workers.providers.openai_provider import OpenAIStream, map_openai_error
+from app.providers.anthropic_provider import AnthropicStream
+from app.providers.base import ChatRequest, ProviderError
+from app.providers.openai_provider import OpenAIStream, map_openai_error
 
 
 class CannedResponse:

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_upstream import FakeUpstream
-from workers.providers import (
+from app.providers import (
     ChatRequest,
     Provider,
     ProviderError,
@@ -22,8 +21,9 @@ from workers.providers import (
     build_registry,
     estimate_tokens,
 )
-from workers.providers.base import parse_retry_after
-from workers.providers.mock import MockProvider, MockSettings
+from app.providers.base import parse_retry_after
+from app.providers.mock import MockProvider, MockSettings
+from tests.fake_upstream import FakeUpstream
 
 SDK_PROVIDERS = ["openai", "anthropic"]
 

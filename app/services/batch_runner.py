@@ -27,6 +27,10 @@ from sqlalchemy import and_, bindparam, func, select, update
 
 from app.extensions import celery, db, redis_store
 from app.models import Batch, Job, utcnow
+from app.providers.base import (
+    ChatRequest,
+    ProviderError,
+)
 from app.queueing import BATCH_QUEUE
 from app.services import events
 from app.services.batches import (
@@ -40,10 +44,6 @@ from app.services.batches import (
     stop_reason,
 )
 from app.services.heartbeat import live_workers
-from workers.providers.base import (
-    ChatRequest,
-    ProviderError,
-)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Outcome:
 
 
 def _registry() -> Any:
-    from workers.providers.registry import build_registry
+    from app.providers.registry import build_registry
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     registry = app.extensions.get("sluice_provider_registry")
@@ -260,7 +260,7 @@ def _failure(exc: BaseException, tries: int) -> dict[str, Any]:
 
 def run_item(row: Any, cancelled: Any) -> Outcome:
     """Call the provider for one claimed item, retrying retryable failures."""
-    from workers.providers.registry import UnknownModel
+    from app.providers.registry import UnknownModel
 
     max_tries = max(1, int(current_app.config["BATCH_MAX_ATTEMPTS"]))
     try:

@@ -74,7 +74,7 @@ class _Models:
     """Resolves "provider/model" names once per distinct name."""
 
     def __init__(self) -> None:
-        from workers.providers.registry import build_registry
+        from app.providers.registry import build_registry
 
         self._registry = build_registry(current_app.config)
         self._seen: dict[str, str] = {}
@@ -82,7 +82,7 @@ class _Models:
     def provider(self, model: Any, where: str) -> str:
         if isinstance(model, str) and model in self._seen:
             return self._seen[model]
-        from workers.providers.registry import UnknownModel
+        from app.providers.registry import UnknownModel
 
         try:
             provider, _ = self._registry.resolve(model)

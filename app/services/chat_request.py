@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.errors import APIError
-from workers.providers import ChatRequest, build_registry
-from workers.providers.base import estimate_tokens
+from app.providers import ChatRequest, build_registry
+from app.providers.base import estimate_tokens
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Parameters Sluice cannot honour: rejected unless given their neutral value.

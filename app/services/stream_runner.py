@@ -23,6 +23,9 @@ from sqlalchemy import select, update
 from app import admission
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
+from app.providers import ChatRequest, ProviderError, ProviderRegistry, Usage, build_registry
+from app.providers.base import estimate_tokens
+from app.providers.registry import UnknownModel
 from app.services.events import job_changed
 from app.streams import (
     DeltaLog,
@@ -36,9 +39,6 @@ from app.streams import (
     text_of,
     write_terminal,
 )
-from workers.providers import ChatRequest, ProviderError, ProviderRegistry, Usage, build_registry
-from workers.providers.base import estimate_tokens
-from workers.providers.registry import UnknownModel
 
 log = logging.getLogger(__name__)
 

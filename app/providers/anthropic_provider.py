@@ -7,7 +7,7 @@ from typing import Any
 
 import anthropic
 
-from workers.providers.base import (
+from app.providers.base import (
     ChatRequest,
     Completion,
     ProviderError,
@@ -15,9 +15,9 @@ from workers.providers.base import (
     content_text,
     error_from_status,
 )
-from workers.providers.errors import map_transport_error, upstream_message
-from workers.providers.sdk import SDKProvider
-from workers.providers.streaming import RawSSEStream, open_streaming, read_json
+from app.providers.errors import map_transport_error, upstream_message
+from app.providers.sdk import SDKProvider
+from app.providers.streaming import RawSSEStream, open_streaming, read_json
 
 STOP_REASONS = {
     "end_turn": "stop",

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from workers.providers.base import (
+from app.providers.base import (
     ChatRequest,
     Completion,
     ProviderError,

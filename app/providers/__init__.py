@@ -1,6 +1,6 @@
 """LLM providers behind one interface: stream() and complete()."""
 
-from workers.providers.base import (
+from app.providers.base import (
     ChatRequest,
     Completion,
     Provider,
@@ -9,7 +9,7 @@ from workers.providers.base import (
     Usage,
     estimate_tokens,
 )
-from workers.providers.registry import ProviderRegistry, UnknownModel, build_registry
+from app.providers.registry import ProviderRegistry, UnknownModel, build_registry
 
 __all__ = [
     "ChatRequest",

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from workers.providers.base import Provider
+from app.providers.base import Provider
 
 DUMMY_API_KEY = "sk-none"
 KINDS = ("openai", "anthropic", "mock")
@@ -103,7 +103,7 @@ def _factory(
     kind = str(table.get("kind", name if builtin else "openai"))
     timeout = float(_setting(table, "timeout", config, "PROVIDER_TIMEOUT", 600.0))
     if kind == "mock":
-        from workers.providers.mock import MockProvider, MockSettings
+        from app.providers.mock import MockProvider, MockSettings
 
         settings = MockSettings(
             length=int(_setting(table, "length", config, "MOCK_LENGTH", 40)),
@@ -121,7 +121,7 @@ def _factory(
         hint = "OPENAI_API_KEY" if builtin else f"the API key for provider '{name}'"
 
         def make_openai() -> Any:
-            from workers.providers.openai_provider import OpenAIProvider
+            from app.providers.openai_provider import OpenAIProvider
 
             return OpenAIProvider(
                 name, api_key=key, base_url=base_url, timeout=timeout, key_hint=hint
@@ -137,7 +137,7 @@ def _factory(
         )
 
         def make_anthropic() -> Any:
-            from workers.providers.anthropic_provider import AnthropicProvider
+            from app.providers.anthropic_provider import AnthropicProvider
 
             return AnthropicProvider(
                 name,

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from workers.providers.base import ChatRequest, ProviderError, Usage, estimate_tokens
+from app.providers.base import ChatRequest, ProviderError, Usage, estimate_tokens
 
 ErrorMapper = Callable[[BaseException], ProviderError | None]
 

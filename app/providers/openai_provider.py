@@ -8,7 +8,7 @@ from typing import Any
 
 import openai
 
-from workers.providers.base import (
+from app.providers.base import (
     ChatRequest,
     Completion,
     ProviderError,
@@ -16,9 +16,9 @@ from workers.providers.base import (
     error_from_status,
     estimate_tokens,
 )
-from workers.providers.errors import RawResponse, map_transport_error, upstream_message
-from workers.providers.sdk import SDKProvider
-from workers.providers.streaming import RawSSEStream
+from app.providers.errors import RawResponse, map_transport_error, upstream_message
+from app.providers.sdk import SDKProvider
+from app.providers.streaming import RawSSEStream
 
 _FINISH_REASONS = {"function_call": "tool_calls"}
 

@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from workers.providers import gevent_compat
-from workers.providers.base import ProviderError
+from app.providers import gevent_compat
+from app.providers.base import ProviderError
 
 
 class SDKProvider:

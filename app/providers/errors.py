@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from workers.providers.base import ProviderError
+from app.providers.base import ProviderError
 
 try:  # the SDKs' own HTTP stack, when they use it
     import httpx2
