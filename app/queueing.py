@@ -44,9 +44,7 @@ def celery_init_app(app: Flask) -> None:
         task_default_queue=BATCH_QUEUE,
         task_routes={"sluice.stream.*": {"queue": STREAM_QUEUE}},
         imports=["workers.tasks", "workers.stream_tasks", "workers.batch_tasks"],
-        beat_schedule={
-            "sweep": {"task": "sluice.sweep", "schedule": 5.0, "options": {"expires": 5}},
-        },
+        beat_schedule={},  # the sweeper runs inside beat's process (app.services.sweeper)
         beat_schedule_filename=str(Path(app.config["SLUICE_HOME"]) / "celerybeat-schedule"),
         worker_hijack_root_logger=False,
     )

@@ -6,10 +6,11 @@ import os
 import threading
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import beat_init, worker_ready, worker_shutdown
 
 from app import create_app
 from app.extensions import redis_store
+from app.services import sweeper
 from app.services.heartbeat import beat, forget
 
 flask_app = create_app()
@@ -38,3 +39,9 @@ def _start_heartbeat(sender: Any, **_: Any) -> None:
 def _stop_heartbeat(sender: Any, **_: Any) -> None:
     _stop.set()
     forget(redis_store.client, sender.hostname)
+
+
+@beat_init.connect
+def _start_sweeper(sender: Any, **_: Any) -> None:
+    """Beat runs the sweeper itself, so no queue backlog can delay or expire a sweep."""
+    sweeper.start(flask_app)
