@@ -16,8 +16,9 @@ from app.errors import APIError
 from app.extensions import db
 from app.models import Batch, Job, utcnow
 from app.models.batch import TERMINAL
+from app.models.job import STATUSES
 from app.policy import RouteRequest, decide
-from app.services import batches, documents
+from app.services import batch_lifecycle, batches, documents
 
 bp = Blueprint("document_batches", __name__)
 
@@ -28,7 +29,6 @@ JSONL_TYPES = (
     "application/json-lines",
     "text/jsonl",
 )
-RESULT_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 PAGE = 1000
 
 
@@ -38,7 +38,7 @@ def _ts(value: datetime | None) -> int | None:
 
 def batch_json(batch: Batch, counts: dict[str, int] | None = None) -> dict[str, Any]:
     """The document batch object."""
-    counts = counts or batches.batch_counts(batch)
+    counts = counts or batches.item_counts(batch)
     return {
         "id": batch.id,
         "object": "document_batch",
@@ -207,7 +207,7 @@ def get(batch_id: str) -> ResponseReturnValue:
 
 @bp.post("/document-batches/<batch_id>/cancel")
 def cancel(batch_id: str) -> ResponseReturnValue:
-    batch = batches.cancel_batch(_batch_or_404(batch_id))
+    batch = batch_lifecycle.cancel_batch(_batch_or_404(batch_id))
     return jsonify(batch_json(batch))
 
 
@@ -232,8 +232,8 @@ def results(batch_id: str) -> ResponseReturnValue:
     """One JSONL line per document in submission order; ?status= filters."""
     batch = _batch_or_404(batch_id)
     status = request.args.get("status") or None
-    if status is not None and status not in RESULT_STATUSES:
-        raise APIError(400, f"status must be one of {', '.join(RESULT_STATUSES)}", param="status")
+    if status is not None and status not in STATUSES:
+        raise APIError(400, f"status must be one of {', '.join(STATUSES)}", param="status")
     engine = db.engine
     jobs = Job.__table__
     columns = [
