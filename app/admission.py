@@ -100,12 +100,12 @@ def limits_for(route: Route) -> Limits:
     config = current_app.config
     global_max = policy.max_streams
     if global_max is None:
-        global_max = int(config["STREAM_MAX_CONCURRENT"])
+        global_max = config["STREAM_MAX_CONCURRENT"]
     tenant_max = route.tenant_max_streams
     if tenant_max is None:
         tenant_max = policy.max_streams_per_tenant
     if tenant_max is None:
-        tenant_max = int(config["STREAM_MAX_PER_TENANT"])
+        tenant_max = config["STREAM_MAX_PER_TENANT"]
     return Limits(global_max, tenant_max)
 
 
@@ -115,7 +115,7 @@ def _ms(seconds: float) -> int:
 
 def try_acquire(tenant_id: str, job_id: str, limits: Limits) -> tuple[int, int, int]:
     """One atomic attempt: (1 held | 0 global full | -1 tenant full, global count, tenant count)."""
-    ttl = _ms(float(current_app.config["STREAM_SLOT_QUEUED_SECONDS"]))
+    ttl = _ms(current_app.config["STREAM_SLOT_QUEUED_SECONDS"])
     result = redis_store.client.eval(
         _ACQUIRE,
         3,
@@ -194,7 +194,7 @@ def renew_stream_slot(job_id: str) -> None:
     A no-op once the slot was released (or its record expired), so a late renew can
     never resurrect a finished job's slot.
     """
-    ttl = _ms(float(current_app.config["STREAM_LEASE_SECONDS"]))
+    ttl = _ms(current_app.config["STREAM_LEASE_SECONDS"])
     redis_store.client.eval(
         _RENEW, 2, GLOBAL_KEY, job_key(job_id), ttl, job_id, JOB_KEY_GRACE_MS, f"{PREFIX}:tenant:"
     )

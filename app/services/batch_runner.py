@@ -25,13 +25,13 @@ import redis
 from flask import current_app
 from sqlalchemy import and_, bindparam, func, select, update
 
-from app.extensions import celery, db, redis_store
+from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
 from app.providers.base import (
     ChatRequest,
     ProviderError,
 )
-from app.queueing import BATCH_QUEUE
+from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 from app.services.batches import (
     JOB_TASK,
@@ -262,7 +262,7 @@ def run_item(row: Any, cancelled: Any) -> Outcome:
     """Call the provider for one claimed item, retrying retryable failures."""
     from app.providers.registry import UnknownModel
 
-    max_tries = max(1, int(current_app.config["BATCH_MAX_ATTEMPTS"]))
+    max_tries = max(1, current_app.config["BATCH_MAX_ATTEMPTS"])
     try:
         provider, upstream_model = _registry().resolve(row.model)
         request = chat_request(row.request, upstream_model)
@@ -402,7 +402,7 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
     from gevent.pool import Pool
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    size = max(1, min(len(rows), int(app.config["BATCH_ITEM_CONCURRENCY"])))
+    size = max(1, min(len(rows), app.config["BATCH_ITEM_CONCURRENCY"]))
 
     def work(row: Any) -> Outcome:
         with app.app_context():
@@ -481,7 +481,7 @@ def requeue_lost_items() -> int:
     lost = [w for w in workers if w and w not in live]
     if not lost:
         return 0
-    max_attempts = max(1, int(config["BATCH_MAX_ATTEMPTS"]))
+    max_attempts = max(1, config["BATCH_MAX_ATTEMPTS"])
     requeued = 0
     for worker in lost:
         with db.engine.connect() as conn:
@@ -534,7 +534,7 @@ def _resend(indexes: set[tuple[str, int]], singles: list[str]) -> None:
         for lo, hi in _runs(sorted(items)):
             enqueue_chunks(batch_id, lo, hi)
     for job_id in singles:
-        celery.send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
+        send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
 
 
 def _runs(indexes: list[int]) -> Iterator[tuple[int, int]]:
