@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
-from flask.blueprints import BlueprintSetupState
 
 from app import policy
 from app.api.chat import run_routed
@@ -18,12 +17,6 @@ bp = Blueprint("submit", __name__)
 
 JOB_FIELDS = ("mode", "priority", "metadata", "document", "instructions")
 MAX_METADATA_KEYS = 16
-
-
-@bp.record_once
-def _init_policy(state: BlueprintSetupState) -> None:
-    """Validate the routing policy when the app is built (create_app raises ConfigError)."""
-    policy.init_app(state.app)
 
 
 @bp.after_request

@@ -102,7 +102,7 @@ def run_item(row: Any, cancelled: Any) -> ItemResult:
     """Call the provider for one claimed item, retrying retryable failures."""
     from app.providers.registry import UnknownModel
 
-    max_tries = max(1, int(current_app.config["BATCH_MAX_ATTEMPTS"]))
+    max_tries = max(1, current_app.config["BATCH_MAX_ATTEMPTS"])
     try:
         provider, upstream_model = _registry().resolve(row.model)
         request = chat_request(row.request, upstream_model)
@@ -242,7 +242,7 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
     from gevent.pool import Pool
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    size = max(1, min(len(rows), int(app.config["BATCH_ITEM_CONCURRENCY"])))
+    size = max(1, min(len(rows), app.config["BATCH_ITEM_CONCURRENCY"]))
 
     def work(row: Any) -> ItemResult:
         with app.app_context():

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from flask import current_app
 from sqlalchemy import and_, func, select, update
 
-from app.extensions import celery, db, redis_store
+from app.extensions import db, redis_store
 from app.models import utcnow
-from app.queueing import BATCH_QUEUE
+from app.queueing import BATCH_QUEUE, send_task
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
 from app.services.batches import JOB_TASK, batches_t, enqueue_chunks, jobs_t
 from app.services.heartbeat import live_workers
@@ -36,7 +36,7 @@ def requeue_lost_items() -> int:
     lost = [w for w in workers if w and w not in live]
     if not lost:
         return 0
-    max_attempts = max(1, int(config["BATCH_MAX_ATTEMPTS"]))
+    max_attempts = max(1, config["BATCH_MAX_ATTEMPTS"])
     requeued = 0
     for worker in lost:
         with db.engine.connect() as conn:
@@ -89,7 +89,7 @@ def _resend(indexes: set[tuple[str, int]], singles: list[str]) -> None:
         for lo, hi in _runs(sorted(items)):
             enqueue_chunks(batch_id, lo, hi)
     for job_id in singles:
-        celery.send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
+        send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
 
 
 def _runs(indexes: list[int]) -> Iterator[tuple[int, int]]:

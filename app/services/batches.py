@@ -20,11 +20,11 @@ from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.errors import APIError
-from app.extensions import celery, db, redis_store
+from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
 from app.models.job import STATUSES, TERMINAL
 from app.policy import Route
-from app.queueing import BATCH_QUEUE
+from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 
 log = logging.getLogger(__name__)
@@ -219,12 +219,10 @@ def create_batch(
 
 def enqueue_chunks(batch_id: str, first: int, last: int) -> int:
     """Send chunk tasks covering item indexes first..last; returns how many were sent."""
-    size = max(1, int(current_app.config["BATCH_CHUNK_SIZE"]))
+    size = max(1, current_app.config["BATCH_CHUNK_SIZE"])
     sent = 0
     for lo in range(first, last + 1, size):
-        celery.send_task(
-            CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE
-        )
+        send_task(CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE)
         sent += 1
     return sent
 
@@ -258,7 +256,7 @@ def submit_batch_job(
     )
     db.session.add(job)
     db.session.commit()
-    celery.send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
+    send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
     events.job_changed(job)
     return job
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from app.extensions import celery, db
+from app.extensions import db
 from app.models import Job, new_id, utcnow
 from app.policy import Route
-from app.queueing import STREAM_QUEUE
+from app.queueing import STREAM_QUEUE, send_task
 from app.services.chat_request import ChatBody
 from app.services.events import job_changed
 
@@ -103,7 +103,7 @@ def start_stream_job(
     db.session.execute(insert(Job), [values])
     db.session.commit()
     job = Job(**values)
-    celery.send_task(STREAM_TASK, args=[job.id, stream_task_payload(body)], queue=STREAM_QUEUE)
+    send_task(STREAM_TASK, args=[job.id, stream_task_payload(body)], queue=STREAM_QUEUE)
     job_changed(job)
     return job
 

@@ -165,7 +165,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
     """One streaming pass over the input file; every bad line becomes an error naming it."""
     found = Validation()
     seen: set[str] = set()
-    limit = int(config["BATCH_MAX_DOCUMENTS"])
+    limit = config["BATCH_MAX_DOCUMENTS"]
     for number, raw in iter_lines(file):
         found.count += 1
         line = _parse_line(raw)
