@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from app.errors import APIError
 from app.services.batches import BatchItem
+from app.validation import check_metadata
 
 TEXT_TYPES = (".txt", ".md", ".markdown", ".text")
 HTML_TYPES = (".html", ".htm")
@@ -101,8 +102,7 @@ def parse_options(source: Mapping[str, Any]) -> Options:
             metadata = json.loads(metadata) if metadata else None
         except ValueError:
             raise APIError(400, "metadata must be a JSON object", param="metadata") from None
-    if metadata is not None and not isinstance(metadata, dict):
-        raise APIError(400, "metadata must be an object", param="metadata")
+    metadata = check_metadata(metadata)
     window = source.get("completion_window") or None
     if window is not None and not isinstance(window, str):
         raise APIError(

@@ -19,20 +19,21 @@ from sqlalchemy import select
 
 from app.errors import APIError
 from app.extensions import db
-from app.models import Batch, File, Job, utcnow
-from app.policy import Route, RouteRequest, decide, estimate_input_tokens
+from app.models import Batch, File, Job, epoch, utcnow
+from app.pagination import fetch_page
+from app.policy import Route, RouteRequest, estimate_input_tokens
 from app.services import batches as engine
-from app.services import events
+from app.services import events, front_door
 from app.services import files as storage
 from app.services.chat_request import parse_chat_body
 from app.services.jobs import completion_object
+from app.validation import check_metadata
 
 KIND = "openai"
 ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = ("24h",)
 MAX_ERRORS = 1000
 YIELD_EVERY = 200
-METADATA_MAX_KEYS = 16
 ERROR_STATUSES = ("failed", "cancelled", "expired")
 
 
@@ -98,27 +99,6 @@ def check_create_params(body: Any) -> tuple[str, str, str, dict[str, str] | None
         values["completion_window"],
         check_metadata(body.get("metadata")),
     )
-
-
-def check_metadata(metadata: Any) -> dict[str, str] | None:
-    """OpenAI's metadata rules: up to 16 string pairs, keys <= 64 and values <= 512 chars."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise APIError(400, "Invalid type for 'metadata': expected an object.", param="metadata")
-    if len(metadata) > METADATA_MAX_KEYS:
-        raise APIError(
-            400, f"Invalid 'metadata': at most {METADATA_MAX_KEYS} keys.", param="metadata"
-        )
-    for key, value in metadata.items():
-        if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
-            raise APIError(
-                400,
-                "Invalid 'metadata': keys must be at most 64 characters and values strings "
-                "of at most 512 characters.",
-                param="metadata",
-            )
-    return metadata
 
 
 def input_file(tenant_id: str, file_id: str) -> File:
@@ -272,15 +252,11 @@ def create(
 ) -> Batch:
     """POST /v1/batches: validate, route, then a failed batch or a running one."""
     file_id, endpoint, window, metadata = check_create_params(params)
-    if idempotency_key:
-        existing = engine.find_by_idempotency_key(tenant_id, idempotency_key)
-        if existing is not None and existing.kind == KIND:
-            return existing
     file = input_file(tenant_id, file_id)
     config = current_app.config
     found = validate_input(file, endpoint, config)
     model = next(iter(found.models)) if len(found.models) == 1 else None
-    route = decide(
+    route = front_door.route(
         RouteRequest(
             endpoint="/v1/batches",
             tenant_id=tenant_id,
@@ -291,8 +267,6 @@ def create(
             metadata=dict(metadata or {}),
         )
     )
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
     if found.errors:
         return _failed_batch(
             tenant_id, file_id, endpoint, window, metadata, found, route, idempotency_key, model
@@ -359,10 +333,7 @@ def get(tenant_id: str, batch_id: str) -> Batch:
 def list_batches(tenant_id: str, *, limit: int, after: str | None) -> tuple[list[Batch], bool]:
     """One page of the tenant's OpenAI batches, newest first, and whether more follow."""
     query = select(Batch).where(Batch.tenant_id == tenant_id, Batch.kind == KIND)
-    if after:
-        query = query.where(Batch.id < after)
-    rows = list(db.session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return fetch_page(query, Batch.id, limit=limit, after=after)
 
 
 def cancel(batch: Batch) -> Batch:
@@ -409,7 +380,7 @@ def errors_object(batch: Batch) -> dict[str, Any] | None:
 
 def serialize_batch(batch: Batch) -> dict[str, Any]:
     """OpenAI's batch object, every field present."""
-    unix = storage.unix
+    unix = epoch
     return {
         "id": batch.id,
         "object": "batch",
@@ -452,7 +423,7 @@ def chat_completion_object(job: Job) -> dict[str, Any]:
     return completion_object(
         job.id,
         job.model,
-        storage.unix(job.created_at),
+        epoch(job.created_at),
         job.output or "",
         job.finish_reason,
         {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},

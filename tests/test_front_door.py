@@ -1,0 +1,115 @@
+"""The four front doors share one path: routing, rejects, Idempotency-Key, Prefer, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import policy
+
+CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
+DOCS = {"model": "mock/echo", "instructions": "x", "documents": [{"id": "1", "text": "one"}]}
+
+
+def batch_line(custom_id: str = "a") -> bytes:
+    line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": CHAT}
+    return json.dumps(line).encode() + b"\n"
+
+
+@pytest.fixture
+def http(app: Flask, api_key: str) -> Iterator[FlaskClient]:
+    """An in-process client (no workers needed) authenticated as this test's tenant."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
+    yield client
+
+
+def upload_batch_file(http: FlaskClient, content: bytes) -> str:
+    data = {"purpose": "batch", "file": (io.BytesIO(content), "in.jsonl")}
+    response = http.post("/v1/files", data=data, content_type="multipart/form-data")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    file_id: str = response.get_json()["id"]
+    return file_id
+
+
+@pytest.fixture
+def closed(app: Flask) -> Iterator[None]:
+    """The in-process app's policy rejects everything (restored afterwards)."""
+    holder = policy.holder(app)
+    assert holder is not None
+    saved = holder.policy
+    rule = {"name": "closed", "route": "reject", "status": 403, "message": "no {endpoint}"}
+    holder.policy = policy.parse_policy({"rules": [rule]})
+    try:
+        yield
+    finally:
+        holder.policy = saved
+
+
+def test_every_front_door_rejects_the_same_way(http: FlaskClient, closed: None) -> None:
+    file_id = upload_batch_file(http, batch_line())
+    doors: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/jobs", CHAT),
+        ("/v1/document-batches", DOCS),
+        (
+            "/v1/batches",
+            {
+                "input_file_id": file_id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+        ),
+    ]
+    for path, body in doors:
+        response = http.post(path, json=body)
+        assert response.status_code == 403, (path, response.get_data(as_text=True))
+        assert response.headers["X-Sluice-Route"] == "reject; rule=closed", path
+        error = response.get_json()["error"]
+        assert error["code"] == "rejected_by_policy" and error["rule"] == "closed", path
+        assert error["message"] == f"no {path}" and error["type"] == "permission_error", path
+
+
+def test_idempotency_key_is_scoped_by_batch_kind(http: FlaskClient) -> None:
+    """The same key on /v1/document-batches and /v1/batches names two batches, one of each."""
+    headers = {"Idempotency-Key": "shared-key"}
+    file_id = upload_batch_file(http, b"not json\n")  # fails validation: nothing runs
+    openai_body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    docs = http.post("/v1/document-batches", json=DOCS, headers=headers)
+    assert docs.status_code == 202, docs.get_data(as_text=True)
+    openai_batch = http.post("/v1/batches", json=openai_body, headers=headers)
+    assert openai_batch.status_code == 200, openai_batch.get_data(as_text=True)
+    assert openai_batch.get_json()["object"] == "batch"
+    assert openai_batch.get_json()["id"] != docs.get_json()["id"]
+    again_docs = http.post("/v1/document-batches", json=DOCS, headers=headers)
+    assert again_docs.status_code == 200 and again_docs.headers["Idempotent-Replayed"] == "true"
+    assert again_docs.get_json()["id"] == docs.get_json()["id"]
+    again_openai = http.post("/v1/batches", json=openai_body, headers=headers)
+    assert again_openai.get_json()["id"] == openai_batch.get_json()["id"]
+
+
+@pytest.mark.parametrize("path", ["/v1/document-batches", "/v1/batches"])
+def test_idempotency_key_over_255_characters(http: FlaskClient, path: str) -> None:
+    response = http.post(path, json=DOCS, headers={"Idempotency-Key": "k" * 256})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_list_endpoints_share_one_pagination(http: FlaskClient) -> None:
+    for path in ("/v1/jobs", "/v1/document-batches", "/v1/batches", "/v1/files"):
+        for bad in ("x", "0", "100001"):
+            response = http.get(path, query_string={"limit": bad})
+            assert response.status_code == 400, (path, bad)
+            assert response.get_json()["error"]["param"] == "limit"
+        empty = http.get(path, query_string={"after": "zzz"}).get_json()
+        assert empty["object"] == "list" and empty["has_more"] is False, path
