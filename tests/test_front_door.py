@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -113,3 +115,45 @@ def test_list_endpoints_share_one_pagination(http: FlaskClient) -> None:
             assert response.get_json()["error"]["param"] == "limit"
         empty = http.get(path, query_string={"after": "zzz"}).get_json()
         assert empty["object"] == "list" and empty["has_more"] is False, path
+
+
+def test_live_prefer_respond_async_routes_to_batch(client: httpx.Client) -> None:
+    """RFC 7240 respond-async on both interactive doors: 202, Location, Preference-Applied."""
+    prefer = {"Prefer": "respond-async"}
+    for path, body in (("/v1/jobs", CHAT), ("/v1/chat/completions", CHAT | {"stream": True})):
+        response = client.post(path, json=body, headers=prefer)
+        assert response.status_code == 202, (path, response.text)
+        job = response.json()
+        assert response.headers["Location"] == f"/v1/jobs/{job['id']}", path
+        assert response.headers["Preference-Applied"] == "respond-async", path
+        assert response.headers["X-Sluice-Route"] == "batch; rule=prefer-async", path
+        assert job["mode"] == "batch" and job["endpoint"] == path
+    with client.stream("POST", "/v1/jobs", json=CHAT | {"mode": "stream"}, headers=prefer) as kept:
+        assert kept.status_code == 200  # an explicit mode=stream keeps the stream
+        assert kept.headers["content-type"].startswith("text/event-stream")
+        kept.read()
+
+
+def test_live_prefer_wait_answers_when_the_job_ends_in_time(client: httpx.Client) -> None:
+    response = client.post("/v1/jobs", json=CHAT, headers={"Prefer": "respond-async, wait=30"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded" and job["output"] == "hi" and job["mode"] == "batch"
+    assert response.headers["Preference-Applied"] == "wait=30"
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    chat = client.post(
+        "/v1/chat/completions", json=CHAT | {"stream": False}, headers={"Prefer": "wait=30"}
+    )
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"  # a stream
+
+
+def test_live_prefer_wait_then_202_when_the_job_is_slower(client: httpx.Client) -> None:
+    slow = CHAT | {"model": "mock/slow?length=50&tps=10", "mode": "batch"}
+    started = time.monotonic()
+    response = client.post("/v1/jobs", json=slow, headers={"Prefer": "respond-async, wait=1"})
+    waited = time.monotonic() - started
+    assert response.status_code == 202, response.text
+    assert response.headers["Preference-Applied"] == "respond-async, wait=1"
+    assert response.json()["status"] in ("queued", "running")
+    assert 0.9 < waited < 10
+    client.post(f"/v1/jobs/{response.json()['id']}/cancel")
