@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from app.errors import APIError
@@ -45,3 +47,63 @@ def check_metadata(value: Any, *, param: str = "metadata") -> dict[str, str] | N
                 code="invalid_value",
             )
     return dict(value)
+
+
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT = 2**63 - 1  # the widest integer any field (a seed, a priority) can mean
+MAX_MODEL_CHARS = 200  # the model columns of jobs and batches
+
+
+def _json_error(message: str, path: str) -> APIError:
+    return APIError(400, message, param=path[:200] or None, code="invalid_value")
+
+
+def check_json_values(value: Any) -> None:
+    """Refuse what no field can hold: nesting over 64 levels, NaN/Infinity, integers wider
+    than 64 bits, NUL characters (PostgreSQL text cannot store them); the 400 names the path.
+    """
+    pending: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _json_error(f"'{path}' is nested deeper than {MAX_JSON_DEPTH} levels.", path)
+        if isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if "\x00" in key:
+                    raise _json_error(f"The key '{child_path}' contains a NUL character.", path)
+                pending.append((child, child_path, depth + 1))
+        elif isinstance(item, list):
+            pending.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise _json_error(f"'{path}' contains a NUL character.", path)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise _json_error(f"'{path}' must be a finite number, got {item!r}.", path)
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_JSON_INT:
+            raise _json_error(f"'{path}' is out of range (a 64-bit integer at most).", path)
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON text under check_json_values' rules (ValueError when it is not JSON)."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise APIError(
+            400, f"The JSON is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        ) from None
+    check_json_values(value)
+    return value
+
+
+def check_model_name(value: str, *, param: str = "model") -> str:
+    """A model name that fits the model columns and holds no NUL character."""
+    if len(value) > MAX_MODEL_CHARS or "\x00" in value:
+        raise APIError(
+            400,
+            f"'{param}' must be at most {MAX_MODEL_CHARS} characters, without NUL.",
+            param=param,
+            code="invalid_value",
+        )
+    return value

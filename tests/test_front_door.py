@@ -157,3 +157,157 @@ def test_live_prefer_wait_then_202_when_the_job_is_slower(client: httpx.Client) 
     assert response.json()["status"] in ("queued", "running")
     assert 0.9 < waited < 10
     client.post(f"/v1/jobs/{response.json()['id']}/cancel")
+
+
+# ---------------------------------------------------------------- hostile input (issue 10)
+
+MESSAGES = '"messages": [{"role": "user", "content": "hi"}]'
+DEEP = "[" * 100_000 + "]" * 100_000
+BIG = "1" + "0" * 400  # a 401-digit integer
+LONG_MODEL = "mock/" + "x" * 300
+NUL_ID = '[{"id": "a\\u0000", "text": "a"}]'
+
+
+def chat(extra: str, model: str = "mock/echo") -> str:
+    return f'{{"model": "{model}", {MESSAGES}{extra}}}'
+
+
+def docs(extra: str, model: str = "mock/echo", documents: str = '[{"text": "a"}]') -> str:
+    return f'{{"model": "{model}", "instructions": "x", "documents": {documents}{extra}}}'
+
+
+def window(value: str) -> str:
+    return f', "completion_window": "{value}"'
+
+
+HOSTILE_JSON = [  # (path, raw JSON body, the param the 400 names)
+    ("/v1/chat/completions", '{"model": "mock/echo", "messages": ' + DEEP + "}", None),
+    ("/v1/jobs", '{"model": "mock/echo", "messages": ' + DEEP + "}", None),
+    ("/v1/document-batches", docs("", documents=DEEP), None),
+    ("/v1/batches", '{"metadata": ' + DEEP + "}", None),
+    ("/v1/chat/completions", chat(f', "temperature": {BIG}'), "temperature"),
+    ("/v1/jobs", chat(f', "temperature": {BIG}'), "temperature"),
+    ("/v1/document-batches", docs(f', "temperature": {BIG}'), "temperature"),
+    ("/v1/chat/completions", chat(', "temperature": NaN'), "temperature"),
+    ("/v1/document-batches", docs(', "temperature": NaN'), "temperature"),
+    ("/v1/jobs", chat(', "top_p": -Infinity'), "top_p"),
+    ("/v1/jobs", chat(f', "priority": {10**20}'), "priority"),
+    ("/v1/jobs", chat(f', "priority": {2**40}'), "priority"),
+    ("/v1/chat/completions", chat("", model="mock/a\\u0000b"), "model"),
+    ("/v1/jobs", chat(', "user": "a\\u0000"'), "user"),
+    ("/v1/document-batches", docs("", documents=NUL_ID), "documents[0].id"),
+    ("/v1/chat/completions", chat("", model=LONG_MODEL), "model"),
+    ("/v1/jobs", chat("", model=LONG_MODEL), "model"),
+    ("/v1/document-batches", docs("", model=LONG_MODEL), "model"),
+    ("/v1/document-batches", docs(window("99999999999999999999d")), "completion_window"),
+    ("/v1/document-batches", docs(window("9999d")), "completion_window"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    HOSTILE_JSON,
+    ids=[f"{p}-{q}-{i}" for i, (p, _, q) in enumerate(HOSTILE_JSON)],
+)
+def test_hostile_json_values_answer_400_naming_the_field(
+    http: FlaskClient, path: str, raw: str, param: str | None
+) -> None:
+    response = http.post(path, data=raw, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)[:500]
+    error = response.get_json()["error"]
+    assert error["param"] == param and error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.fixture
+def admin_http(app: Flask, admin_key: str) -> FlaskClient:
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {admin_key}"
+    return client
+
+
+def test_admin_keys_refuse_a_list_body_and_a_string_admin(admin_http: FlaskClient) -> None:
+    listed = admin_http.post("/v1/admin/keys", json=["tenant"])
+    assert listed.status_code == 400 and listed.get_json()["error"]["code"] == "invalid_json"
+    stringly = admin_http.post("/v1/admin/keys", json={"tenant": "t-str", "admin": "false"})
+    assert stringly.status_code == 400 and stringly.get_json()["error"]["param"] == "admin"
+    long_name = admin_http.post("/v1/admin/keys", json={"tenant": "t" * 201})
+    assert long_name.status_code == 400 and long_name.get_json()["error"]["param"] == "tenant"
+    plain = admin_http.post("/v1/admin/keys", json={"tenant": "t-plain", "admin": False})
+    assert plain.status_code == 201 and plain.get_json()["admin"] is False
+    admin = admin_http.post("/v1/admin/keys", json={"tenant": "t-admin", "admin": True})
+    assert admin.status_code == 201 and admin.get_json()["admin"] is True
+
+
+def test_nul_and_overlong_values_in_the_url(http: FlaskClient) -> None:
+    for path in ("/v1/jobs/job_a%00b", "/v1/document-batches/b%00", "/v1/batches/b%00"):
+        response = http.get(path)
+        assert response.status_code == 404 and response.get_json()["error"]["param"], path
+    assert http.get("/v1/jobs/" + "j" * 300).status_code == 404
+    for path in ("/v1/jobs", "/v1/files", "/v1/batches", "/v1/document-batches"):
+        response = http.get(path, query_string={"after": "a\x00"})
+        assert response.status_code == 400 and response.get_json()["error"]["param"] == "after"
+    status = http.get("/v1/jobs", query_string={"status": "queued\x00"})
+    assert status.status_code == 400 and status.get_json()["error"]["param"] == "status"
+
+
+@pytest.mark.parametrize("last", ["18446744073709551616-0", "0-18446744073709551616"])
+def test_last_event_id_above_2_to_the_64(http: FlaskClient, last: str) -> None:
+    response = http.get("/v1/jobs/job_x/events", headers={"Last-Event-ID": last})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["param"] == "last_event_id"
+
+
+@pytest.fixture
+def small_body_limit(app: Flask) -> Iterator[int]:
+    saved = app.config["MAX_CONTENT_LENGTH"]
+    app.config["MAX_CONTENT_LENGTH"] = 2000
+    try:
+        yield 2000
+    finally:
+        app.config["MAX_CONTENT_LENGTH"] = saved
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/jobs", "/v1/batches"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_over_the_limit_is_413(
+    http: FlaskClient, small_body_limit: int, path: str, chunked: bool
+) -> None:
+    raw = json.dumps(CHAT | {"user": "u" * small_body_limit}).encode()
+    if chunked:  # no Content-Length: the limit holds while the body is read
+        response = http.post(
+            path,
+            input_stream=io.BytesIO(raw),
+            content_type="application/json",
+            headers={"Transfer-Encoding": "chunked"},
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+    else:
+        response = http.post(path, data=raw, content_type="application/json")
+    assert response.status_code == 413, response.get_data(as_text=True)[:300]
+    error = response.get_json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    under = http.post(path, json={"model": "mock/echo"})  # small bodies still get through
+    assert under.status_code == 400
+
+
+def test_admin_keys_body_limit(admin_http: FlaskClient, small_body_limit: int) -> None:
+    response = admin_http.post("/v1/admin/keys", json={"tenant": "t" * small_body_limit})
+    assert response.status_code == 413
+
+
+def test_live_chunked_body_over_the_default_limit_is_413(client: httpx.Client) -> None:
+    """gunicorn hands a chunked body over without a length; it is bounded all the same."""
+    chunk = b" " * (1024 * 1024)
+
+    def body() -> Iterator[bytes]:
+        yield b'{"model": "mock/echo", "messages": [], "user": "'
+        for _ in range(40):  # 40 MiB, over the 32 MiB default MAX_CONTENT_LENGTH
+            yield chunk
+        yield b'"}'
+
+    response = client.post(
+        "/v1/chat/completions", content=body(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413, response.text[:300]
+    assert response.json()["error"]["code"] == "request_too_large"

@@ -6,8 +6,10 @@ from flask import Blueprint, Response, g
 
 from app.api import batches, chat, document_batches, files, jobs, keys, submit
 from app.auth import authenticate
+from app.services import front_door
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
+bp.before_request(front_door.bound_request)
 bp.before_request(authenticate)
 
 

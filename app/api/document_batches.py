@@ -18,6 +18,7 @@ from app.models.batch import TERMINAL
 from app.models.job import STATUSES
 from app.pagination import fetch_page, list_object, page_params
 from app.services import batches, documents, front_door
+from app.validation import check_model_name
 
 bp = Blueprint("document_batches", __name__)
 
@@ -29,6 +30,8 @@ JSONL_TYPES = (
     "text/jsonl",
 )
 KIND = "documents"
+MAX_WINDOW_SECONDS = 365 * 86400
+MAX_WINDOW_CHARS = 10  # the batches.completion_window column
 PAGE = 1000
 
 
@@ -124,6 +127,7 @@ def create() -> ResponseReturnValue:
     if existing is not None:
         return _created(existing, replayed=True)
     options, items = _read_submission(max_bytes)
+    check_model_name(options.model)
     route = front_door.route(
         front_door.route_request(
             "/v1/document-batches",
@@ -136,6 +140,13 @@ def create() -> ResponseReturnValue:
     window = (
         options.completion_window or f"{current_app.config['BATCH_COMPLETION_WINDOW_HOURS']:g}h"
     )
+    if len(window) > MAX_WINDOW_CHARS or batches.window_seconds(window) > MAX_WINDOW_SECONDS:
+        raise APIError(
+            400,
+            f"completion_window must be at most {MAX_WINDOW_SECONDS // 86400} days, like '24h'",
+            param="completion_window",
+            code="invalid_completion_window",
+        )
     batch = batches.create_batch(
         tenant_id=g.tenant_id,
         kind=KIND,

@@ -13,10 +13,10 @@ from werkzeug.http import parse_options_header
 from app.errors import APIError
 from app.pagination import list_object, page_params
 from app.services import files as storage
+from app.services.front_door import FORM_OVERHEAD
 
 bp = Blueprint("files", __name__)
 
-FORM_OVERHEAD = 1024 * 1024  # multipart boundaries, headers and small fields around the file
 MAX_FIELD_BYTES = 1024 * 1024  # also bounds the decoder buffer, so above its 64 KiB reads
 
 

@@ -71,7 +71,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
     last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
     if last is not None:
         last = last.strip()
-        if not _ENTRY_ID.match(last):
+        if not _ENTRY_ID.match(last) or max(_entry_key(last)) >= 2**64:
             raise APIError(
                 400, f"'last_event_id' is not an event id: {last!r}.", param="last_event_id"
             )

@@ -10,7 +10,7 @@ from typing import Any
 from app.errors import APIError
 from app.providers import ChatRequest, build_registry
 from app.providers.base import estimate_tokens
-from app.validation import check_metadata
+from app.validation import check_metadata, check_model_name
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Parameters Sluice cannot honour: rejected unless given their neutral value.
@@ -169,6 +169,7 @@ def _stop(value: Any) -> list[str] | None:
 def _model(value: Any, config: Mapping[str, Any]) -> tuple[str, str, str]:
     if not isinstance(value, str) or not value.strip():
         raise _bad("'model' is required: a string like 'mock/echo'.", "model", "missing_required")
+    check_model_name(value)
     provider, _, name = value.partition("/")
     if not provider or not name.strip():
         raise _bad(
