@@ -54,13 +54,23 @@ MAX_JSON_INT = 2**63 - 1  # the widest integer any field (a seed, a priority) ca
 MAX_MODEL_CHARS = 200  # the model columns of jobs and batches
 
 
-def _json_error(message: str, path: str) -> APIError:
-    return APIError(400, message, param=path[:200] or None, code="invalid_value")
+class InvalidJSON(ValueError):
+    """JSON text that parses but breaks a rule of check_json_values (or is nested too deep)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _json_error(message: str, path: str) -> InvalidJSON:
+    return InvalidJSON(message, path[:200] or None)
 
 
 def check_json_values(value: Any) -> None:
-    """Refuse what no field can hold: nesting over 64 levels, NaN/Infinity, integers wider
-    than 64 bits, NUL characters (PostgreSQL text cannot store them); the 400 names the path.
+    """Raise InvalidJSON, naming the path, for what no field can hold: nesting over 64
+    levels, NaN/Infinity, integers wider than 64 bits, NUL characters (PostgreSQL text
+    cannot store them).
     """
     pending: list[tuple[Any, str, int]] = [(value, "", 0)]
     while pending:
@@ -86,13 +96,11 @@ def check_json_values(value: Any) -> None:
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse JSON text under check_json_values' rules (ValueError when it is not JSON)."""
+    """Parse JSON text under check_json_values' rules; every refusal is a ValueError."""
     try:
         value = json.loads(data)
     except RecursionError:
-        raise APIError(
-            400, f"The JSON is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
-        ) from None
+        raise InvalidJSON(f"The JSON is nested deeper than {MAX_JSON_DEPTH} levels.") from None
     check_json_values(value)
     return value
 

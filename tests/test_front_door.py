@@ -311,3 +311,43 @@ def test_live_chunked_body_over_the_default_limit_is_413(client: httpx.Client) -
     )
     assert response.status_code == 413, response.text[:300]
     assert response.json()["error"]["code"] == "request_too_large"
+
+
+HOSTILE_LINES = [DEEP, '{"id": "a\\u0000", "text": "x"}', '{"id": "a", "text": NaN}']
+
+
+def test_hostile_jsonl_document_lines_are_named_not_500(http: FlaskClient) -> None:
+    for line in HOSTILE_LINES:
+        response = http.post(
+            "/v1/document-batches?model=mock/echo&instructions=x",
+            data=line + "\n",
+            content_type="application/jsonl",
+        )
+        assert 400 <= response.status_code < 500, response.get_data(as_text=True)[:300]
+        assert "line 1" in response.get_data(as_text=True)
+
+
+def test_hostile_openai_batch_lines_fail_the_batch_by_line(http: FlaskClient) -> None:
+    custom_nul = batch_line().replace(b'"custom_id": "a"', b'"custom_id": "a\\u0000"')
+    file_id = upload_batch_file(http, (DEEP + "\n").encode() + custom_nul)
+    body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    response = http.post("/v1/batches", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)[:300]
+    batch = response.get_json()
+    assert batch["status"] == "failed"
+    errors = {(e["line"], e["code"]) for e in batch["errors"]["data"]}
+    assert errors == {(1, "invalid_json_line"), (2, "invalid_json_line")}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1" + "0" * 400])
+def test_document_batch_form_numbers(http: FlaskClient, value: str) -> None:
+    query = f"model=mock/echo&instructions=x&temperature={value}"
+    response = http.post(
+        f"/v1/document-batches?{query}", data=b'{"text": "a"}\n', content_type="application/jsonl"
+    )
+    assert response.status_code == 400, response.get_data(as_text=True)[:300]
+    assert response.get_json()["error"]["param"] == "temperature"

@@ -54,6 +54,9 @@ def json_body() -> dict[str, Any]:
         raise body_too_large()  # a chunked body read up to the limit: Werkzeug stops there
     try:
         body = validation.loads(data)
+    except validation.InvalidJSON as exc:
+        code = "invalid_value" if exc.param else "invalid_json"
+        raise APIError(400, exc.message, param=exc.param, code=code) from None
     except ValueError:
         raise APIError(
             400, "We could not parse the JSON body of your request.", code="invalid_json"

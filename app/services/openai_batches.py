@@ -27,7 +27,7 @@ from app.services import events, front_door
 from app.services import files as storage
 from app.services.chat_request import parse_chat_body
 from app.services.jobs import completion_object
-from app.validation import check_metadata
+from app.validation import check_metadata, loads
 
 KIND = "openai"
 ENDPOINTS = ("/v1/chat/completions",)
@@ -129,7 +129,7 @@ def validate_chat_body(body: dict[str, Any], config: Mapping[str, Any]) -> None:
 
 def _parse_line(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _BAD
 
