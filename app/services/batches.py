@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from app.errors import APIError
 from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
-from app.models.job import STATUSES, TERMINAL
+from app.models.job import ACTIVE, STATUSES
 from app.policy import Route
 from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 CHUNK_TASK = "sluice.batch.run_chunk"
 JOB_TASK = "sluice.batch.run_job"
 INSERT_CHUNK = 1000
-ACTIVE = tuple(s for s in STATUSES if s not in TERMINAL)  # queued, running
 STOP_KEY = "sluice:batch:stop:{}"  # value: "cancelled" or "expired"
 MAX_ITEM_ID = 512
 
@@ -113,12 +112,6 @@ def create_batch(
     Items are consumed lazily; an exception from the iterable (e.g. a validation error
     raised once the whole input has been read) rolls everything back.
     """
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
-    if idempotency_key:
-        existing = find_by_idempotency_key(tenant_id, idempotency_key)
-        if existing is not None:
-            return existing
     config = current_app.config
     window = window_seconds(completion_window)
     limit = config["BATCH_MAX_DOCUMENTS"]
@@ -237,8 +230,6 @@ def submit_batch_job(
     priority: int = 0,
 ) -> Job:
     """A single background job without a batch, for POST /v1/jobs routed to batch."""
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
     model = body.get("model")
     provider = _Models().provider(model, "model")
     job = Job(
