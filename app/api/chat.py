@@ -8,6 +8,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app import sse
 from app.admission import acquire_stream_slot, overflow_route, release_stream_slot
 from app.errors import APIError
 from app.extensions import db
@@ -16,15 +17,10 @@ from app.policy import Route, RouteRequest, decide, prefers_async
 from app.services.batches import submit_batch_job
 from app.services.chat_request import ChatBody, parse_chat_body
 from app.services.jobs import completion_object, job_object, start_stream_job
-from app.streams import (
-    ChunkRenderer,
-    StreamHub,
-    Tail,
-    collect,
-    hub_for,
-    request_cancel,
-    sse_stream,
-)
+from app.streams.hub import Tail, current_hub
+from app.streams.relay import collect, sse_body
+from app.streams.render import ChunkRenderer
+from app.streams.writer import request_cancel
 
 bp = Blueprint("chat", __name__)
 log = logging.getLogger(__name__)
@@ -35,12 +31,6 @@ _ERROR_STATUS = {
     "cancelled": 409,
     "upstream_error": 502,
 }
-
-
-def hub() -> StreamHub:
-    """This process's stream hub (one pub/sub connection, a bounded read pool)."""
-    config = current_app.config
-    return hub_for(config["REDIS_URL"], int(config["STREAM_RELAY_REDIS_CONNECTIONS"]))
 
 
 def lost_checker(app: Flask) -> Callable[[str], bool]:
@@ -62,7 +52,7 @@ def lost_checker(app: Flask) -> Callable[[str], bool]:
 def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail:
     config = current_app.config
     return Tail(
-        hub(),
+        current_hub(),
         job_id,
         after=after,
         lease_seconds=float(config["STREAM_LEASE_SECONDS"]),
@@ -76,12 +66,8 @@ def sse_response(
     tail: Tail, renderer: ChunkRenderer, headers: dict[str, str], on_close: Callable[[bool], None]
 ) -> Response:
     """The SSE response for a job's log, with the anti-buffering headers."""
-    body = sse_stream(tail, renderer, int(current_app.config["STREAM_RETRY_MS"]), on_close)
-    response = Response(body, content_type="text/event-stream; charset=utf-8")
-    response.headers.update(headers)
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+    body = sse_body(tail, renderer, int(current_app.config["STREAM_RETRY_MS"]), on_close)
+    return sse.response(body, headers)
 
 
 def _ignore(_finished: bool) -> None:

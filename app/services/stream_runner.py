@@ -27,18 +27,9 @@ from app.providers import ChatRequest, ProviderError, ProviderRegistry, Usage, b
 from app.providers.base import estimate_tokens
 from app.providers.registry import UnknownModel
 from app.services.events import job_changed
-from app.streams import (
-    DeltaLog,
-    append_batcher,
-    cancel_key,
-    error_entry,
-    is_terminal,
-    lease_key,
-    log_key,
-    read_all,
-    text_of,
-    write_terminal,
-)
+from app.streams.entries import error_fields, is_terminal, text_of
+from app.streams.keys import cancel_key, lease_key, log_key
+from app.streams.writer import DeltaLog, append_batcher, read_all, write_terminal
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +145,7 @@ def fail_lost_job(job_id: str, *, check_lease: bool = True) -> bool:
     }
     if not _end_job(job_id, "failed", output=text_of(entries), error=error):
         return False
-    write_terminal(client, job_id, error_entry(error), _ttl(config))
+    write_terminal(client, job_id, error_fields(error), _ttl(config))
     _release(job_id)
     _note(job_id, status="failed")
     return True
@@ -170,7 +161,7 @@ def fail_unstarted_job(job_id: str, waited: float) -> bool:
     }
     if not _end_job(job_id, "failed", from_status=("queued",), error=error):
         return False
-    write_terminal(redis_store.client, job_id, error_entry(error), _ttl(current_app.config))
+    write_terminal(redis_store.client, job_id, error_fields(error), _ttl(current_app.config))
     _release(job_id)
     _note(job_id, status="failed")
     return True
@@ -181,7 +172,7 @@ def cancel_queued_job(job_id: str) -> bool:
     if not _end_job(job_id, "cancelled", from_status=("queued",), error=CANCELLED_ERROR):
         return False
     write_terminal(
-        redis_store.client, job_id, error_entry(CANCELLED_ERROR), _ttl(current_app.config)
+        redis_store.client, job_id, error_fields(CANCELLED_ERROR), _ttl(current_app.config)
     )
     _release(job_id)
     _note(job_id, status="cancelled")
