@@ -27,15 +27,36 @@ log = logging.getLogger(__name__)
 
 
 class Subscription:
-    """One relay's place in one job's log, fed directly by the hub when it can be."""
+    """One relay's place in one job's log, fed by the hub.
 
-    __slots__ = ("event", "job_id", "last", "pending")
+    The hub either hands a new entry over (`pending`, when the relay holds the entry
+    before it) or counts a notice the relay must read the log for (`notices`); then it
+    sets `event`. The relay clears `event` BEFORE it looks at both, so a notice that comes
+    while it looks or while it writes a frame is never lost: it is either seen by that
+    look or sets the event again for the next wait. Only the hub writes `notices`.
+    """
+
+    __slots__ = ("event", "job_id", "last", "notices", "pending")
 
     def __init__(self, job_id: str, last: str) -> None:
         self.job_id = job_id
         self.last = last  # the newest entry this relay has or will have
         self.pending: deque[Entry] = deque()
+        self.notices = 0
         self.event = threading.Event()
+
+    def handed(self) -> list[Entry]:
+        """The entries handed over since the last call."""
+        pending = self.pending
+        out: list[Entry] = []
+        while pending:
+            out.append(pending.popleft())
+        return out
+
+    def notify(self) -> None:
+        """(Hub) say "read the log"."""
+        self.notices += 1
+        self.event.set()
 
 
 class Feed:
@@ -121,15 +142,13 @@ class StreamHub:
         subs = self._subs.get(job_id)
         if not subs:
             return
-        if entry is None:  # a bare notice: everyone reads
-            for sub in tuple(subs):
-                sub.event.set()
-            return
         for sub in tuple(subs):
-            if sub.last == prev:
+            if entry is not None and sub.last == prev:
                 sub.pending.append(entry)
                 sub.last = entry[0]
-            sub.event.set()
+                sub.event.set()
+            else:  # a bare notice, or a relay that is behind: it reads
+                sub.notify()
 
     def _broadcast(self, data: str) -> None:
         for feed in tuple(self._feeds):
@@ -140,7 +159,7 @@ class StreamHub:
         with self._lock:
             subs = [sub for group in self._subs.values() for sub in group]
         for sub in subs:
-            sub.event.set()
+            sub.notify()
 
     def subscribe(self, job_id: str, last: str) -> Subscription:
         """Register BEFORE reading the log, so no notice can fall between read and wait."""
@@ -211,21 +230,19 @@ class Tail:
         client = self.hub.client
         key = log_key(self.job_id)
         sub = self.hub.subscribe(self.job_id, self.after)
-        event, pending = sub.event, sub.pending
         after = entry_key(self.after)
         wake_every = max(0.05, min(self.ping_seconds, self.lease_seconds / 2))
-        last_ping = time.monotonic()
-        last_db_check = time.monotonic()
-        check_lease = False
-        need_read = True
+        last_ping = last_db_check = time.monotonic()
+        seen = -1  # the hub's notice count this relay has read the log for; -1: read now
+        check_lease = more = False
         try:
             while True:
-                event.clear()
+                sub.event.clear()  # before looking: anything from now on sets it again
+                entries = sub.handed()
                 leased = None
-                if pending:
-                    entries: list[Entry] = list(pending)
-                    pending.clear()
-                elif need_read or check_lease:
+                notices = sub.notices
+                if notices != seen or more or check_lease:
+                    seen = notices  # what those notices announced is in the log by now
                     if check_lease:
                         pipe = client.pipeline(transaction=False)
                         pipe.xread({key: self.after}, count=1000)
@@ -233,10 +250,8 @@ class Tail:
                         found, leased = pipe.execute()
                     else:
                         found = client.xread({key: self.after}, count=1000)
-                    entries = found[0][1] if found else []
-                    need_read = len(entries) >= 1000
-                else:
-                    entries = []
+                    entries = found[0][1] if found else []  # in the log too: read them in order
+                    more = len(entries) >= 1000
                 check_lease = False
                 for entry_id, fields in entries:
                     ident = entry_key(entry_id)
@@ -259,14 +274,13 @@ class Tail:
                     if due and self.check_lost is not None:
                         last_db_check = now
                         if self.check_lost(self.job_id):
-                            need_read = True
+                            seen = -1
                             continue  # its terminal entry is in the log now
                 elif leased:
                     self.running = True
-                if event.wait(wake_every):
-                    need_read = not pending  # a bare notice, or a notice for a later entry
+                if sub.event.wait(wake_every):
                     continue
-                check_lease = True
+                check_lease = True  # idle for a while: is the worker still there?
                 now = time.monotonic()
                 if now - last_ping >= self.ping_seconds:
                     last_ping = now
