@@ -24,7 +24,7 @@ from app import admission
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
 from app.providers import ChatRequest, ProviderError, ProviderRegistry, Usage, build_registry
-from app.providers.base import estimate_tokens
+from app.providers.base import delta_text, estimate_tokens
 from app.providers.registry import UnknownModel
 from app.services.events import job_changed
 from app.streams.entries import error_fields, is_terminal, text_of
@@ -264,10 +264,11 @@ class _Reader:
             if self._closed:
                 stream.close()
                 return
-            for delta in stream:
-                if delta:
+            for choice in stream:
+                text = delta_text(choice)  # the delta log carries text only, for now
+                if text:
                     self.deltas += 1
-                    put(("d", delta))
+                    put(("d", text))
             put(("end", stream))
         except BaseException as exc:
             self.sent.set()
