@@ -178,7 +178,13 @@ def run_routed(
         response.headers.update(headers)
         return response
     payload = completion_object(
-        job.id, body.model, created, outcome.text, outcome.finish_reason, outcome.usage
+        job.id,
+        body.model,
+        created,
+        outcome.text,
+        outcome.finish_reason,
+        outcome.usage,
+        choices=outcome.messages(),
     )
     response = jsonify(payload)
     response.headers.update(headers)

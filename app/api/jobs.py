@@ -105,7 +105,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
     include_usage = bool(((job.request or {}).get("stream_options") or {}).get("include_usage"))
     created = int(job.created_at.timestamp())
     renderer = ChunkRenderer(job.id, job.model, created, include_usage)
-    renderer.started = last is not None
+    renderer.resumed = last is not None
     tail = make_tail(job.id, after=last or "0-0", running=job.status == "running")
     db.session.remove()
     return sse_response(tail, renderer, headers, on_disconnect(job.on_disconnect, tail))

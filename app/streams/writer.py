@@ -9,11 +9,18 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 
-from app.streams.entries import APPEND_SCRIPT, done_fields, error_fields
+from app.streams.entries import (
+    APPEND_SCRIPT,
+    ChoiceDelta,
+    done_fields,
+    encode_delta,
+    error_fields,
+)
 from app.streams.keys import NOTIFY_CHANNEL, cancel_key, lease_key, log_key
 
 
@@ -139,11 +146,15 @@ class DeltaLog:
         self._script = client.register_script(APPEND_SCRIPT)
         self.last_id = "0-0"
 
-    def append(self, text: str) -> bool:
-        """Add one delta entry and notify relays (one round trip); return whether cancelled."""
+    def append(self, choices: list[ChoiceDelta]) -> bool:
+        """Add one entry of coalesced choice deltas and notify relays (one round trip).
+
+        Returns whether a cancel was requested.
+        """
         expiry = 0 if self._expiry_set else self.running_ttl
+        name, value = encode_delta(choices)
         keys = [self.key, self.cancel_key]
-        args = [self.job_id, self.last_id, text, expiry, NOTIFY_CHANNEL]
+        args = [self.job_id, self.last_id, value, expiry, NOTIFY_CHANNEL, name]
         if self.batcher is not None:
             entry_id, cancelled = self.batcher.append(keys, args)
         else:
@@ -161,9 +172,15 @@ class DeltaLog:
         pipe.exists(self.cancel_key)
         return bool(pipe.execute()[-1])
 
-    def finish(self, finish_reason: str | None, usage: dict[str, Any] | None) -> None:
+    def finish(
+        self,
+        finish_reason: str | None,
+        usage: dict[str, Any] | None,
+        finishes: Mapping[int, str] | None = None,
+    ) -> None:
         """The terminal `done` entry."""
-        write_terminal(self.client, self.job_id, done_fields(finish_reason, usage), self.final_ttl)
+        fields = done_fields(finish_reason, usage, finishes)
+        write_terminal(self.client, self.job_id, fields, self.final_ttl)
 
     def fail(self, error: dict[str, Any]) -> None:
         """The terminal `error` entry, with an OpenAI-style error object."""
