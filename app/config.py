@@ -42,6 +42,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "PROVIDER_LEASE_SECONDS": (float, 30.0),  # a dead worker's provider slots lapse after this
     "PROVIDER_CONCURRENCY": (int, 64),
     "FILES_MAX_BYTES": (int, 200_000_000),
+    "MAX_CONTENT_LENGTH": (int, 32 * 1024 * 1024),  # request body bytes, outside the two above
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
     "BROKER_MAX_CONNECTIONS": (int, 1000),

@@ -25,6 +25,7 @@ from app.dashboard import access, queries
 from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
+from app.models.job import ACTIVE
 from app.services.events import DASHBOARD_CHANNEL
 
 bp = Blueprint(
@@ -118,8 +119,8 @@ def summary() -> dict[str, Any]:
         "workers_by_mode": queries.workers_by_mode(found),
         "queues": queries.queue_depths(client),
         "jobs": counts,
-        "batches": queries.batch_counts(),
-        "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in queries.IN_FLIGHT),
+        "batches": queries.batch_status_counts(),
+        "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in ACTIVE),
         "oldest_queued_seconds": queries.oldest_queued_age(utcnow()),
     }
 
