@@ -18,8 +18,6 @@ JOB_FIELDS = ("mode", "priority", "metadata", "document", "instructions")
 MAX_PRIORITY = 2**31 - 1  # the jobs.priority column is a 32-bit integer
 
 
-
-
 def _validate(body: dict[str, Any]) -> ChatBody:
     """Check the /v1/jobs fields and return the chat body to run (document -> messages)."""
     mode = body.get("mode", "auto")
