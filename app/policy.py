@@ -630,7 +630,7 @@ class PolicyHolder:
 
     def current(self) -> Policy:
         """The policy, reloading first if SIGHUP arrived or the file changed."""
-        every = float(self.config.get("POLICY_RELOAD_SECONDS", 1.0))
+        every = self.config.get("POLICY_RELOAD_SECONDS", 1.0)
         now = time.monotonic()
         if self.hups != _hup_count or (self.path and now - self.checked >= every):
             with self._lock:
@@ -664,10 +664,9 @@ EXTENSION = "sluice_policy"
 
 
 def init_app(app: Any) -> PolicyHolder:
-    """Validate the app's policy (raising ConfigError) and install the SIGHUP reload."""
+    """Validate the app's policy (raising ConfigError); create_app installs the SIGHUP reload."""
     holder = PolicyHolder(app.config)
     app.extensions[EXTENSION] = holder
-    install_sighup()
     return holder
 
 

@@ -8,12 +8,14 @@ import os
 import signal
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from click.testing import CliRunner
+from flask import Flask
 
 from app.cli.policy import policy_group
 from app.config import ConfigError
@@ -384,18 +386,15 @@ def _holder(path: Path, **config: Any) -> PolicyHolder:
 
 
 def test_bad_policy_file_at_start_fails_create_app(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_env: dict[str, str]
+    tmp_path: Path, make_app: Callable[..., Flask]
 ) -> None:
-    from app import create_app
-
     path = tmp_path / "sluice.toml"
     _write(path, BAD_FILE)
-    monkeypatch.setenv("SLUICE_CONFIG", str(path))
     with pytest.raises(ConfigError) as err:
-        create_app()
+        make_app(SLUICE_CONFIG=str(path))
     assert "policy rule 'huge': when.input_tokens_above" in str(err.value)
     _write(path, GOOD)
-    app = create_app()
+    app = make_app(SLUICE_CONFIG=str(path))
     with app.test_request_context():
         from app.policy import decide
 

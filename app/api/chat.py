@@ -39,7 +39,7 @@ _ERROR_STATUS = {
 def hub() -> StreamHub:
     """This process's stream hub (one pub/sub connection, a bounded read pool)."""
     config = current_app.config
-    return hub_for(config["REDIS_URL"], int(config["STREAM_RELAY_REDIS_CONNECTIONS"]))
+    return hub_for(config["REDIS_URL"], config["STREAM_RELAY_REDIS_CONNECTIONS"])
 
 
 def lost_checker(app: Flask) -> Callable[[str], bool]:
@@ -64,8 +64,8 @@ def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail
         hub(),
         job_id,
         after=after,
-        lease_seconds=float(config["STREAM_LEASE_SECONDS"]),
-        ping_seconds=float(config["STREAM_PING_SECONDS"]),
+        lease_seconds=config["STREAM_LEASE_SECONDS"],
+        ping_seconds=config["STREAM_PING_SECONDS"],
         running=running,
         check_lost=lost_checker(current_app._get_current_object()),  # type: ignore[attr-defined]
     )
@@ -75,7 +75,7 @@ def sse_response(
     tail: Tail, renderer: ChunkRenderer, headers: dict[str, str], on_close: Callable[[bool], None]
 ) -> Response:
     """The SSE response for a job's log, with the anti-buffering headers."""
-    body = sse_stream(tail, renderer, int(current_app.config["STREAM_RETRY_MS"]), on_close)
+    body = sse_stream(tail, renderer, current_app.config["STREAM_RETRY_MS"], on_close)
     response = Response(body, content_type="text/event-stream; charset=utf-8")
     response.headers.update(headers)
     response.headers["Cache-Control"] = "no-cache"

@@ -17,7 +17,7 @@ from app.models import Batch, Job, epoch, utcnow
 from app.models.batch import TERMINAL
 from app.models.job import STATUSES
 from app.pagination import fetch_page, list_object, page_params
-from app.services import batches, documents, front_door
+from app.services import batch_lifecycle, batches, documents, front_door
 from app.validation import check_model_name
 
 bp = Blueprint("document_batches", __name__)
@@ -37,7 +37,7 @@ PAGE = 1000
 
 def batch_json(batch: Batch, counts: dict[str, int] | None = None) -> dict[str, Any]:
     """The document batch object."""
-    counts = counts or batches.batch_counts(batch)
+    counts = counts or batches.item_counts(batch)
     return {
         "id": batch.id,
         "object": "document_batch",
@@ -188,7 +188,7 @@ def get(batch_id: str) -> ResponseReturnValue:
 
 @bp.post("/document-batches/<batch_id>/cancel")
 def cancel(batch_id: str) -> ResponseReturnValue:
-    batch = batches.cancel_batch(_batch_or_404(batch_id))
+    batch = batch_lifecycle.cancel_batch(_batch_or_404(batch_id))
     return jsonify(batch_json(batch))
 
 

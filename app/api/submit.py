@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, g
-from flask.blueprints import BlueprintSetupState
 
 from app import policy
 from app.api.chat import run_routed
@@ -11,12 +10,6 @@ from app.services import front_door
 from app.services.jobs import parse_job_body
 
 bp = Blueprint("submit", __name__)
-
-
-@bp.record_once
-def _init_policy(state: BlueprintSetupState) -> None:
-    """Validate the routing policy when the app is built (create_app raises ConfigError)."""
-    policy.init_app(state.app)
 
 
 @bp.post("/jobs")

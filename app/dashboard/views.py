@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,7 +18,6 @@ from flask import (
     request,
     url_for,
 )
-from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from flask_sse import Message
 
@@ -47,15 +45,6 @@ API_ENDPOINTS = {
 }
 FEED_MAX_SECONDS = 300.0  # the browser's EventSource reconnects by itself
 MAX_LIMIT = 500
-
-
-@bp.record_once
-def _setup(state: BlueprintSetupState) -> None:
-    app = state.app
-    app.secret_key = access.secret_key_for(app)
-    if app.config.get("SESSION_COOKIE_SAMESITE") is None:
-        app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
-    app.config.setdefault("PERMANENT_SESSION_LIFETIME", timedelta(days=7))
 
 
 @bp.before_request
@@ -170,8 +159,8 @@ def api_batches() -> ResponseReturnValue:
 @bp.get("/stream")
 def stream() -> ResponseReturnValue:
     """Relay the broadcast channel as SSE, with pings while idle; no DB session held."""
-    ping = max(0.2, float(current_app.config["STREAM_PING_SECONDS"]))
-    retry = int(current_app.config["STREAM_RETRY_MS"])
+    ping = max(0.2, current_app.config["STREAM_PING_SECONDS"])
+    retry = current_app.config["STREAM_RETRY_MS"]
     client = redis_store.client
     db.session.remove()
     return Response(

@@ -8,10 +8,10 @@ from typing import Any
 from sqlalchemy import insert
 
 from app.errors import APIError
-from app.extensions import celery, db
+from app.extensions import db
 from app.models import Job, epoch, new_id, utcnow
 from app.policy import REQUESTED_MODES, Route, document_messages
-from app.queueing import STREAM_QUEUE
+from app.queueing import STREAM_QUEUE, send_task
 from app.services.chat_request import ChatBody, parse_chat_body
 from app.services.events import job_changed
 
@@ -122,7 +122,7 @@ def start_stream_job(
     db.session.execute(insert(Job), [values])
     db.session.commit()
     job = Job(**values)
-    celery.send_task(STREAM_TASK, args=[job.id, record], queue=STREAM_QUEUE)
+    send_task(STREAM_TASK, args=[job.id, record], queue=STREAM_QUEUE)
     job_changed(job)
     return job
 

@@ -1,7 +1,7 @@
 """The OpenAI Batches API over the batch engine: input validation, the batch object, results.
 
 Input files are read streaming, twice: once to validate every line (errors name the line,
-as OpenAI reports them), once to feed the engine's lazy item iterator. Only the set of
+as OpenAI reports them), once to feed the engine's item iterator. Only the set of
 custom_ids is held in memory.
 """
 
@@ -19,14 +19,14 @@ from sqlalchemy import select
 
 from app.errors import APIError
 from app.extensions import db
-from app.models import Batch, File, Job, epoch, utcnow
+from app.models import Batch, File, epoch, utcnow
 from app.pagination import fetch_page
 from app.policy import Route, RouteRequest, estimate_input_tokens
-from app.services import batches as engine
-from app.services import events, front_door
+from app.services import batches, events, front_door
 from app.services import files as storage
+from app.services.batch_lifecycle import cancel_batch
 from app.services.chat_request import parse_chat_body
-from app.services.jobs import completion_object
+from app.services.openai_batch_files import ERROR_STATUSES
 from app.validation import check_metadata, loads
 
 KIND = "openai"
@@ -34,7 +34,6 @@ ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = ("24h",)
 MAX_ERRORS = 1000
 YIELD_EVERY = 200
-ERROR_STATUSES = ("failed", "cancelled", "expired")
 
 
 @dataclass
@@ -122,11 +121,6 @@ def input_file(tenant_id: str, file_id: str) -> File:
 # ---------------------------------------------------------------- line validation
 
 
-def validate_chat_body(body: dict[str, Any], config: Mapping[str, Any]) -> None:
-    """Raise APIError for a body the chat endpoint would reject (its own validator)."""
-    parse_chat_body(body, config)
-
-
 def _parse_line(raw: bytes) -> Any:
     try:
         return loads(raw)
@@ -151,7 +145,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
     """One streaming pass over the input file; every bad line becomes an error naming it."""
     found = Validation()
     seen: set[str] = set()
-    limit = int(config["BATCH_MAX_DOCUMENTS"])
+    limit = config["BATCH_MAX_DOCUMENTS"]
     for number, raw in iter_lines(file):
         found.count += 1
         line = _parse_line(raw)
@@ -166,10 +160,10 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
                 line=number,
                 param="custom_id",
             )
-        elif len(custom_id) > engine.MAX_ITEM_ID:
+        elif len(custom_id) > batches.MAX_ITEM_ID:
             found.add(
                 "invalid_custom_id",
-                f"The custom_id is longer than {engine.MAX_ITEM_ID} characters.",
+                f"The custom_id is longer than {batches.MAX_ITEM_ID} characters.",
                 line=number,
                 param="custom_id",
             )
@@ -208,7 +202,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
             )
             continue
         try:
-            validate_chat_body(body, config)
+            parse_chat_body(body, config)
         except APIError as exc:
             param = f"body.{exc.param}" if exc.param else "body"
             found.add(exc.code or "invalid_request", exc.message, line=number, param=param)
@@ -230,14 +224,14 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
     return found
 
 
-def iter_items(file: File) -> Iterator[engine.BatchItem]:
+def items_from_file(file: File) -> Iterator[batches.BatchItem]:
     """The engine's items, read again streaming from the (already validated) file."""
     for _number, raw in iter_lines(file):
         line = json.loads(raw)
         body = dict(line["body"])
         body.pop("stream", None)
         body.pop("stream_options", None)
-        yield engine.BatchItem(item_id=line["custom_id"], body=body)
+        yield batches.BatchItem(item_id=line["custom_id"], body=body)
 
 
 # ---------------------------------------------------------------- create, get, list
@@ -271,10 +265,10 @@ def create(
         return _failed_batch(
             tenant_id, file_id, endpoint, window, metadata, found, route, idempotency_key, model
         )
-    return engine.create_batch(
+    return batches.create_batch(
         tenant_id=tenant_id,
         kind=KIND,
-        items=iter_items(file),
+        items=items_from_file(file),
         route=route,
         model=model,
         endpoint=endpoint,
@@ -314,7 +308,7 @@ def _failed_batch(
         total=0,
         created_at=now,
         failed_at=now,
-        expires_at=now + timedelta(seconds=engine.window_seconds(window)),
+        expires_at=now + timedelta(seconds=batches.window_seconds(window)),
     )
     db.session.add(batch)
     db.session.commit()
@@ -324,7 +318,7 @@ def _failed_batch(
 
 def get(tenant_id: str, batch_id: str) -> Batch:
     """The tenant's OpenAI batch, or a 404."""
-    batch = engine.get_batch(tenant_id, batch_id)
+    batch = batches.get_batch(tenant_id, batch_id)
     if batch is None or batch.kind != KIND:
         raise APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="not_found")
     return batch
@@ -338,7 +332,7 @@ def list_batches(tenant_id: str, *, limit: int, after: str | None) -> tuple[list
 
 def cancel(batch: Batch) -> Batch:
     """POST /v1/batches/{id}/cancel (a terminal batch is a 409, as OpenAI answers)."""
-    return engine.cancel_batch(batch)
+    return cancel_batch(batch)
 
 
 # ---------------------------------------------------------------- the batch object
@@ -346,7 +340,7 @@ def cancel(batch: Batch) -> Batch:
 
 def request_counts(batch: Batch) -> dict[str, int]:
     """OpenAI's {total, completed, failed}: cancelled and expired items count as failed."""
-    counts = engine.batch_counts(batch)
+    counts = batches.item_counts(batch)
     failed = sum(counts.get(status, 0) for status in ERROR_STATUSES)
     return {"total": counts["total"], "completed": counts.get("succeeded", 0), "failed": failed}
 
@@ -405,109 +399,3 @@ def serialize_batch(batch: Batch) -> dict[str, Any]:
         "metadata": batch.metadata_,
         "usage": usage_object(batch),
     }
-
-
-# ---------------------------------------------------------------- result files
-
-
-def _suffix(job: Job) -> str:
-    return job.id.split("_", 1)[-1]
-
-
-def chat_completion_object(job: Job) -> dict[str, Any]:
-    """The `chat.completion` the chat endpoint would have returned for this job."""
-    usage = job.usage or {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    total = int(usage.get("total_tokens") or prompt + completion)
-    return completion_object(
-        job.id,
-        job.model,
-        epoch(job.created_at),
-        job.output or "",
-        job.finish_reason,
-        {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
-    )
-
-
-def _line(payload: dict[str, Any]) -> bytes:
-    return (json.dumps(payload, separators=(",", ":")) + "\n").encode()
-
-
-def output_line(job: Job) -> dict[str, Any]:
-    return {
-        "id": f"batch_req_{_suffix(job)}",
-        "custom_id": job.item_id,
-        "response": {
-            "status_code": 200,
-            "request_id": f"req_{_suffix(job)}",
-            "body": chat_completion_object(job),
-        },
-        "error": None,
-    }
-
-
-def error_line(job: Job) -> dict[str, Any]:
-    error = dict(job.error or {})
-    status = error.pop("status_code", None) or error.pop("status", None)
-    code = error.get("code") or ("batch_" + job.status if job.status != "failed" else "failed")
-    message = error.get("message") or f"The request ended {job.status}."
-    response = None
-    if isinstance(status, int):
-        body = {
-            "message": message,
-            "type": error.get("type") or "invalid_request_error",
-            "param": error.get("param"),
-            "code": error.get("code"),
-        }
-        response = {
-            "status_code": status,
-            "request_id": f"req_{_suffix(job)}",
-            "body": {"error": body},
-        }
-    return {
-        "id": f"batch_req_{_suffix(job)}",
-        "custom_id": job.item_id,
-        "response": response,
-        "error": {"code": code, "message": message},
-    }
-
-
-def write_result_files(batch: Batch) -> None:
-    """Called once by the engine at finalization: write the output and error files.
-
-    Sets output_file_id / error_file_id (None when that file would be empty) and the
-    batch's token usage; the engine commits.
-    """
-    tokens = {"prompt": 0, "completion": 0}
-
-    def succeeded() -> Iterator[bytes]:
-        for job in engine.iter_items(batch, "succeeded"):
-            usage = job.usage or {}
-            tokens["prompt"] += int(usage.get("prompt_tokens") or 0)
-            tokens["completion"] += int(usage.get("completion_tokens") or 0)
-            yield _line(output_line(job))
-
-    def unsucceeded() -> Iterator[bytes]:
-        for job in engine.iter_items(batch):
-            if job.status in ERROR_STATUSES:
-                yield _line(error_line(job))
-
-    output = storage.create_generated_file(
-        batch.tenant_id,
-        f"{batch.id}_output.jsonl",
-        "batch_output",
-        succeeded(),
-        key=f"{batch.id}_output.jsonl",
-    )
-    errors = storage.create_generated_file(
-        batch.tenant_id,
-        f"{batch.id}_error.jsonl",
-        "batch_output",
-        unsucceeded(),
-        key=f"{batch.id}_error.jsonl",
-    )
-    batch.output_file_id = output.id if output else None
-    batch.error_file_id = errors.id if errors else None
-    batch.prompt_tokens = tokens["prompt"]
-    batch.completion_tokens = tokens["completion"]
