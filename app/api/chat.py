@@ -8,6 +8,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask.typing import ResponseReturnValue
 
+from app import sse
 from app.extensions import db
 from app.models import Job, epoch
 from app.models.job import TERMINAL
@@ -15,15 +16,10 @@ from app.policy import Preferences, Route
 from app.services import front_door
 from app.services.chat_request import ChatBody, parse_chat_body
 from app.services.jobs import completion_object, job_object
-from app.streams import (
-    ChunkRenderer,
-    StreamHub,
-    Tail,
-    collect,
-    hub_for,
-    request_cancel,
-    sse_stream,
-)
+from app.streams.hub import Tail, current_hub
+from app.streams.relay import collect, sse_body
+from app.streams.render import ChunkRenderer
+from app.streams.writer import request_cancel
 
 bp = Blueprint("chat", __name__)
 log = logging.getLogger(__name__)
@@ -34,12 +30,6 @@ _ERROR_STATUS = {
     "cancelled": 409,
     "upstream_error": 502,
 }
-
-
-def hub() -> StreamHub:
-    """This process's stream hub (one pub/sub connection, a bounded read pool)."""
-    config = current_app.config
-    return hub_for(config["REDIS_URL"], config["STREAM_RELAY_REDIS_CONNECTIONS"])
 
 
 def lost_checker(app: Flask) -> Callable[[str], bool]:
@@ -61,7 +51,7 @@ def lost_checker(app: Flask) -> Callable[[str], bool]:
 def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail:
     config = current_app.config
     return Tail(
-        hub(),
+        current_hub(),
         job_id,
         after=after,
         lease_seconds=config["STREAM_LEASE_SECONDS"],
@@ -75,12 +65,8 @@ def sse_response(
     tail: Tail, renderer: ChunkRenderer, headers: dict[str, str], on_close: Callable[[bool], None]
 ) -> Response:
     """The SSE response for a job's log, with the anti-buffering headers."""
-    body = sse_stream(tail, renderer, current_app.config["STREAM_RETRY_MS"], on_close)
-    response = Response(body, content_type="text/event-stream; charset=utf-8")
-    response.headers.update(headers)
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+    body = sse_body(tail, renderer, current_app.config["STREAM_RETRY_MS"], on_close)
+    return sse.response(body, headers)
 
 
 def _ignore(_finished: bool) -> None:
@@ -179,7 +165,13 @@ def stream_response(job: Job, body: ChatBody, route: Route) -> Response:
         response.headers.update(headers)
         return response
     payload = completion_object(
-        job.id, body.model, created, outcome.text, outcome.finish_reason, outcome.usage
+        job.id,
+        body.model,
+        created,
+        outcome.text,
+        outcome.finish_reason,
+        outcome.usage,
+        choices=outcome.messages(),
     )
     response = jsonify(payload)
     response.headers.update(headers)

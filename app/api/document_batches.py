@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
+from app import sse
 from app.errors import APIError
 from app.extensions import db
 from app.models import Batch, Job, epoch, utcnow
@@ -18,6 +19,7 @@ from app.models.batch import TERMINAL
 from app.models.job import STATUSES
 from app.pagination import fetch_page, list_object, page_params
 from app.services import batch_lifecycle, batches, documents, front_door
+from app.streams.hub import current_hub
 from app.validation import check_model_name
 
 bp = Blueprint("document_batches", __name__)
@@ -249,18 +251,30 @@ def results(batch_id: str) -> ResponseReturnValue:
     return Response(generate(), mimetype="application/jsonl", headers=headers)
 
 
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+def _is_about(message: str, batch_id: str) -> bool:
+    """Whether a broadcast message (app/services/events.py) is a change of this batch."""
+    if batch_id not in message:
+        return False
+    try:
+        event = json.loads(message)
+        return event.get("type") == "batch" and event["data"].get("id") == batch_id
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return False
 
 
 @bp.get("/document-batches/<batch_id>/events")
 def events(batch_id: str) -> ResponseReturnValue:
-    """SSE: `progress` with counts whenever they change, then one terminal `done` event."""
+    """SSE: `progress` with counts whenever they change, then one terminal `done` event.
+
+    Woken by the batch's published changes, read at most once per BATCH_EVENTS_POLL_SECONDS
+    under a burst; a re-read every ping interval covers a change whose notice was lost.
+    """
     batch = _batch_or_404(batch_id)
     tenant_id = g.tenant_id
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    poll = max(0.1, app.config["BATCH_EVENTS_POLL_SECONDS"])
-    ping_every = app.config["STREAM_PING_SECONDS"]
+    spacing = max(0.05, app.config["BATCH_EVENTS_POLL_SECONDS"])
+    ping_every = max(0.2, app.config["STREAM_PING_SECONDS"])
+    hub = current_hub()
     db.session.remove()
 
     def snapshot() -> dict[str, Any] | None:
@@ -272,26 +286,35 @@ def events(batch_id: str) -> ResponseReturnValue:
                 db.session.remove()
 
     def generate() -> Iterator[str]:
-        yield f"retry: {app.config['STREAM_RETRY_MS']}\n\n"
-        last_sent: Any = None
-        last_write = time.monotonic()
-        while True:
-            state = snapshot()
-            if state is None:
-                return
-            progress = (state["status"], state["counts"])
-            if state["status"] in TERMINAL:
-                yield _sse("progress", state)
-                yield _sse("done", state)
-                return
-            if progress != last_sent:
-                yield _sse("progress", state)
-                last_sent = progress
-                last_write = time.monotonic()
-            elif time.monotonic() - last_write >= ping_every:
-                yield ": ping\n\n"
-                last_write = time.monotonic()
-            time.sleep(poll)
+        feed = hub.feed()  # before the first read: no change can fall between read and wait
+        try:
+            yield sse.retry(app.config["STREAM_RETRY_MS"])
+            last_sent: Any = None
+            last_write = last_read = time.monotonic()
+            while True:
+                if (wait := last_read + spacing - time.monotonic()) > 0:
+                    time.sleep(wait)
+                state = snapshot()
+                last_read = time.monotonic()
+                if state is None:
+                    return
+                data = json.dumps(state)
+                if state["status"] in TERMINAL:
+                    yield sse.frame(data, event="progress") + sse.frame(data, event="done")
+                    return
+                if (state["status"], state["counts"]) != last_sent:
+                    yield sse.frame(data, event="progress")
+                    last_sent = (state["status"], state["counts"])
+                    last_write = time.monotonic()
+                while True:
+                    idle = last_write + ping_every - time.monotonic()
+                    if any(_is_about(m, batch.id) for m in feed.wait(max(0.0, idle))):
+                        break
+                    if time.monotonic() - last_write >= ping_every:
+                        yield sse.comment()
+                        last_write = time.monotonic()
+                        break  # and re-read: a notice may have been lost
+        finally:
+            hub.unfeed(feed)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(generate(), mimetype="text/event-stream", headers=headers)
+    return sse.response(generate())

@@ -10,7 +10,6 @@ from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
-    Response,
     current_app,
     jsonify,
     redirect,
@@ -21,12 +20,13 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_sse import Message
 
+from app import sse
 from app.dashboard import access, queries
 from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
 from app.models.job import ACTIVE
-from app.services.events import DASHBOARD_CHANNEL
+from app.streams.hub import StreamHub, current_hub
 
 bp = Blueprint(
     "dashboard",
@@ -161,41 +161,29 @@ def stream() -> ResponseReturnValue:
     """Relay the broadcast channel as SSE, with pings while idle; no DB session held."""
     ping = max(0.2, current_app.config["STREAM_PING_SECONDS"])
     retry = current_app.config["STREAM_RETRY_MS"]
-    client = redis_store.client
+    hub = current_hub()
     db.session.remove()
-    return Response(
-        _feed(client, ping, retry),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse.response(_feed(hub, ping, retry))
 
 
-def _feed(client: Any, ping: float, retry: int) -> Iterator[str]:
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+def _feed(hub: StreamHub, ping: float, retry: int) -> Iterator[str]:
+    """The process's one subscription to the broadcast channel, as this client's feed."""
+    feed = hub.feed()
     try:
-        pubsub.subscribe(DASHBOARD_CHANNEL)
-        yield f"retry: {retry}\n: connected\n\n"
+        yield sse.retry(retry) + sse.comment("connected")
         deadline = time.monotonic() + FEED_MAX_SECONDS
         while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=ping)
-            if message is None:
-                yield ": ping\n\n"
+            messages = feed.wait(ping)
+            if not messages:
+                yield sse.comment()
                 continue
-            frames = [_frame(message)]
-            while len(frames) < 200:  # coalesce a burst into one write
-                more = pubsub.get_message(timeout=0)
-                if more is None:
-                    break
-                frames.append(_frame(more))
-            yield "".join(frames)
+            yield "".join(_frame(m) for m in messages)  # a burst in one write
     finally:
-        pubsub.close()
+        hub.unfeed(feed)
 
 
-def _frame(message: dict[str, Any]) -> str:
-    if message.get("type") != "message":
-        return ""
+def _frame(message: str) -> str:
     try:
-        return str(Message(**json.loads(message["data"])))
+        return str(Message(**json.loads(message)))
     except (TypeError, ValueError):
         return ""

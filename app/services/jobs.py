@@ -128,18 +128,26 @@ def start_stream_job(
 
 
 def completion_object(
-    job_id: str, model: str, created: int, text: str, finish: str | None, usage: Any
+    job_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish: str | None,
+    usage: Any,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The `chat.completion` object for a job's output, as OpenAI's API returns it."""
     message = {"role": "assistant", "content": text, "refusal": None}
+    if choices is None:
+        choices = [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
+        ]
     return {
         "id": f"chatcmpl-{job_id}",
         "object": "chat.completion",
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
-        ],
+        "choices": choices,
         "usage": usage,
     }
