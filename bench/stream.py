@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import redis
 
-from app.cli.admin import worker_argv
+from app.cli.processes import web_argv, worker_argv
 from app.embedded_redis import die_with_parent
 from tests.stack import free_port
 
@@ -224,12 +224,10 @@ class BenchStack:
         with app.app_context():
             upgrade()
             self.key = create_key(f"bench-{secrets.token_hex(3)}")[1]
-        self._spawn("web", [
-            py, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
-            "--worker-connections", str(self.args.idle + 2000), "--backlog", "4096",
-            "--bind", f"127.0.0.1:{self.web_port}", "--graceful-timeout", "2",
-            "app:create_app()",
-        ])  # fmt: skip
+        self._spawn("web", web_argv(
+            "--workers", "1", "--worker-connections", str(self.args.idle + 2000),
+            "--backlog", "4096", "--bind", f"127.0.0.1:{self.web_port}", "--graceful-timeout", "2",
+        ))  # fmt: skip
         for n in range(self.args.workers):
             name = f"bench{n}-{secrets.token_hex(3)}"
             self._spawn(

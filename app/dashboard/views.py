@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,7 +17,6 @@ from flask import (
     request,
     url_for,
 )
-from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from flask_sse import Message
 
@@ -27,6 +25,7 @@ from app.dashboard import access, queries
 from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
+from app.models.job import ACTIVE
 from app.streams.hub import StreamHub, current_hub
 
 bp = Blueprint(
@@ -46,15 +45,6 @@ API_ENDPOINTS = {
 }
 FEED_MAX_SECONDS = 300.0  # the browser's EventSource reconnects by itself
 MAX_LIMIT = 500
-
-
-@bp.record_once
-def _setup(state: BlueprintSetupState) -> None:
-    app = state.app
-    app.secret_key = access.secret_key_for(app)
-    if app.config.get("SESSION_COOKIE_SAMESITE") is None:
-        app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
-    app.config.setdefault("PERMANENT_SESSION_LIFETIME", timedelta(days=7))
 
 
 @bp.before_request
@@ -129,8 +119,8 @@ def summary() -> dict[str, Any]:
         "workers_by_mode": queries.workers_by_mode(found),
         "queues": queries.queue_depths(client),
         "jobs": counts,
-        "batches": queries.batch_counts(),
-        "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in queries.IN_FLIGHT),
+        "batches": queries.batch_status_counts(),
+        "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in ACTIVE),
         "oldest_queued_seconds": queries.oldest_queued_age(utcnow()),
     }
 
@@ -169,8 +159,8 @@ def api_batches() -> ResponseReturnValue:
 @bp.get("/stream")
 def stream() -> ResponseReturnValue:
     """Relay the broadcast channel as SSE, with pings while idle; no DB session held."""
-    ping = max(0.2, float(current_app.config["STREAM_PING_SECONDS"]))
-    retry = int(current_app.config["STREAM_RETRY_MS"])
+    ping = max(0.2, current_app.config["STREAM_PING_SECONDS"])
+    retry = current_app.config["STREAM_RETRY_MS"]
     hub = current_hub()
     db.session.remove()
     return sse.response(_feed(hub, ping, retry))

@@ -119,7 +119,7 @@ def db_text(text: str) -> str:
 
 
 def _ttl(config: Mapping[str, Any]) -> int:
-    return int(config["STREAM_LOG_TTL_SECONDS"])
+    return config["STREAM_LOG_TTL_SECONDS"]
 
 
 def fail_lost_job(job_id: str, *, check_lease: bool = True) -> bool:
@@ -190,9 +190,9 @@ def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
     """Sweeper step: fail running stream jobs whose lease lapsed, and long-queued ones."""
     config = current_app.config
     client = redis_store.client
-    lease = float(config["STREAM_LEASE_SECONDS"])
+    lease = config["STREAM_LEASE_SECONDS"]
     if queued_timeout is None:
-        queued_timeout = float(config["STREAM_QUEUED_TIMEOUT_SECONDS"])
+        queued_timeout = config["STREAM_QUEUED_TIMEOUT_SECONDS"]
     now = utcnow()
     running = db.session.scalars(
         select(Job.id).where(
@@ -330,7 +330,7 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
     """Run one stream job end to end (idempotent); return what happened."""
     config = current_app.config
     client = redis_store.client
-    lease_seconds = float(config["STREAM_LEASE_SECONDS"])
+    lease_seconds = config["STREAM_LEASE_SECONDS"]
     lease_value = f"{worker or 'worker'}:{uuid.uuid4().hex[:8]}"
     pipe = client.pipeline(transaction=False)
     pipe.set(lease_key(job_id), lease_value, nx=True, px=max(1, int(lease_seconds * 1000)))
@@ -383,8 +383,8 @@ def _run(
     dlog = DeltaLog(
         redis_store.client,
         job_id,
-        running_ttl=int(config["STREAM_LOG_TTL_SECONDS"]) + int(config["PROVIDER_TIMEOUT"]),
-        final_ttl=int(config["STREAM_LOG_TTL_SECONDS"]),
+        running_ttl=config["STREAM_LOG_TTL_SECONDS"] + int(config["PROVIDER_TIMEOUT"]),
+        final_ttl=config["STREAM_LOG_TTL_SECONDS"],
         batcher=append_batcher(redis_store.client),
     )
     run = _Run(
@@ -393,10 +393,10 @@ def _run(
         dlog,
         lease_value,
         lease_seconds,
-        window=float(config["STREAM_COALESCE_MS"]) / 1000,
+        window=config["STREAM_COALESCE_MS"] / 1000,
     )
     registry = registry_for(config)
-    max_retries = int(config["STREAM_MAX_RETRIES"])
+    max_retries = config["STREAM_MAX_RETRIES"]
     reader = _Reader(registry, request)  # the upstream call starts now ...
     # ... and the row is marked while the provider works on its first token. The SDK yields
     # before it sends (its pool probes idle connections), so wait for the response headers
