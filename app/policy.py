@@ -16,11 +16,12 @@ import signal
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.config import TUNABLES, ConfigError
+from app.providers import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -532,6 +533,12 @@ def default_policy(config: Mapping[str, Any] | None = None) -> Policy:
                 "client allows async (Prefer: respond-async)",
             },
             {
+                "name": "prefer-async",
+                "when": interactive | {"mode": "auto", "prefer_async": True},
+                "route": "batch",
+                "reason": "the client asked for an asynchronous answer (Prefer: respond-async)",
+            },
+            {
                 "name": "large-input",
                 "when": interactive | {"input_tokens_above": limit},
                 "route": "reject",
@@ -623,7 +630,7 @@ class PolicyHolder:
 
     def current(self) -> Policy:
         """The policy, reloading first if SIGHUP arrived or the file changed."""
-        every = float(self.config.get("POLICY_RELOAD_SECONDS", 1.0))
+        every = self.config.get("POLICY_RELOAD_SECONDS", 1.0)
         now = time.monotonic()
         if self.hups != _hup_count or (self.path and now - self.checked >= every):
             with self._lock:
@@ -657,10 +664,9 @@ EXTENSION = "sluice_policy"
 
 
 def init_app(app: Any) -> PolicyHolder:
-    """Validate the app's policy (raising ConfigError) and install the SIGHUP reload."""
+    """Validate the app's policy (raising ConfigError); create_app installs the SIGHUP reload."""
     holder = PolicyHolder(app.config)
     app.extensions[EXTENSION] = holder
-    install_sighup()
     return holder
 
 
@@ -690,39 +696,35 @@ def decide(request: RouteRequest) -> Route:
 # ---------------------------------------------------------------- request helpers
 
 
-def _fallback_estimate(messages: list[dict[str, Any]]) -> int:
-    chars = 0
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-    return (chars + 3) // 4 + 4 * len(messages)
-
-
 def estimate_input_tokens(messages: list[dict[str, Any]]) -> int:
-    """A rough input-token estimate for routing (the providers' estimator when present)."""
-    estimator: Callable[[list[dict[str, Any]]], int]
-    try:
-        from app.providers.base import estimate_tokens as estimator
-    except ImportError:  # pragma: no cover - providers always ship it
-        estimator = _fallback_estimate
-    try:
-        return int(estimator(messages))
-    except Exception:
-        return _fallback_estimate(messages)
+    """A rough input-token estimate for routing (the providers' one estimator)."""
+    return estimate_tokens(messages)
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """What a `Prefer` header (RFC 7240) asks for that Sluice can honour."""
+
+    respond_async: bool = False
+    wait: int | None = None  # seconds; RFC 7240 delta-seconds
+
+
+def parse_prefer(header: str | None) -> Preferences:
+    """`respond-async` and `wait=N` from a `Prefer` header; other preferences are ignored."""
+    respond_async, wait = False, None
+    for pref in (header or "").split(","):
+        token, _, value = pref.split(";", 1)[0].partition("=")
+        token, value = token.strip().lower(), value.strip().strip('"')
+        if token == "respond-async":
+            respond_async = True
+        elif token == "wait" and value.isascii() and value.isdigit() and wait is None:
+            wait = int(value[:12])  # delta-seconds; absurd values are capped where used
+    return Preferences(respond_async, wait)
 
 
 def prefers_async(header: str | None) -> bool:
     """Whether a `Prefer` header (RFC 7240) asks for respond-async."""
-    if not header:
-        return False
-    for pref in header.split(","):
-        token = pref.split(";", 1)[0].split("=", 1)[0].strip().lower()
-        if token == "respond-async":
-            return True
-    return False
+    return parse_prefer(header).respond_async
 
 
 def document_messages(document: str, instructions: str | None = None) -> list[dict[str, Any]]:

@@ -12,8 +12,8 @@ from flask import Flask
 from sqlalchemy import text
 
 from app.extensions import db
+from tests.helpers import wait_batch
 from tests.stack import Stack
-from tests.test_batch_api import wait_done
 
 
 def writers_blocked(app: Flask) -> bool:
@@ -74,5 +74,5 @@ def test_slow_jsonl_upload_holds_no_write_lock_while_it_streams_in(
     assert head.startswith(b"HTTP/1.1 202"), answer[:500]
     batch_id = json.loads(body)["id"] if body.lstrip().startswith(b"{") else None
     assert batch_id, body[:200]
-    done = wait_done(client, batch_id)
+    done = wait_batch(client, batch_id)
     assert done["status"] == "completed" and done["counts"]["succeeded"] == 40

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -13,22 +12,16 @@ import pytest
 from flask import Flask
 from sqlalchemy import update
 
-from app.extensions import celery, db, redis_store
+from app.cli.processes import sweeper_argv
+from app.extensions import db, redis_store
 from app.models import Batch, utcnow
-from app.queueing import BATCH_QUEUE
+from app.queueing import BATCH_QUEUE, send_task
 from app.services import sweeper
 from app.services.batches import CHUNK_TASK
+from tests.helpers import insert_batch, tenant_of
 from tests.stack import Stack
-from tests.test_batch_recovery import quiet_batch
 
 INTERVAL = 0.5
-
-
-def beat_argv(home: str) -> list[str]:
-    return [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
-        "--loglevel", "WARNING", "-s", f"{home}/celerybeat-schedule-test",
-    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -45,12 +38,12 @@ def no_batch_worker(stack: Stack, app: Flask) -> Iterator[Stack]:
 
 
 def test_sweeps_run_on_time_behind_a_flooded_batch_queue(
-    no_batch_worker: Stack, app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+    no_batch_worker: Stack, app_ctx: Flask, api_key: str
 ) -> None:
     for i in range(1000):
-        celery.send_task(CHUNK_TASK, args=[f"batch_flood{i}", 0, 9], queue=BATCH_QUEUE)
+        send_task(CHUNK_TASK, [f"batch_flood{i}", 0, 9], queue=BATCH_QUEUE)
     assert redis_store.client.llen(BATCH_QUEUE) >= 1000
-    batch_id = quiet_batch(api_key, 3, monkeypatch)
+    batch_id = insert_batch(tenant_of(api_key), ["queued"] * 3).id
     db.session.execute(
         update(Batch).where(Batch.id == batch_id).values(expires_at=utcnow() - timedelta(1))
     )
@@ -58,7 +51,7 @@ def test_sweeps_run_on_time_behind_a_flooded_batch_queue(
     env = {**no_batch_worker.env, "SLUICE_SWEEP_INTERVAL_SECONDS": str(INTERVAL)}
     beat = Stack(env=env, home=no_batch_worker.home, port=no_batch_worker.port)
     before = sweeper.last_runs().get(sweeper.PASS, 0.0)
-    beat._spawn("beat", beat_argv(str(beat.home)))
+    beat._spawn("beat", [*sweeper_argv("WARNING"), "-s", str(beat.home / "beat-schedule-test")])
     try:
         seen: list[float] = []
         deadline = time.monotonic() + 30

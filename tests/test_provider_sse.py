@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pytest
 
 from app.providers.anthropic_provider import AnthropicStream
-from app.providers.base import ChatRequest, ProviderError
+from app.providers.base import ChatRequest, ProviderError, delta_text
 from app.providers.openai_provider import OpenAIStream, map_openai_error
 
 
@@ -28,6 +29,11 @@ class CannedResponse:
 
     def close(self) -> None:
         self.closed = True
+
+
+def texts(choices: Iterable[dict[str, Any]]) -> list[str]:
+    """The non-empty content fragments of a stream of choice deltas."""
+    return [text for choice in choices if (text := delta_text(choice))]
 
 
 REQUEST = ChatRequest("m", [{"role": "user", "content": "hello"}])
@@ -62,7 +68,7 @@ def test_split_events_crlf_comments_usage_and_done() -> None:
     )
     pieces = [body[i : i + 5] for i in range(0, len(body), 5)]  # events split anywhere
     stream = openai_stream(pieces)
-    assert list(stream) == ["Hel", "lo"]
+    assert texts(stream) == ["Hel", "lo"]
     assert stream.finish_reason == "length"
     assert (stream.usage.prompt_tokens, stream.usage.completion_tokens) == (7, 2)
     assert stream._http.closed
@@ -72,7 +78,7 @@ def test_multibyte_text_split_across_reads() -> None:
     body = 'data: {"choices":[{"index":0,"delta":{"content":"h\u00e9\u4e16"}}]}\n\n'.encode()
     body += chunk(finish="stop") + b"data: [DONE]\n\n"
     stream = openai_stream([body[:40], body[40:41], body[41:]])
-    assert list(stream) == ["h\u00e9\u4e16"]
+    assert texts(stream) == ["h\u00e9\u4e16"]
 
 
 def test_error_payload_and_undecodable_event() -> None:
@@ -80,8 +86,8 @@ def test_error_payload_and_undecodable_event() -> None:
     stream = openai_stream([chunk("a"), error])
     seen: list[str] = []
     with pytest.raises(ProviderError) as info:
-        for delta in stream:
-            seen.append(delta)
+        for choice in stream:
+            seen.extend(texts([choice]))
     assert seen == ["a"] and info.value.retryable and "overloaded now" in info.value.message
     with pytest.raises(ProviderError) as info:
         list(openai_stream([b"data: {not json\n\n"]))
@@ -109,7 +115,7 @@ def test_anthropic_events() -> None:
         b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
     )
     stream = AnthropicStream(CannedResponse([body]), REQUEST, lambda exc: None)
-    assert list(stream) == ["Hi"]
+    assert texts(stream) == ["Hi"]
     assert stream.finish_reason == "length"
     assert (stream.usage.prompt_tokens, stream.usage.completion_tokens) == (9, 1)
     error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'

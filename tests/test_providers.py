@@ -6,7 +6,7 @@ import email.utils
 import pickle
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from app.providers import (
     UnknownModel,
     Usage,
     build_registry,
+    delta_text,
     estimate_tokens,
 )
 from app.providers.base import parse_retry_after
@@ -59,12 +60,25 @@ def call(registry: ProviderRegistry, model: str, **kwargs: Any) -> tuple[Provide
     return provider, ChatRequest(upstream_model, messages, **kwargs)
 
 
+def texts(choices: Iterable[dict[str, Any]]) -> list[str]:
+    """The non-empty content fragments of a stream of choice deltas."""
+    return [text for choice in choices if (text := delta_text(choice))]
+
+
+def texts_of(choices: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """The content fragments of a stream of choice deltas, lazily (to close mid-stream)."""
+    for choice in choices:
+        if text := delta_text(choice):
+            yield text
+
+
 def stream_error(provider: Provider, request: ChatRequest) -> tuple[list[str], ProviderError]:
-    """Stream until the ProviderError; return the deltas seen before it."""
+    """Stream until the ProviderError; return the text deltas seen before it."""
     seen: list[str] = []
     with pytest.raises(ProviderError) as info:
         stream = provider.stream(request)
-        seen.extend(stream)
+        for choice in stream:
+            seen.extend(texts([choice]))
     return seen, info.value
 
 
@@ -75,7 +89,7 @@ def stream_error(provider: Provider, request: ChatRequest) -> tuple[list[str], P
 def test_stream_deltas_usage_and_finish(registry: ProviderRegistry, kind: str) -> None:
     provider, request = call(registry, f"{kind}/plain?tokens=6")
     stream = provider.stream(request)
-    deltas = [d for d in stream if d]
+    deltas = texts(stream)
     assert len(deltas) == 6
     assert deltas[0][0] != " " and all(d.startswith(" ") for d in deltas[1:])
     assert stream.finish_reason == "stop"
@@ -87,7 +101,7 @@ def test_stream_deltas_usage_and_finish(registry: ProviderRegistry, kind: str) -
 def test_complete_matches_stream(registry: ProviderRegistry, kind: str) -> None:
     provider, request = call(registry, f"{kind}/same?tokens=9")
     completion = provider.complete(request)
-    assert completion.text == "".join(provider.stream(request))
+    assert completion.text == "".join(texts(provider.stream(request)))
     assert completion.finish_reason == "stop"
     assert completion.usage.completion_tokens == 9
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + 9
@@ -97,7 +111,7 @@ def test_complete_matches_stream(registry: ProviderRegistry, kind: str) -> None:
 def test_max_tokens_gives_length(registry: ProviderRegistry, kind: str) -> None:
     provider, request = call(registry, f"{kind}/capped?tokens=30", max_tokens=4)
     stream = provider.stream(request)
-    assert len(list(stream)) == 4
+    assert len(texts(stream)) == 4
     assert stream.finish_reason == "length"
     assert provider.complete(request).finish_reason == "length"
 
@@ -106,7 +120,7 @@ def test_max_tokens_gives_length(registry: ProviderRegistry, kind: str) -> None:
 def test_echo_keeps_multibyte_and_newlines(registry: ProviderRegistry, kind: str) -> None:
     text = "héllo 世界 🚀\n\nsecond line\ttab  double  spaces\n" + "é" * 3000
     provider, request = call(registry, f"{kind}/echo", messages=user(text))
-    assert "".join(provider.stream(request)) == text
+    assert "".join(texts(provider.stream(request))) == text
     assert provider.complete(request).text == text
 
 
@@ -118,7 +132,7 @@ def test_scripted_deltas_with_empty_and_long(
     deltas = ["", "a", "", long, "\n", "z"]
     upstream.add_scenario(f"scripted-{kind}", deltas=deltas)
     provider, request = call(registry, f"{kind}/scripted-{kind}")
-    assert "".join(provider.stream(request)) == "".join(deltas)
+    assert "".join(texts(provider.stream(request))) == "".join(deltas)
     assert upstream.requests(f"scripted-{kind}") == 1
 
 
@@ -312,7 +326,7 @@ def test_close_mid_stream_stops_promptly(
     stream = provider.stream(request)
     started = time.monotonic()
     seen: list[str] = []
-    for delta in stream:
+    for delta in texts_of(stream):
         seen.append(delta)
         if len(seen) == 3:
             stream.close()
@@ -337,7 +351,7 @@ def test_close_from_another_thread(
 
     def consume() -> None:
         try:
-            outcome.append(list(stream))
+            outcome.append(texts(stream))
         except BaseException as exc:  # recorded for the assertion below
             outcome.append(exc)
 
@@ -370,13 +384,13 @@ def test_mock_is_deterministic_and_prompt_dependent() -> None:
 def test_mock_stream_shape_length_and_max_tokens() -> None:
     mock = fast_mock(length=12)
     stream = mock.stream(ChatRequest("m", user("x")))
-    deltas = list(stream)
+    deltas = texts(stream)
     assert len(deltas) == 12
     assert not deltas[0].startswith(" ") and all(d.startswith(" ") for d in deltas[1:])
     assert stream.finish_reason == "stop" and stream.usage is not None
     assert stream.usage.completion_tokens == 12
     capped = mock.stream(ChatRequest("m", user("x"), max_tokens=5))
-    assert list(capped) == deltas[:5]
+    assert texts(capped) == deltas[:5]
     assert capped.finish_reason == "length" and capped.usage == Usage(capped.usage.prompt_tokens, 5)
 
 
@@ -384,7 +398,7 @@ def test_mock_options_in_model_name_and_pacing() -> None:
     mock = MockProvider()
     started = time.monotonic()
     stream = mock.stream(ChatRequest("m?length=5&ttft_ms=100&tps=100", user("x")))
-    first = next(iter(stream))
+    first = delta_text(next(iter(stream)))
     assert first and time.monotonic() - started >= 0.09
     assert (
         len(mock.complete(ChatRequest("m?length=5&ttft_ms=0&tps=0", user("x"))).text.split()) == 5
@@ -395,7 +409,7 @@ def test_mock_close_and_error_preset() -> None:
     mock = fast_mock(length=100)
     stream = mock.stream(ChatRequest("m", user("x")))
     seen = []
-    for delta in stream:
+    for delta in texts_of(stream):
         seen.append(delta)
         if len(seen) == 2:
             stream.close()
@@ -408,7 +422,7 @@ def test_mock_close_and_error_preset() -> None:
 def test_mock_echo_keeps_text() -> None:
     text = "héllo 世界\n\n  spaced\tout "
     stream = fast_mock().stream(ChatRequest("echo", user(text)))
-    assert "".join(stream) == text and stream.finish_reason == "stop"
+    assert "".join(texts(stream)) == text and stream.finish_reason == "stop"
 
 
 # -- registry ---------------------------------------------------------------------------------
@@ -450,7 +464,7 @@ def test_custom_openai_compatible_provider(
     for name in ["local", "keyless", "claude-proxy"]:
         provider, request = call(registry, f"{name}/echo", messages=user("round trip"))
         assert provider.name == name
-        assert "".join(provider.stream(request)) == "round trip"
+        assert "".join(texts(provider.stream(request))) == "round trip"
 
 
 def test_builtin_override_and_bad_config(upstream: FakeUpstream) -> None:

@@ -2,17 +2,20 @@
 
 from app.providers.base import (
     ChatRequest,
+    ChoiceDelta,
     Completion,
     Provider,
     ProviderError,
     ProviderStream,
     Usage,
+    delta_text,
     estimate_tokens,
 )
 from app.providers.registry import ProviderRegistry, UnknownModel, build_registry
 
 __all__ = [
     "ChatRequest",
+    "ChoiceDelta",
     "Completion",
     "Provider",
     "ProviderError",
@@ -21,5 +24,6 @@ __all__ = [
     "UnknownModel",
     "Usage",
     "build_registry",
+    "delta_text",
     "estimate_tokens",
 ]

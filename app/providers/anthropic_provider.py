@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -9,11 +10,13 @@ import anthropic
 
 from app.providers.base import (
     ChatRequest,
+    ChoiceDelta,
     Completion,
     ProviderError,
     Usage,
     content_text,
     error_from_status,
+    text_delta,
 )
 from app.providers.errors import map_transport_error, upstream_message
 from app.providers.sdk import SDKProvider
@@ -82,21 +85,42 @@ def to_anthropic_messages(
 
 
 class AnthropicStream(RawSSEStream):
-    """A streamed Anthropic message, parsed from the raw SSE body into OpenAI-style deltas."""
+    """A streamed Anthropic message, parsed from the raw SSE body into OpenAI choice deltas."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._input_tokens = 0
         self._stopped = False
+        self._tool_index: dict[int, int] = {}  # content block index -> OpenAI tool call index
 
-    def _handle(self, event: str | None, data: Any) -> str | None:
-        """Pick text, usage and stop reason out of raw Messages stream events."""
+    def _handle(self, event: str | None, data: Any) -> list[ChoiceDelta] | None:
+        """Translate one raw Messages stream event (text, tool use, thinking, stop, usage)."""
         if event is None or not isinstance(data, dict):
             return None
-        if event == "content_block_delta":
+        if event == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                position = self._tool_index[int(data.get("index") or 0)] = len(self._tool_index)
+                call = {
+                    "index": position,
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": ""},
+                }
+                return [{"index": 0, "delta": {"tool_calls": [call]}}]
+            if block.get("type") == "text" and block.get("text"):
+                return [text_delta(block["text"])]
+        elif event == "content_block_delta":
             delta = data.get("delta") or {}
-            if delta.get("type") == "text_delta":
-                return delta.get("text")
+            kind = delta.get("type")
+            if kind == "text_delta" and delta.get("text"):
+                return [text_delta(delta["text"])]
+            if kind == "input_json_delta" and delta.get("partial_json"):
+                position = self._tool_index.get(int(data.get("index") or 0), 0)
+                fragment = {"index": position, "function": {"arguments": delta["partial_json"]}}
+                return [{"index": 0, "delta": {"tool_calls": [fragment]}}]
+            if kind == "thinking_delta" and delta.get("thinking"):
+                return [{"index": 0, "delta": {"reasoning_content": delta["thinking"]}}]
         elif event == "message_start":
             usage = (data.get("message") or {}).get("usage") or {}
             self._input_tokens = int(usage.get("input_tokens") or 0)
@@ -106,6 +130,7 @@ class AnthropicStream(RawSSEStream):
             usage = data.get("usage") or {}
             prompt = int(usage.get("input_tokens") or 0) or self._input_tokens
             self.usage = Usage(prompt, int(usage.get("output_tokens") or 0))
+            return [{"index": 0, "delta": {}, "finish_reason": self.finish_reason}]
         elif event == "message_stop":
             self._stopped = True
         elif event == "error":
@@ -190,16 +215,36 @@ class AnthropicProvider(SDKProvider):
         body = read_json(
             client.messages.with_streaming_response.create, self._map, **self._params(request)
         )
-        body = body if isinstance(body, dict) else {}
-        text = "".join(
-            block.get("text") or ""
-            for block in body.get("content") or []
-            if isinstance(block, dict) and block.get("type") == "text"
-        )
-        usage = body.get("usage") or {}
-        reason = STOP_REASONS.get(body.get("stop_reason") or "end_turn", "stop")
-        return Completion(
-            text,
-            reason,
-            Usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)),
-        )
+        return completion_from_message(body)
+
+
+def completion_from_message(body: Any) -> Completion:
+    """A Completion from an Anthropic `message` JSON body (text, tool use, thinking)."""
+    body = body if isinstance(body, dict) else {}
+    blocks = [b for b in body.get("content") or [] if isinstance(b, dict)]
+    text = "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    calls = [
+        {
+            "id": b.get("id"),
+            "type": "function",
+            "function": {
+                "name": b.get("name"),
+                "arguments": json.dumps(b.get("input") or {}, ensure_ascii=False),
+            },
+        }
+        for b in blocks
+        if b.get("type") == "tool_use"
+    ]
+    if calls:
+        message["tool_calls"] = calls
+        message["content"] = text or None
+    thinking = "".join(b.get("thinking") or "" for b in blocks if b.get("type") == "thinking")
+    if thinking:
+        message["reasoning_content"] = thinking
+    usage = body.get("usage") or {}
+    reason = STOP_REASONS.get(body.get("stop_reason") or "end_turn", "stop")
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+    return Completion(
+        [choice], Usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0))
+    )

@@ -8,7 +8,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")
+ChoiceDelta = dict[str, Any]
+"""One element of a `chat.completion.chunk`'s `choices`: `{"index", "delta", ...}`."""
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,42 @@ class Usage:
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished non-streaming generation."""
+    """A finished non-streaming generation: OpenAI `chat.completion` choices and usage."""
 
-    text: str
-    finish_reason: str
+    choices: list[dict[str, Any]]
     usage: Usage
+
+    @classmethod
+    def of_text(cls, text: str, finish_reason: str, usage: Usage) -> Completion:
+        """A one-choice completion holding plain text."""
+        message = {"role": "assistant", "content": text}
+        return cls([{"index": 0, "message": message, "finish_reason": finish_reason}], usage)
+
+    @property
+    def text(self) -> str:
+        """Choice 0's content ("" when it has none, e.g. only tool calls)."""
+        message = self.choices[0].get("message") if self.choices else None
+        content = message.get("content") if isinstance(message, Mapping) else None
+        return content if isinstance(content, str) else ""
+
+    @property
+    def finish_reason(self) -> str:
+        """Choice 0's finish reason."""
+        return (self.choices[0].get("finish_reason") if self.choices else None) or "stop"
+
+
+def text_delta(text: str, index: int = 0) -> ChoiceDelta:
+    """A choice delta carrying content."""
+    return {"index": index, "delta": {"content": text}}
+
+
+def delta_text(choice: Mapping[str, Any], index: int = 0) -> str:
+    """The content of a choice delta if it belongs to choice `index`, else ""."""
+    if (choice.get("index") or 0) != index:
+        return ""
+    delta = choice.get("delta")
+    content = delta.get("content") if isinstance(delta, Mapping) else None
+    return content if isinstance(content, str) else ""
 
 
 class ProviderError(Exception):
@@ -106,12 +138,12 @@ def _rebuild_error(message: str, kwargs: dict[str, Any]) -> ProviderError:
 
 @runtime_checkable
 class ProviderStream(Protocol):
-    """An in-flight streamed generation; iterate for text deltas."""
+    """An in-flight streamed generation; iterate for choice deltas (see ChoiceDelta)."""
 
     finish_reason: str | None
     usage: Usage | None
 
-    def __iter__(self) -> Iterator[str]: ...
+    def __iter__(self) -> Iterator[ChoiceDelta]: ...
 
     def close(self) -> None: ...
 

@@ -13,11 +13,14 @@ from urllib.parse import parse_qsl
 
 from app.providers.base import (
     ChatRequest,
+    ChoiceDelta,
     Completion,
     ProviderError,
     Usage,
+    delta_text,
     estimate_tokens,
     last_user_text,
+    text_delta,
 )
 
 WORDS = [
@@ -168,7 +171,7 @@ class MockStream:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[ChoiceDelta]:
         emitted = 0
         try:
             if self._settings.ttft_ms > 0:
@@ -184,8 +187,9 @@ class MockStream:
                     if self._closed.is_set():
                         return
                 emitted += 1
-                yield delta
+                yield text_delta(delta)
             self.finish_reason = "length" if self._truncated else "stop"
+            yield {"index": 0, "delta": {}, "finish_reason": self.finish_reason}
         finally:
             self.usage = Usage(self._prompt_tokens, emitted)
 
@@ -226,5 +230,5 @@ class MockProvider:
     def complete(self, request: ChatRequest) -> Completion:
         """Return the whole answer after a delay of ttft plus generation time."""
         stream = self._prepare(request)
-        text = "".join(stream)
-        return Completion(text, stream.finish_reason or "stop", stream.usage or Usage())
+        text = "".join(delta_text(d) for d in stream)
+        return Completion.of_text(text, stream.finish_reason or "stop", stream.usage or Usage())

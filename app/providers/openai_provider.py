@@ -10,6 +10,7 @@ import openai
 
 from app.providers.base import (
     ChatRequest,
+    ChoiceDelta,
     Completion,
     ProviderError,
     Usage,
@@ -56,8 +57,8 @@ def _finish_reason(value: str | None) -> str:
 class OpenAIStream(RawSSEStream):
     """A streamed chat completion, parsed from the raw SSE body."""
 
-    def _handle(self, event: str | None, data: Any) -> str | None:
-        """Take usage from the usage chunk and text from content deltas."""
+    def _handle(self, event: str | None, data: Any) -> list[ChoiceDelta] | None:
+        """Take usage from the usage chunk and the choice deltas from the others."""
         if not isinstance(data, dict):
             return None
         if data.get("error"):
@@ -74,18 +75,29 @@ class OpenAIStream(RawSSEStream):
         choices = data.get("choices")
         if not choices:
             return None
-        text = ""
+        out: list[ChoiceDelta] = []
         for choice in choices:
-            if choice.get("index") not in (0, None):
-                continue
-            delta = choice.get("delta")
-            if delta:
-                content = delta.get("content")
-                if content:
-                    text += content
-            if reason := choice.get("finish_reason"):
-                self.finish_reason = _finish_reason(reason)
-        return text
+            if isinstance(choice, dict) and (item := self._choice(choice)) is not None:
+                out.append(item)
+        return out
+
+    def _choice(self, choice: dict[str, Any]) -> ChoiceDelta | None:
+        """One upstream choice as a choice delta (no role, no null or empty fields)."""
+        index = choice.get("index") or 0
+        raw = choice.get("delta")
+        delta = {
+            k: v
+            for k, v in (raw.items() if isinstance(raw, dict) else ())
+            if k != "role" and v is not None and v != ""
+        }
+        item: ChoiceDelta = {"index": index, "delta": delta}
+        if choice.get("logprobs") is not None:
+            item["logprobs"] = choice["logprobs"]
+        if reason := choice.get("finish_reason"):
+            item["finish_reason"] = _finish_reason(reason)
+            if index == 0:
+                self.finish_reason = item["finish_reason"]
+        return item if delta or len(item) > 2 else None
 
 
 class OpenAIProvider(SDKProvider):
@@ -167,14 +179,28 @@ class OpenAIProvider(SDKProvider):
 def completion_from_body(body: Any, request: ChatRequest) -> Completion:
     """A Completion from an OpenAI `chat.completion` JSON body."""
     body = body if isinstance(body, dict) else {}
-    choices = body.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    text = ((choice.get("message") or {}).get("content")) or ""
+    raw_choices = [c for c in body.get("choices") or [] if isinstance(c, dict)] or [{}]
+    choices = [_completion_choice(c, i) for i, c in enumerate(raw_choices)]
+    completion = Completion(choices, Usage())
     raw_usage = body.get("usage")
     if isinstance(raw_usage, dict):
         usage = Usage(
             int(raw_usage.get("prompt_tokens") or 0), int(raw_usage.get("completion_tokens") or 0)
         )
     else:
-        usage = Usage(estimate_tokens(request.messages), len(text.split()))
-    return Completion(text, _finish_reason(choice.get("finish_reason")), usage)
+        usage = Usage(estimate_tokens(request.messages), len(completion.text.split()))
+    return Completion(choices, usage)
+
+
+def _completion_choice(raw: dict[str, Any], position: int) -> dict[str, Any]:
+    """One `chat.completion` choice, with its role and a normalised finish reason."""
+    message = raw.get("message")
+    message = dict(message) if isinstance(message, dict) else {}
+    message.setdefault("role", "assistant")
+    message.setdefault("content", None)
+    return {
+        "index": raw.get("index", position),
+        "message": message,
+        "logprobs": raw.get("logprobs"),
+        "finish_reason": _finish_reason(raw.get("finish_reason")),
+    }

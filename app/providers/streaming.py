@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from app.providers.base import ChatRequest, ProviderError, Usage, estimate_tokens
+from app.providers.base import ChatRequest, ChoiceDelta, ProviderError, Usage, estimate_tokens
 
 ErrorMapper = Callable[[BaseException], ProviderError | None]
 
@@ -23,7 +23,7 @@ class _Done(Exception):
 
 
 class RawSSEStream:
-    """Wraps an SDK streaming response: yields text deltas, records finish reason and usage."""
+    """Wraps an SDK streaming response: yields choice deltas, records finish reason and usage."""
 
     provider_name = "provider"
 
@@ -39,8 +39,8 @@ class RawSSEStream:
 
     # -- subclass hooks ----------------------------------------------------------------------
 
-    def _handle(self, event: str | None, data: Any) -> str | None:
-        """Digest one decoded SSE event; return its text delta, if any."""
+    def _handle(self, event: str | None, data: Any) -> list[ChoiceDelta] | None:
+        """Digest one decoded SSE event; return its choice deltas, if any."""
         raise NotImplementedError
 
     def _complete(self) -> bool:
@@ -82,7 +82,7 @@ class RawSSEStream:
         if data:  # a last event without its blank line
             yield event, b"\n".join(data).decode()
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[ChoiceDelta]:
         if self._started:
             raise RuntimeError("a provider stream can be iterated only once")
         self._started = True
@@ -101,10 +101,12 @@ class RawSSEStream:
                     data = json.loads(raw)
                 except ValueError:
                     raise self._stream_error(f"undecodable event {raw[:200]!r}") from None
-                delta = self._handle(event, data)
-                if delta:
-                    self._deltas += 1
-                    yield delta
+                for choice in self._handle(event, data) or ():
+                    if choice.get("delta"):
+                        self._deltas += 1
+                    yield choice
+                    if closed():
+                        return
                 if closed():
                     return
         except ProviderError:

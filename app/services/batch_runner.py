@@ -128,7 +128,7 @@ def run_item(row: Any, cancelled: Any) -> ItemResult:
     """Call the provider for one claimed item, retrying retryable failures."""
     from app.providers.registry import UnknownModel
 
-    max_tries = max(1, int(current_app.config["BATCH_MAX_ATTEMPTS"]))
+    max_tries = max(1, current_app.config["BATCH_MAX_ATTEMPTS"])
     try:
         provider, upstream_model = _registry().resolve(row.model)
         request = chat_request(row.request, upstream_model)
@@ -331,7 +331,7 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
     from gevent.pool import Pool
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    size = max(1, min(len(rows), int(app.config["BATCH_ITEM_CONCURRENCY"])))
+    size = max(1, min(len(rows), app.config["BATCH_ITEM_CONCURRENCY"]))
 
     def work(row: Any) -> ItemResult:
         with app.app_context():
@@ -377,7 +377,7 @@ def _flush(
     """Write outcomes; (written, those that could not be, the last write error).
 
     A failed batched write is retried one result at a time, so one bad result (a value the
-    database refuses) does not take its neighbours with it; if the first of those fails
+    database refuses) does not take its neighbours with it; if the first two of those fail
     too, the database is taken to be down and the rest are not tried.
     """
     if not outcomes:
@@ -394,8 +394,8 @@ def _flush(
             except Exception as one:
                 error = one
                 failed.append(outcome)
-                if i == 0:
-                    failed += outcomes[1:]
+                if i == 1 and len(failed) == 2:  # the first two failed: the database is down
+                    failed += outcomes[2:]
                     break
     if batch_id:
         events.batch_changed(Batch(id=batch_id, status="in_progress"))

@@ -22,11 +22,11 @@ from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.errors import APIError
-from app.extensions import celery, db, redis_store
+from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
-from app.models.job import STATUSES, TERMINAL
+from app.models.job import ACTIVE, STATUSES
 from app.policy import Route
-from app.queueing import BATCH_QUEUE
+from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ CHUNK_TASK = "sluice.batch.run_chunk"
 JOB_TASK = "sluice.batch.run_job"
 INSERT_CHUNK = 1000
 STAGE_MEMORY = 32 * 1024 * 1024  # staged rows beyond this spill to a temporary file
-ACTIVE = tuple(s for s in STATUSES if s not in TERMINAL)  # queued, running
 STOP_KEY = "sluice:batch:stop:{}"  # value: "cancelled" or "expired"
 CLAIMS_KEY = "sluice:batch:claims"  # the lease set of running claims (chunks and jobs)
 MAX_ITEM_ID = 512
@@ -120,12 +119,6 @@ def create_batch(
     lock; an exception from the iterable (e.g. a validation error raised once the whole
     input has been read) leaves nothing behind. Staged rows spill to disk past STAGE_MEMORY.
     """
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
-    if idempotency_key:
-        existing = find_by_idempotency_key(tenant_id, idempotency_key)
-        if existing is not None:
-            return existing
     window = window_seconds(completion_window)
     models = _Models()
     if model:
@@ -230,12 +223,10 @@ def _stage(items: Iterable[BatchItem], models: _Models, model: str | None, out: 
 
 def enqueue_chunks(batch_id: str, first: int, last: int) -> int:
     """Send chunk tasks covering item indexes first..last; returns how many were sent."""
-    size = max(1, int(current_app.config["BATCH_CHUNK_SIZE"]))
+    size = max(1, current_app.config["BATCH_CHUNK_SIZE"])
     sent = 0
     for lo in range(first, last + 1, size):
-        celery.send_task(
-            CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE
-        )
+        send_task(CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE)
         sent += 1
     return sent
 
@@ -290,7 +281,7 @@ def resend(indexes: set[tuple[str, int]], singles: Iterable[str]) -> int:
         for lo, hi in runs(sorted(items)):
             sent += enqueue_chunks(batch_id, lo, hi)
     for job_id in singles:
-        celery.send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
+        send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
         sent += 1
     return sent
 
@@ -318,8 +309,6 @@ def submit_batch_job(
     priority: int = 0,
 ) -> Job:
     """A single background job without a batch, for POST /v1/jobs routed to batch."""
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
     model = body.get("model")
     provider = _Models().provider(model, "model")
     job = Job(
@@ -337,7 +326,7 @@ def submit_batch_job(
     )
     db.session.add(job)
     db.session.commit()
-    celery.send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
+    send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
     events.job_changed(job)
     return job
 

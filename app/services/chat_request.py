@@ -10,6 +10,7 @@ from typing import Any
 from app.errors import APIError
 from app.providers import ChatRequest, build_registry
 from app.providers.base import estimate_tokens
+from app.validation import check_metadata, check_model_name
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Parameters Sluice cannot honour: rejected unless given their neutral value.
@@ -165,23 +166,10 @@ def _stop(value: Any) -> list[str] | None:
     raise _bad("'stop' must be a string or an array of up to 4 strings.", "stop", "invalid_type")
 
 
-def _metadata(value: Any) -> dict[str, str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or len(value) > 16:
-        raise _bad("'metadata' must be an object of at most 16 pairs.", "metadata", "invalid_type")
-    for key, item in value.items():
-        if not isinstance(item, str) or len(key) > 64 or len(item) > 512:
-            raise _bad(
-                "'metadata' keys must be at most 64 characters and values strings of at most 512.",
-                f"metadata.{key}",
-            )
-    return dict(value)
-
-
 def _model(value: Any, config: Mapping[str, Any]) -> tuple[str, str, str]:
     if not isinstance(value, str) or not value.strip():
         raise _bad("'model' is required: a string like 'mock/echo'.", "model", "missing_required")
+    check_model_name(value)
     provider, _, name = value.partition("/")
     if not provider or not name.strip():
         raise _bad(
@@ -245,6 +233,6 @@ def parse_chat_body(body: Any, config: Mapping[str, Any]) -> ChatBody:
         top_p=_number(body, "top_p", 0, 1),
         stop=_stop(body.get("stop")),
         user=user,
-        metadata=_metadata(body.get("metadata")),
+        metadata=check_metadata(body.get("metadata")),
         raw=body,
     )

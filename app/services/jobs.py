@@ -1,30 +1,23 @@
-"""Jobs: the API serializer and starting a stream job (row committed, task sent)."""
+"""Jobs: the API serializer, the /v1/jobs body, and starting a stream job."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import insert
 
-from app.extensions import celery, db
-from app.models import Job, new_id, utcnow
-from app.policy import Route
-from app.queueing import STREAM_QUEUE
-from app.services.chat_request import ChatBody
+from app.errors import APIError
+from app.extensions import db
+from app.models import Job, epoch, new_id, utcnow
+from app.policy import REQUESTED_MODES, Route, document_messages
+from app.queueing import STREAM_QUEUE, send_task
+from app.services.chat_request import ChatBody, parse_chat_body
 from app.services.events import job_changed
 
 STREAM_TASK = "sluice.stream.run"
-
-
-def _epoch(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
-
-
-def _ms(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return round((end - start).total_seconds() * 1000, 1)
+JOB_FIELDS = ("mode", "priority", "metadata", "document", "instructions")
+MAX_PRIORITY = 2**31 - 1  # the jobs.priority column is a 32-bit integer
 
 
 def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
@@ -45,14 +38,14 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
         },
         "batch_id": job.batch_id,
         "item_id": job.item_id,
-        "created_at": _epoch(job.created_at),
-        "started_at": _epoch(job.started_at),
-        "first_token_at": _epoch(job.first_token_at),
-        "finished_at": _epoch(job.finished_at),
+        "created_at": epoch(job.created_at),
+        "started_at": epoch(job.started_at),
+        "first_token_at": epoch(job.first_token_at),
+        "finished_at": epoch(job.finished_at),
         "timings": {
-            "queued_ms": _ms(job.created_at, job.started_at),
-            "ttft_ms": _ms(job.created_at, job.first_token_at),
-            "duration_ms": _ms(job.created_at, job.finished_at),
+            "queued_ms": job.queued_ms,
+            "ttft_ms": job.ttft_ms,
+            "duration_ms": job.duration_ms,
         },
         "attempts": job.attempts,
         "worker": job.worker,
@@ -64,9 +57,34 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
     }
 
 
-def stream_task_payload(body: ChatBody) -> dict[str, Any]:
-    """What the stream task needs to call the provider without reading the row first."""
-    return body.to_record()
+def parse_job_body(body: dict[str, Any], config: Mapping[str, Any]) -> ChatBody:
+    """Check the /v1/jobs fields and return the chat body to run (document -> messages)."""
+    mode = body.get("mode", "auto")
+    if mode not in REQUESTED_MODES:
+        raise APIError(400, f"mode must be one of {list(REQUESTED_MODES)}", param="mode")
+    priority = body.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise APIError(400, "priority must be an integer", param="priority")
+    if abs(priority) > MAX_PRIORITY:
+        raise APIError(
+            400, f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}", param="priority"
+        )
+    has_messages, has_document = "messages" in body, "document" in body
+    if has_messages == has_document:
+        raise APIError(400, "Send exactly one of messages or document.", param="messages")
+    chat = {k: v for k, v in body.items() if k not in JOB_FIELDS}
+    if has_document:
+        document, instructions = body["document"], body.get("instructions")
+        if not isinstance(document, str) or not document.strip():
+            raise APIError(400, "document must be a non-empty string", param="document")
+        if instructions is not None and not isinstance(instructions, str):
+            raise APIError(400, "instructions must be a string", param="instructions")
+        chat["messages"] = document_messages(document, instructions)
+    elif "instructions" in body:
+        raise APIError(400, "instructions only applies with document", param="instructions")
+    chat.pop("stream_options", None)
+    # 400 naming the field, before routing; a stream route always answers SSE
+    return parse_chat_body({**chat, "stream": True, "metadata": body.get("metadata")}, config)
 
 
 def start_stream_job(
@@ -83,6 +101,7 @@ def start_stream_job(
     The returned Job is not bound to the session and has every column loaded, so reading
     it never costs a query. Pass job_id when a stream slot was already taken for it.
     """
+    record = body.to_record()
     values: dict[str, Any] = {
         "id": job_id or new_id("job_"),
         "tenant_id": tenant_id,
@@ -95,7 +114,7 @@ def start_stream_job(
         "model": body.model,
         "priority": priority,
         "on_disconnect": route.on_disconnect,
-        "request": body.to_record(),
+        "request": record,
         "metadata_": body.metadata,
         "attempts": 0,
         "created_at": utcnow(),
@@ -103,24 +122,32 @@ def start_stream_job(
     db.session.execute(insert(Job), [values])
     db.session.commit()
     job = Job(**values)
-    celery.send_task(STREAM_TASK, args=[job.id, stream_task_payload(body)], queue=STREAM_QUEUE)
+    send_task(STREAM_TASK, args=[job.id, record], queue=STREAM_QUEUE)
     job_changed(job)
     return job
 
 
 def completion_object(
-    job_id: str, model: str, created: int, text: str, finish: str | None, usage: Any
+    job_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish: str | None,
+    usage: Any,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The `chat.completion` object for a job's output, as OpenAI's API returns it."""
     message = {"role": "assistant", "content": text, "refusal": None}
+    if choices is None:
+        choices = [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
+        ]
     return {
         "id": f"chatcmpl-{job_id}",
         "object": "chat.completion",
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
-        ],
+        "choices": choices,
         "usage": usage,
     }

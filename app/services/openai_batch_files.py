@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.models import Batch, Job
+from app.models import Batch, Job, epoch
 from app.models.job import TERMINAL
 from app.services import files as storage
 from app.services.batches import batch_jobs
@@ -27,7 +27,7 @@ def chat_completion_object(job: Job) -> dict[str, Any]:
     return completion_object(
         job.id,
         job.model,
-        storage.unix(job.created_at),
+        epoch(job.created_at),
         job.output or "",
         job.finish_reason,
         {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},

@@ -19,20 +19,21 @@ from sqlalchemy import select
 
 from app.errors import APIError
 from app.extensions import db
-from app.models import Batch, File, utcnow
-from app.policy import Route, RouteRequest, decide, estimate_input_tokens
-from app.services import batches, events
+from app.models import Batch, File, epoch, utcnow
+from app.pagination import fetch_page
+from app.policy import Route, RouteRequest, estimate_input_tokens
+from app.services import batches, events, front_door
 from app.services import files as storage
 from app.services.batch_lifecycle import cancel_batch
 from app.services.chat_request import parse_chat_body
 from app.services.openai_batch_files import ERROR_STATUSES
+from app.validation import check_metadata, loads
 
 KIND = "openai"
 ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = ("24h",)
 MAX_ERRORS = 1000
 YIELD_EVERY = 200
-METADATA_MAX_KEYS = 16
 
 
 @dataclass
@@ -99,27 +100,6 @@ def check_create_params(body: Any) -> tuple[str, str, str, dict[str, str] | None
     )
 
 
-def check_metadata(metadata: Any) -> dict[str, str] | None:
-    """OpenAI's metadata rules: up to 16 string pairs, keys <= 64 and values <= 512 chars."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise APIError(400, "Invalid type for 'metadata': expected an object.", param="metadata")
-    if len(metadata) > METADATA_MAX_KEYS:
-        raise APIError(
-            400, f"Invalid 'metadata': at most {METADATA_MAX_KEYS} keys.", param="metadata"
-        )
-    for key, value in metadata.items():
-        if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
-            raise APIError(
-                400,
-                "Invalid 'metadata': keys must be at most 64 characters and values strings "
-                "of at most 512 characters.",
-                param="metadata",
-            )
-    return metadata
-
-
 def input_file(tenant_id: str, file_id: str) -> File:
     """The tenant's batch input file (another tenant's file is a 404, as if it did not exist)."""
     file = storage.get_file(tenant_id, file_id)
@@ -143,7 +123,7 @@ def input_file(tenant_id: str, file_id: str) -> File:
 
 def _parse_line(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _BAD
 
@@ -165,7 +145,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
     """One streaming pass over the input file; every bad line becomes an error naming it."""
     found = Validation()
     seen: set[str] = set()
-    limit = int(config["BATCH_MAX_DOCUMENTS"])
+    limit = config["BATCH_MAX_DOCUMENTS"]
     for number, raw in iter_lines(file):
         found.count += 1
         line = _parse_line(raw)
@@ -266,15 +246,11 @@ def create(
 ) -> Batch:
     """POST /v1/batches: validate, route, then a failed batch or a running one."""
     file_id, endpoint, window, metadata = check_create_params(params)
-    if idempotency_key:
-        existing = batches.find_by_idempotency_key(tenant_id, idempotency_key)
-        if existing is not None and existing.kind == KIND:
-            return existing
     file = input_file(tenant_id, file_id)
     config = current_app.config
     found = validate_input(file, endpoint, config)
     model = next(iter(found.models)) if len(found.models) == 1 else None
-    route = decide(
+    route = front_door.route(
         RouteRequest(
             endpoint="/v1/batches",
             tenant_id=tenant_id,
@@ -285,8 +261,6 @@ def create(
             metadata=dict(metadata or {}),
         )
     )
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
     if found.errors:
         return _failed_batch(
             tenant_id, file_id, endpoint, window, metadata, found, route, idempotency_key, model
@@ -353,10 +327,7 @@ def get(tenant_id: str, batch_id: str) -> Batch:
 def list_batches(tenant_id: str, *, limit: int, after: str | None) -> tuple[list[Batch], bool]:
     """One page of the tenant's OpenAI batches, newest first, and whether more follow."""
     query = select(Batch).where(Batch.tenant_id == tenant_id, Batch.kind == KIND)
-    if after:
-        query = query.where(Batch.id < after)
-    rows = list(db.session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return fetch_page(query, Batch.id, limit=limit, after=after)
 
 
 def cancel(batch: Batch) -> Batch:
@@ -403,7 +374,7 @@ def errors_object(batch: Batch) -> dict[str, Any] | None:
 
 def serialize_batch(batch: Batch) -> dict[str, Any]:
     """OpenAI's batch object, every field present."""
-    unix = storage.unix
+    unix = epoch
     return {
         "id": batch.id,
         "object": "batch",
