@@ -10,7 +10,7 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from app import embedded_redis
+from app import embedded_redis, providers
 from app.config import load_config
 from app.errors import register_error_handlers
 from app.extensions import db, migrate, redis_store
@@ -26,6 +26,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     register_logging(app)
     register_redis_url(app)
     register_extensions(app)
+    providers.init_app(app)
     register_blueprints(app)
     register_error_handlers(app)
     return app

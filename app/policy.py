@@ -16,11 +16,12 @@ import signal
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.config import TUNABLES, ConfigError
+from app.providers.messages import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -690,30 +691,6 @@ def decide(request: RouteRequest) -> Route:
 # ---------------------------------------------------------------- request helpers
 
 
-def _fallback_estimate(messages: list[dict[str, Any]]) -> int:
-    chars = 0
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-    return (chars + 3) // 4 + 4 * len(messages)
-
-
-def estimate_input_tokens(messages: list[dict[str, Any]]) -> int:
-    """A rough input-token estimate for routing (the providers' estimator when present)."""
-    estimator: Callable[[list[dict[str, Any]]], int]
-    try:
-        from app.providers.base import estimate_tokens as estimator
-    except ImportError:  # pragma: no cover - providers always ship it
-        estimator = _fallback_estimate
-    try:
-        return int(estimator(messages))
-    except Exception:
-        return _fallback_estimate(messages)
-
-
 def prefers_async(header: str | None) -> bool:
     """Whether a `Prefer` header (RFC 7240) asks for respond-async."""
     if not header:
@@ -762,7 +739,7 @@ def request_from_body(
         requested_mode=mode if mode in REQUESTED_MODES else "auto",
         stream=stream if isinstance(stream, bool) else None,
         prefer_async=prefer_async,
-        input_tokens=estimate_input_tokens(messages),
+        input_tokens=estimate_tokens(messages),
         priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else 0,
         metadata=dict(metadata) if isinstance(metadata, dict) else {},
     )

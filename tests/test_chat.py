@@ -99,7 +99,7 @@ def test_upstream_openai_provider_streams(
 @pytest.mark.parametrize(
     ("patch", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"model": "nope/x"}, "model"),
         ({"model": "mock"}, "model"),
         ({"messages": []}, "messages"),

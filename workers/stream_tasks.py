@@ -7,8 +7,9 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
+from app.providers import providers
 from app.queueing import STREAM_QUEUE
-from app.services.stream_runner import run_stream_job, warm_up
+from app.services.stream_runner import run_stream_job
 
 
 @shared_task(name="sluice.stream.run", bind=True, ignore_result=True)
@@ -24,4 +25,4 @@ def _warm_providers(sender: Any, **_: Any) -> None:
     if STREAM_QUEUE in queues:
         from workers.celery_app import flask_app
 
-        warm_up(flask_app.config)
+        providers(flask_app).warm_up()

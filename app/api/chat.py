@@ -13,8 +13,9 @@ from app.errors import APIError
 from app.extensions import db
 from app.models import Job, new_id
 from app.policy import Route, RouteRequest, decide, prefers_async
+from app.providers import ChatRequest
 from app.services.batches import submit_batch_job
-from app.services.chat_request import ChatBody, parse_chat_body
+from app.services.chat_request import parse_chat_request
 from app.services.jobs import completion_object, job_object, start_stream_job
 from app.streams import (
     ChunkRenderer,
@@ -108,7 +109,7 @@ def chat_completions() -> ResponseReturnValue:
         raise APIError(
             400, "We could not parse the JSON body of your request.", code="invalid_json"
         )
-    body = parse_chat_body(raw, current_app.config)
+    body = parse_chat_request(raw)
     tenant_id: str = g.tenant_id
     route = decide(
         RouteRequest(
@@ -139,7 +140,7 @@ def accepted_response(job: Job, route: Route) -> Response:
 
 
 def run_routed(
-    tenant_id: str, body: ChatBody, route: Route, *, endpoint: str, priority: int = 0
+    tenant_id: str, body: ChatRequest, route: Route, *, endpoint: str, priority: int = 0
 ) -> Response:
     """Run a routed chat body: SSE (or one completion) for stream, 202 for batch."""
     if route.mode == "reject":

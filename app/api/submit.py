@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 from flask.blueprints import BlueprintSetupState
 
 from app import policy
@@ -12,7 +12,8 @@ from app.api.chat import run_routed
 from app.errors import APIError
 from app.extensions import db
 from app.models import Tenant
-from app.services.chat_request import ChatBody, parse_chat_body
+from app.providers import ChatRequest
+from app.services.chat_request import parse_chat_request
 
 bp = Blueprint("submit", __name__)
 
@@ -42,7 +43,7 @@ def _body() -> dict[str, Any]:
     return body
 
 
-def _validate(body: dict[str, Any]) -> ChatBody:
+def _validate(body: dict[str, Any]) -> ChatRequest:
     """Check the /v1/jobs fields and return the chat body to run (document -> messages)."""
     mode = body.get("mode", "auto")
     if mode not in policy.REQUESTED_MODES:
@@ -72,7 +73,7 @@ def _validate(body: dict[str, Any]) -> ChatBody:
         raise APIError(400, "instructions only applies with document", param="instructions")
     chat.pop("stream_options", None)
     # 400 naming the field, before routing; a stream route always answers SSE
-    return parse_chat_body({**chat, "stream": True, "metadata": metadata}, current_app.config)
+    return parse_chat_request({**chat, "stream": True, "metadata": metadata})
 
 
 def _tenant_name(tenant_id: str) -> str:

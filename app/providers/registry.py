@@ -1,13 +1,26 @@
-"""Resolve "provider/model" names to provider instances built from the app config."""
+"""Resolve "provider/model" names to provider instances built from the app config.
+
+One registry per app, made by `init_app` (from `create_app`) and reached through
+`providers()` by the web and the workers alike; each provider keeps its SDK client.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
-from app.providers.base import Provider
+from app.providers import gevent_compat
+from app.providers.base import ChatRequest, Provider
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+log = logging.getLogger(__name__)
+EXTENSION = "sluice_providers"
 
 DUMMY_API_KEY = "sk-none"
 KINDS = ("openai", "anthropic", "mock")
@@ -72,6 +85,28 @@ class ProviderRegistry:
                 f"unknown provider '{name}' in model '{model}'; known: {', '.join(self.names())}"
             )
         return self.get(name), upstream_model
+
+    def bind(self, request: ChatRequest) -> tuple[Provider, ChatRequest]:
+        """The provider for a request, and the request as that provider sees it (its model)."""
+        provider, upstream_model = self.resolve(request.model)
+        return provider, replace(request, model=upstream_model)
+
+    def warm_up(self) -> None:
+        """Build every provider and its SDK client now, not inside the first job.
+
+        The first use of an SDK imports a lot of code; under gevent that blocks the whole
+        worker for seconds, long enough for every running job's lease to lapse.
+        """
+        for name in self.names():
+            try:
+                provider = self.get(name)
+                client = getattr(provider, "_get_client", None)
+                if client is not None:
+                    sdk = client()
+                    getattr(sdk, "chat", None) and sdk.chat.completions
+                    getattr(sdk, "messages", None)
+            except Exception as exc:  # an unconfigured provider is fine until someone uses it
+                log.debug("warm-up of provider %s skipped: %s", name, exc)
 
 
 def _key_source(
@@ -167,4 +202,26 @@ def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
         if kind in ("openai", "anthropic") and not table.get("base_url"):
             raise ValueError(f"providers.{name} needs a base_url")
         registry.register(name, _factory(name, table, config, builtin=False))
+    return registry
+
+
+def init_app(app: Flask) -> ProviderRegistry:
+    """Build the app's provider registry (ValueError on a bad `[providers]` table).
+
+    Also keeps the SDKs' HTTP pool from yielding to the gevent hub (see gevent_compat).
+    """
+    gevent_compat.install()
+    registry = app.extensions[EXTENSION] = build_registry(app.config)
+    return registry
+
+
+def providers(app: Flask | None = None) -> ProviderRegistry:
+    """The provider registry of `app` (default: the current app)."""
+    if app is None:
+        from flask import current_app
+
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+    registry = app.extensions.get(EXTENSION)
+    if registry is None:
+        raise RuntimeError("providers.init_app(app) was not called for this app")
     return registry

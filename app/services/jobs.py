@@ -10,8 +10,8 @@ from sqlalchemy import insert
 from app.extensions import celery, db
 from app.models import Job, new_id, utcnow
 from app.policy import Route
+from app.providers import ChatRequest
 from app.queueing import STREAM_QUEUE
-from app.services.chat_request import ChatBody
 from app.services.events import job_changed
 
 STREAM_TASK = "sluice.stream.run"
@@ -64,14 +64,14 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
     }
 
 
-def stream_task_payload(body: ChatBody) -> dict[str, Any]:
+def stream_task_payload(body: ChatRequest) -> dict[str, Any]:
     """What the stream task needs to call the provider without reading the row first."""
     return body.to_record()
 
 
 def start_stream_job(
     tenant_id: str,
-    body: ChatBody,
+    body: ChatRequest,
     route: Route,
     *,
     job_id: str | None = None,

@@ -20,11 +20,12 @@ from sqlalchemy import select
 from app.errors import APIError
 from app.extensions import db
 from app.models import Batch, File, Job, utcnow
-from app.policy import Route, RouteRequest, decide, estimate_input_tokens
+from app.policy import Route, RouteRequest, decide
+from app.providers import estimate_tokens
 from app.services import batches as engine
 from app.services import events
 from app.services import files as storage
-from app.services.chat_request import parse_chat_body
+from app.services.chat_request import parse_chat_request
 from app.services.jobs import completion_object
 
 KIND = "openai"
@@ -142,11 +143,6 @@ def input_file(tenant_id: str, file_id: str) -> File:
 # ---------------------------------------------------------------- line validation
 
 
-def validate_chat_body(body: dict[str, Any], config: Mapping[str, Any]) -> None:
-    """Raise APIError for a body the chat endpoint would reject (its own validator)."""
-    parse_chat_body(body, config)
-
-
 def _parse_line(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -228,7 +224,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
             )
             continue
         try:
-            validate_chat_body(body, config)
+            parse_chat_request(body)  # the chat endpoint's own validator
         except APIError as exc:
             param = f"body.{exc.param}" if exc.param else "body"
             found.add(exc.code or "invalid_request", exc.message, line=number, param=param)
@@ -236,9 +232,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
         found.models.add(str(body.get("model")))
         messages = body.get("messages")
         if isinstance(messages, list):
-            found.input_tokens += estimate_input_tokens(
-                [m for m in messages if isinstance(m, dict)]
-            )
+            found.input_tokens += estimate_tokens([m for m in messages if isinstance(m, dict)])
     if found.count == 0:
         found.add("empty_file", "The input file is empty: it has no requests.", line=None)
     elif found.count > limit:
