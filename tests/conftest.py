@@ -171,3 +171,13 @@ def client(stack: Stack, api_key: str) -> Iterator[httpx.Client]:
 def openai_client(stack: Stack, api_key: str) -> openai.OpenAI:
     """The official SDK pointed at Sluice."""
     return openai.OpenAI(base_url=stack.url + "/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+STACK_FIXTURES = frozenset({"app", "stack", "redis_url", "database_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test that needs no database, Redis or processes `unit` (`make test-fast`)."""
+    for item in items:
+        if STACK_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.unit)

@@ -9,35 +9,12 @@ from typing import Any
 import httpx
 
 from tests.fake_upstream import FakeUpstream
-
-TERMINAL = ("completed", "failed", "cancelled", "expired")
-
-
-def submit(client: httpx.Client, documents: list[dict[str, Any]], **fields: Any) -> httpx.Response:
-    body = {"model": "openai/echo", "instructions": "Repeat the document.", **fields}
-    return client.post("/v1/document-batches", json={**body, "documents": documents})
-
-
-def wait_done(client: httpx.Client, batch_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.get(f"/v1/document-batches/{batch_id}").json()
-        if batch["status"] in TERMINAL:
-            return batch
-        time.sleep(0.1)
-    raise AssertionError(f"batch {batch_id} not done: {batch}")
-
-
-def results(client: httpx.Client, batch_id: str, **params: str) -> list[dict[str, Any]]:
-    response = client.get(f"/v1/document-batches/{batch_id}/results", params=params)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("application/jsonl")
-    return [json.loads(line) for line in response.text.splitlines() if line]
+from tests.helpers import batch_results, submit_documents, wait_batch
 
 
 def test_many_documents_every_result_present_and_correct(client: httpx.Client) -> None:
     docs = [{"id": f"doc-{i}", "text": f"document number {i} says hello"} for i in range(120)]
-    response = submit(client, docs, prompt_template="Text: {document}", max_tokens=50)
+    response = submit_documents(client, docs, prompt_template="Text: {document}", max_tokens=50)
     assert response.status_code == 202, response.text
     batch = response.json()
     assert response.headers["Location"] == f"/v1/document-batches/{batch['id']}"
@@ -46,7 +23,7 @@ def test_many_documents_every_result_present_and_correct(client: httpx.Client) -
     assert batch["counts"]["total"] == 120
     assert batch["route"]["rule"]
 
-    done = wait_done(client, batch["id"])
+    done = wait_batch(client, batch["id"])
     assert done["status"] == "completed", done
     counts = done["counts"]
     assert counts["succeeded"] == 120
@@ -54,7 +31,7 @@ def test_many_documents_every_result_present_and_correct(client: httpx.Client) -
     assert done["completed_at"] and done["finalizing_at"] and done["in_progress_at"]
     assert done["usage"]["prompt_tokens"] > 0 and done["usage"]["completion_tokens"] > 0
 
-    lines = results(client, batch["id"])
+    lines = batch_results(client, batch["id"])
     assert [line["document_id"] for line in lines] == [d["id"] for d in docs]
     for line, doc in zip(lines, docs, strict=True):
         assert line["status"] == "succeeded"
@@ -66,7 +43,9 @@ def test_many_documents_every_result_present_and_correct(client: httpx.Client) -
 
 
 def test_get_list_and_tenant_isolation(stack: Any, client: httpx.Client, other_key: str) -> None:
-    ids = [submit(client, [{"id": "a", "text": f"hello {i}"}]).json()["id"] for i in range(3)]
+    ids = [
+        submit_documents(client, [{"id": "a", "text": f"hello {i}"}]).json()["id"] for i in range(3)
+    ]
     page = client.get("/v1/document-batches", params={"limit": 2}).json()
     assert page["object"] == "list"
     assert [b["id"] for b in page["data"]] == ids[::-1][:2]
@@ -105,44 +84,44 @@ def test_results_filter_by_status_and_failures_do_not_stop_the_batch(
 ) -> None:
     upstream.add_scenario("batch-bad-request", status=400, message="nope, bad request")
     docs = [{"id": f"d{i}", "text": f"text {i}"} for i in range(4)]
-    ok = submit(client, docs[:2]).json()
-    bad = submit(client, docs[2:], model="openai/batch-bad-request").json()
-    assert wait_done(client, ok["id"])["counts"]["succeeded"] == 2
-    done = wait_done(client, bad["id"])
+    ok = submit_documents(client, docs[:2]).json()
+    bad = submit_documents(client, docs[2:], model="openai/batch-bad-request").json()
+    assert wait_batch(client, ok["id"])["counts"]["succeeded"] == 2
+    done = wait_batch(client, bad["id"])
     assert done["status"] == "completed"
     assert done["counts"]["failed"] == 2
-    failed = results(client, bad["id"], status="failed")
+    failed = batch_results(client, bad["id"], status="failed")
     assert [f["document_id"] for f in failed] == ["d2", "d3"]
     assert "nope, bad request" in failed[0]["error"]["message"]
     assert failed[0]["error"]["attempts"] == 1  # a 400 is not retried
-    assert results(client, bad["id"], status="succeeded") == []
+    assert batch_results(client, bad["id"], status="succeeded") == []
     assert client.get(f"/v1/document-batches/{ok['id']}/results?status=bogus").status_code == 400
 
 
 def test_cancel_stops_queued_documents(client: httpx.Client, upstream: FakeUpstream) -> None:
     upstream.add_scenario("batch-slow", delay_ms=400)
     docs = [{"id": f"c{i}", "text": f"slow {i}"} for i in range(300)]
-    batch = submit(client, docs, model="openai/batch-slow").json()
+    batch = submit_documents(client, docs, model="openai/batch-slow").json()
     time.sleep(0.3)
     cancelled = client.post(f"/v1/document-batches/{batch['id']}/cancel")
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["status"] in ("cancelling", "cancelled")
-    done = wait_done(client, batch["id"])
+    done = wait_batch(client, batch["id"])
     assert done["status"] == "cancelled" and done["cancelled_at"]
     counts = done["counts"]
     assert counts["cancelled"] > 0
     assert counts["queued"] == counts["running"] == 0
     assert counts["succeeded"] + counts["cancelled"] + counts["failed"] == 300
     assert upstream.requests("batch-slow") == counts["succeeded"] + counts["failed"]
-    lines = results(client, batch["id"])
+    lines = batch_results(client, batch["id"])
     assert len(lines) == 300 and len({line["document_id"] for line in lines}) == 300
     again = client.post(f"/v1/document-batches/{batch['id']}/cancel")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
 
 
 def test_cancel_a_finished_batch_is_a_conflict(client: httpx.Client) -> None:
-    batch = submit(client, [{"id": "x", "text": "y"}]).json()
-    wait_done(client, batch["id"])
+    batch = submit_documents(client, [{"id": "x", "text": "y"}]).json()
+    wait_batch(client, batch["id"])
     response = client.post(f"/v1/document-batches/{batch['id']}/cancel")
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "batch_not_cancellable"
@@ -150,7 +129,7 @@ def test_cancel_a_finished_batch_is_a_conflict(client: httpx.Client) -> None:
 
 def test_events_stream_progress_then_done(client: httpx.Client) -> None:
     docs = [{"id": str(i), "text": f"event doc {i}"} for i in range(30)]
-    batch = submit(client, docs).json()
+    batch = submit_documents(client, docs).json()
     events: list[tuple[str, dict[str, Any]]] = []
     with client.stream("GET", f"/v1/document-batches/{batch['id']}/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")

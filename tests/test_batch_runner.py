@@ -21,8 +21,8 @@ from app.models import Job
 from app.services import batch_runner
 from app.services.batch_runner import ProviderSemaphore
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import batch_results, submit_documents, wait_batch
 from tests.stack import Stack
-from tests.test_batch_api import results, submit, wait_done
 
 TUNED = {
     "SLUICE_BATCH_BACKOFF_BASE": "0.05",
@@ -54,13 +54,15 @@ def test_429_with_retry_after_then_success(
 ) -> None:
     upstream.add_scenario("r429", status=429, retry_after="0.3", fail_times=2, echo=True)
     started = time.monotonic()
-    batch = submit(client, [{"id": "only", "text": "after two 429s"}], model="openai/r429").json()
-    done = wait_done(client, batch["id"])
+    batch = submit_documents(
+        client, [{"id": "only", "text": "after two 429s"}], model="openai/r429"
+    ).json()
+    done = wait_batch(client, batch["id"])
     elapsed = time.monotonic() - started
     assert done["counts"]["succeeded"] == 1
     assert upstream.requests("r429") == 3
     assert elapsed >= 0.6  # waited Retry-After twice, not the 0.05 s backoff
-    assert results(client, batch["id"])[0]["output"] == "after two 429s"
+    assert batch_results(client, batch["id"])[0]["output"] == "after two 429s"
 
 
 def test_500s_and_timeouts_retried_then_failed_with_a_reason(
@@ -69,21 +71,21 @@ def test_500s_and_timeouts_retried_then_failed_with_a_reason(
     upstream.add_scenario("r500", status=500, message="upstream exploded")
     upstream.add_scenario("rslow", delay_ms=3000)
     upstream.add_scenario("r503once", status=503, fail_times=1, echo=True)
-    failing = submit(client, [{"id": "a", "text": "x"}], model="openai/r500").json()
-    slow = submit(client, [{"id": "b", "text": "y"}], model="openai/rslow").json()
-    flaky = submit(client, [{"id": "c", "text": "z"}], model="openai/r503once").json()
+    failing = submit_documents(client, [{"id": "a", "text": "x"}], model="openai/r500").json()
+    slow = submit_documents(client, [{"id": "b", "text": "y"}], model="openai/rslow").json()
+    flaky = submit_documents(client, [{"id": "c", "text": "z"}], model="openai/r503once").json()
 
-    line = results(client, wait_done(client, failing["id"])["id"])[0]
+    line = batch_results(client, wait_batch(client, failing["id"])["id"])[0]
     assert line["status"] == "failed"
     assert "upstream exploded" in line["error"]["message"]
     assert line["error"]["attempts"] == 3 and line["error"]["status_code"] == 500
     assert upstream.requests("r500") == 3
 
-    line = results(client, wait_done(client, slow["id"])["id"])[0]
+    line = batch_results(client, wait_batch(client, slow["id"])["id"])[0]
     assert line["status"] == "failed"
     assert line["error"]["code"] == "upstream_timeout" and line["error"]["attempts"] == 3
 
-    line = results(client, wait_done(client, flaky["id"])["id"])[0]
+    line = batch_results(client, wait_batch(client, flaky["id"])["id"])[0]
     assert line["status"] == "succeeded" and line["output"] == "z"
 
 
@@ -91,7 +93,9 @@ def test_provider_concurrency_is_capped_across_the_worker(
     workers: Stack, client: httpx.Client, upstream: FakeUpstream, app_ctx: Flask
 ) -> None:
     upstream.add_scenario("capped", delay_ms=150)
-    batch = submit(client, [{"id": str(i), "text": "t"} for i in range(60)], model="openai/capped")
+    batch = submit_documents(
+        client, [{"id": str(i), "text": "t"} for i in range(60)], model="openai/capped"
+    )
     sem = ProviderSemaphore(redis_store.client, 6)
     seen = 0
     while client.get(f"/v1/document-batches/{batch.json()['id']}").json()["status"] != "completed":
@@ -123,7 +127,7 @@ def test_sigkill_mid_batch_every_document_exactly_once(
     victim = workers.start_worker("batch", "batch-victim", concurrency=20)
     n = 150
     docs = [{"id": f"k{i}", "text": f"kill test {i}"} for i in range(n)]
-    batch_id = submit(client, docs, model="openai/crash").json()["id"]
+    batch_id = submit_documents(client, docs, model="openai/crash").json()["id"]
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -147,7 +151,7 @@ def test_sigkill_mid_batch_every_document_exactly_once(
         time.sleep(0.5)
     assert status and status["status"] == "completed", status
     assert status["counts"]["succeeded"] == n
-    lines = results(client, batch_id)
+    lines = batch_results(client, batch_id)
     assert [line["document_id"] for line in lines] == [d["id"] for d in docs]
     assert all(line["output"] == doc["text"] for line, doc in zip(lines, docs, strict=True))
     rows = db.session.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_id))
@@ -164,13 +168,15 @@ def test_expired_batch_keeps_finished_items(
 ) -> None:
     upstream.add_scenario("expiring", delay_ms=300, echo=True)
     docs: list[dict[str, Any]] = [{"id": f"e{i}", "text": f"e {i}"} for i in range(400)]
-    batch_id = submit(client, docs, model="openai/expiring", completion_window="1s").json()["id"]
+    batch_id = submit_documents(
+        client, docs, model="openai/expiring", completion_window="1s"
+    ).json()["id"]
     time.sleep(1.2)
     batch_runner.expire_due_batches()
-    done = wait_done(client, batch_id)
+    done = wait_batch(client, batch_id)
     assert done["status"] == "expired" and done["expired_at"]
     counts = done["counts"]
     assert counts["expired"] > 0 and counts["succeeded"] > 0
     assert counts["succeeded"] + counts["expired"] + counts["failed"] == 400
-    expired = results(client, batch_id, status="expired")
+    expired = batch_results(client, batch_id, status="expired")
     assert expired[0]["error"]["code"] == "batch_expired"

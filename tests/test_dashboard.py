@@ -8,9 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -19,60 +17,11 @@ from flask import Flask
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.auth import lookup_key
-from app.extensions import db, redis_store
+from app.extensions import redis_store
 from app.models import Batch, Job, utcnow
 from app.services import events
+from tests.helpers import insert_batch, insert_job, tenant_of
 from tests.stack import Stack
-
-
-def tenant_of(key: str) -> str:
-    found = lookup_key(key)
-    assert found is not None
-    return found.tenant_id
-
-
-def insert_job(tenant_id: str, mode: str, status: str, **fields: Any) -> Job:
-    """A job row as the channels would leave it (call inside an app context)."""
-    now = utcnow()
-    values: dict[str, Any] = {
-        "tenant_id": tenant_id,
-        "mode": mode,
-        "status": status,
-        "provider": "mock",
-        "model": "mock/demo",
-        "request": {"messages": [{"role": "user", "content": "hi"}]},
-        "route_rule": "interactive" if mode == "stream" else "bulk",
-        "route_reason": "stream=true" if mode == "stream" else "document batch",
-        "created_at": now - timedelta(seconds=2),
-    }
-    if status in ("running", "succeeded", "failed"):
-        values["started_at"] = now - timedelta(milliseconds=1900)
-    if status == "succeeded":
-        values["first_token_at"] = now - timedelta(milliseconds=1750)
-        values["finished_at"] = now
-        values["usage"] = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
-    if status == "failed":
-        values["finished_at"] = now
-        values["error"] = {"message": "upstream said no", "code": "provider_error"}
-    values.update(fields)
-    job = Job(**values)
-    db.session.add(job)
-    db.session.commit()
-    return job
-
-
-def insert_batch(tenant_id: str, statuses: list[str]) -> Batch:
-    batch = Batch(
-        tenant_id=tenant_id, kind="documents", status="in_progress", model="mock/demo",
-        total=len(statuses), route_rule="bulk", route_reason="document batch",
-    )  # fmt: skip
-    db.session.add(batch)
-    db.session.flush()
-    for index, status in enumerate(statuses):
-        insert_job(tenant_id, "batch", status, batch_id=batch.id, item_index=index)
-    db.session.commit()
-    return batch
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.models import Batch, Job
-from tests.test_batch_api import results, wait_done
+from tests.helpers import batch_results, wait_batch
 
 
 def minimal_pdf(text: str) -> bytes:
@@ -78,9 +78,9 @@ def test_every_file_type(client: httpx.Client) -> None:
     ]
     response = client.post("/v1/document-batches", data=FIELDS, files=files)
     assert response.status_code == 202, response.text
-    batch = wait_done(client, response.json()["id"])
+    batch = wait_batch(client, response.json()["id"])
     assert batch["counts"]["succeeded"] == 7, batch
-    outputs = {line["document_id"]: line["output"] for line in results(client, batch["id"])}
+    outputs = {line["document_id"]: line["output"] for line in batch_results(client, batch["id"])}
     assert outputs == {
         "notes.txt": "plain text file",
         "readme.md": "# Title\n\nsome *markdown*",
@@ -133,9 +133,9 @@ def test_jsonl_body_streamed(client: httpx.Client) -> None:
         headers={"Content-Type": "application/x-ndjson"},
     )
     assert response.status_code == 202, response.text
-    batch = wait_done(client, response.json()["id"])
+    batch = wait_batch(client, response.json()["id"])
     assert batch["counts"]["succeeded"] == 500 and batch["params"] == {"max_tokens": 5}
-    lines_out = results(client, batch["id"])
+    lines_out = batch_results(client, batch["id"])
     assert lines_out[7]["document_id"] == "l7"
     assert lines_out[7]["output"] == "line text 7"
 

@@ -9,8 +9,8 @@ import pytest
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import insert_batch, insert_job, tenant_of
 from tests.stack import Stack
-from tests.test_dashboard import insert_batch, insert_job, tenant_of
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -17,9 +17,8 @@ from app.auth import lookup_key
 from app.extensions import db
 from app.models import Job
 from app.services.files import create_generated_file
+from tests.helpers import BATCH_TERMINAL
 from tests.stack import Stack
-
-TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
 def _line(
@@ -50,7 +49,7 @@ def _wait(client: openai.OpenAI, batch_id: str, timeout: float = 45) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         batch = client.batches.retrieve(batch_id)
-        if batch.status in TERMINAL:
+        if batch.status in BATCH_TERMINAL:
             return batch
         assert time.monotonic() < deadline, f"batch still {batch.status}: {batch}"
         time.sleep(0.2)

@@ -15,8 +15,8 @@ from app.extensions import db, redis_store
 from app.models import Job, utcnow
 from app.streams import lease_key, log_key
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import follow, read_sse, stream_chat
 from tests.stack import Stack
-from tests.test_stream_resume import follow, read_sse, stream_chat
 
 
 def _job(client: httpx.Client, job_id: str) -> dict:

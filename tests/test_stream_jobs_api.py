@@ -8,8 +8,8 @@ import httpx
 from flask import Flask
 
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import follow, stream_chat
 from tests.stack import Stack
-from tests.test_stream_resume import follow, stream_chat
 
 
 def test_other_tenants_jobs_do_not_exist(

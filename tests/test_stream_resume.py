@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
 import httpx
 from flask import Flask
 
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import follow, read_sse, stream_chat, wait_stream
 
 TRICKY = [
     "Hé",
@@ -26,99 +22,6 @@ TRICKY = [
     "\u2028end\u0000?",
     "!",
 ]
-
-
-@dataclass
-class SSE:
-    """The events of one SSE response, as a client sees them."""
-
-    status: int
-    events: list[dict[str, Any]] = field(default_factory=list)
-    pings: int = 0
-    retry: int | None = None
-    done: bool = False
-
-    @property
-    def text(self) -> str:
-        out = []
-        for event in self.events:
-            data = event["data"]
-            if data == "[DONE]" or "error" in data:
-                continue
-            for choice in data.get("choices") or []:
-                out.append(choice["delta"].get("content") or "")
-        return "".join(out)
-
-    @property
-    def ids(self) -> list[str]:
-        return [e["id"] for e in self.events if e["id"]]
-
-    @property
-    def last_id(self) -> str | None:
-        ids = self.ids
-        return ids[-1] if ids else None
-
-    @property
-    def error(self) -> dict[str, Any] | None:
-        for event in self.events:
-            if isinstance(event["data"], dict) and "error" in event["data"]:
-                return event["data"]["error"]
-        return None
-
-
-def read_sse(
-    response: httpx.Response, max_events: int | None = None, lines: Iterator[str] | None = None
-) -> SSE:
-    """Parse an SSE body the way EventSource does; stop after max_events data events.
-
-    Pass the same `lines` iterator again to go on reading one response after a stop.
-    """
-    sse = SSE(response.status_code)
-    if response.status_code != 200:
-        response.read()
-        return sse
-    data: list[str] = []
-    ident: str | None = None
-    for line in lines if lines is not None else response.iter_lines():
-        if line.startswith(":"):
-            sse.pings += 1
-        elif line.startswith("retry:"):
-            sse.retry = int(line.split(":", 1)[1])
-        elif line.startswith("id:"):
-            ident = line.split(":", 1)[1].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif line == "" and data:
-            raw = "\n".join(data)
-            payload = raw if raw == "[DONE]" else json.loads(raw)
-            sse.events.append({"id": ident, "data": payload})
-            data, ident = [], None
-            if payload == "[DONE]":
-                sse.done = True
-                break
-            if max_events is not None and len(sse.events) >= max_events:
-                break
-    return sse
-
-
-def stream_chat(client: httpx.Client, model: str, prompt: str = "x", **extra: Any) -> str:
-    """Start a streamed chat, read nothing, return the job id (the job runs on: detach)."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True}
-    with client.stream("POST", "/v1/chat/completions", json=body | extra) as response:
-        assert response.status_code == 200, response.read()
-        return response.headers["x-sluice-job-id"]
-
-
-def follow(client: httpx.Client, job_id: str, last: str | None = None, **kw: Any) -> SSE:
-    headers = {"Last-Event-ID": last} if last else {}
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
-        return read_sse(response, **kw)
-
-
-def wait_done(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    sse = follow(client, job_id)
-    assert sse.done
-    return client.get(f"/v1/jobs/{job_id}").json()
 
 
 def test_live_resume_at_every_point(client: httpx.Client, upstream: FakeUpstream) -> None:
@@ -179,7 +82,7 @@ def test_every_cut_point_of_a_finished_log(client: httpx.Client, upstream: FakeU
 def test_late_subscriber_gets_everything(client: httpx.Client, upstream: FakeUpstream) -> None:
     upstream.add_scenario("late", deltas=TRICKY)
     job_id = stream_chat(client, "openai/late")
-    job = wait_done(client, job_id)
+    job = wait_stream(client, job_id)
     assert job["status"] == "succeeded"
     late = follow(client, job_id)
     assert late.done and late.text == "".join(TRICKY)
@@ -218,7 +121,7 @@ def test_detach_keeps_the_job_running(client: httpx.Client, upstream: FakeUpstre
         job_id = response.headers["x-sluice-job-id"]
         part = read_sse(response, max_events=2)
     assert len(part.events) == 2
-    job = wait_done(client, job_id)
+    job = wait_stream(client, job_id)
     assert job["status"] == "succeeded" and job["output"] == "".join(deltas)
     rest = follow(client, job_id, last=part.last_id)
     assert part.text + rest.text == "".join(deltas)

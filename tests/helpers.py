@@ -1,0 +1,193 @@
+"""Helpers shared by the test modules: HTTP calls, SSE parsing and row factories."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from app.auth import lookup_key
+from app.extensions import db
+from app.models import Batch, Job, utcnow
+
+BATCH_TERMINAL = ("completed", "failed", "cancelled", "expired")
+
+
+# ---------------------------------------------------------------------- document batches
+
+
+def submit_documents(
+    client: httpx.Client, documents: list[dict[str, Any]], **fields: Any
+) -> httpx.Response:
+    body = {"model": "openai/echo", "instructions": "Repeat the document.", **fields}
+    return client.post("/v1/document-batches", json={**body, "documents": documents})
+
+
+def wait_batch(client: httpx.Client, batch_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.get(f"/v1/document-batches/{batch_id}").json()
+        if batch["status"] in BATCH_TERMINAL:
+            return batch
+        time.sleep(0.1)
+    raise AssertionError(f"batch {batch_id} not done: {batch}")
+
+
+def batch_results(client: httpx.Client, batch_id: str, **params: str) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/document-batches/{batch_id}/results", params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/jsonl")
+    return [json.loads(line) for line in response.text.splitlines() if line]
+
+
+# ------------------------------------------------------------------ streams and SSE
+
+
+@dataclass
+class SSE:
+    """The events of one SSE response, as a client sees them."""
+
+    status: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+    pings: int = 0
+    retry: int | None = None
+    done: bool = False
+
+    @property
+    def text(self) -> str:
+        out = []
+        for event in self.events:
+            data = event["data"]
+            if data == "[DONE]" or "error" in data:
+                continue
+            for choice in data.get("choices") or []:
+                out.append(choice["delta"].get("content") or "")
+        return "".join(out)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.events if e["id"]]
+
+    @property
+    def last_id(self) -> str | None:
+        ids = self.ids
+        return ids[-1] if ids else None
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        for event in self.events:
+            if isinstance(event["data"], dict) and "error" in event["data"]:
+                return event["data"]["error"]
+        return None
+
+
+def read_sse(
+    response: httpx.Response, max_events: int | None = None, lines: Iterator[str] | None = None
+) -> SSE:
+    """Parse an SSE body the way EventSource does; stop after max_events data events.
+
+    Pass the same `lines` iterator again to go on reading one response after a stop.
+    """
+    sse = SSE(response.status_code)
+    if response.status_code != 200:
+        response.read()
+        return sse
+    data: list[str] = []
+    ident: str | None = None
+    for line in lines if lines is not None else response.iter_lines():
+        if line.startswith(":"):
+            sse.pings += 1
+        elif line.startswith("retry:"):
+            sse.retry = int(line.split(":", 1)[1])
+        elif line.startswith("id:"):
+            ident = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line == "" and data:
+            raw = "\n".join(data)
+            payload = raw if raw == "[DONE]" else json.loads(raw)
+            sse.events.append({"id": ident, "data": payload})
+            data, ident = [], None
+            if payload == "[DONE]":
+                sse.done = True
+                break
+            if max_events is not None and len(sse.events) >= max_events:
+                break
+    return sse
+
+
+def stream_chat(client: httpx.Client, model: str, prompt: str = "x", **extra: Any) -> str:
+    """Start a streamed chat, read nothing, return the job id (the job runs on: detach)."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body | extra) as response:
+        assert response.status_code == 200, response.read()
+        return response.headers["x-sluice-job-id"]
+
+
+def follow(client: httpx.Client, job_id: str, last: str | None = None, **kw: Any) -> SSE:
+    headers = {"Last-Event-ID": last} if last else {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+        return read_sse(response, **kw)
+
+
+def wait_stream(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    sse = follow(client, job_id)
+    assert sse.done
+    return client.get(f"/v1/jobs/{job_id}").json()
+
+
+# ------------------------------------------------------------------------- rows
+
+
+def tenant_of(key: str) -> str:
+    found = lookup_key(key)
+    assert found is not None
+    return found.tenant_id
+
+
+def insert_job(tenant_id: str, mode: str, status: str, **fields: Any) -> Job:
+    """A job row as the channels would leave it (call inside an app context)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "mode": mode,
+        "status": status,
+        "provider": "mock",
+        "model": "mock/demo",
+        "request": {"messages": [{"role": "user", "content": "hi"}]},
+        "route_rule": "interactive" if mode == "stream" else "bulk",
+        "route_reason": "stream=true" if mode == "stream" else "document batch",
+        "created_at": now - timedelta(seconds=2),
+    }
+    if status in ("running", "succeeded", "failed"):
+        values["started_at"] = now - timedelta(milliseconds=1900)
+    if status == "succeeded":
+        values["first_token_at"] = now - timedelta(milliseconds=1750)
+        values["finished_at"] = now
+        values["usage"] = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
+    if status == "failed":
+        values["finished_at"] = now
+        values["error"] = {"message": "upstream said no", "code": "provider_error"}
+    values.update(fields)
+    job = Job(**values)
+    db.session.add(job)
+    db.session.commit()
+    return job
+
+
+def insert_batch(tenant_id: str, statuses: list[str]) -> Batch:
+    batch = Batch(
+        tenant_id=tenant_id, kind="documents", status="in_progress", model="mock/demo",
+        total=len(statuses), route_rule="bulk", route_reason="document batch",
+    )  # fmt: skip
+    db.session.add(batch)
+    db.session.flush()
+    for index, status in enumerate(statuses):
+        insert_job(tenant_id, "batch", status, batch_id=batch.id, item_index=index)
+    db.session.commit()
+    return batch
