@@ -46,10 +46,11 @@ class ProviderRegistry:
             raise ValueError(f"bad provider name {name!r}")
         with self._lock:
             self._providers.pop(name, None)
-            if callable(provider) and not hasattr(provider, "stream"):
-                self._factories[name] = provider
+            if isinstance(provider, Provider):
+                instance = provider
+                self._factories[name] = lambda: instance
             else:
-                self._factories[name] = lambda: provider  # type: ignore[return-value]
+                self._factories[name] = provider
 
     def names(self) -> list[str]:
         """The known provider names, in registration order."""
@@ -217,11 +218,9 @@ def init_app(app: Flask) -> ProviderRegistry:
 
 def providers(app: Flask | None = None) -> ProviderRegistry:
     """The provider registry of `app` (default: the current app)."""
-    if app is None:
-        from flask import current_app
+    from flask import current_app
 
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-    registry = app.extensions.get(EXTENSION)
+    registry = (app or current_app).extensions.get(EXTENSION)
     if registry is None:
         raise RuntimeError("providers.init_app(app) was not called for this app")
     return registry
