@@ -21,6 +21,7 @@ from app.providers.sdk import SDKProvider
 from app.providers.streaming import RawSSEStream
 
 _FINISH_REASONS = {"function_call": "tool_calls"}
+LIST_MODELS_TIMEOUT = 10.0
 
 
 def _finish_reason(value: str | None) -> str:
@@ -131,6 +132,19 @@ class OpenAIProvider(SDKProvider):
         stream = OpenAIStream(self._post(body, stream=True), request, self._map)
         stream.provider_name = self.name
         return stream
+
+    def list_models(self) -> list[str]:
+        """The upstream's own model ids (`GET /models`)."""
+        client = self._get_client().with_options(timeout=LIST_MODELS_TIMEOUT)
+        try:
+            response = client.get("/models", cast_to=RawResponse)
+            body = json.loads(response.content)
+        except ValueError:
+            raise ProviderError(f"{self.name}: undecodable /models body", retryable=True) from None
+        except Exception as exc:
+            raise self._map(exc) or exc from exc
+        data = body.get("data") if isinstance(body, dict) else None
+        return [str(m["id"]) for m in data or [] if isinstance(m, dict) and m.get("id")]
 
     def complete(self, request: ChatRequest) -> Completion:
         """Run a non-streaming completion (raw SDK response, decoded without models)."""

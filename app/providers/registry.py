@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.providers import gevent_compat
 from app.providers.base import ChatRequest, Provider
+from app.providers.catalog import ModelCatalog
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -38,14 +39,33 @@ class ProviderRegistry:
     def __init__(self, factories: Mapping[str, ProviderFactory] | None = None) -> None:
         self._factories: dict[str, ProviderFactory] = dict(factories or {})
         self._providers: dict[str, Provider] = {}
+        self._models: dict[str, tuple[str, ...]] = {}
+        self._fetch_models: set[str] = set()
         self._lock = threading.Lock()
+        self.catalog = ModelCatalog(self)
 
-    def register(self, name: str, provider: Provider | ProviderFactory) -> None:
-        """Add or replace a provider (an instance or a zero-argument factory)."""
+    def register(
+        self,
+        name: str,
+        provider: Provider | ProviderFactory,
+        *,
+        models: tuple[str, ...] = (),
+        fetch_models: bool = False,
+    ) -> None:
+        """Add or replace a provider (an instance or a zero-argument factory).
+
+        `models` are the model names it declares; with `fetch_models` its own `/models`
+        list is added to them (OpenAI-compatible providers).
+        """
         if not name or "/" in name:
             raise ValueError(f"bad provider name {name!r}")
         with self._lock:
             self._providers.pop(name, None)
+            self._models[name] = models
+            if fetch_models:
+                self._fetch_models.add(name)
+            else:
+                self._fetch_models.discard(name)
             if isinstance(provider, Provider):
                 instance = provider
                 self._factories[name] = lambda: instance
@@ -55,6 +75,14 @@ class ProviderRegistry:
     def names(self) -> list[str]:
         """The known provider names, in registration order."""
         return list(self._factories)
+
+    def declared_models(self, name: str) -> tuple[str, ...]:
+        """The model names provider `name` declares (sluice.toml `models = [...]`)."""
+        return self._models.get(name, ())
+
+    def fetches_models(self, name: str) -> bool:
+        """Whether provider `name`'s own model list is fetched (`fetch_models = true`)."""
+        return name in self._fetch_models
 
     def get(self, name: str) -> Provider:
         """The provider called `name`, constructing it on first use."""
@@ -188,12 +216,34 @@ def _factory(
     raise ValueError(f"providers.{name}: unknown kind {kind!r}; expected one of {KINDS}")
 
 
+def _model_options(name: str, table: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The `models` and `fetch_models` settings of a `[providers.NAME]` table."""
+    models = table.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError(f"providers.{name}.models must be a list of model names")
+    if kind == "mock":
+        from app.providers.mock import MODELS
+
+        models = [*MODELS, *(m for m in models if m not in MODELS)]
+    fetch = table.get("fetch_models", False)
+    if not isinstance(fetch, bool):
+        raise ValueError(f"providers.{name}.fetch_models must be true or false")
+    if fetch and kind != "openai":
+        raise ValueError(f"providers.{name}.fetch_models needs an OpenAI-compatible provider")
+    return {"models": tuple(models), "fetch_models": fetch}
+
+
 def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
     """Build the registry: mock, openai, anthropic, plus each `[providers.NAME]` table."""
     tables: Mapping[str, Any] = config.get("PROVIDERS") or {}
     registry = ProviderRegistry()
     for name in ("mock", "openai", "anthropic"):
-        registry.register(name, _factory(name, tables.get(name) or {}, config, builtin=True))
+        table = tables.get(name) or {}
+        registry.register(
+            name,
+            _factory(name, table, config, builtin=True),
+            **_model_options(name, table, str(table.get("kind", name))),
+        )
     for name, table in tables.items():
         if name in KINDS:
             continue
@@ -202,7 +252,8 @@ def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
         kind = table.get("kind", "openai")
         if kind in ("openai", "anthropic") and not table.get("base_url"):
             raise ValueError(f"providers.{name} needs a base_url")
-        registry.register(name, _factory(name, table, config, builtin=False))
+        options = _model_options(name, table, str(kind))
+        registry.register(name, _factory(name, table, config, builtin=False), **options)
     return registry
 
 
