@@ -1,10 +1,12 @@
 FROM python:3.11-slim
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/sluice --create-home sluice
 WORKDIR /srv/sluice
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md gunicorn.conf.py ./
 COPY app app
 COPY workers workers
 COPY migrations migrations
 RUN pip install --no-cache-dir .
 ENV SLUICE_HOME=/var/lib/sluice
+USER sluice
 EXPOSE 8000
-CMD ["gunicorn", "-k", "gevent", "--workers", "2", "--worker-connections", "10000", "--bind", "0.0.0.0:8000", "app:create_app()"]
+CMD ["sluice", "web"]

@@ -1,35 +1,47 @@
-"""The Flask application factory."""
+"""The Flask application factory: every app-wide side effect is one call below."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
-from app import embedded_redis, providers
+from app import policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
-from app.extensions import db, migrate, redis_store
+from app.extensions import init_db, redis_store
 from app.queueing import celery_init_app
 
 
-def create_app(overrides: dict[str, Any] | None = None) -> Flask:
-    """Build the app from the environment, sluice.toml and any overrides."""
+def create_app(
+    overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Flask:
+    """Build the app from environ (default os.environ), sluice.toml and any overrides."""
     app = Flask(__name__)
-    app.config.update(load_config())
-    app.config.update(overrides or {})
-    Path(app.config["SLUICE_HOME"]).mkdir(parents=True, exist_ok=True)
+    register_config(app, overrides, environ)
     register_logging(app)
-    register_redis_url(app)
-    register_extensions(app)
-    providers.init_app(app)
+    init_db(app)
+    redis_store.init_app(app)
+    providers.init_app(app)  # the provider registry (and the SDKs' gevent probe patch)
+    policy.init_app(app)  # the routing policy, validated: a bad one raises ConfigError
+    policy.install_sighup()  # SIGHUP reloads the policy file
+    register_sessions(app)
     register_blueprints(app)
     register_error_handlers(app)
+    celery_init_app(app)
     return app
+
+
+def register_config(
+    app: Flask, overrides: Mapping[str, Any] | None, environ: Mapping[str, str] | None
+) -> None:
+    app.config.update(load_config(None if environ is None else dict(environ)))
+    app.config.update(overrides or {})
+    Path(app.config["SLUICE_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 def register_logging(app: Flask) -> None:
@@ -38,25 +50,14 @@ def register_logging(app: Flask) -> None:
     )
 
 
-def register_redis_url(app: Flask) -> None:
-    """Without REDIS_URL, reuse or start the embedded Redis under SLUICE_HOME."""
-    if not app.config["REDIS_URL"] and app.config.get("EMBEDDED_REDIS", True):
-        app.config["REDIS_URL"] = embedded_redis.ensure(Path(app.config["SLUICE_HOME"]))
+def register_sessions(app: Flask) -> None:
+    """Signed dashboard sessions: the secret key (SLUICE_SECRET_KEY or a kept random one)."""
+    from app.dashboard.access import secret_key_for
 
-
-def register_extensions(app: Flask) -> None:
-    uri = app.config["SQLALCHEMY_DATABASE_URI"]
-    if uri.startswith("sqlite"):
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
-    else:
-        app.config.setdefault(
-            "SQLALCHEMY_ENGINE_OPTIONS",
-            {"pool_size": 10, "max_overflow": 40, "pool_pre_ping": True, "pool_recycle": 1800},
-        )
-    db.init_app(app)
-    migrate.init_app(app, db)
-    redis_store.init_app(app)
-    celery_init_app(app)
+    app.secret_key = secret_key_for(app)
+    if app.config.get("SESSION_COOKIE_SAMESITE") is None:
+        app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.config.setdefault("PERMANENT_SESSION_LIFETIME", timedelta(days=7))
 
 
 def register_blueprints(app: Flask) -> None:
@@ -69,15 +70,3 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(api_bp)
     app.register_blueprint(dashboard_bp)
     app.register_blueprint(metrics_bp)
-
-
-@event.listens_for(Engine, "connect")
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL and a busy timeout, so web and workers share one SQLite file."""
-    if type(dbapi_connection).__module__.startswith("sqlite3"):
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()

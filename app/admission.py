@@ -1,9 +1,9 @@
 """Admission control for the stream channel: concurrent-stream slots held as Redis leases.
 
-Each scope (all streams, one tenant's streams) is a sorted set of job ids scored by lease
-expiry (Redis server time, ms). Taking a slot is one Lua script that first drops expired
-members, so a holder that dies stops counting once its lease runs out. The holder (the
-worker) renews while it runs and releases when the job ends.
+Each scope (all streams, one tenant's streams) is a lease set (`app.leases`) of job ids;
+the job's record names both, so the worker renews and releases by job id alone. Taking a
+slot first drops expired members, so a holder that dies stops counting once its lease runs
+out. The holder (the worker) renews while it runs and releases when the job ends.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from flask import current_app
 
+from app import leases
 from app.errors import APIError
 from app.extensions import redis_store
 from app.policy import Route, current_policy
@@ -23,59 +24,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "sluice:slots"
 GLOBAL_KEY = f"{PREFIX}:all"
-JOB_KEY_GRACE_MS = 60_000  # the job -> tenant record outlives the lease, for late renews
-
-# KEYS: global, tenant, job. ARGV: ttl_ms, global_max, tenant_max, job_id, tenant_id, grace_ms
-# Returns {1, global_count, tenant_count} when held, {0, ...} global full, {-1, ...} tenant full.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local gmax, tmax = tonumber(ARGV[2]), tonumber(ARGV[3])
-local job, tenant = ARGV[4], ARGV[5]
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local held = redis.call('ZSCORE', KEYS[1], job)
-local g = redis.call('ZCARD', KEYS[1])
-local n = redis.call('ZCARD', KEYS[2])
-if not held then
-  if gmax > 0 and g >= gmax then return {0, g, n} end
-  if tmax > 0 and n >= tmax then return {-1, g, n} end
-  g, n = g + 1, n + 1
-end
-redis.call('ZADD', KEYS[1], now + ttl, job)
-redis.call('ZADD', KEYS[2], now + ttl, job)
-for i = 1, 2 do
-  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
-end
-redis.call('SET', KEYS[3], tenant, 'PX', ttl + tonumber(ARGV[6]))
-return {1, g, n}
-"""
-
-# KEYS: global, job. ARGV: ttl_ms, job_id, grace_ms, tenant_prefix. Renews only a live holder.
-_RENEW = """
-local tenant = redis.call('GET', KEYS[2])
-if not tenant then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local tkey = ARGV[4] .. tenant
-for _, key in ipairs({KEYS[1], tkey}) do
-  redis.call('ZADD', key, now + ttl, ARGV[2])
-  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
-end
-redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[3]))
-return 1
-"""
-
-# KEYS: global, job. ARGV: job_id, tenant_prefix.
-_RELEASE = """
-local tenant = redis.call('GET', KEYS[2])
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-if tenant then redis.call('ZREM', ARGV[2] .. tenant, ARGV[1]) end
-redis.call('DEL', KEYS[2])
-return removed
-"""
+JOB_KEY_GRACE_MS = 60_000  # the job's record (its sets) outlives the lease, for late renews
 
 
 def tenant_key(tenant_id: str) -> str:
@@ -100,36 +49,28 @@ def limits_for(route: Route) -> Limits:
     config = current_app.config
     global_max = policy.max_streams
     if global_max is None:
-        global_max = int(config["STREAM_MAX_CONCURRENT"])
+        global_max = config["STREAM_MAX_CONCURRENT"]
     tenant_max = route.tenant_max_streams
     if tenant_max is None:
         tenant_max = policy.max_streams_per_tenant
     if tenant_max is None:
-        tenant_max = int(config["STREAM_MAX_PER_TENANT"])
+        tenant_max = config["STREAM_MAX_PER_TENANT"]
     return Limits(global_max, tenant_max)
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
 
 
 def try_acquire(tenant_id: str, job_id: str, limits: Limits) -> tuple[int, int, int]:
     """One atomic attempt: (1 held | 0 global full | -1 tenant full, global count, tenant count)."""
-    ttl = _ms(float(current_app.config["STREAM_SLOT_QUEUED_SECONDS"]))
-    result = redis_store.client.eval(
-        _ACQUIRE,
-        3,
-        GLOBAL_KEY,
-        tenant_key(tenant_id),
-        job_key(job_id),
-        ttl,
-        limits.global_max,
-        limits.tenant_max,
+    ttl = leases.ms(current_app.config["STREAM_SLOT_QUEUED_SECONDS"])
+    full, (g, n) = leases.acquire(
+        redis_store.client,
+        [GLOBAL_KEY, tenant_key(tenant_id)],
         job_id,
-        tenant_id,
-        JOB_KEY_GRACE_MS,
+        ttl,
+        [limits.global_max, limits.tenant_max],
+        record=job_key(job_id),
+        record_grace_ms=JOB_KEY_GRACE_MS,
     )
-    return int(result[0]), int(result[1]), int(result[2])
+    return {0: 1, 1: 0, 2: -1}[full], g, n
 
 
 def _full_error(code: int, counts: tuple[int, int], limits: Limits, waited: float) -> APIError:
@@ -185,7 +126,7 @@ def overflow_route(route: Route) -> Route:
 
 def release_stream_slot(job_id: str) -> None:
     """Give back job_id's slot (idempotent); called by the worker when the job ends."""
-    redis_store.client.eval(_RELEASE, 2, GLOBAL_KEY, job_key(job_id), job_id, f"{PREFIX}:tenant:")
+    leases.release_recorded(redis_store.client, job_key(job_id), job_id)
 
 
 def renew_stream_slot(job_id: str) -> None:
@@ -194,18 +135,14 @@ def renew_stream_slot(job_id: str) -> None:
     A no-op once the slot was released (or its record expired), so a late renew can
     never resurrect a finished job's slot.
     """
-    ttl = _ms(float(current_app.config["STREAM_LEASE_SECONDS"]))
-    redis_store.client.eval(
-        _RENEW, 2, GLOBAL_KEY, job_key(job_id), ttl, job_id, JOB_KEY_GRACE_MS, f"{PREFIX}:tenant:"
-    )
+    ttl = leases.ms(current_app.config["STREAM_LEASE_SECONDS"])
+    leases.renew_recorded(redis_store.client, job_key(job_id), job_id, ttl, JOB_KEY_GRACE_MS)
 
 
 def usage(tenant_id: str | None = None) -> dict[str, int]:
     """Live slot counts (expired leases excluded), for the dashboard and tests."""
     client = redis_store.client
-    now_s, now_us = client.time()
-    now = now_s * 1000 + now_us // 1000
-    out = {"global": int(client.zcount(GLOBAL_KEY, f"({now}", "+inf"))}
+    out = {"global": leases.live_count(client, GLOBAL_KEY)}
     if tenant_id is not None:
-        out["tenant"] = int(client.zcount(tenant_key(tenant_id), f"({now}", "+inf"))
+        out["tenant"] = leases.live_count(client, tenant_key(tenant_id))
     return out

@@ -42,9 +42,15 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "PROVIDER_LEASE_SECONDS": (float, 30.0),  # a dead worker's provider slots lapse after this
     "PROVIDER_CONCURRENCY": (int, 64),
     "FILES_MAX_BYTES": (int, 200_000_000),
+    "MAX_CONTENT_LENGTH": (int, 32 * 1024 * 1024),  # request body bytes, outside the two above
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
     "BROKER_MAX_CONNECTIONS": (int, 1000),
+    "REDIS_MAX_CONNECTIONS": (int, 200),  # per process; a burst beyond waits for one
+    "REDIS_POOL_TIMEOUT": (float, 5.0),  # the longest wait for a pooled connection
+    "REDIS_SOCKET_TIMEOUT": (float, 10.0),
+    "REDIS_CONNECT_TIMEOUT": (float, 5.0),
+    "OUTAGE_RETRY_AFTER_SECONDS": (int, 5),  # Retry-After of a 503 while Redis or the DB is down
     "STREAM_MAX_CONCURRENT": (int, 256),
     "STREAM_MAX_PER_TENANT": (int, 32),
     "STREAM_SLOT_QUEUED_SECONDS": (float, 120.0),
@@ -113,11 +119,14 @@ def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         "ANTHROPIC_BASE_URL": env.get("ANTHROPIC_BASE_URL"),
         "PROVIDERS": document.get("providers", {}),
         "POLICY": document.get("policy"),
+        "CELERY": document.get("celery", {}),  # any Celery setting, by its lower-case name
         "FILES_DIR": env.get("SLUICE_FILES_DIR") or str(home / "files"),
         "LOG_LEVEL": env.get("SLUICE_LOG_LEVEL", "INFO").upper(),
     }
     if not isinstance(config["PROVIDERS"], dict):
         raise ConfigError("[providers] in sluice.toml must be a table of tables")
+    if not isinstance(config["CELERY"], dict):
+        raise ConfigError("[celery] in sluice.toml must be a table of Celery settings")
     table = document.get("sluice", {})
     for name, (kind, default) in TUNABLES.items():
         env_name = f"SLUICE_{name}"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
+from flask import current_app, has_app_context
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import event
 
 from app.models.base import Base
 
@@ -16,34 +17,109 @@ if TYPE_CHECKING:
     from flask import Flask
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
+REDIS_URL_MISSING = (
+    "REDIS_URL is not set: `sluice dev` runs an embedded Redis on one machine;"
+    " anywhere else set REDIS_URL=redis://host:6379/0"
+)
 
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
 
 
+def init_db(app: Flask) -> None:
+    """Bind the database; each SQLite engine gets WAL and a busy timeout on connect."""
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    if uri.startswith("sqlite"):
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
+    else:
+        app.config.setdefault(
+            "SQLALCHEMY_ENGINE_OPTIONS",
+            {"pool_size": 10, "max_overflow": 40, "pool_pre_ping": True, "pool_recycle": 1800},
+        )
+    db.init_app(app)
+    with app.app_context():
+        for engine in db.engines.values():
+            if engine.dialect.name == "sqlite":
+                event.listen(engine, "connect", sqlite_pragmas)
+    migrate.init_app(app, db)
+
+
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL and a busy timeout, so web and workers share one SQLite file."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class RedisNotConfigured(RuntimeError):
+    """Something needs Redis and REDIS_URL is not set."""
+
+
+def redis_client(
+    url: str,
+    *,
+    max_connections: int,
+    pool_timeout: float,
+    socket_timeout: float,
+    connect_timeout: float,
+) -> redis.Redis:
+    """A client whose sockets time out and whose pool makes a burst wait (bounded) for a
+    connection instead of failing with "Too many connections"."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        decode_responses=True,
+        max_connections=max_connections,
+        timeout=pool_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def app_redis_client(config: Any, max_connections: int | None = None) -> redis.Redis:
+    """redis_client() with the app's settings."""
+    if not config["REDIS_URL"]:
+        raise RedisNotConfigured(REDIS_URL_MISSING)
+    return redis_client(
+        config["REDIS_URL"],
+        max_connections=max_connections or config["REDIS_MAX_CONNECTIONS"],
+        pool_timeout=config["REDIS_POOL_TIMEOUT"],
+        socket_timeout=config["REDIS_SOCKET_TIMEOUT"],
+        connect_timeout=config["REDIS_CONNECT_TIMEOUT"],
+    )
+
+
 class RedisHolder:
-    """One connection pool per process, shared by everything that talks to Redis."""
+    """Each app's one Redis client (one pool), shared by everything that talks to Redis."""
 
     def __init__(self) -> None:
-        self._client: redis.Redis | None = None
+        self._first: redis.Redis | None = None
 
     def init_app(self, app: Flask) -> None:
-        url = app.config["REDIS_URL"]
-        self._client = (
-            redis.Redis.from_url(
-                url, decode_responses=True, health_check_interval=30, max_connections=200
-            )
-            if url
-            else None
-        )
-        app.extensions["redis"] = self
+        client = app_redis_client(app.config) if app.config["REDIS_URL"] else None
+        app.extensions["redis"] = client
+        if self._first is None:
+            self._first = client
+
+    def for_app(self, app: Flask) -> redis.Redis:
+        client = app.extensions.get("redis")
+        if client is None:
+            raise RedisNotConfigured(REDIS_URL_MISSING)
+        return client
 
     @property
     def client(self) -> redis.Redis:
-        if self._client is None:
-            raise RuntimeError("Redis is not configured for this app")
-        return self._client
+        """The current app's client; outside an app context, the process's first one."""
+        if has_app_context():
+            return self.for_app(current_app)
+        if self._first is None:
+            raise RedisNotConfigured(REDIS_URL_MISSING)
+        return self._first
 
 
 redis_store = RedisHolder()
-celery = Celery("sluice")

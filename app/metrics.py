@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from app.dashboard import queries
 from app.extensions import redis_store
 from app.models import utcnow
+from app.models.job import ACTIVE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
@@ -60,7 +61,7 @@ class SystemCollector(Collector):
 
     def _database(self) -> Iterator[Metric]:
         counts = queries.job_counts()
-        batches = queries.batch_counts()
+        batches = queries.batch_status_counts()
         ages = queries.oldest_queued_age(utcnow())
         jobs = GaugeMetricFamily(
             "sluice_jobs", "Jobs in the database by mode and status", labels=["mode", "status"]
@@ -73,7 +74,7 @@ class SystemCollector(Collector):
         )
         for status, count in batches.items():
             batch_family.add_metric([status], count)
-        in_flight = sum(counts.get("stream", {}).get(s, 0) for s in queries.IN_FLIGHT)
+        in_flight = sum(counts.get("stream", {}).get(s, 0) for s in ACTIVE)
         oldest = GaugeMetricFamily(
             "sluice_oldest_queued_job_age_seconds",
             "How long the oldest queued job of each mode has waited (0 when none)",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.config import TUNABLES, ConfigError
-from app.providers.messages import estimate_tokens
+from app.providers import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -533,6 +533,12 @@ def default_policy(config: Mapping[str, Any] | None = None) -> Policy:
                 "client allows async (Prefer: respond-async)",
             },
             {
+                "name": "prefer-async",
+                "when": interactive | {"mode": "auto", "prefer_async": True},
+                "route": "batch",
+                "reason": "the client asked for an asynchronous answer (Prefer: respond-async)",
+            },
+            {
                 "name": "large-input",
                 "when": interactive | {"input_tokens_above": limit},
                 "route": "reject",
@@ -624,7 +630,7 @@ class PolicyHolder:
 
     def current(self) -> Policy:
         """The policy, reloading first if SIGHUP arrived or the file changed."""
-        every = float(self.config.get("POLICY_RELOAD_SECONDS", 1.0))
+        every = self.config.get("POLICY_RELOAD_SECONDS", 1.0)
         now = time.monotonic()
         if self.hups != _hup_count or (self.path and now - self.checked >= every):
             with self._lock:
@@ -658,10 +664,9 @@ EXTENSION = "sluice_policy"
 
 
 def init_app(app: Any) -> PolicyHolder:
-    """Validate the app's policy (raising ConfigError) and install the SIGHUP reload."""
+    """Validate the app's policy (raising ConfigError); create_app installs the SIGHUP reload."""
     holder = PolicyHolder(app.config)
     app.extensions[EXTENSION] = holder
-    install_sighup()
     return holder
 
 
@@ -691,15 +696,35 @@ def decide(request: RouteRequest) -> Route:
 # ---------------------------------------------------------------- request helpers
 
 
+def estimate_input_tokens(messages: list[dict[str, Any]]) -> int:
+    """A rough input-token estimate for routing (the providers' one estimator)."""
+    return estimate_tokens(messages)
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """What a `Prefer` header (RFC 7240) asks for that Sluice can honour."""
+
+    respond_async: bool = False
+    wait: int | None = None  # seconds; RFC 7240 delta-seconds
+
+
+def parse_prefer(header: str | None) -> Preferences:
+    """`respond-async` and `wait=N` from a `Prefer` header; other preferences are ignored."""
+    respond_async, wait = False, None
+    for pref in (header or "").split(","):
+        token, _, value = pref.split(";", 1)[0].partition("=")
+        token, value = token.strip().lower(), value.strip().strip('"')
+        if token == "respond-async":
+            respond_async = True
+        elif token == "wait" and value.isascii() and value.isdigit() and wait is None:
+            wait = int(value[:12])  # delta-seconds; absurd values are capped where used
+    return Preferences(respond_async, wait)
+
+
 def prefers_async(header: str | None) -> bool:
     """Whether a `Prefer` header (RFC 7240) asks for respond-async."""
-    if not header:
-        return False
-    for pref in header.split(","):
-        token = pref.split(";", 1)[0].split("=", 1)[0].strip().lower()
-        if token == "respond-async":
-            return True
-    return False
+    return parse_prefer(header).respond_async
 
 
 def document_messages(document: str, instructions: str | None = None) -> list[dict[str, Any]]:
@@ -739,7 +764,7 @@ def request_from_body(
         requested_mode=mode if mode in REQUESTED_MODES else "auto",
         stream=stream if isinstance(stream, bool) else None,
         prefer_async=prefer_async,
-        input_tokens=estimate_tokens(messages),
+        input_tokens=estimate_input_tokens(messages),
         priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else 0,
         metadata=dict(metadata) if isinstance(metadata, dict) else {},
     )

@@ -1,55 +1,123 @@
-"""Celery bound to the Flask app: queues, reliability settings and the FlaskTask."""
+"""Celery built inside the factory from app.config: queues, reliability settings, FlaskTask."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
-from flask import Flask
+from celery import Celery, Task, bootsteps
+from flask import Flask, current_app
 from kombu import Queue
 
-from app.extensions import celery
+from app.extensions import REDIS_URL_MISSING, redis_store
+from app.services.heartbeat import beat, forget
+
+log = logging.getLogger(__name__)
 
 STREAM_QUEUE = "interactive"
 BATCH_QUEUE = "batch"
 
 
-def celery_init_app(app: Flask) -> None:
-    """Configure the shared Celery app so every task runs inside an app context."""
+def celery_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Sluice's Celery settings, each overridable by the CELERY mapping ([celery] in TOML)."""
+    redis_timeouts = {
+        "socket_timeout": config["REDIS_SOCKET_TIMEOUT"],
+        "socket_connect_timeout": config["REDIS_CONNECT_TIMEOUT"],
+        "socket_keepalive": True,
+    }
+    settings: dict[str, Any] = {
+        "broker_url": config["REDIS_URL"],
+        # gevent pools ack hundreds of late-acked tasks at once: kombu's default of 10 Redis
+        # connections runs dry (MaxConnectionsError), the consumer reconnects and cancels its
+        # running tasks. Connections are opened lazily, so a high cap costs nothing idle.
+        "broker_transport_options": {
+            "visibility_timeout": config["VISIBILITY_TIMEOUT"],
+            "max_connections": config["BROKER_MAX_CONNECTIONS"],
+            **redis_timeouts,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_pool_limit": 100,  # producers shared by the web's greenlets
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_queues": [Queue(STREAM_QUEUE), Queue(BATCH_QUEUE)],
+        "task_default_queue": BATCH_QUEUE,
+        "task_routes": {"sluice.stream.*": {"queue": STREAM_QUEUE}},
+        "imports": ["workers.tasks", "workers.stream_tasks", "workers.batch_tasks"],
+        "beat_schedule": {
+            "sweep": {"task": "sluice.sweep", "schedule": 5.0, "options": {"expires": 5}},
+        },
+        "beat_schedule_filename": str(Path(config["SLUICE_HOME"]) / "celerybeat-schedule"),
+        "worker_hijack_root_logger": False,
+    }
+    return settings | dict(config.get("CELERY") or {})
 
-    class FlaskTask(celery.Task):  # type: ignore[name-defined,misc]
+
+def celery_init_app(app: Flask) -> Celery:
+    """A Celery app of this Flask app's own, whose every task runs inside an app context."""
+
+    class FlaskTask(Task):  # type: ignore[misc]  # celery ships no type hints
         def __call__(self, *args: object, **kwargs: object) -> object:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    # gevent pools ack hundreds of late-acked tasks at once: kombu's default of 10 Redis
-    # connections runs dry (MaxConnectionsError), the consumer reconnects and cancels its
-    # running tasks. Connections are opened lazily, so a high cap costs nothing idle.
-    transport = {
-        "visibility_timeout": app.config["VISIBILITY_TIMEOUT"],
-        "max_connections": app.config["BROKER_MAX_CONNECTIONS"],
-    }
-    celery.conf.update(
-        broker_url=app.config["REDIS_URL"],
-        broker_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        broker_pool_limit=100,  # producers shared by the web's greenlets
-        task_ignore_result=True,
-        task_serializer="json",
-        accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_queues=[Queue(STREAM_QUEUE), Queue(BATCH_QUEUE)],
-        task_default_queue=BATCH_QUEUE,
-        task_routes={"sluice.stream.*": {"queue": STREAM_QUEUE}},
-        imports=["workers.tasks", "workers.stream_tasks", "workers.batch_tasks"],
-        beat_schedule={
-            "sweep": {"task": "sluice.sweep", "schedule": 5.0, "options": {"expires": 5}},
-        },
-        beat_schedule_filename=str(Path(app.config["SLUICE_HOME"]) / "celerybeat-schedule"),
-        worker_hijack_root_logger=False,
-    )
-    celery.Task = FlaskTask
-    celery.set_default()
-    app.extensions["celery"] = celery
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(celery_settings(app.config))
+    celery_app.steps["worker"].add(worker_heartbeat(app))
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def send_task(name: str, args: list[Any], queue: str) -> None:
+    """Send a task by name through the current app's Celery."""
+    current_app.extensions["celery"].send_task(name, args=args, queue=queue)
+
+
+def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:
+    """A worker bootstep beating this node's name, queues and pid into Redis while it runs.
+
+    A stream worker first loads the provider SDKs (seconds of CPU that would starve the
+    beats under gevent), so it is announced live only once it can take jobs at full speed.
+    """
+
+    class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
+        def __init__(self, worker: Any, **kwargs: Any) -> None:
+            if not app.config["REDIS_URL"]:
+                raise RuntimeError(REDIS_URL_MISSING)
+            self.stop_event = threading.Event()
+            super().__init__(worker, **kwargs)
+
+        def start(self, worker: Any) -> None:
+            queues = sorted(q.name for q in worker.app.amqp.queues.consume_from.values())
+            if STREAM_QUEUE in queues:
+                from app.providers import providers
+
+                providers(app).warm_up()
+            every = app.config["WORKER_HEARTBEAT_SECONDS"]
+            args = (worker.hostname, queues, every)
+            threading.Thread(target=self._beat, args=args, daemon=True, name="heartbeat").start()
+
+        def stop(self, worker: Any) -> None:
+            self.stop_event.set()
+            try:
+                forget(redis_store.for_app(app), worker.hostname)
+            except Exception as exc:
+                log.warning("could not remove the heartbeat of %s: %r", worker.hostname, exc)
+
+        def _beat(self, hostname: str, queues: list[str], every: float) -> None:
+            while not self.stop_event.is_set():
+                try:
+                    beat(redis_store.for_app(app), hostname, queues, pid=os.getpid())
+                except Exception as exc:
+                    log.warning("heartbeat of %s failed: %r", hostname, exc)
+                self.stop_event.wait(every)
+
+    return Heartbeat

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import redis
 
-from app.cli.admin import worker_argv
+from app.cli.processes import web_argv, worker_argv
 from app.embedded_redis import die_with_parent
 from tests.stack import free_port
 
@@ -39,6 +39,7 @@ class Result:
     ok: bool = False
     status: int = 0
     ttft: float | None = None  # seconds from request write to first content
+    total: float | None = None  # seconds from request write to `[DONE]`
     arrivals: list[float] = field(default_factory=list)
     text: str = ""
     error: str | None = None
@@ -108,6 +109,7 @@ async def sse_stream(
                     continue
                 text = raw[6:]
                 if text.strip() == b"[DONE]":
+                    result.total = now - started
                     result.ok = result.error is None
                     return result
                 chunk = json.loads(text)
@@ -222,12 +224,10 @@ class BenchStack:
         with app.app_context():
             upgrade()
             self.key = create_key(f"bench-{secrets.token_hex(3)}")[1]
-        self._spawn("web", [
-            py, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
-            "--worker-connections", str(self.args.idle + 2000), "--backlog", "4096",
-            "--bind", f"127.0.0.1:{self.web_port}", "--graceful-timeout", "2",
-            "app:create_app()",
-        ])  # fmt: skip
+        self._spawn("web", web_argv(
+            "--workers", "1", "--worker-connections", str(self.args.idle + 2000),
+            "--backlog", "4096", "--bind", f"127.0.0.1:{self.web_port}", "--graceful-timeout", "2",
+        ))  # fmt: skip
         for n in range(self.args.workers):
             name = f"bench{n}-{secrets.token_hex(3)}"
             self._spawn(
@@ -275,7 +275,12 @@ class BenchStack:
 
 
 def chat_body(model: str) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "bench"}], "stream": True}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "bench"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def wave(
@@ -305,7 +310,10 @@ async def wave(
 def summarise(results: list[Result]) -> dict[str, float]:
     ttfts = [r.ttft * 1000 for r in results if r.ttft is not None]
     gaps = [g * 1000 for r in results for g in r.gaps]
+    totals = [r.total * 1000 for r in results if r.total is not None]
     return {
+        "total50": pct(totals, 50),
+        "total99": pct(totals, 99),
         "ttft50": pct(ttfts, 50),
         "ttft99": pct(ttfts, 99),
         "gap50": pct(gaps, 50),
@@ -341,6 +349,10 @@ async def run_load(stack: BenchStack) -> list[dict[str, Any]]:
                 "sluice_ttft50": s["ttft50"],
                 "overhead50": s["ttft50"] - d["ttft50"],
                 "overhead99": s["ttft99"] - d["ttft99"],
+                "direct_total50": d["total50"],
+                "direct_total99": d["total99"],
+                "sluice_total50": s["total50"],
+                "sluice_total99": s["total99"],
                 "gap_added50": s["gap50"] - d["gap50"],
                 "gap_added99": s["gap99"] - d["gap99"],
                 "deltas_per_s": s["deltas"] / wall,
@@ -437,14 +449,17 @@ def _print_load(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     )
     print(
         "| streams at once | TTFT direct p50 | TTFT Sluice p50 | TTFT overhead p50 / p99 "
+        "| total direct p50 / p99 | total Sluice p50 / p99 "
         "| inter-token added p50 / p99 | deltas/s Sluice (direct) | cut streams "
         "| CPU ms per stream (web+worker) | net of idle: web + worker |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['concurrency']} ({r['streams']} streams) | {r['direct_ttft50']:.1f} ms "
             f"| {r['sluice_ttft50']:.1f} ms | {r['overhead50']:.1f} / {r['overhead99']:.1f} ms "
+            f"| {r['direct_total50']:.0f} / {r['direct_total99']:.0f} ms "
+            f"| {r['sluice_total50']:.0f} / {r['sluice_total99']:.0f} ms "
             f"| {r['gap_added50']:.1f} / {r['gap_added99']:.1f} ms "
             f"| {r['deltas_per_s']:.0f} ({r['direct_deltas_per_s']:.0f}) | {r['cut']} "
             f"| {r['cpu_ms_per_stream']:.1f} "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import flask_migrate
 import httpx
@@ -82,12 +83,17 @@ def upstream() -> Iterator[FakeUpstream]:
         yield server
 
 
+# what the stack's processes must not inherit from the shell that runs the tests
+AMBIENT = ("DATABASE_URL", "REDIS_URL", "OPENAI_", "ANTHROPIC_", "SLUICE_")
+
+
 @pytest.fixture(scope="session")
 def test_env(
     home: Path, database_url: str, redis_url: str, upstream: FakeUpstream
-) -> Iterator[dict[str, str]]:
-    """The environment shared by this process and every process of the stack."""
-    env = {
+) -> dict[str, str]:
+    """The environment of every process of the stack; this process's os.environ is untouched."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(AMBIENT)}
+    return inherited | {
         "SLUICE_HOME": str(home),
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
@@ -97,21 +103,22 @@ def test_env(
         "ANTHROPIC_BASE_URL": upstream.anthropic_base_url,
         **TEST_SETTINGS,
     }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    os.environ.pop("SLUICE_CONFIG", None)
-    yield dict(os.environ)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
-def app(test_env: dict[str, str]) -> Flask:
+def make_app(test_env: dict[str, str]) -> Callable[..., Flask]:
+    """create_app() with the test configuration (test_env), plus any overrides."""
+
+    def make(overrides: dict[str, Any] | None = None, **env: str) -> Flask:
+        return create_app(overrides, environ=test_env | env)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def app(make_app: Callable[..., Flask]) -> Flask:
     """An in-process app on the test database, its schema built by the migrations."""
-    flask_app = create_app()
+    flask_app = make_app()
     with flask_app.app_context():
         flask_migrate.upgrade()
     return flask_app

@@ -7,7 +7,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import psycopg
 
-from app.cli.admin import worker_argv
+from app.cli.processes import web_argv, worker_argv
 from app.embedded_redis import die_with_parent
 
 
@@ -69,11 +68,10 @@ class Stack:
         )
 
     def start_web(self) -> None:
-        self._spawn("web", [
-            sys.executable, "-m", "gunicorn", "-k", "gevent", "--workers", "1",
-            "--worker-connections", "2000", "--bind", f"127.0.0.1:{self.port}",
-            "--graceful-timeout", "2", "app:create_app()",
-        ])  # fmt: skip
+        self._spawn("web", web_argv(
+            "--workers", "1", "--worker-connections", "2000", "--bind", f"127.0.0.1:{self.port}",
+            "--graceful-timeout", "2",
+        ))  # fmt: skip
 
     def start_worker(self, mode: str, name: str | None = None, concurrency: int = 50) -> str:
         name = name or mode

@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 
 from app.extensions import db, redis_store
 from app.models import Job
-from app.services import batch_runner
-from app.services.batch_runner import ProviderSemaphore
+from app.services import batch_sweep, sweeper
+from app.services.batch_semaphore import ProviderSemaphore
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import batch_results, submit_documents, wait_batch
 from tests.stack import Stack
@@ -143,7 +143,7 @@ def test_sigkill_mid_batch_every_document_exactly_once(
     deadline = time.monotonic() + 60
     status = None
     while time.monotonic() < deadline:
-        batch_runner.sweep_batches()  # what celery beat runs every few seconds
+        sweeper.sweep()  # what celery beat runs every few seconds
         db.session.remove()
         status = client.get(f"/v1/document-batches/{batch_id}").json()
         if status["status"] == "completed":
@@ -172,7 +172,7 @@ def test_expired_batch_keeps_finished_items(
         client, docs, model="openai/expiring", completion_window="1s"
     ).json()["id"]
     time.sleep(1.2)
-    batch_runner.expire_due_batches()
+    batch_sweep.expire_due_batches()
     done = wait_batch(client, batch_id)
     assert done["status"] == "expired" and done["expired_at"]
     counts = done["counts"]

@@ -17,7 +17,6 @@ from flask import Flask
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.extensions import redis_store
 from app.models import Batch, Job, utcnow
 from app.services import events
 from tests.helpers import insert_batch, insert_job, tenant_of
@@ -226,10 +225,10 @@ def test_publishing_never_raises(
 ) -> None:
     job = insert_job(tenant_of(api_key), "batch", "queued")
     dead = redis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-    monkeypatch.setattr(redis_store, "_client", dead)
+    monkeypatch.setitem(app_ctx.extensions, "redis", dead)
     events.job_changed(job)
     events.batch_changed(Batch(tenant_id="x", kind="documents"))
-    monkeypatch.setattr(redis_store, "_client", None)
+    monkeypatch.setitem(app_ctx.extensions, "redis", None)
     events.job_changed(job)
 
 

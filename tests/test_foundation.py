@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import flask_migrate
 import httpx
 import pytest
 from click.testing import CliRunner
-from flask import Flask
-from sqlalchemy import inspect
+from flask import Flask, current_app
+from sqlalchemy import create_engine, inspect, text
 
-from app import create_app
 from app.cli import main as sluice
 from app.config import ConfigError, load_config
-from app.extensions import db
+from app.extensions import RedisNotConfigured, db, redis_store
 from tests.stack import Stack, drop_postgres_database, fresh_postgres_database
 
 
@@ -63,7 +63,9 @@ def test_defaults_are_embedded(tmp_path: Path) -> None:
     assert url == "postgresql+psycopg://u@h/d"
 
 
-def test_migrations_upgrade_and_downgrade_cleanly(test_env: dict[str, str], tmp_path: Path) -> None:
+def test_migrations_upgrade_and_downgrade_cleanly(
+    test_env: dict[str, str], make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
     server = test_env["DATABASE_URL"]
     name = None
     if server.startswith("postgresql"):
@@ -71,11 +73,8 @@ def test_migrations_upgrade_and_downgrade_cleanly(test_env: dict[str, str], tmp_
     else:
         url = f"sqlite:///{tmp_path / 'migrate.db'}"
     try:
-        scratch = create_app(
-            {
-                "SQLALCHEMY_DATABASE_URI": url.replace("postgresql://", "postgresql+psycopg://"),
-                "EMBEDDED_REDIS": False,
-            }
+        scratch = make_app(
+            {"SQLALCHEMY_DATABASE_URI": url.replace("postgresql://", "postgresql+psycopg://")}
         )
         with scratch.app_context():
             flask_migrate.upgrade()
@@ -139,13 +138,15 @@ def test_probes(stack: Stack) -> None:
     }
 
 
-def test_readyz_names_what_is_missing(test_env: dict[str, str]) -> None:
+def test_readyz_names_what_is_missing(
+    test_env: dict[str, str], make_app: Callable[..., Flask]
+) -> None:
     no_workers = test_env["REDIS_URL"].rsplit("/", 1)[0] + "/14"
     for redis_url, missing in [
         (no_workers, ["batch_worker", "stream_worker"]),
         ("redis://127.0.0.1:1/0", ["redis"]),
     ]:
-        probe = create_app({"REDIS_URL": redis_url})
+        probe = make_app({"REDIS_URL": redis_url})
         answer = probe.test_client().get("/readyz")
         assert answer.status_code == 503
         assert answer.json["missing"] == missing
@@ -169,3 +170,62 @@ def test_keys_cli(app: Flask, test_env: dict[str, str]) -> None:
     bad = runner.invoke(sluice, ["keys", "list"], env={**test_env, "DATABASE_URL": "mysql://x"})
     assert bad.exit_code != 0
     assert "DATABASE_URL" in bad.output
+
+
+def test_each_app_has_its_own_celery_and_redis(make_app: Callable[..., Flask]) -> None:
+    first = make_app()
+    second = make_app({"REDIS_URL": "redis://127.0.0.1:1/0"})
+    first_celery, second_celery = first.extensions["celery"], second.extensions["celery"]
+    assert first_celery is not second_celery
+    assert first_celery.conf.broker_url != second_celery.conf.broker_url
+
+    def which_app() -> Flask:
+        return current_app._get_current_object()  # type: ignore[attr-defined]
+
+    task = first_celery.task(name="test.which_app")(which_app)
+    assert task() is first  # a later create_app did not rebind the first app's tasks
+    with first.app_context():
+        assert redis_store.client.ping()
+    with second.app_context():
+        assert redis_store.client.connection_pool.connection_kwargs["port"] == 1
+
+
+def test_celery_settings_are_overridable(make_app: Callable[..., Flask], tmp_path: Path) -> None:
+    assert make_app().extensions["celery"].conf.worker_prefetch_multiplier == 1
+    overridden = make_app({"CELERY": {"worker_prefetch_multiplier": 4}})
+    assert overridden.extensions["celery"].conf.worker_prefetch_multiplier == 4
+    toml = tmp_path / "sluice.toml"
+    toml.write_text("[celery]\nbroker_pool_limit = 7\n")
+    from_file = make_app(SLUICE_CONFIG=str(toml))
+    assert from_file.extensions["celery"].conf.broker_pool_limit == 7
+    assert from_file.extensions["celery"].conf.task_acks_late is True
+
+
+def test_sqlite_pragmas_only_on_the_apps_engine(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    scratch = make_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'p.db'}"})
+    with scratch.app_context():
+        with db.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        db.engine.dispose()
+    other = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    with other.connect() as conn:  # importing or building the app touched no other engine
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "delete"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 0
+    other.dispose()
+
+
+def test_no_redis_url_is_a_clear_error_and_starts_nothing(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    bare = make_app(REDIS_URL="", SLUICE_HOME=str(home))
+    assert bare.config["REDIS_URL"] is None
+    assert not (home / "redis.url").exists()  # create_app never starts an embedded Redis
+    with bare.app_context(), pytest.raises(RedisNotConfigured, match="REDIS_URL is not set"):
+        redis_store.client.ping()
+    ready = bare.test_client().get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json["checks"]["redis"] == "unavailable: RedisNotConfigured"

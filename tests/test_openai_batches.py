@@ -293,7 +293,7 @@ def test_expiry_writes_unrun_items_to_the_error_file(
     openai_client: openai.OpenAI, app: Flask
 ) -> None:
     """The engine's expiry (what the sweeper does past the window) ends as OpenAI's `expired`."""
-    from app.services.batches import expire_batch
+    from app.services.batch_lifecycle import expire_batch
 
     slow = "mock/slow-item?ttft_ms=1500&length=3"
     batch = _create(

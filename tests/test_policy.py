@@ -8,17 +8,20 @@ import os
 import signal
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from click.testing import CliRunner
+from flask import Flask
 
 from app.cli.policy import policy_group
 from app.config import ConfigError
 from app.policy import (
     PolicyHolder,
+    Preferences,
     Route,
     RouteRequest,
     default_policy,
@@ -27,6 +30,7 @@ from app.policy import (
     fmt_tokens,
     install_sighup,
     parse_policy,
+    parse_prefer,
     prefers_async,
     request_from_body,
 )
@@ -175,6 +179,11 @@ DEFAULTS = [
     (req(input_tokens=32_000), "stream", "interactive"),
     (req(endpoint=CHAT, input_tokens=48_000, prefer_async=True), "batch", "large-input-async"),
     (req(requested_mode="batch", input_tokens=48_000), "batch", "requested-batch"),
+    (req(prefer_async=True), "batch", "prefer-async"),
+    (req(endpoint=CHAT, stream=True, prefer_async=True), "batch", "prefer-async"),
+    (req(endpoint=CHAT, stream=False, prefer_async=True), "batch", "prefer-async"),
+    (req(requested_mode="stream", prefer_async=True), "stream", "interactive"),
+    (req(endpoint="/v1/batches", prefer_async=True), "batch", "batch-endpoints"),
 ]
 
 
@@ -290,6 +299,34 @@ def test_prefer_header(header: str | None, expected: bool) -> None:
     assert prefers_async(header) is expected
 
 
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, Preferences()),
+        ("wait=10", Preferences(wait=10)),
+        ("respond-async, wait=5", Preferences(True, 5)),
+        ('wait="7"; x=y, respond-async', Preferences(True, 7)),
+        ("WAIT=3", Preferences(wait=3)),
+        ("wait=-1", Preferences()),
+        ("wait=1.5", Preferences()),
+        ("wait=", Preferences()),
+        ("wait=\u0663", Preferences()),  # a non-ASCII digit is not delta-seconds
+        ("wait=2, wait=9", Preferences(wait=2)),  # the first one counts (RFC 7240 2)
+        ("wait=" + "9" * 40, Preferences(wait=999_999_999_999)),
+    ],
+)
+def test_prefer_wait(header: str | None, expected: Preferences) -> None:
+    assert parse_prefer(header) == expected
+
+
+def test_a_policy_rule_decides_over_prefer_async() -> None:
+    """Only the built-in policy sends respond-async to batch; a rule may say otherwise."""
+    policy = parse_policy(one_rule({"prefer_async": True}, route="stream"))
+    assert evaluate(policy, req(prefer_async=True)).mode == "stream"
+    plain = parse_policy({"rules": [{"name": "all", "route": "stream"}]})
+    assert evaluate(plain, req(prefer_async=True)).mode == "stream"
+
+
 def test_request_from_body_turns_a_document_into_messages() -> None:
     body = {"model": "m", "document": "x" * 4000, "instructions": "sum", "priority": 3}
     r = request_from_body("/v1/jobs", body, tenant_id="t", tenant_name="n", prefer_async=True)
@@ -349,18 +386,15 @@ def _holder(path: Path, **config: Any) -> PolicyHolder:
 
 
 def test_bad_policy_file_at_start_fails_create_app(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_env: dict[str, str]
+    tmp_path: Path, make_app: Callable[..., Flask]
 ) -> None:
-    from app import create_app
-
     path = tmp_path / "sluice.toml"
     _write(path, BAD_FILE)
-    monkeypatch.setenv("SLUICE_CONFIG", str(path))
     with pytest.raises(ConfigError) as err:
-        create_app()
+        make_app(SLUICE_CONFIG=str(path))
     assert "policy rule 'huge': when.input_tokens_above" in str(err.value)
     _write(path, GOOD)
-    app = create_app()
+    app = make_app(SLUICE_CONFIG=str(path))
     with app.test_request_context():
         from app.policy import decide
 

@@ -13,7 +13,7 @@ from flask import Flask
 
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
-from app.streams import lease_key, log_key
+from app.streams.keys import lease_key, log_key
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import follow, read_sse, stream_chat
 from tests.stack import Stack

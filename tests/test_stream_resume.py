@@ -101,7 +101,7 @@ def test_resume_after_the_end_and_expired_log(client: httpx.Client, app: Flask) 
     bad = client.get(f"/v1/jobs/{job_id}/events", params={"last_event_id": "nope"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "last_event_id"
     from app.extensions import redis_store
-    from app.streams import log_key
+    from app.streams.keys import log_key
 
     with app.app_context():
         redis_store.client.delete(log_key(job_id))

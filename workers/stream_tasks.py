@@ -5,10 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_ready
 
-from app.providers import providers
-from app.queueing import STREAM_QUEUE
 from app.services.stream_runner import run_stream_job
 
 
@@ -16,13 +13,3 @@ from app.services.stream_runner import run_stream_job
 def run(self: Any, job_id: str, payload: dict[str, Any] | None = None) -> str:
     """Run one stream job; safe to deliver twice (a held lease or a finished job is a no-op)."""
     return run_stream_job(job_id, payload, worker=self.request.hostname or "")
-
-
-@worker_ready.connect
-def _warm_providers(sender: Any, **_: Any) -> None:
-    """A stream worker loads the provider SDKs before its first job, not during it."""
-    queues = {q.name for q in sender.app.amqp.queues.consume_from.values()}
-    if STREAM_QUEUE in queues:
-        from workers.celery_app import flask_app
-
-        providers(flask_app).warm_up()

@@ -5,26 +5,29 @@ from __future__ import annotations
 from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from app.api.files import list_object, page_params
-from app.services import openai_batches
+from app.pagination import list_object, page_params
+from app.services import front_door, openai_batches
 
 bp = Blueprint("batches", __name__)
 
 
 @bp.post("/batches")
 def create_batch() -> ResponseReturnValue:
-    batch = openai_batches.create(
-        tenant_id=g.tenant_id,
-        tenant_name=g.api_key.tenant.name,
-        params=request.get_json(silent=True),
-        idempotency_key=request.headers.get("Idempotency-Key") or None,
-    )
+    key = front_door.idempotency_key(openai_batches.KIND, request.headers.get("Idempotency-Key"))
+    batch = front_door.replay(g.tenant_id, key)
+    if batch is None:
+        batch = openai_batches.create(
+            tenant_id=g.tenant_id,
+            tenant_name=g.api_key.tenant.name,
+            params=front_door.json_body(),
+            idempotency_key=key,
+        )
     return jsonify(openai_batches.serialize_batch(batch))
 
 
 @bp.get("/batches")
 def list_batches() -> ResponseReturnValue:
-    limit, after = page_params(100, 20)
+    limit, after = page_params(request.args)
     rows, has_more = openai_batches.list_batches(g.tenant_id, limit=limit, after=after)
     return jsonify(list_object([openai_batches.serialize_batch(b) for b in rows], has_more))
 

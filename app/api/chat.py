@@ -5,27 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask.typing import ResponseReturnValue
 
-from app.admission import acquire_stream_slot, overflow_route, release_stream_slot
-from app.errors import APIError
+from app import sse
 from app.extensions import db
-from app.models import Job, new_id
-from app.policy import Route, RouteRequest, decide, prefers_async
+from app.models import Job, epoch
+from app.models.job import TERMINAL
+from app.policy import Preferences, Route
 from app.providers import ChatRequest
-from app.services.batches import submit_batch_job
+from app.services import front_door
 from app.services.chat_request import parse_chat_request
-from app.services.jobs import completion_object, job_object, start_stream_job
-from app.streams import (
-    ChunkRenderer,
-    StreamHub,
-    Tail,
-    collect,
-    hub_for,
-    request_cancel,
-    sse_stream,
-)
+from app.services.jobs import completion_object, job_object
+from app.streams.hub import Tail, current_hub
+from app.streams.relay import collect, sse_body
+from app.streams.render import ChunkRenderer
+from app.streams.writer import request_cancel
 
 bp = Blueprint("chat", __name__)
 log = logging.getLogger(__name__)
@@ -36,12 +31,6 @@ _ERROR_STATUS = {
     "cancelled": 409,
     "upstream_error": 502,
 }
-
-
-def hub() -> StreamHub:
-    """This process's stream hub (one pub/sub connection, a bounded read pool)."""
-    config = current_app.config
-    return hub_for(config["REDIS_URL"], int(config["STREAM_RELAY_REDIS_CONNECTIONS"]))
 
 
 def lost_checker(app: Flask) -> Callable[[str], bool]:
@@ -63,11 +52,11 @@ def lost_checker(app: Flask) -> Callable[[str], bool]:
 def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail:
     config = current_app.config
     return Tail(
-        hub(),
+        current_hub(),
         job_id,
         after=after,
-        lease_seconds=float(config["STREAM_LEASE_SECONDS"]),
-        ping_seconds=float(config["STREAM_PING_SECONDS"]),
+        lease_seconds=config["STREAM_LEASE_SECONDS"],
+        ping_seconds=config["STREAM_PING_SECONDS"],
         running=running,
         check_lost=lost_checker(current_app._get_current_object()),  # type: ignore[attr-defined]
     )
@@ -77,12 +66,8 @@ def sse_response(
     tail: Tail, renderer: ChunkRenderer, headers: dict[str, str], on_close: Callable[[bool], None]
 ) -> Response:
     """The SSE response for a job's log, with the anti-buffering headers."""
-    body = sse_stream(tail, renderer, int(current_app.config["STREAM_RETRY_MS"]), on_close)
-    response = Response(body, content_type="text/event-stream; charset=utf-8")
-    response.headers.update(headers)
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+    body = sse_body(tail, renderer, current_app.config["STREAM_RETRY_MS"], on_close)
+    return sse.response(body, headers)
 
 
 def _ignore(_finished: bool) -> None:
@@ -104,83 +89,71 @@ def on_disconnect(action: str, tail: Tail) -> Callable[[bool], None]:
 
 @bp.post("/chat/completions")
 def chat_completions() -> ResponseReturnValue:
-    raw = request.get_json(silent=True)
-    if raw is None:
-        raise APIError(
-            400, "We could not parse the JSON body of your request.", code="invalid_json"
-        )
-    body = parse_chat_request(raw)
-    tenant_id: str = g.tenant_id
-    route = decide(
-        RouteRequest(
-            endpoint="/v1/chat/completions",
-            tenant_id=tenant_id,
-            tenant_name=g.api_key.tenant.name,
+    body = parse_chat_request(front_door.json_body())
+    prefer = front_door.preferences()
+    route = front_door.route(
+        front_door.route_request(
+            "/v1/chat/completions",
             model=body.model,
             stream=body.stream,
-            prefer_async=prefers_async(request.headers.get("Prefer")),
+            prefer_async=prefer.respond_async,
             input_tokens=body.input_tokens(),
             metadata=dict(body.metadata or {}),
         )
     )
-    g.sluice_route = route
-    return run_routed(tenant_id, body, route, endpoint="/v1/chat/completions")
+    return run_routed(g.tenant_id, body, route, endpoint="/v1/chat/completions", prefer=prefer)
 
 
-def accepted_response(job: Job, route: Route) -> Response:
-    """202 for a job routed to the batch channel: the job object and where to poll it."""
+def accepted_response(job: Job, route: Route, prefer: Preferences) -> Response:
+    """A job routed to the batch channel: 202 with the job and where to poll it.
+
+    With `Prefer: wait=N`, the answer waits up to N seconds for the job to end and is then
+    the finished job (200) instead.
+    """
+    applied = []
+    if prefer.wait is not None:
+        job = front_door.wait_for_job(job.id, prefer.wait) or job
+        applied.append(f"wait={prefer.wait}")
+    finished = job.status in TERMINAL
+    if route.prefer_async and not finished:
+        applied.insert(0, "respond-async")
     response = jsonify(job_object(job))
-    response.status_code = 202
+    response.status_code = 200 if finished else 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     response.headers["X-Sluice-Route"] = route.header
     response.headers["X-Sluice-Job-Id"] = job.id
-    if route.prefer_async:
-        response.headers["Preference-Applied"] = "respond-async"
+    if applied:
+        response.headers["Preference-Applied"] = ", ".join(applied)
     return response
 
 
 def run_routed(
-    tenant_id: str, body: ChatRequest, route: Route, *, endpoint: str, priority: int = 0
+    tenant_id: str,
+    body: ChatRequest,
+    route: Route,
+    *,
+    endpoint: str,
+    priority: int = 0,
+    prefer: Preferences | None = None,
 ) -> Response:
     """Run a routed chat body: SSE (or one completion) for stream, 202 for batch."""
-    if route.mode == "reject":
-        raise APIError(
-            route.status,
-            route.message or route.reason,
-            code="rejected_by_policy",
-            headers={"X-Sluice-Route": route.header},
-            extra={"rule": route.rule, "reason": route.reason},
-        )
-    job_id = new_id("job_")
-    if route.mode == "stream" and acquire_stream_slot(route, tenant_id, job_id) == "batch":
-        route = g.sluice_route = overflow_route(route)
+    job, route = front_door.start_chat_job(
+        tenant_id, body, route, endpoint=endpoint, priority=priority
+    )
     if route.mode == "batch":
-        record = body.to_record()
-        record.pop("stream", None)
-        record.pop("stream_options", None)
-        job = submit_batch_job(
-            tenant_id,
-            record,
-            route,
-            metadata=body.metadata,
-            endpoint=endpoint,
-            priority=priority,
-        )
-        return accepted_response(job, route)
-    try:
-        job = start_stream_job(
-            tenant_id, body, route, job_id=job_id, endpoint=endpoint, priority=priority
-        )
-    except BaseException:
-        release_stream_slot(job_id)
-        raise
+        return accepted_response(job, route, prefer or Preferences())
+    return stream_response(job, body, route)
+
+
+def stream_response(job: Job, body: ChatRequest, route: Route) -> Response:
+    """The answer of a started stream job: its SSE relay, or one collected completion."""
     db.session.remove()  # never hold a session across the relay
     headers = {
         "X-Sluice-Route": route.header,
         "X-Sluice-Job-Id": job.id,
         "Location": f"/v1/jobs/{job.id}",
     }
-    created = int(job.created_at.timestamp())
+    created = epoch(job.created_at)
     tail = make_tail(job.id)
     if body.stream:
         renderer = ChunkRenderer(job.id, body.model, created, body.include_usage)
@@ -193,7 +166,13 @@ def run_routed(
         response.headers.update(headers)
         return response
     payload = completion_object(
-        job.id, body.model, created, outcome.text, outcome.finish_reason, outcome.usage
+        job.id,
+        body.model,
+        created,
+        outcome.text,
+        outcome.finish_reason,
+        outcome.usage,
+        choices=outcome.messages(),
     )
     response = jsonify(payload)
     response.headers.update(headers)

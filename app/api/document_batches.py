@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
+from app import sse
 from app.errors import APIError
 from app.extensions import db
-from app.models import Batch, Job, utcnow
+from app.models import Batch, Job, epoch, utcnow
 from app.models.batch import TERMINAL
-from app.policy import RouteRequest, decide
-from app.services import batches, documents
+from app.models.job import STATUSES
+from app.pagination import fetch_page, list_object, page_params
+from app.services import batch_lifecycle, batches, documents, front_door
+from app.streams.hub import current_hub
+from app.validation import check_model_name
 
 bp = Blueprint("document_batches", __name__)
 
@@ -28,17 +31,15 @@ JSONL_TYPES = (
     "application/json-lines",
     "text/jsonl",
 )
-RESULT_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+KIND = "documents"
+MAX_WINDOW_SECONDS = 365 * 86400
+MAX_WINDOW_CHARS = 10  # the batches.completion_window column
 PAGE = 1000
-
-
-def _ts(value: datetime | None) -> int | None:
-    return int(value.timestamp()) if value else None
 
 
 def batch_json(batch: Batch, counts: dict[str, int] | None = None) -> dict[str, Any]:
     """The document batch object."""
-    counts = counts or batches.batch_counts(batch)
+    counts = counts or batches.item_counts(batch)
     return {
         "id": batch.id,
         "object": "document_batch",
@@ -62,22 +63,22 @@ def batch_json(batch: Batch, counts: dict[str, int] | None = None) -> dict[str, 
         },
         "errors": batch.errors,
         "route": {"rule": batch.route_rule, "reason": batch.route_reason},
-        "created_at": _ts(batch.created_at),
-        "in_progress_at": _ts(batch.in_progress_at),
-        "finalizing_at": _ts(batch.finalizing_at),
-        "completed_at": _ts(batch.completed_at),
-        "failed_at": _ts(batch.failed_at),
-        "expires_at": _ts(batch.expires_at),
-        "expired_at": _ts(batch.expired_at),
-        "cancelling_at": _ts(batch.cancelling_at),
-        "cancelled_at": _ts(batch.cancelled_at),
+        "created_at": epoch(batch.created_at),
+        "in_progress_at": epoch(batch.in_progress_at),
+        "finalizing_at": epoch(batch.finalizing_at),
+        "completed_at": epoch(batch.completed_at),
+        "failed_at": epoch(batch.failed_at),
+        "expires_at": epoch(batch.expires_at),
+        "expired_at": epoch(batch.expired_at),
+        "cancelling_at": epoch(batch.cancelling_at),
+        "cancelled_at": epoch(batch.cancelled_at),
         "results_url": f"/v1/document-batches/{batch.id}/results",
     }
 
 
 def _batch_or_404(batch_id: str) -> Batch:
     batch = batches.get_batch(g.tenant_id, batch_id)
-    if batch is None or batch.kind != "documents":
+    if batch is None or batch.kind != KIND:
         raise APIError(
             404, f"No document batch with id '{batch_id}'.", param="batch_id", code="not_found"
         )
@@ -97,9 +98,7 @@ def _read_submission(max_bytes: int) -> tuple[documents.Options, Iterator[batche
     """Options and a lazy item stream from a JSON, JSONL or multipart body."""
     mimetype = request.mimetype
     if mimetype == "application/json":
-        payload = request.get_json(silent=True)
-        if not isinstance(payload, dict):
-            raise APIError(400, "The body is not a JSON object.", code="invalid_json")
+        payload = front_door.json_body()
         options = documents.parse_options(payload)
         return options, documents.from_json(payload.get("documents"), _intake(options))
     if mimetype in JSONL_TYPES:
@@ -125,21 +124,15 @@ def create() -> ResponseReturnValue:
     max_bytes = current_app.config["BATCH_MAX_REQUEST_BYTES"]
     if request.content_length is not None and request.content_length > max_bytes:
         raise documents.request_too_large(max_bytes)
-    key = request.headers.get("Idempotency-Key") or None
-    if key and len(key) > 255:
-        raise APIError(
-            400, "Idempotency-Key is longer than 255 characters", param="Idempotency-Key"
-        )
-    if key:
-        existing = batches.find_by_idempotency_key(g.tenant_id, key)
-        if existing is not None:
-            return _created(existing, replayed=True)
+    key = front_door.idempotency_key(KIND, request.headers.get("Idempotency-Key"))
+    existing = front_door.replay(g.tenant_id, key)
+    if existing is not None:
+        return _created(existing, replayed=True)
     options, items = _read_submission(max_bytes)
-    route = decide(
-        RouteRequest(
-            endpoint="/v1/document-batches",
-            tenant_id=g.tenant_id,
-            tenant_name=g.api_key.tenant.name,
+    check_model_name(options.model)
+    route = front_door.route(
+        front_door.route_request(
+            "/v1/document-batches",
             model=options.model,
             requested_mode="batch",
             prefer_async=True,
@@ -149,9 +142,16 @@ def create() -> ResponseReturnValue:
     window = (
         options.completion_window or f"{current_app.config['BATCH_COMPLETION_WINDOW_HOURS']:g}h"
     )
+    if len(window) > MAX_WINDOW_CHARS or batches.window_seconds(window) > MAX_WINDOW_SECONDS:
+        raise APIError(
+            400,
+            f"completion_window must be at most {MAX_WINDOW_SECONDS // 86400} days, like '24h'",
+            param="completion_window",
+            code="invalid_completion_window",
+        )
     batch = batches.create_batch(
         tenant_id=g.tenant_id,
-        kind="documents",
+        kind=KIND,
         items=items,
         route=route,
         model=options.model,
@@ -177,27 +177,10 @@ def _created(batch: Batch, *, replayed: bool) -> ResponseReturnValue:
 @bp.get("/document-batches")
 def list_batches() -> ResponseReturnValue:
     """Newest first; ?limit=1..100 (default 20), ?after=<batch id> for the next page."""
-    raw = request.args.get("limit", "20")
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise APIError(400, f"limit must be an integer, got {raw!r}", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise APIError(400, "limit must be between 1 and 100", param="limit")
-    query = select(Batch).where(Batch.tenant_id == g.tenant_id, Batch.kind == "documents")
-    after = request.args.get("after")
-    if after:
-        query = query.where(Batch.id < after)
-    rows = list(db.session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
-    page = rows[:limit]
-    data = [batch_json(b) for b in page]
-    return jsonify(
-        object="list",
-        data=data,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-        has_more=len(rows) > limit,
-    )
+    limit, after = page_params(request.args)
+    query = select(Batch).where(Batch.tenant_id == g.tenant_id, Batch.kind == KIND)
+    page, has_more = fetch_page(query, Batch.id, limit=limit, after=after)
+    return jsonify(list_object([batch_json(b) for b in page], has_more))
 
 
 @bp.get("/document-batches/<batch_id>")
@@ -207,7 +190,7 @@ def get(batch_id: str) -> ResponseReturnValue:
 
 @bp.post("/document-batches/<batch_id>/cancel")
 def cancel(batch_id: str) -> ResponseReturnValue:
-    batch = batches.cancel_batch(_batch_or_404(batch_id))
+    batch = batch_lifecycle.cancel_batch(_batch_or_404(batch_id))
     return jsonify(batch_json(batch))
 
 
@@ -232,9 +215,9 @@ def results(batch_id: str) -> ResponseReturnValue:
     """One JSONL line per document in submission order; ?status= filters."""
     batch = _batch_or_404(batch_id)
     status = request.args.get("status") or None
-    if status is not None and status not in RESULT_STATUSES:
-        raise APIError(400, f"status must be one of {', '.join(RESULT_STATUSES)}", param="status")
-    engine = db.engine
+    if status is not None and status not in STATUSES:
+        raise APIError(400, f"status must be one of {', '.join(STATUSES)}", param="status")
+    db_engine = db.engine
     jobs = Job.__table__
     columns = [
         jobs.c[n]
@@ -257,7 +240,7 @@ def results(batch_id: str) -> ResponseReturnValue:
             query = select(*columns).where(jobs.c.batch_id == batch.id, jobs.c.item_index > last)
             if status:
                 query = query.where(jobs.c.status == status)
-            with engine.connect() as conn:  # a short read per page, never held across yields
+            with db_engine.connect() as conn:  # a short read per page, never held across yields
                 rows = conn.execute(query.order_by(jobs.c.item_index).limit(PAGE)).all()
             if not rows:
                 return
@@ -268,18 +251,30 @@ def results(batch_id: str) -> ResponseReturnValue:
     return Response(generate(), mimetype="application/jsonl", headers=headers)
 
 
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+def _is_about(message: str, batch_id: str) -> bool:
+    """Whether a broadcast message (app/services/events.py) is a change of this batch."""
+    if batch_id not in message:
+        return False
+    try:
+        event = json.loads(message)
+        return event.get("type") == "batch" and event["data"].get("id") == batch_id
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return False
 
 
 @bp.get("/document-batches/<batch_id>/events")
 def events(batch_id: str) -> ResponseReturnValue:
-    """SSE: `progress` with counts whenever they change, then one terminal `done` event."""
+    """SSE: `progress` with counts whenever they change, then one terminal `done` event.
+
+    Woken by the batch's published changes, read at most once per BATCH_EVENTS_POLL_SECONDS
+    under a burst; a re-read every ping interval covers a change whose notice was lost.
+    """
     batch = _batch_or_404(batch_id)
     tenant_id = g.tenant_id
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    poll = max(0.1, app.config["BATCH_EVENTS_POLL_SECONDS"])
-    ping_every = app.config["STREAM_PING_SECONDS"]
+    spacing = max(0.05, app.config["BATCH_EVENTS_POLL_SECONDS"])
+    ping_every = max(0.2, app.config["STREAM_PING_SECONDS"])
+    hub = current_hub()
     db.session.remove()
 
     def snapshot() -> dict[str, Any] | None:
@@ -291,26 +286,35 @@ def events(batch_id: str) -> ResponseReturnValue:
                 db.session.remove()
 
     def generate() -> Iterator[str]:
-        yield f"retry: {app.config['STREAM_RETRY_MS']}\n\n"
-        last_sent: Any = None
-        last_write = time.monotonic()
-        while True:
-            state = snapshot()
-            if state is None:
-                return
-            progress = (state["status"], state["counts"])
-            if state["status"] in TERMINAL:
-                yield _sse("progress", state)
-                yield _sse("done", state)
-                return
-            if progress != last_sent:
-                yield _sse("progress", state)
-                last_sent = progress
-                last_write = time.monotonic()
-            elif time.monotonic() - last_write >= ping_every:
-                yield ": ping\n\n"
-                last_write = time.monotonic()
-            time.sleep(poll)
+        feed = hub.feed()  # before the first read: no change can fall between read and wait
+        try:
+            yield sse.retry(app.config["STREAM_RETRY_MS"])
+            last_sent: Any = None
+            last_write = last_read = time.monotonic()
+            while True:
+                if (wait := last_read + spacing - time.monotonic()) > 0:
+                    time.sleep(wait)
+                state = snapshot()
+                last_read = time.monotonic()
+                if state is None:
+                    return
+                data = json.dumps(state)
+                if state["status"] in TERMINAL:
+                    yield sse.frame(data, event="progress") + sse.frame(data, event="done")
+                    return
+                if (state["status"], state["counts"]) != last_sent:
+                    yield sse.frame(data, event="progress")
+                    last_sent = (state["status"], state["counts"])
+                    last_write = time.monotonic()
+                while True:
+                    idle = last_write + ping_every - time.monotonic()
+                    if any(_is_about(m, batch.id) for m in feed.wait(max(0.0, idle))):
+                        break
+                    if time.monotonic() - last_write >= ping_every:
+                        yield sse.comment()
+                        last_write = time.monotonic()
+                        break  # and re-read: a notice may have been lost
+        finally:
+            hub.unfeed(feed)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(generate(), mimetype="text/event-stream", headers=headers)
+    return sse.response(generate())

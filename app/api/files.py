@@ -11,11 +11,12 @@ from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
 from app.errors import APIError
+from app.pagination import list_object, page_params
 from app.services import files as storage
+from app.services.front_door import FORM_OVERHEAD
 
 bp = Blueprint("files", __name__)
 
-FORM_OVERHEAD = 1024 * 1024  # multipart boundaries, headers and small fields around the file
 MAX_FIELD_BYTES = 1024 * 1024  # also bounds the decoder buffer, so above its 64 KiB reads
 
 
@@ -108,38 +109,9 @@ def upload_file() -> ResponseReturnValue:
     return jsonify(storage.serialize_file(row))
 
 
-def page_params(max_limit: int, default_limit: int) -> tuple[int, str | None]:
-    """`limit` and `after` from the query string, with OpenAI-style 400s."""
-    raw = request.args.get("limit")
-    limit = default_limit
-    if raw is not None:
-        try:
-            limit = int(raw)
-        except ValueError:
-            raise APIError(
-                400, f"Invalid 'limit': {raw!r} is not an integer.", param="limit"
-            ) from None
-        if not 1 <= limit <= max_limit:
-            raise APIError(
-                400, f"Invalid 'limit': must be between 1 and {max_limit}.", param="limit"
-            )
-    return limit, request.args.get("after") or None
-
-
-def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    """OpenAI's cursor-page list object."""
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
-
-
 @bp.get("/files")
 def list_files() -> ResponseReturnValue:
-    limit, after = page_params(10000, 10000)
+    limit, after = page_params(request.args, default=10000, maximum=10000)
     order = request.args.get("order", "desc")
     if order not in ("asc", "desc"):
         raise APIError(400, "Invalid 'order': must be 'asc' or 'desc'.", param="order")

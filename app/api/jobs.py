@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import re
-import time
 
 from flask import Blueprint, Response, g, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select, update
 
-from app.api.chat import hub, make_tail, on_disconnect, sse_response
+from app.api.chat import make_tail, on_disconnect, sse_response
 from app.errors import APIError
 from app.extensions import db
-from app.models import Job, utcnow
+from app.models import Job, epoch, utcnow
 from app.models.job import MODES, STATUSES, TERMINAL
+from app.pagination import fetch_page, list_object, page_params
+from app.services.front_door import wait_for_job
 from app.services.jobs import job_object
 from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job
-from app.streams import ChunkRenderer, log_key, read_all, request_cancel, text_of
+from app.streams.entries import entry_key, text_of
+from app.streams.hub import current_hub
+from app.streams.keys import log_key
+from app.streams.render import ChunkRenderer
+from app.streams.writer import read_all, request_cancel
 
 bp = Blueprint("jobs", __name__)
 
@@ -30,11 +35,6 @@ def get_job(job_id: str) -> Job:
     if job is None:
         raise APIError(404, f"No job found with id '{job_id}'.", param="id", code="not_found")
     return job
-
-
-def _entry_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @bp.get("/jobs")
@@ -51,24 +51,9 @@ def list_jobs() -> ResponseReturnValue:
         if status not in STATUSES:
             raise APIError(400, f"'status' must be one of {', '.join(STATUSES)}.", param="status")
         stmt = stmt.where(Job.status == status)
-    try:
-        limit = int(args.get("limit", 20))
-    except ValueError:
-        raise APIError(400, "'limit' must be an integer.", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise APIError(400, "'limit' must be between 1 and 100.", param="limit")
-    after = args.get("after")
-    if after:
-        stmt = stmt.where(Job.id < after)
-    rows = list(db.session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1)))
-    page = rows[:limit]
-    return {
-        "object": "list",
-        "data": [job_object(job) for job in page],
-        "first_id": page[0].id if page else None,
-        "last_id": page[-1].id if page else None,
-        "has_more": len(rows) > limit,
-    }
+    limit, after = page_params(args)
+    page, has_more = fetch_page(stmt, Job.id, limit=limit, after=after)
+    return list_object([job_object(job) for job in page], has_more)
 
 
 @bp.get("/jobs/<job_id>")
@@ -76,7 +61,7 @@ def show_job(job_id: str) -> ResponseReturnValue:
     job = get_job(job_id)
     output = None
     if job.mode == "stream" and job.status not in TERMINAL:
-        output = text_of(read_all(hub().client, job.id)) or None
+        output = text_of(read_all(current_hub().client, job.id)) or None
     return job_object(job, output=output)
 
 
@@ -85,7 +70,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
     last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
     if last is not None:
         last = last.strip()
-        if not _ENTRY_ID.match(last):
+        if not _ENTRY_ID.match(last) or max(entry_key(last)) >= 2**64:
             raise APIError(
                 400, f"'last_event_id' is not an event id: {last!r}.", param="last_event_id"
             )
@@ -93,7 +78,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
     headers = {"X-Sluice-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
     if job.mode != "stream":
         return Response(status=204, headers=headers)
-    client = hub().client
+    client = current_hub().client
     if job.status in TERMINAL:
         pipe = client.pipeline(transaction=False)
         pipe.exists(log_key(job.id))
@@ -101,12 +86,12 @@ def job_events(job_id: str) -> ResponseReturnValue:
         exists, newest = pipe.execute()
         if not exists:
             return Response(status=204, headers=headers)  # the log expired: read the job
-        if last is not None and newest and _entry_key(newest[0][0]) <= _entry_key(last):
+        if last is not None and newest and entry_key(newest[0][0]) <= entry_key(last):
             return Response(status=204, headers=headers)  # the client has seen the end
     include_usage = bool(((job.request or {}).get("stream_options") or {}).get("include_usage"))
-    created = int(job.created_at.timestamp())
+    created = epoch(job.created_at)
     renderer = ChunkRenderer(job.id, job.model, created, include_usage)
-    renderer.started = last is not None
+    renderer.resumed = last is not None
     tail = make_tail(job.id, after=last or "0-0", running=job.status == "running")
     db.session.remove()
     return sse_response(tail, renderer, headers, on_disconnect(job.on_disconnect, tail))
@@ -118,7 +103,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
     if job.status in TERMINAL:
         return job_object(job)
     if job.mode == "stream":
-        request_cancel(hub().client, job.id)
+        request_cancel(current_hub().client, job.id)
         if job.status == "queued":
             cancel_queued_job(job.id)  # lost the race? the worker sees the flag instead
     else:
@@ -133,11 +118,4 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
             raise APIError(
                 409, "This background job is already running and cannot be stopped.", param="id"
             )
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    while True:
-        db.session.expire_all()
-        job = get_job(job_id)
-        if job.status in TERMINAL or time.monotonic() >= deadline:
-            return job_object(job)
-        db.session.commit()
-        time.sleep(0.05)
+    return job_object(wait_for_job(job.id, CANCEL_WAIT_SECONDS) or job)

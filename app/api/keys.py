@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, g, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
 from app.auth import admin_required, create_key, revoke_key
 from app.errors import APIError
 from app.extensions import db
-from app.models import ApiKey, Tenant
+from app.models import ApiKey, Tenant, epoch
+from app.services import front_door
 
 bp = Blueprint("keys", __name__)
+
+NAME_MAX = 200  # tenants.name and api_keys.name columns
 
 
 def key_object(key: ApiKey, tenant_name: str) -> dict[str, Any]:
@@ -24,8 +27,8 @@ def key_object(key: ApiKey, tenant_name: str) -> dict[str, Any]:
         "prefix": key.prefix,
         "name": key.name,
         "admin": key.is_admin,
-        "created_at": int(key.created_at.timestamp()),
-        "revoked_at": int(key.revoked_at.timestamp()) if key.revoked_at else None,
+        "created_at": epoch(key.created_at),
+        "revoked_at": epoch(key.revoked_at),
     }
 
 
@@ -47,13 +50,21 @@ def list_keys() -> ResponseReturnValue:
 @bp.post("/admin/keys")
 @admin_required
 def create() -> ResponseReturnValue:
-    body = request.get_json(silent=True) or {}
+    body = front_door.json_body()
     tenant = body.get("tenant")
     if not isinstance(tenant, str) or not tenant.strip():
         raise APIError(400, "'tenant' is required and must be a non-empty string.", param="tenant")
-    key, plaintext = create_key(
-        tenant.strip(), admin=bool(body.get("admin")), name=body.get("name")
-    )
+    if len(tenant.strip()) > NAME_MAX or "\x00" in tenant:
+        raise APIError(400, f"'tenant' must be at most {NAME_MAX} characters.", param="tenant")
+    admin = body.get("admin", False)
+    if not isinstance(admin, bool):
+        raise APIError(400, "'admin' must be true or false.", param="admin", code="invalid_type")
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > NAME_MAX or "\x00" in name):
+        raise APIError(
+            400, f"'name' must be a string of at most {NAME_MAX} characters.", param="name"
+        )
+    key, plaintext = create_key(tenant.strip(), admin=admin, name=name)
     return jsonify(key_object(key, tenant.strip()) | {"key": plaintext}), 201
 
 

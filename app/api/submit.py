@@ -4,43 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, g, request
-from flask.blueprints import BlueprintSetupState
+from flask import Blueprint, Response, g
 
 from app import policy
 from app.api.chat import run_routed
 from app.errors import APIError
-from app.extensions import db
-from app.models import Tenant
 from app.providers import ChatRequest
+from app.services import front_door
 from app.services.chat_request import parse_chat_request
 
 bp = Blueprint("submit", __name__)
 
 JOB_FIELDS = ("mode", "priority", "metadata", "document", "instructions")
-MAX_METADATA_KEYS = 16
-
-
-@bp.record_once
-def _init_policy(state: BlueprintSetupState) -> None:
-    """Validate the routing policy when the app is built (create_app raises ConfigError)."""
-    policy.init_app(state.app)
-
-
-@bp.after_request
-def _route_header(response: Response) -> Response:
-    """Every answer that got as far as a routing decision says which route it took."""
-    route = g.get("sluice_route")
-    if route is not None and "X-Sluice-Route" not in response.headers:
-        response.headers["X-Sluice-Route"] = route.header
-    return response
-
-
-def _body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise APIError(400, "The body must be a JSON object.", code="invalid_json")
-    return body
+MAX_PRIORITY = 2**31 - 1  # the jobs.priority column is a 32-bit integer
 
 
 def _validate(body: dict[str, Any]) -> ChatRequest:
@@ -51,12 +27,9 @@ def _validate(body: dict[str, Any]) -> ChatRequest:
     priority = body.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise APIError(400, "priority must be an integer", param="priority")
-    metadata = body.get("metadata")
-    if metadata is not None and (
-        not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_KEYS
-    ):
+    if abs(priority) > MAX_PRIORITY:
         raise APIError(
-            400, f"metadata must be an object of at most {MAX_METADATA_KEYS} keys", param="metadata"
+            400, f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}", param="priority"
         )
     has_messages, has_document = "messages" in body, "document" in body
     if has_messages == has_document:
@@ -73,29 +46,28 @@ def _validate(body: dict[str, Any]) -> ChatRequest:
         raise APIError(400, "instructions only applies with document", param="instructions")
     chat.pop("stream_options", None)
     # 400 naming the field, before routing; a stream route always answers SSE
-    return parse_chat_request({**chat, "stream": True, "metadata": metadata})
-
-
-def _tenant_name(tenant_id: str) -> str:
-    tenant = db.session.get(Tenant, tenant_id)
-    return tenant.name if tenant is not None else tenant_id
+    return parse_chat_request({**chat, "stream": True, "metadata": body.get("metadata")})
 
 
 @bp.post("/jobs")
 def submit_job() -> Response:
     """Route one job by the policy: SSE for stream, 202 + Location for batch."""
-    body = _body()
+    body = front_door.json_body()
     chat = _validate(body)
-    prefer_async = policy.prefers_async(request.headers.get("Prefer"))
+    prefer = front_door.preferences()
     req = policy.request_from_body(
         "/v1/jobs",
         {**body, "messages": chat.messages},
         tenant_id=g.tenant_id,
-        tenant_name=_tenant_name(g.tenant_id),
-        prefer_async=prefer_async,
+        tenant_name=g.api_key.tenant.name,
+        prefer_async=prefer.respond_async,
     )
-    route = policy.decide(req)
-    g.sluice_route = route
+    route = front_door.route(req)
     return run_routed(
-        g.tenant_id, chat, route, endpoint="/v1/jobs", priority=body.get("priority", 0)
+        g.tenant_id,
+        chat,
+        route,
+        endpoint="/v1/jobs",
+        priority=body.get("priority", 0),
+        prefer=prefer,
     )

@@ -7,11 +7,12 @@ from typing import Any
 import click
 import httpx
 
-from app.cli.admin import db_group, keys_group, worker
+from app.cli.admin import db_group, keys_group
 from app.cli.batch import results, submit
 from app.cli.chat import chat
 from app.cli.dev import dev
 from app.cli.policy import policy_group
+from app.cli.processes import sweeper, web, worker
 
 
 class SluiceGroup(click.Group):
@@ -35,7 +36,9 @@ def main() -> None:
 main.add_command(dev)
 main.add_command(db_group)
 main.add_command(keys_group)
+main.add_command(web)
 main.add_command(worker)
+main.add_command(sweeper)
 main.add_command(chat)
 main.add_command(policy_group)
 main.add_command(submit)

@@ -1,16 +1,12 @@
-"""Operator commands: database migrations, API keys, workers."""
+"""Operator commands: database migrations and API keys."""
 
 from __future__ import annotations
-
-import os
-import sys
 
 import click
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from app.cli.context import make_app
-from app.queueing import BATCH_QUEUE, STREAM_QUEUE
 
 
 @click.group("db")
@@ -101,25 +97,3 @@ def keys_revoke(key_id: str) -> None:
         if not revoke_key(key_id):
             raise click.ClickException(f"no API key with id {key_id!r}")
     click.echo(f"revoked {key_id}", err=True)
-
-
-def worker_argv(mode: str, concurrency: int | None = None, name: str | None = None) -> list[str]:
-    """The celery command line for a worker of one mode: stream, batch or both."""
-    queues = {"stream": STREAM_QUEUE, "batch": BATCH_QUEUE, "both": f"{STREAM_QUEUE},{BATCH_QUEUE}"}
-    default_concurrency = {"stream": 200, "batch": 64, "both": 200}
-    argv = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "-Q", queues[mode], "-P", "gevent",
-        "-c", str(concurrency or default_concurrency[mode]),
-        "-n", f"{name or mode}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-    ]  # fmt: skip
-    return argv
-
-
-@click.command()
-@click.option("--mode", type=click.Choice(["stream", "batch", "both"]), default="both")
-@click.option("--concurrency", "-c", type=int, default=None, help="Greenlets per worker.")
-def worker(mode: str, concurrency: int | None) -> None:
-    """Run a Celery worker for the stream queue, the batch queue, or both."""
-    argv = worker_argv(mode, concurrency)
-    os.execv(argv[0], argv)

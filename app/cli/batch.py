@@ -14,8 +14,8 @@ import click
 import httpx
 
 from app.cli.context import DEFAULT_URL, resolve_key
+from app.models.batch import TERMINAL
 
-TERMINAL = ("completed", "failed", "cancelled", "expired")
 UPLOAD_CHUNK = 256 * 1024
 
 

@@ -12,12 +12,12 @@ from flask import Flask
 from app.config import ConfigError
 
 
-def make_app(*, redis: bool = False, **overrides: Any) -> Flask:
-    """create_app() for a command; Redis is only started when the command needs it."""
+def make_app(**overrides: Any) -> Flask:
+    """create_app() for a command, with configuration errors as one clean line."""
     from app import create_app
 
     try:
-        return create_app({"EMBEDDED_REDIS": redis, **overrides})
+        return create_app(overrides)
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
 

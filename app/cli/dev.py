@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from app import embedded_redis
-from app.cli.admin import worker_argv
 from app.cli.context import make_app
+from app.cli.processes import sweeper_argv, web_argv, worker_argv
 
 
 def _dev_key(home: Path) -> str:
@@ -29,23 +29,15 @@ def _dev_key(home: Path) -> str:
     return plaintext
 
 
-def _children(host: str, port: int, home: Path) -> dict[str, list[str]]:
-    py = sys.executable
+def _children(host: str, port: int) -> dict[str, list[str]]:
     return {
-        "web": [
-            py, "-m", "gunicorn", "-k", "gevent", "--workers", "2",
-            "--worker-connections", "10000", "--bind", f"{host}:{port}",
-            "--graceful-timeout", "5", "--timeout", "120", "app:create_app()",
-        ],
+        "web": web_argv("--bind", f"{host}:{port}"),
         # two stream worker processes: one is CPU-bound well before 50 concurrent streams
         "stream": worker_argv("stream", name="stream1"),
         "stream2": worker_argv("stream", name="stream2"),
         "batch": worker_argv("batch"),
-        "sweeper": [
-            py, "-m", "celery", "-A", "workers.celery_app", "beat", "--loglevel", "WARNING",
-            "-s", str(home / "celerybeat-schedule"),
-        ],
-    }  # fmt: skip
+        "sweeper": sweeper_argv("WARNING"),
+    }
 
 
 def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -81,7 +73,7 @@ def dev(host: str, port: int) -> None:
 
     procs = {
         name: subprocess.Popen(argv, preexec_fn=embedded_redis.die_with_parent)
-        for name, argv in _children(host, port, home).items()
+        for name, argv in _children(host, port).items()
     }
     base = f"http://{host}:{port}"
     click.secho(

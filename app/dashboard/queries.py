@@ -18,7 +18,6 @@ from app.queueing import BATCH_QUEUE, STREAM_QUEUE
 from app.services.heartbeat import live_workers
 
 QUEUES = (STREAM_QUEUE, BATCH_QUEUE)
-IN_FLIGHT = ("queued", "running")
 
 
 def job_counts() -> dict[str, dict[str, int]]:
@@ -32,7 +31,8 @@ def job_counts() -> dict[str, dict[str, int]]:
     return counts
 
 
-def batch_counts() -> dict[str, int]:
+def batch_status_counts() -> dict[str, int]:
+    """{status: number of batches} over every tenant, with every status present."""
     counts = dict.fromkeys(batch_model.STATUSES, 0)
     for status, count in db.session.execute(
         select(Batch.status, func.count()).group_by(Batch.status)

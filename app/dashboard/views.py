@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
-    Response,
     current_app,
     jsonify,
     redirect,
@@ -19,15 +17,16 @@ from flask import (
     request,
     url_for,
 )
-from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from flask_sse import Message
 
+from app import sse
 from app.dashboard import access, queries
 from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
-from app.services.events import DASHBOARD_CHANNEL
+from app.models.job import ACTIVE
+from app.streams.hub import StreamHub, current_hub
 
 bp = Blueprint(
     "dashboard",
@@ -46,15 +45,6 @@ API_ENDPOINTS = {
 }
 FEED_MAX_SECONDS = 300.0  # the browser's EventSource reconnects by itself
 MAX_LIMIT = 500
-
-
-@bp.record_once
-def _setup(state: BlueprintSetupState) -> None:
-    app = state.app
-    app.secret_key = access.secret_key_for(app)
-    if app.config.get("SESSION_COOKIE_SAMESITE") is None:
-        app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
-    app.config.setdefault("PERMANENT_SESSION_LIFETIME", timedelta(days=7))
 
 
 @bp.before_request
@@ -129,8 +119,8 @@ def summary() -> dict[str, Any]:
         "workers_by_mode": queries.workers_by_mode(found),
         "queues": queries.queue_depths(client),
         "jobs": counts,
-        "batches": queries.batch_counts(),
-        "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in queries.IN_FLIGHT),
+        "batches": queries.batch_status_counts(),
+        "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in ACTIVE),
         "oldest_queued_seconds": queries.oldest_queued_age(utcnow()),
     }
 
@@ -169,43 +159,31 @@ def api_batches() -> ResponseReturnValue:
 @bp.get("/stream")
 def stream() -> ResponseReturnValue:
     """Relay the broadcast channel as SSE, with pings while idle; no DB session held."""
-    ping = max(0.2, float(current_app.config["STREAM_PING_SECONDS"]))
-    retry = int(current_app.config["STREAM_RETRY_MS"])
-    client = redis_store.client
+    ping = max(0.2, current_app.config["STREAM_PING_SECONDS"])
+    retry = current_app.config["STREAM_RETRY_MS"]
+    hub = current_hub()
     db.session.remove()
-    return Response(
-        _feed(client, ping, retry),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse.response(_feed(hub, ping, retry))
 
 
-def _feed(client: Any, ping: float, retry: int) -> Iterator[str]:
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+def _feed(hub: StreamHub, ping: float, retry: int) -> Iterator[str]:
+    """The process's one subscription to the broadcast channel, as this client's feed."""
+    feed = hub.feed()
     try:
-        pubsub.subscribe(DASHBOARD_CHANNEL)
-        yield f"retry: {retry}\n: connected\n\n"
+        yield sse.retry(retry) + sse.comment("connected")
         deadline = time.monotonic() + FEED_MAX_SECONDS
         while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=ping)
-            if message is None:
-                yield ": ping\n\n"
+            messages = feed.wait(ping)
+            if not messages:
+                yield sse.comment()
                 continue
-            frames = [_frame(message)]
-            while len(frames) < 200:  # coalesce a burst into one write
-                more = pubsub.get_message(timeout=0)
-                if more is None:
-                    break
-                frames.append(_frame(more))
-            yield "".join(frames)
+            yield "".join(_frame(m) for m in messages)  # a burst in one write
     finally:
-        pubsub.close()
+        hub.unfeed(feed)
 
 
-def _frame(message: dict[str, Any]) -> str:
-    if message.get("type") != "message":
-        return ""
+def _frame(message: str) -> str:
     try:
-        return str(Message(**json.loads(message["data"])))
+        return str(Message(**json.loads(message)))
     except (TypeError, ValueError):
         return ""

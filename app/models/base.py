@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, registry
@@ -23,6 +23,17 @@ NAMING = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def epoch(value: datetime) -> int: ...
+@overload
+def epoch(value: None) -> None: ...
+@overload
+def epoch(value: datetime | None) -> int | None: ...
+def epoch(value: datetime | None) -> int | None:
+    """Unix seconds, as every API object shows a time (None stays None)."""
+    return None if value is None else int(value.timestamp())
 
 
 def new_id(prefix: str) -> str:

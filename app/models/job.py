@@ -12,6 +12,7 @@ from app.models.base import Base, new_id, utcnow
 
 MODES = ("stream", "batch")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")  # expired: batch items only
 
 
@@ -55,13 +56,20 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
 
     @property
+    def queued_ms(self) -> float | None:
+        return _ms_since(self.created_at, self.started_at)
+
+    @property
     def ttft_ms(self) -> float | None:
-        if self.first_token_at is None or self.started_at is None:
-            return None
-        return round((self.first_token_at - self.created_at).total_seconds() * 1000, 1)
+        return _ms_since(self.created_at, self.first_token_at)
 
     @property
     def duration_ms(self) -> float | None:
-        if self.finished_at is None:
-            return None
-        return round((self.finished_at - self.created_at).total_seconds() * 1000, 1)
+        return _ms_since(self.created_at, self.finished_at)
+
+
+def _ms_since(start: datetime | None, end: datetime | None) -> float | None:
+    """Milliseconds from start to end, rounded to 0.1 (None until both are known)."""
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds() * 1000, 1)

@@ -20,11 +20,12 @@ from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.errors import APIError
-from app.extensions import celery, db, redis_store
+from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
+from app.models.job import ACTIVE, STATUSES
 from app.policy import Route
 from app.providers import UnknownModel, providers
-from app.queueing import BATCH_QUEUE
+from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 CHUNK_TASK = "sluice.batch.run_chunk"
 JOB_TASK = "sluice.batch.run_job"
 INSERT_CHUNK = 1000
-ACTIVE = ("queued", "running")
-COUNT_KEYS = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 STOP_KEY = "sluice:batch:stop:{}"  # value: "cancelled" or "expired"
 MAX_ITEM_ID = 512
 
@@ -110,12 +109,6 @@ def create_batch(
     Items are consumed lazily; an exception from the iterable (e.g. a validation error
     raised once the whole input has been read) rolls everything back.
     """
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
-    if idempotency_key:
-        existing = find_by_idempotency_key(tenant_id, idempotency_key)
-        if existing is not None:
-            return existing
     config = current_app.config
     window = window_seconds(completion_window)
     limit = config["BATCH_MAX_DOCUMENTS"]
@@ -216,12 +209,10 @@ def create_batch(
 
 def enqueue_chunks(batch_id: str, first: int, last: int) -> int:
     """Send chunk tasks covering item indexes first..last; returns how many were sent."""
-    size = max(1, int(current_app.config["BATCH_CHUNK_SIZE"]))
+    size = max(1, current_app.config["BATCH_CHUNK_SIZE"])
     sent = 0
     for lo in range(first, last + 1, size):
-        celery.send_task(
-            CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE
-        )
+        send_task(CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE)
         sent += 1
     return sent
 
@@ -236,8 +227,6 @@ def submit_batch_job(
     priority: int = 0,
 ) -> Job:
     """A single background job without a batch, for POST /v1/jobs routed to batch."""
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
     model = body.get("model")
     provider = _Models().provider(model, "model")
     job = Job(
@@ -255,7 +244,7 @@ def submit_batch_job(
     )
     db.session.add(job)
     db.session.commit()
-    celery.send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
+    send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
     events.job_changed(job)
     return job
 
@@ -267,52 +256,17 @@ def get_batch(tenant_id: str, batch_id: str) -> Batch | None:
     )
 
 
-def counts_for(batch_id: str, total: int) -> dict[str, int]:
-    """Item counts by status for one batch id."""
+def item_counts(batch: Batch) -> dict[str, int]:
+    """total, then the batch's item count for every job status."""
     rows = db.session.execute(
         select(jobs_t.c.status, func.count())
-        .where(jobs_t.c.batch_id == batch_id)
+        .where(jobs_t.c.batch_id == batch.id)
         .group_by(jobs_t.c.status)
     ).all()
-    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts = dict.fromkeys(STATUSES, 0)
     for status, n in rows:
         counts[status] = counts.get(status, 0) + n
-    return {"total": total, **counts}
-
-
-def batch_counts(batch: Batch) -> dict[str, int]:
-    """total, queued, running, succeeded, failed, cancelled, expired."""
-    return counts_for(batch.id, batch.total)
-
-
-def cancel_batch(batch: Batch) -> Batch:
-    """Stop a batch: queued items never run, running ones finish or stop, then cancelled."""
-    if batch.status in ("cancelling", "cancelled"):
-        return batch
-    if batch.status != "in_progress":
-        raise APIError(
-            409,
-            f"batch {batch.id} is {batch.status}; only an in-progress batch can be cancelled",
-            code="batch_not_cancellable",
-        )
-    now = utcnow()
-    with db.engine.begin() as conn:
-        moved = conn.execute(
-            update(batches_t)
-            .where(batches_t.c.id == batch.id, batches_t.c.status == "in_progress")
-            .values(status="cancelling", cancelling_at=now)
-        ).rowcount
-        if moved:
-            conn.execute(
-                update(jobs_t)
-                .where(jobs_t.c.batch_id == batch.id, jobs_t.c.status == "queued")
-                .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
-            )
-    set_stop(batch.id, "cancelled")
-    maybe_finalize(batch.id)
-    db.session.refresh(batch)
-    events.batch_changed(batch)
-    return batch
+    return {"total": batch.total, **counts}
 
 
 def set_stop(batch_id: str, reason: str) -> None:
@@ -341,11 +295,11 @@ def stop_error(reason: str) -> dict[str, Any]:
     return {"message": message, "type": "batch_error", "code": f"batch_{reason}", "param": None}
 
 
-def iter_items(batch: Batch, status: str | None = None) -> Iterator[Job]:
-    """The batch's jobs in item order, streamed from the database."""
+def batch_jobs(batch: Batch, *statuses: str) -> Iterator[Job]:
+    """The batch's jobs in item order (only those in `statuses`, if given), streamed."""
     query = select(Job).where(Job.batch_id == batch.id).order_by(Job.item_index)
-    if status:
-        query = query.where(Job.status == status)
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
     yield from db.session.scalars(query.execution_options(yield_per=1000))
 
 
@@ -356,94 +310,3 @@ def has_active_items(batch_id: str) -> bool:
                 select(exists().where(jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_(ACTIVE)))
             )
         )
-
-
-def maybe_finalize(batch_id: str, *, stale_finalizing: bool = False) -> bool:
-    """Finalize the batch once no item is queued or running; True if this call did it.
-
-    Exactly once: only the caller whose conditional UPDATE moves the batch into
-    `finalizing` runs the finalizer. With stale_finalizing, a batch stuck in `finalizing`
-    (its finalizer's process died) is taken over.
-    """
-    if has_active_items(batch_id):
-        return False
-    with db.engine.connect() as conn:
-        row = conn.execute(
-            select(batches_t.c.status, batches_t.c.expired_at, batches_t.c.finalizing_at).where(
-                batches_t.c.id == batch_id
-            )
-        ).first()
-    if row is None:
-        return False
-    prior = row.status
-    if prior not in ("in_progress", "cancelling") and not (
-        stale_finalizing and prior == "finalizing"
-    ):
-        return False
-    final = "cancelled" if prior == "cancelling" else "expired" if row.expired_at else "completed"
-    if prior == "finalizing":
-        final = "cancelled" if stop_reason(batch_id) == "cancelled" else final
-    now = utcnow()
-    condition = [batches_t.c.id == batch_id, batches_t.c.status == prior]
-    if prior == "finalizing":
-        condition.append(batches_t.c.finalizing_at == row.finalizing_at)
-    with db.engine.begin() as conn:
-        if not conn.execute(
-            update(batches_t).where(*condition).values(status="finalizing", finalizing_at=now)
-        ).rowcount:
-            return False
-    _run_finalizer(batch_id, final)
-    return True
-
-
-def _run_finalizer(batch_id: str, final: str) -> None:
-    """Run the kind's finalizer, then move finalizing -> the final status."""
-    from app.services import batch_finalizers
-
-    batch = db.session.get(Batch, batch_id, populate_existing=True)
-    assert batch is not None
-    values: dict[str, Any] = {"status": final, f"{final}_at": utcnow()}
-    if final == "expired" and batch.expired_at is not None:
-        values["expired_at"] = batch.expired_at
-    try:
-        batch_finalizers.finalize(batch)
-        db.session.commit()
-    except Exception as exc:
-        log.exception("finalizer for batch %s failed", batch_id)
-        db.session.rollback()
-        error = {"code": "finalize_failed", "message": f"{type(exc).__name__}: {exc}"}
-        values = {"status": "failed", "failed_at": utcnow(), "errors": [error]}
-    with db.engine.begin() as conn:
-        conn.execute(
-            update(batches_t)
-            .where(batches_t.c.id == batch_id, batches_t.c.status == "finalizing")
-            .values(**values)
-        )
-    db.session.expire_all()
-    batch = db.session.get(Batch, batch_id)
-    if batch is not None:
-        events.batch_changed(batch)
-
-
-def expire_batch(batch_id: str) -> None:
-    """Past its window: queued items become `expired`; finished ones are kept."""
-    now = utcnow()
-    with db.engine.begin() as conn:
-        moved = conn.execute(
-            update(batches_t)
-            .where(
-                batches_t.c.id == batch_id,
-                batches_t.c.status == "in_progress",
-                batches_t.c.expired_at.is_(None),
-            )
-            .values(expired_at=now)
-        ).rowcount
-        if moved:
-            conn.execute(
-                update(jobs_t)
-                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == "queued")
-                .values(status="expired", finished_at=now, error=stop_error("batch_expired"))
-            )
-    if moved:
-        set_stop(batch_id, "expired")
-    maybe_finalize(batch_id)

@@ -16,6 +16,7 @@ from typing import Any
 from app.errors import APIError
 from app.providers import ChatRequest, ProviderRegistry, Unsupported, providers
 from app.providers.messages import is_image_url
+from app.validation import check_metadata, check_model_name
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -75,18 +76,6 @@ def _stop(name: str, value: Any) -> list[str]:
     if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= 4:
         return list(value)
     raise _bad("'stop' must be a string or an array of up to 4 strings.", name, "invalid_type")
-
-
-def _metadata(name: str, value: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or len(value) > 16:
-        raise _bad("'metadata' must be an object of at most 16 pairs.", name, "invalid_type")
-    for key, item in value.items():
-        if not isinstance(item, str) or len(key) > 64 or len(item) > 512:
-            raise _bad(
-                "'metadata' keys must be at most 64 characters and values strings of at most 512.",
-                f"metadata.{key}",
-            )
-    return dict(value)
 
 
 def _logit_bias(name: str, value: Any) -> dict[str, float]:
@@ -172,7 +161,7 @@ PARAMETERS: dict[str, Callable[[str, Any], Any]] = {
     "top_p": _number(0, 1),
     "stop": _stop,
     "user": _of_type(str, "a string"),
-    "metadata": _metadata,
+    "metadata": lambda name, value: check_metadata(value, param=name),
     "n": _integer(1, 128),
     "tools": _tools,
     "tool_choice": _tool_choice,
@@ -299,6 +288,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 def _model(value: Any, registry: ProviderRegistry) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _bad("'model' is required: a string like 'mock/echo'.", "model", "missing_required")
+    check_model_name(value)
     provider, _, name = value.partition("/")
     if not provider or not name.strip():
         raise _bad(

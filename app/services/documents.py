@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from app.errors import APIError
 from app.services.batches import BatchItem
+from app.validation import check_metadata, loads
 
 TEXT_TYPES = (".txt", ".md", ".markdown", ".text")
 HTML_TYPES = (".html", ".htm")
@@ -72,7 +73,7 @@ def _number(raw: Any, name: str, kind: type, low: float, high: float | None) -> 
             f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}",
             param=name,
         ) from None
-    if value < low or (high is not None and value > high):
+    if not (low <= value and (high is None or value <= high)):  # NaN fails this too
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise APIError(400, f"{name} must be {bound}, got {raw!r}", param=name)
     return value
@@ -101,8 +102,7 @@ def parse_options(source: Mapping[str, Any]) -> Options:
             metadata = json.loads(metadata) if metadata else None
         except ValueError:
             raise APIError(400, "metadata must be a JSON object", param="metadata") from None
-    if metadata is not None and not isinstance(metadata, dict):
-        raise APIError(400, "metadata must be an object", param="metadata")
+    metadata = check_metadata(metadata)
     window = source.get("completion_window") or None
     if window is not None and not isinstance(window, str):
         raise APIError(
@@ -222,7 +222,7 @@ def _jsonl(lines: Iterable[bytes], intake: Intake, source: str | None) -> Iterat
             continue
         label = f"{prefix}line {number}"
         try:
-            doc = json.loads(line)
+            doc = loads(line)
         except ValueError as exc:
             intake.count += 1
             intake.problem(f"{label}: invalid JSON ({exc})", line=number, **where_file)

@@ -17,8 +17,9 @@ from sqlalchemy import inspect
 
 from app.extensions import redis_store
 from app.models import Batch, Job
+from app.streams.keys import BROADCAST_CHANNEL
 
-DASHBOARD_CHANNEL = "sluice:dashboard"
+DASHBOARD_CHANNEL = BROADCAST_CHANNEL
 log = logging.getLogger(__name__)
 
 _JOB_FIELDS = ("tenant_id", "mode", "status", "model", "route_rule", "batch_id", "worker")

@@ -11,7 +11,6 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,7 +19,8 @@ from sqlalchemy import select
 
 from app.errors import APIError
 from app.extensions import db
-from app.models import File, new_id
+from app.models import File, epoch, new_id
+from app.pagination import fetch_page
 
 UPLOAD_PURPOSES = ("batch",)
 PURPOSES = ("batch", "batch_output")
@@ -173,16 +173,7 @@ def list_files(
     query = select(File).where(File.tenant_id == tenant_id)
     if purpose:
         query = query.where(File.purpose == purpose)
-    if order == "asc":
-        if after:
-            query = query.where(File.id > after)
-        query = query.order_by(File.id.asc())
-    else:
-        if after:
-            query = query.where(File.id < after)
-        query = query.order_by(File.id.desc())
-    rows = list(db.session.scalars(query.limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return fetch_page(query, File.id, limit=limit, after=after, order=order)
 
 
 def iter_bytes(file: File, chunk: int = CHUNK) -> Iterator[bytes]:
@@ -206,18 +197,14 @@ def delete_file(file: File) -> None:
         path.unlink()
 
 
-def unix(value: datetime | None) -> int | None:
-    return int(value.timestamp()) if value is not None else None
-
-
 def serialize_file(file: File) -> dict[str, Any]:
     """OpenAI's file object."""
     return {
         "id": file.id,
         "object": "file",
         "bytes": file.bytes,
-        "created_at": unix(file.created_at),
-        "expires_at": unix(file.expires_at),
+        "created_at": epoch(file.created_at),
+        "expires_at": epoch(file.expires_at),
         "filename": file.filename,
         "purpose": file.purpose,
         "status": file.status,

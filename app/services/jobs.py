@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert
 
-from app.extensions import celery, db
-from app.models import Job, new_id, utcnow
+from app.extensions import db
+from app.models import Job, epoch, new_id, utcnow
 from app.policy import Route
 from app.providers import ChatRequest
-from app.queueing import STREAM_QUEUE
+from app.queueing import STREAM_QUEUE, send_task
 from app.services.events import job_changed
 
 STREAM_TASK = "sluice.stream.run"
-
-
-def _epoch(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
-
-
-def _ms(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return round((end - start).total_seconds() * 1000, 1)
 
 
 def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
@@ -45,14 +34,14 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
         },
         "batch_id": job.batch_id,
         "item_id": job.item_id,
-        "created_at": _epoch(job.created_at),
-        "started_at": _epoch(job.started_at),
-        "first_token_at": _epoch(job.first_token_at),
-        "finished_at": _epoch(job.finished_at),
+        "created_at": epoch(job.created_at),
+        "started_at": epoch(job.started_at),
+        "first_token_at": epoch(job.first_token_at),
+        "finished_at": epoch(job.finished_at),
         "timings": {
-            "queued_ms": _ms(job.created_at, job.started_at),
-            "ttft_ms": _ms(job.created_at, job.first_token_at),
-            "duration_ms": _ms(job.created_at, job.finished_at),
+            "queued_ms": job.queued_ms,
+            "ttft_ms": job.ttft_ms,
+            "duration_ms": job.duration_ms,
         },
         "attempts": job.attempts,
         "worker": job.worker,
@@ -62,11 +51,6 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
         "error": job.error,
         "metadata": job.metadata_,
     }
-
-
-def stream_task_payload(body: ChatRequest) -> dict[str, Any]:
-    """What the stream task needs to call the provider without reading the row first."""
-    return body.to_record()
 
 
 def start_stream_job(
@@ -83,6 +67,7 @@ def start_stream_job(
     The returned Job is not bound to the session and has every column loaded, so reading
     it never costs a query. Pass job_id when a stream slot was already taken for it.
     """
+    record = body.to_record()
     values: dict[str, Any] = {
         "id": job_id or new_id("job_"),
         "tenant_id": tenant_id,
@@ -95,7 +80,7 @@ def start_stream_job(
         "model": body.model,
         "priority": priority,
         "on_disconnect": route.on_disconnect,
-        "request": body.to_record(),
+        "request": record,
         "metadata_": body.metadata,
         "attempts": 0,
         "created_at": utcnow(),
@@ -103,24 +88,32 @@ def start_stream_job(
     db.session.execute(insert(Job), [values])
     db.session.commit()
     job = Job(**values)
-    celery.send_task(STREAM_TASK, args=[job.id, stream_task_payload(body)], queue=STREAM_QUEUE)
+    send_task(STREAM_TASK, args=[job.id, record], queue=STREAM_QUEUE)
     job_changed(job)
     return job
 
 
 def completion_object(
-    job_id: str, model: str, created: int, text: str, finish: str | None, usage: Any
+    job_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish: str | None,
+    usage: Any,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The `chat.completion` object for a job's output, as OpenAI's API returns it."""
     message = {"role": "assistant", "content": text, "refusal": None}
+    if choices is None:
+        choices = [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
+        ]
     return {
         "id": f"chatcmpl-{job_id}",
         "object": "chat.completion",
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}
-        ],
+        "choices": choices,
         "usage": usage,
     }

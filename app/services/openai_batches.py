@@ -1,7 +1,7 @@
 """The OpenAI Batches API over the batch engine: input validation, the batch object, results.
 
 Input files are read streaming, twice: once to validate every line (errors name the line,
-as OpenAI reports them), once to feed the engine's lazy item iterator. Only the set of
+as OpenAI reports them), once to feed the engine's item iterator. Only the set of
 custom_ids is held in memory.
 """
 
@@ -19,22 +19,21 @@ from sqlalchemy import select
 
 from app.errors import APIError
 from app.extensions import db
-from app.models import Batch, File, Job, utcnow
-from app.policy import Route, RouteRequest, decide
-from app.providers import estimate_tokens
-from app.services import batches as engine
-from app.services import events
+from app.models import Batch, File, epoch, utcnow
+from app.pagination import fetch_page
+from app.policy import Route, RouteRequest, estimate_input_tokens
+from app.services import batches, events, front_door
 from app.services import files as storage
+from app.services.batch_lifecycle import cancel_batch
 from app.services.chat_request import parse_chat_request
-from app.services.jobs import completion_object
+from app.services.openai_batch_files import ERROR_STATUSES
+from app.validation import check_metadata, loads
 
 KIND = "openai"
 ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = ("24h",)
 MAX_ERRORS = 1000
 YIELD_EVERY = 200
-METADATA_MAX_KEYS = 16
-ERROR_STATUSES = ("failed", "cancelled", "expired")
 
 
 @dataclass
@@ -101,27 +100,6 @@ def check_create_params(body: Any) -> tuple[str, str, str, dict[str, str] | None
     )
 
 
-def check_metadata(metadata: Any) -> dict[str, str] | None:
-    """OpenAI's metadata rules: up to 16 string pairs, keys <= 64 and values <= 512 chars."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise APIError(400, "Invalid type for 'metadata': expected an object.", param="metadata")
-    if len(metadata) > METADATA_MAX_KEYS:
-        raise APIError(
-            400, f"Invalid 'metadata': at most {METADATA_MAX_KEYS} keys.", param="metadata"
-        )
-    for key, value in metadata.items():
-        if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
-            raise APIError(
-                400,
-                "Invalid 'metadata': keys must be at most 64 characters and values strings "
-                "of at most 512 characters.",
-                param="metadata",
-            )
-    return metadata
-
-
 def input_file(tenant_id: str, file_id: str) -> File:
     """The tenant's batch input file (another tenant's file is a 404, as if it did not exist)."""
     file = storage.get_file(tenant_id, file_id)
@@ -145,7 +123,7 @@ def input_file(tenant_id: str, file_id: str) -> File:
 
 def _parse_line(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _BAD
 
@@ -167,7 +145,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
     """One streaming pass over the input file; every bad line becomes an error naming it."""
     found = Validation()
     seen: set[str] = set()
-    limit = int(config["BATCH_MAX_DOCUMENTS"])
+    limit = config["BATCH_MAX_DOCUMENTS"]
     for number, raw in iter_lines(file):
         found.count += 1
         line = _parse_line(raw)
@@ -182,10 +160,10 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
                 line=number,
                 param="custom_id",
             )
-        elif len(custom_id) > engine.MAX_ITEM_ID:
+        elif len(custom_id) > batches.MAX_ITEM_ID:
             found.add(
                 "invalid_custom_id",
-                f"The custom_id is longer than {engine.MAX_ITEM_ID} characters.",
+                f"The custom_id is longer than {batches.MAX_ITEM_ID} characters.",
                 line=number,
                 param="custom_id",
             )
@@ -232,7 +210,9 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
         found.models.add(str(body.get("model")))
         messages = body.get("messages")
         if isinstance(messages, list):
-            found.input_tokens += estimate_tokens([m for m in messages if isinstance(m, dict)])
+            found.input_tokens += estimate_input_tokens(
+                [m for m in messages if isinstance(m, dict)]
+            )
     if found.count == 0:
         found.add("empty_file", "The input file is empty: it has no requests.", line=None)
     elif found.count > limit:
@@ -244,14 +224,14 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
     return found
 
 
-def iter_items(file: File) -> Iterator[engine.BatchItem]:
+def items_from_file(file: File) -> Iterator[batches.BatchItem]:
     """The engine's items, read again streaming from the (already validated) file."""
     for _number, raw in iter_lines(file):
         line = json.loads(raw)
         body = dict(line["body"])
         body.pop("stream", None)
         body.pop("stream_options", None)
-        yield engine.BatchItem(item_id=line["custom_id"], body=body)
+        yield batches.BatchItem(item_id=line["custom_id"], body=body)
 
 
 # ---------------------------------------------------------------- create, get, list
@@ -266,15 +246,11 @@ def create(
 ) -> Batch:
     """POST /v1/batches: validate, route, then a failed batch or a running one."""
     file_id, endpoint, window, metadata = check_create_params(params)
-    if idempotency_key:
-        existing = engine.find_by_idempotency_key(tenant_id, idempotency_key)
-        if existing is not None and existing.kind == KIND:
-            return existing
     file = input_file(tenant_id, file_id)
     config = current_app.config
     found = validate_input(file, endpoint, config)
     model = next(iter(found.models)) if len(found.models) == 1 else None
-    route = decide(
+    route = front_door.route(
         RouteRequest(
             endpoint="/v1/batches",
             tenant_id=tenant_id,
@@ -285,16 +261,14 @@ def create(
             metadata=dict(metadata or {}),
         )
     )
-    if route.mode == "reject":
-        raise APIError(route.status, route.message or route.reason, code="rejected_by_policy")
     if found.errors:
         return _failed_batch(
             tenant_id, file_id, endpoint, window, metadata, found, route, idempotency_key, model
         )
-    return engine.create_batch(
+    return batches.create_batch(
         tenant_id=tenant_id,
         kind=KIND,
-        items=iter_items(file),
+        items=items_from_file(file),
         route=route,
         model=model,
         endpoint=endpoint,
@@ -334,7 +308,7 @@ def _failed_batch(
         total=0,
         created_at=now,
         failed_at=now,
-        expires_at=now + timedelta(seconds=engine.window_seconds(window)),
+        expires_at=now + timedelta(seconds=batches.window_seconds(window)),
     )
     db.session.add(batch)
     db.session.commit()
@@ -344,7 +318,7 @@ def _failed_batch(
 
 def get(tenant_id: str, batch_id: str) -> Batch:
     """The tenant's OpenAI batch, or a 404."""
-    batch = engine.get_batch(tenant_id, batch_id)
+    batch = batches.get_batch(tenant_id, batch_id)
     if batch is None or batch.kind != KIND:
         raise APIError(404, f"No such Batch object: {batch_id}", param="batch_id", code="not_found")
     return batch
@@ -353,15 +327,12 @@ def get(tenant_id: str, batch_id: str) -> Batch:
 def list_batches(tenant_id: str, *, limit: int, after: str | None) -> tuple[list[Batch], bool]:
     """One page of the tenant's OpenAI batches, newest first, and whether more follow."""
     query = select(Batch).where(Batch.tenant_id == tenant_id, Batch.kind == KIND)
-    if after:
-        query = query.where(Batch.id < after)
-    rows = list(db.session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return fetch_page(query, Batch.id, limit=limit, after=after)
 
 
 def cancel(batch: Batch) -> Batch:
     """POST /v1/batches/{id}/cancel (a terminal batch is a 409, as OpenAI answers)."""
-    return engine.cancel_batch(batch)
+    return cancel_batch(batch)
 
 
 # ---------------------------------------------------------------- the batch object
@@ -369,7 +340,7 @@ def cancel(batch: Batch) -> Batch:
 
 def request_counts(batch: Batch) -> dict[str, int]:
     """OpenAI's {total, completed, failed}: cancelled and expired items count as failed."""
-    counts = engine.batch_counts(batch)
+    counts = batches.item_counts(batch)
     failed = sum(counts.get(status, 0) for status in ERROR_STATUSES)
     return {"total": counts["total"], "completed": counts.get("succeeded", 0), "failed": failed}
 
@@ -403,7 +374,7 @@ def errors_object(batch: Batch) -> dict[str, Any] | None:
 
 def serialize_batch(batch: Batch) -> dict[str, Any]:
     """OpenAI's batch object, every field present."""
-    unix = storage.unix
+    unix = epoch
     return {
         "id": batch.id,
         "object": "batch",
@@ -428,109 +399,3 @@ def serialize_batch(batch: Batch) -> dict[str, Any]:
         "metadata": batch.metadata_,
         "usage": usage_object(batch),
     }
-
-
-# ---------------------------------------------------------------- result files
-
-
-def _suffix(job: Job) -> str:
-    return job.id.split("_", 1)[-1]
-
-
-def chat_completion_object(job: Job) -> dict[str, Any]:
-    """The `chat.completion` the chat endpoint would have returned for this job."""
-    usage = job.usage or {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    total = int(usage.get("total_tokens") or prompt + completion)
-    return completion_object(
-        job.id,
-        job.model,
-        storage.unix(job.created_at),
-        job.output or "",
-        job.finish_reason,
-        {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
-    )
-
-
-def _line(payload: dict[str, Any]) -> bytes:
-    return (json.dumps(payload, separators=(",", ":")) + "\n").encode()
-
-
-def output_line(job: Job) -> dict[str, Any]:
-    return {
-        "id": f"batch_req_{_suffix(job)}",
-        "custom_id": job.item_id,
-        "response": {
-            "status_code": 200,
-            "request_id": f"req_{_suffix(job)}",
-            "body": chat_completion_object(job),
-        },
-        "error": None,
-    }
-
-
-def error_line(job: Job) -> dict[str, Any]:
-    error = dict(job.error or {})
-    status = error.pop("status_code", None) or error.pop("status", None)
-    code = error.get("code") or ("batch_" + job.status if job.status != "failed" else "failed")
-    message = error.get("message") or f"The request ended {job.status}."
-    response = None
-    if isinstance(status, int):
-        body = {
-            "message": message,
-            "type": error.get("type") or "invalid_request_error",
-            "param": error.get("param"),
-            "code": error.get("code"),
-        }
-        response = {
-            "status_code": status,
-            "request_id": f"req_{_suffix(job)}",
-            "body": {"error": body},
-        }
-    return {
-        "id": f"batch_req_{_suffix(job)}",
-        "custom_id": job.item_id,
-        "response": response,
-        "error": {"code": code, "message": message},
-    }
-
-
-def write_result_files(batch: Batch) -> None:
-    """Called once by the engine at finalization: write the output and error files.
-
-    Sets output_file_id / error_file_id (None when that file would be empty) and the
-    batch's token usage; the engine commits.
-    """
-    tokens = {"prompt": 0, "completion": 0}
-
-    def succeeded() -> Iterator[bytes]:
-        for job in engine.iter_items(batch, "succeeded"):
-            usage = job.usage or {}
-            tokens["prompt"] += int(usage.get("prompt_tokens") or 0)
-            tokens["completion"] += int(usage.get("completion_tokens") or 0)
-            yield _line(output_line(job))
-
-    def unsucceeded() -> Iterator[bytes]:
-        for job in engine.iter_items(batch):
-            if job.status in ERROR_STATUSES:
-                yield _line(error_line(job))
-
-    output = storage.create_generated_file(
-        batch.tenant_id,
-        f"{batch.id}_output.jsonl",
-        "batch_output",
-        succeeded(),
-        key=f"{batch.id}_output.jsonl",
-    )
-    errors = storage.create_generated_file(
-        batch.tenant_id,
-        f"{batch.id}_error.jsonl",
-        "batch_output",
-        unsucceeded(),
-        key=f"{batch.id}_error.jsonl",
-    )
-    batch.output_file_id = output.id if output else None
-    batch.error_file_id = errors.id if errors else None
-    batch.prompt_tokens = tokens["prompt"]
-    batch.completion_tokens = tokens["completion"]

@@ -27,25 +27,16 @@ from app.providers import (
     ChatRequest,
     ProviderError,
     ProviderRegistry,
+    UnknownModel,
     Usage,
     delta_text,
     estimate_tokens,
     providers,
 )
-from app.providers.registry import UnknownModel
 from app.services.events import job_changed
-from app.streams import (
-    DeltaLog,
-    append_batcher,
-    cancel_key,
-    error_entry,
-    is_terminal,
-    lease_key,
-    log_key,
-    read_all,
-    text_of,
-    write_terminal,
-)
+from app.streams.entries import coalesce, error_fields, is_terminal, text_of
+from app.streams.keys import cancel_key, lease_key, log_key
+from app.streams.writer import DeltaLog, append_batcher, read_all, write_terminal
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +81,7 @@ def db_text(text: str) -> str:
 
 
 def _ttl(config: Mapping[str, Any]) -> int:
-    return int(config["STREAM_LOG_TTL_SECONDS"])
+    return config["STREAM_LOG_TTL_SECONDS"]
 
 
 def fail_lost_job(job_id: str, *, check_lease: bool = True) -> bool:
@@ -116,7 +107,7 @@ def fail_lost_job(job_id: str, *, check_lease: bool = True) -> bool:
     }
     if not _end_job(job_id, "failed", output=text_of(entries), error=error):
         return False
-    write_terminal(client, job_id, error_entry(error), _ttl(config))
+    write_terminal(client, job_id, error_fields(error), _ttl(config))
     _release(job_id)
     _note(job_id, status="failed")
     return True
@@ -132,7 +123,7 @@ def fail_unstarted_job(job_id: str, waited: float) -> bool:
     }
     if not _end_job(job_id, "failed", from_status=("queued",), error=error):
         return False
-    write_terminal(redis_store.client, job_id, error_entry(error), _ttl(current_app.config))
+    write_terminal(redis_store.client, job_id, error_fields(error), _ttl(current_app.config))
     _release(job_id)
     _note(job_id, status="failed")
     return True
@@ -143,7 +134,7 @@ def cancel_queued_job(job_id: str) -> bool:
     if not _end_job(job_id, "cancelled", from_status=("queued",), error=CANCELLED_ERROR):
         return False
     write_terminal(
-        redis_store.client, job_id, error_entry(CANCELLED_ERROR), _ttl(current_app.config)
+        redis_store.client, job_id, error_fields(CANCELLED_ERROR), _ttl(current_app.config)
     )
     _release(job_id)
     _note(job_id, status="cancelled")
@@ -161,9 +152,9 @@ def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
     """Sweeper step: fail running stream jobs whose lease lapsed, and long-queued ones."""
     config = current_app.config
     client = redis_store.client
-    lease = float(config["STREAM_LEASE_SECONDS"])
+    lease = config["STREAM_LEASE_SECONDS"]
     if queued_timeout is None:
-        queued_timeout = float(config["STREAM_QUEUED_TIMEOUT_SECONDS"])
+        queued_timeout = config["STREAM_QUEUED_TIMEOUT_SECONDS"]
     now = utcnow()
     running = db.session.scalars(
         select(Job.id).where(
@@ -236,10 +227,9 @@ class _Reader:
                 stream.close()
                 return
             for choice in stream:
-                text = delta_text(choice)  # the delta log carries text only, for now
-                if text:
+                if delta_text(choice, int(choice.get("index") or 0)):
                     self.deltas += 1
-                    put(("d", text))
+                put(("d", choice))
             put(("end", stream))
         except BaseException as exc:
             self.sent.set()
@@ -267,7 +257,9 @@ class _Run:
     lease_value: str
     lease_seconds: float
     window: float
-    parts: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)  # choice 0's content, as appended
+    finishes: dict[int, str] = field(default_factory=dict)  # each choice's finish reason
+    appended: int = 0  # log entries written: once any is, the run is never retried
     first_token_at: datetime | None = None
     tenant_id: str | None = None
     next_refresh: float = 0.0
@@ -300,7 +292,7 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
     """Run one stream job end to end (idempotent); return what happened."""
     config = current_app.config
     client = redis_store.client
-    lease_seconds = float(config["STREAM_LEASE_SECONDS"])
+    lease_seconds = config["STREAM_LEASE_SECONDS"]
     lease_value = f"{worker or 'worker'}:{uuid.uuid4().hex[:8]}"
     pipe = client.pipeline(transaction=False)
     pipe.set(lease_key(job_id), lease_value, nx=True, px=max(1, int(lease_seconds * 1000)))
@@ -353,8 +345,8 @@ def _run(
     dlog = DeltaLog(
         redis_store.client,
         job_id,
-        running_ttl=int(config["STREAM_LOG_TTL_SECONDS"]) + int(config["PROVIDER_TIMEOUT"]),
-        final_ttl=int(config["STREAM_LOG_TTL_SECONDS"]),
+        running_ttl=config["STREAM_LOG_TTL_SECONDS"] + int(config["PROVIDER_TIMEOUT"]),
+        final_ttl=config["STREAM_LOG_TTL_SECONDS"],
         batcher=append_batcher(redis_store.client),
     )
     run = _Run(
@@ -363,10 +355,10 @@ def _run(
         dlog,
         lease_value,
         lease_seconds,
-        window=float(config["STREAM_COALESCE_MS"]) / 1000,
+        window=config["STREAM_COALESCE_MS"] / 1000,
     )
     registry = providers()
-    max_retries = int(config["STREAM_MAX_RETRIES"])
+    max_retries = config["STREAM_MAX_RETRIES"]
     reader = _Reader(registry, request)  # the upstream call starts now ...
     # ... and the row is marked while the provider works on its first token. The SDK yields
     # before it sends (its pool probes idle connections), so wait for the response headers
@@ -388,7 +380,7 @@ def _run(
             reader.close()
             return _end(run, reader, stop.status, stop.error)
         except ProviderError as exc:
-            if not run.parts and exc.retryable and attempt < max_retries:
+            if not run.appended and exc.retryable and attempt < max_retries:
                 attempt += 1
                 delay = exc.retry_after if exc.retry_after is not None else 0.25 * 2**attempt
                 log.info("job %s: retry %d after %s: %s", job_id, attempt, delay, exc.message)
@@ -453,7 +445,8 @@ def _consume(run: _Run, reader: _Reader) -> None:
             return
         buffer = [value]
         pending: tuple[str, Any] | None = None
-        if window > 0 and (wait := last_flush + window - time.monotonic()) > 0:
+        ending = bool(value.get("finish_reason"))  # the end comes next: no reason to wait
+        if window > 0 and not ending and (wait := last_flush + window - time.monotonic()) > 0:
             time.sleep(wait)  # coalesce what arrives within the window
         while True:
             try:
@@ -465,12 +458,17 @@ def _consume(run: _Run, reader: _Reader) -> None:
             else:
                 pending = (kind, value)
                 break
-        text = "".join(buffer)
-        if run.first_token_at is None:
-            run.first_token_at = utcnow()
-        cancelled = dlog.append(text)
+        choices, finishes = coalesce(buffer)
+        run.finishes.update(finishes)
+        if not choices:  # only finish reasons
+            cancelled = False
+        else:
+            if run.first_token_at is None:
+                run.first_token_at = utcnow()
+            cancelled = dlog.append(choices)
+            run.appended += 1
+            run.parts.extend(c["delta"].get("content") or "" for c in choices if c["index"] == 0)
         last_flush = time.monotonic()
-        run.parts.append(text)
         if cancelled:
             raise _Stop("cancelled", CANCELLED_ERROR)
         if last_flush >= run.next_refresh and run.refresh():
@@ -496,7 +494,7 @@ def _usage(run: _Run, reader: _Reader) -> dict[str, int]:
 
 def _finish(run: _Run, reader: _Reader) -> str:
     stream = reader.stream
-    finish_reason = getattr(stream, "finish_reason", None) or "stop"
+    finish_reason = getattr(stream, "finish_reason", None) or run.finishes.get(0) or "stop"
     usage = _usage(run, reader)
     ok = _end_job(
         run.job_id,
@@ -507,7 +505,7 @@ def _finish(run: _Run, reader: _Reader) -> str:
         first_token_at=run.first_token_at,
     )
     if ok:
-        run.dlog.finish(finish_reason, usage)
+        run.dlog.finish(finish_reason, usage, run.finishes)
         _note(run.job_id, status="succeeded", tenant_id=run.tenant_id)
     return "succeeded" if ok else "superseded"
 

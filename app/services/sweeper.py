@@ -1,34 +1,32 @@
-"""The sweeper: one periodic pass over in-flight work of both channels."""
+"""The sweeper: one periodic pass over in-flight work of both channels, step by step."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 def sweep() -> None:
-    """Run each channel's sweep; one failing never stops the other."""
-    for name, step in _steps():
+    """Run every step; one failing never stops the others."""
+    for name, step in steps():
         try:
             step()
         except Exception:
             log.exception("sweep step %s failed", name)
 
 
-def _steps() -> list[tuple[str, Callable[[], None]]]:
-    """Each channel's sweep step, by name."""
-    from app.services.batch_runner import sweep_batches
-
-    steps: list[tuple[str, Callable[[], None]]] = []
-    steps.append(("batch", sweep_batches))
-    steps.append(("stream", _sweep_streams))
-    return steps
-
-
-def _sweep_streams() -> None:
-    """Fail stream jobs whose worker lease lapsed, and stream jobs queued too long."""
+def steps() -> list[tuple[str, Callable[[], Any]]]:
+    """Each channel's sweep steps, by name, in the order they run."""
+    from app.services import batch_sweep
     from app.services.stream_runner import sweep_streams
 
-    sweep_streams()
+    return [
+        ("batch.requeue_lost_items", batch_sweep.requeue_lost_items),
+        ("batch.resend_orphaned_chunks", batch_sweep.resend_orphaned_chunks),
+        ("batch.expire_due_batches", batch_sweep.expire_due_batches),
+        ("batch.finalize_stragglers", batch_sweep.finalize_stragglers),
+        ("stream.sweep_streams", sweep_streams),
+    ]

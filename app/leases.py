@@ -1,0 +1,183 @@
+"""Leases in Redis: members of sorted sets scored by their expiry (Redis server time, ms).
+
+The one lease mechanism of Sluice: stream admission slots, the per-provider semaphore of
+batch workers and the leases batch chunks hold on their claimed items. A holder renews
+while it works; one that dies stops renewing and its member lapses on its own, so nothing
+leaks. Every acquire first drops the expired members of the sets it counts.
+
+A member may belong to several sets at once (a stream slot counts globally and for its
+tenant). Its record, when asked for, is a key holding the names of those sets, so renew
+and release need only the member; a released member's late renew finds no record and can
+never resurrect the lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+KEY_PAD_MS = 60_000  # a set's own key outlives its longest lease by this much
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+_KEEP = """
+local function keep(key, ttl)
+  if redis.call('PTTL', key) < ttl + PAD then redis.call('PEXPIRE', key, ttl + PAD) end
+end
+"""
+
+# KEYS: n sets, then the record key when ARGV[4] ~= ''. ARGV: member, ttl_ms, n, record
+# grace_ms (or ''), limit_1..limit_n (0 = unlimited). A member already in the first set is
+# re-admitted. Returns {0, count_1..count_n} when held, else {i, ...}: set i was full.
+ACQUIRE = f"""
+{_NOW}
+local PAD = {KEY_PAD_MS}
+{_KEEP}
+local member, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local counts = {{}}
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  counts[i] = redis.call('ZCARD', KEYS[i])
+end
+if not redis.call('ZSCORE', KEYS[1], member) then
+  for i = 1, n do
+    local limit = tonumber(ARGV[4 + i])
+    if limit > 0 and counts[i] >= limit then return {{i, unpack(counts)}} end
+  end
+  for i = 1, n do counts[i] = counts[i] + 1 end
+end
+local sets = {{}}
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], now + ttl, member)
+  keep(KEYS[i], ttl)
+  sets[i] = KEYS[i]
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[n + 1], table.concat(sets, ' '), 'PX', ttl + tonumber(ARGV[4]))
+end
+return {{0, unpack(counts)}}
+"""
+
+# KEYS: one set. ARGV: ttl_ms, 'XX' (renew live members only) or 'ANY', members...
+RENEW = f"""
+{_NOW}
+local PAD = {KEY_PAD_MS}
+{_KEEP}
+local ttl = tonumber(ARGV[1])
+local renewed = 0
+for i = 3, #ARGV do
+  if ARGV[2] == 'XX' then
+    renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[i])
+  else
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+    renewed = renewed + 1
+  end
+end
+keep(KEYS[1], ttl)
+return renewed
+"""
+
+# KEYS: the record. ARGV: member, ttl_ms, grace_ms. Renews a recorded member in every set.
+RENEW_RECORDED = f"""
+{_NOW}
+local PAD = {KEY_PAD_MS}
+{_KEEP}
+local sets = redis.call('GET', KEYS[1])
+if not sets then return 0 end
+local ttl = tonumber(ARGV[2])
+for key in string.gmatch(sets, '%S+') do
+  redis.call('ZADD', key, now + ttl, ARGV[1])
+  keep(key, ttl)
+end
+redis.call('PEXPIRE', KEYS[1], ttl + tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: the record. ARGV: member. Removes a recorded member from every set and the record.
+RELEASE_RECORDED = """
+local sets = redis.call('GET', KEYS[1])
+local removed = 0
+if sets then
+  for key in string.gmatch(sets, '%S+') do
+    removed = removed + redis.call('ZREM', key, ARGV[1])
+  end
+end
+redis.call('DEL', KEYS[1])
+return removed
+"""
+
+
+def ms(seconds: float) -> int:
+    """A lease length in whole milliseconds (at least one)."""
+    return max(1, int(seconds * 1000))
+
+
+def acquire(
+    client: redis.Redis,
+    sets: Sequence[str],
+    member: str,
+    ttl_ms: int,
+    limits: Sequence[int] | None = None,
+    *,
+    record: str | None = None,
+    record_grace_ms: int = 0,
+) -> tuple[int, list[int]]:
+    """Hold `member` in every set if none is full: (0, counts), else (i, counts), set i full.
+
+    With `record`, the member's sets are written there (for renew_recorded and
+    release_recorded); it outlives the lease by record_grace_ms.
+    """
+    limits = list(limits) if limits is not None else [0] * len(sets)
+    keys = [*sets, record] if record else list(sets)
+    grace = str(record_grace_ms) if record else ""
+    result = client.eval(ACQUIRE, len(keys), *keys, member, ttl_ms, len(sets), grace, *limits)
+    return int(result[0]), [int(c) for c in result[1:]]
+
+
+def renew(
+    client: redis.Redis, key: str, members: Sequence[str], ttl_ms: int, *, live_only: bool
+) -> int:
+    """Extend members' leases in one set; with live_only, a lapsed member stays lapsed."""
+    if not members:
+        return 0
+    return int(client.eval(RENEW, 1, key, ttl_ms, "XX" if live_only else "ANY", *members))
+
+
+def renew_recorded(
+    client: redis.Redis, record: str, member: str, ttl_ms: int, grace_ms: int
+) -> bool:
+    """Extend a recorded member in all its sets; False (and a no-op) once it was released."""
+    return bool(client.eval(RENEW_RECORDED, 1, record, member, ttl_ms, grace_ms))
+
+
+def release(client: redis.Redis, key: str, member: str) -> bool:
+    """Give a member's lease back (idempotent)."""
+    return bool(client.zrem(key, member))
+
+
+def release_recorded(client: redis.Redis, record: str, member: str) -> int:
+    """Remove a recorded member from all its sets and drop its record (idempotent)."""
+    return int(client.eval(RELEASE_RECORDED, 1, record, member))
+
+
+def now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def live_count(client: redis.Redis, key: str) -> int:
+    """Members whose lease has not run out."""
+    return int(client.zcount(key, f"({now_ms(client)}", "+inf"))
+
+
+def live_members(client: redis.Redis, key: str, members: Sequence[str]) -> set[str]:
+    """Which of `members` hold an unexpired lease in the set."""
+    if not members:
+        return set()
+    now = now_ms(client)
+    scores = client.zmscore(key, list(members))
+    return {m for m, s in zip(members, scores, strict=True) if s is not None and s > now}

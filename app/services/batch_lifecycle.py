@@ -1,0 +1,154 @@
+"""A batch's life after creation: cancel, expire, and finalize exactly once.
+
+Every move is a conditional UPDATE, so racing workers and sweepers never double-apply.
+The kind-specific work at finalization is looked up by the batch's kind in FINALIZERS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select, update
+
+from app.errors import APIError
+from app.extensions import db
+from app.models import Batch, utcnow
+from app.services import events
+from app.services.batches import (
+    batches_t,
+    has_active_items,
+    jobs_t,
+    set_stop,
+    stop_error,
+    stop_reason,
+)
+from app.services.openai_batch_files import write_result_files
+
+log = logging.getLogger(__name__)
+
+# Called exactly once per batch, while it is `finalizing`, before its final status; the
+# engine commits what it changed. A kind with no entry needs nothing at the end.
+FINALIZERS: dict[str, Callable[[Batch], None]] = {"openai": write_result_files}
+
+
+def cancel_batch(batch: Batch) -> Batch:
+    """Stop a batch: queued items never run, running ones finish or stop, then cancelled."""
+    if batch.status in ("cancelling", "cancelled"):
+        return batch
+    if batch.status != "in_progress":
+        raise APIError(
+            409,
+            f"batch {batch.id} is {batch.status}; only an in-progress batch can be cancelled",
+            code="batch_not_cancellable",
+        )
+    now = utcnow()
+    with db.engine.begin() as conn:
+        moved = conn.execute(
+            update(batches_t)
+            .where(batches_t.c.id == batch.id, batches_t.c.status == "in_progress")
+            .values(status="cancelling", cancelling_at=now)
+        ).rowcount
+        if moved:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.batch_id == batch.id, jobs_t.c.status == "queued")
+                .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
+            )
+    set_stop(batch.id, "cancelled")
+    maybe_finalize(batch.id)
+    db.session.refresh(batch)
+    events.batch_changed(batch)
+    return batch
+
+
+def maybe_finalize(batch_id: str, *, stale_finalizing: bool = False) -> bool:
+    """Finalize the batch once no item is queued or running; True if this call did it.
+
+    Exactly once: only the caller whose conditional UPDATE moves the batch into
+    `finalizing` runs the finalizer. With stale_finalizing, a batch stuck in `finalizing`
+    (its finalizer's process died) is taken over.
+    """
+    if has_active_items(batch_id):
+        return False
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            select(batches_t.c.status, batches_t.c.expired_at, batches_t.c.finalizing_at).where(
+                batches_t.c.id == batch_id
+            )
+        ).first()
+    if row is None:
+        return False
+    prior = row.status
+    if prior not in ("in_progress", "cancelling") and not (
+        stale_finalizing and prior == "finalizing"
+    ):
+        return False
+    final = "cancelled" if prior == "cancelling" else "expired" if row.expired_at else "completed"
+    if prior == "finalizing":
+        final = "cancelled" if stop_reason(batch_id) == "cancelled" else final
+    now = utcnow()
+    condition = [batches_t.c.id == batch_id, batches_t.c.status == prior]
+    if prior == "finalizing":
+        condition.append(batches_t.c.finalizing_at == row.finalizing_at)
+    with db.engine.begin() as conn:
+        if not conn.execute(
+            update(batches_t).where(*condition).values(status="finalizing", finalizing_at=now)
+        ).rowcount:
+            return False
+    _run_finalizer(batch_id, final)
+    return True
+
+
+def _run_finalizer(batch_id: str, final: str) -> None:
+    """Run the kind's finalizer, then move finalizing -> the final status."""
+    batch = db.session.get(Batch, batch_id, populate_existing=True)
+    assert batch is not None
+    values: dict[str, Any] = {"status": final, f"{final}_at": utcnow()}
+    if final == "expired" and batch.expired_at is not None:
+        values["expired_at"] = batch.expired_at
+    try:
+        finalizer = FINALIZERS.get(batch.kind)
+        if finalizer is not None:
+            finalizer(batch)
+        db.session.commit()
+    except Exception as exc:
+        log.exception("finalizer for batch %s failed", batch_id)
+        db.session.rollback()
+        error = {"code": "finalize_failed", "message": f"{type(exc).__name__}: {exc}"}
+        values = {"status": "failed", "failed_at": utcnow(), "errors": [error]}
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(batches_t)
+            .where(batches_t.c.id == batch_id, batches_t.c.status == "finalizing")
+            .values(**values)
+        )
+    db.session.expire_all()
+    batch = db.session.get(Batch, batch_id)
+    if batch is not None:
+        events.batch_changed(batch)
+
+
+def expire_batch(batch_id: str) -> None:
+    """Past its window: queued items become `expired`; finished ones are kept."""
+    now = utcnow()
+    with db.engine.begin() as conn:
+        moved = conn.execute(
+            update(batches_t)
+            .where(
+                batches_t.c.id == batch_id,
+                batches_t.c.status == "in_progress",
+                batches_t.c.expired_at.is_(None),
+            )
+            .values(expired_at=now)
+        ).rowcount
+        if moved:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == "queued")
+                .values(status="expired", finished_at=now, error=stop_error("batch_expired"))
+            )
+    if moved:
+        set_stop(batch_id, "expired")
+    maybe_finalize(batch_id)

@@ -1,0 +1,289 @@
+"""The web's side: one pub/sub connection per process (the hub) and the relays' tails.
+
+One `StreamHub` per process holds ONE pub/sub connection and wakes the relays waiting on a
+job; relays then read their new entries with a non-blocking XREAD over a small bounded
+pool. No relay opens a connection of its own and none polls: 10,000 idle relays cost two or
+three connections. The same connection carries the broadcast channel of job and batch
+changes, fanned out to the dashboard's live feed and batch-progress streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import redis
+from flask import current_app
+
+from app.streams.entries import Entry, entry_key, is_terminal, parse_notice
+from app.streams.keys import BROADCAST_CHANNEL, NOTIFY_CHANNEL, lease_key, log_key
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """One relay's place in one job's log, fed by the hub.
+
+    The hub either hands a new entry over (`pending`, when the relay holds the entry
+    before it) or counts a notice the relay must read the log for (`notices`); then it
+    sets `event`. The relay clears `event` BEFORE it looks at both, so a notice that comes
+    while it looks or while it writes a frame is never lost: it is either seen by that
+    look or sets the event again for the next wait. Only the hub writes `notices`.
+    """
+
+    __slots__ = ("event", "job_id", "last", "notices", "pending")
+
+    def __init__(self, job_id: str, last: str) -> None:
+        self.job_id = job_id
+        self.last = last  # the newest entry this relay has or will have
+        self.pending: deque[Entry] = deque()
+        self.notices = 0
+        self.event = threading.Event()
+
+    def handed(self) -> list[Entry]:
+        """The entries handed over since the last call."""
+        pending = self.pending
+        out: list[Entry] = []
+        while pending:
+            out.append(pending.popleft())
+        return out
+
+    def notify(self) -> None:
+        """(Hub) say "read the log"."""
+        self.notices += 1
+        self.event.set()
+
+
+class Feed:
+    """One listener of the broadcast channel: the messages heard since it last looked."""
+
+    __slots__ = ("event", "messages")
+
+    def __init__(self) -> None:
+        self.messages: deque[str] = deque(maxlen=10_000)
+        self.event = threading.Event()
+
+    def wait(self, timeout: float) -> list[str]:
+        """The messages heard so far, waiting up to `timeout` for the first one."""
+        self.event.clear()
+        if not self.messages:
+            self.event.wait(timeout)
+        out: list[str] = []
+        while self.messages:
+            out.append(self.messages.popleft())
+        return out
+
+
+class StreamHub:
+    """Per-process fan-in of worker notices: one pub/sub connection, one listener thread.
+
+    A delta notice carries the entry and the id of the entry before it; a relay whose last
+    entry is that one gets the new entry handed over with no Redis read at all. Any other
+    relay (behind, or after a reconnect of the hub) is only woken and reads with XREAD.
+    """
+
+    def __init__(self, url: str, pool_size: int = 32) -> None:
+        self.url = url
+        self.pid = os.getpid()
+        pool = redis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=pool_size, timeout=30
+        )
+        self.client = redis.Redis(connection_pool=pool)
+        self._subs: dict[str, set[Subscription]] = {}
+        self._feeds: set[Feed] = set()
+        self._lock = threading.Lock()
+        self._started = False
+        self.connected = threading.Event()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._listen_forever, daemon=True, name="stream-hub").start()
+        self.connected.wait(5)
+
+    def _listen_forever(self) -> None:
+        backoff = 0.05
+        while True:
+            conn = redis.Redis.from_url(self.url, decode_responses=True)
+            pubsub = conn.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(NOTIFY_CHANNEL, BROADCAST_CHANNEL)
+                self.connected.set()
+                self._wake_all()  # anything published while we were away
+                backoff = 0.05
+                for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    if message["channel"] == NOTIFY_CHANNEL:
+                        self._dispatch(message["data"])
+                    else:
+                        self._broadcast(message["data"])
+            except Exception as exc:
+                log.warning("stream hub lost its pub/sub connection: %r", exc)
+            finally:
+                self.connected.clear()
+                try:
+                    pubsub.close()
+                    conn.close()
+                except Exception:
+                    pass
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _dispatch(self, data: str) -> None:
+        job_id, prev, entry = parse_notice(data)
+        subs = self._subs.get(job_id)
+        if not subs:
+            return
+        for sub in tuple(subs):
+            if entry is not None and sub.last == prev:
+                sub.pending.append(entry)
+                sub.last = entry[0]
+                sub.event.set()
+            else:  # a bare notice, or a relay that is behind: it reads
+                sub.notify()
+
+    def _broadcast(self, data: str) -> None:
+        for feed in tuple(self._feeds):
+            feed.messages.append(data)
+            feed.event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            subs = [sub for group in self._subs.values() for sub in group]
+        for sub in subs:
+            sub.notify()
+
+    def subscribe(self, job_id: str, last: str) -> Subscription:
+        """Register BEFORE reading the log, so no notice can fall between read and wait."""
+        if not self._started:
+            self._start()
+        sub = Subscription(job_id, last)
+        with self._lock:
+            self._subs.setdefault(job_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            group = self._subs.get(sub.job_id)
+            if group is not None:
+                group.discard(sub)
+                if not group:
+                    del self._subs[sub.job_id]
+
+    def feed(self) -> Feed:
+        """Start hearing the broadcast channel (end with `unfeed`)."""
+        if not self._started:
+            self._start()
+        feed = Feed()
+        with self._lock:
+            self._feeds.add(feed)
+        return feed
+
+    def unfeed(self, feed: Feed) -> None:
+        with self._lock:
+            self._feeds.discard(feed)
+
+
+_hubs: dict[str, StreamHub] = {}
+_hubs_lock = threading.Lock()
+
+
+def hub_for(url: str, pool_size: int = 32) -> StreamHub:
+    """This process's hub for a Redis URL (a forked child gets its own)."""
+    hub = _hubs.get(url)
+    if hub is None or hub.pid != os.getpid():
+        with _hubs_lock:
+            hub = _hubs.get(url)
+            if hub is None or hub.pid != os.getpid():
+                hub = _hubs[url] = StreamHub(url, pool_size)
+    return hub
+
+
+def current_hub() -> StreamHub:
+    """The hub of this process for the current app's Redis (a bounded read pool)."""
+    config = current_app.config
+    return hub_for(config["REDIS_URL"], int(config["STREAM_RELAY_REDIS_CONNECTIONS"]))
+
+
+@dataclass
+class Tail:
+    """What a relay needs to follow one job's log."""
+
+    hub: StreamHub
+    job_id: str
+    after: str = "0-0"
+    lease_seconds: float = 10.0
+    ping_seconds: float = 15.0
+    running: bool = False  # the job was (or has been seen) running
+    check_lost: Callable[[str], bool] | None = None  # fail a job whose worker is gone
+
+    def follow(self) -> Iterator[Entry | None]:
+        """Yield entries up to and including the terminal one; None means "send a ping"."""
+        client = self.hub.client
+        key = log_key(self.job_id)
+        sub = self.hub.subscribe(self.job_id, self.after)
+        after = entry_key(self.after)
+        wake_every = max(0.05, min(self.ping_seconds, self.lease_seconds / 2))
+        last_ping = last_db_check = time.monotonic()
+        seen = -1  # the hub's notice count this relay has read the log for; -1: read now
+        check_lease = more = False
+        try:
+            while True:
+                sub.event.clear()  # before looking: anything from now on sets it again
+                entries = sub.handed()
+                leased = None
+                notices = sub.notices
+                if notices != seen or more or check_lease:
+                    seen = notices  # what those notices announced is in the log by now
+                    if check_lease:
+                        pipe = client.pipeline(transaction=False)
+                        pipe.xread({key: self.after}, count=1000)
+                        pipe.exists(lease_key(self.job_id))
+                        found, leased = pipe.execute()
+                    else:
+                        found = client.xread({key: self.after}, count=1000)
+                    entries = found[0][1] if found else []  # in the log too: read them in order
+                    more = len(entries) >= 1000
+                check_lease = False
+                for entry_id, fields in entries:
+                    ident = entry_key(entry_id)
+                    if ident <= after:
+                        continue  # handed over and also read: already sent
+                    after = ident
+                    self.after = entry_id
+                    if entry_key(sub.last) < ident:
+                        sub.last = entry_id
+                    self.running = True
+                    yield entry_id, fields
+                    if is_terminal(fields):
+                        return
+                if entries:
+                    last_ping = time.monotonic()
+                    continue
+                if leased == 0:
+                    now = time.monotonic()
+                    due = self.running or now - last_db_check > 5 * self.lease_seconds
+                    if due and self.check_lost is not None:
+                        last_db_check = now
+                        if self.check_lost(self.job_id):
+                            seen = -1
+                            continue  # its terminal entry is in the log now
+                elif leased:
+                    self.running = True
+                if sub.event.wait(wake_every):
+                    continue
+                check_lease = True  # idle for a while: is the worker still there?
+                now = time.monotonic()
+                if now - last_ping >= self.ping_seconds:
+                    last_ping = now
+                    yield None
+        finally:
+            self.hub.unsubscribe(sub)

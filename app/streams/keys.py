@@ -1,0 +1,21 @@
+"""Redis key and channel names of the stream channel (one place for every name)."""
+
+from __future__ import annotations
+
+NOTIFY_CHANNEL = "sluice:stream-notify"  # "job X has new entries" notices (see entries.py)
+BROADCAST_CHANNEL = "sluice:dashboard"  # job and batch state changes (app/services/events.py)
+
+
+def log_key(job_id: str) -> str:
+    """The job's delta log (a Redis Stream)."""
+    return f"sluice:stream:{job_id}"
+
+
+def lease_key(job_id: str) -> str:
+    """The running worker's lease on the job."""
+    return f"sluice:lease:job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """The cancel flag the worker checks between deltas."""
+    return f"sluice:cancel:{job_id}"

@@ -1,0 +1,45 @@
+"""A relay's two ways to hand a job's log to its client: an SSE body, or one whole result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from app import sse
+from app.streams.entries import Generation, is_terminal
+from app.streams.hub import Tail
+from app.streams.render import ChunkRenderer
+
+
+def sse_body(
+    tail: Tail, renderer: ChunkRenderer, retry_ms: int, on_close: Callable[[bool], None]
+) -> Iterator[str]:
+    """The SSE body: `retry:`, one event per entry, pings while idle, then [DONE].
+
+    on_close(finished) runs when the body ends or the client goes away.
+    """
+    finished = False
+    try:
+        yield sse.retry(retry_ms)
+        for item in tail.follow():
+            if item is None:
+                yield sse.comment()
+                continue
+            entry_id, fields = item
+            text = renderer.render(entry_id, fields)
+            if is_terminal(fields):
+                finished = True
+            yield text
+    finally:
+        on_close(finished)
+
+
+def collect(tail: Tail) -> Generation:
+    """Wait for the terminal entry and return the whole generation (for stream:false)."""
+    generation = Generation()
+    for item in tail.follow():
+        if item is not None:
+            generation.add(item[1])
+            if generation.ended:
+                return generation
+    generation.error = {"message": "stream ended", "type": "server_error"}
+    return generation

@@ -1,0 +1,207 @@
+"""The worker's side of the delta log: appends (batched per process) and terminal entries.
+
+`DeltaLog.append()` is one pipelined round trip (XADD + PUBLISH of the notice + EXISTS of
+the cancel flag); the terminal `done`/`error` entry sets the log's expiry.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+
+from app.streams.entries import (
+    APPEND_SCRIPT,
+    ChoiceDelta,
+    done_fields,
+    encode_delta,
+    error_fields,
+)
+from app.streams.keys import NOTIFY_CHANNEL, cancel_key, lease_key, log_key
+
+
+class _Append:
+    """One queued append and, once sent, its answer."""
+
+    __slots__ = ("args", "done", "error", "keys", "result")
+
+    def __init__(self, keys: list[str], args: list[Any]) -> None:
+        self.keys = keys
+        self.args = args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class AppendBatcher:
+    """Sends the delta appends of every job running in a process through shared pipelines.
+
+    One sender thread (a greenlet under gevent) takes whatever appends are waiting and sends
+    them in one pipelined round trip; appends made while that trip is in flight go in the
+    next. An append made while the sender is idle goes out at once, so nothing is delayed;
+    under load many jobs' appends share one write and one read (per-job order is kept: a
+    job waits for its append's answer before making the next).
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._script = client.register_script(APPEND_SCRIPT)
+        self._pending: deque[_Append] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def append(self, keys: list[str], args: list[Any]) -> Any:
+        """Run the append script for one job; returns its answer (raises its error)."""
+        item = _Append(keys, args)
+        self._pending.append(item)
+        self._ensure_sender()
+        self._wake.set()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _ensure_sender(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="delta-log-appender"
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        pending = self._pending
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(len(pending), self.MAX_BATCH))]
+                self._send(batch)
+
+    def _send(self, batch: list[_Append]) -> None:
+        try:
+            if len(batch) == 1:
+                item = batch[0]
+                item.result = self._script(keys=item.keys, args=item.args)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for item in batch:
+                    self._script(keys=item.keys, args=item.args, client=pipe)
+                for item, answer in zip(batch, pipe.execute(raise_on_error=False), strict=True):
+                    if isinstance(answer, BaseException):
+                        item.error = answer
+                    else:
+                        item.result = answer
+        except BaseException as exc:  # the round trip failed: every append in it did
+            for item in batch:
+                if item.result is None:
+                    item.error = exc
+        finally:
+            for item in batch:
+                item.done.set()
+
+
+_batchers: dict[int, AppendBatcher] = {}
+
+
+def append_batcher(client: redis.Redis) -> AppendBatcher:
+    """The process's shared append sender for this Redis client."""
+    batcher = _batchers.get(id(client))
+    if batcher is None or batcher.client is not client:
+        batcher = _batchers[id(client)] = AppendBatcher(client)
+    return batcher
+
+
+class DeltaLog:
+    """Append-only writer of one job's log (the worker is its only writer while running)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_id: str,
+        *,
+        running_ttl: int,
+        final_ttl: int,
+        batcher: AppendBatcher | None = None,
+    ):
+        self.client = client
+        self.batcher = batcher
+        self.job_id = job_id
+        self.key = log_key(job_id)
+        self.cancel_key = cancel_key(job_id)
+        self.running_ttl = max(1, int(running_ttl))
+        self.final_ttl = max(1, int(final_ttl))
+        self._expiry_set = False
+        self._script = client.register_script(APPEND_SCRIPT)
+        self.last_id = "0-0"
+
+    def append(self, choices: list[ChoiceDelta]) -> bool:
+        """Add one entry of coalesced choice deltas and notify relays (one round trip).
+
+        Returns whether a cancel was requested.
+        """
+        expiry = 0 if self._expiry_set else self.running_ttl
+        name, value = encode_delta(choices)
+        keys = [self.key, self.cancel_key]
+        args = [self.job_id, self.last_id, value, expiry, NOTIFY_CHANNEL, name]
+        if self.batcher is not None:
+            entry_id, cancelled = self.batcher.append(keys, args)
+        else:
+            entry_id, cancelled = self._script(keys=keys, args=args)
+        self.last_id = entry_id
+        self._expiry_set = True
+        return bool(cancelled)
+
+    def refresh(self, lease: str, lease_seconds: float) -> bool:
+        """Renew the lease and the running expiry; return whether a cancel was requested."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(lease_key(self.job_id), lease, px=max(1, int(lease_seconds * 1000)))
+        if self._expiry_set:
+            pipe.expire(self.key, self.running_ttl)
+        pipe.exists(self.cancel_key)
+        return bool(pipe.execute()[-1])
+
+    def finish(
+        self,
+        finish_reason: str | None,
+        usage: dict[str, Any] | None,
+        finishes: Mapping[int, str] | None = None,
+    ) -> None:
+        """The terminal `done` entry."""
+        fields = done_fields(finish_reason, usage, finishes)
+        write_terminal(self.client, self.job_id, fields, self.final_ttl)
+
+    def fail(self, error: dict[str, Any]) -> None:
+        """The terminal `error` entry, with an OpenAI-style error object."""
+        write_terminal(self.client, self.job_id, error_fields(error), self.final_ttl)
+
+
+def write_terminal(client: redis.Redis, job_id: str, fields: dict[str, str], ttl: int) -> None:
+    """Add a terminal entry, start the log's expiry clock, notify, drop the cancel flag."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(log_key(job_id), fields)
+    pipe.expire(log_key(job_id), max(1, int(ttl)))
+    pipe.publish(NOTIFY_CHANNEL, job_id)
+    pipe.delete(cancel_key(job_id))
+    pipe.execute()
+
+
+def request_cancel(client: redis.Redis, job_id: str, ttl: int = 3600) -> None:
+    """Raise the cancel flag the worker checks between deltas."""
+    client.set(cancel_key(job_id), "1", ex=ttl)
+
+
+def read_all(client: redis.Redis, job_id: str) -> list[tuple[str, dict[str, str]]]:
+    """Every entry of a job's log (empty if it never existed or expired)."""
+    return list(client.xrange(log_key(job_id)))

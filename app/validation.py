@@ -1,0 +1,117 @@
+"""Field rules shared by every front door (each answered as a 400 naming the field)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from app.errors import APIError
+
+METADATA_MAX_KEYS = 16
+METADATA_MAX_KEY_CHARS = 64
+METADATA_MAX_VALUE_CHARS = 512
+
+
+def check_metadata(value: Any, *, param: str = "metadata") -> dict[str, str] | None:
+    """OpenAI's metadata rules: up to 16 string pairs, keys <= 64 and values <= 512 chars."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise APIError(
+            400,
+            f"Invalid type for '{param}': expected an object.",
+            param=param,
+            code="invalid_type",
+        )
+    if len(value) > METADATA_MAX_KEYS:
+        raise APIError(
+            400,
+            f"Invalid '{param}': at most {METADATA_MAX_KEYS} keys.",
+            param=param,
+            code="invalid_value",
+        )
+    for key, item in value.items():
+        if (
+            len(key) > METADATA_MAX_KEY_CHARS
+            or not isinstance(item, str)
+            or len(item) > METADATA_MAX_VALUE_CHARS
+            or "\x00" in key
+            or "\x00" in item
+        ):
+            raise APIError(
+                400,
+                f"Invalid '{param}': keys must be at most {METADATA_MAX_KEY_CHARS} characters "
+                f"and values strings of at most {METADATA_MAX_VALUE_CHARS} characters.",
+                param=param,
+                code="invalid_value",
+            )
+    return dict(value)
+
+
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT = 2**63 - 1  # the widest integer any field (a seed, a priority) can mean
+MAX_MODEL_CHARS = 200  # the model columns of jobs and batches
+
+
+class InvalidJSON(ValueError):
+    """JSON text that parses but breaks a rule of check_json_values (or is nested too deep)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _json_error(message: str, path: str) -> InvalidJSON:
+    return InvalidJSON(message, path[:200] or None)
+
+
+def check_json_values(value: Any) -> None:
+    """Raise InvalidJSON, naming the path, for what no field can hold: nesting over 64
+    levels, NaN/Infinity, integers wider than 64 bits, NUL characters (PostgreSQL text
+    cannot store them).
+    """
+    pending: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _json_error(f"'{path}' is nested deeper than {MAX_JSON_DEPTH} levels.", path)
+        if isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if "\x00" in key:
+                    raise _json_error(f"The key '{child_path}' contains a NUL character.", path)
+                pending.append((child, child_path, depth + 1))
+        elif isinstance(item, list):
+            pending.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise _json_error(f"'{path}' contains a NUL character.", path)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise _json_error(f"'{path}' must be a finite number, got {item!r}.", path)
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_JSON_INT:
+            raise _json_error(f"'{path}' is out of range (a 64-bit integer at most).", path)
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON text under check_json_values' rules; every refusal is a ValueError."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise InvalidJSON(f"The JSON is nested deeper than {MAX_JSON_DEPTH} levels.") from None
+    check_json_values(value)
+    return value
+
+
+def check_model_name(value: str, *, param: str = "model") -> str:
+    """A model name that fits the model columns and holds no NUL character."""
+    if len(value) > MAX_MODEL_CHARS or "\x00" in value:
+        raise APIError(
+            400,
+            f"'{param}' must be at most {MAX_MODEL_CHARS} characters, without NUL.",
+            param=param,
+            code="invalid_value",
+        )
+    return value

@@ -1,0 +1,14 @@
+"""The one gunicorn configuration, read by `sluice web` (and by a bare `gunicorn` here).
+
+Command-line flags override it: `sluice dev` and the test stack pass their own --bind.
+"""
+
+import os
+
+wsgi_app = "app:create_app()"
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_connections = 10000
+bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
+timeout = 120
+graceful_timeout = 5
