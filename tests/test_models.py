@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import httpx2
@@ -12,7 +12,6 @@ import openai
 import pytest
 from flask import Flask
 
-from app import create_app
 from app.auth import create_key
 from app.providers.mock import MODELS
 from tests.fake_upstream import FakeUpstream
@@ -38,7 +37,9 @@ def test_models_need_a_key(stack: Stack) -> None:
 
 
 @pytest.fixture
-def configured(app: Flask, upstream: FakeUpstream) -> Iterator[tuple[Flask, openai.OpenAI]]:
+def configured(
+    app: Flask, make_app: Callable[..., Flask], upstream: FakeUpstream
+) -> Iterator[tuple[Flask, openai.OpenAI]]:
     """An in-process app whose sluice.toml declares models and fetches one provider's list."""
     down = FakeUpstream().start()
     down_url = down.openai_base_url
@@ -53,7 +54,7 @@ def configured(app: Flask, upstream: FakeUpstream) -> Iterator[tuple[Flask, open
         "gone": {"kind": "openai", "base_url": down_url, "fetch_models": True},
         "anthropic": {"models": ["claude-sonnet-4"]},
     }
-    local = create_app({"PROVIDERS": providers})
+    local = make_app({"PROVIDERS": providers})
     with local.app_context():
         key = create_key(f"tenant-{secrets.token_hex(4)}")[1]
     transport = httpx2.WSGITransport(app=local)
@@ -88,8 +89,8 @@ def test_declared_and_fetched_models(
     assert client.models.retrieve("local/gpt-fake-mini").owned_by == "local"
 
 
-def test_bad_models_table_fails_at_startup(app: Flask) -> None:
+def test_bad_models_table_fails_at_startup(make_app: Callable[..., Flask]) -> None:
     with pytest.raises(ValueError, match="models must be a list"):
-        create_app({"PROVIDERS": {"local": {"base_url": "http://x", "models": "llama"}}})
+        make_app({"PROVIDERS": {"local": {"base_url": "http://x", "models": "llama"}}})
     with pytest.raises(ValueError, match="fetch_models needs an OpenAI-compatible"):
-        create_app({"PROVIDERS": {"anthropic": {"fetch_models": True}}})
+        make_app({"PROVIDERS": {"anthropic": {"fetch_models": True}}})

@@ -234,7 +234,7 @@ def _thinking(request: ChatRequest, provider: str, max_tokens: int) -> tuple[dic
         max_tokens += budget
     elif request.limit <= budget:
         raise _refuse(
-            "max_completion_tokens",
+            "max_completion_tokens" if request.max_completion_tokens else "max_tokens",
             provider,
             f"with reasoning_effort {effort!r} it must exceed the thinking budget ({budget})",
         )
