@@ -4,34 +4,37 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import ModuleType
+from typing import Any
 
 import httpx
 
 from app.providers.base import ProviderError, Unsupported, error_from_status
 
-try:  # the SDKs' own HTTP stack, when they use it
+sdk_http: ModuleType  # the SDKs' own HTTP stack: httpx2 in current SDKs, httpx in older ones
+try:
     import httpx2
-except ImportError:  # pragma: no cover - older SDKs are built on httpx
-    httpx2 = httpx  # type: ignore[assignment]
 
-RawResponse = httpx2.Response  # what the SDK's HTTP stack returns, for `cast_to`
+    sdk_http = httpx2
+except ImportError:  # pragma: no cover - older SDKs are built on httpx
+    sdk_http = httpx
+
+RawResponse: type[Any] = sdk_http.Response  # what the SDK's HTTP stack returns, for `cast_to`
 
 _TIMEOUTS: tuple[type[BaseException], ...] = (
-    httpx2.TimeoutException,
+    sdk_http.TimeoutException,
     httpx.TimeoutException,
     TimeoutError,
 )
-_TRANSPORT: tuple[type[BaseException], ...] = (httpx2.HTTPError, httpx.HTTPError, OSError)
+_TRANSPORT: tuple[type[BaseException], ...] = (sdk_http.HTTPError, httpx.HTTPError, OSError)
 
 
 def upstream_message(body: object, fallback: str) -> str:
     """The human message from an error body (`{"message"}` or `{"error": {"message"}}`)."""
     if isinstance(body, Mapping):
         inner = body.get("error")
-        if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
-            return inner["message"]
-        if isinstance(body.get("message"), str):
-            return body["message"]
+        message = inner.get("message") if isinstance(inner, Mapping) else body.get("message")
+        if isinstance(message, str):
+            return message
     return fallback
 
 
@@ -87,7 +90,8 @@ def map_sdk_error(exc: BaseException, provider: str, sdk: ModuleType) -> Provide
 
 def _base_error(sdk: ModuleType) -> type[BaseException]:
     """The root of an SDK's exceptions: `openai.OpenAIError` or `anthropic.AnthropicError`."""
-    return getattr(sdk, "OpenAIError", None) or sdk.AnthropicError
+    base: type[BaseException] = getattr(sdk, "OpenAIError", None) or sdk.AnthropicError
+    return base
 
 
 def refused(provider: str, exc: Unsupported) -> ProviderError:

@@ -271,7 +271,7 @@ def providers(app: Flask | None = None) -> ProviderRegistry:
     """The provider registry of `app` (default: the current app)."""
     from flask import current_app
 
-    registry = (app or current_app).extensions.get(EXTENSION)
+    registry: ProviderRegistry | None = (app or current_app).extensions.get(EXTENSION)
     if registry is None:
         raise RuntimeError("providers.init_app(app) was not called for this app")
     return registry
