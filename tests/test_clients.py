@@ -1,14 +1,13 @@
 """Real clients nobody here wrote, against the live stack: LangChain's ChatOpenAI, openai's parse().
 
-The tool-call tests need the stream channel's delta log to carry whole chat deltas
-(tool_calls fragments), both for `stream: true` and for the `stream: false` collector.
+Tool calls, structured output, images, n and logprobs through the stream channel's delta
+log, for `stream: true` and the `stream: false` collector alike.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
@@ -18,14 +17,6 @@ from pydantic import BaseModel, Field, SecretStr
 
 from tests.fake_upstream import FakeUpstream
 from tests.stack import Stack
-
-# Until the stream channel's delta log carries whole chat deltas (app/streams/entries.py,
-# helper S's work), tool calls do not survive it: these tests must fail, then pass.
-needs_delta_log = pytest.mark.xfail(
-    not (Path(__file__).parent.parent / "app" / "streams" / "entries.py").is_file(),
-    reason="the delta log carries text only",
-    strict=True,
-)
 
 PIXEL = (
     "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
@@ -58,7 +49,6 @@ def llm(stack: Stack, api_key: str) -> Iterator[ChatOpenAI]:
     )
 
 
-@needs_delta_log
 def test_langchain_bind_tools_invoke(llm: ChatOpenAI) -> None:
     reply = llm.bind_tools([GetWeather]).invoke("weather in Paris")
     assert isinstance(reply, AIMessage)
@@ -77,7 +67,6 @@ def test_langchain_bind_tools_invoke(llm: ChatOpenAI) -> None:
     assert follow_up.content == "sunny, 21C" and not follow_up.tool_calls
 
 
-@needs_delta_log
 def test_langchain_bind_tools_stream(llm: ChatOpenAI) -> None:
     chunks = list(llm.bind_tools([GetWeather]).stream("weather in Oslo"))
     assert len(chunks) > 3  # the arguments arrive in fragments
@@ -117,7 +106,6 @@ def test_openai_sdk_parse_with_pydantic(openai_client: openai.OpenAI) -> None:
     assert parsed == Person(name="Grace Hopper", age=2, likes_tea=True)
 
 
-@needs_delta_log
 def test_openai_sdk_parse_tool_arguments(openai_client: openai.OpenAI) -> None:
     completion = openai_client.chat.completions.parse(
         model="mock/tools",
@@ -128,21 +116,22 @@ def test_openai_sdk_parse_tool_arguments(openai_client: openai.OpenAI) -> None:
     assert call.function.parsed_arguments == GetWeather(city="Rome", days=1)
 
 
-@needs_delta_log
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
 def test_upstream_tool_calls_arrive_byte_identical(
-    openai_client: openai.OpenAI, upstream: FakeUpstream
+    openai_client: openai.OpenAI, upstream: FakeUpstream, kind: str
 ) -> None:
+    # Anthropic sends a non-streamed tool input as JSON, re-encoded here: canonical spacing
     calls = [
         {"id": "call_x1", "name": "get_weather", "arguments": '{"city": "Zürich", "n": [1, 2]}'},
-        {"id": "call_x2", "name": "get_time", "arguments": '{"tz":"Europe/Zurich"}'},
+        {"id": "call_x2", "name": "get_time", "arguments": '{"tz": "Europe/Zurich"}'},
     ]
-    upstream.add_scenario("client-tools", deltas=[], tool_calls=calls, fragment=2)
+    upstream.add_scenario(f"client-tools-{kind}", deltas=[], tool_calls=calls, fragment=2)
     tools = [
         {"type": "function", "function": {"name": c["name"], "parameters": {"type": "object"}}}
         for c in calls
     ]
     request = {
-        "model": "openai/client-tools",
+        "model": f"{kind}/client-tools-{kind}",
         "messages": [{"role": "user", "content": "go"}],
         "tools": tools,
     }
@@ -163,3 +152,24 @@ def test_upstream_tool_calls_arrive_byte_identical(
         for c in message.tool_calls or []
     ] == calls
     assert json.loads(calls[0]["arguments"])["city"] == "Zürich"
+
+
+def test_n_choices_and_logprobs_through_the_stream_channel(openai_client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "two answers"}]
+    completion = openai_client.chat.completions.create(
+        model="mock/chat?length=4", messages=messages, n=2, logprobs=True, top_logprobs=2
+    )
+    first, second = completion.choices
+    assert (first.index, second.index) == (0, 1)
+    assert first.message.content and second.message.content
+    assert first.message.content != second.message.content
+    assert first.logprobs is not None and first.logprobs.content is not None
+    assert "".join(t.token for t in first.logprobs.content) == first.message.content
+    assert all(len(t.top_logprobs) == 2 for t in first.logprobs.content)
+    texts: dict[int, str] = {}
+    for chunk in openai_client.chat.completions.create(
+        model="mock/chat?length=4", messages=messages, n=2, stream=True
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {0: first.message.content, 1: second.message.content}
