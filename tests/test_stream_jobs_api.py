@@ -81,3 +81,13 @@ def test_running_job_shows_output_so_far(client: httpx.Client, upstream: FakeUps
     assert job["status"] == "running" and job["output"] == "early "
     sse = follow(client, job_id)
     assert sse.text == "early late"
+
+
+def test_resume_past_the_end_of_a_running_stream_is_400(client: httpx.Client) -> None:
+    """An id no relay ever sent (beyond the log's newest) would skip the terminal entry."""
+    job_id = stream_chat(client, "mock/slow?length=40&tps=20")
+    future = f"{int(time.time() * 1000) + 3_600_000}-0"
+    response = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": future})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "last_event_id"
+    assert follow(client, job_id).done  # from the start it still ends

@@ -88,14 +88,22 @@ def job_events(job_id: str) -> ResponseReturnValue:
     if job.mode != "stream":
         return Response(status=204, headers=headers)
     client = current_hub().client
-    if job.status in TERMINAL:
+    if job.status in TERMINAL or last is not None:
         pipe = client.pipeline(transaction=False)
         pipe.exists(log_key(job.id))
         pipe.xrevrange(log_key(job.id), count=1)
         exists, newest = pipe.execute()
-        if not exists:
+        end = entry_key(newest[0][0]) if newest else (0, 0)
+        if job.status not in TERMINAL:
+            if last is not None and entry_key(last) > end:  # no client saw such an id
+                raise APIError(
+                    400,
+                    f"'last_event_id' {last} is past the end of the stream.",
+                    param="last_event_id",
+                )
+        elif not exists:
             return Response(status=204, headers=headers)  # the log expired: read the job
-        if last is not None and newest and entry_key(newest[0][0]) <= entry_key(last):
+        elif last is not None and newest and end <= entry_key(last):
             return Response(status=204, headers=headers)  # the client has seen the end
     include_usage = bool(((job.request or {}).get("stream_options") or {}).get("include_usage"))
     created = epoch(job.created_at)

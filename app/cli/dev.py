@@ -1,19 +1,19 @@
-"""`sluice dev`: the whole system in the foreground, with embedded defaults."""
+"""`sluice dev`: the whole system in the foreground, with embedded defaults, supervised."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
 from app import embedded_redis
 from app.cli.context import make_app
 from app.cli.processes import sweeper_argv, web_argv, worker_argv
+from app.cli.supervisor import Supervisor
 
 
 def _dev_key(home: Path) -> str:
@@ -40,52 +40,36 @@ def _children(host: str, port: int) -> dict[str, list[str]]:
     }
 
 
-def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + 15
-    for proc in procs.values():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def _log(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    click.secho(f"{stamp} sluice dev: {message}", fg="yellow", err=True)
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 def dev(host: str, port: int) -> None:
-    """Start Redis (embedded unless REDIS_URL), migrate, and run web, workers and sweeper."""
+    """Start Redis (embedded unless REDIS_URL), migrate, and run web, workers and sweeper.
+
+    A child that dies is restarted (with backoff, under the same node name); only Ctrl-C
+    or SIGTERM stops everything.
+    """
     app = make_app()
     home = Path(app.config["SLUICE_HOME"])
-    redis_proc = None
-    if not app.config["REDIS_URL"]:
+    supervisor = Supervisor(log=_log)
+    url = app.config["REDIS_URL"]
+    if not url:
         url = embedded_redis.running_url(home)
-        if url is None:
+        if url is None:  # ours: supervised like the other children, on the same port
             url, redis_proc = embedded_redis.start(home)
-        os.environ["REDIS_URL"] = url
+            redis_port = urlsplit(url).port or 0
+            supervisor.add("redis", embedded_redis.server_argv(home, redis_port), redis_proc)
+        os.environ["REDIS_URL"] = url  # every child inherits it
     import flask_migrate
 
     with app.app_context():
         flask_migrate.upgrade()
         key = _dev_key(home)
-
-    procs = {
-        name: subprocess.Popen(argv, preexec_fn=embedded_redis.die_with_parent)
-        for name, argv in _children(host, port).items()
-    }
-    base = f"http://{host}:{port}"
-    click.secho(
-        f"\nSluice is starting (data in {home})\n"
-        f"  API        {base}/v1   (OpenAI-compatible; model mock/demo works without keys)\n"
-        f"  Dashboard  {base}/dashboard\n"
-        f"  Ready?     {base}/readyz\n"
-        f"  Admin key  {key}\n"
-        f"  Redis      {os.environ.get('REDIS_URL') or app.config['REDIS_URL']}\n"
-        f"Ctrl-C stops everything.\n",
-        fg="green",
-    )
 
     stopping = False
 
@@ -95,19 +79,23 @@ def dev(host: str, port: int) -> None:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    exit_code = 0
     try:
+        for name, argv in _children(host, port).items():
+            supervisor.add(name, argv)
+        base = f"http://{host}:{port}"
+        click.secho(
+            f"\nSluice is starting (data in {home})\n"
+            f"  API        {base}/v1   (OpenAI-compatible; model mock/demo works without keys)\n"
+            f"  Dashboard  {base}/dashboard\n"
+            f"  Ready?     {base}/readyz\n"
+            f"  Admin key  {key}\n"
+            f"  Redis      {url}\n"
+            f"A process that dies is restarted; Ctrl-C stops everything.\n",
+            fg="green",
+        )
         while not stopping:
-            dead = [name for name, proc in procs.items() if proc.poll() is not None]
-            if dead:
-                click.secho(f"{', '.join(dead)} exited; stopping everything", fg="red", err=True)
-                exit_code = 1
-                break
-            time.sleep(0.5)
+            supervisor.poll()
+            time.sleep(0.2)
     finally:
-        click.echo("stopping…", err=True)
-        _stop_all(procs)
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)
-    sys.exit(exit_code)
+        _log("stopping…")
+        supervisor.stop(last=("redis",))

@@ -71,8 +71,8 @@ def body_limit(endpoint: str | None) -> int:
     config = current_app.config
     setting = BODY_LIMITS.get(endpoint or "")
     if setting is not None:
-        return int(config[setting[0]]) + setting[1]
-    return int(config["MAX_CONTENT_LENGTH"])
+        return config[setting[0]] + setting[1]
+    return config["MAX_CONTENT_LENGTH"]
 
 
 def body_too_large() -> APIError:
