@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from app import admission
 from app.extensions import db, redis_store
@@ -122,7 +122,8 @@ def _end_job(
         .where(Job.id == job_id, Job.status.in_(from_status))
         .values(status=status, finished_at=utcnow(), **values)
     )
-    done = db.session.execute(stmt).rowcount > 0
+    result: CursorResult[Any] = db.session.execute(stmt)  # type: ignore[assignment]
+    done = bool(result.rowcount > 0)  # an UPDATE's result is a CursorResult
     db.session.commit()
     return done
 
@@ -136,7 +137,7 @@ def db_text(text: str) -> str:
 
 
 def _ttl(config: Mapping[str, Any]) -> int:
-    return config["STREAM_LOG_TTL_SECONDS"]
+    return int(config["STREAM_LOG_TTL_SECONDS"])
 
 
 def _lost_error(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -516,13 +517,13 @@ def _run(
         except Exception as exc:
             log.exception("job %s: stream failed", job_id)
             reader.close()
-            error = {
+            internal: dict[str, Any] = {
                 "message": f"Internal error while streaming: {type(exc).__name__}",
                 "type": "server_error",
                 "code": "internal_error",
                 "param": None,
             }
-            return _end(run, reader, "failed", error)
+            return _end(run, reader, "failed", internal)
 
 
 def _wait(run: _Run, seconds: float) -> None:

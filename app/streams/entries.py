@@ -216,7 +216,8 @@ def choices_of(fields: Mapping[str, str]) -> list[ChoiceDelta]:
     """The choice deltas of a delta entry."""
     if "d" in fields:
         return [{"index": 0, "delta": {"content": fields["d"]}}]
-    return json.loads(fields.get("c") or "[]")
+    choices: list[ChoiceDelta] = json.loads(fields.get("c") or "[]")
+    return choices
 
 
 def finishes_of(fields: Mapping[str, str]) -> dict[int, str]:
@@ -232,7 +233,8 @@ def usage_of(fields: Mapping[str, str]) -> dict[str, Any] | None:
 
 
 def error_of(fields: Mapping[str, str]) -> dict[str, Any]:
-    return json.loads(fields.get("error") or "{}")
+    error: dict[str, Any] = json.loads(fields.get("error") or "{}")
+    return error
 
 
 def parse_notice(data: str) -> tuple[str, str | None, Entry | None]:

@@ -113,7 +113,7 @@ class StreamHub:
         backoff = 0.05
         while not self._closed.is_set():
             conn = redis.Redis.from_url(self.url, decode_responses=True)
-            pubsub = conn.pubsub(ignore_subscribe_messages=True)
+            pubsub = conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(NOTIFY_CHANNEL, BROADCAST_CHANNEL)
                 self.connected.set()

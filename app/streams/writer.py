@@ -171,7 +171,7 @@ class DeltaLog:
         expiry = 0 if self._expiry_set else self.running_ttl
         name, value = encode_delta(choices)
         keys = [self.key, self.cancel_key, self.lease_key]
-        args = [self.job_id, self.last_id, value, expiry, NOTIFY_CHANNEL, name]
+        args: list[Any] = [self.job_id, self.last_id, value, expiry, NOTIFY_CHANNEL, name]
         args += [self.token, self.lease_ms]
         if self.batcher is not None:
             entry_id, cancelled = self.batcher.append(keys, args)
@@ -248,4 +248,5 @@ def request_cancel(client: redis.Redis, job_id: str, ttl: int = 3600) -> None:
 
 def read_all(client: redis.Redis, job_id: str) -> list[tuple[str, dict[str, str]]]:
     """Every entry of a job's log (empty if it never existed or expired)."""
-    return list(client.xrange(log_key(job_id)))
+    entries: list[tuple[str, dict[str, str]]] = client.xrange(log_key(job_id))  # type: ignore[assignment]
+    return list(entries)  # decode_responses clients: str ids and fields
