@@ -18,6 +18,7 @@ import redis
 from flask import Flask
 
 from app.extensions import redis_store
+from app.streams.hub import current_hub
 from tests.stack import Stack, TcpProxy
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hello"}]}
@@ -213,26 +214,27 @@ def _blpop(app: Flask, seconds: float) -> None:
         redis_store.client.blpop(["sluice:test:never"], timeout=seconds)
 
 
-def test_a_silent_redis_times_out(make_app: Callable[..., Flask]) -> None:
-    """A server that accepts and never answers: the command fails within the socket timeout."""
+@pytest.mark.parametrize("client", ["app", "stream hub"])
+def test_a_silent_redis_times_out(client: str, make_app: Callable[..., Flask]) -> None:
+    """A server that accepts and never answers: a command fails within the socket timeout."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    port = silent.getsockname()[1]
-    app = make_app({"REDIS_URL": f"redis://127.0.0.1:{port}/0", "REDIS_SOCKET_TIMEOUT": 0.5})
+    url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    app = make_app({"REDIS_URL": url, "REDIS_SOCKET_TIMEOUT": 0.5})
     outcome: list[BaseException] = []
 
     def ping() -> None:
         try:
             with app.app_context():
-                redis_store.client.ping()
+                (redis_store.client if client == "app" else current_hub().client).ping()
         except BaseException as exc:
             outcome.append(exc)
 
     worker = threading.Thread(target=ping, daemon=True)
     started = time.monotonic()
     worker.start()
-    worker.join(10)
+    worker.join(30)
     elapsed = time.monotonic() - started
     silent.close()
     assert not worker.is_alive(), "a Redis command waited forever on a silent server"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis
 from flask import current_app
 
+from app.extensions import redis_client
 from app.streams.entries import Entry, entry_key, error_fields, is_terminal, parse_notice
 from app.streams.keys import BROADCAST_CHANNEL, NOTIFY_CHANNEL, lease_key, log_key
 
@@ -87,13 +88,16 @@ class StreamHub:
     relay (behind, or after a reconnect of the hub) is only woken and reads with XREAD.
     """
 
-    def __init__(self, url: str, pool_size: int = 32) -> None:
+    def __init__(self, url: str, pool_size: int = 32, socket_timeout: float = 10.0) -> None:
         self.url = url
         self.pid = os.getpid()
-        pool = redis.BlockingConnectionPool.from_url(
-            url, decode_responses=True, max_connections=pool_size, timeout=30
+        self.client = redis_client(
+            url,
+            max_connections=pool_size,
+            pool_timeout=30,
+            socket_timeout=socket_timeout,
+            connect_timeout=5,
         )
-        self.client = redis.Redis(connection_pool=pool)
         self._subs: dict[str, set[Subscription]] = {}
         self._feeds: set[Feed] = set()
         self._lock = threading.Lock()
@@ -112,7 +116,9 @@ class StreamHub:
     def _listen_forever(self) -> None:
         backoff = 0.05
         while not self._closed.is_set():
-            conn = redis.Redis.from_url(self.url, decode_responses=True)
+            conn = redis.Redis.from_url(
+                self.url, decode_responses=True, socket_connect_timeout=5, socket_keepalive=True
+            )
             pubsub = conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(NOTIFY_CHANNEL, BROADCAST_CHANNEL)
@@ -201,21 +207,22 @@ _hubs: dict[str, StreamHub] = {}
 _hubs_lock = threading.Lock()
 
 
-def hub_for(url: str, pool_size: int = 32) -> StreamHub:
+def hub_for(url: str, pool_size: int = 32, socket_timeout: float = 10.0) -> StreamHub:
     """This process's hub for a Redis URL (a forked child gets its own)."""
     hub = _hubs.get(url)
     if hub is None or hub.pid != os.getpid():
         with _hubs_lock:
             hub = _hubs.get(url)
             if hub is None or hub.pid != os.getpid():
-                hub = _hubs[url] = StreamHub(url, pool_size)
+                hub = _hubs[url] = StreamHub(url, pool_size, socket_timeout)
     return hub
 
 
 def current_hub() -> StreamHub:
     """The hub of this process for the current app's Redis (a bounded read pool)."""
     config = current_app.config
-    return hub_for(config["REDIS_URL"], int(config["STREAM_RELAY_REDIS_CONNECTIONS"]))
+    pool_size = config["STREAM_RELAY_REDIS_CONNECTIONS"]
+    return hub_for(config["REDIS_URL"], pool_size, config["REDIS_SOCKET_TIMEOUT"])
 
 
 @dataclass
