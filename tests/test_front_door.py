@@ -239,7 +239,8 @@ def test_admin_keys_refuse_a_list_body_and_a_string_admin(admin_http: FlaskClien
     assert admin.status_code == 201 and admin.get_json()["admin"] is True
 
 
-def test_nul_and_overlong_values_in_the_url(http: FlaskClient) -> None:
+def test_nul_and_overlong_values_in_the_url(http: FlaskClient, app: Flask) -> None:
+    assert app.test_client().get("/v1/jobs/job_a%00b").status_code == 401  # auth comes first
     for path in ("/v1/jobs/job_a%00b", "/v1/document-batches/b%00", "/v1/batches/b%00"):
         response = http.get(path)
         assert response.status_code == 404 and response.get_json()["error"]["param"], path

@@ -9,8 +9,8 @@ from app.auth import authenticate
 from app.services import front_door
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
-bp.before_request(front_door.bound_request)
 bp.before_request(authenticate)
+bp.before_request(front_door.bound_request)
 
 
 @bp.after_request

@@ -27,7 +27,7 @@ from app.services.jobs import start_stream_job
 
 MAX_IDEMPOTENCY_KEY = 255
 MAX_WAIT_SECONDS = 300.0  # the longest `Prefer: wait=N` honoured
-MAX_ID_CHARS = 200  # no id column is wider
+MAX_ID_CHARS = 200  # ids in URLs (jobs, batches, files, keys) are 40 characters
 FORM_OVERHEAD = 1024 * 1024  # multipart boundaries and small fields around uploaded files
 # endpoint -> (the setting that bounds its body, bytes allowed on top of it)
 BODY_LIMITS = {
