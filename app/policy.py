@@ -354,7 +354,7 @@ def _bool(where: str, value: Any) -> bool:
 def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")
-    return value
+    return str(value)
 
 
 def _template(where: str, value: Any) -> str:
@@ -677,7 +677,7 @@ def holder(app: Any | None = None) -> PolicyHolder | None:
     if app is None:
         if not has_app_context():
             return None
-        app = current_app._get_current_object()
+        app = current_app
     found = app.extensions.get(EXTENSION)
     return found if found is not None else init_app(app)
 
