@@ -2,9 +2,9 @@
 
 The policy is the `[policy]` table of sluice.toml (app.config["POLICY"]), or a built-in
 default when there is none. Rules are tried in order; the first whose conditions all hold
-decides. `decide(request)` is what the endpoints call; `explain()` shows every rule's
-verdict for the CLI. The policy reloads on SIGHUP or when its file changes, keeping the
-last good one when the new one is invalid.
+decides. `decide(request)` is what the front door service (app/services/front_door.py)
+calls; `explain()` shows every rule's verdict for the CLI. The policy reloads on SIGHUP or
+when its file changes, keeping the last good one when the new one is invalid.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +15,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+import app as app_package
 from app import policy
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
@@ -352,3 +355,28 @@ def test_document_batch_form_numbers(http: FlaskClient, value: str) -> None:
     )
     assert response.status_code == 400, response.get_data(as_text=True)[:300]
     assert response.get_json()["error"]["param"] == "temperature"
+
+
+def _calls(tree: ast.AST) -> set[str]:
+    """The names of the functions a module calls (`f(...)` and `x.f(...)`)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            found.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    return found
+
+
+def test_routing_rejects_and_replays_live_in_the_front_door() -> None:
+    """One place each: only the front door service decides, turns a reject into an error and
+    looks an Idempotency-Key up (the engine keeps its race fallback)."""
+    root = Path(app_package.__file__).parent
+    for path in root.rglob("*.py"):
+        name, text = path.relative_to(root).as_posix(), path.read_text()
+        calls = _calls(ast.parse(text))
+        if name not in ("services/front_door.py", "policy.py"):
+            assert "decide" not in calls, name
+        if name not in ("services/front_door.py", "services/batches.py"):
+            assert "find_by_idempotency_key" not in calls, name
+        if name != "services/front_door.py":
+            assert "rejected_by_policy" not in text, name
