@@ -102,6 +102,8 @@ def test_idempotency_key_is_scoped_by_batch_kind(http: FlaskClient) -> None:
     assert again_docs.get_json()["id"] == docs.get_json()["id"]
     again_openai = http.post("/v1/batches", json=openai_body, headers=headers)
     assert again_openai.get_json()["id"] == openai_batch.get_json()["id"]
+    assert again_openai.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in openai_batch.headers
 
 
 @pytest.mark.parametrize("path", ["/v1/document-batches", "/v1/batches"])
