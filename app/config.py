@@ -61,6 +61,9 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "POLICY_RELOAD_SECONDS": (float, 1.0),
     "SECRET_KEY": (str, ""),  # signs dashboard sessions; empty: SLUICE_HOME/secret-key
     "DASHBOARD_REFRESH_SECONDS": (float, 5.0),
+    # Tests only: "exit_before_terminal" / "exit_after_terminal" kill a stream worker on
+    # either side of a job's terminal writes (app/services/stream_runner.py).
+    "TEST_STREAM_FAULT": (str, ""),
 }
 
 

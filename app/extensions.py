@@ -107,7 +107,7 @@ class RedisHolder:
             self._first = client
 
     def for_app(self, app: Flask) -> redis.Redis:
-        client = app.extensions.get("redis")
+        client: redis.Redis | None = app.extensions.get("redis")
         if client is None:
             raise RedisNotConfigured(REDIS_URL_MISSING)
         return client

@@ -62,12 +62,12 @@ def celery_settings(config: dict[str, Any]) -> dict[str, Any]:
 def celery_init_app(app: Flask) -> Celery:
     """A Celery app of this Flask app's own, whose every task runs inside an app context."""
 
-    class FlaskTask(Task):  # type: ignore[misc]  # celery ships no type hints
+    class FlaskTask(Task[Any, Any]):
         def __call__(self, *args: object, **kwargs: object) -> object:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app: Celery = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(celery_settings(app.config))
     celery_app.steps["worker"].add(worker_heartbeat(app))
     sweep_in_beat(app, celery_app)
@@ -100,7 +100,7 @@ def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:
     beats under gevent), so it is announced live only once it can take jobs at full speed.
     """
 
-    class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
+    class Heartbeat(bootsteps.StartStopStep):
         def __init__(self, worker: Any, **kwargs: Any) -> None:
             if not app.config["REDIS_URL"]:
                 raise RuntimeError(REDIS_URL_MISSING)
@@ -110,9 +110,9 @@ def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:
         def start(self, worker: Any) -> None:
             queues = sorted(q.name for q in worker.app.amqp.queues.consume_from.values())
             if STREAM_QUEUE in queues:
-                from app.services.stream_runner import warm_up
+                from app.providers import providers
 
-                warm_up(app.config)
+                providers(app).warm_up()
             every = app.config["WORKER_HEARTBEAT_SECONDS"]
             args = (worker.hostname, queues, every)
             threading.Thread(target=self._beat, args=args, daemon=True, name="heartbeat").start()

@@ -104,6 +104,20 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"stack not ready: {last.text if last else 'no answer'}")
 
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Wait until the web process answers /healthz (workers not needed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs["web"].poll() is not None:
+                raise RuntimeError(f"web exited: see {self.home / 'web.log'}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"web not healthy after {timeout}s: see {self.home / 'web.log'}")
+
     def stop(self) -> None:
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)

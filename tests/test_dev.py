@@ -112,6 +112,20 @@ def test_dev_restarts_a_killed_worker_and_stops_on_sigterm(
         _wait("the batch worker's heartbeat under its old name", batch_back, 90)
         assert httpx.get(url + "/readyz").status_code == 200
 
+        redis_pid = _pid(log, "redis")  # dev's own Redis comes back on the same port
+        assert redis_pid is not None
+        os.kill(redis_pid, signal.SIGKILL)
+        _wait("Redis restarted", lambda: _pid(log, "redis", after=1) not in (None, redis_pid), 30)
+        restarted = time.time()
+
+        def beating_again() -> bool:
+            fresh = [w for w in live_workers(redis_client, 3) if w["last_seen"] > restarted + 1]
+            return {m for w in fresh for m in w["modes"]} == {"batch", "stream"}
+
+        _wait("every worker beating on the restarted Redis", beating_again, 90)
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert dev.poll() is None
+
         pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", log.read_text())]
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(60) == 0

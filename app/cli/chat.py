@@ -13,7 +13,7 @@ from app.cli.context import DEFAULT_URL, resolve_key
 
 def _error_text(raw: bytes) -> str:
     try:
-        return json.loads(raw)["error"]["message"]
+        return str(json.loads(raw)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return raw.decode(errors="replace")[:500]
 

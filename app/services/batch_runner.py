@@ -31,10 +31,7 @@ from sqlalchemy.exc import OperationalError
 from app import leases
 from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
-from app.providers.base import (
-    ChatRequest,
-    ProviderError,
-)
+from app.providers import ChatRequest, ProviderError, UnknownModel, providers
 from app.services import events
 from app.services.batch_lifecycle import maybe_finalize
 from app.services.batch_semaphore import semaphore
@@ -75,31 +72,6 @@ class ItemResult:
     error: dict[str, Any] | None = None
 
 
-def _registry() -> Any:
-    from app.providers.registry import build_registry
-
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    registry = app.extensions.get("sluice_provider_registry")
-    if registry is None:
-        registry = app.extensions["sluice_provider_registry"] = build_registry(app.config)
-    return registry
-
-
-def chat_request(body: dict[str, Any], upstream_model: str) -> ChatRequest:
-    """A ChatRequest from a stored chat-completions body."""
-    stop = body.get("stop")
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    return ChatRequest(
-        model=upstream_model,
-        messages=list(body.get("messages") or []),
-        max_tokens=int(max_tokens) if max_tokens is not None else None,
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        stop=[stop] if isinstance(stop, str) else stop,
-        user=body.get("user"),
-    )
-
-
 def backoff_seconds(attempt: int, retry_after: float | None) -> float:
     """Exponential backoff with full jitter; Retry-After (capped) wins when given."""
     config = current_app.config
@@ -126,12 +98,10 @@ def _failure(exc: BaseException, tries: int) -> dict[str, Any]:
 
 def run_item(row: Any, cancelled: Any) -> ItemResult:
     """Call the provider for one claimed item, retrying retryable failures."""
-    from app.providers.registry import UnknownModel
-
     max_tries = max(1, current_app.config["BATCH_MAX_ATTEMPTS"])
     try:
-        provider, upstream_model = _registry().resolve(row.model)
-        request = chat_request(row.request, upstream_model)
+        record = {"model": row.model, **(row.request or {})}
+        provider, request = providers().bind(ChatRequest.from_record(record))
     except (UnknownModel, TypeError, ValueError) as exc:
         error = ProviderError(str(exc), retryable=False, code="invalid_request")
         return ItemResult(row.id, row.attempts, "failed", error=_failure(error, 0))

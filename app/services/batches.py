@@ -26,6 +26,7 @@ from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
 from app.models.job import ACTIVE, STATUSES
 from app.policy import Route
+from app.providers import UnknownModel, providers
 from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 
@@ -77,16 +78,12 @@ class _Models:
     """Resolves "provider/model" names once per distinct name."""
 
     def __init__(self) -> None:
-        from app.providers.registry import build_registry
-
-        self._registry = build_registry(current_app.config)
+        self._registry = providers()
         self._seen: dict[str, str] = {}
 
     def provider(self, model: Any, where: str) -> str:
         if isinstance(model, str) and model in self._seen:
             return self._seen[model]
-        from app.providers.registry import UnknownModel
-
         try:
             provider, _ = self._registry.resolve(model)
         except UnknownModel as exc:
