@@ -134,6 +134,9 @@ def test_worker_killed_between_log_end_and_row_commit(
     assert waited < 2
     shown = client.get(f"/v1/jobs/{job_id}").json()
     assert shown["status"] == "succeeded" and shown["output"] == "un deux trois"
+    assert shown["finish_reason"] == "stop" and shown["error"] is None
+    timings = shown["timings"]  # the row is still `running`: the times are the log's
+    assert 0 <= timings["queued_ms"] <= timings["ttft_ms"] <= timings["duration_ms"]
     deadline = time.monotonic() + 3 * LEASE + 5
     row = None
     with app.app_context():
