@@ -13,8 +13,9 @@ from app.extensions import db
 from app.models import Job, epoch
 from app.models.job import TERMINAL
 from app.policy import Preferences, Route
+from app.providers import ChatRequest
 from app.services import front_door
-from app.services.chat_request import ChatBody, parse_chat_body
+from app.services.chat_request import parse_chat_request
 from app.services.jobs import completion_object, job_object
 from app.streams.hub import Tail, current_hub
 from app.streams.relay import collect, sse_body
@@ -90,7 +91,7 @@ def on_disconnect(action: str, tail: Tail) -> Callable[[bool], None]:
 
 @bp.post("/chat/completions")
 def chat_completions() -> ResponseReturnValue:
-    body = parse_chat_body(front_door.json_body(), current_app.config)
+    body = parse_chat_request(front_door.json_body())
     prefer = front_door.preferences()
     route = front_door.route(
         front_door.route_request(
@@ -130,7 +131,7 @@ def accepted_response(job: Job, route: Route, prefer: Preferences) -> Response:
 
 def run_routed(
     tenant_id: str,
-    body: ChatBody,
+    body: ChatRequest,
     route: Route,
     *,
     endpoint: str,
@@ -146,7 +147,7 @@ def run_routed(
     return stream_response(job, body, route)
 
 
-def stream_response(job: Job, body: ChatBody, route: Route) -> Response:
+def stream_response(job: Job, body: ChatRequest, route: Route) -> Response:
     """The answer of a started stream job: its SSE relay, or one collected completion."""
     db.session.remove()  # never hold a session across the relay
     headers = {

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from flask import Blueprint, Response, g, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from app.api.chat import make_tail, on_disconnect, sse_response
 from app.errors import APIError
@@ -141,7 +142,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
             .where(Job.id == job.id, Job.status == "queued")
             .values(status="cancelled", finished_at=utcnow(), error=CANCELLED_ERROR)
         )
-        cancelled = db.session.execute(stmt).rowcount > 0
+        cancelled = cast("CursorResult[Any]", db.session.execute(stmt)).rowcount > 0
         db.session.commit()
         if not cancelled:
             raise APIError(

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,9 +26,16 @@ from app import admission
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
 from app.models.job import TERMINAL
-from app.providers import ChatRequest, ProviderError, ProviderRegistry, Usage, build_registry
-from app.providers.base import delta_text, estimate_tokens
-from app.providers.registry import UnknownModel
+from app.providers import (
+    ChatRequest,
+    ProviderError,
+    ProviderRegistry,
+    UnknownModel,
+    Usage,
+    delta_text,
+    estimate_tokens,
+    providers,
+)
 from app.services.events import job_changed
 from app.streams.entries import (
     Entry,
@@ -59,51 +66,6 @@ CANCELLED_ERROR = {
     "code": "job_cancelled",
     "param": None,
 }
-
-_registries: dict[int, tuple[Mapping[str, Any], ProviderRegistry]] = {}
-
-
-def registry_for(config: Mapping[str, Any]) -> ProviderRegistry:
-    """The process's provider registry for this config (providers keep their HTTP clients)."""
-    cached = _registries.get(id(config))
-    if cached is not None and cached[0] is config:
-        return cached[1]
-    registry = build_registry(config)
-    _registries[id(config)] = (config, registry)
-    return registry
-
-
-def warm_up(config: Mapping[str, Any]) -> None:
-    """Build the providers and their SDK clients now, not inside the first job.
-
-    The first use of an SDK imports a lot of code; under gevent that blocks the whole
-    worker for seconds, long enough for every running job's lease to lapse.
-    """
-    registry = registry_for(config)
-    for name in registry.names():
-        try:
-            provider = registry.get(name)
-            client = getattr(provider, "_get_client", None)
-            if client is not None:
-                sdk = client()
-                getattr(sdk, "chat", None) and sdk.chat.completions
-                getattr(sdk, "messages", None)
-        except Exception as exc:  # an unconfigured provider is fine until someone uses it
-            log.debug("warm-up of provider %s skipped: %s", name, exc)
-
-
-def chat_request_from_record(record: Mapping[str, Any]) -> ChatRequest:
-    """The provider request for a stored chat body (`model` stays "provider/model")."""
-    stop = record.get("stop")
-    return ChatRequest(
-        model=str(record["model"]),
-        messages=list(record["messages"]),
-        max_tokens=record.get("max_tokens") or record.get("max_completion_tokens"),
-        temperature=record.get("temperature"),
-        top_p=record.get("top_p"),
-        stop=[stop] if isinstance(stop, str) else stop,
-        user=record.get("user"),
-    )
 
 
 def _note(job_id: str, **fields: Any) -> None:
@@ -325,9 +287,9 @@ class _Reader:
     def _run(self) -> None:
         put = self.queue.put
         try:
-            provider, name = self._registry.resolve(self._request.model)
+            provider, request = self._registry.bind(self._request)
             try:
-                stream = provider.stream(replace(self._request, model=name))
+                stream = provider.stream(request)
             finally:
                 self.sent.set()
             self.stream = stream
@@ -449,7 +411,7 @@ def _run(
     job_id: str, payload: Mapping[str, Any], worker: str, lease_value: str, lease_seconds: float
 ) -> str:
     config = current_app.config
-    request = chat_request_from_record(payload)
+    request = ChatRequest.from_record(payload)
     dlog = DeltaLog(
         redis_store.client,
         job_id,
@@ -467,7 +429,7 @@ def _run(
         lease_seconds,
         window=config["STREAM_COALESCE_MS"] / 1000,
     )
-    registry = registry_for(config)
+    registry = providers()
     max_retries = config["STREAM_MAX_RETRIES"]
     reader = _Reader(registry, request)  # the upstream call starts now ...
     # ... and the row is marked while the provider works on its first token. The SDK yields
