@@ -179,3 +179,35 @@ def test_relay_that_loses_redis_ends_in_band(tmp_path: Path) -> None:
         hub.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_relay_resumes_when_redis_comes_back(tmp_path: Path) -> None:
+    """Redis restarts within the relay's patience: pings meanwhile, then the rest, no error."""
+    home = tmp_path / "redis"
+    url, proc = embedded_redis.start(home)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    hub = StreamHub(url)
+    try:
+        client = redis.Redis.from_url(url, decode_responses=True)
+        job = "job_restart"
+        client.set(lease_key(job), "T", px=60_000)
+        dlog = DeltaLog(client, job, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+        dlog.append(_content("hello "))
+        tail = Tail(hub, job, lease_seconds=60, ping_seconds=0.2, running=True)
+        tail.outage_seconds = 30
+        body = iter(sse_body(tail, ChunkRenderer(job, "m", 0, False), 1000, lambda _: None))
+        assert next(body).startswith("retry:")
+        assert '"content":"hello "' in next(body)
+        proc.terminate()  # AOF on: the log survives the restart
+        proc.wait(10)
+        assert next(body).startswith(": ping")
+        proc = embedded_redis.start(home, port)[1]
+        dlog.append(_content("world"))
+        dlog.finish("stop", None)
+        rest = "".join(body)
+        assert '"content":"world"' in rest and "error" not in rest
+        assert rest.endswith("data: [DONE]\n\n")
+    finally:
+        hub.close()
+        if proc.poll() is None:
+            proc.kill()
