@@ -26,7 +26,7 @@ from app.streams.render import ChunkRenderer
 from app.streams.writer import DeltaLog, LostLease, release_lease, write_terminal
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import read_sse
-from tests.stack import Stack
+from tests.stack import Stack, free_port
 
 LEASE = 3.0  # SLUICE_STREAM_LEASE_SECONDS in the test settings
 
@@ -211,3 +211,22 @@ def test_relay_resumes_when_redis_comes_back(tmp_path: Path) -> None:
         hub.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: str) -> None:
+    """The log's end cannot be written (Redis gone): the row still ends, with what was sent."""
+    from app.services import stream_runner
+    from tests.helpers import insert_job, tenant_of
+
+    job = insert_job(tenant_of(api_key), "stream", "running")
+    job_id = job.id
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), decode_responses=True)
+    dlog = DeltaLog(dead, job_id, running_ttl=60, final_ttl=60, token="T")
+    run = stream_runner._Run(job_id, None, dlog, "T", 60.0, window=0.0)  # type: ignore[arg-type]
+    run.parts = ["sent ", "to the client"]
+    error = {"message": "x", "type": "service_unavailable", "code": "stream_unavailable"}
+    fields = error_fields(error)
+    assert stream_runner._close(run, "failed", fields, usage=None, error=error) == "failed"
+    row = db.session.execute(select(Job.status, Job.output).where(Job.id == job_id)).first()
+    db.session.commit()
+    assert row is not None and tuple(row) == ("failed", "sent to the client")
