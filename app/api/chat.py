@@ -30,6 +30,7 @@ _ERROR_STATUS = {
     "rate_limit_error": 429,
     "cancelled": 409,
     "upstream_error": 502,
+    "service_unavailable": 503,
 }
 
 
@@ -58,6 +59,7 @@ def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail
         lease_seconds=config["STREAM_LEASE_SECONDS"],
         ping_seconds=config["STREAM_PING_SECONDS"],
         running=running,
+        outage_seconds=max(10.0, 3 * config["STREAM_LEASE_SECONDS"]),
         check_lost=lost_checker(current_app._get_current_object()),  # type: ignore[attr-defined]
     )
 

@@ -70,9 +70,8 @@ def body_limit(endpoint: str | None) -> int:
     """The most bytes a request body may have on this route (MAX_CONTENT_LENGTH elsewhere)."""
     config = current_app.config
     setting = BODY_LIMITS.get(endpoint or "")
-    if setting is not None:
-        return config[setting[0]] + setting[1]
-    return config["MAX_CONTENT_LENGTH"]
+    limit: int = config[setting[0]] + setting[1] if setting else config["MAX_CONTENT_LENGTH"]
+    return limit
 
 
 def body_too_large() -> APIError:
