@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def _alive(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1).ping())
     except (redis.RedisError, OSError):
         return False
 
