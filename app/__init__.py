@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import policy
+from app import policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
 from app.extensions import init_db, redis_store
@@ -26,6 +26,7 @@ def create_app(
     register_logging(app)
     init_db(app)
     redis_store.init_app(app)
+    providers.init_app(app)  # the provider registry (and the SDKs' gevent probe patch)
     policy.init_app(app)  # the routing policy, validated: a bad one raises ConfigError
     policy.install_sighup()  # SIGHUP reloads the policy file
     register_sessions(app)

@@ -40,6 +40,9 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "BATCH_RETRY_AFTER_MAX": (float, 300.0),  # cap on an upstream Retry-After
     "BATCH_EVENTS_POLL_SECONDS": (float, 0.5),
     "PROVIDER_LEASE_SECONDS": (float, 30.0),  # a dead worker's provider slots lapse after this
+    "BATCH_LEASE_SECONDS": (float, 30.0),  # a dead or stuck chunk's items run again after this
+    "BATCH_FAULT_WRITE_MARKER": (str, ""),  # tests only: fail result writes of marked outputs
+    "SWEEP_INTERVAL_SECONDS": (float, 5.0),
     "PROVIDER_CONCURRENCY": (int, 64),
     "FILES_MAX_BYTES": (int, 200_000_000),
     "MAX_CONTENT_LENGTH": (int, 32 * 1024 * 1024),  # request body bytes, outside the two above
@@ -58,6 +61,9 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "POLICY_RELOAD_SECONDS": (float, 1.0),
     "SECRET_KEY": (str, ""),  # signs dashboard sessions; empty: SLUICE_HOME/secret-key
     "DASHBOARD_REFRESH_SECONDS": (float, 5.0),
+    # Tests only: "exit_before_terminal" / "exit_after_terminal" kill a stream worker on
+    # either side of a job's terminal writes (app/services/stream_runner.py).
+    "TEST_STREAM_FAULT": (str, ""),
 }
 
 

@@ -13,9 +13,14 @@ never resurrect the lease.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Sequence
 
 import redis
+
+log = logging.getLogger(__name__)
 
 KEY_PAD_MS = 60_000  # a set's own key outlives its longest lease by this much
 
@@ -181,3 +186,55 @@ def live_members(client: redis.Redis, key: str, members: Sequence[str]) -> set[s
     now = now_ms(client)
     scores = client.zmscore(key, list(members))
     return {m for m, s in zip(members, scores, strict=True) if s is not None and s > now}
+
+
+class Renewer:
+    """This process's leases in lease sets, renewed by one background thread.
+
+    With live_only, a lease that lapsed (its holder stalled past it) stays lapsed; without,
+    renewal re-creates a lease Redis lost (a restart without persistence).
+    """
+
+    def __init__(self, client: redis.Redis, seconds: float, *, live_only: bool) -> None:
+        self.client = client
+        self.seconds = max(1.0, seconds)
+        self.live_only = live_only
+        self._held: dict[str, str] = {}  # member -> key
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, key: str, member: str) -> None:
+        """Renew member's lease in key from now on (the caller acquired it)."""
+        with self._lock:
+            self._held[member] = key
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._renew_forever, daemon=True, name=f"lease-renew:{key}"
+                )
+                self._thread.start()
+
+    def drop(self, member: str) -> str | None:
+        """Stop renewing member; the key it was held in, if it was."""
+        with self._lock:
+            return self._held.pop(member, None)
+
+    def forget_all(self) -> None:
+        """Stop renewing everything (as a holder that died would)."""
+        with self._lock:
+            self._held.clear()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.seconds / 3)
+            self.renew_once()
+
+    def renew_once(self) -> None:
+        with self._lock:
+            by_key: dict[str, list[str]] = {}
+            for member, key in self._held.items():
+                by_key.setdefault(key, []).append(member)
+        for key, members in by_key.items():
+            try:
+                renew(self.client, key, members, ms(self.seconds), live_only=self.live_only)
+            except Exception:
+                log.warning("could not renew %d lease(s) in %s", len(members), key)

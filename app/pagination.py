@@ -36,7 +36,7 @@ def page_params(
 
 
 def fetch_page(
-    stmt: Select[tuple[T]],
+    stmt: Select[T],
     id_column: InstrumentedAttribute[str],
     *,
     limit: int,

@@ -2,9 +2,9 @@
 
 The policy is the `[policy]` table of sluice.toml (app.config["POLICY"]), or a built-in
 default when there is none. Rules are tried in order; the first whose conditions all hold
-decides. `decide(request)` is what the endpoints call; `explain()` shows every rule's
-verdict for the CLI. The policy reloads on SIGHUP or when its file changes, keeping the
-last good one when the new one is invalid.
+decides. `decide(request)` is what the front door service (app/services/front_door.py)
+calls; `explain()` shows every rule's verdict for the CLI. The policy reloads on SIGHUP or
+when its file changes, keeping the last good one when the new one is invalid.
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def _bool(where: str, value: Any) -> bool:
 def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")
-    return value
+    return str(value)
 
 
 def _template(where: str, value: Any) -> str:
@@ -677,7 +677,7 @@ def holder(app: Any | None = None) -> PolicyHolder | None:
     if app is None:
         if not has_app_context():
             return None
-        app = current_app._get_current_object()
+        app = current_app
     found = app.extensions.get(EXTENSION)
     return found if found is not None else init_app(app)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, bootsteps
+from celery.signals import beat_init
 from flask import Flask, current_app
 from kombu import Queue
 
@@ -51,9 +52,7 @@ def celery_settings(config: dict[str, Any]) -> dict[str, Any]:
         "task_default_queue": BATCH_QUEUE,
         "task_routes": {"sluice.stream.*": {"queue": STREAM_QUEUE}},
         "imports": ["workers.tasks", "workers.stream_tasks", "workers.batch_tasks"],
-        "beat_schedule": {
-            "sweep": {"task": "sluice.sweep", "schedule": 5.0, "options": {"expires": 5}},
-        },
+        "beat_schedule": {},  # beat's own process runs the sweeper (sweep_in_beat below)
         "beat_schedule_filename": str(Path(config["SLUICE_HOME"]) / "celerybeat-schedule"),
         "worker_hijack_root_logger": False,
     }
@@ -71,6 +70,7 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app: Celery = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(celery_settings(app.config))
     celery_app.steps["worker"].add(worker_heartbeat(app))
+    sweep_in_beat(app, celery_app)
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     return celery_app
@@ -79,6 +79,18 @@ def celery_init_app(app: Flask) -> Celery:
 def send_task(name: str, args: list[Any], queue: str) -> None:
     """Send a task by name through the current app's Celery."""
     current_app.extensions["celery"].send_task(name, args=args, queue=queue)
+
+
+def sweep_in_beat(app: Flask, celery_app: Celery) -> None:
+    """Beat's process runs the sweeper itself: never through a queue, so no backlog delays it."""
+
+    def start(sender: Any, **_: Any) -> None:
+        if sender.app is celery_app:
+            from app.services import sweeper
+
+            sweeper.start(app)
+
+    beat_init.connect(start, weak=False)
 
 
 def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:
@@ -98,9 +110,9 @@ def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:
         def start(self, worker: Any) -> None:
             queues = sorted(q.name for q in worker.app.amqp.queues.consume_from.values())
             if STREAM_QUEUE in queues:
-                from app.services.stream_runner import warm_up
+                from app.providers import providers
 
-                warm_up(app.config)
+                providers(app).warm_up()
             every = app.config["WORKER_HEARTBEAT_SECONDS"]
             args = (worker.hostname, queues, every)
             threading.Thread(target=self._beat, args=args, daemon=True, name="heartbeat").start()

@@ -4,6 +4,8 @@
 # name registered with `add_scenario` (or `POST /_scenarios`) follows its script, and any
 # other name produces deterministic text. Options may ride in the name, as in
 # `fake?ttft_ms=100&tps=200&tokens=40`; they override the scenario and server defaults.
+# A scenario may answer with tool calls (their arguments streamed in small fragments) or a
+# refusal; `n` and `logprobs` in the request are honoured; every request body is recorded.
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
 
-from app.providers.base import content_text, estimate_tokens, last_user_text
-from app.providers.mock import mock_words, split_tokens
+from app.providers.messages import content_text, estimate_tokens, last_user_text
+from app.providers.mock_answers import mock_words, split_tokens
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Scenario:
     drop_after: int | None = None
     finish_reason: str = "stop"
     message: str = "scripted failure from the fake upstream"
+    tool_calls: list[dict[str, str]] | None = None  # [{"id", "name", "arguments"}]
+    refusal: str | None = None
+    fragment: int = 3  # characters per streamed tool-call arguments fragment
 
 
 _CONVERTERS: dict[str, Any] = {
@@ -58,6 +63,11 @@ _CONVERTERS: dict[str, Any] = {
     "finish_reason": str,
     "message": str,
     "echo": lambda v: str(v).lower() in ("1", "true", "yes"),
+    "tool_calls": lambda v: [
+        {"id": str(c["id"]), "name": str(c["name"]), "arguments": str(c["arguments"])} for c in v
+    ],
+    "refusal": str,
+    "fragment": int,
 }
 
 _OPENAI_ERROR_TYPES = {
@@ -127,7 +137,9 @@ class FakeUpstream:
         self._scenarios: dict[str, Scenario] = {}
         self._requests: Counter[str] = Counter()
         self._disconnects: Counter[str] = Counter()
-        self._bodies: dict[str, dict[str, Any]] = {}
+        self._bodies: dict[str, list[dict[str, Any]]] = {}
+        self.models: list[str] = ["gpt-fake", "gpt-fake-mini"]  # what GET /v1/models lists
+        self.model_list_requests = 0
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -199,7 +211,13 @@ class FakeUpstream:
     def last_request(self, name: str) -> dict[str, Any] | None:
         """The JSON body of the latest request for this model."""
         with self._lock:
-            return self._bodies.get(name)
+            bodies = self._bodies.get(name)
+            return bodies[-1] if bodies else None
+
+    def bodies(self, name: str) -> list[dict[str, Any]]:
+        """The JSON bodies of every request for this model, oldest first."""
+        with self._lock:
+            return list(self._bodies.get(name) or [])
 
     def reset(self) -> None:
         """Forget all scenarios and request logs."""
@@ -216,7 +234,7 @@ class FakeUpstream:
             base = self._scenarios.get(name)
             self._requests[name] += 1
             attempt = self._requests[name]
-            self._bodies[name] = body
+            self._bodies.setdefault(name, []).append(body)
         if base is None:
             base = Scenario(echo=name == "echo")
         scenario = scenario_from_options(dict(parse_qsl(query)), base) if query else base
@@ -251,6 +269,13 @@ class _Plan:
     interval: float
     fail: bool = False
     received: float = 0.0
+    choices: int = 1
+    top_logprobs: int | None = None  # None: no logprobs asked for
+
+    @property
+    def finish(self) -> str:
+        """The finish reason (OpenAI terms): tool_calls when the scenario calls tools."""
+        return "tool_calls" if self.scenario.tool_calls else self.finish_reason
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -323,7 +348,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routing -----------------------------------------------------------------------------
 
     def do_GET(self) -> None:
-        if self.path in ("/_health", "/health"):
+        if self.path.rstrip("/") == "/v1/models":
+            self._list_models()
+        elif self.path in ("/_health", "/health"):
             self._send_json(200, {"ok": True})
         elif self.path.startswith("/_scenarios/"):
             name = self.path.removeprefix("/_scenarios/")
@@ -364,6 +391,17 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
 
+    def _list_models(self) -> None:
+        """GET /v1/models in OpenAI's list format (counted in `model_list_requests`)."""
+        if not self._authorised("openai"):
+            self._send_error("openai", 401, Scenario(message="missing API key"))
+            return
+        with self.upstream._lock:
+            self.upstream.model_list_requests += 1
+            names = list(self.upstream.models)
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "fake"} for n in names]
+        self._send_json(200, {"object": "list", "data": data})
+
     # -- generation --------------------------------------------------------------------------
 
     def _plan(self, body: dict[str, Any], received: float) -> _Plan:
@@ -400,6 +438,10 @@ class _Handler(BaseHTTPRequestHandler):
             interval=1 / tps if tps and tps > 0 else 0.0,
             received=received,
         )
+        n = body.get("n")
+        plan.choices = n if isinstance(n, int) and n > 0 else 1
+        if body.get("logprobs"):
+            plan.top_logprobs = int(body.get("top_logprobs") or 0)
         plan.fail = scenario.status is not None and (
             scenario.fail_times is None or attempt <= scenario.fail_times
         )
@@ -503,7 +545,38 @@ class _Handler(BaseHTTPRequestHandler):
             "total_tokens": plan.prompt_tokens + completion,
         }
 
+    @staticmethod
+    def _logprob(plan: _Plan, token: str) -> dict[str, Any]:
+        """One logprobs `content` entry for a token, with `top_logprobs` alternatives."""
+        entry = {"token": token, "logprob": -0.25, "bytes": list(token.encode())}
+        tops = [dict(entry, logprob=-0.25 - rank) for rank in range(plan.top_logprobs or 0)]
+        return {**entry, "top_logprobs": tops}
+
+    def _logprobs(self, plan: _Plan, tokens: list[str]) -> dict[str, Any] | None:
+        if plan.top_logprobs is None or plan.scenario.refusal is not None:
+            return None
+        return {"content": [self._logprob(plan, t) for t in tokens if t], "refusal": None}
+
+    def _openai_message(self, plan: _Plan) -> dict[str, Any]:
+        scenario = plan.scenario
+        text = "".join(plan.deltas)
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if scenario.refusal is not None:
+            message.update(content=None, refusal=scenario.refusal)
+        if scenario.tool_calls:
+            message["content"] = text or None
+            message["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+                for call in scenario.tool_calls
+            ]
+        return message
+
     def _openai_body(self, plan: _Plan) -> dict[str, Any]:
+        logprobs = self._logprobs(plan, plan.deltas)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -511,19 +584,33 @@ class _Handler(BaseHTTPRequestHandler):
             "model": plan.model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": "".join(plan.deltas),
-                        "refusal": None,
-                    },
-                    "logprobs": None,
-                    "finish_reason": plan.finish_reason,
+                    "index": i,
+                    "message": self._openai_message(plan),
+                    "logprobs": logprobs,
+                    "finish_reason": plan.finish,
                 }
+                for i in range(plan.choices)
             ],
             "usage": self._openai_usage(plan),
             "system_fingerprint": None,
         }
+
+    def _openai_steps(self, plan: _Plan) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        """(delta, logprobs) per streamed step of one choice: refusal, content, tool calls."""
+        scenario = plan.scenario
+        if scenario.refusal is not None:
+            return [({"refusal": piece}, None) for piece in split_tokens(scenario.refusal)]
+        steps = [({"content": d}, self._logprobs(plan, [d])) for d in plan.deltas]
+        size = max(1, scenario.fragment)
+        for k, call in enumerate(scenario.tool_calls or []):
+            header = {"index": k, "id": call["id"], "type": "function"}
+            header["function"] = {"name": call["name"], "arguments": ""}
+            steps.append(({"tool_calls": [header]}, None))
+            arguments = call["arguments"]
+            for at in range(0, len(arguments), size):
+                fragment = {"index": k, "function": {"arguments": arguments[at : at + size]}}
+                steps.append(({"tool_calls": [fragment]}, None))
+        return steps
 
     def _openai_events(self, plan: _Plan, body: dict[str, Any]) -> Iterator[tuple[str, str]]:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -537,14 +624,22 @@ class _Handler(BaseHTTPRequestHandler):
         if include_usage:
             base["usage"] = None
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk(
+            delta: dict[str, Any],
+            finish: str | None = None,
+            index: int = 0,
+            logprobs: dict[str, Any] | None = None,
+        ) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return f"data: {json.dumps({**base, 'choices': [choice]}, ensure_ascii=False)}\n\n"
 
-        yield "start", chunk({"role": "assistant", "content": "", "refusal": None})
-        for delta in plan.deltas:
-            yield "delta", chunk({"content": delta})
-        yield "finish", chunk({}, plan.finish_reason)
+        for i in range(plan.choices):
+            yield "start", chunk({"role": "assistant", "content": "", "refusal": None}, index=i)
+        for delta, logprobs in self._openai_steps(plan):
+            for i in range(plan.choices):
+                yield "delta", chunk(delta, index=i, logprobs=logprobs)
+        for i in range(plan.choices):
+            yield "finish", chunk({}, plan.finish, index=i)
         if include_usage:
             usage = {**base, "choices": [], "usage": self._openai_usage(plan)}
             yield "usage", f"data: {json.dumps(usage)}\n\n"
@@ -553,13 +648,25 @@ class _Handler(BaseHTTPRequestHandler):
     # -- Anthropic wire format ---------------------------------------------------------------
 
     def _anthropic_body(self, plan: _Plan) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if plan.deltas or not plan.scenario.tool_calls:
+            content.append({"type": "text", "text": "".join(plan.deltas)})
+        for call in plan.scenario.tool_calls or []:
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": call["id"],
+                    "name": call["name"],
+                    "input": json.loads(call["arguments"] or "{}"),
+                }
+            )
         return {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
             "role": "assistant",
             "model": plan.model,
-            "content": [{"type": "text", "text": "".join(plan.deltas)}],
-            "stop_reason": _ANTHROPIC_STOP.get(plan.finish_reason, "end_turn"),
+            "content": content,
+            "stop_reason": _ANTHROPIC_STOP.get(plan.finish, "end_turn"),
             "stop_sequence": None,
             "usage": {
                 "input_tokens": plan.prompt_tokens,
@@ -576,24 +683,28 @@ class _Handler(BaseHTTPRequestHandler):
         message = {**self._anthropic_body(plan), "content": [], "stop_reason": None}
         message["usage"] = {"input_tokens": plan.prompt_tokens, "output_tokens": 1}
         yield "start", event("message_start", {"message": message})
-        yield (
-            "start",
-            event(
-                "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
-            ),
-        )
-        yield "start", event("ping", {})
-        for delta in plan.deltas:
-            yield (
-                "delta",
-                event(
-                    "content_block_delta",
-                    {"index": 0, "delta": {"type": "text_delta", "text": delta}},
-                ),
-            )
-        yield "finish", event("content_block_stop", {"index": 0})
+        block = 0
+        if plan.deltas or not plan.scenario.tool_calls:
+            text_block = {"index": 0, "content_block": {"type": "text", "text": ""}}
+            yield "start", event("content_block_start", text_block)
+            yield "start", event("ping", {})
+            for delta in plan.deltas:
+                text = {"index": 0, "delta": {"type": "text_delta", "text": delta}}
+                yield "delta", event("content_block_delta", text)
+            yield "finish", event("content_block_stop", {"index": 0})
+            block = 1
+        size = max(1, plan.scenario.fragment)
+        for call in plan.scenario.tool_calls or []:
+            use = {"type": "tool_use", "id": call["id"], "name": call["name"], "input": {}}
+            yield "delta", event("content_block_start", {"index": block, "content_block": use})
+            arguments = call["arguments"]
+            for at in range(0, len(arguments), size):
+                piece = {"type": "input_json_delta", "partial_json": arguments[at : at + size]}
+                yield "delta", event("content_block_delta", {"index": block, "delta": piece})
+            yield "finish", event("content_block_stop", {"index": block})
+            block += 1
         stop = {
-            "stop_reason": _ANTHROPIC_STOP.get(plan.finish_reason, "end_turn"),
+            "stop_reason": _ANTHROPIC_STOP.get(plan.finish, "end_turn"),
             "stop_sequence": None,
         }
         usage = {"output_tokens": len([d for d in plan.deltas if d])}

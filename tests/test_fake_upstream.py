@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -145,3 +146,87 @@ def test_drop_leaves_chunked_body_incomplete(upstream: FakeUpstream) -> None:
     ):
         for _ in reply.iter_bytes():
             pass
+
+
+def _openai_chunks(upstream: FakeUpstream, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream(
+        "POST", f"{upstream.openai_base_url}/chat/completions", json=body, headers=HEADERS
+    ) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_openai_tool_call_chunks_and_recorded_bodies(upstream: FakeUpstream) -> None:
+    calls = [
+        {"id": "call_1", "name": "a", "arguments": '{"x": 1}'},
+        {"id": "call_2", "name": "b", "arguments": '{"y": "two"}'},
+    ]
+    upstream.add_scenario("wire-tools", deltas=[], tool_calls=calls, fragment=4)
+    body = {**chat("wire-tools", stream=True), "tools": [{"type": "function"}], "seed": 9}
+    chunks = _openai_chunks(upstream, body)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    headers = [
+        d["tool_calls"][0] for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]
+    ]
+    assert [(h["index"], h["id"], h["function"]["name"]) for h in headers] == [
+        (0, "call_1", "a"),
+        (1, "call_2", "b"),
+    ]
+    for index, call in enumerate(calls):
+        pieces = [
+            d["tool_calls"][0]["function"]["arguments"]
+            for d in deltas
+            if "tool_calls" in d and d["tool_calls"][0]["index"] == index
+        ]
+        assert "".join(pieces) == call["arguments"] and len(pieces) > 2
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert upstream.last_request("wire-tools") == body
+    assert upstream.bodies("wire-tools") == [body]
+
+
+def test_openai_refusal_n_and_logprobs_chunks(upstream: FakeUpstream) -> None:
+    upstream.add_scenario("wire-refusal", refusal="No can do.")
+    chunks = _openai_chunks(upstream, chat("wire-refusal", stream=True))
+    refusal = "".join(c["choices"][0]["delta"].get("refusal") or "" for c in chunks)
+    assert refusal == "No can do."
+    upstream.add_scenario("wire-n", deltas=["a", "b"])
+    body = {**chat("wire-n", stream=True), "n": 2, "logprobs": True, "top_logprobs": 1}
+    chunks = _openai_chunks(upstream, body)
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert "".join(c["delta"].get("content") or "" for c in mine) == "ab"
+        tokens = [c["logprobs"]["content"][0]["token"] for c in mine if c["logprobs"]]
+        assert tokens == ["a", "b"]
+
+
+def test_anthropic_tool_use_events(upstream: FakeUpstream) -> None:
+    calls = [{"id": "toolu_1", "name": "lookup", "arguments": '{"q": "sluice gates"}'}]
+    upstream.add_scenario("wire-tool-use", deltas=[], tool_calls=calls, fragment=5)
+    body = {**chat("wire-tool-use", stream=True), "max_tokens": 100}
+    with httpx.stream("POST", f"{upstream.url}/v1/messages", json=body, headers=HEADERS) as reply:
+        data = [
+            json.loads(line.removeprefix("data: "))
+            for line in reply.iter_lines()
+            if line.startswith("data:")
+        ]
+    start = next(d for d in data if d["type"] == "content_block_start")
+    assert start["content_block"] == {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": "lookup",
+        "input": {},
+    }
+    pieces = [d["delta"]["partial_json"] for d in data if d["type"] == "content_block_delta"]
+    assert "".join(pieces) == calls[0]["arguments"] and len(pieces) > 2
+    stop = next(d for d in data if d["type"] == "message_delta")
+    assert stop["delta"]["stop_reason"] == "tool_use"
+
+
+def test_models_list(upstream: FakeUpstream) -> None:
+    before = upstream.model_list_requests
+    listed = httpx.get(f"{upstream.openai_base_url}/models", headers=HEADERS).json()
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == upstream.models
+    assert upstream.model_list_requests == before + 1
+    assert httpx.get(f"{upstream.openai_base_url}/models").status_code == 401

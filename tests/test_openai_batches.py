@@ -145,7 +145,7 @@ def test_input_validation_fails_the_batch(
         _line("d", url="/v1/embeddings"),  # 6: wrong url
         _line("e", model="nosuchprovider/model"),  # 7: the chat endpoint rejects the model
         {**_line("f"), "body": {"model": "mock/echo"}},  # 8: no messages
-        {**_line("g"), "body": {**_line("g")["body"], "n": 2}},  # 9: n > 1
+        {**_line("g"), "body": {**_line("g")["body"], "n": 0}},  # 9: n < 1
         "[1, 2]",  # 10: JSON but not an object
     ]
     batch = _create(openai_client, _upload(openai_client, lines))

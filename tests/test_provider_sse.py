@@ -6,11 +6,13 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import openai
 import pytest
 
 from app.providers.anthropic_provider import AnthropicStream
 from app.providers.base import ChatRequest, ProviderError, delta_text
-from app.providers.openai_provider import OpenAIStream, map_openai_error
+from app.providers.errors import map_sdk_error
+from app.providers.openai_provider import OpenAIStream
 
 
 class CannedResponse:
@@ -36,11 +38,15 @@ def texts(choices: Iterable[dict[str, Any]]) -> list[str]:
     return [text for choice in choices if (text := delta_text(choice))]
 
 
+def map_openai(exc: BaseException) -> ProviderError | None:
+    return map_sdk_error(exc, "openai", openai)
+
+
 REQUEST = ChatRequest("m", [{"role": "user", "content": "hello"}])
 
 
 def openai_stream(pieces: list[bytes], fail: BaseException | None = None) -> OpenAIStream:
-    stream = OpenAIStream(CannedResponse(pieces, fail), REQUEST, map_openai_error)
+    stream = OpenAIStream(CannedResponse(pieces, fail), REQUEST, map_openai)
     stream.provider_name = "openai"
     return stream
 

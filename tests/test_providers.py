@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import pickle
 import threading
 import time
@@ -17,6 +18,7 @@ from app.providers import (
     ProviderError,
     ProviderRegistry,
     UnknownModel,
+    Unsupported,
     Usage,
     build_registry,
     delta_text,
@@ -507,3 +509,347 @@ def test_parse_retry_after_and_estimate_tokens() -> None:
     assert parse_retry_after({}) is None
     assert Usage(3, 4).as_dict() == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     assert estimate_tokens(user("x" * 400)) == pytest.approx(104, abs=10)
+
+
+# -- chat fidelity: tool calls, refusal, logprobs, n, structured output ------------------------
+
+CALLS = [
+    {"id": "call_a1", "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+    {"id": "call_b2", "name": "get_time", "arguments": '{"zone":"Europe/Paris","fmt":"%H:%M 🕐"}'},
+]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+
+
+def assemble(choices: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Fold choice deltas into per-choice messages, as an OpenAI client does."""
+    out: dict[int, dict[str, Any]] = {}
+    for choice in choices:
+        message = out.setdefault(choice["index"], {"content": "", "tool_calls": {}})
+        delta = choice["delta"]
+        message["content"] += delta.get("content") or ""
+        if "refusal" in delta:
+            message["refusal"] = message.get("refusal", "") + delta["refusal"]
+        for call in delta.get("tool_calls") or []:
+            slot = message["tool_calls"].setdefault(call["index"], {"arguments": ""})
+            for key in ("id", "type"):
+                if call.get(key):
+                    slot[key] = call[key]
+            function = call.get("function") or {}
+            if function.get("name"):
+                slot["name"] = function["name"]
+            slot["arguments"] += function.get("arguments") or ""
+        if choice.get("logprobs"):
+            message.setdefault("logprobs", []).extend(choice["logprobs"]["content"])
+        if choice.get("finish_reason"):
+            message["finish_reason"] = choice["finish_reason"]
+    return out
+
+
+@pytest.mark.parametrize("kind", SDK_PROVIDERS)
+def test_parallel_tool_calls_reassemble_byte_identical(
+    upstream: FakeUpstream, registry: ProviderRegistry, kind: str
+) -> None:
+    name = f"tools-{kind}"
+    upstream.add_scenario(name, deltas=[], tool_calls=CALLS, fragment=2)
+    provider, request = call(registry, f"{kind}/{name}", tools=TOOLS, tool_choice="auto")
+    stream = provider.stream(request)
+    choices = list(stream)
+    fragments = [c for c in choices if c["delta"].get("tool_calls")]
+    assert len(fragments) > 2 * len(CALLS)  # arguments arrived in many pieces
+    message = assemble(choices)[0]
+    calls = [message["tool_calls"][i] for i in sorted(message["tool_calls"])]
+    assert [(c["id"], c["name"], c["arguments"]) for c in calls] == [
+        (c["id"], c["name"], c["arguments"]) for c in CALLS
+    ]
+    assert all(c["type"] == "function" for c in calls)
+    assert message["finish_reason"] == "tool_calls" and stream.finish_reason == "tool_calls"
+    completion = provider.complete(request)
+    assert completion.finish_reason == "tool_calls"
+    got = completion.choices[0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["name"]) for c in got] == [(c["id"], c["name"]) for c in CALLS]
+    for sent, received in zip(CALLS, got, strict=True):
+        assert json.loads(received["function"]["arguments"]) == json.loads(sent["arguments"])
+    if kind == "openai":  # OpenAI gives the argument string itself
+        assert [c["function"]["arguments"] for c in got] == [c["arguments"] for c in CALLS]
+
+
+def test_openai_refusal_logprobs_and_n(upstream: FakeUpstream, registry: ProviderRegistry) -> None:
+    upstream.add_scenario("refuses", refusal="I can't help with that.")
+    provider, request = call(registry, "openai/refuses")
+    message = assemble(provider.stream(request))[0]
+    assert message["refusal"] == "I can't help with that." and message["content"] == ""
+    assert provider.complete(request).choices[0]["message"]["refusal"] == "I can't help with that."
+
+    upstream.add_scenario("lp", deltas=["Hi", " there"])
+    options = {"logprobs": True, "top_logprobs": 2}
+    provider, request = call(registry, "openai/lp", n=2, options=options)
+    messages = assemble(provider.stream(request))
+    assert sorted(messages) == [0, 1]
+    for message in messages.values():
+        assert message["content"] == "Hi there" and message["finish_reason"] == "stop"
+        assert [e["token"] for e in message["logprobs"]] == ["Hi", " there"]
+        assert all(len(e["top_logprobs"]) == 2 for e in message["logprobs"])
+    completion = provider.complete(request)
+    assert [c["index"] for c in completion.choices] == [0, 1]
+    assert completion.choices[1]["logprobs"]["content"][1]["token"] == " there"
+    body = upstream.last_request("lp")
+    assert body is not None and body["n"] == 2 and body["logprobs"] is True
+
+
+def test_openai_passes_every_parameter_and_unknown_keys(
+    upstream: FakeUpstream, registry: ProviderRegistry
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}
+    provider, request = call(
+        registry,
+        "openai/everything",
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        response_format=fmt,
+        max_completion_tokens=9,
+        options={"seed": 7, "vendor_knob": {"x": 1}, "parallel_tool_calls": False},
+    )
+    provider.complete(request)
+    body = upstream.last_request("everything")
+    assert body is not None
+    assert body["tools"] == TOOLS and body["tool_choice"]["function"]["name"] == "get_time"
+    assert body["response_format"] == fmt and body["max_completion_tokens"] == 9
+    assert body["seed"] == 7 and body["vendor_knob"] == {"x": 1}
+    assert body["parallel_tool_calls"] is False and "max_tokens" not in body
+
+
+def test_anthropic_tools_images_and_tool_results(
+    upstream: FakeUpstream, registry: ProviderRegistry
+) -> None:
+    image = "data:image/png;base64,iVBORw0KGgo="
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": image}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {k: c[k] for k in ("name", "arguments")},
+                }
+                for c in CALLS
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_a1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_b2", "content": [{"type": "text", "text": "noon"}]},
+    ]
+    provider, request = call(
+        registry,
+        "anthropic/convert-tools",
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="required",
+        options={"parallel_tool_calls": False},
+    )
+    provider.complete(request)
+    body = upstream.last_request("convert-tools")
+    assert body is not None
+    assert body["system"] == "be brief"
+    user, assistant, results = body["messages"]
+    assert user["content"] == [
+        {"type": "text", "text": "what is this?"},
+        {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+        },
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+    ]
+    assert assistant == {
+        "role": "assistant",
+        "content": [
+            {
+                "type": "tool_use",
+                "id": c["id"],
+                "name": c["name"],
+                "input": json.loads(c["arguments"]),
+            }
+            for c in CALLS
+        ],
+    }
+    assert results == {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "call_a1", "content": "sunny"},
+            {"type": "tool_result", "tool_use_id": "call_b2", "content": "noon"},
+        ],
+    }
+    assert body["tools"][0] == {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "input_schema": TOOLS[0]["function"]["parameters"],
+    }
+    assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_anthropic_json_schema_is_a_forced_tool(
+    upstream: FakeUpstream, registry: ProviderRegistry, streaming: bool
+) -> None:
+    answer = '{"name": "Ada", "born": 1815}'
+    upstream.add_scenario(
+        "structured", deltas=[], tool_calls=[{"id": "t1", "name": "person", "arguments": answer}]
+    )
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    provider, request = call(registry, "anthropic/structured", response_format=fmt)
+    if streaming:
+        stream = provider.stream(request)
+        message = assemble(stream)[0]
+        assert message["content"] == answer and message["tool_calls"] == {}
+        assert stream.finish_reason == "stop"
+    else:
+        completion = provider.complete(request)
+        assert json.loads(completion.text) == json.loads(answer)
+        assert "tool_calls" not in completion.choices[0]["message"]
+        assert completion.finish_reason == "stop"
+    body = upstream.last_request("structured")
+    assert body is not None
+    assert body["tools"][0]["name"] == "person" and body["tools"][0]["input_schema"] == schema
+    assert body["tool_choice"] == {"type": "tool", "name": "person"}
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"options": {"seed": 1}}, "seed"),
+        ({"options": {"logprobs": True}}, "logprobs"),
+        ({"options": {"vendor_knob": 1}}, "vendor_knob"),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0]",
+        ),
+    ],
+)
+def test_anthropic_refuses_what_it_cannot_honour(
+    registry: ProviderRegistry, options: dict[str, Any], param: str
+) -> None:
+    provider, request = call(registry, "anthropic/x", **options)
+    with pytest.raises(Unsupported) as info:
+        provider.check(request)
+    assert info.value.param == param and "anthropic" in info.value.message
+    with pytest.raises(ProviderError) as error:
+        provider.complete(request)
+    assert not error.value.retryable and error.value.status_code == 400
+
+
+def test_mock_tools_model_calls_the_first_tool() -> None:
+    mock = fast_mock()
+    request = ChatRequest("tools", user("weather in Paris"), tools=TOOLS)
+    stream = mock.stream(request)
+    choices = list(stream)
+    message = assemble(choices)[0]
+    (only,) = message["tool_calls"].values()
+    assert only["name"] == "get_weather" and only["id"].startswith("call_")
+    assert json.loads(only["arguments"]) == {"city": "weather in Paris", "unit": "c"}
+    assert len([c for c in choices if c["delta"].get("tool_calls")]) > 2
+    assert stream.finish_reason == "tool_calls"
+    completion = mock.complete(request)
+    assert completion == mock.complete(request)  # deterministic
+    assert (
+        completion.choices[0]["message"]["tool_calls"][0]["function"]["arguments"]
+        == only["arguments"]
+    )
+    named = ChatRequest(
+        "echo",
+        user("x"),
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
+    assert (
+        mock.complete(named).choices[0]["message"]["tool_calls"][0]["function"]["name"]
+        == "get_time"
+    )
+    answered = [
+        *user("weather in Paris"),
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c", "content": "sunny, 21C"},
+    ]
+    after = mock.complete(ChatRequest("tools", answered, tools=TOOLS))
+    assert after.text == "sunny, 21C" and after.finish_reason == "stop"
+
+
+def test_mock_json_modes_n_stop_and_logprobs() -> None:
+    mock = fast_mock()
+    schema = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "ok": {"type": "boolean"},
+        },
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "doc", "schema": schema}}
+    value = json.loads(mock.complete(ChatRequest("x", user("hello"), response_format=fmt)).text)
+    assert value == {"title": "hello", "tags": ["hello"], "ok": True}
+    as_object = mock.complete(
+        ChatRequest("x", user("hello"), response_format={"type": "json_object"})
+    )
+    assert isinstance(json.loads(as_object.text), dict)
+    two = mock.complete(ChatRequest("x", user("hello"), n=2))
+    assert [c["index"] for c in two.choices] == [0, 1] and two.choices[0] != two.choices[1]
+    assert (
+        two.choices[0]["message"]["content"] == mock.complete(ChatRequest("x", user("hello"))).text
+    )
+    stopped = mock.complete(ChatRequest("echo", user("one two STOP three"), stop=["STOP"]))
+    assert stopped.text == "one two " and stopped.finish_reason == "stop"
+    scored = mock.complete(
+        ChatRequest("echo", user("a b"), options={"logprobs": True, "top_logprobs": 3})
+    )
+    entries = scored.choices[0]["logprobs"]["content"]
+    assert [e["token"] for e in entries] == ["a", " b"] and all(
+        len(e["top_logprobs"]) == 3 for e in entries
+    )
+    with pytest.raises(Unsupported, match="'vendor_knob' is not supported by provider 'mock'"):
+        mock.check(ChatRequest("x", user("y"), options={"vendor_knob": 1}))

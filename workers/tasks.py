@@ -9,5 +9,5 @@ from app.services import sweeper
 
 @shared_task(name="sluice.sweep", ignore_result=True, acks_late=False)
 def sweep() -> None:
-    """Periodic: fail dead streams, re-queue stuck batch items, expire old batches."""
+    """One sweep now, on demand (beat's process runs the periodic ones itself)."""
     sweeper.sweep()

@@ -14,15 +14,17 @@ bp = Blueprint("batches", __name__)
 @bp.post("/batches")
 def create_batch() -> ResponseReturnValue:
     key = front_door.idempotency_key(openai_batches.KIND, request.headers.get("Idempotency-Key"))
-    batch = front_door.replay(g.tenant_id, key)
-    if batch is None:
-        batch = openai_batches.create(
-            tenant_id=g.tenant_id,
-            tenant_name=g.api_key.tenant.name,
-            params=front_door.json_body(),
-            idempotency_key=key,
-        )
-    return jsonify(openai_batches.serialize_batch(batch))
+    replayed = front_door.replay(g.tenant_id, key)
+    batch = replayed or openai_batches.create(
+        tenant_id=g.tenant_id,
+        tenant_name=g.api_key.tenant.name,
+        params=front_door.json_body(),
+        idempotency_key=key,
+    )
+    response = jsonify(openai_batches.serialize_batch(batch))
+    if replayed is not None:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @bp.get("/batches")

@@ -13,8 +13,9 @@ from app.extensions import db
 from app.models import Job, epoch
 from app.models.job import TERMINAL
 from app.policy import Preferences, Route
+from app.providers import ChatRequest
 from app.services import front_door
-from app.services.chat_request import ChatBody, parse_chat_body
+from app.services.chat_request import parse_chat_request
 from app.services.jobs import completion_object, job_object
 from app.streams.hub import Tail, current_hub
 from app.streams.relay import collect, sse_body
@@ -29,6 +30,7 @@ _ERROR_STATUS = {
     "rate_limit_error": 429,
     "cancelled": 409,
     "upstream_error": 502,
+    "service_unavailable": 503,
 }
 
 
@@ -57,6 +59,7 @@ def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail
         lease_seconds=config["STREAM_LEASE_SECONDS"],
         ping_seconds=config["STREAM_PING_SECONDS"],
         running=running,
+        outage_seconds=max(10.0, 3 * config["STREAM_LEASE_SECONDS"]),
         check_lost=lost_checker(current_app._get_current_object()),  # type: ignore[attr-defined]
     )
 
@@ -88,7 +91,7 @@ def on_disconnect(action: str, tail: Tail) -> Callable[[bool], None]:
 
 @bp.post("/chat/completions")
 def chat_completions() -> ResponseReturnValue:
-    body = parse_chat_body(front_door.json_body(), current_app.config)
+    body = parse_chat_request(front_door.json_body())
     prefer = front_door.preferences()
     route = front_door.route(
         front_door.route_request(
@@ -128,7 +131,7 @@ def accepted_response(job: Job, route: Route, prefer: Preferences) -> Response:
 
 def run_routed(
     tenant_id: str,
-    body: ChatBody,
+    body: ChatRequest,
     route: Route,
     *,
     endpoint: str,
@@ -144,7 +147,7 @@ def run_routed(
     return stream_response(job, body, route)
 
 
-def stream_response(job: Job, body: ChatBody, route: Route) -> Response:
+def stream_response(job: Job, body: ChatRequest, route: Route) -> Response:
     """The answer of a started stream job: its SSE relay, or one collected completion."""
     db.session.remove()  # never hold a session across the relay
     headers = {

@@ -257,7 +257,7 @@ def _is_about(message: str, batch_id: str) -> bool:
         return False
     try:
         event = json.loads(message)
-        return event.get("type") == "batch" and event["data"].get("id") == batch_id
+        return bool(event.get("type") == "batch" and event["data"].get("id") == batch_id)
     except (ValueError, KeyError, AttributeError, TypeError):
         return False
 

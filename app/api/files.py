@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
@@ -49,7 +49,7 @@ def _parse_upload() -> tuple[dict[str, str], storage.CountingWriter | None, str 
         return part  # type: ignore[return-value]
 
     parser = FormDataParser(
-        stream_factory=stream_factory,  # type: ignore[arg-type]
+        stream_factory=stream_factory,
         max_form_memory_size=MAX_FIELD_BYTES,
         max_form_parts=50,
         silent=False,
@@ -73,10 +73,11 @@ def _parse_upload() -> tuple[dict[str, str], storage.CountingWriter | None, str 
         _discard(parts)
         raise
     chosen = uploaded.get("file")
-    keep = chosen.stream if chosen is not None else None
+    # the stream is one of the CountingWriters that stream_factory made
+    keep = cast(storage.CountingWriter | None, chosen.stream if chosen is not None else None)
     _discard([p for p in parts if p is not keep])
     fields = {key: form.get(key, "") for key in form}
-    return fields, keep, chosen.filename if chosen is not None else None  # type: ignore[return-value]
+    return fields, keep, chosen.filename if chosen is not None else None
 
 
 def _discard(parts: list[storage.CountingWriter]) -> None:

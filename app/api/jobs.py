@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import Any, cast
 
 from flask import Blueprint, Response, g, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from app.api.chat import make_tail, on_disconnect, sse_response
 from app.errors import APIError
@@ -17,7 +18,7 @@ from app.pagination import fetch_page, list_object, page_params
 from app.services.front_door import wait_for_job
 from app.services.jobs import job_object
 from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job
-from app.streams.entries import entry_key, text_of
+from app.streams.entries import Generation, entry_key
 from app.streams.hub import current_hub
 from app.streams.keys import log_key
 from app.streams.render import ChunkRenderer
@@ -59,10 +60,19 @@ def list_jobs() -> ResponseReturnValue:
 @bp.get("/jobs/<job_id>")
 def show_job(job_id: str) -> ResponseReturnValue:
     job = get_job(job_id)
-    output = None
-    if job.mode == "stream" and job.status not in TERMINAL:
-        output = text_of(read_all(current_hub().client, job.id)) or None
-    return job_object(job, output=output)
+    if job.mode != "stream" or job.status in TERMINAL:
+        return job_object(job)
+    # Live: the text so far is the log's; a log that has ended is ahead of its row (the
+    # worker writes the log's end first), so the job is shown as the log ended it.
+    generation = Generation.of(read_all(current_hub().client, job.id))
+    shown = job_object(job, output=generation.text or None)
+    if generation.status is not None:
+        shown["status"] = generation.status
+        shown["error"] = generation.error
+        if generation.error is None:
+            shown["finish_reason"] = generation.finish_reason
+            shown["usage"] = generation.usage
+    return shown
 
 
 @bp.get("/jobs/<job_id>/events")
@@ -100,7 +110,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
     created = epoch(job.created_at)
     renderer = ChunkRenderer(job.id, job.model, created, include_usage)
     renderer.resumed = last is not None
-    tail = make_tail(job.id, after=last or "0-0", running=job.status == "running")
+    tail = make_tail(job.id, after=last or "0-0", running=job.status != "queued")
     db.session.remove()
     return sse_response(tail, renderer, headers, on_disconnect(job.on_disconnect, tail))
 
@@ -120,7 +130,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
             .where(Job.id == job.id, Job.status == "queued")
             .values(status="cancelled", finished_at=utcnow(), error=CANCELLED_ERROR)
         )
-        cancelled = db.session.execute(stmt).rowcount > 0
+        cancelled = cast("CursorResult[Any]", db.session.execute(stmt)).rowcount > 0
         db.session.commit()
         if not cancelled:
             raise APIError(

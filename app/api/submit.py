@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g
+from flask import Blueprint, Response, g
 
 from app import policy
 from app.api.chat import run_routed
@@ -16,7 +16,7 @@ bp = Blueprint("submit", __name__)
 def submit_job() -> Response:
     """Route one job by the policy: SSE for stream, 202 + Location for batch."""
     body = front_door.json_body()
-    chat = parse_job_body(body, current_app.config)
+    chat = parse_job_body(body)
     prefer = front_door.preferences()
     req = policy.request_from_body(
         "/v1/jobs",

@@ -181,7 +181,8 @@ def recent_batches(limit: int = 20) -> list[dict[str, Any]]:
             .where(Job.batch_id.in_(ids))
             .group_by(Job.batch_id, Job.status)
         ):
-            items[batch_id][status] = count
+            if batch_id is not None:
+                items[batch_id][status] = count
     return [batch_dict(batch, tenant, items[batch.id]) for batch, tenant in rows]
 
 

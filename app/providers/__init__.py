@@ -1,4 +1,4 @@
-"""LLM providers behind one interface: stream() and complete()."""
+"""LLM providers behind one interface: check(), stream() and complete()."""
 
 from app.providers.base import (
     ChatRequest,
@@ -7,11 +7,18 @@ from app.providers.base import (
     Provider,
     ProviderError,
     ProviderStream,
+    Unsupported,
     Usage,
     delta_text,
-    estimate_tokens,
 )
-from app.providers.registry import ProviderRegistry, UnknownModel, build_registry
+from app.providers.messages import estimate_tokens
+from app.providers.registry import (
+    ProviderRegistry,
+    UnknownModel,
+    build_registry,
+    init_app,
+    providers,
+)
 
 __all__ = [
     "ChatRequest",
@@ -22,8 +29,11 @@ __all__ = [
     "ProviderRegistry",
     "ProviderStream",
     "UnknownModel",
+    "Unsupported",
     "Usage",
     "build_registry",
     "delta_text",
     "estimate_tokens",
+    "init_app",
+    "providers",
 ]

@@ -8,17 +8,17 @@ from typing import Any
 
 import anthropic
 
+from app.providers.anthropic_request import Translated, translate
 from app.providers.base import (
     ChatRequest,
     ChoiceDelta,
     Completion,
     ProviderError,
+    Unsupported,
     Usage,
-    content_text,
-    error_from_status,
     text_delta,
 )
-from app.providers.errors import map_transport_error, upstream_message
+from app.providers.errors import refused, upstream_message
 from app.providers.sdk import SDKProvider
 from app.providers.streaming import RawSSEStream, open_streaming, read_json
 
@@ -33,65 +33,16 @@ STOP_REASONS = {
 }
 
 
-def map_anthropic_error(exc: BaseException, provider: str = "anthropic") -> ProviderError | None:
-    """Translate an anthropic SDK (or transport) exception into a ProviderError."""
-    if isinstance(exc, anthropic.APIStatusError):
-        message = upstream_message(exc.body, exc.message)
-        if exc.status_code < 400:  # an `error` event inside a 200 stream
-            kind = getattr(exc, "type", None) or "error"
-            return ProviderError(
-                f"{provider}: stream error ({kind}): {message}",
-                retryable=True,
-                code="upstream_stream_error",
-            )
-        return error_from_status(exc.status_code, f"{provider}: {message}", exc.response.headers)
-    if isinstance(exc, anthropic.APITimeoutError):
-        return ProviderError(
-            f"{provider}: request timed out", retryable=True, code="upstream_timeout"
-        )
-    if isinstance(exc, anthropic.APIConnectionError):
-        return ProviderError(
-            f"{provider}: connection error: {exc.__cause__ or exc.message}",
-            retryable=True,
-            code="upstream_connection_error",
-        )
-    if isinstance(exc, anthropic.APIError):
-        message = upstream_message(exc.body, exc.message)
-        return ProviderError(f"{provider}: {message}", retryable=True, code="upstream_stream_error")
-    if isinstance(exc, anthropic.AnthropicError):
-        return ProviderError(f"{provider}: {exc}", retryable=False)
-    return map_transport_error(exc, provider)
-
-
-def to_anthropic_messages(
-    messages: list[dict[str, Any]],
-) -> tuple[str | None, list[dict[str, Any]]]:
-    """Split OpenAI messages into Anthropic's `system` and alternating text `messages`."""
-    system: list[str] = []
-    turns: list[dict[str, Any]] = []
-    for message in messages:
-        role = message.get("role")
-        text = content_text(message.get("content"))
-        if role in ("system", "developer"):
-            if text:
-                system.append(text)
-            continue
-        role = "assistant" if role == "assistant" else "user"
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n\n" + text
-        else:
-            turns.append({"role": role, "content": text})
-    return ("\n\n".join(system) or None), turns
-
-
 class AnthropicStream(RawSSEStream):
     """A streamed Anthropic message, parsed from the raw SSE body into OpenAI choice deltas."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, format_tool: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._input_tokens = 0
         self._stopped = False
         self._tool_index: dict[int, int] = {}  # content block index -> OpenAI tool call index
+        self._format_tool = format_tool  # the forced tool whose input is the JSON answer
+        self._format_blocks: set[int] = set()
 
     def _handle(self, event: str | None, data: Any) -> list[ChoiceDelta] | None:
         """Translate one raw Messages stream event (text, tool use, thinking, stop, usage)."""
@@ -99,7 +50,9 @@ class AnthropicStream(RawSSEStream):
             return None
         if event == "content_block_start":
             block = data.get("content_block") or {}
-            if block.get("type") == "tool_use":
+            if block.get("type") == "tool_use" and block.get("name") == self._format_tool:
+                self._format_blocks.add(int(data.get("index") or 0))
+            elif block.get("type") == "tool_use":
                 position = self._tool_index[int(data.get("index") or 0)] = len(self._tool_index)
                 call = {
                     "index": position,
@@ -116,6 +69,8 @@ class AnthropicStream(RawSSEStream):
             if kind == "text_delta" and delta.get("text"):
                 return [text_delta(delta["text"])]
             if kind == "input_json_delta" and delta.get("partial_json"):
+                if int(data.get("index") or 0) in self._format_blocks:
+                    return [text_delta(delta["partial_json"])]
                 position = self._tool_index.get(int(data.get("index") or 0), 0)
                 fragment = {"index": position, "function": {"arguments": delta["partial_json"]}}
                 return [{"index": 0, "delta": {"tool_calls": [fragment]}}]
@@ -126,6 +81,8 @@ class AnthropicStream(RawSSEStream):
             self._input_tokens = int(usage.get("input_tokens") or 0)
         elif event == "message_delta":
             reason = (data.get("delta") or {}).get("stop_reason") or "end_turn"
+            if reason == "tool_use" and self._format_blocks and not self._tool_index:
+                reason = "end_turn"  # the forced answer tool was the answer
             self.finish_reason = STOP_REASONS.get(reason, "stop")
             usage = data.get("usage") or {}
             prompt = int(usage.get("input_tokens") or 0) or self._input_tokens
@@ -152,6 +109,8 @@ class AnthropicStream(RawSSEStream):
 class AnthropicProvider(SDKProvider):
     """Claude models through the Messages API."""
 
+    sdk = anthropic
+
     def __init__(
         self,
         name: str = "anthropic",
@@ -172,57 +131,47 @@ class AnthropicProvider(SDKProvider):
             api_key=api_key, base_url=self._base_url, timeout=self._timeout, max_retries=0
         )
 
-    def _params(self, request: ChatRequest) -> dict[str, Any]:
-        """SDK keyword arguments for a request."""
-        system, messages = to_anthropic_messages(request.messages)
-        params: dict[str, Any] = {
-            "model": request.model,
-            "messages": messages,
-            "max_tokens": request.max_tokens or self._default_max_tokens,
-        }
-        if system:
-            params["system"] = system
-        if request.stop:
-            params["stop_sequences"] = request.stop
-        if request.user:
-            params["metadata"] = {"user_id": request.user}
-        sampling = {"temperature": request.temperature, "top_p": request.top_p}
-        extra = {k: v for k, v in sampling.items() if v is not None}
-        if extra:
-            params["extra_body"] = extra
-        return params
+    def _translate(self, request: ChatRequest) -> Translated:
+        """The Messages API call for a request; a refused parameter is a non-retryable 400."""
+        try:
+            return translate(request, self.name, self._default_max_tokens)
+        except Unsupported as exc:
+            raise refused(self.name, exc) from None
 
-    def _map(self, exc: BaseException) -> ProviderError | None:
-        """Map an exception raised by this provider's SDK calls."""
-        return map_anthropic_error(exc, self.name)
+    def check(self, request: ChatRequest) -> None:
+        """Raise Unsupported for a parameter the Messages API has no match for."""
+        translate(request, self.name, self._default_max_tokens)
 
     def stream(self, request: ChatRequest) -> AnthropicStream:
         """Start a streamed message; HTTP errors raise here, later ones during iteration."""
+        call = self._translate(request)
         client = self._get_client()
         response = open_streaming(
-            client.messages.with_streaming_response.create,
-            self._map,
-            **self._params(request),
-            stream=True,
+            client.messages.with_streaming_response.create, self._map, **call.params, stream=True
         )
-        stream = AnthropicStream(response, request, self._map)
+        stream = AnthropicStream(response, request, self._map, format_tool=call.format_tool)
         stream.provider_name = self.name
         return stream
 
     def complete(self, request: ChatRequest) -> Completion:
         """Run a non-streaming message (raw SDK response, decoded without models)."""
+        call = self._translate(request)
         client = self._get_client()
-        body = read_json(
-            client.messages.with_streaming_response.create, self._map, **self._params(request)
-        )
-        return completion_from_message(body)
+        body = read_json(client.messages.with_streaming_response.create, self._map, **call.params)
+        return completion_from_message(body, call.format_tool)
 
 
-def completion_from_message(body: Any) -> Completion:
-    """A Completion from an Anthropic `message` JSON body (text, tool use, thinking)."""
+def completion_from_message(body: Any, format_tool: str | None = None) -> Completion:
+    """A Completion from an Anthropic `message` JSON body (text, tool use, thinking).
+
+    A `tool_use` of the forced answer tool (`format_tool`) is the JSON content of the answer.
+    """
     body = body if isinstance(body, dict) else {}
     blocks = [b for b in body.get("content") or [] if isinstance(b, dict)]
+    answers = [b for b in blocks if b.get("type") == "tool_use" and b.get("name") == format_tool]
+    blocks = [b for b in blocks if b not in answers]
     text = "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
+    text += "".join(json.dumps(b.get("input") or {}, ensure_ascii=False) for b in answers)
     message: dict[str, Any] = {"role": "assistant", "content": text}
     calls = [
         {
@@ -243,7 +192,10 @@ def completion_from_message(body: Any) -> Completion:
     if thinking:
         message["reasoning_content"] = thinking
     usage = body.get("usage") or {}
-    reason = STOP_REASONS.get(body.get("stop_reason") or "end_turn", "stop")
+    stop = body.get("stop_reason") or "end_turn"
+    if stop == "tool_use" and answers and not calls:
+        stop = "end_turn"
+    reason = STOP_REASONS.get(stop, "stop")
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
     return Completion(
         [choice], Usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0))

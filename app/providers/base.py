@@ -5,24 +5,109 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
+
+from app.providers.messages import estimate_tokens
 
 ChoiceDelta = dict[str, Any]
 """One element of a `chat.completion.chunk`'s `choices`: `{"index", "delta", ...}`."""
 
 
+# The record keys that are not ChatRequest fields of the same name.
+_RECORD_ONLY = ("model", "messages", "stream", "stream_options")
+
+
 @dataclass(frozen=True)
 class ChatRequest:
-    """One chat generation request, in OpenAI message format."""
+    """One chat request in OpenAI terms: built once from the validated body, stored as its record.
+
+    `model` is "provider/model" as the client sent it; the provider itself is handed a copy
+    whose `model` is its own name for the model (ProviderRegistry.bind). Parameters without
+    a field of their own (seed, logprobs, penalties, unknown keys...) ride in `options`.
+    """
 
     model: str
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] | None = None
     user: str | None = None
+    n: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    stream: bool = False
+    include_usage: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        """The provider part of "provider/model"."""
+        return self.model.partition("/")[0]
+
+    @property
+    def limit(self) -> int | None:
+        """The completion token limit: `max_completion_tokens`, else `max_tokens`."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def choices(self) -> int:
+        """How many choices to generate (`n`)."""
+        return self.n or 1
+
+    def input_tokens(self) -> int:
+        """A rough prompt-size estimate, for routing."""
+        return estimate_tokens(self.messages)
+
+    def to_record(self) -> dict[str, Any]:
+        """The stored form: the Chat Completions body, normalised (what the Job row keeps)."""
+        record: dict[str, Any] = {"model": self.model, "messages": self.messages}
+        record["stream"] = self.stream
+        if self.include_usage:
+            record["stream_options"] = {"include_usage": True}
+        for item in fields(self):
+            if item.name in _RECORD_ONLY or item.name in ("include_usage", "options"):
+                continue
+            value = getattr(self, item.name)
+            if value is not None:
+                record[item.name] = value
+        record.update(self.options)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ChatRequest:
+        """The request a stored record (or an already validated body) describes."""
+        known = {item.name for item in fields(cls)} - {"include_usage", "options"}
+        values = {k: v for k, v in record.items() if k in known and k not in _RECORD_ONLY}
+        stop = values.get("stop")
+        if isinstance(stop, str):
+            values["stop"] = [stop]
+        options = {k: v for k, v in record.items() if k not in known and k not in _RECORD_ONLY}
+        stream_options = record.get("stream_options")
+        include_usage = isinstance(stream_options, Mapping) and bool(
+            stream_options.get("include_usage")
+        )
+        return cls(
+            model=str(record["model"]),
+            messages=list(record.get("messages") or []),
+            stream=bool(record.get("stream")),
+            include_usage=include_usage,
+            options=options,
+            **values,
+        )
+
+
+class Unsupported(ValueError):
+    """A request parameter a provider cannot honour; the web answers 400 naming it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -154,6 +239,10 @@ class Provider(Protocol):
 
     name: str
 
+    def check(self, request: ChatRequest) -> None:
+        """Raise Unsupported for a parameter this provider cannot honour."""
+        ...
+
     def stream(self, request: ChatRequest) -> ProviderStream: ...
 
     def complete(self, request: ChatRequest) -> Completion: ...
@@ -209,34 +298,3 @@ def error_from_status(
         status_code=status_code,
         retry_after=parse_retry_after(headers) if status_code >= 500 else None,
     )
-
-
-def content_text(content: Any) -> str:
-    """Flatten OpenAI message content (str or list of parts) to plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts: list[str] = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-        return "".join(parts)
-    return str(content)
-
-
-def estimate_tokens(messages: list[dict[str, Any]]) -> int:
-    """A rough prompt token count: about four characters a token plus per-message overhead."""
-    chars = sum(len(content_text(m.get("content"))) for m in messages)
-    return (chars + 3) // 4 + 4 * len(messages)
-
-
-def last_user_text(messages: list[dict[str, Any]]) -> str:
-    """The text of the last user message, or "" if there is none."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return content_text(message.get("content"))
-    return ""

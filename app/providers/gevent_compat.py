@@ -59,7 +59,7 @@ def install() -> None:
     probe = _make_probe(poll)
     for name in ("httpcore2._backends.sync", "httpcore._backends.sync"):
         try:
-            module = importlib.import_module(name)
+            module: Any = importlib.import_module(name)
         except ImportError:
             continue
         if hasattr(module, "is_socket_readable"):

@@ -14,39 +14,14 @@ from app.providers.base import (
     Completion,
     ProviderError,
     Usage,
-    error_from_status,
-    estimate_tokens,
 )
-from app.providers.errors import RawResponse, map_transport_error, upstream_message
+from app.providers.errors import RawResponse
+from app.providers.messages import estimate_tokens
 from app.providers.sdk import SDKProvider
 from app.providers.streaming import RawSSEStream
 
 _FINISH_REASONS = {"function_call": "tool_calls"}
-
-
-def map_openai_error(exc: BaseException, provider: str = "openai") -> ProviderError | None:
-    """Translate an openai SDK (or transport) exception into a ProviderError."""
-    if isinstance(exc, openai.APIStatusError):
-        message = upstream_message(exc.body, exc.message)
-        return error_from_status(exc.status_code, f"{provider}: {message}", exc.response.headers)
-    if isinstance(exc, openai.APITimeoutError):
-        return ProviderError(
-            f"{provider}: request timed out", retryable=True, code="upstream_timeout"
-        )
-    if isinstance(exc, openai.APIConnectionError):
-        return ProviderError(
-            f"{provider}: connection error: {exc.__cause__ or exc.message}",
-            retryable=True,
-            code="upstream_connection_error",
-        )
-    if isinstance(exc, openai.APIError):
-        message = upstream_message(exc.body, exc.message)
-        return ProviderError(
-            f"{provider}: stream error: {message}", retryable=True, code="upstream_stream_error"
-        )
-    if isinstance(exc, openai.OpenAIError):
-        return ProviderError(f"{provider}: {exc}", retryable=False)
-    return map_transport_error(exc, provider)
+LIST_MODELS_TIMEOUT = 10.0
 
 
 def _finish_reason(value: str | None) -> str:
@@ -101,7 +76,13 @@ class OpenAIStream(RawSSEStream):
 
 
 class OpenAIProvider(SDKProvider):
-    """Chat completions against api.openai.com or any OpenAI-compatible server."""
+    """Chat completions against api.openai.com or any OpenAI-compatible server.
+
+    Every parameter is carried as sent, unknown top-level keys included (as the SDK's
+    `extra_body` would): the upstream is the judge of what it supports.
+    """
+
+    sdk = openai
 
     def __init__(
         self,
@@ -122,21 +103,11 @@ class OpenAIProvider(SDKProvider):
         )
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
-        """SDK keyword arguments for a request."""
-        params: dict[str, Any] = {"model": request.model, "messages": request.messages}
-        optional = {
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "stop": request.stop or None,
-            "user": request.user,
-        }
-        params.update({k: v for k, v in optional.items() if v is not None})
-        return params
-
-    def _map(self, exc: BaseException) -> ProviderError | None:
-        """Map an exception raised by this provider's SDK calls."""
-        return map_openai_error(exc, self.name)
+        """The request body: the stored record minus Sluice's own streaming fields."""
+        body = request.to_record()
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        return body
 
     def _post(self, body: dict[str, Any], *, stream: bool) -> Any:
         """POST /chat/completions through the SDK client; the raw (unparsed) HTTP response.
@@ -161,6 +132,19 @@ class OpenAIProvider(SDKProvider):
         stream = OpenAIStream(self._post(body, stream=True), request, self._map)
         stream.provider_name = self.name
         return stream
+
+    def list_models(self) -> list[str]:
+        """The upstream's own model ids (`GET /models`)."""
+        client = self._get_client().with_options(timeout=LIST_MODELS_TIMEOUT)
+        try:
+            response = client.get("/models", cast_to=RawResponse)
+            body = json.loads(response.content)
+        except ValueError:
+            raise ProviderError(f"{self.name}: undecodable /models body", retryable=True) from None
+        except Exception as exc:
+            raise self._map(exc) or exc from exc
+        data = body.get("data") if isinstance(body, dict) else None
+        return [str(m["id"]) for m in data or [] if isinstance(m, dict) and m.get("id")]
 
     def complete(self, request: ChatRequest) -> Completion:
         """Run a non-streaming completion (raw SDK response, decoded without models)."""

@@ -1,13 +1,27 @@
-"""Resolve "provider/model" names to provider instances built from the app config."""
+"""Resolve "provider/model" names to provider instances built from the app config.
+
+One registry per app, made by `init_app` (from `create_app`) and reached through
+`providers()` by the web and the workers alike; each provider keeps its SDK client.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
-from app.providers.base import Provider
+from app.providers import gevent_compat
+from app.providers.base import ChatRequest, Provider
+from app.providers.catalog import ModelCatalog
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+log = logging.getLogger(__name__)
+EXTENSION = "sluice_providers"
 
 DUMMY_API_KEY = "sk-none"
 KINDS = ("openai", "anthropic", "mock")
@@ -25,22 +39,50 @@ class ProviderRegistry:
     def __init__(self, factories: Mapping[str, ProviderFactory] | None = None) -> None:
         self._factories: dict[str, ProviderFactory] = dict(factories or {})
         self._providers: dict[str, Provider] = {}
+        self._models: dict[str, tuple[str, ...]] = {}
+        self._fetch_models: set[str] = set()
         self._lock = threading.Lock()
+        self.catalog = ModelCatalog(self)
 
-    def register(self, name: str, provider: Provider | ProviderFactory) -> None:
-        """Add or replace a provider (an instance or a zero-argument factory)."""
+    def register(
+        self,
+        name: str,
+        provider: Provider | ProviderFactory,
+        *,
+        models: tuple[str, ...] = (),
+        fetch_models: bool = False,
+    ) -> None:
+        """Add or replace a provider (an instance or a zero-argument factory).
+
+        `models` are the model names it declares; with `fetch_models` its own `/models`
+        list is added to them (OpenAI-compatible providers).
+        """
         if not name or "/" in name:
             raise ValueError(f"bad provider name {name!r}")
         with self._lock:
             self._providers.pop(name, None)
-            if callable(provider) and not hasattr(provider, "stream"):
-                self._factories[name] = provider
+            self._models[name] = models
+            if fetch_models:
+                self._fetch_models.add(name)
             else:
-                self._factories[name] = lambda: provider  # type: ignore[return-value]
+                self._fetch_models.discard(name)
+            if isinstance(provider, Provider):
+                instance = provider
+                self._factories[name] = lambda: instance
+            else:
+                self._factories[name] = provider
 
     def names(self) -> list[str]:
         """The known provider names, in registration order."""
         return list(self._factories)
+
+    def declared_models(self, name: str) -> tuple[str, ...]:
+        """The model names provider `name` declares (sluice.toml `models = [...]`)."""
+        return self._models.get(name, ())
+
+    def fetches_models(self, name: str) -> bool:
+        """Whether provider `name`'s own model list is fetched (`fetch_models = true`)."""
+        return name in self._fetch_models
 
     def get(self, name: str) -> Provider:
         """The provider called `name`, constructing it on first use."""
@@ -72,6 +114,28 @@ class ProviderRegistry:
                 f"unknown provider '{name}' in model '{model}'; known: {', '.join(self.names())}"
             )
         return self.get(name), upstream_model
+
+    def bind(self, request: ChatRequest) -> tuple[Provider, ChatRequest]:
+        """The provider for a request, and the request as that provider sees it (its model)."""
+        provider, upstream_model = self.resolve(request.model)
+        return provider, replace(request, model=upstream_model)
+
+    def warm_up(self) -> None:
+        """Build every provider and its SDK client now, not inside the first job.
+
+        The first use of an SDK imports a lot of code; under gevent that blocks the whole
+        worker for seconds, long enough for every running job's lease to lapse.
+        """
+        for name in self.names():
+            try:
+                provider = self.get(name)
+                client = getattr(provider, "_get_client", None)
+                if client is not None:
+                    sdk = client()
+                    getattr(sdk, "chat", None) and sdk.chat.completions
+                    getattr(sdk, "messages", None)
+            except Exception as exc:  # an unconfigured provider is fine until someone uses it
+                log.debug("warm-up of provider %s skipped: %s", name, exc)
 
 
 def _key_source(
@@ -152,12 +216,34 @@ def _factory(
     raise ValueError(f"providers.{name}: unknown kind {kind!r}; expected one of {KINDS}")
 
 
+def _model_options(name: str, table: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The `models` and `fetch_models` settings of a `[providers.NAME]` table."""
+    models = table.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError(f"providers.{name}.models must be a list of model names")
+    if kind == "mock":
+        from app.providers.mock import MODELS
+
+        models = [*MODELS, *(m for m in models if m not in MODELS)]
+    fetch = table.get("fetch_models", False)
+    if not isinstance(fetch, bool):
+        raise ValueError(f"providers.{name}.fetch_models must be true or false")
+    if fetch and kind != "openai":
+        raise ValueError(f"providers.{name}.fetch_models needs an OpenAI-compatible provider")
+    return {"models": tuple(models), "fetch_models": fetch}
+
+
 def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
     """Build the registry: mock, openai, anthropic, plus each `[providers.NAME]` table."""
     tables: Mapping[str, Any] = config.get("PROVIDERS") or {}
     registry = ProviderRegistry()
     for name in ("mock", "openai", "anthropic"):
-        registry.register(name, _factory(name, tables.get(name) or {}, config, builtin=True))
+        table = tables.get(name) or {}
+        registry.register(
+            name,
+            _factory(name, table, config, builtin=True),
+            **_model_options(name, table, str(table.get("kind", name))),
+        )
     for name, table in tables.items():
         if name in KINDS:
             continue
@@ -166,5 +252,26 @@ def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
         kind = table.get("kind", "openai")
         if kind in ("openai", "anthropic") and not table.get("base_url"):
             raise ValueError(f"providers.{name} needs a base_url")
-        registry.register(name, _factory(name, table, config, builtin=False))
+        options = _model_options(name, table, str(kind))
+        registry.register(name, _factory(name, table, config, builtin=False), **options)
+    return registry
+
+
+def init_app(app: Flask) -> ProviderRegistry:
+    """Build the app's provider registry (ValueError on a bad `[providers]` table).
+
+    Also keeps the SDKs' HTTP pool from yielding to the gevent hub (see gevent_compat).
+    """
+    gevent_compat.install()
+    registry = app.extensions[EXTENSION] = build_registry(app.config)
+    return registry
+
+
+def providers(app: Flask | None = None) -> ProviderRegistry:
+    """The provider registry of `app` (default: the current app)."""
+    from flask import current_app
+
+    registry: ProviderRegistry | None = (app or current_app).extensions.get(EXTENSION)
+    if registry is None:
+        raise RuntimeError("providers.init_app(app) was not called for this app")
     return registry

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-from app.providers import gevent_compat
-from app.providers.base import ProviderError
+from app.providers.base import ChatRequest, ProviderError
+from app.providers.errors import map_sdk_error
 
 
 class SDKProvider:
     """A provider whose calls go through one official SDK client, made on first use."""
+
+    sdk: ModuleType  # the SDK module: `openai` or `anthropic`
 
     def __init__(
         self,
@@ -30,6 +33,13 @@ class SDKProvider:
         self._client: Any = None
         self._lock = threading.Lock()
 
+    def check(self, request: ChatRequest) -> None:
+        """Raise Unsupported for a parameter this provider cannot honour (none by default)."""
+
+    def _map(self, exc: BaseException) -> ProviderError | None:
+        """Map an exception raised by this provider's SDK calls."""
+        return map_sdk_error(exc, self.name, self.sdk)
+
     def _make_client(self, api_key: str) -> Any:
         """Build the SDK client (no SDK retries: Sluice retries itself)."""
         raise NotImplementedError
@@ -45,7 +55,6 @@ class SDKProvider:
                 retryable=False,
                 code="provider_not_configured",
             )
-        gevent_compat.install()
         with self._lock:
             if self._client is None:
                 self._client = self._make_client(api_key)

@@ -13,13 +13,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from app.providers.base import ChatRequest, ChoiceDelta, ProviderError, Usage, estimate_tokens
+from app.providers.base import ChatRequest, ChoiceDelta, ProviderError, Usage
+from app.providers.messages import estimate_tokens
 
 ErrorMapper = Callable[[BaseException], ProviderError | None]
-
-
-class _Done(Exception):
-    """The upstream said the stream is over (`[DONE]`); drain the rest quietly."""
 
 
 class RawSSEStream:

@@ -17,6 +17,7 @@ from app.extensions import db
 from app.models import Batch, utcnow
 from app.services import events
 from app.services.batches import (
+    ACTIVE,
     batches_t,
     has_active_items,
     jobs_t,
@@ -131,7 +132,11 @@ def _run_finalizer(batch_id: str, final: str) -> None:
 
 
 def expire_batch(batch_id: str) -> None:
-    """Past its window: queued items become `expired`; finished ones are kept."""
+    """Past its window: unfinished items (queued or running) become `expired`; finished kept.
+
+    A running item's late result is refused by its conditional write, so the batch ends
+    now, not when (or if) its last worker answers.
+    """
     now = utcnow()
     with db.engine.begin() as conn:
         moved = conn.execute(
@@ -146,7 +151,7 @@ def expire_batch(batch_id: str) -> None:
         if moved:
             conn.execute(
                 update(jobs_t)
-                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == "queued")
+                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_(ACTIVE))
                 .values(status="expired", finished_at=now, error=stop_error("batch_expired"))
             )
     if moved:

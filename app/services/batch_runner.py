@@ -4,6 +4,10 @@
   RETURNING ...`; only rows this statement moved are ours.
 - Result: `UPDATE jobs ... WHERE id=:id AND status='running' AND attempts=:attempt`, so a
   redelivered, duplicated or re-queued task can never write a result twice.
+- Lease: every claim holds a lease (`app.leases`) renewed while it runs and named in the
+  rows' `worker` column; a claim whose lease lapsed (its worker died, stalled or restarted,
+  under any name) is re-queued by the sweeper. A run that fails gives its unfinished items
+  back itself (re-queued, or failed with the error after BATCH_MAX_ATTEMPTS claims).
 - Provider calls run concurrently within a chunk (a bounded gevent pool) and hold a slot of
   the per-provider semaphore shared by all batch workers (`batch_semaphore`).
 """
@@ -12,27 +16,46 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import bindparam, update
+from sqlalchemy import and_, bindparam, update
+from sqlalchemy.exc import OperationalError
 
-from app.extensions import db
+from app import leases
+from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
-from app.providers.base import (
-    ChatRequest,
-    ProviderError,
-)
+from app.providers import ChatRequest, ProviderError, UnknownModel, providers
 from app.services import events
 from app.services.batch_lifecycle import maybe_finalize
 from app.services.batch_semaphore import semaphore
-from app.services.batches import batches_t, jobs_t, stop_error, stop_reason
+from app.services.batches import (
+    CLAIMS_KEY,
+    batches_t,
+    jobs_t,
+    requeue_items,
+    stop_error,
+    stop_reason,
+)
+from app.services.stream_runner import db_text
 
 log = logging.getLogger(__name__)
 
 FLUSH_ITEMS = 50
+CLAIMED = (
+    jobs_t.c.id,
+    jobs_t.c.attempts,
+    jobs_t.c.model,
+    jobs_t.c.request,
+    jobs_t.c.batch_id,
+    jobs_t.c.item_index,
+)
 FLUSH_SECONDS = 0.25
 
 
@@ -47,31 +70,6 @@ class ItemResult:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-
-
-def _registry() -> Any:
-    from app.providers.registry import build_registry
-
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    registry = app.extensions.get("sluice_provider_registry")
-    if registry is None:
-        registry = app.extensions["sluice_provider_registry"] = build_registry(app.config)
-    return registry
-
-
-def chat_request(body: dict[str, Any], upstream_model: str) -> ChatRequest:
-    """A ChatRequest from a stored chat-completions body."""
-    stop = body.get("stop")
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    return ChatRequest(
-        model=upstream_model,
-        messages=list(body.get("messages") or []),
-        max_tokens=int(max_tokens) if max_tokens is not None else None,
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        stop=[stop] if isinstance(stop, str) else stop,
-        user=body.get("user"),
-    )
 
 
 def backoff_seconds(attempt: int, retry_after: float | None) -> float:
@@ -100,12 +98,10 @@ def _failure(exc: BaseException, tries: int) -> dict[str, Any]:
 
 def run_item(row: Any, cancelled: Any) -> ItemResult:
     """Call the provider for one claimed item, retrying retryable failures."""
-    from app.providers.registry import UnknownModel
-
     max_tries = max(1, current_app.config["BATCH_MAX_ATTEMPTS"])
     try:
-        provider, upstream_model = _registry().resolve(row.model)
-        request = chat_request(row.request, upstream_model)
+        record = {"model": row.model, **(row.request or {})}
+        provider, request = providers().bind(ChatRequest.from_record(record))
     except (UnknownModel, TypeError, ValueError) as exc:
         error = ProviderError(str(exc), retryable=False, code="invalid_request")
         return ItemResult(row.id, row.attempts, "failed", error=_failure(error, 0))
@@ -158,6 +154,8 @@ def write_results(batch_id: str | None, outcomes: list[ItemResult]) -> int:
     """Write outcomes whose claim is still ours, in one short transaction; returns how many."""
     if not outcomes:
         return 0
+    if marker := current_app.config["BATCH_FAULT_WRITE_MARKER"]:
+        _injected_fault(marker, outcomes)
     now = utcnow()
     written = prompt = completion = 0
     with db.engine.begin() as conn:
@@ -166,7 +164,7 @@ def write_results(batch_id: str | None, outcomes: list[ItemResult]) -> int:
                 "b_id": o.job_id,
                 "b_attempt": o.attempt,
                 "b_status": o.status,
-                "b_output": o.output,
+                "b_output": db_text(o.output) if o.output is not None else None,
                 "b_finish": o.finish_reason,
                 "b_usage": o.usage,
                 "b_error": o.error,
@@ -189,22 +187,63 @@ def write_results(batch_id: str | None, outcomes: list[ItemResult]) -> int:
     return written
 
 
-def claim_range(batch_id: str, first: int, last: int, worker: str) -> list[Any]:
-    """Move the queued items first..last of a batch to running; the rows we got."""
+def _claim(where: Any, holder: str) -> list[Any]:
+    """Move the queued jobs matching `where` to running under holder; the rows we got."""
     stmt = (
         update(jobs_t)
-        .where(
-            jobs_t.c.batch_id == batch_id,
-            jobs_t.c.item_index.between(first, last),
-            jobs_t.c.status == "queued",
-        )
+        .where(where, jobs_t.c.status == "queued")
         .values(
-            status="running", attempts=jobs_t.c.attempts + 1, worker=worker, started_at=utcnow()
+            status="running", attempts=jobs_t.c.attempts + 1, worker=holder, started_at=utcnow()
         )
-        .returning(jobs_t.c.id, jobs_t.c.attempts, jobs_t.c.model, jobs_t.c.request)
+        .returning(*CLAIMED)
     )
     with db.engine.begin() as conn:
         return list(conn.execute(stmt).all())
+
+
+def _injected_fault(marker: str, outcomes: list[ItemResult]) -> None:
+    """Tests only: an output containing `<marker><n>` fails its write on attempts 1..n."""
+    for o in outcomes:
+        found = re.search(re.escape(marker) + r"(\d+)", o.output or "")
+        if found and o.attempt <= int(found.group(1)):
+            raise OperationalError("UPDATE jobs", None, RuntimeError(f"injected fault {marker}"))
+
+
+def claims() -> leases.Renewer:
+    """This process's claim leases (one per running chunk or job), renewed in the background."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    renewer = app.extensions.get("sluice_batch_claims")
+    if renewer is None:
+        renewer = app.extensions["sluice_batch_claims"] = leases.Renewer(
+            redis_store.client, app.config["BATCH_LEASE_SECONDS"], live_only=False
+        )
+    return renewer
+
+
+@contextmanager
+def claim_lease(worker: str) -> Iterator[str]:
+    """A lease for one claim, held (and renewed) while the block runs; yields its holder name.
+
+    Taken before the claim, so every claimed row names a lease that was live. The sweeper
+    re-queues running items whose holder's lease lapsed, whoever held it.
+    """
+    renewer = claims()
+    token = uuid.uuid4().hex
+    leases.acquire(renewer.client, [CLAIMS_KEY], token, leases.ms(renewer.seconds))
+    renewer.hold(CLAIMS_KEY, token)
+    try:
+        yield f"{worker}/{token}"
+    finally:
+        renewer.drop(token)
+        try:
+            leases.release(renewer.client, CLAIMS_KEY, token)
+        except Exception:
+            log.warning("could not release claim lease %s; it lapses on its own", token)
+
+
+def holder_token(holder: str | None) -> str:
+    """The lease token in a job's `worker` column ("" for none)."""
+    return (holder or "").rpartition("/")[2] if holder and "/" in holder else ""
 
 
 def _stop_checker(batch_id: str) -> Any:
@@ -228,13 +267,33 @@ def _stop_checker(batch_id: str) -> Any:
 
 def run_chunk(batch_id: str, first: int, last: int, worker: str) -> int:
     """Run a batch's items first..last (those still queued); returns how many were written."""
-    rows = claim_range(batch_id, first, last, worker)
-    if not rows:
-        maybe_finalize(batch_id)
-        return 0
-    written = _run_rows(batch_id, rows, _stop_checker(batch_id))
+    written = 0
+    with claim_lease(worker) as holder:
+        in_range = and_(jobs_t.c.batch_id == batch_id, jobs_t.c.item_index.between(first, last))
+        rows = _claim(in_range, holder)
+        if rows:
+            written = _run_claimed(batch_id, rows, _stop_checker(batch_id))
     maybe_finalize(batch_id)
     return written
+
+
+def _run_claimed(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
+    """Run claimed rows; if the run dies (a DB error, the task cut), give back what is unfinished.
+
+    Unfinished items go back to the queue, or fail with the error after BATCH_MAX_ATTEMPTS
+    claims. If even that fails (the database is down), the lapsed lease lets the sweeper.
+    """
+    try:
+        return _run_rows(batch_id, rows, cancelled)
+    except BaseException as exc:  # GreenletExit too: a task cut by a broker connection loss
+        log.warning("batch run of %d item(s) failed (%r); giving them back", len(rows), exc)
+        try:
+            requeue_items(rows, _failure(exc, 0))
+            if batch_id:
+                maybe_finalize(batch_id)
+        except Exception:
+            log.exception("could not give back %d item(s); the sweeper will", len(rows))
+        raise
 
 
 def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
@@ -254,42 +313,75 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
 
     buffer: list[ItemResult] = []
     written = 0
+    unwritten: list[ItemResult] = []
+    error: Exception | None = None
     last_flush = time.monotonic()
-    for outcome in Pool(size).imap_unordered(work, rows):
-        buffer.append(outcome)
-        if len(buffer) >= FLUSH_ITEMS or time.monotonic() - last_flush > FLUSH_SECONDS:
-            written += _flush(batch_id, buffer)
-            buffer = []
-            last_flush = time.monotonic()
-    written += _flush(batch_id, buffer)
+    pool = Pool(size)
+    try:
+        for outcome in pool.imap_unordered(work, rows):
+            buffer.append(outcome)
+            if len(buffer) >= FLUSH_ITEMS or time.monotonic() - last_flush > FLUSH_SECONDS:
+                n, failed, error = _flush(batch_id, buffer, error)
+                written, buffer, last_flush = written + n, [], time.monotonic()
+                unwritten += failed
+        n, failed, error = _flush(batch_id, buffer, error)
+        written += n
+        unwritten += failed
+    finally:
+        pool.kill(block=False)  # a failed run leaves no provider calls behind
+    if unwritten:
+        raise ResultWriteError(len(unwritten), error)
     return written
 
 
-def _flush(batch_id: str | None, outcomes: list[ItemResult]) -> int:
-    written = write_results(batch_id, outcomes)
-    if batch_id and outcomes:
+class ResultWriteError(RuntimeError):
+    """Some results of a run could not be written; the run gives those items back."""
+
+    def __init__(self, count: int, cause: Exception | None) -> None:
+        super().__init__(f"{count} result(s) could not be written: {type(cause).__name__}: {cause}")
+
+
+def _flush(
+    batch_id: str | None, outcomes: list[ItemResult], error: Exception | None
+) -> tuple[int, list[ItemResult], Exception | None]:
+    """Write outcomes; (written, those that could not be, the last write error).
+
+    A failed batched write is retried one result at a time, so one bad result (a value the
+    database refuses) does not take its neighbours with it; if the first two of those fail
+    too, the database is taken to be down and the rest are not tried.
+    """
+    if not outcomes:
+        return 0, [], error
+    try:
+        written = write_results(batch_id, outcomes)
+        failed: list[ItemResult] = []
+    except Exception as exc:
+        log.warning("writing %d result(s) failed (%r); trying one by one", len(outcomes), exc)
+        error, written, failed = exc, 0, []
+        for i, outcome in enumerate(outcomes):
+            try:
+                written += write_results(batch_id, [outcome])
+            except Exception as one:
+                error = one
+                failed.append(outcome)
+                if i == 1 and len(failed) == 2:  # the first two failed: the database is down
+                    failed += outcomes[2:]
+                    break
+    if batch_id:
         events.batch_changed(Batch(id=batch_id, status="in_progress"))
-    return written
+    return written, failed, error
 
 
 def run_job(job_id: str, worker: str) -> bool:
     """Run one standalone background job (no batch); True if its result was written here."""
-    stmt = (
-        update(jobs_t)
-        .where(jobs_t.c.id == job_id, jobs_t.c.status == "queued")
-        .values(
-            status="running", attempts=jobs_t.c.attempts + 1, worker=worker, started_at=utcnow()
-        )
-        .returning(jobs_t.c.id, jobs_t.c.attempts, jobs_t.c.model, jobs_t.c.request)
-    )
-    with db.engine.begin() as conn:
-        rows = list(conn.execute(stmt).all())
-    if not rows:
-        return False
-    job = db.session.get(Job, job_id)
-    if job is not None:
-        events.job_changed(job)
-    written = _run_rows(None, rows, lambda: None)
+    with claim_lease(worker) as holder:
+        rows = _claim(jobs_t.c.id == job_id, holder)
+        if not rows:
+            return False
+        job = db.session.get(Job, job_id)
+        if job is not None:
+            events.job_changed(job)
+        written = _run_claimed(None, rows, lambda: None)
     job = db.session.get(Job, job_id, populate_existing=True)
     if job is not None:
         events.job_changed(job)

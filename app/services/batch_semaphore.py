@@ -34,10 +34,9 @@ class ProviderSemaphore:
         self.client = client
         self.limit = max(1, limit)
         self.lease = max(1.0, lease)
-        self._held: dict[str, str] = {}  # token -> key
         self._local: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
-        self._renewer: threading.Thread | None = None
+        self.renewer = leases.Renewer(client, self.lease, live_only=True)
 
     @staticmethod
     def key(provider: str) -> str:
@@ -50,14 +49,11 @@ class ProviderSemaphore:
         full, _ = leases.acquire(self.client, [key], token, leases.ms(self.lease), [self.limit])
         if full:
             return None
-        with self._lock:
-            self._held[token] = key
-        self._ensure_renewer()
+        self.renewer.hold(key, token)
         return token
 
     def release(self, token: str) -> None:
-        with self._lock:
-            key = self._held.pop(token, None)
+        key = self.renewer.drop(token)
         if key:
             leases.release(self.client, key, token)
 
@@ -89,32 +85,6 @@ class ProviderSemaphore:
                 size = min(self.limit, LOCAL_GATE_MAX)
                 gate = self._local[provider] = threading.BoundedSemaphore(size)
             return gate
-
-    def _ensure_renewer(self) -> None:
-        if self._renewer is not None and self._renewer.is_alive():
-            return
-        with self._lock:
-            if self._renewer is None or not self._renewer.is_alive():
-                self._renewer = threading.Thread(
-                    target=self._renew_forever, daemon=True, name="provider-sem-renew"
-                )
-                self._renewer.start()
-
-    def _renew_forever(self) -> None:
-        while True:
-            time.sleep(self.lease / 3)
-            self.renew_once()
-
-    def renew_once(self) -> None:
-        with self._lock:
-            by_key: dict[str, list[str]] = {}
-            for token, key in self._held.items():
-                by_key.setdefault(key, []).append(token)
-        for key, tokens in by_key.items():
-            try:
-                leases.renew(self.client, key, tokens, leases.ms(self.lease), live_only=True)
-            except Exception:
-                log.warning("could not renew provider slots on %s", key)
 
 
 _semaphores: dict[int, ProviderSemaphore] = {}

@@ -7,100 +7,67 @@ with workers and with another sweep: every move is a conditional UPDATE.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from datetime import timedelta
 
-from flask import current_app
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import func, select
 
+from app import leases
 from app.extensions import db, redis_store
 from app.models import utcnow
-from app.queueing import BATCH_QUEUE, send_task
+from app.queueing import BATCH_QUEUE
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
-from app.services.batches import JOB_TASK, batches_t, enqueue_chunks, jobs_t
-from app.services.heartbeat import live_workers
+from app.services.batch_runner import holder_token
+from app.services.batches import (
+    CLAIMS_KEY,
+    batches_t,
+    enqueue_chunks,
+    jobs_t,
+    requeue_items,
+    resend,
+    runs,
+)
 
 log = logging.getLogger(__name__)
 
+STRANDED_AFTER = 30.0  # seconds a standalone job may stay queued before its task is re-sent
+RESEND_EVERY = 300  # seconds between two re-sends of one stranded job
+RESENT_KEY = "sluice:batch:resent:{}"
+LOST = {
+    "message": "the worker running this item vanished (its claim lease lapsed)",
+    "type": "server_error",
+    "code": "worker_lost",
+    "param": None,
+}
+
 
 def requeue_lost_items() -> int:
-    """Items `running` on a worker with no recent heartbeat go back to the queue."""
-    config = current_app.config
+    """Running items whose claim lease lapsed go back to the queue, whoever held them.
+
+    Hostnames play no part: a worker restarted under the same name has new leases, so the
+    old process's claims lapse all the same.
+    """
     client = redis_store.client
-    live = {w["hostname"] for w in live_workers(client, config["WORKER_HEARTBEAT_SECONDS"] * 3)}
     with db.engine.connect() as conn:
-        workers = conn.scalars(
+        holders = conn.scalars(
             select(jobs_t.c.worker)
             .where(jobs_t.c.status == "running", jobs_t.c.mode == "batch")
             .group_by(jobs_t.c.worker)
         ).all()
-    lost = [w for w in workers if w and w not in live]
-    if not lost:
-        return 0
-    max_attempts = max(1, config["BATCH_MAX_ATTEMPTS"])
+    tokens = {holder: holder_token(holder) for holder in holders}
+    live = leases.live_members(client, CLAIMS_KEY, [t for t in tokens.values() if t])
+    lost = [holder for holder, token in tokens.items() if token not in live]
     requeued = 0
-    for worker in lost:
+    for holder in lost:
+        where = jobs_t.c.worker.is_(None) if holder is None else jobs_t.c.worker == holder
         with db.engine.connect() as conn:
             rows = conn.execute(
                 select(
                     jobs_t.c.id, jobs_t.c.attempts, jobs_t.c.batch_id, jobs_t.c.item_index
-                ).where(jobs_t.c.status == "running", jobs_t.c.worker == worker)
+                ).where(jobs_t.c.status == "running", jobs_t.c.mode == "batch", where)
             ).all()
-        ranges: set[tuple[str, int]] = set()
-        singles: list[str] = []
-        now = utcnow()
-        with db.engine.begin() as conn:
-            for row in rows:
-                cond = and_(
-                    jobs_t.c.id == row.id,
-                    jobs_t.c.status == "running",
-                    jobs_t.c.attempts == row.attempts,
-                )
-                if row.attempts >= max_attempts:
-                    error = {
-                        "message": f"the worker running this item vanished {row.attempts} times",
-                        "type": "server_error",
-                        "code": "worker_lost",
-                        "param": None,
-                    }
-                    conn.execute(
-                        update(jobs_t)
-                        .where(cond)
-                        .values(status="failed", error=error, finished_at=now)
-                    )
-                    continue
-                if conn.execute(
-                    update(jobs_t).where(cond).values(status="queued", worker=None)
-                ).rowcount:
-                    requeued += 1
-                    if row.batch_id:
-                        ranges.add((row.batch_id, row.item_index))
-                    else:
-                        singles.append(row.id)
-        _resend(ranges, singles)
-        log.warning("re-queued %d items of vanished worker %s", len(rows), worker)
+        requeued += requeue_items(rows, LOST)
+        log.warning("re-queued %d items of lapsed claim %s", len(rows), holder)
     return requeued
-
-
-def _resend(indexes: set[tuple[str, int]], singles: list[str]) -> None:
-    by_batch: dict[str, list[int]] = {}
-    for batch_id, index in indexes:
-        by_batch.setdefault(batch_id, []).append(index)
-    for batch_id, items in by_batch.items():
-        for lo, hi in _runs(sorted(items)):
-            enqueue_chunks(batch_id, lo, hi)
-    for job_id in singles:
-        send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
-
-
-def _runs(indexes: list[int]) -> Iterator[tuple[int, int]]:
-    """Contiguous runs of sorted indexes as (first, last)."""
-    start = prev = indexes[0]
-    for i in indexes[1:]:
-        if i != prev + 1:
-            yield start, prev
-            start = i
-        prev = i
-    yield start, prev
 
 
 def resend_orphaned_chunks() -> int:
@@ -138,9 +105,36 @@ def resend_orphaned_chunks() -> int:
             ).all()
         if client.llen(BATCH_QUEUE):
             return sent
-        for lo, hi in _runs(sorted(indexes)):
+        for lo, hi in runs(sorted(indexes)):
             sent += enqueue_chunks(batch_id, lo, hi)
     return sent
+
+
+def resend_stranded_jobs() -> int:
+    """Standalone background jobs queued for long (their task was never sent): send again.
+
+    A web crash or broker error between the commit and the send leaves such a job. Each is
+    re-sent at most once per RESEND_EVERY seconds; duplicates are harmless (claims are
+    conditional).
+    """
+    client = redis_store.client
+    cutoff = utcnow() - timedelta(seconds=STRANDED_AFTER)
+    with db.engine.connect() as conn:
+        job_ids = conn.scalars(
+            select(jobs_t.c.id)
+            .where(
+                jobs_t.c.mode == "batch",
+                jobs_t.c.batch_id.is_(None),
+                jobs_t.c.status == "queued",
+                jobs_t.c.created_at < cutoff,
+            )
+            .limit(1000)
+        ).all()
+    due = [j for j in job_ids if client.set(RESENT_KEY.format(j), 1, nx=True, ex=RESEND_EVERY)]
+    resend(set(), due)
+    if due:
+        log.warning("re-sent %d stranded background job(s)", len(due))
+    return len(due)
 
 
 def expire_due_batches() -> int:

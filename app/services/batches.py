@@ -8,12 +8,14 @@ conditional UPDATE so redelivered tasks and racing sweepers never double-apply.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import IO, Any
 
 from flask import current_app
 from sqlalchemy import exists, func, insert, select, update
@@ -24,6 +26,7 @@ from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
 from app.models.job import ACTIVE, STATUSES
 from app.policy import Route
+from app.providers import UnknownModel, providers
 from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 
@@ -32,7 +35,9 @@ log = logging.getLogger(__name__)
 CHUNK_TASK = "sluice.batch.run_chunk"
 JOB_TASK = "sluice.batch.run_job"
 INSERT_CHUNK = 1000
+STAGE_MEMORY = 32 * 1024 * 1024  # staged rows beyond this spill to a temporary file
 STOP_KEY = "sluice:batch:stop:{}"  # value: "cancelled" or "expired"
+CLAIMS_KEY = "sluice:batch:claims"  # the lease set of running claims (chunks and jobs)
 MAX_ITEM_ID = 512
 
 jobs_t = Job.__table__
@@ -73,16 +78,12 @@ class _Models:
     """Resolves "provider/model" names once per distinct name."""
 
     def __init__(self) -> None:
-        from app.providers.registry import build_registry
-
-        self._registry = build_registry(current_app.config)
+        self._registry = providers()
         self._seen: dict[str, str] = {}
 
     def provider(self, model: Any, where: str) -> str:
         if isinstance(model, str) and model in self._seen:
             return self._seen[model]
-        from app.providers.registry import UnknownModel
-
         try:
             provider, _ = self._registry.resolve(model)
         except UnknownModel as exc:
@@ -107,107 +108,114 @@ def create_batch(
     prompt_template: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> Batch:
-    """Insert the batch and one queued job per item in one transaction, then enqueue chunks.
+    """Stage and validate every item, insert the batch and its jobs in one short transaction,
+    then enqueue chunks.
 
-    Items are consumed lazily; an exception from the iterable (e.g. a validation error
-    raised once the whole input has been read) rolls everything back.
+    The items are read (from the client's body, an upload, a file) and validated before any
+    transaction opens, so a slow upload or extraction never holds the database's write
+    lock; an exception from the iterable (e.g. a validation error raised once the whole
+    input has been read) leaves nothing behind. Staged rows spill to disk past STAGE_MEMORY.
     """
-    config = current_app.config
     window = window_seconds(completion_window)
-    limit = config["BATCH_MAX_DOCUMENTS"]
     models = _Models()
     if model:
         models.provider(model, "model")
-    now = utcnow()
-    batch_id = new_id("batch_")
-    total = 0
-    try:
-        with db.engine.begin() as conn:
-            conn.execute(
-                insert(batches_t).values(
-                    id=batch_id,
-                    tenant_id=tenant_id,
-                    kind=kind,
-                    status="validating",
-                    endpoint=endpoint,
-                    model=model,
-                    instructions=instructions,
-                    prompt_template=prompt_template,
-                    params=params,
-                    metadata=metadata,
-                    idempotency_key=idempotency_key,
-                    completion_window=completion_window,
-                    input_file_id=input_file_id,
-                    route_rule=route.rule,
-                    route_reason=route.reason,
-                    total=0,
-                    prompt_tokens=0,
-                    completion_tokens=0,
-                    created_at=now,
-                    expires_at=now + timedelta(seconds=window),
-                )
-            )
-            rows: list[dict[str, Any]] = []
-            for item in items:
-                if total >= limit:
-                    raise APIError(
-                        413,
-                        f"a batch may hold at most {limit} items (BATCH_MAX_DOCUMENTS)",
-                        param="documents",
-                        code="too_many_items",
+    with tempfile.SpooledTemporaryFile(STAGE_MEMORY) as staged:
+        total = _stage(items, models, model, staged)
+        now = utcnow()
+        batch_id = new_id("batch_")
+        common = {
+            "tenant_id": tenant_id,
+            "mode": "batch",
+            "status": "queued",
+            "endpoint": endpoint,
+            "route_rule": route.rule,
+            "route_reason": route.reason,
+            "priority": 0,
+            "attempts": 0,
+            "batch_id": batch_id,
+            "created_at": now,
+        }
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(
+                    insert(batches_t).values(
+                        id=batch_id,
+                        tenant_id=tenant_id,
+                        kind=kind,
+                        status="in_progress",
+                        endpoint=endpoint,
+                        model=model,
+                        instructions=instructions,
+                        prompt_template=prompt_template,
+                        params=params,
+                        metadata=metadata,
+                        idempotency_key=idempotency_key,
+                        completion_window=completion_window,
+                        input_file_id=input_file_id,
+                        route_rule=route.rule,
+                        route_reason=route.reason,
+                        total=total,
+                        prompt_tokens=0,
+                        completion_tokens=0,
+                        created_at=now,
+                        in_progress_at=now,
+                        expires_at=now + timedelta(seconds=window),
                     )
-                item_model = item.body.get("model") or model
-                where = f"item {total} ({item.item_id})"
-                if len(item.item_id) > MAX_ITEM_ID:
-                    raise APIError(
-                        400, f"{where}: id longer than {MAX_ITEM_ID} characters", param="id"
-                    )
-                rows.append(
-                    {
-                        "id": new_id("job_"),
-                        "tenant_id": tenant_id,
-                        "mode": "batch",
-                        "status": "queued",
-                        "endpoint": endpoint,
-                        "route_rule": route.rule,
-                        "route_reason": route.reason,
-                        "provider": models.provider(item_model, where),
-                        "model": item_model,
-                        "priority": 0,
-                        "request": item.body,
-                        "metadata": item.metadata,
-                        "attempts": 0,
-                        "batch_id": batch_id,
-                        "item_index": total,
-                        "item_id": item.item_id,
-                        "created_at": now,
-                    }
                 )
-                total += 1
-                if len(rows) >= INSERT_CHUNK:
+                staged.seek(0)
+                rows: list[dict[str, Any]] = []
+                for index, line in enumerate(staged):
+                    rows.append(
+                        {**common, **json.loads(line), "id": new_id("job_"), "item_index": index}
+                    )
+                    if len(rows) >= INSERT_CHUNK:
+                        conn.execute(insert(jobs_t), rows)
+                        rows = []
+                if rows:
                     conn.execute(insert(jobs_t), rows)
-                    rows = []
-            if rows:
-                conn.execute(insert(jobs_t), rows)
-            if total == 0:
-                raise APIError(400, "a batch needs at least one item", code="empty_batch")
-            conn.execute(
-                update(batches_t)
-                .where(batches_t.c.id == batch_id)
-                .values(status="in_progress", total=total, in_progress_at=utcnow())
-            )
-    except IntegrityError:
-        if idempotency_key:
-            db.session.rollback()
-            existing = find_by_idempotency_key(tenant_id, idempotency_key)
-            if existing is not None:
-                return existing
-        raise
+        except IntegrityError:
+            if idempotency_key:
+                db.session.rollback()
+                existing = find_by_idempotency_key(tenant_id, idempotency_key)
+                if existing is not None:
+                    return existing
+            raise
     enqueue_chunks(batch_id, 0, total - 1)
     batch = db.session.get(Batch, batch_id)
     assert batch is not None
     events.batch_changed(batch)
     return batch
+
+
+def _stage(items: Iterable[BatchItem], models: _Models, model: str | None, out: IO[bytes]) -> int:
+    """Validate every item and write its job columns as a JSON line; returns how many."""
+    limit = current_app.config["BATCH_MAX_DOCUMENTS"]
+    total = 0
+    for item in items:
+        if total >= limit:
+            raise APIError(
+                413,
+                f"a batch may hold at most {limit} items (BATCH_MAX_DOCUMENTS)",
+                param="documents",
+                code="too_many_items",
+            )
+        item_model = item.body.get("model") or model
+        where = f"item {total} ({item.item_id})"
+        if len(item.item_id) > MAX_ITEM_ID:
+            raise APIError(400, f"{where}: id longer than {MAX_ITEM_ID} characters", param="id")
+        columns = {
+            "item_id": item.item_id,
+            "provider": models.provider(item_model, where),
+            "model": item_model,
+            "request": item.body,
+            "metadata": item.metadata,
+        }
+        out.write(json.dumps(columns, separators=(",", ":")).encode() + b"\n")
+        total += 1
+    if total == 0:
+        raise APIError(400, "a batch needs at least one item", code="empty_batch")
+    return total
 
 
 def enqueue_chunks(batch_id: str, first: int, last: int) -> int:
@@ -218,6 +226,74 @@ def enqueue_chunks(batch_id: str, first: int, last: int) -> int:
         send_task(CHUNK_TASK, args=[batch_id, lo, min(lo + size, last + 1) - 1], queue=BATCH_QUEUE)
         sent += 1
     return sent
+
+
+def requeue_items(rows: Iterable[Any], error: dict[str, Any]) -> int:
+    """Running items back to the queue, their tasks re-sent; returns how many moved.
+
+    Only rows still in the claim we know (same attempts) move; an item claimed
+    BATCH_MAX_ATTEMPTS times fails with `error` instead. `rows` carry id, attempts,
+    batch_id and item_index. A failed re-send is left to the sweeper's resend steps.
+    """
+    max_attempts = max(1, current_app.config["BATCH_MAX_ATTEMPTS"])
+    ranges: set[tuple[str, int]] = set()
+    singles: list[str] = []
+    now = utcnow()
+    with db.engine.begin() as conn:
+        for row in rows:
+            cond = [
+                jobs_t.c.id == row.id,
+                jobs_t.c.status == "running",
+                jobs_t.c.attempts == row.attempts,
+            ]
+            if row.attempts >= max_attempts:
+                failed = {**error, "attempts": row.attempts}
+                conn.execute(
+                    update(jobs_t)
+                    .where(*cond)
+                    .values(status="failed", error=failed, finished_at=now)
+                )
+                continue
+            if conn.execute(
+                update(jobs_t).where(*cond).values(status="queued", worker=None)
+            ).rowcount:
+                if row.batch_id:
+                    ranges.add((row.batch_id, row.item_index))
+                else:
+                    singles.append(row.id)
+    try:
+        resend(ranges, singles)
+    except Exception:
+        log.warning("could not re-send %d item(s); the sweeper will", len(ranges) + len(singles))
+    return len(ranges) + len(singles)
+
+
+def resend(indexes: set[tuple[str, int]], singles: Iterable[str]) -> int:
+    """Send tasks for batch items (batch_id, index), in contiguous runs, and single jobs."""
+    by_batch: dict[str, list[int]] = {}
+    for batch_id, index in indexes:
+        by_batch.setdefault(batch_id, []).append(index)
+    sent = 0
+    for batch_id, items in by_batch.items():
+        for lo, hi in runs(sorted(items)):
+            sent += enqueue_chunks(batch_id, lo, hi)
+    for job_id in singles:
+        send_task(JOB_TASK, args=[job_id], queue=BATCH_QUEUE)
+        sent += 1
+    return sent
+
+
+def runs(indexes: list[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous runs of sorted indexes as (first, last)."""
+    if not indexes:
+        return
+    start = prev = indexes[0]
+    for i in indexes[1:]:
+        if i != prev + 1:
+            yield start, prev
+            start = i
+        prev = i
+    yield start, prev
 
 
 def submit_batch_job(

@@ -1,118 +1,277 @@
-"""Validation of an OpenAI chat-completions body into a typed ChatBody (no Flask request needed)."""
+"""An OpenAI Chat Completions body validated into the one ChatRequest (no Flask request needed).
+
+Each parameter's shape is checked here (a 400 naming it); then the provider the model
+names refuses what it cannot honour (a 400 naming the parameter and the provider).
+Nothing is dropped: a key Sluice does not know rides along in `ChatRequest.options`,
+which OpenAI-compatible providers forward and the others refuse.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from app.errors import APIError
-from app.providers import ChatRequest, build_registry
-from app.providers.base import estimate_tokens
+from app.providers import ChatRequest, ProviderRegistry, Unsupported, providers
+from app.providers.messages import is_image_url
 from app.validation import check_metadata, check_model_name
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-# Parameters Sluice cannot honour: rejected unless given their neutral value.
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "function_call": (None, "none", "auto"),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "audio": (None,),
-    "modalities": (None, ["text"]),
-    "prediction": (None,),
-}
-
-
-@dataclass(frozen=True)
-class ChatBody:
-    """A validated chat-completions request."""
-
-    model: str  # "provider/model" as the client sent it
-    provider: str
-    provider_model: str  # the model name the provider sees
-    messages: list[dict[str, Any]]
-    stream: bool = False
-    include_usage: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] | None = None
-    user: str | None = None
-    metadata: dict[str, str] | None = None
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def to_provider_request(self) -> ChatRequest:
-        """The provider request; its `model` is the provider's own name (after "provider/")."""
-        return ChatRequest(
-            model=self.provider_model,
-            messages=self.messages,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=self.stop,
-            user=self.user,
-        )
-
-    def input_tokens(self) -> int:
-        """A rough prompt-size estimate, for routing."""
-        return estimate_tokens(self.messages)
-
-    def to_record(self) -> dict[str, Any]:
-        """What the Job row keeps as `request` (the validated, normalised body)."""
-        record: dict[str, Any] = {"model": self.model, "messages": self.messages}
-        record["stream"] = self.stream
-        if self.include_usage:
-            record["stream_options"] = {"include_usage": True}
-        for name in ("max_tokens", "temperature", "top_p", "stop", "user"):
-            value = getattr(self, name)
-            if value is not None:
-                record[name] = value
-        return record
+_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_TOOL_CHOICES = ("none", "auto", "required")
+_FORMATS = ("text", "json_object", "json_schema")
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-_names_cache: dict[int, tuple[Mapping[str, Any], frozenset[str]]] = {}
+def _wrong_type(name: str, expected: str) -> APIError:
+    return _bad(f"'{name}' must be {expected}.", name, "invalid_type")
 
 
-def provider_names(config: Mapping[str, Any]) -> frozenset[str]:
-    """The configured provider names (cached per config object)."""
-    cached = _names_cache.get(id(config))
-    if cached is not None and cached[0] is config:
-        return cached[1]
-    names = frozenset(build_registry(config).names())
-    _names_cache[id(config)] = (config, names)
-    return names
+# -- scalar parameters -----------------------------------------------------------------------
 
 
-def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _bad(f"'{name}' must be a number, got {value!r}.", name, "invalid_type")
-    if not low <= value <= high:
-        raise _bad(f"'{name}' must be between {low:g} and {high:g}, got {value!r}.", name)
-    return float(value)
+def _number(low: float, high: float) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _wrong_type(name, "a number")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise _bad(f"'{name}' must be between {low:g} and {high:g}, got {value!r}.", name)
+        return value
+
+    return check
 
 
-def _max_tokens(body: Mapping[str, Any]) -> int | None:
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
+def _integer(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _bad(f"'{name}' must be an integer, got {value!r}.", name, "invalid_type")
-        if value < 1:
-            raise _bad(f"'{name}' must be at least 1, got {value}.", name)
+        if value < low:
+            raise _bad(f"'{name}' must be at least {low}, got {value}.", name)
+        if high is not None and value > high:
+            raise _bad(f"'{name}' must be at most {high}, got {value}.", name)
         return value
-    return None
+
+    return check
+
+
+def _of_type(kind: type | tuple[type, ...], expected: str) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise _wrong_type(name, expected)
+        if not isinstance(value, kind):
+            raise _wrong_type(name, expected)
+        return value
+
+    return check
+
+
+def _stop(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= 4:
+        return list(value)
+    raise _bad("'stop' must be a string or an array of up to 4 strings.", name, "invalid_type")
+
+
+def _logit_bias(name: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _wrong_type(name, "an object mapping token ids to numbers")
+    for token, bias in value.items():
+        if not str(token).isdigit():
+            raise _bad(f"'{name}' keys must be token ids, got {token!r}.", f"{name}.{token}")
+        _number(-100, 100)(f"{name}.{token}", bias)
+    return dict(value)
+
+
+# -- tools and formats -----------------------------------------------------------------------
+
+
+def _function_name(value: Any, param: str, where: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise _bad(f"'{where}' must be a name of 1 to 64 letters, digits, _ or -.", param)
+    return value
+
+
+def _tools(name: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _wrong_type(name, "an array of tools")
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise _bad(f"'{where}' must be an object with a 'type'.", name, "invalid_type")
+        if tool["type"] != "function":
+            continue  # e.g. OpenAI's custom tools: the provider decides
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _bad(f"'{where}.function' is required.", name, "missing_required")
+        _function_name(function.get("name"), name, f"{where}.function.name")
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise _bad(f"'{where}.function.parameters' must be a JSON schema object.", name)
+        if not isinstance(function.get("description", ""), str):
+            raise _bad(f"'{where}.function.description' must be a string.", name)
+        if not isinstance(function.get("strict", False), bool | None):
+            raise _bad(f"'{where}.function.strict' must be a boolean.", name)
+    return value
+
+
+def _tool_choice(name: str, value: Any) -> str | dict[str, Any]:
+    if isinstance(value, str):
+        if value not in _TOOL_CHOICES:
+            raise _bad(f"'{name}' must be one of {', '.join(_TOOL_CHOICES)} or an object.", name)
+        return value
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise _wrong_type(name, "a string or an object with a 'type'")
+    if value["type"] == "function":
+        function = value.get("function")
+        _function_name(
+            function.get("name") if isinstance(function, dict) else None,
+            name,
+            f"{name}.function.name",
+        )
+    return value
+
+
+def _response_format(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or value.get("type") not in _FORMATS:
+        raise _bad(f"'{name}.type' must be one of {', '.join(_FORMATS)}.", name)
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _bad(f"'{name}.json_schema' is required.", name, "missing_required")
+        _function_name(spec.get("name"), f"{name}.json_schema.name", f"{name}.json_schema.name")
+        if "schema" in spec and not isinstance(spec["schema"], dict):
+            raise _bad(
+                f"'{name}.json_schema.schema' must be a JSON schema object.",
+                f"{name}.json_schema.schema",
+            )
+    return value
+
+
+# Every Chat Completions parameter Sluice checks and carries, with its check. A key not in
+# this table (and not model / messages / stream / stream_options) is carried unchecked.
+PARAMETERS: dict[str, Callable[[str, Any], Any]] = {
+    "max_tokens": _integer(1),
+    "max_completion_tokens": _integer(1),
+    "temperature": _number(0, 2),
+    "top_p": _number(0, 1),
+    "stop": _stop,
+    "user": _of_type(str, "a string"),
+    "metadata": lambda name, value: check_metadata(value, param=name),
+    "n": _integer(1, 128),
+    "tools": _tools,
+    "tool_choice": _tool_choice,
+    "parallel_tool_calls": _of_type(bool, "a boolean"),
+    "response_format": _response_format,
+    "seed": _integer(-(2**63)),
+    "presence_penalty": _number(-2, 2),
+    "frequency_penalty": _number(-2, 2),
+    "logit_bias": _logit_bias,
+    "logprobs": _of_type(bool, "a boolean"),
+    "top_logprobs": _integer(0, 20),
+    "reasoning_effort": _of_type(str, "a string"),
+    "service_tier": _of_type(str, "a string"),
+    "store": _of_type(bool, "a boolean"),
+    "modalities": _of_type(list, "an array of strings"),
+    "audio": _of_type(dict, "an object"),
+    "prediction": _of_type(dict, "an object"),
+    "web_search_options": _of_type(dict, "an object"),
+    "verbosity": _of_type(str, "a string"),
+    "prompt_cache_key": _of_type(str, "a string"),
+    "safety_identifier": _of_type(str, "a string"),
+    "functions": _of_type(list, "an array"),
+    "function_call": _of_type((str, dict), "a string or an object"),
+}
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+def _part(part: Any, where: str, role: str) -> None:
+    """Check one content part's shape (unknown part types are the provider's to judge)."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise _bad(f"'{where}' must be an object with a 'type'.", where, "invalid_type")
+    kind = part["type"]
+    if role in ("system", "developer", "tool") and kind != "text":
+        raise _bad(f"'{where}' must be a text part in a {role} message.", where)
+    if kind in ("text", "refusal"):
+        if not isinstance(part.get(kind), str):
+            raise _bad(f"'{where}.{kind}' must be a string.", f"{where}.{kind}", "invalid_type")
+    elif kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else None
+        if not isinstance(url, str) or not is_image_url(url):
+            raise _bad(
+                f"'{where}.image_url.url' must be an http(s) URL or a base64 data URL.",
+                f"{where}.image_url.url",
+            )
+    elif kind == "input_audio":
+        audio = part.get("input_audio")
+        if not isinstance(audio, dict) or not all(
+            isinstance(audio.get(k), str) for k in ("data", "format")
+        ):
+            raise _bad(
+                f"'{where}.input_audio' must have 'data' (base64) and 'format'.",
+                f"{where}.input_audio",
+            )
+    elif kind == "file":
+        file = part.get("file")
+        if not isinstance(file, dict) or not any(
+            isinstance(file.get(k), str) for k in ("file_data", "file_id")
+        ):
+            raise _bad(f"'{where}.file' must have 'file_data' or 'file_id'.", f"{where}.file")
+
+
+def _tool_calls(value: Any, where: str) -> None:
+    if not isinstance(value, list):
+        raise _bad(f"'{where}' must be an array.", where, "invalid_type")
+    for k, call in enumerate(value):
+        at = f"{where}[{k}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(call.get("id"), str)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+        ):
+            raise _bad(
+                f"'{at}' must have an 'id' and a 'function' with 'name' and 'arguments' strings.",
+                at,
+            )
+
+
+def _message(message: Any, where: str) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise _bad(f"'{where}' must be an object.", where, "invalid_type")
+    role = message.get("role")
+    if role not in ROLES:
+        raise _bad(
+            f"'{where}.role' must be one of {', '.join(ROLES)}; got {role!r}.", f"{where}.role"
+        )
+    content = message.get("content")
+    if role == "assistant" and message.get("tool_calls") is not None:
+        _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+    elif content is None and role != "assistant":
+        raise _bad(f"'{where}.content' is required.", f"{where}.content", "missing_required")
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise _bad(
+            f"'{where}.tool_call_id' is required in a tool message.",
+            f"{where}.tool_call_id",
+            "missing_required",
+        )
+    if content is not None and not isinstance(content, str | list):
+        raise _bad(
+            f"'{where}.content' must be a string or an array of content parts.",
+            f"{where}.content",
+            "invalid_type",
+        )
+    for j, part in enumerate(content if isinstance(content, list) else []):
+        _part(part, f"{where}.content[{j}]", str(role))
+    return message
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -120,53 +279,13 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         raise _bad("'messages' must be an array of message objects.", "messages", "invalid_type")
     if not value:
         raise _bad("'messages' must contain at least one message.", "messages")
-    out: list[dict[str, Any]] = []
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _bad(f"'{where}' must be an object.", where, "invalid_type")
-        role = message.get("role")
-        if role not in ROLES:
-            raise _bad(
-                f"'{where}.role' must be one of {', '.join(ROLES)}; got {role!r}.", f"{where}.role"
-            )
-        content = message.get("content")
-        if content is None and role != "assistant":
-            raise _bad(f"'{where}.content' is required.", f"{where}.content", "missing_required")
-        if content is not None and not isinstance(content, str | list):
-            raise _bad(
-                f"'{where}.content' must be a string or an array of content parts.",
-                f"{where}.content",
-                "invalid_type",
-            )
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise _bad(
-                        f"'{where}.content[{j}]' must be a text part; only text is supported.",
-                        f"{where}.content[{j}]",
-                    )
-                if not isinstance(part.get("text"), str):
-                    raise _bad(
-                        f"'{where}.content[{j}].text' must be a string.",
-                        f"{where}.content[{j}].text",
-                        "invalid_type",
-                    )
-        out.append(message)
-    return out
+    return [_message(message, f"messages[{i}]") for i, message in enumerate(value)]
 
 
-def _stop(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= 4:
-        return list(value) or None
-    raise _bad("'stop' must be a string or an array of up to 4 strings.", "stop", "invalid_type")
+# -- the body --------------------------------------------------------------------------------
 
 
-def _model(value: Any, config: Mapping[str, Any]) -> tuple[str, str, str]:
+def _model(value: Any, registry: ProviderRegistry) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _bad("'model' is required: a string like 'mock/echo'.", "model", "missing_required")
     check_model_name(value)
@@ -177,7 +296,7 @@ def _model(value: Any, config: Mapping[str, Any]) -> tuple[str, str, str]:
             "model",
             "model_not_found",
         )
-    known = provider_names(config)
+    known = registry.names()
     if provider not in known:
         raise _bad(
             f"The model '{value}' does not exist: unknown provider '{provider}' "
@@ -185,54 +304,64 @@ def _model(value: Any, config: Mapping[str, Any]) -> tuple[str, str, str]:
             "model",
             "model_not_found",
         )
-    return value, provider, name
+    return value
 
 
-def parse_chat_body(body: Any, config: Mapping[str, Any]) -> ChatBody:
-    """Validate a chat-completions body; raise APIError(400, param=...) naming the bad field."""
-    if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.", None, "invalid_json")
-    model, provider, provider_model = _model(body.get("model"), config)
-    messages = _messages(body.get("messages"))
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _bad(f"'n' must be 1 (only one choice is supported), got {n!r}.", "n", "unsupported")
-    for name, neutral in _UNSUPPORTED.items():
-        if name in body and body[name] not in neutral:
-            raise _bad(f"'{name}' is not supported by Sluice.", name, "unsupported_parameter")
+def _streaming(body: Mapping[str, Any]) -> dict[str, Any]:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean.", "stream", "invalid_type")
     options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise _bad("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-        if not isinstance(options, dict):
-            raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
-        usage_flag = options.get("include_usage", False)
-        if not isinstance(usage_flag, bool):
-            raise _bad(
-                "'stream_options.include_usage' must be a boolean.",
-                "stream_options.include_usage",
-                "invalid_type",
-            )
-        include_usage = usage_flag
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad("'user' must be a string.", "user", "invalid_type")
-    return ChatBody(
-        model=model,
-        provider=provider,
-        provider_model=provider_model,
-        messages=messages,
-        stream=bool(stream),
-        include_usage=include_usage,
-        max_tokens=_max_tokens(body),
-        temperature=_number(body, "temperature", 0, 2),
-        top_p=_number(body, "top_p", 0, 1),
-        stop=_stop(body.get("stop")),
-        user=user,
-        metadata=check_metadata(body.get("metadata")),
-        raw=body,
-    )
+    if options is None:
+        return {"stream": bool(stream)}
+    if not stream:
+        raise _bad("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise _bad(
+            "'stream_options.include_usage' must be a boolean.",
+            "stream_options.include_usage",
+            "invalid_type",
+        )
+    return {"stream": True, "stream_options": {"include_usage": include_usage}}
+
+
+def _cross_checks(record: Mapping[str, Any]) -> None:
+    """Rules between parameters, as OpenAI applies them."""
+    if record.get("top_logprobs") and not record.get("logprobs"):
+        raise _bad("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    choice = record.get("tool_choice")
+    if choice is not None and choice != "none" and not record.get("tools"):
+        raise _bad("'tool_choice' is only allowed when 'tools' are given.", "tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        wanted = choice["function"]["name"]
+        names = [(t.get("function") or {}).get("name") for t in record.get("tools") or []]
+        if wanted not in names:
+            raise _bad(f"'tool_choice' names '{wanted}', which is not in 'tools'.", "tool_choice")
+
+
+def parse_chat_request(body: Any, registry: ProviderRegistry | None = None) -> ChatRequest:
+    """Validate a Chat Completions body; raise APIError(400, param=...) naming what is wrong."""
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", None, "invalid_json")
+    registry = registry or providers()
+    record: dict[str, Any] = {
+        "model": _model(body.get("model"), registry),
+        "messages": _messages(body.get("messages")),
+        **_streaming(body),
+    }
+    for name, value in body.items():
+        if name in record or name == "stream_options" or value is None:
+            continue
+        check = PARAMETERS.get(name)
+        record[name] = check(name, value) if check is not None else value
+    _cross_checks(record)
+    request = ChatRequest.from_record(record)
+    provider, bound = registry.bind(request)
+    try:
+        provider.check(bound)
+    except Unsupported as exc:
+        raise _bad(exc.message, exc.param, "unsupported_parameter") from None
+    return request

@@ -52,7 +52,7 @@ def _snapshot(obj: Job | Batch, fields: tuple[str, ...]) -> dict[str, Any]:
     so only what is already in memory is sent.
     """
     try:
-        state = inspect(obj)
+        state: Any = inspect(obj)
         loaded = state.dict
         ident = loaded.get("id") or (state.identity[0] if state.identity else None)
         data: dict[str, Any] = {"id": ident}

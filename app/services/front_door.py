@@ -21,8 +21,8 @@ from app.extensions import db
 from app.models import Batch, Job, new_id
 from app.models.job import TERMINAL
 from app.policy import Preferences, Route, RouteRequest, decide, parse_prefer
+from app.providers import ChatRequest
 from app.services.batches import find_by_idempotency_key, submit_batch_job
-from app.services.chat_request import ChatBody
 from app.services.jobs import start_stream_job
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -70,9 +70,8 @@ def body_limit(endpoint: str | None) -> int:
     """The most bytes a request body may have on this route (MAX_CONTENT_LENGTH elsewhere)."""
     config = current_app.config
     setting = BODY_LIMITS.get(endpoint or "")
-    if setting is not None:
-        return config[setting[0]] + setting[1]
-    return config["MAX_CONTENT_LENGTH"]
+    limit: int = config[setting[0]] + setting[1] if setting else config["MAX_CONTENT_LENGTH"]
+    return limit
 
 
 def body_too_large() -> APIError:
@@ -156,7 +155,7 @@ def replay(tenant_id: str, key: str | None) -> Batch | None:
 
 
 def start_chat_job(
-    tenant_id: str, body: ChatBody, route: Route, *, endpoint: str, priority: int = 0
+    tenant_id: str, body: ChatRequest, route: Route, *, endpoint: str, priority: int = 0
 ) -> tuple[Job, Route]:
     """Admit and start a routed chat job: a stream job holding a slot, or a background job.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import insert
@@ -11,8 +10,9 @@ from app.errors import APIError
 from app.extensions import db
 from app.models import Job, epoch, new_id, utcnow
 from app.policy import REQUESTED_MODES, Route, document_messages
+from app.providers import ChatRequest
 from app.queueing import STREAM_QUEUE, send_task
-from app.services.chat_request import ChatBody, parse_chat_body
+from app.services.chat_request import parse_chat_request
 from app.services.events import job_changed
 
 STREAM_TASK = "sluice.stream.run"
@@ -57,7 +57,7 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
     }
 
 
-def parse_job_body(body: dict[str, Any], config: Mapping[str, Any]) -> ChatBody:
+def parse_job_body(body: dict[str, Any]) -> ChatRequest:
     """Check the /v1/jobs fields and return the chat body to run (document -> messages)."""
     mode = body.get("mode", "auto")
     if mode not in REQUESTED_MODES:
@@ -84,12 +84,12 @@ def parse_job_body(body: dict[str, Any], config: Mapping[str, Any]) -> ChatBody:
         raise APIError(400, "instructions only applies with document", param="instructions")
     chat.pop("stream_options", None)
     # 400 naming the field, before routing; a stream route always answers SSE
-    return parse_chat_body({**chat, "stream": True, "metadata": body.get("metadata")}, config)
+    return parse_chat_request({**chat, "stream": True, "metadata": body.get("metadata")})
 
 
 def start_stream_job(
     tenant_id: str,
-    body: ChatBody,
+    body: ChatRequest,
     route: Route,
     *,
     job_id: str | None = None,

@@ -25,7 +25,7 @@ from app.policy import Route, RouteRequest, estimate_input_tokens
 from app.services import batches, events, front_door
 from app.services import files as storage
 from app.services.batch_lifecycle import cancel_batch
-from app.services.chat_request import parse_chat_body
+from app.services.chat_request import parse_chat_request
 from app.services.openai_batch_files import ERROR_STATUSES
 from app.validation import check_metadata, loads
 
@@ -202,7 +202,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
             )
             continue
         try:
-            parse_chat_body(body, config)
+            parse_chat_request(body)  # the chat endpoint's own validator
         except APIError as exc:
             param = f"body.{exc.param}" if exc.param else "body"
             found.add(exc.code or "invalid_request", exc.message, line=number, param=param)

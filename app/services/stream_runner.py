@@ -8,28 +8,52 @@ happens while the provider works on its first token, so it adds nothing to TTFT.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from app import admission
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
-from app.providers import ChatRequest, ProviderError, ProviderRegistry, Usage, build_registry
-from app.providers.base import delta_text, estimate_tokens
-from app.providers.registry import UnknownModel
+from app.models.job import TERMINAL
+from app.providers import (
+    ChatRequest,
+    ProviderError,
+    ProviderRegistry,
+    UnknownModel,
+    Usage,
+    delta_text,
+    estimate_tokens,
+    providers,
+)
 from app.services.events import job_changed
-from app.streams.entries import coalesce, error_fields, is_terminal, text_of
+from app.streams.entries import (
+    Entry,
+    Generation,
+    coalesce,
+    done_fields,
+    error_fields,
+    is_terminal,
+)
 from app.streams.keys import cancel_key, lease_key, log_key
-from app.streams.writer import DeltaLog, append_batcher, read_all, write_terminal
+from app.streams.writer import (
+    DeltaLog,
+    LostLease,
+    append_batcher,
+    read_all,
+    release_lease,
+    write_terminal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,51 +66,6 @@ CANCELLED_ERROR = {
     "code": "job_cancelled",
     "param": None,
 }
-
-_registries: dict[int, tuple[Mapping[str, Any], ProviderRegistry]] = {}
-
-
-def registry_for(config: Mapping[str, Any]) -> ProviderRegistry:
-    """The process's provider registry for this config (providers keep their HTTP clients)."""
-    cached = _registries.get(id(config))
-    if cached is not None and cached[0] is config:
-        return cached[1]
-    registry = build_registry(config)
-    _registries[id(config)] = (config, registry)
-    return registry
-
-
-def warm_up(config: Mapping[str, Any]) -> None:
-    """Build the providers and their SDK clients now, not inside the first job.
-
-    The first use of an SDK imports a lot of code; under gevent that blocks the whole
-    worker for seconds, long enough for every running job's lease to lapse.
-    """
-    registry = registry_for(config)
-    for name in registry.names():
-        try:
-            provider = registry.get(name)
-            client = getattr(provider, "_get_client", None)
-            if client is not None:
-                sdk = client()
-                getattr(sdk, "chat", None) and sdk.chat.completions
-                getattr(sdk, "messages", None)
-        except Exception as exc:  # an unconfigured provider is fine until someone uses it
-            log.debug("warm-up of provider %s skipped: %s", name, exc)
-
-
-def chat_request_from_record(record: Mapping[str, Any]) -> ChatRequest:
-    """The provider request for a stored chat body (`model` stays "provider/model")."""
-    stop = record.get("stop")
-    return ChatRequest(
-        model=str(record["model"]),
-        messages=list(record["messages"]),
-        max_tokens=record.get("max_tokens") or record.get("max_completion_tokens"),
-        temperature=record.get("temperature"),
-        top_p=record.get("top_p"),
-        stop=[stop] if isinstance(stop, str) else stop,
-        user=record.get("user"),
-    )
 
 
 def _note(job_id: str, **fields: Any) -> None:
@@ -105,7 +84,8 @@ def _end_job(
         .where(Job.id == job_id, Job.status.in_(from_status))
         .values(status=status, finished_at=utcnow(), **values)
     )
-    done = db.session.execute(stmt).rowcount > 0
+    result: CursorResult[Any] = db.session.execute(stmt)  # type: ignore[assignment]
+    done = bool(result.rowcount > 0)  # an UPDATE's result is a CursorResult
     db.session.commit()
     return done
 
@@ -119,36 +99,80 @@ def db_text(text: str) -> str:
 
 
 def _ttl(config: Mapping[str, Any]) -> int:
-    return config["STREAM_LOG_TTL_SECONDS"]
+    return int(config["STREAM_LOG_TTL_SECONDS"])
 
 
-def fail_lost_job(job_id: str, *, check_lease: bool = True) -> bool:
-    """Fail a running stream job whose worker is gone (its lease lapsed); True if it did."""
-    client = redis_store.client
-    config = current_app.config
-    if check_lease and client.exists(lease_key(job_id)):
-        return False
-    status = db.session.scalar(select(Job.status).where(Job.id == job_id))
-    db.session.commit()
-    if status != "running":
-        return False
-    entries = read_all(client, job_id)
-    if entries and is_terminal(entries[-1][1]):
-        return False
+def _lost_error(config: Mapping[str, Any]) -> dict[str, Any]:
     lease = config["STREAM_LEASE_SECONDS"]
-    error = {
+    return {
         "message": f"The stream worker stopped (no lease renewal for {lease:g}s); "
         "the generation was lost.",
         "type": "server_error",
         "code": "worker_lost",
         "param": None,
     }
-    if not _end_job(job_id, "failed", output=text_of(entries), error=error):
+
+
+def _row_terminal(row: Any) -> dict[str, str]:
+    """The terminal entry a finished row stands for."""
+    if row.status == "succeeded":
+        return done_fields(row.finish_reason, row.usage)
+    error = row.error or {"message": f"The job {row.status}.", "type": "server_error"}
+    return error_fields(error)
+
+
+def _settle_row(job_id: str, entries: list[Entry]) -> bool:
+    """Move a queued or running row to the end its log records; True if this call did it."""
+    generation = Generation.of(entries)
+    status = generation.status
+    if status is None:
         return False
-    write_terminal(client, job_id, error_fields(error), _ttl(config))
+    output = generation.text if generation.choices else None
+    values: dict[str, Any] = {"output": output, "error": generation.error}
+    if status == "succeeded":
+        values |= {"finish_reason": generation.finish_reason, "usage": generation.usage}
+    if not _end_job(job_id, status, from_status=("queued", "running"), **values):
+        return False
     _release(job_id)
-    _note(job_id, status="failed")
+    _note(job_id, status=status)
     return True
+
+
+def fail_lost_job(job_id: str, *, check_lease: bool = True, token: str = "") -> bool:
+    """Make the row and the log of a job no worker holds end the same way; True if it acted.
+
+    - running, log not ended: the worker is lost: an error entry, then the row fails;
+    - queued or running, log ended: the worker died between its two terminal writes: the
+      row takes the log's end (the database holds what the log held);
+    - finished row, log not ended (its terminal write failed): the log gets the row's end,
+      so no relay waits for it.
+    `token` is the caller's lease, when a worker settles a job it holds.
+    """
+    client = redis_store.client
+    config = current_app.config
+    if check_lease and client.exists(lease_key(job_id)):
+        return False
+    row = db.session.execute(
+        select(Job.status, Job.finish_reason, Job.usage, Job.error).where(Job.id == job_id)
+    ).first()
+    db.session.commit()
+    if row is None:
+        return False
+    entries = read_all(client, job_id)
+    ended = bool(entries) and is_terminal(entries[-1][1])
+    lease_ms = int(config["STREAM_LEASE_SECONDS"] * 1000)
+    if row.status in TERMINAL:
+        if ended:
+            return False
+        return write_terminal(client, job_id, _row_terminal(row), _ttl(config), token, lease_ms)
+    if not ended:
+        if row.status != "running":
+            return False  # queued: not started yet
+        fields = error_fields(_lost_error(config))
+        if not write_terminal(client, job_id, fields, _ttl(config), token, lease_ms):
+            return False  # a worker holds it again (or just ended it): nothing is lost
+        entries.append(("", fields))
+    return _settle_row(job_id, entries)
 
 
 def fail_unstarted_job(job_id: str, waited: float) -> bool:
@@ -159,23 +183,30 @@ def fail_unstarted_job(job_id: str, waited: float) -> bool:
         "code": "not_started",
         "param": None,
     }
-    if not _end_job(job_id, "failed", from_status=("queued",), error=error):
-        return False
-    write_terminal(redis_store.client, job_id, error_fields(error), _ttl(current_app.config))
-    _release(job_id)
-    _note(job_id, status="failed")
-    return True
+    return _end_queued(job_id, "failed", error)
 
 
-def cancel_queued_job(job_id: str) -> bool:
+def cancel_queued_job(job_id: str, token: str = "") -> bool:
     """Cancel a job no worker has started; True if it was still queued."""
-    if not _end_job(job_id, "cancelled", from_status=("queued",), error=CANCELLED_ERROR):
+    return _end_queued(job_id, "cancelled", CANCELLED_ERROR, token)
+
+
+def _end_queued(job_id: str, status: str, error: dict[str, Any], token: str = "") -> bool:
+    """End a queued job: the log's error entry first (refused if a worker holds the job),
+    then the row; a crash between the two is settled by fail_lost_job."""
+    config = current_app.config
+    status_now = db.session.scalar(select(Job.status).where(Job.id == job_id))
+    db.session.commit()
+    if status_now != "queued":
         return False
-    write_terminal(
-        redis_store.client, job_id, error_fields(CANCELLED_ERROR), _ttl(current_app.config)
-    )
+    lease_ms = int(config["STREAM_LEASE_SECONDS"] * 1000)
+    client = redis_store.client
+    if not write_terminal(client, job_id, error_fields(error), _ttl(config), token, lease_ms):
+        return False
+    if not _end_job(job_id, status, from_status=("queued",), error=error):
+        return False
     _release(job_id)
-    _note(job_id, status="cancelled")
+    _note(job_id, status=status)
     return True
 
 
@@ -218,9 +249,10 @@ def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
             if not leased and _safely(fail_lost_job, job_id):
                 counts["lost"] += 1
     for job_id in queued:
-        if not client.exists(lease_key(job_id)) and _safely(
-            fail_unstarted_job, job_id, queued_timeout
-        ):
+        if client.exists(lease_key(job_id)):
+            continue
+        # a log that ended (a cancel cut short before its row write) settles the row first
+        if _safely(fail_lost_job, job_id) or _safely(fail_unstarted_job, job_id, queued_timeout):
             counts["unstarted"] += 1
     return counts
 
@@ -255,9 +287,9 @@ class _Reader:
     def _run(self) -> None:
         put = self.queue.put
         try:
-            provider, name = self._registry.resolve(self._request.model)
+            provider, request = self._registry.bind(self._request)
             try:
-                stream = provider.stream(replace(self._request, model=name))
+                stream = provider.stream(request)
             finally:
                 self.sent.set()
             self.stream = stream
@@ -309,7 +341,7 @@ class _Run:
     def refresh(self) -> bool:
         """Renew lease, log expiry and stream slot; return whether a cancel was requested."""
         self.next_refresh = time.monotonic() + self.lease_seconds / 3
-        cancelled = self.dlog.refresh(self.lease_value, self.lease_seconds)
+        cancelled = self.dlog.refresh()
         try:
             admission.renew_stream_slot(self.job_id)
         except Exception:
@@ -342,10 +374,10 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
     admission.renew_stream_slot(job_id)  # from here on, the slot lapses with this worker
     try:
         if has_log:  # a redelivery after a crash: the client has seen text; never rerun
-            fail_lost_job(job_id, check_lease=False)
+            fail_lost_job(job_id, check_lease=False, token=lease_value)
             return "lost"
         if cancelled:
-            cancel_queued_job(job_id)
+            cancel_queued_job(job_id, token=lease_value)
             return "cancelled"
         if payload is None:
             payload = db.session.scalar(select(Job.request).where(Job.id == job_id))
@@ -354,10 +386,10 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
                 return "missing"
         return _run(job_id, payload, worker, lease_value, lease_seconds)
     finally:
-        pipe = client.pipeline(transaction=False)
-        pipe.delete(lease_key(job_id))
-        pipe.execute()
-        _release(job_id)
+        try:
+            release_lease(client, job_id, lease_value)  # only if still ours
+        finally:
+            _release(job_id)
 
 
 def _mark_running(job_id: str, worker: str) -> tuple[str, Any] | None:
@@ -379,12 +411,14 @@ def _run(
     job_id: str, payload: Mapping[str, Any], worker: str, lease_value: str, lease_seconds: float
 ) -> str:
     config = current_app.config
-    request = chat_request_from_record(payload)
+    request = ChatRequest.from_record(payload)
     dlog = DeltaLog(
         redis_store.client,
         job_id,
         running_ttl=config["STREAM_LOG_TTL_SECONDS"] + int(config["PROVIDER_TIMEOUT"]),
         final_ttl=config["STREAM_LOG_TTL_SECONDS"],
+        token=lease_value,
+        lease_seconds=lease_seconds,
         batcher=append_batcher(redis_store.client),
     )
     run = _Run(
@@ -395,7 +429,7 @@ def _run(
         lease_seconds,
         window=config["STREAM_COALESCE_MS"] / 1000,
     )
-    registry = registry_for(config)
+    registry = providers()
     max_retries = config["STREAM_MAX_RETRIES"]
     reader = _Reader(registry, request)  # the upstream call starts now ...
     # ... and the row is marked while the provider works on its first token. The SDK yields
@@ -417,6 +451,10 @@ def _run(
         except _Stop as stop:
             reader.close()
             return _end(run, reader, stop.status, stop.error)
+        except LostLease:
+            reader.close()
+            log.warning("job %s: lease lost; the job is no longer this worker's", job_id)
+            return "lost"
         except ProviderError as exc:
             if not run.appended and exc.retryable and attempt < max_retries:
                 attempt += 1
@@ -426,6 +464,8 @@ def _run(
                     _wait(run, min(max(delay, 0.0), RETRY_DELAY_CAP))
                 except _Stop as stop:
                     return _end(run, reader, stop.status, stop.error)
+                except LostLease:
+                    return "lost"
                 reader = _Reader(registry, request)
                 continue
             return _end(run, reader, "failed", exc.to_openai_error())
@@ -439,13 +479,13 @@ def _run(
         except Exception as exc:
             log.exception("job %s: stream failed", job_id)
             reader.close()
-            error = {
+            internal: dict[str, Any] = {
                 "message": f"Internal error while streaming: {type(exc).__name__}",
                 "type": "server_error",
                 "code": "internal_error",
                 "param": None,
             }
-            return _end(run, reader, "failed", error)
+            return _end(run, reader, "failed", internal)
 
 
 def _wait(run: _Run, seconds: float) -> None:
@@ -534,31 +574,37 @@ def _finish(run: _Run, reader: _Reader) -> str:
     stream = reader.stream
     finish_reason = getattr(stream, "finish_reason", None) or run.finishes.get(0) or "stop"
     usage = _usage(run, reader)
-    ok = _end_job(
-        run.job_id,
-        "succeeded",
-        output=run.text,
-        finish_reason=finish_reason,
-        usage=usage,
-        first_token_at=run.first_token_at,
-    )
-    if ok:
-        run.dlog.finish(finish_reason, usage, run.finishes)
-        _note(run.job_id, status="succeeded", tenant_id=run.tenant_id)
-    return "succeeded" if ok else "superseded"
+    fields = done_fields(finish_reason, usage, run.finishes)
+    values = {"finish_reason": finish_reason, "usage": usage}
+    return _close(run, "succeeded", fields, **values)
 
 
 def _end(run: _Run, reader: _Reader, status: str, error: dict[str, Any] | None) -> str:
     """End as failed or cancelled, keeping the partial output."""
-    ok = _end_job(
-        run.job_id,
-        status,
-        output=run.text,
-        usage=_usage(run, reader),
-        error=error,
-        first_token_at=run.first_token_at,
-    )
-    if ok:
-        run.dlog.fail(error or {})
-        _note(run.job_id, status=status, tenant_id=run.tenant_id)
-    return status if ok else "superseded"
+    values = {"usage": _usage(run, reader), "error": error}
+    return _close(run, status, error_fields(error or {}), **values)
+
+
+def _close(run: _Run, status: str, fields: dict[str, str], **values: Any) -> str:
+    """End the run: the log's terminal entry first, then the row.
+
+    Relays end on the log, so it is written first; if the worker dies before the row is
+    written, fail_lost_job moves the row to the log's end. If Redis refuses the entry
+    (down), the row is still written and relays write the log's end from it.
+    """
+    values |= {"output": run.text, "first_token_at": run.first_token_at}
+    fault = current_app.config.get("TEST_STREAM_FAULT")
+    if fault == "exit_before_terminal":  # tests: the row committed, the log never ended
+        _end_job(run.job_id, status, **values)
+        os._exit(1)
+    try:
+        if not run.dlog.end(fields):
+            return "superseded"  # the job is no longer ours: whoever took it ends it
+    except redis.RedisError as exc:
+        log.warning("job %s: terminal entry not written (%r); the row has it", run.job_id, exc)
+    if fault == "exit_after_terminal":  # tests: the log ended, the row never did
+        os._exit(1)
+    if not _end_job(run.job_id, status, **values):
+        return "superseded"
+    _note(run.job_id, status=status, tenant_id=run.tenant_id)
+    return status

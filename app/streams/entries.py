@@ -25,18 +25,75 @@ from typing import Any
 Entry = tuple[str, dict[str, str]]
 ChoiceDelta = dict[str, Any]
 TERMINAL_KINDS = ("done", "error")
+CANCELLED_CODE = "job_cancelled"  # the error code of a cancelled job's terminal entry
 _TEXT_KEYS = ("content", "refusal", "reasoning_content")
 
-# KEYS: log, cancel flag. ARGV: job id, previous entry id, value, expiry (0: leave), channel,
-# field (`d` or `c`). Adds the delta, publishes the notice (so relays that hold `prev`
-# need no read) and answers {new id, cancel requested}.
-APPEND_SCRIPT = """
+# The lease rule, as each writing script applies it: the caller may write if it holds the
+# job's lease (its token is the lease's value), or if nobody does and the log has not
+# ended (a worker whose lease merely lapsed takes it again; an empty token, a repair or a
+# cancel, needs no lease). A holder that was declared lost (its log ended) is refused.
+# An entry's first field is `t`, so `last[2][2]` is the newest entry's kind.
+_HOLDS = """
+local function ended(log)
+  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+  return last ~= nil and (last[2][2] == 'done' or last[2][2] == 'error')
+end
+local function holds(log, lease, token, ms)
+  local holder = redis.call('GET', lease)
+  if holder then return holder == token end
+  if ended(log) then return false end
+  if token ~= '' then redis.call('SET', lease, token, 'PX', ms) end
+  return true
+end
+"""
+
+# KEYS: log, cancel flag, lease. ARGV: job id, previous entry id, value, expiry (0: leave),
+# channel, field (`d` or `c`), lease token, lease ms. Adds the delta, publishes the notice
+# (so relays that hold `prev` need no read) and answers {new id, cancel requested}, or
+# {"", 0} when the caller no longer holds the job.
+APPEND_SCRIPT = (
+    _HOLDS
+    + """
+if not holds(KEYS[1], KEYS[3], ARGV[7], ARGV[8]) then return {'', 0} end
 local id = redis.call('XADD', KEYS[1], '*', 't', 'delta', ARGV[6], ARGV[3])
 if ARGV[4] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 redis.call('PUBLISH', ARGV[5],
   ARGV[1] .. '\\n' .. ARGV[2] .. '\\n' .. id .. '\\n' .. ARGV[6] .. ARGV[3])
 return {id, redis.call('EXISTS', KEYS[2])}
 """
+)
+
+# KEYS: log, cancel flag, lease. ARGV: job id, channel, ttl, lease token ('' for none),
+# lease ms, then the entry's field/value pairs. Adds the terminal entry unless the log has
+# ended or another holds the job; starts the log's expiry, wakes relays, drops the cancel
+# flag. Answers 1 if it wrote the entry.
+TERMINAL_SCRIPT = (
+    _HOLDS
+    + """
+if ended(KEYS[1]) or not holds(KEYS[1], KEYS[3], ARGV[4], ARGV[5]) then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+)
+
+# KEYS: lease, log. ARGV: token, lease ms ('0': release). Renews the lease under the lease
+# rule, or deletes it only if the caller holds it; answers 1 if it did.
+LEASE_SCRIPT = (
+    _HOLDS
+    + """
+if ARGV[2] == '0' then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if not holds(KEYS[2], KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -159,7 +216,8 @@ def choices_of(fields: Mapping[str, str]) -> list[ChoiceDelta]:
     """The choice deltas of a delta entry."""
     if "d" in fields:
         return [{"index": 0, "delta": {"content": fields["d"]}}]
-    return json.loads(fields.get("c") or "[]")
+    choices: list[ChoiceDelta] = json.loads(fields.get("c") or "[]")
+    return choices
 
 
 def finishes_of(fields: Mapping[str, str]) -> dict[int, str]:
@@ -175,7 +233,8 @@ def usage_of(fields: Mapping[str, str]) -> dict[str, Any] | None:
 
 
 def error_of(fields: Mapping[str, str]) -> dict[str, Any]:
-    return json.loads(fields.get("error") or "{}")
+    error: dict[str, Any] = json.loads(fields.get("error") or "{}")
+    return error
 
 
 def parse_notice(data: str) -> tuple[str, str | None, Entry | None]:
@@ -237,6 +296,15 @@ class Generation:
         elif kind == "error":
             self.error = error_of(fields)
             self.ended = True
+
+    @property
+    def status(self) -> str | None:
+        """The job status this log ended with (None while it runs)."""
+        if not self.ended:
+            return None
+        if self.error is None:
+            return "succeeded"
+        return "cancelled" if self.error.get("code") == CANCELLED_CODE else "failed"
 
     @property
     def text(self) -> str:

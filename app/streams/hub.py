@@ -21,7 +21,7 @@ import redis
 from flask import current_app
 
 from app.extensions import redis_client
-from app.streams.entries import Entry, entry_key, is_terminal, parse_notice
+from app.streams.entries import Entry, entry_key, error_fields, is_terminal, parse_notice
 from app.streams.keys import BROADCAST_CHANNEL, NOTIFY_CHANNEL, lease_key, log_key
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class StreamHub:
         self._feeds: set[Feed] = set()
         self._lock = threading.Lock()
         self._started = False
+        self._closed = threading.Event()
         self.connected = threading.Event()
 
     def _start(self) -> None:
@@ -114,11 +115,11 @@ class StreamHub:
 
     def _listen_forever(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closed.is_set():
             conn = redis.Redis.from_url(
                 self.url, decode_responses=True, socket_connect_timeout=5, socket_keepalive=True
             )
-            pubsub = conn.pubsub(ignore_subscribe_messages=True)
+            pubsub = conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(NOTIFY_CHANNEL, BROADCAST_CHANNEL)
                 self.connected.set()
@@ -140,8 +141,12 @@ class StreamHub:
                     conn.close()
                 except Exception:
                     pass
-            time.sleep(backoff)
+            self._closed.wait(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    def close(self) -> None:
+        """Stop reconnecting (for a hub made outside `hub_for`, as in tests)."""
+        self._closed.set()
 
     def _dispatch(self, data: str) -> None:
         job_id, prev, entry = parse_notice(data)
@@ -230,7 +235,19 @@ class Tail:
     lease_seconds: float = 10.0
     ping_seconds: float = 15.0
     running: bool = False  # the job was (or has been seen) running
-    check_lost: Callable[[str], bool] | None = None  # fail a job whose worker is gone
+    check_lost: Callable[[str], bool] | None = None  # settle a job whose worker is gone
+    outage_seconds: float = 30.0  # how long Redis may be unreachable before the relay ends
+
+    def _unavailable(self) -> Entry:
+        """The terminal error a relay ends with when Redis stays unreachable."""
+        error = {
+            "message": f"The job's stream is unreachable (Redis did not answer for "
+            f"{self.outage_seconds:g}s); read its result with GET /v1/jobs/{self.job_id}.",
+            "type": "service_unavailable",
+            "code": "stream_unavailable",
+            "param": None,
+        }
+        return "", error_fields(error)
 
     def follow(self) -> Iterator[Entry | None]:
         """Yield entries up to and including the terminal one; None means "send a ping"."""
@@ -242,6 +259,7 @@ class Tail:
         last_ping = last_db_check = time.monotonic()
         seen = -1  # the hub's notice count this relay has read the log for; -1: read now
         check_lease = more = False
+        outage_since: float | None = None
         try:
             while True:
                 sub.event.clear()  # before looking: anything from now on sets it again
@@ -249,14 +267,29 @@ class Tail:
                 leased = None
                 notices = sub.notices
                 if notices != seen or more or check_lease:
+                    try:
+                        if check_lease:
+                            pipe = client.pipeline(transaction=False)
+                            pipe.xread({key: self.after}, count=1000)
+                            pipe.exists(lease_key(self.job_id))
+                            found, leased = pipe.execute()
+                        else:
+                            found = client.xread({key: self.after}, count=1000)
+                    except redis.RedisError as exc:  # keep pinging; give up after a while
+                        now = time.monotonic()
+                        if outage_since is None:
+                            outage_since = now
+                            log.warning("relay of %s lost Redis: %r", self.job_id, exc)
+                        if now - outage_since >= self.outage_seconds:
+                            yield self._unavailable()
+                            return
+                        if now - last_ping >= self.ping_seconds:
+                            last_ping = now
+                            yield None
+                        sub.event.wait(min(1.0, self.ping_seconds))
+                        continue  # `seen` unchanged: read again
+                    outage_since = None
                     seen = notices  # what those notices announced is in the log by now
-                    if check_lease:
-                        pipe = client.pipeline(transaction=False)
-                        pipe.xread({key: self.after}, count=1000)
-                        pipe.exists(lease_key(self.job_id))
-                        found, leased = pipe.execute()
-                    else:
-                        found = client.xread({key: self.after}, count=1000)
                     entries = found[0][1] if found else []  # in the log too: read them in order
                     more = len(entries) >= 1000
                 check_lease = False
@@ -277,7 +310,7 @@ class Tail:
                     continue
                 if leased == 0:
                     now = time.monotonic()
-                    due = self.running or now - last_db_check > 5 * self.lease_seconds
+                    due = self.running or now - last_db_check > 2 * self.lease_seconds
                     if due and self.check_lost is not None:
                         last_db_check = now
                         if self.check_lost(self.job_id):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from app import sse
 from app.streams.entries import ChoiceDelta, choices_of, finishes_of
@@ -17,7 +18,7 @@ class ChunkRenderer:
 
     def __init__(self, job_id: str, model: str, created: int, include_usage: bool) -> None:
         self.include_usage = include_usage
-        head = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk"}
+        head: dict[str, Any] = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk"}
         head |= {"created": created, "model": model, "system_fingerprint": None}
         base = json.dumps(head)[:-1]
         tail = ',"usage":null}' if include_usage else "}"

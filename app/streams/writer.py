@@ -16,6 +16,8 @@ import redis
 
 from app.streams.entries import (
     APPEND_SCRIPT,
+    LEASE_SCRIPT,
+    TERMINAL_SCRIPT,
     ChoiceDelta,
     done_fields,
     encode_delta,
@@ -123,8 +125,17 @@ def append_batcher(client: redis.Redis) -> AppendBatcher:
     return batcher
 
 
+class LostLease(Exception):
+    """The job is no longer this worker's: another holds it, or it was declared lost."""
+
+
 class DeltaLog:
-    """Append-only writer of one job's log (the worker is its only writer while running)."""
+    """Append-only writer of one job's log, for the worker holding the job's lease.
+
+    Every write is refused once the worker no longer holds the job (compare-and-set on its
+    lease token, see entries.py): a worker declared lost cannot append after the error
+    entry, renew or release another holder's lease.
+    """
 
     def __init__(
         self,
@@ -133,6 +144,8 @@ class DeltaLog:
         *,
         running_ttl: int,
         final_ttl: int,
+        token: str = "",
+        lease_seconds: float = 10.0,
         batcher: AppendBatcher | None = None,
     ):
         self.client = client
@@ -140,61 +153,92 @@ class DeltaLog:
         self.job_id = job_id
         self.key = log_key(job_id)
         self.cancel_key = cancel_key(job_id)
+        self.lease_key = lease_key(job_id)
+        self.token = token
+        self.lease_ms = max(1, int(lease_seconds * 1000))
         self.running_ttl = max(1, int(running_ttl))
         self.final_ttl = max(1, int(final_ttl))
         self._expiry_set = False
         self._script = client.register_script(APPEND_SCRIPT)
+        self._lease = client.register_script(LEASE_SCRIPT)
         self.last_id = "0-0"
 
     def append(self, choices: list[ChoiceDelta]) -> bool:
         """Add one entry of coalesced choice deltas and notify relays (one round trip).
 
-        Returns whether a cancel was requested.
+        Returns whether a cancel was requested; raises LostLease if the job is not ours.
         """
         expiry = 0 if self._expiry_set else self.running_ttl
         name, value = encode_delta(choices)
-        keys = [self.key, self.cancel_key]
-        args = [self.job_id, self.last_id, value, expiry, NOTIFY_CHANNEL, name]
+        keys = [self.key, self.cancel_key, self.lease_key]
+        args: list[Any] = [self.job_id, self.last_id, value, expiry, NOTIFY_CHANNEL, name]
+        args += [self.token, self.lease_ms]
         if self.batcher is not None:
             entry_id, cancelled = self.batcher.append(keys, args)
         else:
             entry_id, cancelled = self._script(keys=keys, args=args)
+        if not entry_id:
+            raise LostLease(self.job_id)
         self.last_id = entry_id
         self._expiry_set = True
         return bool(cancelled)
 
-    def refresh(self, lease: str, lease_seconds: float) -> bool:
+    def refresh(self) -> bool:
         """Renew the lease and the running expiry; return whether a cancel was requested."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(lease_key(self.job_id), lease, px=max(1, int(lease_seconds * 1000)))
+        self._lease(keys=[self.lease_key, self.key], args=[self.token, self.lease_ms], client=pipe)
         if self._expiry_set:
             pipe.expire(self.key, self.running_ttl)
         pipe.exists(self.cancel_key)
-        return bool(pipe.execute()[-1])
+        answers = pipe.execute()
+        if not answers[0]:
+            raise LostLease(self.job_id)
+        return bool(answers[-1])
+
+    def end(self, fields: dict[str, str]) -> bool:
+        """Add the terminal entry (once, and only while the job is ours); True if written."""
+        return write_terminal(
+            self.client, self.job_id, fields, self.final_ttl, self.token, self.lease_ms
+        )
 
     def finish(
         self,
         finish_reason: str | None,
         usage: dict[str, Any] | None,
         finishes: Mapping[int, str] | None = None,
-    ) -> None:
+    ) -> bool:
         """The terminal `done` entry."""
-        fields = done_fields(finish_reason, usage, finishes)
-        write_terminal(self.client, self.job_id, fields, self.final_ttl)
+        return self.end(done_fields(finish_reason, usage, finishes))
 
-    def fail(self, error: dict[str, Any]) -> None:
+    def fail(self, error: dict[str, Any]) -> bool:
         """The terminal `error` entry, with an OpenAI-style error object."""
-        write_terminal(self.client, self.job_id, error_fields(error), self.final_ttl)
+        return self.end(error_fields(error))
 
 
-def write_terminal(client: redis.Redis, job_id: str, fields: dict[str, str], ttl: int) -> None:
-    """Add a terminal entry, start the log's expiry clock, notify, drop the cancel flag."""
-    pipe = client.pipeline(transaction=False)
-    pipe.xadd(log_key(job_id), fields)
-    pipe.expire(log_key(job_id), max(1, int(ttl)))
-    pipe.publish(NOTIFY_CHANNEL, job_id)
-    pipe.delete(cancel_key(job_id))
-    pipe.execute()
+def write_terminal(
+    client: redis.Redis,
+    job_id: str,
+    fields: dict[str, str],
+    ttl: int,
+    token: str = "",
+    lease_ms: int = 1,
+) -> bool:
+    """Add a terminal entry unless the log has ended or another holds the job; True if added.
+
+    It starts the log's expiry clock, wakes the relays and drops the cancel flag. An empty
+    token (a repair, a cancel of a queued job) writes only while nobody holds the lease.
+    """
+    args: list[Any] = [job_id, NOTIFY_CHANNEL, max(1, int(ttl)), token, lease_ms]
+    for name, value in fields.items():
+        args += [name, value]
+    keys = [log_key(job_id), cancel_key(job_id), lease_key(job_id)]
+    return bool(client.register_script(TERMINAL_SCRIPT)(keys=keys, args=args))
+
+
+def release_lease(client: redis.Redis, job_id: str, token: str) -> bool:
+    """Drop a job's lease if `token` still holds it; True if it did."""
+    keys = [lease_key(job_id), log_key(job_id)]
+    return bool(client.register_script(LEASE_SCRIPT)(keys=keys, args=[token, 0]))
 
 
 def request_cancel(client: redis.Redis, job_id: str, ttl: int = 3600) -> None:
@@ -204,4 +248,5 @@ def request_cancel(client: redis.Redis, job_id: str, ttl: int = 3600) -> None:
 
 def read_all(client: redis.Redis, job_id: str) -> list[tuple[str, dict[str, str]]]:
     """Every entry of a job's log (empty if it never existed or expired)."""
-    return list(client.xrange(log_key(job_id)))
+    entries: list[tuple[str, dict[str, str]]] = client.xrange(log_key(job_id))  # type: ignore[assignment]
+    return list(entries)  # decode_responses clients: str ids and fields

@@ -1,0 +1,220 @@
+"""Batch items never stranded: claim leases, failed runs, expiry of running items, stranded jobs.
+
+These tests swap the session's batch worker for one of their own with short leases and a
+fault hook (restored afterwards), and drive the sweeper's steps themselves.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import gevent
+import httpx
+import pytest
+from flask import Flask
+from sqlalchemy import func, select, update
+
+from app.cli.processes import worker_argv
+from app.extensions import db, redis_store
+from app.models import Batch, Job, utcnow
+from app.services import batch_runner, batch_sweep, sweeper
+from app.services.heartbeat import live_workers
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import batch_results, insert_batch, insert_job, submit_documents, tenant_of
+from tests.stack import Stack
+
+MARKER = "FAULTWRITE"
+TUNED = {
+    "SLUICE_BATCH_LEASE_SECONDS": "5",
+    "SLUICE_BATCH_MAX_ATTEMPTS": "3",
+    "SLUICE_BATCH_BACKOFF_BASE": "0.05",
+    "SLUICE_BATCH_BACKOFF_MAX": "0.2",
+    "SLUICE_BATCH_FAULT_WRITE_MARKER": MARKER,
+}
+
+
+@pytest.fixture(scope="module")
+def workers(stack: Stack) -> Iterator[Stack]:
+    """The session's batch worker swapped for a tuned one (restored afterwards)."""
+    stack.kill("batch", signal.SIGTERM)
+    own = Stack(env={**stack.env, **TUNED}, home=stack.home, port=stack.port)
+    own.start_worker("batch", "batch-recovery", concurrency=20)
+    stack.wait_ready()
+    try:
+        yield own
+    finally:
+        own.stop()
+        stack.start_worker("batch")
+        stack.wait_ready()
+
+
+def sweep_until_done(client: httpx.Client, batch_id: str, timeout: float = 60) -> dict[str, Any]:
+    """Run the sweeper's pass (as beat does) until the batch is terminal."""
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        sweeper.sweep()
+        status = client.get(f"/v1/document-batches/{batch_id}").json()
+        if status["status"] in ("completed", "failed", "cancelled", "expired"):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"batch {batch_id} not done: {status}")
+
+
+def attempts(batch_id: str) -> dict[str, int]:
+    db.session.remove()
+    rows = db.session.execute(
+        select(Job.item_id, Job.item_index, Job.attempts).where(Job.batch_id == batch_id)
+    )
+    return {item_id or str(index): n for item_id, index, n in rows}
+
+
+def test_worker_restarted_under_the_same_node_name_strands_nothing(
+    workers: Stack, client: httpx.Client, upstream: FakeUpstream, app_ctx: Flask
+) -> None:
+    upstream.add_scenario("same-name", delay_ms=100, echo=True)
+    node = "batch-samename"
+    workers.kill("batch-recovery", signal.SIGTERM)  # the victim is the only batch worker
+    workers._spawn("victim", worker_argv("batch", 20, name=node))
+    n = 120
+    docs = [{"id": f"s{i}", "text": f"same name {i}"} for i in range(n)]
+    batch_id = submit_documents(client, docs, model="openai/same-name").json()["id"]
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/document-batches/{batch_id}").json()["counts"]["succeeded"] < 20:
+        assert time.monotonic() < deadline, "the victim never got going"
+        time.sleep(0.05)
+    workers.kill("victim")  # SIGKILL mid-batch, then the same node name comes back at once
+    assert client.get(f"/v1/document-batches/{batch_id}").json()["counts"]["running"] > 0
+    workers._spawn("victim", worker_argv("batch", 20, name=node))
+    new_pid = workers.procs["victim"].pid
+    deadline = time.monotonic() + 30
+    while not any(  # the same name beats again: a hostname check cannot tell the two apart
+        w["hostname"].startswith(node) and w.get("pid") == new_pid
+        for w in live_workers(redis_store.client, 2)
+    ):
+        assert time.monotonic() < deadline, "the restarted worker never came up"
+        time.sleep(0.1)
+    try:
+        done = sweep_until_done(client, batch_id)
+    finally:
+        workers.kill("victim")
+        workers.start_worker("batch", "batch-recovery", concurrency=20)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == n, done
+    lines = batch_results(client, batch_id)
+    assert [line["document_id"] for line in lines] == [d["id"] for d in docs]
+    assert all(line["output"] == d["text"] for line, d in zip(lines, docs, strict=True))
+    assert max(attempts(batch_id).values()) >= 2  # the killed claims really ran again
+
+
+def test_failed_result_write_reruns_its_items_or_fails_them_with_the_error(
+    workers: Stack, client: httpx.Client, app_ctx: Flask
+) -> None:
+    docs = [{"id": f"w{i}", "text": f"plain {i}"} for i in range(30)]
+    docs[3]["text"] = f"fails once {MARKER}1"  # the write fails on attempt 1, then works
+    docs[17]["text"] = f"always fails {MARKER}9"  # fails on every attempt (max 3)
+    batch_id = submit_documents(client, docs).json()["id"]
+    done = sweep_until_done(client, batch_id)
+    assert done["status"] == "completed", done
+    assert done["counts"]["succeeded"] == 29 and done["counts"]["failed"] == 1
+    lines = {line["document_id"]: line for line in batch_results(client, batch_id)}
+    assert lines["w3"]["status"] == "succeeded" and lines["w3"]["output"] == docs[3]["text"]
+    failed = lines["w17"]
+    assert failed["status"] == "failed" and "injected fault" in failed["error"]["message"]
+    assert failed["error"]["attempts"] == 3
+    tries = attempts(batch_id)
+    assert tries["w3"] >= 2 and tries["w17"] == 3
+    assert sum(1 for n in tries.values() if n == 1) >= 15  # most neighbours were not re-run
+
+
+def test_nul_in_an_output_is_stored_not_a_stuck_item(
+    workers: Stack, client: httpx.Client, upstream: FakeUpstream, app_ctx: Flask
+) -> None:
+    upstream.add_scenario("nul", deltas=["before", "\x00", "after"])
+    batch_id = submit_documents(client, [{"id": "n", "text": "x"}], model="openai/nul").json()["id"]
+    done = sweep_until_done(client, batch_id, timeout=30)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 1, done
+    assert batch_results(client, batch_id)[0]["output"] == "before\ufffdafter"
+
+
+def quiet_batch(api_key: str, n: int) -> str:
+    """A batch of n queued items whose chunk tasks were never sent."""
+    return insert_batch(tenant_of(api_key), ["queued"] * n).id
+
+
+def test_expiry_ends_running_items_held_by_a_live_but_stuck_claim(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch_id = quiet_batch(api_key, 5)
+    with batch_runner.claim_lease("stuck-worker") as holder:  # live lease, never finishes
+        in_batch = Job.batch_id == batch_id
+        claimed = batch_runner._claim(in_batch & (Job.item_index < 3), holder)
+        assert len(claimed) == 3
+        db.session.execute(
+            update(Batch).where(Batch.id == batch_id).values(expires_at=utcnow() - timedelta(1))
+        )
+        db.session.commit()
+        batch_sweep.requeue_lost_items()  # the claim is live: nothing moves
+        assert sorted(attempts(batch_id).values()) == [0, 0, 1, 1, 1]
+        batch_sweep.expire_due_batches()
+        db.session.remove()
+        batch = db.session.get(Batch, batch_id)
+        assert batch is not None and batch.status == "expired"
+        statuses = set(db.session.scalars(select(Job.status).where(in_batch)))
+        assert statuses == {"expired"}
+        # the stuck holder's late result is refused
+        late = batch_runner.ItemResult(claimed[0].id, claimed[0].attempts, "succeeded", "late")
+        assert batch_runner.write_results(batch_id, [late]) == 0
+
+
+def test_a_run_cut_mid_chunk_gives_its_items_back(
+    stack: Stack, app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when the worker loses the broker: Celery kills the task's greenlet (GreenletExit)."""
+    batch_id = quiet_batch(api_key, 4)
+
+    def cut(*_: Any) -> int:
+        raise gevent.GreenletExit
+
+    monkeypatch.setattr(batch_runner, "write_results", cut)
+    with pytest.raises(gevent.GreenletExit):
+        batch_runner.run_chunk(batch_id, 0, 3, "cut-worker")
+    monkeypatch.undo()
+    db.session.remove()
+    holders = db.session.scalars(select(Job.worker).where(Job.batch_id == batch_id)).all()
+    assert not any((h or "").startswith("cut-worker") for h in holders)  # all given back
+    # the re-sent chunk runs on the session's worker: every item once more, then done
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        db.session.remove()
+        batch = db.session.get(Batch, batch_id)
+        if batch is not None and batch.status == "completed":
+            break
+        time.sleep(0.2)
+    assert batch is not None and batch.status == "completed"
+    assert set(attempts(batch_id).values()) == {2}
+
+
+def test_stranded_standalone_job_is_sent_again(
+    stack: Stack, app_ctx: Flask, api_key: str, client: httpx.Client
+) -> None:
+    """A background job committed but whose task was never sent (web crash, broker error)."""
+    job = insert_job(
+        tenant_of(api_key), "batch", "queued", created_at=utcnow() - timedelta(minutes=2)
+    )
+    job_id = job.id
+    assert batch_sweep.resend_stranded_jobs() >= 1
+    assert batch_sweep.resend_stranded_jobs() == 0  # at most once per RESEND_EVERY
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/jobs/{job_id}").json()
+        if body["status"] == "succeeded":
+            break
+        time.sleep(0.2)
+    assert body["status"] == "succeeded", body
+    db.session.remove()
+    count = db.session.scalar(select(func.count()).select_from(Job).where(Job.id == job_id))
+    assert count == 1

@@ -1,0 +1,74 @@
+"""The sweeper runs on time behind any queue backlog, and records each step's last success."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from flask import Flask
+from sqlalchemy import update
+
+from app.cli.processes import sweeper_argv
+from app.extensions import db, redis_store
+from app.models import Batch, utcnow
+from app.queueing import BATCH_QUEUE, send_task
+from app.services import sweeper
+from app.services.batches import CHUNK_TASK
+from tests.helpers import insert_batch, tenant_of
+from tests.stack import Stack
+
+INTERVAL = 0.5
+
+
+@pytest.fixture
+def no_batch_worker(stack: Stack, app: Flask) -> Iterator[Stack]:
+    """No batch worker consumes while the test runs (the session's comes back after)."""
+    stack.kill("batch", signal.SIGTERM)
+    try:
+        yield stack
+    finally:
+        with app.app_context():
+            redis_store.client.delete(BATCH_QUEUE)  # the flood, never to be run
+        stack.start_worker("batch")
+        stack.wait_ready()
+
+
+def test_sweeps_run_on_time_behind_a_flooded_batch_queue(
+    no_batch_worker: Stack, app_ctx: Flask, api_key: str
+) -> None:
+    for i in range(1000):
+        send_task(CHUNK_TASK, [f"batch_flood{i}", 0, 9], queue=BATCH_QUEUE)
+    assert redis_store.client.llen(BATCH_QUEUE) >= 1000
+    batch_id = insert_batch(tenant_of(api_key), ["queued"] * 3).id
+    db.session.execute(
+        update(Batch).where(Batch.id == batch_id).values(expires_at=utcnow() - timedelta(1))
+    )
+    db.session.commit()
+    env = {**no_batch_worker.env, "SLUICE_SWEEP_INTERVAL_SECONDS": str(INTERVAL)}
+    beat = Stack(env=env, home=no_batch_worker.home, port=no_batch_worker.port)
+    before = sweeper.last_runs().get(sweeper.PASS, 0.0)
+    beat._spawn("beat", [*sweeper_argv("WARNING"), "-s", str(beat.home / "beat-schedule-test")])
+    try:
+        seen: list[float] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < 5 and time.monotonic() < deadline:
+            stamp = sweeper.last_runs().get(sweeper.PASS, 0.0)
+            if stamp > before and (not seen or stamp > seen[-1]):
+                seen.append(stamp)
+            time.sleep(0.05)
+    finally:
+        beat.stop()
+    assert len(seen) == 5, f"sweeps recorded: {seen}"
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert max(gaps) < INTERVAL * 6, gaps  # on time, not behind 1,000 queued chunk tasks
+    runs = sweeper.last_runs()
+    assert all(runs[name] >= seen[0] for name, _ in sweeper.steps())  # every step succeeded
+    assert redis_store.client.llen(BATCH_QUEUE) >= 1000  # nothing went through the queue
+    assert sweeper.state() == "ok"
+    db.session.remove()
+    batch = db.session.get(Batch, batch_id)
+    assert batch is not None and batch.status == "expired"  # the sweep really did its work

@@ -1,0 +1,178 @@
+"""Faults on the stream channel: terminal writes cut in two, leases taken over, Redis gone."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from flask import Flask
+from sqlalchemy import select
+
+from app import embedded_redis
+from app.extensions import db, redis_store
+from app.models import Job
+from app.services.stream_runner import sweep_streams
+from app.streams.entries import done_fields, error_fields
+from app.streams.hub import StreamHub, Tail
+from app.streams.keys import lease_key
+from app.streams.relay import sse_body
+from app.streams.render import ChunkRenderer
+from app.streams.writer import DeltaLog, LostLease, release_lease, write_terminal
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import read_sse
+from tests.stack import Stack
+
+LEASE = 3.0  # SLUICE_STREAM_LEASE_SECONDS in the test settings
+
+
+def _content(text: str) -> list[dict]:
+    return [{"index": 0, "delta": {"content": text}}]
+
+
+def test_lease_is_compare_and_set(app_ctx: Flask) -> None:
+    client = redis_store.client
+    job = f"job_cas_{secrets.token_hex(4)}"
+    mine = DeltaLog(client, job, running_ttl=60, final_ttl=60, token="A", lease_seconds=5)
+    client.set(lease_key(job), "A", px=5000)
+    assert mine.append(_content("one")) is False
+    assert mine.refresh() is False
+    client.set(lease_key(job), "B", px=5000)  # the job was declared lost and taken by B
+    with pytest.raises(LostLease):
+        mine.refresh()
+    with pytest.raises(LostLease):
+        mine.append(_content("two"))
+    assert not mine.end(done_fields("stop", None))
+    assert not release_lease(client, job, "A")
+    assert client.get(lease_key(job)) == "B", "A renewed or released B's lease"
+    assert release_lease(client, job, "B") and not client.exists(lease_key(job))
+
+    # declared lost: no lease, and a repair ended the log; the stalled holder comes back
+    assert write_terminal(client, job, error_fields({"code": "worker_lost"}), 60)
+    with pytest.raises(LostLease):
+        mine.append(_content("late"))
+    with pytest.raises(LostLease):
+        mine.refresh()
+    assert not client.exists(lease_key(job)), "a lost holder re-created its lease"
+    assert not write_terminal(client, job, error_fields({"code": "again"}), 60), "two ends"
+
+    # a lease that merely lapsed (nobody took the job, the log goes on): the holder goes on
+    other = f"job_cas_{secrets.token_hex(4)}"
+    lapsed = DeltaLog(client, other, running_ttl=60, final_ttl=60, token="C", lease_seconds=5)
+    assert lapsed.append(_content("x")) is False
+    assert client.get(lease_key(other)) == "C"
+    client.delete(lease_key(other))
+    assert lapsed.refresh() is False and client.get(lease_key(other)) == "C"
+    # a repair may end a job only while nobody holds it
+    assert not write_terminal(client, other, error_fields({"code": "worker_lost"}), 60)
+    assert lapsed.end(done_fields("stop", None))
+
+
+@pytest.fixture
+def faulty_worker(stack: Stack) -> Iterator[Callable[[str], str]]:
+    """Replace the stream worker by one that dies at a given point of a job's end."""
+    started: list[str] = []
+
+    def start(mode: str) -> str:
+        stack.kill("stream", signal.SIGTERM)
+        saved = stack.env
+        stack.env = {**saved, "SLUICE_TEST_STREAM_FAULT": mode}
+        try:
+            name = stack.start_worker("stream", name=f"stream-{mode}", concurrency=5)
+        finally:
+            stack.env = saved
+        started.append(name)
+        stack.wait_ready()
+        return name
+
+    yield start
+    for name in started:
+        if name in stack.procs:
+            stack.kill(name)
+    stack.start_worker("stream")
+    stack.wait_ready()
+
+
+def _stream(client: httpx.Client, model: str) -> tuple[str, object, float]:
+    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body, timeout=25) as response:
+        job_id = response.headers["x-sluice-job-id"]
+        lines = response.iter_lines()
+        first = read_sse(response, max_events=1, lines=lines)
+        started = time.monotonic()
+        rest = read_sse(response, lines=lines)
+    return job_id, (first, rest), time.monotonic() - started
+
+
+def test_worker_killed_between_row_commit_and_log_end(
+    faulty_worker: Callable[[str], str], client: httpx.Client, upstream: FakeUpstream
+) -> None:
+    """The row is finished, the log never got its end: the relay writes it from the row."""
+    upstream.add_scenario("fault-before", deltas=["one ", "two ", "three"], tps=50)
+    faulty_worker("exit_before_terminal")
+    job_id, (first, rest), waited = _stream(client, "openai/fault-before")
+    assert rest.done and rest.error is None
+    assert first.text + rest.text == "one two three"
+    assert waited < LEASE + 4, f"the relay waited {waited:.1f}s for the end"
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["output"] == "one two three"
+
+
+def test_worker_killed_between_log_end_and_row_commit(
+    faulty_worker: Callable[[str], str], client: httpx.Client, upstream: FakeUpstream, app: Flask
+) -> None:
+    """The log ended, the row did not: clients are done, and the row takes the log's end."""
+    upstream.add_scenario("fault-after", deltas=["un ", "deux ", "trois"], tps=50)
+    faulty_worker("exit_after_terminal")
+    job_id, (first, rest), waited = _stream(client, "openai/fault-after")
+    assert rest.done and rest.error is None and first.text + rest.text == "un deux trois"
+    assert waited < 2
+    shown = client.get(f"/v1/jobs/{job_id}").json()
+    assert shown["status"] == "succeeded" and shown["output"] == "un deux trois"
+    deadline = time.monotonic() + 3 * LEASE + 5
+    row = None
+    with app.app_context():
+        while time.monotonic() < deadline:
+            sweep_streams()
+            row = db.session.execute(
+                select(Job.status, Job.output, Job.finish_reason).where(Job.id == job_id)
+            ).first()
+            db.session.commit()
+            if row is not None and row.status != "running":
+                break
+            time.sleep(0.5)
+    assert row is not None and tuple(row) == ("succeeded", "un deux trois", "stop")
+
+
+def test_relay_that_loses_redis_ends_in_band(tmp_path: Path) -> None:
+    """Redis goes away under an open relay: pings, then an error event and [DONE]."""
+    url, proc = embedded_redis.start(tmp_path / "redis")
+    hub = StreamHub(url)
+    try:
+        client = redis.Redis.from_url(url, decode_responses=True)
+        job = "job_outage"
+        client.set(lease_key(job), "T", px=60_000)
+        dlog = DeltaLog(client, job, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+        dlog.append(_content("hello "))
+        tail = Tail(hub, job, lease_seconds=60, ping_seconds=0.2, running=True)
+        tail.outage_seconds = 1.5
+        body = iter(sse_body(tail, ChunkRenderer(job, "m", 0, False), 1000, lambda _: None))
+        assert next(body).startswith("retry:")
+        assert '"content":"hello "' in next(body)
+        proc.kill()
+        proc.wait(10)
+        started = time.monotonic()
+        rest = "".join(body)
+        assert time.monotonic() - started < 10
+        assert ": ping" in rest
+        assert '"code": "stream_unavailable"' in rest
+        assert rest.endswith("data: [DONE]\n\n")
+    finally:
+        hub.close()
+        if proc.poll() is None:
+            proc.kill()
