@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: dev test test-fast lint format bench clean
+.PHONY: dev test test-fast typecheck lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)  ## Lint, then the whole suite against real Redis, DB, workers an
 
 test-fast: $(STAMP)  ## Only the tests that need no database, Redis or processes
 	$(BIN)/pytest -m unit -q $(PYTEST_ARGS)
+
+typecheck: $(STAMP)  ## mypy, strict on app/ and workers/ (settings in pyproject.toml)
+	$(BIN)/mypy
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

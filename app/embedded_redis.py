@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def _alive(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1).ping())
     except (redis.RedisError, OSError):
         return False
 
@@ -68,7 +68,9 @@ def start(home: Path, port: int | None = None) -> tuple[str, subprocess.Popen[by
     home.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    proc = subprocess.Popen(server_argv(home, port), preexec_fn=die_with_parent)
+    proc = subprocess.Popen(
+        server_argv(home, port), preexec_fn=die_with_parent, start_new_session=True
+    )  # only its owner stops it (a Ctrl-C to the terminal's group does not)
     deadline = time.monotonic() + 10
     while not _alive(url):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, bootsteps
-from celery.signals import beat_init
 from flask import Flask, current_app
 from kombu import Queue
 
@@ -70,7 +69,6 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app: Celery = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(celery_settings(app.config))
     celery_app.steps["worker"].add(worker_heartbeat(app))
-    sweep_in_beat(app, celery_app)
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     return celery_app
@@ -79,18 +77,6 @@ def celery_init_app(app: Flask) -> Celery:
 def send_task(name: str, args: list[Any], queue: str) -> None:
     """Send a task by name through the current app's Celery."""
     current_app.extensions["celery"].send_task(name, args=args, queue=queue)
-
-
-def sweep_in_beat(app: Flask, celery_app: Celery) -> None:
-    """Beat's process runs the sweeper itself: never through a queue, so no backlog delays it."""
-
-    def start(sender: Any, **_: Any) -> None:
-        if sender.app is celery_app:
-            from app.services import sweeper
-
-            sweeper.start(app)
-
-    beat_init.connect(start, weak=False)
 
 
 def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:

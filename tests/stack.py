@@ -192,8 +192,11 @@ class TcpProxy:
                 dst.sendall(data)
         except OSError:
             pass
+        with self._lock:
+            self._conns -= {src, dst}
         for sock in (src, dst):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            sock.close()

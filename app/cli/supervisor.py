@@ -56,7 +56,11 @@ class Supervisor:
             self.log(f"started {name} (pid {proc.pid})")
 
     def _start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, preexec_fn=die_with_parent)
+        # its own session: a Ctrl-C reaches only `sluice dev`, which stops the children in
+        # order (Redis last) with one SIGTERM each; it still dies with dev (PDEATHSIG)
+        child.proc = subprocess.Popen(
+            child.argv, preexec_fn=die_with_parent, start_new_session=True
+        )
         child.started = time.monotonic()
         child.restart_at = None
         self.log(f"started {child.name} (pid {child.proc.pid})")
