@@ -251,7 +251,7 @@ def claim_lease(worker: str) -> Iterator[str]:
 
 def holder_token(holder: str | None) -> str:
     """The lease token in a job's `worker` column ("" for none)."""
-    return (holder or "").rpartition("/")[2] if holder and "/" in holder else ""
+    return holder.rpartition("/")[2] if holder and "/" in holder else ""
 
 
 def _stop_checker(batch_id: str) -> Any:
@@ -289,7 +289,8 @@ def _run_claimed(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
     """Run claimed rows; if the run dies (a DB error, the task cut), give back what is unfinished.
 
     Unfinished items go back to the queue, or fail with the error after BATCH_MAX_ATTEMPTS
-    claims. If even that fails (the database is down), the lapsed lease lets the sweeper.
+    claims. If even that fails (the database is down), the sweeper re-queues them once the
+    released (or lapsed) lease shows the claim is gone.
     """
     try:
         return _run_rows(batch_id, rows, cancelled)

@@ -87,18 +87,16 @@ class ProviderSemaphore:
             return gate
 
 
-_semaphores: dict[int, ProviderSemaphore] = {}
-
-
 def semaphore() -> ProviderSemaphore:
-    """This process's semaphore for the current app's settings."""
-    config = current_app.config
-    ident = id(current_app._get_current_object())  # type: ignore[attr-defined]
-    sem = _semaphores.get(ident)
+    """This app's semaphore (one per process and app), made on first use."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    sem = app.extensions.get("sluice_provider_semaphore")
     if sem is None:
         for name in QUIET_LOGGERS:  # per-request INFO lines cost more than the request here
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
-        sem = _semaphores[ident] = ProviderSemaphore(
-            redis_store.client, config["PROVIDER_CONCURRENCY"], config["PROVIDER_LEASE_SECONDS"]
+        sem = app.extensions["sluice_provider_semaphore"] = ProviderSemaphore(
+            redis_store.client,
+            app.config["PROVIDER_CONCURRENCY"],
+            app.config["PROVIDER_LEASE_SECONDS"],
         )
     return sem
