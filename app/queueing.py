@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,6 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app: Celery = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(celery_settings(app.config))
     celery_app.steps["worker"].add(worker_heartbeat(app))
-    sweep_in_beat(app, celery_app)
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     return celery_app
@@ -81,14 +81,13 @@ def send_task(name: str, args: list[Any], queue: str) -> None:
     current_app.extensions["celery"].send_task(name, args=args, queue=queue)
 
 
-def sweep_in_beat(app: Flask, celery_app: Celery) -> None:
+def sweep_in_beat(app: Flask, start_sweeper: Callable[[Flask], object]) -> None:
     """Beat's process runs the sweeper itself: never through a queue, so no backlog delays it."""
+    celery_app = app.extensions["celery"]
 
     def start(sender: Any, **_: Any) -> None:
         if sender.app is celery_app:
-            from app.services import sweeper
-
-            sweeper.start(app)
+            start_sweeper(app)
 
     beat_init.connect(start, weak=False)
 
