@@ -14,8 +14,7 @@ from app import policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
 from app.extensions import init_db, redis_store
-from app.queueing import celery_init_app, sweep_in_beat
-from app.services import sweeper
+from app.queueing import celery_init_app
 
 
 def create_app(
@@ -34,7 +33,6 @@ def create_app(
     register_blueprints(app)
     register_error_handlers(app)
     celery_init_app(app)
-    sweep_in_beat(app, sweeper.start)  # celery beat's own process runs the sweeper
     return app
 
 

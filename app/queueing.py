@@ -5,12 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, bootsteps
-from celery.signals import beat_init
 from flask import Flask, current_app
 from kombu import Queue
 
@@ -79,17 +77,6 @@ def celery_init_app(app: Flask) -> Celery:
 def send_task(name: str, args: list[Any], queue: str) -> None:
     """Send a task by name through the current app's Celery."""
     current_app.extensions["celery"].send_task(name, args=args, queue=queue)
-
-
-def sweep_in_beat(app: Flask, start_sweeper: Callable[[Flask], object]) -> None:
-    """Beat's process runs the sweeper itself: never through a queue, so no backlog delays it."""
-    celery_app = app.extensions["celery"]
-
-    def start(sender: Any, **_: Any) -> None:
-        if sender.app is celery_app:
-            start_sweeper(app)
-
-    beat_init.connect(start, weak=False)
 
 
 def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:

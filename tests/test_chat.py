@@ -461,3 +461,48 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[str
         if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
             return job
         time.sleep(0.05)
+
+
+def test_batch_output_lines_carry_tool_calls_and_structured_output(
+    openai_client: openai.OpenAI, upstream: FakeUpstream
+) -> None:
+    calls = [{"id": "call_b1", "name": "get_weather", "arguments": '{"city":"Lima"}'}]
+    upstream.add_scenario("batch-tools", deltas=[], tool_calls=calls)
+    hello = [{"role": "user", "content": "Lima"}]
+    bodies = {
+        "mock-tools": {"model": "mock/tools", "messages": hello, "tools": [WEATHER]},
+        "upstream-tools": {"model": "openai/batch-tools", "messages": hello, "tools": [WEATHER]},
+        "structured": {"model": "mock/x", "messages": hello, "response_format": ANSWER_FORMAT},
+        "plain": {"model": "mock/echo", "messages": hello},
+    }
+    lines = [
+        {"custom_id": name, "method": "POST", "url": "/v1/chat/completions", "body": body}
+        for name, body in bodies.items()
+    ]
+    raw = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = openai_client.files.create(file=("in.jsonl", io.BytesIO(raw)), purpose="batch")
+    batch = openai_client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+        batch = openai_client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.output_file_id, batch
+    output = openai_client.files.content(batch.output_file_id).text.splitlines()
+    results = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, output)}
+    mock_call = results["mock-tools"]["choices"][0]
+    assert mock_call["finish_reason"] == "tool_calls"
+    assert mock_call["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    upstream_message = results["upstream-tools"]["choices"][0]["message"]
+    assert [
+        (c["id"], c["function"]["name"], c["function"]["arguments"])
+        for c in upstream_message["tool_calls"]
+    ] == [(c["id"], c["name"], c["arguments"]) for c in calls]  # byte-identical
+    assert json.loads(results["structured"]["choices"][0]["message"]["content"]) == {}
+    assert results["plain"]["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Lima",
+        "refusal": None,
+    }

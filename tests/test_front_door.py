@@ -456,3 +456,10 @@ def test_another_tenants_objects_answer_404_and_stay_as_they_were(
             assert after[1] not in ("cancelled", "cancelling"), kind
         else:
             assert after == before[kind], kind
+
+
+def test_the_body_limit_holds_outside_v1_too(app: Flask, small_body_limit: int) -> None:
+    """The dashboard's login form is parsed before sign-in: MAX_CONTENT_LENGTH bounds it."""
+    form = {"key": "k" * (small_body_limit * 2)}
+    response = app.test_client().post("/dashboard/login", data=form)
+    assert response.status_code == 413

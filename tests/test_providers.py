@@ -14,6 +14,7 @@ import pytest
 
 from app.providers import (
     ChatRequest,
+    Completion,
     Provider,
     ProviderError,
     ProviderRegistry,
@@ -853,3 +854,13 @@ def test_mock_json_modes_n_stop_and_logprobs() -> None:
     )
     with pytest.raises(Unsupported, match="'vendor_knob' is not supported by provider 'mock'"):
         mock.check(ChatRequest("x", user("y"), options={"vendor_knob": 1}))
+
+
+def test_completion_more_than_text() -> None:
+    plain = Completion.of_text("hi", "stop", Usage())
+    assert not plain.more_than_text and plain.text == "hi"
+    refusal = {"role": "assistant", "content": None, "refusal": "no"}
+    assert Completion([{"index": 0, "message": refusal}], Usage()).more_than_text
+    calls = fast_mock().complete(ChatRequest("tools", user("x"), tools=TOOLS))
+    assert calls.more_than_text and calls.text == ""
+    assert fast_mock().complete(ChatRequest("x", user("x"), n=2)).more_than_text

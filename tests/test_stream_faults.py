@@ -26,7 +26,7 @@ from app.streams.render import ChunkRenderer
 from app.streams.writer import DeltaLog, LostLease, release_lease, write_terminal
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import read_sse
-from tests.stack import Stack
+from tests.stack import Stack, free_port
 
 LEASE = 3.0  # SLUICE_STREAM_LEASE_SECONDS in the test settings
 
@@ -134,6 +134,9 @@ def test_worker_killed_between_log_end_and_row_commit(
     assert waited < 2
     shown = client.get(f"/v1/jobs/{job_id}").json()
     assert shown["status"] == "succeeded" and shown["output"] == "un deux trois"
+    assert shown["finish_reason"] == "stop" and shown["error"] is None
+    timings = shown["timings"]  # the row is still `running`: the times are the log's
+    assert 0 <= timings["queued_ms"] <= timings["ttft_ms"] <= timings["duration_ms"]
     deadline = time.monotonic() + 3 * LEASE + 5
     row = None
     with app.app_context():
@@ -176,3 +179,54 @@ def test_relay_that_loses_redis_ends_in_band(tmp_path: Path) -> None:
         hub.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_relay_resumes_when_redis_comes_back(tmp_path: Path) -> None:
+    """Redis restarts within the relay's patience: pings meanwhile, then the rest, no error."""
+    home = tmp_path / "redis"
+    url, proc = embedded_redis.start(home)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    hub = StreamHub(url)
+    try:
+        client = redis.Redis.from_url(url, decode_responses=True)
+        job = "job_restart"
+        client.set(lease_key(job), "T", px=60_000)
+        dlog = DeltaLog(client, job, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+        dlog.append(_content("hello "))
+        tail = Tail(hub, job, lease_seconds=60, ping_seconds=0.2, running=True)
+        tail.outage_seconds = 30
+        body = iter(sse_body(tail, ChunkRenderer(job, "m", 0, False), 1000, lambda _: None))
+        assert next(body).startswith("retry:")
+        assert '"content":"hello "' in next(body)
+        proc.terminate()  # AOF on: the log survives the restart
+        proc.wait(10)
+        assert next(body).startswith(": ping")
+        proc = embedded_redis.start(home, port)[1]
+        dlog.append(_content("world"))
+        dlog.finish("stop", None)
+        rest = "".join(body)
+        assert '"content":"world"' in rest and "error" not in rest
+        assert rest.endswith("data: [DONE]\n\n")
+    finally:
+        hub.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: str) -> None:
+    """The log's end cannot be written (Redis gone): the row still ends, with what was sent."""
+    from app.services import stream_runner
+    from tests.helpers import insert_job, tenant_of
+
+    job = insert_job(tenant_of(api_key), "stream", "running")
+    job_id = job.id
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), decode_responses=True)
+    dlog = DeltaLog(dead, job_id, running_ttl=60, final_ttl=60, token="T")
+    run = stream_runner._Run(job_id, None, dlog, "T", 60.0, window=0.0)  # type: ignore[arg-type]
+    run.parts = ["sent ", "to the client"]
+    error = {"message": "x", "type": "service_unavailable", "code": "stream_unavailable"}
+    fields = error_fields(error)
+    assert stream_runner._close(run, "failed", fields, usage=None, error=error) == "failed"
+    row = db.session.execute(select(Job.status, Job.output).where(Job.id == job_id)).first()
+    db.session.commit()
+    assert row is not None and tuple(row) == ("failed", "sent to the client")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from flask import Blueprint, Response, g, request
@@ -64,15 +65,26 @@ def show_job(job_id: str) -> ResponseReturnValue:
         return job_object(job)
     # Live: the text so far is the log's; a log that has ended is ahead of its row (the
     # worker writes the log's end first), so the job is shown as the log ended it.
-    generation = Generation.of(read_all(current_hub().client, job.id))
-    shown = job_object(job, output=generation.text or None)
-    if generation.status is not None:
-        shown["status"] = generation.status
-        shown["error"] = generation.error
-        if generation.error is None:
-            shown["finish_reason"] = generation.finish_reason
-            shown["usage"] = generation.usage
-    return shown
+    entries = read_all(current_hub().client, job.id)
+    generation = Generation.of(entries)
+    if generation.status is None:
+        return job_object(job, output=generation.text or None)
+    db.session.expunge(job)  # shown, never written back
+
+    def at(entry_id: str) -> datetime:  # an entry id is the time it was written
+        moment = datetime.fromtimestamp(entry_key(entry_id)[0] / 1000, UTC)
+        return moment if job.created_at.tzinfo else moment.replace(tzinfo=None)
+
+    job.finished_at = at(entries[-1][0])
+    if job.first_token_at is None and len(entries) > 1:
+        job.first_token_at = at(entries[0][0])
+    job.status = generation.status
+    job.output = generation.text if generation.choices else job.output
+    job.error = generation.error
+    if generation.error is None:
+        job.finish_reason = generation.finish_reason
+        job.usage = generation.usage
+    return job_object(job)
 
 
 @bp.get("/jobs/<job_id>/events")

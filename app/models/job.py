@@ -42,6 +42,7 @@ class Job(Base):
     request: Mapped[dict[str, Any]]
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     output: Mapped[str | None] = mapped_column(Text)
+    choices: Mapped[list[Any] | None]  # chat.completion choices when more than text (0003)
     finish_reason: Mapped[str | None] = mapped_column(String(30))
     usage: Mapped[dict[str, Any] | None]
     error: Mapped[dict[str, Any] | None]

@@ -152,6 +152,14 @@ class Completion:
         return content if isinstance(content, str) else ""
 
     @property
+    def more_than_text(self) -> bool:
+        """Whether the choices hold more than choice 0's text (tool calls, refusal, n > 1...)."""
+        if len(self.choices) != 1 or self.choices[0].get("logprobs"):
+            return True
+        message = self.choices[0].get("message") or {}
+        return any(v is not None for k, v in message.items() if k not in ("role", "content"))
+
+    @property
     def finish_reason(self) -> str:
         """Choice 0's finish reason."""
         return (self.choices[0].get("finish_reason") if self.choices else None) or "stop"

@@ -67,6 +67,7 @@ class ItemResult:
     attempt: int
     status: str  # succeeded | failed | cancelled | expired
     output: str | None = None
+    choices: list[dict[str, Any]] | None = None  # set when the answer is more than text
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -126,6 +127,7 @@ def run_item(row: Any, cancelled: Any) -> ItemResult:
             row.attempts,
             "succeeded",
             output=completion.text,
+            choices=completion.choices if completion.more_than_text else None,
             finish_reason=completion.finish_reason,
             usage=completion.usage.as_dict(),
         )
@@ -142,6 +144,7 @@ _WRITE = (
     .values(
         status=bindparam("b_status"),
         output=bindparam("b_output"),
+        choices=bindparam("b_choices", type_=jobs_t.c.choices.type),
         finish_reason=bindparam("b_finish"),
         usage=bindparam("b_usage", type_=jobs_t.c.usage.type),
         error=bindparam("b_error", type_=jobs_t.c.error.type),
@@ -165,6 +168,7 @@ def write_results(batch_id: str | None, outcomes: list[ItemResult]) -> int:
                 "b_attempt": o.attempt,
                 "b_status": o.status,
                 "b_output": db_text(o.output) if o.output is not None else None,
+                "b_choices": o.choices,
                 "b_finish": o.finish_reason,
                 "b_usage": o.usage,
                 "b_error": o.error,

@@ -31,6 +31,7 @@ def chat_completion_object(job: Job) -> dict[str, Any]:
         job.output or "",
         job.finish_reason,
         {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
+        choices=job.choices,
     )
 
 

@@ -388,6 +388,8 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
     finally:
         try:
             release_lease(client, job_id, lease_value)  # only if still ours
+        except redis.RedisError as exc:  # it lapses by itself
+            log.warning("job %s: lease not released: %r", job_id, exc)
         finally:
             _release(job_id)
 
@@ -476,6 +478,17 @@ def _run(
                 "code": "model_not_found",
             }
             return _end(run, reader, "failed", error | {"param": "model"})
+        except redis.RedisError as exc:  # the log is unreachable: the row keeps what was sent
+            log.warning("job %s: delta log unreachable: %r", job_id, exc)
+            reader.close()
+            unreachable = {
+                "message": "The job's stream log became unreachable (Redis); the generation "
+                "stopped. Its output holds what was streamed.",
+                "type": "service_unavailable",
+                "code": "stream_unavailable",
+                "param": None,
+            }
+            return _end(run, reader, "failed", unreachable)
         except Exception as exc:
             log.exception("job %s: stream failed", job_id)
             reader.close()

@@ -310,7 +310,7 @@ class Tail:
                     continue
                 if leased == 0:
                     now = time.monotonic()
-                    due = self.running or now - last_db_check > 2 * self.lease_seconds
+                    due = self.running or now - last_db_check >= self.lease_seconds
                     if due and self.check_lost is not None:
                         last_db_check = now
                         if self.check_lost(self.job_id):
