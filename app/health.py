@@ -7,6 +7,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from app.extensions import db, redis_store
+from app.services import sweeper
 from app.services.heartbeat import live_workers
 
 bp = Blueprint("health", __name__)
@@ -36,6 +37,13 @@ def readyz() -> ResponseReturnValue:
         checks["redis"] = f"unavailable: {type(exc).__name__}"
     missing = sorted(name for name, state in checks.items() if state != "ok")
     status = 200 if not missing else 503
+    try:  # shown, not gating: the web serves without a sweeper
+        sweep = sweeper.state()
+    except Exception as exc:
+        sweep = f"unknown: {type(exc).__name__}"
     return jsonify(
-        status="ready" if not missing else "not ready", checks=checks, missing=missing
+        status="ready" if not missing else "not ready",
+        checks=checks,
+        missing=missing,
+        sweeper=sweep,
     ), status

@@ -145,3 +145,30 @@ def test_events_stream_progress_then_done(client: httpx.Client) -> None:
     assert events[-1][1]["status"] == "completed"
     assert events[-1][1]["counts"]["succeeded"] == 30
     assert all(e[0] in ("progress", "done") for e in events)
+
+
+def test_response_format_extracts_json_from_every_document(client: httpx.Client) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "pages": {"type": "integer"}},
+        "required": ["title", "pages"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "doc", "schema": schema}}
+    docs = [{"id": f"x{i}", "text": f"a report, {i} pages"} for i in range(3)]
+    response = submit_documents(client, docs, model="mock/demo", response_format=fmt)
+    assert response.status_code == 202, response.text
+    assert response.json()["params"]["response_format"] == fmt
+    done = wait_batch(client, response.json()["id"])
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 3, done
+    for line in batch_results(client, done["id"]):
+        value = json.loads(line["output"])
+        assert isinstance(value["title"], str) and isinstance(value["pages"], int)
+
+    bad = submit_documents(client, docs, response_format={"type": "yaml"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    form = client.post(
+        "/v1/document-batches",
+        data={"model": "mock/demo", "instructions": "x", "response_format": "{not json"},
+        files={"files": ("a.txt", b"text")},
+    )
+    assert form.status_code == 400 and form.json()["error"]["param"] == "response_format"

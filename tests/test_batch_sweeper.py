@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 
+import httpx
 import pytest
 from flask import Flask
 from sqlalchemy import update
@@ -69,6 +70,7 @@ def test_sweeps_run_on_time_behind_a_flooded_batch_queue(
     assert all(runs[name] >= seen[0] for name, _ in sweeper.steps())  # every step succeeded
     assert redis_store.client.llen(BATCH_QUEUE) >= 1000  # nothing went through the queue
     assert sweeper.state() == "ok"
+    assert httpx.get(no_batch_worker.url + "/readyz").json()["sweeper"] == "ok"
     db.session.remove()
     batch = db.session.get(Batch, batch_id)
     assert batch is not None and batch.status == "expired"  # the sweep really did its work

@@ -12,6 +12,7 @@ import itertools
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
+from app import embedded_redis
 from app.cli.processes import sweeper_argv, worker_argv
 from app.extensions import db, redis_store
 from app.models import Batch, Job
@@ -28,7 +30,7 @@ from app.services import batch_lifecycle, batches, sweeper
 from app.services.heartbeat import live_workers
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import batch_results, submit_documents, tenant_of
-from tests.stack import Stack
+from tests.stack import Stack, TcpProxy
 
 pytestmark = pytest.mark.chaos
 
@@ -37,8 +39,8 @@ MARKER = "CHAOSWRITE"
 SWEEP_SECONDS = 1.0
 LEASE_SECONDS = 3.0
 # 5,000 documents take ~90 s on a loaded 2-core machine with SQLite (~60 items/s end to end);
-# 2,000 keep the suite near its budget and still leave hundreds of claims to kill.
-DOCUMENTS = 2000
+# 1,500 keep the suite near its budget and still leave hundreds of claims to kill.
+DOCUMENTS = 1500
 ENV = {
     "SLUICE_BATCH_LEASE_SECONDS": str(LEASE_SECONDS),
     "SLUICE_SWEEP_INTERVAL_SECONDS": str(SWEEP_SECONDS),
@@ -56,8 +58,10 @@ class Chaos:
     def __init__(self, stack: Stack) -> None:
         self.procs = Stack(env={**stack.env, **ENV}, home=stack.home, port=stack.port)
 
-    def start_worker(self, concurrency: int = 64) -> None:
-        self.procs._spawn("worker", worker_argv("batch", concurrency, name=NODE))
+    def start_worker(self, concurrency: int = 64, **env: str) -> None:
+        procs = self.procs if not env else Stack({**self.procs.env, **env}, self.procs.home)
+        procs._spawn("worker", worker_argv("batch", concurrency, name=NODE))
+        self.procs.procs["worker"] = procs.procs["worker"]
         pid = self.procs.procs["worker"].pid
         deadline = time.monotonic() + 60
         while not any(
@@ -199,3 +203,96 @@ def test_sweeps_run_on_time_with_1000_chunk_tasks_queued(
     finally:
         redis_store.client.delete(BATCH_QUEUE)
         batch_lifecycle.cancel_batch(db.session.get(Batch, batch.id))  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(180)
+def test_postgresql_cut_for_10s_mid_batch_then_every_document_once(
+    chaos: Chaos, client: httpx.Client, upstream: FakeUpstream, test_env: dict[str, str]
+) -> None:
+    if not test_env["DATABASE_URL"].startswith("postgres"):
+        pytest.skip("the database cut runs on PostgreSQL (SQLite is a local file)")
+    upstream.add_scenario("chaos-pg", delay_ms=100, echo=True)
+    proxy = TcpProxy(test_env["DATABASE_URL"])
+    chaos.kill_worker(signal.SIGTERM)
+    # the worker reaches the database only through the proxy; web and beat directly
+    chaos.start_worker(DATABASE_URL=proxy.url, SLUICE_PROVIDER_CONCURRENCY="16")
+    try:
+        n = 1000
+        docs = [{"id": f"p{i}", "text": f"pg cut {i}"} for i in range(n)]
+        batch_id = submit_documents(client, docs, model="openai/chaos-pg").json()["id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/document-batches/{batch_id}").json()["counts"]["succeeded"] < 300:
+            assert time.monotonic() < deadline, "the batch never got going"
+            time.sleep(0.05)
+        proxy.cut()
+        time.sleep(10)
+        cut = client.get(f"/v1/document-batches/{batch_id}").json()["counts"]
+        assert cut["succeeded"] < n, cut  # the cut landed mid-batch
+        proxy.restore()
+        final = wait_terminal(client, batch_id, 120)
+    finally:
+        chaos.kill_worker(signal.SIGKILL)
+        proxy.cut()
+        chaos.start_worker()
+    assert final["status"] == "completed" and final["counts"]["succeeded"] == n, final
+    lines = batch_results(client, batch_id)
+    assert [line["document_id"] for line in lines] == [d["id"] for d in docs]
+    assert all(line["output"] == d["text"] for line, d in zip(lines, docs, strict=True))
+    assert final["usage"]["prompt_tokens"] == sum(li["usage"]["prompt_tokens"] for li in lines)
+
+
+@pytest.mark.timeout(240)
+def test_redis_restarted_mid_batch_with_aof_then_every_document_once(
+    chaos: Chaos, upstream: FakeUpstream, api_key: str, tmp_path: Path
+) -> None:
+    """A Redis of this test's own (broker, leases, stop flags) restarted under a batch."""
+    upstream.add_scenario("chaos-redis", delay_ms=50, echo=True)
+    chaos.procs.kill("beat", signal.SIGTERM)  # one sweeper per database: this test's own
+    chaos.kill_worker(signal.SIGTERM)
+    url, redis_proc = embedded_redis.start(tmp_path / "redis")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    own = Stack(env={**chaos.procs.env, "REDIS_URL": url}, home=tmp_path)
+    own.start_web()
+    own._spawn("worker", worker_argv("batch", 64, name=NODE))
+    own._spawn("beat", [*sweeper_argv("WARNING"), "-s", str(tmp_path / "beat-schedule")])
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        with httpx.Client(base_url=own.url, headers=headers, timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the web never came up"
+                time.sleep(0.2)
+            n = 600
+            docs = [{"id": f"r{i}", "text": f"redis restart {i}"} for i in range(n)]
+            response = submit_documents(client, docs, model="openai/chaos-redis")
+            assert response.status_code == 202, response.text
+            batch_id = response.json()["id"]
+            deadline = time.monotonic() + 90
+            while (
+                client.get(f"/v1/document-batches/{batch_id}").json()["counts"]["succeeded"]
+                < n // 3
+            ):
+                assert time.monotonic() < deadline, "the batch never got going"
+                time.sleep(0.1)
+            redis_proc.terminate()  # AOF on: queued tasks survive the restart
+            redis_proc.wait(10)
+            time.sleep(5)
+            _, redis_proc = embedded_redis.start(tmp_path / "redis", port)
+            final = wait_terminal(client, batch_id, 150)
+            assert final["status"] == "completed", final
+            assert final["counts"]["succeeded"] == n, final
+            lines = batch_results(client, batch_id)
+    finally:
+        own.stop()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        chaos.start_worker()
+        chaos.start_beat()
+    assert [line["document_id"] for line in lines] == [d["id"] for d in docs]
+    assert all(line["output"] == d["text"] for line, d in zip(lines, docs, strict=True))
+    assert final["usage"]["prompt_tokens"] == sum(li["usage"]["prompt_tokens"] for li in lines)

@@ -24,9 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from flask import current_app
 from sqlalchemy import and_, bindparam, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from app import leases
 from app.extensions import db, redis_store
@@ -48,6 +49,7 @@ from app.services.stream_runner import db_text
 log = logging.getLogger(__name__)
 
 FLUSH_ITEMS = 50
+INFRASTRUCTURE = (redis.RedisError, SQLAlchemyError)  # outages: never an item's own failure
 CLAIMED = (
     jobs_t.c.id,
     jobs_t.c.attempts,
@@ -115,6 +117,8 @@ def run_item(row: Any, cancelled: Any) -> ItemResult:
                 if stop := cancelled():  # the wait for a slot may have been long
                     return ItemResult(row.id, row.attempts, stop, error=stop_error(stop))
                 completion = provider.complete(request)
+        except INFRASTRUCTURE:
+            raise  # Redis or the database, not this item: the run gives its items back
         except Exception as exc:
             retryable = isinstance(exc, ProviderError) and exc.retryable
             if not retryable or tries == max_tries:
@@ -311,6 +315,8 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
         with app.app_context():
             try:
                 return run_item(row, cancelled)
+            except INFRASTRUCTURE:
+                raise
             except Exception as exc:  # never lose an item to a bug: record it
                 log.exception("batch item %s crashed", row.id)
                 return ItemResult(row.id, row.attempts, "failed", error=_failure(exc, 0))

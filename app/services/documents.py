@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from app.errors import APIError
 from app.services.batches import BatchItem
+from app.services.chat_request import PARAMETERS
 from app.validation import check_metadata, loads
 
 TEXT_TYPES = (".txt", ".md", ".markdown", ".text")
@@ -37,13 +38,15 @@ class Options:
     temperature: float | None = None
     metadata: dict[str, Any] | None = None
     completion_window: str | None = None
+    response_format: dict[str, Any] | None = None  # e.g. json_schema: extraction per document
 
     def params(self) -> dict[str, Any]:
-        return {
-            k: v
-            for k, v in (("max_tokens", self.max_tokens), ("temperature", self.temperature))
-            if v is not None
-        }
+        pairs = (
+            ("max_tokens", self.max_tokens),
+            ("temperature", self.temperature),
+            ("response_format", self.response_format),
+        )
+        return {k: v for k, v in pairs if v is not None}
 
     def body(self, text: str) -> dict[str, Any]:
         """The chat-completions body for one document."""
@@ -96,13 +99,10 @@ def parse_options(source: Mapping[str, Any]) -> Options:
         raise APIError(
             400, "prompt_template must be a string containing {document}", param="prompt_template"
         )
-    metadata = source.get("metadata")
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata else None
-        except ValueError:
-            raise APIError(400, "metadata must be a JSON object", param="metadata") from None
-    metadata = check_metadata(metadata)
+    metadata = check_metadata(_json_field(source, "metadata"))
+    response_format = _json_field(source, "response_format")
+    if response_format is not None:
+        response_format = PARAMETERS["response_format"]("response_format", response_format)
     window = source.get("completion_window") or None
     if window is not None and not isinstance(window, str):
         raise APIError(
@@ -116,7 +116,19 @@ def parse_options(source: Mapping[str, Any]) -> Options:
         temperature=_number(source.get("temperature"), "temperature", float, 0, 2),
         metadata=metadata,
         completion_window=window,
+        response_format=response_format,
     )
+
+
+def _json_field(source: Mapping[str, Any], name: str) -> Any:
+    """An object field: as is from a JSON body, parsed from a form or query-string value."""
+    value = source.get(name)
+    if isinstance(value, str):
+        try:
+            return json.loads(value) if value else None
+        except ValueError:
+            raise APIError(400, f"{name} must be a JSON object", param=name) from None
+    return value
 
 
 @dataclass
