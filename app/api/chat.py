@@ -9,7 +9,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask.typing import ResponseReturnValue
 
 from app import sse
-from app.extensions import db
+from app.extensions import current_flask_app, db
 from app.models import Job, epoch
 from app.models.job import TERMINAL
 from app.policy import Preferences, Route
@@ -60,7 +60,7 @@ def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail
         ping_seconds=config["STREAM_PING_SECONDS"],
         running=running,
         outage_seconds=max(10.0, 3 * config["STREAM_LEASE_SECONDS"]),
-        check_lost=lost_checker(current_app._get_current_object()),  # type: ignore[attr-defined]
+        check_lost=lost_checker(current_flask_app()),
     )
 
 

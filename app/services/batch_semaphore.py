@@ -19,7 +19,7 @@ import redis
 from flask import current_app
 
 from app import leases
-from app.extensions import redis_store
+from app.extensions import current_flask_app, redis_store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ _semaphores: dict[int, ProviderSemaphore] = {}
 def semaphore() -> ProviderSemaphore:
     """This process's semaphore for the current app's settings."""
     config = current_app.config
-    ident = id(current_app._get_current_object())  # type: ignore[attr-defined]
+    ident = id(current_flask_app())
     sem = _semaphores.get(ident)
     if sem is None:
         for name in QUIET_LOGGERS:  # per-request INFO lines cost more than the request here
