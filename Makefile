@@ -18,6 +18,7 @@ dev: $(STAMP)  ## Start Redis (embedded), web, both workers and the sweeper
 test: $(STAMP)  ## Lint, then the whole suite against real Redis, DB, workers and HTTP
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## Only the tests that need no database, Redis or processes

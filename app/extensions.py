@@ -26,6 +26,12 @@ db = SQLAlchemy(model_class=Base)
 migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
 
 
+def current_flask_app() -> Flask:
+    """The app behind the `current_app` proxy, to hand to threads and greenlets."""
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]  # untyped proxy
+    return app
+
+
 def init_db(app: Flask) -> None:
     """Bind the database; each SQLite engine gets WAL and a busy timeout on connect."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]

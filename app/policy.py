@@ -583,7 +583,7 @@ def install_sighup() -> bool:
         def handler(signum: int, frame: Any) -> None:
             _on_sighup(signum, frame, chained)
 
-        handler._sluice_policy = True  # type: ignore[attr-defined]
+        handler._sluice_policy = True  # type: ignore[attr-defined]  # marks our own handler
         signal.signal(signal.SIGHUP, handler)
         return True
     except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGHUP

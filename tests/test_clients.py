@@ -69,7 +69,7 @@ def test_langchain_bind_tools_invoke(llm: ChatOpenAI) -> None:
 
 def test_langchain_bind_tools_stream(llm: ChatOpenAI) -> None:
     chunks = list(llm.bind_tools([GetWeather]).stream("weather in Oslo"))
-    assert len(chunks) > 3  # the arguments arrive in fragments
+    assert chunks  # the relay may coalesce argument fragments: their count is not fixed
     merged = chunks[0]
     for chunk in chunks[1:]:
         merged += chunk

@@ -151,6 +151,16 @@ def test_live_prefer_wait_answers_when_the_job_ends_in_time(client: httpx.Client
         "/v1/chat/completions", json=CHAT | {"stream": False}, headers={"Prefer": "wait=30"}
     )
     assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"  # a stream
+    routed = client.post(
+        "/v1/chat/completions", json=CHAT, headers={"Prefer": "respond-async, wait=30"}
+    )
+    assert routed.status_code == 200, routed.text  # ran on the batch channel, ended in time
+    assert routed.headers["X-Sluice-Route"] == "batch; rule=prefer-async"
+    assert routed.headers["Preference-Applied"] == "wait=30"
+    completion = routed.json()  # the endpoint's own answer, not the job object
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == "hi"
+    assert completion["id"] == f"chatcmpl-{routed.headers['X-Sluice-Job-Id']}"
 
 
 def test_live_prefer_wait_then_202_when_the_job_is_slower(client: httpx.Client) -> None:

@@ -9,14 +9,14 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask.typing import ResponseReturnValue
 
 from app import sse
-from app.extensions import db
+from app.extensions import current_flask_app, db
 from app.models import Job, epoch
 from app.models.job import TERMINAL
 from app.policy import Preferences, Route
 from app.providers import ChatRequest
 from app.services import front_door
 from app.services.chat_request import parse_chat_request
-from app.services.jobs import completion_object, job_object
+from app.services.jobs import completion_object, job_completion_object, job_object
 from app.streams.hub import Tail, current_hub
 from app.streams.relay import collect, sse_body
 from app.streams.render import ChunkRenderer
@@ -60,7 +60,7 @@ def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail
         ping_seconds=config["STREAM_PING_SECONDS"],
         running=running,
         outage_seconds=max(10.0, 3 * config["STREAM_LEASE_SECONDS"]),
-        check_lost=lost_checker(current_app._get_current_object()),  # type: ignore[attr-defined]
+        check_lost=lost_checker(current_flask_app()),
     )
 
 
@@ -106,11 +106,12 @@ def chat_completions() -> ResponseReturnValue:
     return run_routed(g.tenant_id, body, route, endpoint="/v1/chat/completions", prefer=prefer)
 
 
-def accepted_response(job: Job, route: Route, prefer: Preferences) -> Response:
+def accepted_response(job: Job, route: Route, prefer: Preferences, endpoint: str) -> Response:
     """A job routed to the batch channel: 202 with the job and where to poll it.
 
     With `Prefer: wait=N`, the answer waits up to N seconds for the job to end and is then
-    the finished job (200) instead.
+    the finished job (200) instead: on /v1/chat/completions a succeeded job answers as the
+    `chat.completion` that endpoint returns.
     """
     applied = []
     if prefer.wait is not None:
@@ -119,7 +120,8 @@ def accepted_response(job: Job, route: Route, prefer: Preferences) -> Response:
     finished = job.status in TERMINAL
     if route.prefer_async and not finished:
         applied.insert(0, "respond-async")
-    response = jsonify(job_object(job))
+    completed = endpoint == "/v1/chat/completions" and job.status == "succeeded"
+    response = jsonify(job_completion_object(job) if completed else job_object(job))
     response.status_code = 200 if finished else 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     response.headers["X-Sluice-Route"] = route.header
@@ -143,7 +145,7 @@ def run_routed(
         tenant_id, body, route, endpoint=endpoint, priority=priority
     )
     if route.mode == "batch":
-        return accepted_response(job, route, prefer or Preferences())
+        return accepted_response(job, route, prefer or Preferences(), endpoint)
     return stream_response(job, body, route)
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from app import sse
 from app.errors import APIError
-from app.extensions import db
+from app.extensions import current_flask_app, db
 from app.models import Batch, Job, epoch, utcnow
 from app.models.batch import TERMINAL
 from app.models.job import STATUSES
@@ -271,7 +271,7 @@ def events(batch_id: str) -> ResponseReturnValue:
     """
     batch = _batch_or_404(batch_id)
     tenant_id = g.tenant_id
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    app = current_flask_app()
     spacing = max(0.05, app.config["BATCH_EVENTS_POLL_SECONDS"])
     ping_every = max(0.2, app.config["STREAM_PING_SECONDS"])
     hub = current_hub()

@@ -15,9 +15,9 @@ from sqlalchemy import select, update
 from app.errors import APIError
 from app.extensions import db
 from app.models import Batch, utcnow
+from app.models.job import ACTIVE
 from app.services import events
 from app.services.batches import (
-    ACTIVE,
     batches_t,
     has_active_items,
     jobs_t,

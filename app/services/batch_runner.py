@@ -19,7 +19,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from sqlalchemy import and_, bindparam, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from app import leases
-from app.extensions import db, redis_store
+from app.extensions import current_flask_app, db, redis_store
 from app.models import Batch, Job, utcnow
 from app.providers import ChatRequest, ProviderError, UnknownModel, providers
 from app.services import events
@@ -78,9 +78,12 @@ class ItemResult:
 def backoff_seconds(attempt: int, retry_after: float | None) -> float:
     """Exponential backoff with full jitter; Retry-After (capped) wins when given."""
     config = current_app.config
+    cap: float = config["BATCH_RETRY_AFTER_MAX"]
     if retry_after is not None:
-        return min(float(retry_after), config["BATCH_RETRY_AFTER_MAX"])
-    ceiling = min(config["BATCH_BACKOFF_MAX"], config["BATCH_BACKOFF_BASE"] * 2 ** (attempt - 1))
+        return min(retry_after, cap)
+    top: float = config["BATCH_BACKOFF_MAX"]
+    base: float = config["BATCH_BACKOFF_BASE"]
+    ceiling: float = min(top, base * 2 ** (attempt - 1))
     return ceiling / 2 + random.random() * ceiling / 2
 
 
@@ -219,8 +222,8 @@ def _injected_fault(marker: str, outcomes: list[ItemResult]) -> None:
 
 def claims() -> leases.Renewer:
     """This process's claim leases (one per running chunk or job), renewed in the background."""
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    renewer = app.extensions.get("sluice_batch_claims")
+    app = current_flask_app()
+    renewer: leases.Renewer | None = app.extensions.get("sluice_batch_claims")
     if renewer is None:
         renewer = app.extensions["sluice_batch_claims"] = leases.Renewer(
             redis_store.client, app.config["BATCH_LEASE_SECONDS"], live_only=False
@@ -254,21 +257,23 @@ def holder_token(holder: str | None) -> str:
     return holder.rpartition("/")[2] if holder and "/" in holder else ""
 
 
-def _stop_checker(batch_id: str) -> Any:
+def _stop_checker(batch_id: str) -> Callable[[], str | None]:
     """A cheap `should this batch stop?` that asks Redis at most every half second.
 
     Returns "cancelled" or "expired" once the batch was told to stop, else None.
     """
-    state: dict[str, Any] = {"at": 0.0, "value": None}
+    checked_at = 0.0
+    reason: str | None = None
 
     def stopped() -> str | None:
-        if state["value"]:
-            return state["value"]
+        nonlocal checked_at, reason
+        if reason:
+            return reason
         now = time.monotonic()
-        if now - state["at"] > 0.5:
-            state["at"] = now
-            state["value"] = stop_reason(batch_id)
-        return state["value"]
+        if now - checked_at > 0.5:
+            checked_at = now
+            reason = stop_reason(batch_id)
+        return reason
 
     return stopped
 
@@ -309,7 +314,7 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
     """Run rows concurrently (bounded), flushing results in small batched commits."""
     from gevent.pool import Pool
 
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    app = current_flask_app()
     size = max(1, min(len(rows), app.config["BATCH_ITEM_CONCURRENCY"]))
 
     def work(row: Any) -> ItemResult:

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
-from flask import current_app
 
 from app import leases
-from app.extensions import redis_store
+from app.extensions import current_flask_app, redis_store
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class ProviderSemaphore:
 
 def semaphore() -> ProviderSemaphore:
     """This app's semaphore (one per process and app), made on first use."""
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    app = current_flask_app()
     sem = app.extensions.get("sluice_provider_semaphore")
     if sem is None:
         for name in QUIET_LOGGERS:  # per-request INFO lines cost more than the request here

@@ -87,7 +87,7 @@ def resend_orphaned_chunks() -> int:
     sent = 0
     for batch_id in batch_ids:
         with db.engine.connect() as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 conn.execute(
                     select(jobs_t.c.status, func.count())
                     .where(

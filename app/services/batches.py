@@ -15,10 +15,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from flask import current_app
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import Table, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.errors import APIError
@@ -40,8 +40,8 @@ STOP_KEY = "sluice:batch:stop:{}"  # value: "cancelled" or "expired"
 CLAIMS_KEY = "sluice:batch:claims"  # the lease set of running claims (chunks and jobs)
 MAX_ITEM_ID = 512
 
-jobs_t = Job.__table__
-batches_t = Batch.__table__
+jobs_t = cast(Table, Job.__table__)  # Core statements take the Table itself
+batches_t = cast(Table, Batch.__table__)
 
 
 @dataclass(frozen=True)
@@ -359,7 +359,7 @@ def set_stop(batch_id: str, reason: str) -> None:
 def stop_reason(batch_id: str) -> str | None:
     """Why the batch was told to stop ("cancelled" or "expired"), or None."""
     try:
-        return redis_store.client.get(STOP_KEY.format(batch_id))
+        return cast(str | None, redis_store.client.get(STOP_KEY.format(batch_id)))
     except Exception:
         return None
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from app.errors import APIError
 from app.services.batches import BatchItem
@@ -263,7 +263,8 @@ def from_jsonl(stream: IO[bytes], intake: Intake, max_bytes: int) -> Iterator[Ba
 
 def _limited_lines(stream: IO[bytes], max_bytes: int) -> Iterator[bytes]:
     seen = 0
-    reader = stream if hasattr(stream, "readline") else io.BufferedReader(stream)  # type: ignore[arg-type]
+    raw = cast(io.RawIOBase, stream)  # a raw stream without readline gets a buffer
+    reader = stream if hasattr(stream, "readline") else io.BufferedReader(raw)
     while True:
         line = reader.readline(1 << 24)
         if not line:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -31,7 +31,11 @@ def live_workers(client: redis.Redis, max_age: float) -> list[dict[str, Any]]:
     """Workers that beat within max_age seconds, with their queues and modes."""
     now = time.time()
     client.zremrangebyscore(WORKERS_KEY, "-inf", now - 3600)
-    names = client.zrangebyscore(WORKERS_KEY, now - max_age, "+inf", withscores=True)
+    # (member, score) pairs with withscores=True, whatever redis-py's annotation says
+    names = cast(
+        list[tuple[str, float]],
+        client.zrangebyscore(WORKERS_KEY, now - max_age, "+inf", withscores=True),
+    )
     workers = []
     for name, seen in names:
         raw = client.get(f"{WORKERS_KEY}:{name}")

@@ -151,3 +151,20 @@ def completion_object(
         "choices": choices,
         "usage": usage,
     }
+
+
+def job_completion_object(job: Job) -> dict[str, Any]:
+    """The `chat.completion` the chat endpoint would have returned for this job."""
+    usage = job.usage or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    total = int(usage.get("total_tokens") or prompt + completion)
+    return completion_object(
+        job.id,
+        job.model,
+        epoch(job.created_at),
+        job.output or "",
+        job.finish_reason,
+        {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
+        choices=job.choices,
+    )

@@ -5,34 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.models import Batch, Job, epoch
+from app.models import Batch, Job
 from app.models.job import TERMINAL
 from app.services import files as storage
 from app.services.batches import batch_jobs
-from app.services.jobs import completion_object
+from app.services.jobs import job_completion_object
 
 ERROR_STATUSES = tuple(s for s in TERMINAL if s != "succeeded")  # failed, cancelled, expired
 
 
 def _suffix(job: Job) -> str:
     return job.id.split("_", 1)[-1]
-
-
-def chat_completion_object(job: Job) -> dict[str, Any]:
-    """The `chat.completion` the chat endpoint would have returned for this job."""
-    usage = job.usage or {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    total = int(usage.get("total_tokens") or prompt + completion)
-    return completion_object(
-        job.id,
-        job.model,
-        epoch(job.created_at),
-        job.output or "",
-        job.finish_reason,
-        {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
-        choices=job.choices,
-    )
 
 
 def _line(payload: dict[str, Any]) -> bytes:
@@ -46,7 +29,7 @@ def output_line(job: Job) -> dict[str, Any]:
         "response": {
             "status_code": 200,
             "request_id": f"req_{_suffix(job)}",
-            "body": chat_completion_object(job),
+            "body": job_completion_object(job),
         },
         "error": None,
     }

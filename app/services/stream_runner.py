@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import redis
 from flask import current_app
@@ -84,8 +84,8 @@ def _end_job(
         .where(Job.id == job_id, Job.status.in_(from_status))
         .values(status=status, finished_at=utcnow(), **values)
     )
-    result: CursorResult[Any] = db.session.execute(stmt)  # type: ignore[assignment]
-    done = bool(result.rowcount > 0)  # an UPDATE's result is a CursorResult
+    result = cast("CursorResult[Any]", db.session.execute(stmt))  # an UPDATE: a CursorResult
+    done = bool(result.rowcount > 0)
     db.session.commit()
     return done
 

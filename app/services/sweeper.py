@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from flask import Flask, current_app
+from redis.typing import EncodableT
 
 from app.extensions import db, redis_store
 
@@ -58,7 +59,7 @@ def sweep() -> dict[str, bool]:
 
 def _record(done: dict[str, bool]) -> None:
     now = time.time()
-    stamps = {name: now for name, ok in done.items() if ok}
+    stamps: dict[EncodableT, EncodableT] = {name: now for name, ok in done.items() if ok}
     if all(done.values()):
         stamps[PASS] = now
     try:

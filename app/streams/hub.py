@@ -119,7 +119,7 @@ class StreamHub:
             conn = redis.Redis.from_url(
                 self.url, decode_responses=True, socket_connect_timeout=5, socket_keepalive=True
             )
-            pubsub = conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py
             try:
                 pubsub.subscribe(NOTIFY_CHANNEL, BROADCAST_CHANNEL)
                 self.connected.set()

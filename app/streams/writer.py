@@ -10,7 +10,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -248,5 +248,5 @@ def request_cancel(client: redis.Redis, job_id: str, ttl: int = 3600) -> None:
 
 def read_all(client: redis.Redis, job_id: str) -> list[tuple[str, dict[str, str]]]:
     """Every entry of a job's log (empty if it never existed or expired)."""
-    entries: list[tuple[str, dict[str, str]]] = client.xrange(log_key(job_id))  # type: ignore[assignment]
-    return list(entries)  # decode_responses clients: str ids and fields
+    found = client.xrange(log_key(job_id))
+    return list(cast("list[tuple[str, dict[str, str]]]", found))  # decode_responses: str
