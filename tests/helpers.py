@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -14,6 +16,7 @@ import httpx
 from app.auth import lookup_key
 from app.extensions import db
 from app.models import Batch, Job, utcnow
+from tests.stack import Stack
 
 BATCH_TERMINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -191,3 +194,21 @@ def insert_batch(tenant_id: str, statuses: list[str]) -> Batch:
         insert_job(tenant_id, "batch", status, batch_id=batch.id, item_index=index)
     db.session.commit()
     return batch
+
+
+# ---------------------------------------------------------------------- processes
+
+
+@contextmanager
+def tuned_batch_worker(stack: Stack, settings: dict[str, str], name: str) -> Iterator[Stack]:
+    """The session's batch worker swapped for one with these settings (restored afterwards)."""
+    stack.kill("batch", signal.SIGTERM)
+    own = Stack(env={**stack.env, **settings}, home=stack.home, port=stack.port)
+    own.start_worker("batch", name, concurrency=20)
+    stack.wait_ready()
+    try:
+        yield own
+    finally:
+        own.stop()
+        stack.start_worker("batch")
+        stack.wait_ready()

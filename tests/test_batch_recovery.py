@@ -24,7 +24,14 @@ from app.models import Batch, Job, utcnow
 from app.services import batch_runner, batch_sweep, sweeper
 from app.services.heartbeat import live_workers
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import batch_results, insert_batch, insert_job, submit_documents, tenant_of
+from tests.helpers import (
+    batch_results,
+    insert_batch,
+    insert_job,
+    submit_documents,
+    tenant_of,
+    tuned_batch_worker,
+)
 from tests.stack import Stack
 
 MARKER = "FAULTWRITE"
@@ -40,16 +47,8 @@ TUNED = {
 @pytest.fixture(scope="module")
 def workers(stack: Stack) -> Iterator[Stack]:
     """The session's batch worker swapped for a tuned one (restored afterwards)."""
-    stack.kill("batch", signal.SIGTERM)
-    own = Stack(env={**stack.env, **TUNED}, home=stack.home, port=stack.port)
-    own.start_worker("batch", "batch-recovery", concurrency=20)
-    stack.wait_ready()
-    try:
+    with tuned_batch_worker(stack, TUNED, "batch-recovery") as own:
         yield own
-    finally:
-        own.stop()
-        stack.start_worker("batch")
-        stack.wait_ready()
 
 
 def sweep_until_done(client: httpx.Client, batch_id: str, timeout: float = 60) -> dict[str, Any]:

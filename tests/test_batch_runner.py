@@ -6,7 +6,6 @@ backoff, timeout and concurrency settings; the session's worker is restored at t
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +20,7 @@ from app.models import Job
 from app.services import batch_sweep, sweeper
 from app.services.batch_semaphore import ProviderSemaphore
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import batch_results, submit_documents, wait_batch
+from tests.helpers import batch_results, submit_documents, tuned_batch_worker, wait_batch
 from tests.stack import Stack
 
 TUNED = {
@@ -38,16 +37,8 @@ TUNED = {
 @pytest.fixture(scope="module")
 def workers(stack: Stack) -> Iterator[Stack]:
     """The session's batch worker swapped for a tuned one (restored afterwards)."""
-    stack.kill("batch", signal.SIGTERM)
-    own = Stack(env={**stack.env, **TUNED}, home=stack.home, port=stack.port)
-    own.start_worker("batch", "batch-tuned", concurrency=20)
-    stack.wait_ready()
-    try:
+    with tuned_batch_worker(stack, TUNED, "batch-tuned") as own:
         yield own
-    finally:
-        own.stop()
-        stack.start_worker("batch")
-        stack.wait_ready()
 
 
 def test_429_with_retry_after_then_success(
