@@ -18,7 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app.models import Batch, Job, utcnow
-from app.services import events
+from app.services import events, sweeper
 from tests.helpers import insert_batch, insert_job, tenant_of
 from tests.stack import Stack
 
@@ -108,6 +108,13 @@ def test_summary_lists_workers_queues_and_counts(
     assert summary["jobs"]["stream"]["running"] >= before["jobs"]["stream"]["running"] + 1
     assert summary["streams_in_flight"] >= before["streams_in_flight"] + 1
     assert set(summary["batches"]) >= {"in_progress", "completed"}
+
+
+def test_summary_shows_the_sweepers_last_complete_pass(dash: httpx.Client, app_ctx: Flask) -> None:
+    sweeper.sweep()  # one pass, as beat's process runs it
+    swept = dash.get("/dashboard/api/summary").json()["sweeper"]
+    assert swept["state"] == "ok"
+    assert abs(time.time() - swept["last_pass_at"]) < 60
 
 
 def test_recent_jobs_show_every_tenant_with_mode_route_and_timings(

@@ -26,6 +26,7 @@ from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
 from app.models.job import ACTIVE
+from app.services import sweeper
 from app.streams.hub import StreamHub, current_hub
 
 bp = Blueprint(
@@ -122,6 +123,10 @@ def summary() -> dict[str, Any]:
         "batches": queries.batch_status_counts(),
         "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in ACTIVE),
         "oldest_queued_seconds": queries.oldest_queued_age(utcnow()),
+        "sweeper": {
+            "state": sweeper.state(client),
+            "last_pass_at": sweeper.last_runs(client).get(sweeper.PASS),
+        },
     }
 
 

@@ -72,6 +72,11 @@
     $("streams-in-flight").textContent = s.streams_in_flight;
     var oldest = Math.max(s.oldest_queued_seconds.stream || 0, s.oldest_queued_seconds.batch || 0);
     $("oldest-queued").textContent = oldest > 0 ? "oldest queued job waits " + ms(oldest * 1000) : "";
+    var sweep = s.sweeper || {};
+    $("sweeper-state").textContent = sweep.state === "ok" ? "ok" : (sweep.state || "–").split(":")[0];
+    $("sweeper-state").title = sweep.state || "";
+    $("sweeper-last").textContent = sweep.last_pass_at
+      ? "last complete pass " + ms(Date.now() - sweep.last_pass_at * 1000) + " ago" : "no pass yet";
 
     var table = $("job-counts");
     table.replaceChildren();
