@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import gevent
@@ -21,6 +22,7 @@ from sqlalchemy import func, select, update
 from app.cli.processes import worker_argv
 from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
+from app.providers import Completion, Usage
 from app.services import batch_runner, batch_sweep, sweeper
 from app.services.heartbeat import live_workers
 from tests.fake_upstream import FakeUpstream
@@ -35,6 +37,7 @@ from tests.helpers import (
 from tests.stack import Stack
 
 MARKER = "FAULTWRITE"
+CHAT_RECORD = {"messages": [{"role": "user", "content": "hi"}]}
 TUNED = {
     "SLUICE_BATCH_LEASE_SECONDS": "5",
     "SLUICE_BATCH_MAX_ATTEMPTS": "3",
@@ -217,3 +220,30 @@ def test_stranded_standalone_job_is_sent_again(
     db.session.remove()
     count = db.session.scalar(select(func.count()).select_from(Job).where(Job.id == job_id))
     assert count == 1
+
+
+def test_a_worker_side_error_is_retried_not_the_items_failure(
+    app_ctx: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error that is not the provider's verdict (a bug, a lock) gets the item's retries."""
+    raised: list[int] = []
+
+    class Flaky:
+        name = "mock"
+
+        def complete(self, request: Any) -> Completion:
+            if not raised:
+                raised.append(1)
+                raise RuntimeError("Semaphore released too many times")
+            return Completion.of_text("ok", "stop", Usage(1, 1))
+
+    class Registry:
+        def bind(self, request: Any) -> tuple[Flaky, Any]:
+            return Flaky(), request
+
+    monkeypatch.setattr(batch_runner, "providers", lambda: Registry())
+    monkeypatch.setitem(app_ctx.config, "BATCH_BACKOFF_BASE", 0.01)
+    row = SimpleNamespace(id="job_retry", attempts=1, model="mock/echo", request=CHAT_RECORD)
+    result = batch_runner.run_item(row, lambda: None)
+    assert raised == [1]
+    assert result.status == "succeeded" and result.output == "ok", result

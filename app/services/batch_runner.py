@@ -122,8 +122,8 @@ def run_item(row: Any, cancelled: Any) -> ItemResult:
                 completion = provider.complete(request)
         except INFRASTRUCTURE:
             raise  # Redis or the database, not this item: the run gives its items back
-        except Exception as exc:
-            retryable = isinstance(exc, ProviderError) and exc.retryable
+        except Exception as exc:  # a provider's own verdict, else (a worker-side error) retry
+            retryable = exc.retryable if isinstance(exc, ProviderError) else True
             if not retryable or tries == max_tries:
                 return ItemResult(row.id, row.attempts, "failed", error=_failure(exc, tries))
             retry_after = exc.retry_after if isinstance(exc, ProviderError) else None
