@@ -52,9 +52,10 @@ def register_logging(app: Flask) -> None:
 
 def register_sessions(app: Flask) -> None:
     """Signed dashboard sessions: the secret key (SLUICE_SECRET_KEY or a kept random one)."""
-    from app.dashboard.access import secret_key_for
+    from app.dashboard.access import SessionInterface, secret_key_for
 
     app.secret_key = secret_key_for(app)
+    app.session_interface = SessionInterface()  # Secure cookies over HTTPS
     if app.config.get("SESSION_COOKIE_SAMESITE") is None:
         app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     app.config.setdefault("PERMANENT_SESSION_LIFETIME", timedelta(days=7))
