@@ -31,9 +31,11 @@ from sqlalchemy import select
 
 from app.extensions import db, redis_store
 from app.models import Job
+from app.queueing import BATCH_QUEUE, STREAM_QUEUE
 
 log = logging.getLogger(__name__)
 
+QUEUES = (STREAM_QUEUE, BATCH_QUEUE)
 TOTALS_KEY = "sluice:tm:totals"
 MINUTE_PREFIX = "sluice:tm:m:"
 ROLLUP_KEEP_SECONDS = 25 * 3600
@@ -151,10 +153,40 @@ def _ended_rows(where: Any) -> list[Any]:
         return list(conn.execute(select(*_COLUMNS).where(where)))
 
 
+def _describe(row: Any) -> str:
+    duration = _seconds(row.created_at, row.finished_at)
+    ttft = _seconds(row.created_at, row.first_token_at)
+    parts = [f"{duration:.2f}s" if duration is not None else "?"]
+    if ttft is not None:
+        parts.append(f"ttft {ttft:.2f}s")
+    tokens = _tokens(row.usage, "completion_tokens")
+    if tokens:
+        parts.append(f"{tokens} tokens")
+    return ", ".join(parts)
+
+
+def log_ended(rows: Sequence[Any]) -> None:
+    """One line per ended job: INFO when it failed or was cancelled, DEBUG when it succeeded."""
+    for row in rows:
+        if row.status == "succeeded":
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("job %s (%s) succeeded: %s", row.id, row.mode, _describe(row))
+            continue
+        error = row.error or {}
+        reason = error.get("code") or error.get("type") or ""
+        message = str(error.get("message") or "")[:200]
+        log.info(
+            "job %s (%s, %s) %s after %s: %s %s",
+            row.id, row.mode, row.provider, row.status, _describe(row), reason, message,
+        )  # fmt: skip
+
+
 def stream_job_ended(job_id: str) -> None:
-    """A stream worker ended this job (its row is written): count it. Never raises."""
+    """A stream worker ended this job (its row is written): count and log it. Never raises."""
     try:
-        record(_ended_rows(Job.id == job_id))
+        rows = _ended_rows(Job.id == job_id)
+        record(rows)
+        log_ended(rows)
     except Exception as exc:
         log.warning("telemetry: job %s not counted: %r", job_id, exc)
 
@@ -168,10 +200,27 @@ def batch_results_written(job_ids: Sequence[str], finished_at: datetime) -> None
     if not job_ids:
         return
     try:
-        rows = _ended_rows(Job.id.in_(list(job_ids)))
-        record(r for r in rows if r.finished_at == finished_at)
+        rows = [r for r in _ended_rows(Job.id.in_(list(job_ids))) if r.finished_at == finished_at]
+        record(rows)
+        failed = Counter(r.status for r in rows if r.status != "succeeded")
+        if failed:  # one line per flush, not per item: a batch can fail by the thousand
+            kinds = Counter(str((r.error or {}).get("code") or "?") for r in rows if r.error)
+            log.info(
+                "batch items ended unsucceeded: %s (of %d written; %s)",
+                dict(failed), len(rows), ", ".join(f"{k} x{n}" for k, n in kinds.most_common(3)),
+            )  # fmt: skip
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%d batch result(s) written", len(rows))
     except Exception as exc:
         log.warning("telemetry: %d result(s) not counted: %r", len(job_ids), exc)
+
+
+def queue_depths(client: redis.Redis) -> dict[str, int]:
+    """Messages waiting in each Celery queue (the broker's Redis lists)."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue in QUEUES:
+            pipe.llen(queue)
+        return dict(zip(QUEUES, pipe.execute(), strict=True))
 
 
 def sample_queues(depths: Mapping[str, int], client: redis.Redis | None = None) -> None:

@@ -15,10 +15,10 @@ from app.models import Batch, Job, Tenant
 from app.models import batch as batch_model
 from app.models import job as job_model
 from app.models.job import ACTIVE
-from app.queueing import BATCH_QUEUE, STREAM_QUEUE
 from app.services.heartbeat import live_workers
+from app.telemetry import queue_depths
 
-QUEUES = (STREAM_QUEUE, BATCH_QUEUE)
+__all__ = ["queue_depths"]  # with the other read-only views, for the dashboard and /metrics
 
 
 def job_counts() -> dict[str, dict[str, int]]:
@@ -73,14 +73,6 @@ def oldest_queued_age(now: datetime) -> dict[str, float]:
         if oldest is not None:
             ages[mode] = max(0.0, (now - oldest).total_seconds())
     return ages
-
-
-def queue_depths(client: redis.Redis) -> dict[str, int]:
-    """Messages waiting in each Celery queue (the broker's Redis lists)."""
-    with client.pipeline(transaction=False) as pipe:
-        for queue in QUEUES:
-            pipe.llen(queue)
-        return dict(zip(QUEUES, pipe.execute(), strict=True))
 
 
 def workers(client: redis.Redis, max_age: float) -> list[dict[str, Any]]:
