@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import policy, providers
+from app import log_levels, policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
 from app.extensions import init_db, redis_store
@@ -48,6 +48,7 @@ def register_logging(app: Flask) -> None:
     logging.basicConfig(
         level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    log_levels.apply(app.config["LOG_LEVEL"])  # which lines show (quiet by default)
 
 
 def register_sessions(app: Flask) -> None:

@@ -20,7 +20,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 from flask_sse import Message
 
-from app import sse
+from app import sse, telemetry
 from app.dashboard import access, queries
 from app.extensions import db, redis_store
 from app.models import job as job_model
@@ -136,13 +136,14 @@ def summary() -> dict[str, Any]:
     max_age = current_app.config["WORKER_HEARTBEAT_SECONDS"] * 3
     client = redis_store.client
     found = queries.workers(client, max_age)
-    counts = queries.job_counts()
+    counts = queries.job_counts()  # in flight, plus those ended within the last hour
+    ended = queries.ended_counts([h for _, h in telemetry.minutes(3600, client)])
     return {
         "generated_at": utcnow().isoformat(),
         "workers": found,
         "workers_by_mode": queries.workers_by_mode(found),
         "queues": queries.queue_depths(client),
-        "jobs": counts,
+        "jobs": {mode: by | ended.get(mode, {}) for mode, by in counts.items()},
         "batches": queries.batch_status_counts(),
         "streams_in_flight": sum(counts.get("stream", {}).get(s, 0) for s in ACTIVE),
         "oldest_queued_seconds": queries.oldest_queued_age(utcnow()),

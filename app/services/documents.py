@@ -318,8 +318,10 @@ def from_jsonl(stream: IO[bytes], intake: Intake, max_bytes: int) -> Iterator[Ba
 
 def _limited_lines(stream: IO[bytes], max_bytes: int) -> Iterator[bytes]:
     seen = 0
-    raw = cast(io.RawIOBase, stream)  # a raw stream without readline gets a buffer
-    reader = stream if hasattr(stream, "readline") else io.BufferedReader(raw)
+    # A raw stream (Werkzeug's LimitedStream is one) gets a buffer: IOBase.readline on an
+    # unbuffered stream reads one byte per call.
+    raw = cast(io.RawIOBase, stream)
+    reader = stream if hasattr(stream, "peek") else io.BufferedReader(raw, 1 << 16)
     while True:
         line = reader.readline(1 << 24)
         if not line:
