@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
-from app import extraction, sse
+from app import extraction, rate_limits, sse
 from app.errors import APIError
 from app.extensions import current_flask_app, db
 from app.models import Batch, Job, epoch, utcnow
@@ -321,4 +321,4 @@ def events(batch_id: str) -> ResponseReturnValue:
         finally:
             hub.unfeed(feed)
 
-    return sse.response(generate())
+    return rate_limits.event_stream(lambda: sse.response(generate()))
