@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import policy, providers
+from app import openapi, policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
 from app.extensions import init_db, redis_store
@@ -31,6 +31,7 @@ def create_app(
     policy.install_sighup()  # SIGHUP reloads the policy file
     register_sessions(app)
     register_blueprints(app)
+    openapi.init_app(app)  # GET /openapi.json
     register_error_handlers(app)
     celery_init_app(app)
     return app
