@@ -138,6 +138,7 @@ class FakeUpstream:
         self._requests: Counter[str] = Counter()
         self._disconnects: Counter[str] = Counter()
         self._bodies: dict[str, list[dict[str, Any]]] = {}
+        self._headers: dict[str, dict[str, str]] = {}
         self.models: list[str] = ["gpt-fake", "gpt-fake-mini"]  # what GET /v1/models lists
         self.model_list_requests = 0
         self._lock = threading.Lock()
@@ -214,6 +215,11 @@ class FakeUpstream:
             bodies = self._bodies.get(name)
             return bodies[-1] if bodies else None
 
+    def last_headers(self, name: str) -> dict[str, str]:
+        """The HTTP headers (lower-cased names) of the latest request for this model."""
+        with self._lock:
+            return dict(self._headers.get(name) or {})
+
     def bodies(self, name: str) -> list[dict[str, Any]]:
         """The JSON bodies of every request for this model, oldest first."""
         with self._lock:
@@ -226,8 +232,11 @@ class FakeUpstream:
             self._requests.clear()
             self._disconnects.clear()
             self._bodies.clear()
+            self._headers.clear()
 
-    def _begin(self, model: str, body: dict[str, Any]) -> tuple[str, Scenario, int]:
+    def _begin(
+        self, model: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[str, Scenario, int]:
         """Resolve a model to (name, scenario, attempt number) and log the request."""
         name, _, query = model.partition("?")
         with self._lock:
@@ -235,6 +244,7 @@ class FakeUpstream:
             self._requests[name] += 1
             attempt = self._requests[name]
             self._bodies.setdefault(name, []).append(body)
+            self._headers[name] = headers or {}
         if base is None:
             base = Scenario(echo=name == "echo")
         scenario = scenario_from_options(dict(parse_qsl(query)), base) if query else base
@@ -407,7 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _plan(self, body: dict[str, Any], received: float) -> _Plan:
         up = self.upstream
         model = str(body.get("model", ""))
-        name, scenario, attempt = up._begin(model, body)
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        name, scenario, attempt = up._begin(model, body, headers)
         messages = list(body.get("messages") or [])
         if isinstance(body.get("system"), str):
             messages.insert(0, {"role": "system", "content": body["system"]})

@@ -255,6 +255,17 @@ ROUTES: dict[str, Operation] = {
         },
         body=s.KeyRequest,
     ),
+    "v1.admin.workers": Operation(
+        "Live and recent workers (admin)",
+        "admin",
+        {"200": json_response("Workers", s.Listing[s.AnyObject])},
+    ),
+    "v1.admin.admin_stats": Operation(
+        "Throughput, latency and queue figures over a window (admin)",
+        "admin",
+        {"200": json_response("Stats", s.AnyObject)},
+        params=(Param("window", string(examples=["15m", "1h", "24h"])),),
+    ),
     "v1.keys.revoke": Operation(
         "Revoke an API key (admin)", "admin", {"200": json_response("Revoked", s.KeyRevoked)}
     ),
@@ -299,7 +310,17 @@ ROUTES: dict[str, Operation] = {
         },
         body={FORM: s.DashboardLogin},
         body_required=False,
+        params=(
+            Param("token", string(), description="a one-time link's token (GET)"),
+            Param("next", string(), description="where to go once signed in (GET)"),
+        ),
         security=None,
+    ),
+    "dashboard.login_link": Operation(
+        "A one-time sign-in link for a browser (admin key as Bearer)",
+        "dashboard",
+        {"200": json_response("The link", s.LoginLink)},
+        params=(Param("next", string()),),
     ),
     "dashboard.logout": Operation(
         "Sign out",

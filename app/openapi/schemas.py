@@ -411,6 +411,11 @@ class AnyObject(_Open):
     """A JSON object whose keys are documented in the README (operators' views)."""
 
 
+class LoginLink(_Open):
+    url: str
+    expires_in: int
+
+
 class DashboardLogin(BaseModel):
     key: str
     next: str = optional()
