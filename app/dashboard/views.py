@@ -22,6 +22,7 @@ from flask_sse import Message
 
 from app import sse, telemetry
 from app.dashboard import access, charts, queries
+from app.errors import APIError, error_response
 from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
@@ -63,9 +64,7 @@ def _require_admin() -> ResponseReturnValue | None:
     if access.current_admin() is not None:
         return None
     if request.endpoint in API_ENDPOINTS:
-        return jsonify(
-            error={"message": "Dashboard needs an admin key.", "code": "unauthorized"}
-        ), 401
+        return error_response(APIError(401, "Dashboard needs an admin key.", code="unauthorized"))
     return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
 
 
@@ -105,9 +104,7 @@ def login_link() -> ResponseReturnValue:
     """A sign-in link for a browser, good once for LINK_SECONDS (`Authorization: Bearer`)."""
     token = access.create_login_link(request.headers.get("Authorization", ""))
     if token is None:
-        return jsonify(
-            error={"message": "An admin API key is required.", "code": "unauthorized"}
-        ), 401
+        return error_response(APIError(401, "An admin API key is required.", code="unauthorized"))
     next_url = _safe_next(request.args.get("next"))
     url = url_for("dashboard.login", token=token, next=next_url)
     return jsonify(url=url, expires_in=access.LINK_SECONDS)
