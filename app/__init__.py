@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import policy, providers
+from app import log_levels, policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
 from app.extensions import init_db, redis_store
@@ -48,13 +48,15 @@ def register_logging(app: Flask) -> None:
     logging.basicConfig(
         level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    log_levels.apply(app.config["LOG_LEVEL"])  # which lines show (quiet by default)
 
 
 def register_sessions(app: Flask) -> None:
     """Signed dashboard sessions: the secret key (SLUICE_SECRET_KEY or a kept random one)."""
-    from app.dashboard.access import secret_key_for
+    from app.dashboard.access import SessionInterface, secret_key_for
 
     app.secret_key = secret_key_for(app)
+    app.session_interface = SessionInterface()  # Secure cookies over HTTPS
     if app.config.get("SESSION_COOKIE_SAMESITE") is None:
         app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     app.config.setdefault("PERMANENT_SESSION_LIFETIME", timedelta(days=7))

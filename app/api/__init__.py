@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
-from app.api import batches, chat, document_batches, files, jobs, keys, models, submit
+from app.api import admin, batches, chat, document_batches, files, jobs, keys, models, submit
 from app.auth import authenticate
 from app.services import front_door
 
@@ -22,5 +22,5 @@ def _route_header(response: Response) -> Response:
     return response
 
 
-for resource in (keys, chat, jobs, submit, document_batches, files, batches, models):
+for resource in (keys, admin, chat, jobs, submit, document_batches, files, batches, models):
     bp.register_blueprint(resource.bp)

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
-from app import sse
+from app import extraction, sse
 from app.errors import APIError
 from app.extensions import current_flask_app, db
 from app.models import Batch, Job, epoch, utcnow
@@ -91,6 +91,10 @@ def _intake(options: documents.Options) -> documents.Intake:
         options=options,
         max_documents=config["BATCH_MAX_DOCUMENTS"],
         max_document_bytes=config["BATCH_MAX_DOCUMENT_BYTES"],
+        max_prompt_bytes=config["BATCH_MAX_PROMPT_BYTES"],
+        max_expanded_bytes=config["BATCH_MAX_EXPANDED_BYTES"],
+        max_file_bytes=config["BATCH_MAX_FILE_BYTES"],
+        extraction=extraction.limits_from(config),
     )
 
 
