@@ -1,8 +1,10 @@
 """GET /metrics in Prometheus text format.
 
-System state (jobs, batches, workers, queues) is read from the database and Redis at
-scrape time, so any web process answers for the whole deployment. Counters named
-`sluice_http_*` and the `process_*` families are this web process's own.
+Every family but `sluice_http_*` and `process_*` answers for the whole deployment, from
+any web node: gauges of work in flight are read at scrape time (indexed queries over
+active rows only, and Redis), and the counters and histograms of ended jobs are the ones
+the workers maintain in Redis (`app.telemetry`), observed once per job where it ends.
+`sluice_http_*` and `process_*` are the answering web process's own.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from app import telemetry
 from app.dashboard import queries
 from app.extensions import redis_store
 from app.models import utcnow
@@ -64,13 +72,13 @@ class SystemCollector(Collector):
         batches = queries.batch_status_counts()
         ages = queries.oldest_queued_age(utcnow())
         jobs = GaugeMetricFamily(
-            "sluice_jobs", "Jobs in the database by mode and status", labels=["mode", "status"]
+            "sluice_jobs", "Jobs in flight (queued, running) by mode", labels=["mode", "status"]
         )
         for mode, by_status in counts.items():
             for status, count in by_status.items():
                 jobs.add_metric([mode, status], count)
         batch_family = GaugeMetricFamily(
-            "sluice_batches", "Batches in the database by status", labels=["status"]
+            "sluice_batches", "Batches not yet ended, by status", labels=["status"]
         )
         for status, count in batches.items():
             batch_family.add_metric([status], count)
@@ -108,6 +116,81 @@ class SystemCollector(Collector):
             depth.add_metric([queue], count)
         yield live
         yield depth
+        yield from counter_families(telemetry.totals(client))
+
+
+def _histogram(
+    name: str,
+    doc: str,
+    labels: list[str],
+    bounds: tuple[float, ...],
+    counts: dict[tuple[str, ...], list[float]],
+    sums: dict[tuple[str, ...], float],
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for key, per_bucket in sorted(counts.items()):
+        cumulative, buckets = 0.0, []
+        for bound, n in zip([*bounds, float("inf")], per_bucket, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        family.add_metric(list(key), buckets, sum_value=sums.get(key, 0.0))
+    return family
+
+
+def counter_families(totals: dict[str, float]) -> Iterator[Metric]:
+    """The workers' maintained totals (`telemetry.TOTALS_KEY`) as Prometheus families."""
+    ended = CounterMetricFamily(
+        "sluice_jobs_ended", "Jobs ended, by mode and final status", labels=["mode", "status"]
+    )
+    tokens = CounterMetricFamily(
+        "sluice_tokens", "Tokens of ended jobs, by mode and direction", labels=["mode", "direction"]
+    )
+    errors = CounterMetricFamily(
+        "sluice_provider_errors",
+        "Jobs failed by a provider's error, by provider and error kind (code or type)",
+        labels=["provider", "kind"],
+    )
+    ttft: dict[tuple[str, ...], list[float]] = {}
+    duration: dict[tuple[str, ...], list[float]] = {}
+    sums: dict[str, dict[tuple[str, ...], float]] = {"ttft_sum": {}, "dur_sum": {}}
+    for field, n in totals.items():
+        kind, _, rest = field.partition("|")
+        parts = rest.split("|")
+        if kind == "jobs" and len(parts) == 2:
+            ended.add_metric(parts, n)
+        elif kind == "tok" and len(parts) == 2:
+            tokens.add_metric(parts, n)
+        elif kind == "perr" and len(parts) == 2:
+            errors.add_metric(parts, n)
+        elif kind == "ttft" and len(parts) == 3 and parts[2].isdigit():
+            slots = ttft.setdefault((parts[0], parts[1]), [0.0] * (len(telemetry.TTFT_BUCKETS) + 1))
+            if int(parts[2]) < len(slots):
+                slots[int(parts[2])] += n
+        elif kind == "dur" and len(parts) == 2 and parts[1].isdigit():
+            slots = duration.setdefault((parts[0],), [0.0] * (len(telemetry.DURATION_BUCKETS) + 1))
+            if int(parts[1]) < len(slots):
+                slots[int(parts[1])] += n
+        elif kind in sums:
+            sums[kind][tuple(parts)] = n
+    yield ended
+    yield tokens
+    yield errors
+    yield _histogram(
+        "sluice_ttft_seconds",
+        "Time from a job's creation to its first token, by mode and provider",
+        ["mode", "provider"],
+        telemetry.TTFT_BUCKETS,
+        ttft,
+        sums["ttft_sum"],
+    )
+    yield _histogram(
+        "sluice_job_duration_seconds",
+        "Time from a succeeded job's creation to its end, by mode",
+        ["mode"],
+        telemetry.DURATION_BUCKETS,
+        duration,
+        sums["dur_sum"],
+    )
 
 
 REGISTRY = CollectorRegistry(auto_describe=False)

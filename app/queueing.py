@@ -13,7 +13,7 @@ from flask import Flask, current_app
 from kombu import Queue
 
 from app.extensions import REDIS_URL_MISSING, redis_store
-from app.services.heartbeat import beat, forget
+from app.services.heartbeat import beat, forget, worker_info
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:
 
                 providers(app).warm_up()
             every = app.config["WORKER_HEARTBEAT_SECONDS"]
-            args = (worker.hostname, queues, every)
+            args = (worker, queues, every)
             threading.Thread(target=self._beat, args=args, daemon=True, name="heartbeat").start()
 
         def stop(self, worker: Any) -> None:
@@ -125,12 +125,13 @@ def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:
             except Exception as exc:
                 log.warning("could not remove the heartbeat of %s: %r", worker.hostname, exc)
 
-        def _beat(self, hostname: str, queues: list[str], every: float) -> None:
+        def _beat(self, worker: Any, queues: list[str], every: float) -> None:
             while not self.stop_event.is_set():
                 try:
-                    beat(redis_store.for_app(app), hostname, queues, pid=os.getpid())
+                    info = worker_info(worker)
+                    beat(redis_store.for_app(app), worker.hostname, queues, pid=os.getpid(), **info)
                 except Exception as exc:
-                    log.warning("heartbeat of %s failed: %r", hostname, exc)
+                    log.warning("heartbeat of %s failed: %r", worker.hostname, exc)
                 self.stop_event.wait(every)
 
     return Heartbeat

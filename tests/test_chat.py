@@ -411,6 +411,9 @@ def test_tool_messages_and_content_parts_reach_the_upstream(
     sent = upstream.last_request("parts")
     assert sent is not None and sent["messages"] == messages
     body["model"] = "anthropic/parts"
+    detail = "messages[0].content[1].image_url.detail"
+    _refused(client.post("/v1/chat/completions", json=body), detail, "anthropic")
+    body["messages"][0]["content"][1]["image_url"]["detail"] = "auto"
     _refused(client.post("/v1/chat/completions", json=body), "messages[0].content[2]", "anthropic")
     body["messages"][0]["content"].pop(2)
     assert client.post("/v1/chat/completions", json=body).status_code == 200

@@ -73,6 +73,7 @@ def test_dev_restarts_a_killed_worker_and_stops_on_sigterm(
         "SLUICE_HOME": str(home),
         "DATABASE_URL": f"sqlite:///{tmp_path / 'dev.db'}",  # its own, not the session's
         "WEB_CONCURRENCY": "1",
+        "SLUICE_LOG_LEVEL": "INFO",  # the default: quiet without being told to
     }
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
@@ -87,6 +88,18 @@ def test_dev_restarts_a_killed_worker_and_stops_on_sigterm(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait("sluice dev ready", lambda: httpx.get(url + "/readyz").status_code == 200, 150)
+        _wait("the banner", lambda: "Admin key" in log.read_text(), 30)
+        text = log.read_text()
+        banner = text.index("Sluice is ready")
+        # the banner comes last: after every child started and every worker said it is ready
+        assert banner > text.rindex("started sweeper") and banner > text.rindex("ready.")
+        assert "[tasks]" not in text and "celery beat v" not in text  # no Celery banners
+        key = (home / "dev-admin-key").read_text().strip()
+        chat = {"model": "mock/demo", "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx.post(
+            url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert answer.status_code == 200, answer.text
         redis_client = redis.Redis.from_url((home / "redis.url").read_text(), decode_responses=True)
         batch_names = {
             w["hostname"] for w in live_workers(redis_client, 3) if w["modes"] == ["batch"]
@@ -126,7 +139,10 @@ def test_dev_restarts_a_killed_worker_and_stops_on_sigterm(
         assert httpx.get(url + "/readyz").status_code == 200
         assert dev.poll() is None
 
-        pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", log.read_text())]
+        # quiet by default: no per-task or per-sweep lines in all that time
+        text = log.read_text()
+        assert "Task sluice" not in text and "sweep pass" not in text, text[-3000:]
+        pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", text)]
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(60) == 0
         assert [pid for pid in pids if _alive(pid)] == []

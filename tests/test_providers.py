@@ -864,3 +864,30 @@ def test_completion_more_than_text() -> None:
     calls = fast_mock().complete(ChatRequest("tools", user("x"), tools=TOOLS))
     assert calls.more_than_text and calls.text == ""
     assert fast_mock().complete(ChatRequest("x", user("x"), n=2)).more_than_text
+
+
+def test_anthropic_strict_tools_are_sent_strict_with_the_beta_header(
+    upstream: FakeUpstream, registry: ProviderRegistry
+) -> None:
+    """`strict` on a tool or a json_schema is honoured as Anthropic's strict tool use."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema, "strict": True}}
+    provider, request = call(registry, "anthropic/strict", tools=[tool])
+    provider.complete(request)
+    body = upstream.last_request("strict")
+    assert body is not None and body["tools"][0]["strict"] is True
+    assert upstream.last_headers("strict")["anthropic-beta"] == "structured-outputs-2025-11-13"
+
+    answer = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    provider, request = call(registry, "anthropic/strict", response_format=answer)
+    provider.complete(request)
+    body = upstream.last_request("strict")
+    assert body is not None and [(t["name"], t["strict"]) for t in body["tools"]] == [("a", True)]
+    assert upstream.last_headers("strict")["anthropic-beta"] == "structured-outputs-2025-11-13"
+
+    tool["function"]["strict"] = False
+    provider, request = call(registry, "anthropic/strict", tools=[tool])
+    provider.complete(request)
+    body = upstream.last_request("strict")
+    assert body is not None and "strict" not in body["tools"][0]
+    assert "anthropic-beta" not in upstream.last_headers("strict")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
-from app.api import batches, chat, document_batches, files, jobs, keys, models, submit
+from app import rate_limits
+from app.api import admin, batches, chat, document_batches, files, jobs, keys, models, submit
 from app.auth import authenticate
 from app.services import front_door
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 bp.before_request(authenticate)
 bp.before_request(front_door.bound_request)
+bp.after_request(rate_limits.add_headers)
 
 
 @bp.after_request
@@ -22,5 +24,5 @@ def _route_header(response: Response) -> Response:
     return response
 
 
-for resource in (keys, chat, jobs, submit, document_batches, files, batches, models):
+for resource in (keys, admin, chat, jobs, submit, document_batches, files, batches, models):
     bp.register_blueprint(resource.bp)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+import httpx
 
 from app import embedded_redis
 from app.cli.context import make_app
-from app.cli.processes import sweeper_argv, web_argv, worker_argv
+from app.cli.processes import log_level, sweeper_argv, web_argv, worker_argv
 from app.cli.supervisor import Supervisor
+
+READY_WAIT = 120.0  # the banner waits this long for /readyz, then shows what is missing
 
 
 def _dev_key(home: Path) -> str:
@@ -33,10 +37,10 @@ def _children(host: str, port: int) -> dict[str, list[str]]:
     return {
         "web": web_argv("--bind", f"{host}:{port}"),
         # two stream worker processes: one is CPU-bound well before 50 concurrent streams
-        "stream": worker_argv("stream", name="stream1"),
-        "stream2": worker_argv("stream", name="stream2"),
-        "batch": worker_argv("batch"),
-        "sweeper": sweeper_argv("WARNING"),
+        "stream": worker_argv("stream", name="stream1", quiet=True),
+        "stream2": worker_argv("stream", name="stream2", quiet=True),
+        "batch": worker_argv("batch", quiet=True),
+        "sweeper": sweeper_argv(quiet=True),
     }
 
 
@@ -83,14 +87,19 @@ def dev(host: str, port: int) -> None:
         for name, argv in _children(host, port).items():
             supervisor.add(name, argv)
         base = f"http://{host}:{port}"
+        missing = _wait_ready(base, supervisor, lambda: stopping)
+        if stopping:
+            return
+        status = "is ready" if not missing else f"is up, not ready yet ({', '.join(missing)})"
         click.secho(
-            f"\nSluice is starting (data in {home})\n"
+            f"\nSluice {status} (data in {home})\n"
             f"  API        {base}/v1   (OpenAI-compatible; model mock/demo works without keys)\n"
             f"  Dashboard  {base}/dashboard\n"
             f"  Ready?     {base}/readyz\n"
             f"  Admin key  {key}\n"
             f"  Redis      {url}\n"
-            f"A process that dies is restarted; Ctrl-C stops everything.\n",
+            f"A process that dies is restarted; Ctrl-C stops everything."
+            f" Logs: SLUICE_LOG_LEVEL={log_level()} (DEBUG shows every task).\n",
             fg="green",
         )
         while not stopping:
@@ -99,3 +108,23 @@ def dev(host: str, port: int) -> None:
     finally:
         _log("stopping…")
         supervisor.stop(last=("redis",))
+
+
+def _wait_ready(
+    base: str, supervisor: Supervisor, stopping: Callable[[], bool], timeout: float = READY_WAIT
+) -> list[str]:
+    """Supervise until /readyz answers 200 (the banner comes last, after the children's
+    start-up lines); what is still missing when `timeout` passes ([] once ready)."""
+    deadline = time.monotonic() + timeout
+    missing = ["web"]
+    while not stopping() and time.monotonic() < deadline:
+        supervisor.poll()
+        try:
+            response = httpx.get(base + "/readyz", timeout=2)
+            if response.status_code == 200:
+                return []
+            missing = list(response.json().get("missing") or ["web"])
+        except (httpx.HTTPError, ValueError):
+            missing = ["web"]
+        time.sleep(0.3)
+    return missing

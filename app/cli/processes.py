@@ -35,19 +35,33 @@ def web_argv(*extra: str) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "-c", str(gunicorn_conf()), *extra]
 
 
-def worker_argv(mode: str, concurrency: int | None = None, name: str | None = None) -> list[str]:
-    """A Celery worker of one mode, named `<name or mode>@<host>`: unique per mode and host."""
+def log_level() -> str:
+    """The children's log level: SLUICE_LOG_LEVEL, default INFO (see app.log_levels)."""
+    return os.environ.get("SLUICE_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+
+
+def worker_argv(
+    mode: str, concurrency: int | None = None, name: str | None = None, *, quiet: bool = False
+) -> list[str]:
+    """A Celery worker of one mode, named `<name or mode>@<host>`: unique per mode and host.
+
+    quiet: without Celery's start-up banner (`sluice dev` prints one banner of its own).
+    """
     return [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "-Q", WORKER_QUEUES[mode], "-P", "gevent",
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["-q"] if quiet else []),
+        "worker", "-Q", WORKER_QUEUES[mode], "-P", "gevent",
         "-c", str(concurrency or WORKER_CONCURRENCY[mode]),
-        "-n", f"{name or mode}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+        "-n", f"{name or mode}@%h", "--loglevel", log_level(),
+        "--without-mingle", "--without-gossip",
     ]  # fmt: skip
 
 
-def sweeper_argv(loglevel: str = "INFO") -> list[str]:
+def sweeper_argv(loglevel: str | None = None, *, quiet: bool = False) -> list[str]:
     """Celery beat; its schedule file is the config's (SLUICE_HOME/celerybeat-schedule)."""
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat", "-l", loglevel]
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["-q"] if quiet else []),
+        "beat", "-l", loglevel or log_level(),
+    ]  # fmt: skip
 
 
 def _exec(argv: list[str]) -> None:

@@ -14,28 +14,50 @@ from app.extensions import db
 from app.models import Batch, Job, Tenant
 from app.models import batch as batch_model
 from app.models import job as job_model
-from app.queueing import BATCH_QUEUE, STREAM_QUEUE
+from app.models.job import ACTIVE
 from app.services.heartbeat import live_workers
+from app.telemetry import queue_depths
 
-QUEUES = (STREAM_QUEUE, BATCH_QUEUE)
+__all__ = ["queue_depths"]  # with the other read-only views, for the dashboard and /metrics
 
 
 def job_counts() -> dict[str, dict[str, int]]:
-    """{mode: {status: count}} with every known mode and status present."""
-    counts = {mode: dict.fromkeys(job_model.STATUSES, 0) for mode in job_model.MODES}
+    """{mode: {status: count}} of jobs in flight (queued, running) with every pair present.
+
+    Only active rows are counted (through the status index), so the query stays as cheap
+    as the work in flight is small, however many jobs the database holds; ended jobs are
+    counted by the maintained counters (`app.telemetry`).
+    """
+    counts = {mode: dict.fromkeys(ACTIVE, 0) for mode in job_model.MODES}
     rows = db.session.execute(
-        select(Job.mode, Job.status, func.count()).group_by(Job.mode, Job.status)
+        select(Job.mode, Job.status, func.count())
+        .where(Job.status.in_(ACTIVE))
+        .group_by(Job.mode, Job.status)
     )
     for mode, status, count in rows:
-        counts.setdefault(mode, dict.fromkeys(job_model.STATUSES, 0))[status] = count
+        counts.setdefault(mode, dict.fromkeys(ACTIVE, 0))[status] = count
+    return counts
+
+
+def ended_counts(hashes: list[dict[str, float]]) -> dict[str, dict[str, int]]:
+    """{mode: {terminal status: count}} summed over rollup minutes (`telemetry.minutes`)."""
+    counts = {mode: dict.fromkeys(job_model.TERMINAL, 0) for mode in job_model.MODES}
+    for h in hashes:
+        for field, n in h.items():
+            kind, _, rest = field.partition("|")
+            if kind == "n":
+                mode, _, status = rest.partition("|")
+                by_status = counts.setdefault(mode, dict.fromkeys(job_model.TERMINAL, 0))
+                by_status[status] = by_status.get(status, 0) + int(n)
     return counts
 
 
 def batch_status_counts() -> dict[str, int]:
-    """{status: number of batches} over every tenant, with every status present."""
+    """{status: number of batches} of batches not yet ended (the status index), all present."""
     counts = dict.fromkeys(batch_model.STATUSES, 0)
+    active = [s for s in batch_model.STATUSES if s not in batch_model.TERMINAL]
     for status, count in db.session.execute(
-        select(Batch.status, func.count()).group_by(Batch.status)
+        select(Batch.status, func.count()).where(Batch.status.in_(active)).group_by(Batch.status)
     ):
         counts[status] = count
     return counts
@@ -51,14 +73,6 @@ def oldest_queued_age(now: datetime) -> dict[str, float]:
         if oldest is not None:
             ages[mode] = max(0.0, (now - oldest).total_seconds())
     return ages
-
-
-def queue_depths(client: redis.Redis) -> dict[str, int]:
-    """Messages waiting in each Celery queue (the broker's Redis lists)."""
-    with client.pipeline(transaction=False) as pipe:
-        for queue in QUEUES:
-            pipe.llen(queue)
-        return dict(zip(QUEUES, pipe.execute(), strict=True))
 
 
 def workers(client: redis.Redis, max_age: float) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 Tools and tool_choice are translated, tool results become `tool_result` blocks, images
 and PDFs become image / document blocks, `response_format` (json_object / json_schema)
-becomes a forced tool whose input is the answer, `reasoning_effort` a thinking budget.
+becomes a forced tool whose input is the answer, `reasoning_effort` a thinking budget,
+`strict` (on a tool or a json_schema) Anthropic's strict tool use. OpenAI's `metadata` is
+Sluice's own: it stays on the job (Anthropic's `metadata` takes only `user_id`, from `user`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
 }
 HANDLED = ("parallel_tool_calls", "reasoning_effort", "service_tier")
+# Anthropic's strict tool use (grammar-constrained tool input) is behind this beta header
+STRICT_TOOLS_BETA = "structured-outputs-2025-11-13"
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,10 @@ def _refuse(param: str, provider: str, why: str = "") -> Unsupported:
     return Unsupported(param, f"'{param}' is not supported by provider '{provider}'{detail}.")
 
 
-def _image(url: str, where: str, provider: str) -> dict[str, Any]:
+def _image(image: dict[str, Any], where: str, provider: str) -> dict[str, Any]:
+    if image.get("detail") not in (None, "auto"):
+        raise _refuse(f"{where}.image_url.detail", provider, "only 'auto' has an equivalent")
+    url = str(image.get("url"))
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     data = parse_data_url(url)
@@ -87,7 +94,7 @@ def _blocks(content: Any, where: str, provider: str) -> str | list[dict[str, Any
         if kind in ("text", "refusal"):
             blocks.append({"type": "text", "text": part.get(kind) or ""})
         elif kind == "image_url":
-            blocks.append(_image(str((part.get("image_url") or {}).get("url")), at, provider))
+            blocks.append(_image(part.get("image_url") or {}, at, provider))
         elif kind == "file":
             blocks.append(_document(part.get("file") or {}, at, provider))
         else:
@@ -173,6 +180,8 @@ def _tools(request: ChatRequest, provider: str) -> list[dict[str, Any]]:
         }
         if function.get("description"):
             entry["description"] = function["description"]
+        if function.get("strict"):
+            entry["strict"] = True
         tools.append(entry)
     return tools
 
@@ -218,6 +227,8 @@ def _format_tool(request: ChatRequest, provider: str) -> dict[str, Any] | None:
         )
     tool = {"name": spec.get("name"), "input_schema": schema}
     tool["description"] = spec.get("description") or "Answer with JSON matching this schema."
+    if spec.get("strict"):
+        tool["strict"] = True
     return tool
 
 
@@ -276,6 +287,8 @@ def translate(request: ChatRequest, provider: str, default_max_tokens: int) -> T
         tools, choice = [format_tool], {"type": "tool", "name": format_tool["name"]}
     if tools:
         extra["tools"] = tools
+        if any(tool.get("strict") for tool in tools):
+            params["extra_headers"] = {"anthropic-beta": STRICT_TOOLS_BETA}
     if choice is not None:
         extra["tool_choice"] = choice
     tier = request.options.get("service_tier")

@@ -125,6 +125,7 @@ def _run_finalizer(batch_id: str, final: str) -> None:
             .where(batches_t.c.id == batch_id, batches_t.c.status == "finalizing")
             .values(**values)
         )
+    log.info("batch %s %s", batch_id, values["status"])  # a batch's end: one line
     db.session.expire_all()
     batch = db.session.get(Batch, batch_id)
     if batch is not None:

@@ -29,7 +29,7 @@ from flask import current_app
 from sqlalchemy import and_, bindparam, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from app import leases
+from app import leases, telemetry
 from app.extensions import current_flask_app, db, redis_store
 from app.models import Batch, Job, utcnow
 from app.providers import ChatRequest, ProviderError, UnknownModel, providers
@@ -195,6 +195,7 @@ def write_results(batch_id: str | None, outcomes: list[ItemResult]) -> int:
                     completion_tokens=batches_t.c.completion_tokens + completion,
                 )
             )
+    telemetry.batch_results_written([o.job_id for o in outcomes], now)  # counters, once a job
     return written
 
 

@@ -22,6 +22,19 @@ def beat(client: redis.Redis, hostname: str, queues: list[str], **info: Any) -> 
         pipe.execute()
 
 
+def worker_info(worker: Any) -> dict[str, Any]:
+    """The beat's details of a Celery worker: pool, concurrency, tasks running now."""
+    from celery.worker import state
+
+    pool = getattr(worker, "pool", None)
+    pool_name = type(pool).__module__.rsplit(".", 1)[-1] if pool is not None else None
+    return {
+        "pool": pool_name,
+        "concurrency": getattr(worker, "concurrency", None),
+        "active": len(state.active_requests),
+    }
+
+
 def forget(client: redis.Redis, hostname: str) -> None:
     client.zrem(WORKERS_KEY, hostname)
     client.delete(f"{WORKERS_KEY}:{hostname}")
@@ -42,3 +55,20 @@ def live_workers(client: redis.Redis, max_age: float) -> list[dict[str, Any]]:
         if raw:
             workers.append(json.loads(raw) | {"last_seen": seen})
     return workers
+
+
+def known_workers(client: redis.Redis, max_age: float) -> list[dict[str, Any]]:
+    """Every worker that beat within the last hour, `online` when within max_age."""
+    now = time.time()
+    names = cast(
+        list[tuple[str, float]],
+        client.zrangebyscore(WORKERS_KEY, now - 3600, "+inf", withscores=True),
+    )
+    if not names:
+        return []
+    payloads = client.mget([f"{WORKERS_KEY}:{name}" for name, _ in names])
+    found = []
+    for (name, seen), raw in zip(names, payloads, strict=True):
+        info = json.loads(raw) if raw else {"hostname": name, "queues": [], "modes": []}
+        found.append(info | {"last_seen": seen, "online": now - seen <= max_age})
+    return found

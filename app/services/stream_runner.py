@@ -22,7 +22,7 @@ import redis
 from flask import current_app
 from sqlalchemy import CursorResult, select, update
 
-from app import admission
+from app import admission, telemetry
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
 from app.models.job import TERMINAL
@@ -623,4 +623,5 @@ def _close(run: _Run, status: str, fields: dict[str, str], **values: Any) -> str
     if not _end_job(run.job_id, status, **values):
         return "superseded"
     _note(run.job_id, status=status, tenant_id=run.tenant_id)
+    telemetry.stream_job_ended(run.job_id)  # once per job: counters and histograms
     return status

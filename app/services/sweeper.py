@@ -18,6 +18,7 @@ import redis
 from flask import Flask, current_app
 from redis.typing import EncodableT
 
+from app import telemetry
 from app.extensions import db, redis_store
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,38 @@ def steps() -> list[tuple[str, Callable[[], Any]]]:
 def sweep() -> dict[str, bool]:
     """Run every step; one failing never stops the others. Which steps succeeded."""
     done: dict[str, bool] = {}
+    started = time.monotonic()
     for name, step in steps():
         try:
-            step()
+            result = step()
             done[name] = True
+            if _acted(result):  # recovering something is worth a line; a quiet pass is not
+                log.info("sweep step %s: %s", name, result)
         except Exception:
             log.exception("sweep step %s failed", name)
             done[name] = False
         finally:
             db.session.remove()
     _record(done)
+    _sample_queues()
+    log.debug("sweep pass in %.0f ms: %s", (time.monotonic() - started) * 1000, done)
     return done
+
+
+def _acted(result: Any) -> bool:
+    """Whether a step's result (a count, or counts by kind) says it did something."""
+    if isinstance(result, dict):
+        return any(bool(v) for v in result.values())
+    return isinstance(result, int) and not isinstance(result, bool) and result > 0
+
+
+def _sample_queues() -> None:
+    """The queue depths into this minute's rollup, for the dashboard's queue-depth chart."""
+    try:
+        client = redis_store.client
+        telemetry.sample_queues(telemetry.queue_depths(client), client)
+    except Exception as exc:
+        log.warning("could not sample the queue depths: %r", exc)
 
 
 def _record(done: dict[str, bool]) -> None:
