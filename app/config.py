@@ -73,7 +73,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "REDIS_CONNECT_TIMEOUT": (float, 5.0),
     "OUTAGE_RETRY_AFTER_SECONDS": (int, 5),  # Retry-After of a 503 while Redis or the DB is down
     "STREAM_MAX_CONCURRENT": (int, 256),
-    "STREAM_MAX_PER_TENANT": (int, 32),
+    "STREAM_MAX_PER_TENANT": (int, 0),  # 0: no separate cap (the global limit only)
     "STREAM_SLOT_QUEUED_SECONDS": (float, 120.0),
     "POLICY_MAX_INTERACTIVE_TOKENS": (int, 32_000),
     "POLICY_RELOAD_SECONDS": (float, 1.0),
