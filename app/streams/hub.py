@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from flask import current_app
@@ -31,6 +32,8 @@ from app.streams.keys import (
 )
 
 log = logging.getLogger(__name__)
+
+LEASE_SHARE_SECONDS = 1.0  # how old a lease check the relays of one job may share
 
 
 class Subscription:
@@ -107,6 +110,7 @@ class StreamHub:
         self._subs: dict[str, set[Subscription]] = {}
         self._feeds: set[Feed] = set()
         self._revocations: list[Callable[[str | None], None]] = []
+        self._leases: dict[str, tuple[float, bool]] = {}  # job -> (when seen, leased)
         self._lock = threading.Lock()
         self._started = False
         self._closed = threading.Event()
@@ -225,6 +229,29 @@ class StreamHub:
                 group.discard(sub)
                 if not group:
                     del self._subs[sub.job_id]
+                    self._leases.pop(sub.job_id, None)
+
+    def leased(self, job_id: str) -> bool:
+        """Whether a worker holds the job's lease, as seen at most LEASE_SHARE_SECONDS ago.
+
+        Every relay of the job in this process shares the one answer, so 10,000 idle relays
+        on a few jobs cost a few EXISTS a second, not thousands (which ran the bounded read
+        pool dry). Raises redis.RedisError as the read would.
+        """
+        now = time.monotonic()
+        seen = self._leases.get(job_id)
+        if seen is not None and now - seen[0] < LEASE_SHARE_SECONDS:
+            return seen[1]
+        if seen is not None:
+            self._leases[job_id] = (now, seen[1])  # the others use it while this one asks
+        try:
+            alive = bool(self.client.exists(lease_key(job_id)))
+        except redis.RedisError:
+            self._leases.pop(job_id, None)
+            raise
+        if job_id in self._subs:
+            self._leases[job_id] = (time.monotonic(), alive)
+        return alive
 
     def feed(self) -> Feed:
         """Start hearing the broadcast channel (end with `unfeed`)."""
@@ -325,12 +352,10 @@ class Tail:
                 notices = sub.notices
                 if notices != seen or more or check_lease:
                     try:
-                        if check_lease:
-                            pipe = client.pipeline(transaction=False)
-                            pipe.xread({key: self.after}, count=1000)
-                            pipe.exists(lease_key(self.job_id))
-                            found, leased = pipe.execute()
-                        else:
+                        if check_lease:  # idle: is the worker still there? (no read: the
+                            leased = self.hub.leased(self.job_id)  # hub wakes us for news)
+                        found: Any = None
+                        if notices != seen or more:
                             found = client.xread({key: self.after}, count=1000)
                     except redis.RedisError as exc:  # keep pinging; give up after a while
                         now = time.monotonic()
@@ -346,9 +371,10 @@ class Tail:
                         sub.event.wait(min(1.0, self.ping_seconds))
                         continue  # `seen` unchanged: read again
                     outage_since = None
-                    seen = notices  # what those notices announced is in the log by now
-                    entries = found[0][1] if found else []  # in the log too: read them in order
-                    more = len(entries) >= 1000
+                    if found is not None:
+                        seen = notices  # what those notices announced is in the log by now
+                        entries = found[0][1] if found else []  # the handed ones too, in order
+                        more = len(entries) >= 1000
                 check_lease = False
                 for entry_id, fields in entries:
                     ident = entry_key(entry_id)
