@@ -21,7 +21,7 @@ from flask.typing import ResponseReturnValue
 from flask_sse import Message
 
 from app import sse, telemetry
-from app.dashboard import access, queries
+from app.dashboard import access, charts, queries
 from app.errors import APIError, error_response
 from app.extensions import db, redis_store
 from app.models import job as job_model
@@ -43,6 +43,7 @@ API_ENDPOINTS = {
     "dashboard.api_summary",
     "dashboard.api_jobs",
     "dashboard.api_batches",
+    "dashboard.api_charts",
     "dashboard.stream",
 }
 FEED_MAX_SECONDS = 300.0  # the browser's EventSource reconnects by itself
@@ -126,6 +127,7 @@ def index() -> ResponseReturnValue:
         "dashboard.html",
         initial=initial,
         refresh_ms=int(current_app.config.get("DASHBOARD_REFRESH_SECONDS", 5) * 1000),
+        chart_windows=list(charts.WINDOWS),
     )
 
 
@@ -180,6 +182,12 @@ def api_jobs() -> ResponseReturnValue:
 @bp.get("/api/batches")
 def api_batches() -> ResponseReturnValue:
     return jsonify(data=queries.recent_batches(_limit(20)))
+
+
+@bp.get("/api/charts")
+def api_charts() -> ResponseReturnValue:
+    """Every chart's series over ?window=15m|1h|24h, from the per-minute rollup."""
+    return jsonify(charts.series(request.args.get("window") or charts.DEFAULT_WINDOW))
 
 
 @bp.get("/stream")
