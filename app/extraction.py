@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 CHILD = str(Path(__file__).with_name("extraction_child.py"))
 TYPES = (".pdf", ".docx")
@@ -91,9 +91,8 @@ class Extractor:
         assert process.stdin is not None and process.stdout is not None
         header = {"type": ext, "size": len(data), "cpu_seconds": self.limits.seconds}
         try:
-            process.stdin.write(json.dumps(header).encode() + b"\n")
-            process.stdin.write(data)
-            process.stdin.flush()
+            _write_all(process.stdin, json.dumps(header).encode() + b"\n")
+            _write_all(process.stdin, data)
             line = _read_line(process.stdout.fileno(), deadline)
         except TimeoutError:
             self.close()
@@ -113,6 +112,14 @@ def extract(ext: str, data: bytes, limits: Limits) -> str:
     """One file's text, read by a subprocess of its own (see Extractor)."""
     with Extractor(limits) as reader:
         return reader.extract(ext, data)
+
+
+def _write_all(stream: IO[bytes], data: bytes) -> None:
+    """Write every byte (an unbuffered pipe may take fewer than it is given)."""
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        view = view[written if written is not None else len(view) :]
 
 
 def _read_line(fd: int, deadline: float) -> bytes:

@@ -59,7 +59,13 @@ def _docx(data: bytes, limits: dict[str, Any]) -> str:
         raise
     except Exception as exc:  # corrupt deflate data, bad XML, missing parts: the file's fault
         raise Refused(f"is not a readable .docx ({type(exc).__name__}: {exc})") from None
-    return "\n".join(p.text for p in document.paragraphs if p.text)
+    text = "\n".join(p.text for p in document.paragraphs if p.text)
+    if len(text.encode("utf-8", "surrogatepass")) > limits["max_text_bytes"]:
+        raise Refused(
+            f"holds more than {limits['max_text_bytes']} bytes of text"
+            " (SLUICE_BATCH_MAX_DOCUMENT_BYTES)"
+        )
+    return text
 
 
 def _pdf(data: bytes, limits: dict[str, Any]) -> str:

@@ -429,3 +429,16 @@ def test_an_extractor_goes_on_after_a_file_it_gave_up_on() -> None:
         reader.limits = replace(limits, seconds=60)
         assert reader.extract(".docx", docx_bytes("first")) == "first"
         assert reader.extract(".docx", docx_bytes("second")) == "second"  # the same process
+
+
+@pytest.mark.unit
+def test_extracted_text_and_large_files_through_the_pipe() -> None:
+    from app import extraction
+
+    limits = extraction.Limits(10, 10**8, 1000, 2 * 1024**3, 60)
+    with extraction.Extractor(limits) as reader:
+        with pytest.raises(ValueError, match="more than 1000 bytes of text"):
+            reader.extract(".docx", docx_bytes("x" * 2000))
+        padded = pdf_pages(1) + b"\n%" + b" " * 3_000_000
+        assert len(padded) > 3_000_000
+        assert reader.extract(".pdf", padded) == ""  # 3 MB written whole; a blank page
