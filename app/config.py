@@ -63,7 +63,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "KEY_TOKENS_PER_MINUTE": (int, 0),
     "TENANT_REQUESTS_PER_MINUTE": (int, 0),
     "TENANT_TOKENS_PER_MINUTE": (int, 0),
-    "TENANT_MAX_EVENT_STREAMS": (int, 1000),  # open SSE resumes and batch event streams
+    "TENANT_MAX_EVENT_STREAMS": (int, 0),  # open SSE resumes and batch event streams
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
     "BROKER_MAX_CONNECTIONS": (int, 1000),
