@@ -63,7 +63,7 @@ def _require_admin() -> ResponseReturnValue | None:
         return redirect(target)  # drop the key from the address bar
     if access.current_admin() is not None:
         return None
-    if request.endpoint in API_ENDPOINTS:
+    if request.endpoint in API_ENDPOINTS or request.path.startswith("/dashboard/api/"):
         return jsonify(
             error={"message": "Dashboard needs an admin key.", "code": "unauthorized"}
         ), 401
