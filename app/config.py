@@ -46,6 +46,24 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "PROVIDER_CONCURRENCY": (int, 64),
     "FILES_MAX_BYTES": (int, 200_000_000),
     "MAX_CONTENT_LENGTH": (int, 32 * 1024 * 1024),  # request body bytes, outside the two above
+    # Limits (README "Limits"; app/limits.py): each refusal names its setting.
+    "MAX_MESSAGES": (int, 2048),  # messages per chat request (OpenAI's own limit)
+    "MAX_STRING_CHARS": (int, 10_485_760),  # characters per JSON string (OpenAI's own limit)
+    "BATCH_MAX_INSTRUCTIONS_BYTES": (int, 100_000),  # copied into every document's prompt
+    "BATCH_MAX_TEMPLATE_EXPANSIONS": (int, 4),  # {document} occurrences in prompt_template
+    "BATCH_MAX_PROMPT_BYTES": (int, 2_000_000),  # one document's prompt after templating
+    "BATCH_MAX_EXPANDED_BYTES": (int, 1_000_000_000),  # all prompts of a batch, templated
+    "BATCH_MAX_FILE_BYTES": (int, 50_000_000),  # one uploaded .pdf/.docx, as sent
+    "BATCH_MAX_UNCOMPRESSED_BYTES": (int, 200_000_000),  # a .docx's entries, unpacked
+    "BATCH_MAX_PDF_PAGES": (int, 2000),
+    "EXTRACT_TIMEOUT_SECONDS": (float, 60.0),  # reading one .pdf/.docx (a subprocess)
+    "EXTRACT_MEMORY_BYTES": (int, 2 * 1024**3),  # that subprocess's address space
+    # Rate limits per fixed minute (0: none), overridable per tenant in [rate_limits.tenants]
+    "KEY_REQUESTS_PER_MINUTE": (int, 0),
+    "KEY_TOKENS_PER_MINUTE": (int, 0),
+    "TENANT_REQUESTS_PER_MINUTE": (int, 0),
+    "TENANT_TOKENS_PER_MINUTE": (int, 0),
+    "TENANT_MAX_EVENT_STREAMS": (int, 1000),  # open SSE resumes and batch event streams
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
     "BROKER_MAX_CONNECTIONS": (int, 1000),
@@ -101,6 +119,61 @@ def database_url(raw: str | None, home: Path) -> str:
     raise ConfigError(f"DATABASE_URL must be a postgresql:// or sqlite:/// URL, got {raw!r}")
 
 
+RATE_LIMIT_SETTINGS = (
+    "key_requests_per_minute",
+    "key_tokens_per_minute",
+    "tenant_requests_per_minute",
+    "tenant_tokens_per_minute",
+    "tenant_max_event_streams",
+)
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} in sluice.toml must be a table")
+    return value
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _body_limits(limits: Any) -> dict[str, int]:
+    """[limits.body_bytes]: request body bytes by URL rule, e.g. "/v1/chat/completions"."""
+    table = _table(limits, "[limits]")
+    unknown = set(table) - {"body_bytes"}
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [limits] of sluice.toml: {sorted(unknown)}")
+    routes = _table(table.get("body_bytes", {}), "[limits.body_bytes]")
+    for rule in routes:
+        if not rule.startswith("/"):
+            raise ConfigError(f"limits.body_bytes: {rule!r} must be a route such as '/v1/jobs'")
+    return {rule: _count(v, f"limits.body_bytes.{rule!r}") for rule, v in routes.items()}
+
+
+def _rate_limits(limits: Any) -> dict[str, dict[str, int]]:
+    """[rate_limits.tenants.NAME]: any rate-limit setting (lower case) for one tenant."""
+    table = _table(limits, "[rate_limits]")
+    unknown = set(table) - {"tenants"}
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) in [rate_limits] of sluice.toml: {sorted(unknown)}"
+            " (the defaults are [sluice] settings; per tenant: [rate_limits.tenants.NAME])"
+        )
+    tenants = _table(table.get("tenants", {}), "[rate_limits.tenants]")
+    result: dict[str, dict[str, int]] = {}
+    for name, settings in tenants.items():
+        where = f"rate_limits.tenants.{name}"
+        settings = _table(settings, f"[{where}]")
+        bad = set(settings) - set(RATE_LIMIT_SETTINGS)
+        if bad:
+            raise ConfigError(f"unknown setting(s) in [{where}]: {sorted(bad)}")
+        result[name] = {k: _count(v, f"{where}.{k}") for k, v in settings.items()}
+    return result
+
+
 def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Build the Flask config mapping; raise ConfigError naming any bad setting."""
     env = dict(os.environ if environ is None else environ)
@@ -126,6 +199,8 @@ def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         "PROVIDERS": document.get("providers", {}),
         "POLICY": document.get("policy"),
         "CELERY": document.get("celery", {}),  # any Celery setting, by its lower-case name
+        "BODY_LIMITS": _body_limits(document.get("limits", {})),
+        "RATE_LIMITS": _rate_limits(document.get("rate_limits", {})),
         "FILES_DIR": env.get("SLUICE_FILES_DIR") or str(home / "files"),
         "LOG_LEVEL": env.get("SLUICE_LOG_LEVEL", "INFO").upper(),
     }

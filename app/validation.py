@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+from app import limits
 from app.errors import APIError
 
 METADATA_MAX_KEYS = 16
@@ -57,10 +58,11 @@ MAX_MODEL_CHARS = 200  # the model columns of jobs and batches
 class InvalidJSON(ValueError):
     """JSON text that parses but breaks a rule of check_json_values (or is nested too deep)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 def _json_error(message: str, path: str) -> InvalidJSON:
@@ -70,8 +72,9 @@ def _json_error(message: str, path: str) -> InvalidJSON:
 def check_json_values(value: Any) -> None:
     """Raise InvalidJSON, naming the path, for what no field can hold: nesting over 64
     levels, NaN/Infinity, integers wider than 64 bits, NUL characters (PostgreSQL text
-    cannot store them).
+    cannot store them), strings longer than MAX_STRING_CHARS.
     """
+    max_chars = limits.setting("MAX_STRING_CHARS") or None
     pending: list[tuple[Any, str, int]] = [(value, "", 0)]
     while pending:
         item, path, depth = pending.pop()
@@ -88,6 +91,9 @@ def check_json_values(value: Any) -> None:
         elif isinstance(item, str):
             if "\x00" in item:
                 raise _json_error(f"'{path}' contains a NUL character.", path)
+            if max_chars and len(item) > max_chars:
+                message = limits.string_too_long(path, len(item), max_chars)
+                raise InvalidJSON(message, path[:200] or None, "string_above_max_length")
         elif isinstance(item, float):
             if not math.isfinite(item):
                 raise _json_error(f"'{path}' must be a finite number, got {item!r}.", path)

@@ -23,11 +23,20 @@ from tests.helpers import insert_batch, insert_job, tenant_of
 from tests.stack import Stack
 
 
+def login_link(stack: Stack, admin_key: str) -> str:
+    """A one-time sign-in link (path and query) for a browser."""
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    response = httpx.post(f"{stack.url}/dashboard/login-link", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    url: str = response.json()["url"]
+    return url
+
+
 @pytest.fixture
 def dash(stack: Stack, admin_key: str) -> Iterator[httpx.Client]:
-    """An HTTP client signed in to the dashboard through `?key=` once."""
+    """An HTTP client signed in to the dashboard through the form."""
     with httpx.Client(base_url=stack.url, timeout=30) as http:
-        response = http.get("/dashboard/", params={"key": admin_key})
+        response = http.post("/dashboard/login", data={"key": admin_key})
         assert response.status_code == 302
         assert response.headers["location"] == "/dashboard/"
         yield http
@@ -50,7 +59,7 @@ def test_dashboard_needs_an_admin_key(stack: Stack, api_key: str) -> None:
         assert refused.status_code == 401
         assert api_key not in refused.text and "not a live admin key" in refused.text
         by_query = http.get("/dashboard/", params={"key": api_key})
-        assert by_query.status_code == 401 and api_key not in by_query.text
+        assert by_query.status_code == 400 and api_key not in by_query.text
         assert http.get("/dashboard/api/summary").status_code == 401
 
 
@@ -73,6 +82,47 @@ def test_login_form_and_logout(stack: Stack, admin_key: str) -> None:
         assert bounced.headers["location"] == "/dashboard/"
 
 
+def test_a_key_in_the_url_neither_signs_in_nor_out(
+    dash: httpx.Client, stack: Stack, admin_key: str, api_key: str
+) -> None:
+    """`?key=` would leave the key in proxy logs, and a link could sign the admin out."""
+    with httpx.Client(base_url=stack.url, timeout=10) as fresh:
+        refused = fresh.get("/dashboard/", params={"key": admin_key})
+        assert refused.status_code == 400 and "form" in refused.text
+        assert admin_key not in refused.text and "set-cookie" not in refused.headers
+        assert fresh.get("/dashboard/api/summary").status_code == 401
+    bad = dash.get("/dashboard/", params={"key": api_key, "x": "1"})
+    assert bad.status_code == 302 and bad.headers["location"] == "/dashboard/?x=1"
+    assert dash.get("/dashboard/login", params={"token": "forged"}).status_code == 401
+    assert dash.get("/dashboard/api/summary").status_code == 200  # still signed in
+
+
+def test_one_time_login_link(stack: Stack, admin_key: str, api_key: str) -> None:
+    link = login_link(stack, admin_key)
+    assert admin_key not in link
+    with httpx.Client(base_url=stack.url, timeout=10) as browser:
+        assert browser.get(link).status_code == 302
+        assert browser.get("/dashboard/api/summary").status_code == 200
+    with httpx.Client(base_url=stack.url, timeout=10) as again:
+        assert again.get(link).status_code == 401  # used up
+        assert again.get("/dashboard/api/summary").status_code == 401
+    tenant = httpx.post(
+        f"{stack.url}/dashboard/login-link", headers={"Authorization": f"Bearer {api_key}"}
+    )
+    assert tenant.status_code == 401
+
+
+def test_session_cookie_is_secure_over_https(stack: Stack, admin_key: str) -> None:
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        plain = http.post("/dashboard/login", data={"key": admin_key})
+        assert "secure" not in plain.headers["set-cookie"].lower()
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        behind_tls = http.post(
+            "/dashboard/login", data={"key": admin_key}, headers={"X-Forwarded-Proto": "https"}
+        )
+        assert "; secure" in behind_tls.headers["set-cookie"].lower()
+
+
 def test_revoked_key_loses_the_session(stack: Stack, app: Flask) -> None:
     from app.auth import create_key, revoke_key
 
@@ -80,7 +130,7 @@ def test_revoked_key_loses_the_session(stack: Stack, app: Flask) -> None:
         key, plaintext = create_key("ops-revoked", admin=True)
         key_id = key.id
     with httpx.Client(base_url=stack.url, timeout=10) as http:
-        http.get("/dashboard/", params={"key": plaintext})
+        http.post("/dashboard/login", data={"key": plaintext})
         assert http.get("/dashboard/api/summary").status_code == 200
         with app.app_context():
             revoke_key(key_id)
@@ -286,7 +336,7 @@ def test_browser_renders_the_job_table_with_modes(
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
             "--window-size=1440,1200", *extra,
-            f"{stack.url}/dashboard/?key={admin_key}",
+            stack.url + login_link(stack, admin_key),
         ]  # fmt: skip
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import IO, Any, cast
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
@@ -18,6 +19,22 @@ from app.services.front_door import FORM_OVERHEAD
 bp = Blueprint("files", __name__)
 
 MAX_FIELD_BYTES = 1024 * 1024  # also bounds the decoder buffer, so above its 64 KiB reads
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # NUL, line breaks...: no header or column holds them
+
+
+def _check_filename(filename: str | None) -> None:
+    if filename and CONTROL.search(filename):
+        raise APIError(
+            400,
+            "The file's name contains a control character (a NUL, a line break...).",
+            param="file",
+            code="invalid_filename",
+        )
+
+
+def _download_name(filename: str) -> str:
+    """A name for Content-Disposition (rows stored before names were checked included)."""
+    return CONTROL.sub("_", filename) or "file"
 
 
 def _too_large(limit: int) -> APIError:
@@ -102,6 +119,7 @@ def upload_file() -> ResponseReturnValue:
                 + ".",
                 param="purpose",
             )
+        _check_filename(filename)
         row = storage.store_upload(g.tenant_id, filename or "upload.jsonl", purpose, part)
     except BaseException:
         if part is not None:
@@ -140,7 +158,7 @@ def file_content(file_id: str) -> ResponseReturnValue:
     return send_file(
         path,
         mimetype="application/octet-stream",
-        download_name=row.filename,
+        download_name=_download_name(row.filename),
         conditional=False,
         etag=False,
         max_age=0,

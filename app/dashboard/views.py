@@ -22,6 +22,7 @@ from flask_sse import Message
 
 from app import sse, telemetry
 from app.dashboard import access, charts, queries
+from app.errors import APIError, error_response
 from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
@@ -37,7 +38,7 @@ bp = Blueprint(
     static_folder="static",
 )
 
-OPEN_ENDPOINTS = {"dashboard.static", "dashboard.login"}
+OPEN_ENDPOINTS = {"dashboard.static", "dashboard.login", "dashboard.login_link"}
 API_ENDPOINTS = {
     "dashboard.api_summary",
     "dashboard.api_jobs",
@@ -51,22 +52,19 @@ MAX_LIMIT = 500
 
 @bp.before_request
 def _require_admin() -> ResponseReturnValue | None:
-    """`?key=` logs in once; otherwise an admin session is required."""
+    """An admin session is required; a key in the URL neither signs in nor out."""
     if request.endpoint in OPEN_ENDPOINTS:
         return None
-    if "key" in request.args:
-        ok = access.login(request.args["key"])
+    if "key" in request.args:  # keys in URLs end up in proxy logs and history: never used
         rest = {k: v for k, v in request.args.items(multi=True) if k != "key"}
         target = request.path + ("?" + urlencode(rest) if rest else "")
-        if not ok:
-            return _login_page("That key is not a live admin key.", target, 401)
-        return redirect(target)  # drop the key from the address bar
+        if access.current_admin() is not None:
+            return redirect(target)  # drop the key from the address bar
+        return _login_page(KEY_IN_URL, target, 400)
     if access.current_admin() is not None:
         return None
     if request.endpoint in API_ENDPOINTS or request.path.startswith("/dashboard/api/"):
-        return jsonify(
-            error={"message": "Dashboard needs an admin key.", "code": "unauthorized"}
-        ), 401
+        return error_response(APIError(401, "Dashboard needs an admin key.", code="unauthorized"))
     return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
 
 
@@ -80,14 +78,36 @@ def _login_page(error: str | None, next_url: str | None, status: int = 200) -> R
     return render_template("login.html", error=error, next=_safe_next(next_url)), status
 
 
+KEY_IN_URL = (
+    "Keys are not accepted in the address (they end up in proxy logs and history): "
+    "sign in with the form, or open a one-time link from POST /dashboard/login-link."
+)
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
+    """The form (POST) or a one-time link (`?token=`); a bad one never signs anyone out."""
     if request.method == "GET":
+        if "token" in request.args:
+            if access.login_with_link(request.args["token"]):
+                return redirect(_safe_next(request.args.get("next")))
+            return _login_page("That sign-in link is used up or expired.", None, 401)
         return _login_page(None, request.args.get("next"))
     next_url = request.form.get("next")
     if access.login(request.form.get("key", "")):
         return redirect(_safe_next(next_url))
     return _login_page("That key is not a live admin key.", next_url, 401)
+
+
+@bp.post("/login-link")
+def login_link() -> ResponseReturnValue:
+    """A sign-in link for a browser, good once for LINK_SECONDS (`Authorization: Bearer`)."""
+    token = access.create_login_link(request.headers.get("Authorization", ""))
+    if token is None:
+        return error_response(APIError(401, "An admin API key is required.", code="unauthorized"))
+    next_url = _safe_next(request.args.get("next"))
+    url = url_for("dashboard.login", token=token, next=next_url)
+    return jsonify(url=url, expires_in=access.LINK_SECONDS)
 
 
 @bp.post("/logout")

@@ -61,23 +61,47 @@ class MockSettings:
     tokens_per_second: float = 50.0
 
 
+# option -> (lowest, highest): a model name must not make a worker allocate or wait unbounded
+OPTION_BOUNDS = {
+    "length": (0, 100_000),  # words per answer
+    "ttft_ms": (0.0, 600_000.0),  # ten minutes
+    "tps": (0.0, 1_000_000.0),  # tokens per second (0: no pacing)
+}
+
+
+def _option(options: dict[str, str], name: str, kind: type, default: float, model: str) -> Any:
+    low, high = OPTION_BOUNDS[name]
+    raw = options.get(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except (ValueError, OverflowError):
+        value = None
+    if value is None or not low <= value <= high:  # NaN fails this too
+        raise ProviderError(
+            f"mock: option {name}={raw[:40]!r} in model '{model[:200]}' must be "
+            f"{'an integer' if kind is int else 'a number'} from {low:g} to {high:g}",
+            retryable=False,
+            status_code=400,
+        )
+    return value
+
+
 def _settings_for(model: str, base: MockSettings) -> tuple[str, MockSettings]:
-    """Apply `mock/NAME?length=..&ttft_ms=..&tps=..` options and the `slow` preset."""
+    """Apply `mock/NAME?length=..&ttft_ms=..&tps=..` options (bounded) and the `slow` preset."""
     name, _, query = model.partition("?")
     settings = base
     if name == "slow":
         settings = MockSettings(base.length, 1000.0, 5.0)
     options = dict(parse_qsl(query))
-    try:
-        return name, MockSettings(
-            int(options.get("length", options.get("tokens", settings.length))),
-            float(options.get("ttft_ms", settings.ttft_ms)),
-            float(options.get("tps", settings.tokens_per_second)),
-        )
-    except ValueError as exc:
-        raise ProviderError(
-            f"mock: bad options in model '{model}': {exc}", retryable=False, status_code=400
-        ) from exc
+    if "tokens" in options and "length" not in options:
+        options["length"] = options["tokens"]
+    return name, MockSettings(
+        _option(options, "length", int, settings.length, model),
+        _option(options, "ttft_ms", float, settings.ttft_ms, model),
+        _option(options, "tps", float, settings.tokens_per_second, model),
+    )
 
 
 @dataclass
@@ -200,7 +224,11 @@ class MockProvider:
         self.settings = settings or MockSettings()
 
     def check(self, request: ChatRequest) -> None:
-        """Raise Unsupported for a parameter the mock cannot honour."""
+        """Raise Unsupported for a parameter the mock cannot honour (or an option out of bounds)."""
+        try:
+            _settings_for(request.model, self.settings)
+        except ProviderError as exc:
+            raise Unsupported("model", exc.message) from None
         for key in request.options:
             if key not in ACCEPTED_OPTIONS:
                 raise Unsupported(key, f"'{key}' is not supported by provider '{self.name}'.")

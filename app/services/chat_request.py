@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from app import limits
 from app.errors import APIError
 from app.providers import ChatRequest, ProviderRegistry, Unsupported, providers
 from app.providers.messages import is_image_url
@@ -279,6 +280,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         raise _bad("'messages' must be an array of message objects.", "messages", "invalid_type")
     if not value:
         raise _bad("'messages' must contain at least one message.", "messages")
+    limits.check_array(value, "messages", "MAX_MESSAGES")
     return [_message(message, f"messages[{i}]") for i, message in enumerate(value)]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import IO, Any, cast
 
+from app import extraction, limits
 from app.errors import APIError
 from app.services.batches import BatchItem
 from app.services.chat_request import PARAMETERS
@@ -48,6 +49,14 @@ class Options:
         )
         return {k: v for k, v in pairs if v is not None}
 
+    def prompt_bytes(self, text_bytes: int) -> int:
+        """The bytes of one document's prompt (instructions and templated text)."""
+        template = self.prompt_template
+        if not template:
+            return _bytes(self.instructions) + text_bytes
+        expansions = template.count("{document}")
+        return _bytes(self.instructions) + _bytes(template) + expansions * (text_bytes - 10)
+
     def body(self, text: str) -> dict[str, Any]:
         """The chat-completions body for one document."""
         prompt = self.prompt_template.replace("{document}", text) if self.prompt_template else text
@@ -59,6 +68,10 @@ class Options:
             ],
             **self.params(),
         }
+
+
+def _bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _number(raw: Any, name: str, kind: type, low: float, high: float | None) -> Any:
@@ -94,10 +107,28 @@ def parse_options(source: Mapping[str, Any]) -> Options:
             "instructions is required: the system prompt for every document",
             param="instructions",
         )
+    size = _bytes(instructions)
+    if size > (most := limits.setting("BATCH_MAX_INSTRUCTIONS_BYTES")):
+        raise limits.too_large(
+            f"instructions ({size} bytes, copied into every document's prompt)",
+            most,
+            "BATCH_MAX_INSTRUCTIONS_BYTES",
+            param="instructions",
+            code="instructions_too_large",
+        )
     template = source.get("prompt_template") or None
     if template is not None and (not isinstance(template, str) or "{document}" not in template):
         raise APIError(
             400, "prompt_template must be a string containing {document}", param="prompt_template"
+        )
+    expansions = template.count("{document}") if template else 1
+    if expansions > (most := limits.setting("BATCH_MAX_TEMPLATE_EXPANSIONS")):
+        raise APIError(
+            400,
+            f"prompt_template repeats {{document}} {expansions} times; the limit is {most}"
+            " (SLUICE_BATCH_MAX_TEMPLATE_EXPANSIONS)",
+            param="prompt_template",
+            code="too_many_template_expansions",
         )
     metadata = check_metadata(_json_field(source, "metadata"))
     response_format = _json_field(source, "response_format")
@@ -138,6 +169,11 @@ class Intake:
     options: Options
     max_documents: int
     max_document_bytes: int
+    max_prompt_bytes: int = 0  # one document's prompt after templating (0: no limit)
+    max_expanded_bytes: int = 0  # every prompt of the batch, templated (0: no limit)
+    max_file_bytes: int = 0  # one uploaded .pdf/.docx as sent (0: no limit)
+    extraction: extraction.Limits | None = None  # how .pdf/.docx uploads are read
+    expanded_bytes: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
     problem_count: int = 0
     count: int = 0
@@ -156,7 +192,8 @@ class Intake:
         if self.count > self.max_documents:
             raise APIError(
                 413,
-                f"too many documents: at most {self.max_documents} per batch (BATCH_MAX_DOCUMENTS)",
+                f"too many documents: at most {self.max_documents} per batch"
+                " (SLUICE_BATCH_MAX_DOCUMENTS)",
                 param="documents",
                 code="too_many_documents",
             )
@@ -169,17 +206,35 @@ class Intake:
             bad.append("id must be a non-empty string")
         elif len(doc_id) > 512:
             bad.append("id is longer than 512 characters")
+        elif "\x00" in doc_id:
+            bad.append("id contains a NUL character")
         elif doc_id in self.seen:
             bad.append(f"duplicate id {doc_id!r}")
         if not isinstance(text, str) or not text.strip():
             bad.append("text must be a non-empty string")
         else:
-            size = len(text.encode("utf-8", "surrogatepass"))
+            size = _bytes(text)
+            prompt = self.options.prompt_bytes(size)
             if size > self.max_document_bytes:
                 bad.append(
                     f"document is {size} bytes; the limit is {self.max_document_bytes}"
                     " (BATCH_MAX_DOCUMENT_BYTES)"
                 )
+            elif self.max_prompt_bytes and prompt > self.max_prompt_bytes:
+                bad.append(
+                    f"its prompt (instructions and templated text) is {prompt} bytes; the"
+                    f" limit is {self.max_prompt_bytes} (SLUICE_BATCH_MAX_PROMPT_BYTES)"
+                )
+            else:
+                self.expanded_bytes += prompt
+                if self.max_expanded_bytes and self.expanded_bytes > self.max_expanded_bytes:
+                    raise limits.too_large(
+                        "The batch's prompts (instructions and templated documents, together)",
+                        self.max_expanded_bytes,
+                        "BATCH_MAX_EXPANDED_BYTES",
+                        param="documents",
+                        code="batch_too_large",
+                    )
         if metadata is not None and not isinstance(metadata, dict):
             bad.append("metadata must be an object")
         if bad:
@@ -263,8 +318,10 @@ def from_jsonl(stream: IO[bytes], intake: Intake, max_bytes: int) -> Iterator[Ba
 
 def _limited_lines(stream: IO[bytes], max_bytes: int) -> Iterator[bytes]:
     seen = 0
-    raw = cast(io.RawIOBase, stream)  # a raw stream without readline gets a buffer
-    reader = stream if hasattr(stream, "readline") else io.BufferedReader(raw)
+    # A raw stream (Werkzeug's LimitedStream is one) gets a buffer: IOBase.readline on an
+    # unbuffered stream reads one byte per call.
+    raw = cast(io.RawIOBase, stream)
+    reader = stream if hasattr(stream, "peek") else io.BufferedReader(raw, 1 << 16)
     while True:
         line = reader.readline(1 << 24)
         if not line:
@@ -324,8 +381,12 @@ def html_text(raw: str) -> str:
     return parser.text()
 
 
-def extract_text(name: str, data: IO[bytes]) -> str:
-    """The text of one uploaded document; ValueError says what is wrong with it."""
+def extract_text(name: str, data: IO[bytes], limits: extraction.Limits | None = None) -> str:
+    """The text of one uploaded document; ValueError says what is wrong with it.
+
+    .pdf and .docx are read by a bounded subprocess (app/extraction.py) when `limits` are
+    given, which every request path does; without them, in this process (tests, tools).
+    """
     ext = os.path.splitext(name)[1].lower()
     if ext in TEXT_TYPES or ext in HTML_TYPES:
         try:
@@ -333,6 +394,8 @@ def extract_text(name: str, data: IO[bytes]) -> str:
         except UnicodeDecodeError:
             raise ValueError("is not UTF-8 text") from None
         return html_text(text) if ext in HTML_TYPES else text
+    if ext in extraction.TYPES and limits is not None:
+        return extraction.extract(ext, data.read(), limits)
     if ext == ".pdf":
         from pypdf import PdfReader
         from pypdf.errors import PyPdfError
@@ -372,16 +435,22 @@ def from_files(files: list[tuple[str, IO[bytes]]], intake: Intake) -> Iterator[B
             yield from _jsonl(iter(data.readline, b""), intake, name)
             continue
         size = _size(data)
-        if size > intake.max_document_bytes * 4 and not name.lower().endswith((".pdf", ".docx")):
+        packed = name.lower().endswith(extraction.TYPES)
+        most, setting = (
+            (intake.max_file_bytes, "SLUICE_BATCH_MAX_FILE_BYTES")
+            if packed
+            else (intake.max_document_bytes * 4, "BATCH_MAX_DOCUMENT_BYTES")
+        )
+        if most and size > most:
             intake.count += 1
             intake.problem(
-                f"{name}: file is {size} bytes; the limit is {intake.max_document_bytes}"
-                " (BATCH_MAX_DOCUMENT_BYTES)",
+                f"{name}: file is {size} bytes; the limit is {most} ({setting})",
                 file=name,
+                document_id=name,
             )
             continue
         try:
-            text = extract_text(name, data)
+            text = extract_text(name, data, intake.extraction)
         except ValueError as exc:
             intake.count += 1
             intake.problem(f"{name}: {exc}", file=name, document_id=name)

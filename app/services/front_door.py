@@ -14,7 +14,7 @@ from typing import Any
 from flask import current_app, g, has_request_context, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import validation
+from app import limits, rate_limits, validation
 from app.admission import acquire_stream_slot, overflow_route, release_stream_slot
 from app.errors import APIError
 from app.extensions import db
@@ -55,7 +55,7 @@ def json_body() -> dict[str, Any]:
     try:
         body = validation.loads(data)
     except validation.InvalidJSON as exc:
-        code = "invalid_value" if exc.param else "invalid_json"
+        code = exc.code or ("invalid_value" if exc.param else "invalid_json")
         raise APIError(400, exc.message, param=exc.param, code=code) from None
     except ValueError:
         raise APIError(
@@ -68,6 +68,8 @@ def json_body() -> dict[str, Any]:
 
 def body_limit(endpoint: str | None) -> int:
     """The most bytes a request body may have on this route (MAX_CONTENT_LENGTH elsewhere)."""
+    if (configured := limits.configured_body_limit()) is not None:
+        return configured  # [limits.body_bytes] of sluice.toml
     config = current_app.config
     setting = BODY_LIMITS.get(endpoint or "")
     limit: int = config[setting[0]] + setting[1] if setting else config["MAX_CONTENT_LENGTH"]
@@ -127,6 +129,7 @@ def remember(route: Route) -> Route:
 
 def route(req: RouteRequest) -> Route:
     """The policy's route for req; a reject is raised here as `rejection(route)`."""
+    rate_limits.check(req)  # per key and tenant; no Redis call while no limit is set
     decided = remember(decide(req))
     if decided.mode == "reject":
         raise rejection(decided)
