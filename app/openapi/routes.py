@@ -402,7 +402,10 @@ ROUTES: dict[str, Operation] = {
     "dashboard.playground": Operation(
         "The playground page",
         "dashboard",
-        {"200": Response("The page", {HTML: string()})},
+        {
+            "200": Response("The page", {HTML: string()}),
+            "302": Response("Sign in first", headers=("Location",)),
+        },
         security="session",
     ),
     "dashboard.api_models": Operation(
@@ -414,7 +417,10 @@ ROUTES: dict[str, Operation] = {
     "dashboard.api_playground_submit": Operation(
         "Submit a job as the signed-in admin key, as POST /v1/jobs",
         "dashboard",
-        {"200": STREAMED, "202": ACCEPTED_JOB},
+        {  # as POST /v1/jobs answers, without its links (a session's, not a bearer's)
+            "200": Response(STREAMED.description, STREAMED.content, STREAMED.headers),
+            "202": Response(ACCEPTED_JOB.description, ACCEPTED_JOB.content, ACCEPTED_JOB.headers),
+        },
         body=s.JobRequest,
         params=(Param("X-Sluice-Dashboard", string(enum=["1"]), "header", required=True),),
         security="session",
