@@ -67,6 +67,22 @@ end
 return {{0, unpack(counts)}}
 """
 
+# KEYS: one set. ARGV: ttl_ms, limit (0 = unlimited), members... Holds as many of the
+# members, in order, as the limit leaves room for; returns how many.
+ACQUIRE_SOME = f"""
+{_NOW}
+local PAD = {KEY_PAD_MS}
+{_KEEP}
+local ttl, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local room = #ARGV - 2
+if limit > 0 then room = math.min(room, limit - redis.call('ZCARD', KEYS[1])) end
+if room <= 0 then return 0 end
+for i = 3, 2 + room do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+keep(KEYS[1], ttl)
+return room
+"""
+
 # KEYS: one set. ARGV: ttl_ms, 'XX' (renew live members only) or 'ANY', members...
 RENEW = f"""
 {_NOW}
@@ -143,6 +159,16 @@ def acquire(
     return int(result[0]), [int(c) for c in result[1:]]
 
 
+def acquire_some(
+    client: redis.Redis, key: str, members: Sequence[str], ttl_ms: int, limit: int
+) -> list[str]:
+    """Hold as many of `members` (in order) in one set as its limit leaves room for."""
+    if not members:
+        return []
+    held = int(client.eval(ACQUIRE_SOME, 1, key, ttl_ms, limit, *members))
+    return list(members[:held])
+
+
 def renew(
     client: redis.Redis, key: str, members: Sequence[str], ttl_ms: int, *, live_only: bool
 ) -> int:
@@ -159,9 +185,9 @@ def renew_recorded(
     return bool(client.eval(RENEW_RECORDED, 1, record, member, ttl_ms, grace_ms))
 
 
-def release(client: redis.Redis, key: str, member: str) -> bool:
-    """Give a member's lease back (idempotent)."""
-    return bool(client.zrem(key, member))
+def release(client: redis.Redis, key: str, *members: str) -> bool:
+    """Give members' leases back (idempotent); whether any was held."""
+    return bool(client.zrem(key, *members)) if members else False
 
 
 def release_recorded(client: redis.Redis, record: str, member: str) -> int:

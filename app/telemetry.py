@@ -300,7 +300,7 @@ def percentiles(
     return {
         "p50": _round(quantile(0.5, counts, bounds)),
         "p95": _round(quantile(0.95, counts, bounds)),
-        "count": sum(counts),
+        "count": int(sum(counts)),
     }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 import psutil
+import redis
 
 from app.embedded_redis import die_with_parent
 from tests.stack import Stack, free_port
@@ -227,17 +228,44 @@ def stop_profiling(procs: list[subprocess.Popen[bytes]]) -> None:
         proc.wait(60)
 
 
+class SlotSampler:
+    """The mean number of provider slots held (live leases) while it runs, every 20 ms."""
+
+    def __init__(self, redis_url: str, key: str) -> None:
+        self.client = redis.Redis.from_url(redis_url)
+        self.key = key
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            seconds, micros = self.client.time()
+            now = int(seconds) * 1000 + int(micros) // 1000
+            self.samples.append(int(self.client.zcount(self.key, f"({now}", "+inf")))
+            time.sleep(0.02)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+        return sum(self.samples) / max(1, len(self.samples))
+
+
 def throughput(args: argparse.Namespace, delay_ms: float, n: int) -> dict[str, Any]:
     with Bench(args, delay_ms) as bench:
         _, warm = bench.submit_jsonl(min(n, 200), "openai/warmup")  # connections, imports
         bench.wait(warm["id"])
         meter = CPUMeter(bench.parts())
         profilers = profile(args.py_spy, bench.parts(), f"{delay_ms:g}ms")
+        slots = SlotSampler(bench.env["REDIS_URL"], "sluice:provider-sem:openai")
         started = time.perf_counter()
         accept, batch = bench.submit_jsonl(n, "openai/bench")
         done = bench.wait(batch["id"])
         elapsed = time.perf_counter() - started
         cpu = meter.stop()
+        in_use = slots.stop()
         stop_profiling(profilers)
     inflight = min(
         args.provider_concurrency, args.workers * args.concurrency * args.item_concurrency
@@ -254,6 +282,7 @@ def throughput(args: argparse.Namespace, delay_ms: float, n: int) -> dict[str, A
         "inflight": inflight,
         "cpu_ms_per_doc": {name: 1000 * spent / n for name, spent in cpu.items()},
         "load": os.getloadavg()[0],
+        "slots_in_use": in_use,
     }
 
 
@@ -414,9 +443,11 @@ def main(argv: list[str]) -> None:
         print()
         print(
             "| upstream | documents | accepted in | submit -> last result | documents/s"
-            " | ideal | % of ideal | CPU ms per document: " + ", ".join(parts) + " | load average |"
+            " | ideal | % of ideal | slots held (mean) | CPU ms per document: "
+            + ", ".join(parts)
+            + " | load average |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             ideal = f"{r['ideal']:,.0f} ({r['inflight']} in flight)" if r["ideal"] else "n/a"
             pct = f"{100 * r['docs_per_s'] / r['ideal']:.0f}%" if r["ideal"] else "n/a"
@@ -424,7 +455,7 @@ def main(argv: list[str]) -> None:
             print(
                 f"| {r['upstream']} | {r['documents']:,} ({r['succeeded']:,} ok) | "
                 f"{r['accept_s']:.2f} s | {r['total_s']:.2f} s | {r['docs_per_s']:,.0f} | "
-                f"{ideal} | {pct} | {cpu} | {r['load']:.1f} |"
+                f"{ideal} | {pct} | {r['slots_in_use']:.0f} | {cpu} | {r['load']:.1f} |"
             )
     if args.only in (None, "accept"):
         print()

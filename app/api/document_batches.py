@@ -10,8 +10,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import extraction, sse
+from app import extraction, rate_limits, sse
 from app.errors import APIError
 from app.extensions import current_flask_app, db
 from app.models import Batch, Job, epoch, utcnow
@@ -116,8 +117,20 @@ def _read_submission(max_bytes: int) -> tuple[documents.Options, Iterator[batche
         return options, documents.from_jsonl(request.stream, _intake(options), max_bytes)
     if mimetype == "multipart/form-data":
         request.max_form_parts = current_app.config["BATCH_MAX_DOCUMENTS"] + 100
-        options = documents.parse_options(request.form)
-        files = [(f.filename or name, f.stream) for name, f in request.files.items(multi=True)]
+        try:
+            form, uploaded = request.form, request.files
+        except RequestEntityTooLarge:  # past the byte limit (a chunked body) or the parts
+            if request.content_length is None or request.content_length > max_bytes:
+                raise documents.request_too_large(max_bytes) from None
+            raise APIError(
+                413,
+                f"too many form parts: at most {request.max_form_parts}"
+                " (SLUICE_BATCH_MAX_DOCUMENTS + 100)",
+                param="files",
+                code="too_many_documents",
+            ) from None
+        options = documents.parse_options(form)
+        files = [(f.filename or name, f.stream) for name, f in uploaded.items(multi=True)]
         return options, documents.from_files(files, _intake(options))
     raise APIError(
         415,
@@ -327,4 +340,4 @@ def events(batch_id: str) -> ResponseReturnValue:
         finally:
             hub.unfeed(feed)
 
-    return sse.response(generate())
+    return rate_limits.event_stream(lambda: sse.response(generate()))

@@ -3,6 +3,12 @@
 At most `limit` provider calls in flight per provider across every batch worker sharing
 this Redis. Each slot is a lease (`app.leases`); a background thread renews this process's
 slots, and a holder that dies stops renewing, so its slots come back on their own.
+
+Within one process the slots are shared without a Redis round trip per call: a call that
+ends hands its slot straight to a call of this process waiting for one, for up to TURN
+seconds after the slot was taken from Redis; after that (or with nobody waiting) the slot
+goes back to Redis, where every process competes for it again. Only one waiter per
+provider and process asks Redis, for as many slots as there are waiters, in one call.
 """
 
 from __future__ import annotations
@@ -22,8 +28,37 @@ from app.extensions import current_flask_app, redis_store
 
 log = logging.getLogger(__name__)
 
-LOCAL_GATE_MAX = 128  # provider calls in flight per process (the Redis pool holds 200)
+TURN = 1.0  # seconds a slot may pass between this process's calls before it goes back
+MAX_TAKE = 100  # slots asked of Redis in one call
+POLL_MAX = 0.05  # seconds between two asks while every slot is taken
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
+
+
+class _Slots:
+    """One provider's slots in this process: free ones (token, taken at), its waiters.
+
+    One waiter at a time (the asker) asks Redis; the others wait on `cond` for a slot
+    handed over by a call that ended. Both conditions share one lock.
+    """
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)  # plain waiters: a slot was handed over
+        self.ask_cond = threading.Condition(lock)  # the asker: a slot, or ask again now
+        self.free: list[tuple[str, float]] = []
+        self.waiting = 0
+        self.asking = False
+        self.returned = False  # a slot of this process went back to Redis: ask again now
+        self.held = 0  # slots this process took from Redis and has not given back
+
+    def surplus(self) -> list[str]:
+        """Free slots beyond the waiters (to go back to Redis); call holding the lock."""
+        extra = len(self.free) - self.waiting
+        if extra <= 0:
+            return []
+        gone, self.free = self.free[:extra], self.free[extra:]
+        self.held -= extra
+        return [token for token, _ in gone]
 
 
 class ProviderSemaphore:
@@ -33,9 +68,10 @@ class ProviderSemaphore:
         self.client = client
         self.limit = max(1, limit)
         self.lease = max(1.0, lease)
-        self._local: dict[str, threading.BoundedSemaphore] = {}
+        self._slots: dict[str, _Slots] = {}
         self._lock = threading.Lock()
         self.renewer = leases.Renewer(client, self.lease, live_only=True)
+        self.round_trips = 0  # Redis calls to take or give back slots (renewals aside)
 
     @staticmethod
     def key(provider: str) -> str:
@@ -43,18 +79,28 @@ class ProviderSemaphore:
 
     def try_acquire(self, provider: str) -> str | None:
         """A slot token, or None when all slots are taken."""
-        token = uuid.uuid4().hex
-        key = self.key(provider)
-        full, _ = leases.acquire(self.client, [key], token, leases.ms(self.lease), [self.limit])
-        if full:
-            return None
-        self.renewer.hold(key, token)
-        return token
+        taken = self._ask(provider, 1)
+        return taken[0] if taken else None
 
-    def release(self, token: str) -> None:
-        key = self.renewer.drop(token)
-        if key:
-            leases.release(self.client, key, token)
+    def _ask(self, provider: str, count: int) -> list[str]:
+        """Up to `count` fresh slot tokens from Redis (fewer when the slots run out)."""
+        key = self.key(provider)
+        tokens = [uuid.uuid4().hex for _ in range(count)]
+        self.round_trips += 1
+        taken = leases.acquire_some(self.client, key, tokens, leases.ms(self.lease), self.limit)
+        for token in taken:
+            self.renewer.hold(key, token)
+        return taken
+
+    def release(self, *tokens: str) -> None:
+        """Give slots back to Redis."""
+        by_key: dict[str, list[str]] = {}
+        for token in tokens:
+            if key := self.renewer.drop(token):
+                by_key.setdefault(key, []).append(token)
+        for key, held in by_key.items():
+            self.round_trips += 1
+            leases.release(self.client, key, *held)
 
     def in_use(self, provider: str) -> int:
         """Live slots (expired leases excluded)."""
@@ -62,28 +108,96 @@ class ProviderSemaphore:
 
     @contextmanager
     def slot(self, provider: str) -> Iterator[None]:
-        """Hold one slot for `provider` while the block runs; waits (polling) for one."""
-        local = self._local_gate(provider)
-        with local:
-            delay = 0.005
-            token = self.try_acquire(provider)
-            while token is None:
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.05)
-                token = self.try_acquire(provider)
-            try:
-                yield
-            finally:
-                self.release(token)
+        """Hold one slot for `provider` while the block runs; waits for one."""
+        token, since = self._take(provider)
+        try:
+            yield
+        finally:
+            self._give(provider, token, since)
 
-    def _local_gate(self, provider: str) -> threading.BoundedSemaphore:
-        """A per-process gate, so at most `limit` local waiters poll Redis."""
+    def _local(self, provider: str) -> _Slots:
         with self._lock:
-            gate = self._local.get(provider)
-            if gate is None:
-                size = min(self.limit, LOCAL_GATE_MAX)
-                gate = self._local[provider] = threading.BoundedSemaphore(size)
-            return gate
+            slots = self._slots.get(provider)
+            if slots is None:
+                slots = self._slots[provider] = _Slots()
+            return slots
+
+    def _take(self, provider: str) -> tuple[str, float]:
+        """A slot: a free one of this process, else one asked of Redis (waiting if none)."""
+        slots = self._local(provider)
+        with slots.cond:
+            slots.waiting += 1
+        try:
+            with slots.cond:
+                while not slots.free and slots.asking:
+                    slots.cond.wait()
+                if slots.free:
+                    return slots.free.pop()
+                slots.asking = True
+            return self._ask_until_taken(provider, slots)
+        finally:
+            with slots.cond:
+                slots.waiting -= 1
+                surplus = slots.surplus()
+                if not slots.asking and slots.waiting > len(slots.free):
+                    slots.cond.notify()  # someone has to ask Redis now
+            if surplus:
+                self._release_quietly(surplus)
+
+    def _ask_until_taken(self, provider: str, slots: _Slots) -> tuple[str, float]:
+        """As the asker: ask Redis for the waiters' slots until one is ours."""
+        delay = 0.005
+        try:
+            while True:
+                with slots.cond:
+                    want = min(max(1, slots.waiting - len(slots.free)), MAX_TAKE, self.limit)
+                taken = self._ask(provider, want)
+                with slots.cond:
+                    now = time.monotonic()
+                    slots.held += len(taken)
+                    if taken:
+                        slots.free.extend((token, now) for token in taken[1:])
+                        slots.cond.notify(len(taken) - 1)
+                        return taken[0], now
+                    deadline = now + delay * (0.5 + random.random())
+                    slots.returned = False
+                    while not slots.free and not slots.returned:
+                        if slots.held >= self.limit:  # all ours: one comes back or is freed
+                            slots.ask_cond.wait()
+                        elif now < deadline:
+                            slots.ask_cond.wait(deadline - now)
+                            now = time.monotonic()
+                        else:
+                            break
+                    if slots.free:
+                        return slots.free.pop()
+                    delay = 0.005 if slots.returned else min(delay * 2, POLL_MAX)
+        finally:
+            with slots.cond:
+                slots.asking = False
+
+    def _give(self, provider: str, token: str, since: float) -> None:
+        """Hand the slot to a waiter of this process, or give it back to Redis."""
+        slots = self._local(provider)
+        with slots.cond:
+            waiters = slots.waiting > len(slots.free)
+            if waiters and time.monotonic() - since < TURN:
+                slots.free.append((token, since))
+                slots.cond.notify()
+                slots.ask_cond.notify()
+                return
+            slots.held -= 1
+        self.release(token)
+        if waiters:  # its turn is over: the asker competes for it (and others) at once
+            with slots.cond:
+                slots.returned = True
+                slots.ask_cond.notify()
+
+    def _release_quietly(self, tokens: list[str]) -> None:
+        try:
+            self.release(*tokens)
+        except Exception:
+            log.warning("could not give back %d provider slot(s); they lapse", len(tokens))
 
 
 def semaphore() -> ProviderSemaphore:

@@ -14,7 +14,7 @@ from typing import Any
 from flask import current_app, g, has_request_context, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import limits, validation
+from app import limits, rate_limits, validation
 from app.admission import acquire_stream_slot, overflow_route, release_stream_slot
 from app.errors import APIError
 from app.extensions import db
@@ -130,6 +130,7 @@ def remember(route: Route) -> Route:
 
 def route(req: RouteRequest) -> Route:
     """The policy's route for req; a reject is raised here as `rejection(route)`."""
+    rate_limits.check(req)  # per key and tenant; no Redis call while no limit is set
     decided = remember(decide(with_budget(req)))  # #13: budget_left for budget_left_below
     if decided.mode == "reject":
         raise rejection(decided)

@@ -218,6 +218,7 @@
       lastRun = Date.now();
       refreshLists();
       refreshSummary();
+      document.dispatchEvent(new CustomEvent("sluice:changed"));
     }, wait);
   }
 
@@ -238,9 +239,9 @@
     });
   }
 
-  document.querySelectorAll(".filters button").forEach(function (button) {
+  document.querySelectorAll("#mode-filter button").forEach(function (button) {
     button.addEventListener("click", function () {
-      document.querySelectorAll(".filters button").forEach(function (b) { b.classList.remove("active"); });
+      document.querySelectorAll("#mode-filter button").forEach(function (b) { b.classList.remove("active"); });
       button.classList.add("active");
       state.mode = button.dataset.mode;
       refreshLists();

@@ -1,0 +1,108 @@
+"""The provider semaphore against a real Redis: the cap holds, slots are shared in bulk.
+
+Threads stand in for a worker's greenlets; two ProviderSemaphore objects on one Redis
+stand in for two worker processes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from flask import Flask
+
+from app.extensions import redis_store
+from app.services.batch_semaphore import ProviderSemaphore
+
+
+def _hammer(
+    sems: list[ProviderSemaphore], provider: str, calls: int, threads: int, hold: float
+) -> tuple[int, list[int]]:
+    """`calls` slot holds per semaphore from `threads` threads each; (peak, calls per sem)."""
+    lock = threading.Lock()
+    inside = [0]
+    peak = [0]
+    done = [0] * len(sems)
+    errors: list[BaseException] = []
+
+    left = [calls] * len(sems)  # each semaphore's threads share its calls
+
+    def run(i: int, sem: ProviderSemaphore) -> None:
+        try:
+            while True:
+                with lock:
+                    if not left[i]:
+                        return
+                    left[i] -= 1
+                with sem.slot(provider):
+                    with lock:
+                        inside[0] += 1
+                        peak[0] = max(peak[0], inside[0])
+                    time.sleep(hold)
+                    with lock:
+                        inside[0] -= 1
+                        done[i] += 1
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    workers = [
+        threading.Thread(target=run, args=(i, sem))
+        for i, sem in enumerate(sems)
+        for _ in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not errors, errors
+    return peak[0], done
+
+
+def test_the_cap_holds_and_slots_pass_between_calls_without_redis(app_ctx: Flask) -> None:
+    sem = ProviderSemaphore(redis_store.client, 4, lease=5.0)
+    provider = f"sem-{time.time_ns()}"
+    peak, done = _hammer([sem], provider, calls=400, threads=20, hold=0.002)
+    assert done == [400]
+    assert 1 <= peak <= 4
+    # Slots pass from call to call: a few asks and give-backs, not two per call (800).
+    assert sem.round_trips < 80
+    assert sem.in_use(provider) == 0  # every slot given back
+
+
+def test_two_processes_share_the_cap_and_both_progress(app_ctx: Flask) -> None:
+    first = ProviderSemaphore(redis_store.client, 3, lease=5.0)
+    second = ProviderSemaphore(redis_store.client, 3, lease=5.0)
+    provider = f"sem-{time.time_ns()}"
+    peak, done = _hammer([first, second], provider, calls=240, threads=12, hold=0.003)
+    assert done == [240, 240]
+    assert 1 <= peak <= 3
+    assert first.in_use(provider) == 0
+
+
+@pytest.mark.parametrize("held", [1, 3])
+def test_a_waiter_gets_a_slot_freed_by_another_process(app_ctx: Flask, held: int) -> None:
+    """Slots held elsewhere: the local waiters wait, then run once those come back."""
+    other = ProviderSemaphore(redis_store.client, held, lease=5.0)
+    sem = ProviderSemaphore(redis_store.client, held, lease=5.0)
+    provider = f"sem-{time.time_ns()}"
+    tokens = [other.try_acquire(provider) for _ in range(held)]
+    assert all(tokens) and other.try_acquire(provider) is None
+    finished: list[float] = []
+
+    def call() -> None:
+        with sem.slot(provider):
+            finished.append(time.monotonic())
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    assert finished == []  # every slot is the other process's
+    released = time.monotonic()
+    other.release(*[t for t in tokens if t])
+    for thread in threads:
+        thread.join(10)
+    assert len(finished) == 5
+    assert max(finished) - released < 2.0
+    assert sem.in_use(provider) == 0
