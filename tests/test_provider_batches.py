@@ -413,3 +413,27 @@ def test_budget_routes_and_cost_reaches_metrics(
     )  # fmt: skip
     assert 'mode="batch"' in line and 'executor="provider"' in line
     assert float(line.rsplit(" ", 1)[1]) == pytest.approx(spent)
+
+
+def test_a_refused_submit_fails_the_items_with_the_providers_error(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    fresh_batch_apis.fail_creates = [400]
+    created = doc_batch(http, "anthropic/echo", 2)
+    sweep_until(papp, status_of(http, created["id"]))
+    batch = http.get(f"/v1/document-batches/{created['id']}").json()
+    assert batch["status"] == "completed" and batch["counts"]["failed"] == 2
+    for row in item_rows(papp, created["id"]):
+        assert row.error and "scripted batch create failure 400" in row.error["message"]
+        assert row.error["status_code"] == 400
+
+
+def test_a_retryable_submit_error_is_retried_with_backoff(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    fresh_batch_apis.fail_creates = [429, 529]
+    created = doc_batch(http, "anthropic/echo", 2)
+    sweep_until(papp, status_of(http, created["id"]))
+    batch = http.get(f"/v1/document-batches/{created['id']}").json()
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 2
+    assert fresh_batch_apis.creates["anthropic"] == 1 and not fresh_batch_apis.fail_creates
