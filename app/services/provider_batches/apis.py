@@ -164,8 +164,15 @@ class OpenAIBatchAPI(_SDKAdapter):
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            response = self._call(self.client.files.content, file_id)
-            for raw in response.text.splitlines():
+            yield from self._file_outcomes(file_id, requests)
+
+    def _file_outcomes(
+        self, file_id: str, requests: Mapping[str, ChatRequest]
+    ) -> Iterator[tuple[str, Outcome]]:
+        """One results file, streamed line by line (it may be hundreds of MB)."""
+        opened = self._call(self.client.files.with_streaming_response.content, file_id)
+        with opened as response:
+            for raw in response.iter_lines():
                 if not raw.strip():
                     continue
                 line = json.loads(raw)
