@@ -23,6 +23,7 @@ from app.models.job import TERMINAL
 from app.policy import Preferences, Route, RouteRequest, decide, parse_prefer
 from app.providers import ChatRequest
 from app.services.batches import find_by_idempotency_key, submit_batch_job
+from app.services.costs import with_budget
 from app.services.jobs import start_stream_job
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -130,7 +131,7 @@ def remember(route: Route) -> Route:
 def route(req: RouteRequest) -> Route:
     """The policy's route for req; a reject is raised here as `rejection(route)`."""
     rate_limits.check(req)  # per key and tenant; no Redis call while no limit is set
-    decided = remember(decide(req))
+    decided = remember(decide(with_budget(req)))  # #13: budget_left for budget_left_below
     if decided.mode == "reject":
         raise rejection(decided)
     return decided
