@@ -6,6 +6,7 @@ the cancel flag); the terminal `done`/`error` entry sets the log's expiry.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -26,15 +27,14 @@ from app.streams.keys import NOTIFY_CHANNEL, cancel_key, lease_key, log_key
 
 
 class _Append:
-    """One queued append and, once sent, its answer (or the call to send the next batch)."""
+    """One queued append and, once sent, its answer."""
 
-    __slots__ = ("args", "done", "error", "keys", "lead", "result")
+    __slots__ = ("args", "done", "error", "keys", "result")
 
     def __init__(self, keys: list[str], args: list[Any]) -> None:
         self.keys = keys
         self.args = args
         self.done = threading.Event()
-        self.lead = False  # woken to send the next batch itself (it is at its head)
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -42,11 +42,12 @@ class _Append:
 class AppendBatcher:
     """Sends the delta appends of every job running in a process through shared round trips.
 
-    A combiner, with no thread of its own: an append made while no round trip is in flight
-    is sent at once by its own caller (no hand-off, no extra wake-up); appends made while
-    one is in flight queue up, and when it returns, the sender hands the queue to the
-    oldest waiter, who sends them all in one pipelined round trip. Per-job order is kept: a
-    job waits for its append's answer before making the next.
+    An append made while no round trip is in flight is sent at once by its own caller (no
+    hand-off, no extra wake-up: the one-stream case). Appends made while one is in flight
+    queue up; when it returns, the sender greenlet (started on first need) takes over and
+    sends whatever waits in one pipelined round trip after another until nothing does,
+    then goes idle, and callers send their own again. Per-job order is kept: a job waits
+    for its append's answer before making the next.
     """
 
     MAX_BATCH = 256
@@ -56,39 +57,62 @@ class AppendBatcher:
         self._sha = client.register_script(APPEND_SCRIPT).sha
         self._pending: deque[_Append] = deque()
         self._lock = threading.Lock()
-        self._busy = False  # a round trip is in flight (its sender will hand over)
+        self._busy = False  # a round trip is in flight, or the sender is draining
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
 
     def append(self, keys: list[str], args: list[Any]) -> Any:
         """Run the append script for one job; returns its answer (raises its error)."""
         item = _Append(keys, args)
         with self._lock:
-            self._pending.append(item)
             lead = not self._busy
             self._busy = True
-        if not lead:
-            item.done.wait()
-            lead = item.lead
+            if not lead:
+                self._pending.append(item)
         if lead:
-            self._lead()
+            try:
+                self._send([item])
+            finally:
+                self._hand_over()
+        else:
+            item.done.wait()
         if item.error is not None:
             raise item.error
         return item.result
 
-    def _lead(self) -> None:
-        """Send the waiting appends (the caller's among them), then hand over or go idle."""
+    def _hand_over(self) -> None:
+        """After a caller's own round trip: the sender drains what queued meanwhile."""
+        with self._lock:
+            if not self._pending:
+                self._busy = False
+                return
+        self._ensure_sender()
+        self._wake.set()
+
+    def _ensure_sender(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="delta-log-appender"
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
         pending = self._pending
-        try:
-            with self._lock:
-                batch = [pending.popleft() for _ in range(min(len(pending), self.MAX_BATCH))]
-            self._send(batch)
-        finally:
-            with self._lock:
-                if pending:
-                    head = pending[0]
-                    head.lead = True
-                    head.done.set()
-                else:
-                    self._busy = False
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    if not pending:
+                        self._busy = False
+                        break
+                    batch = [pending.popleft() for _ in range(min(len(pending), self.MAX_BATCH))]
+                self._send(batch)
 
     def _send(self, batch: list[_Append]) -> None:
         try:
