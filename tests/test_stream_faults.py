@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from app.streams.render import ChunkRenderer
 from app.streams.writer import DeltaLog, LostLease, release_lease, write_terminal
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import read_sse
-from tests.stack import Stack, free_port
+from tests.stack import Stack
 
 LEASE = 3.0  # SLUICE_STREAM_LEASE_SECONDS in the test settings
 
@@ -220,13 +221,17 @@ def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: 
 
     job = insert_job(tenant_of(api_key), "stream", "running")
     job_id = job.id
-    dead = redis.Redis(host="127.0.0.1", port=free_port(), decode_responses=True)
-    dlog = DeltaLog(dead, job_id, running_ttl=60, final_ttl=60, token="T")
-    run = stream_runner._Run(job_id, None, dlog, "T", 60.0, window=0.0)  # type: ignore[arg-type]
-    run.parts = ["sent ", "to the client"]
-    error = {"message": "x", "type": "service_unavailable", "code": "stream_unavailable"}
-    fields = error_fields(error)
-    assert stream_runner._close(run, "failed", fields, usage=None, error=error) == "failed"
+    # a port bound here and never listened on refuses connections, and no other process
+    # (another session's Redis on a shared box) can take it meanwhile
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = redis.Redis(host="127.0.0.1", port=closed.getsockname()[1], decode_responses=True)
+        dlog = DeltaLog(dead, job_id, running_ttl=60, final_ttl=60, token="T")
+        run = stream_runner._Run(job_id, None, dlog, "T", 60.0, window=0.0)  # type: ignore[arg-type]
+        run.parts = ["sent ", "to the client"]
+        error = {"message": "x", "type": "service_unavailable", "code": "stream_unavailable"}
+        fields = error_fields(error)
+        assert stream_runner._close(run, "failed", fields, usage=None, error=error) == "failed"
     row = db.session.execute(select(Job.status, Job.output).where(Job.id == job_id)).first()
     db.session.commit()
     assert row is not None and tuple(row) == ("failed", "sent to the client")
