@@ -1,8 +1,9 @@
 """Maintained counters and histograms in Redis, observed once per job where the work ends.
 
-Workers call `stream_job_ended(job_id)` (stream runner) and `batch_results_written(ids, at)`
-(batch runner) once per job or result flush, never per delta. Each reads the ended rows'
-timings by primary key and adds them, in one pipelined round trip, to:
+Workers call `stream_job_ended(job_id)` (stream runner) and `batch_results_written(rows)`
+(batch runner) once per job or result flush, never per delta. The stream side reads the
+ended row's timings by primary key (the batch runner passes the rows it wrote) and adds
+them, in one pipelined round trip, to:
 
 - `sluice:tm:totals`, a hash of counters since Redis began keeping them, which every web
   node's `/metrics` exposes as Prometheus counters and histograms (so any node answers for
@@ -191,16 +192,15 @@ def stream_job_ended(job_id: str) -> None:
         log.warning("telemetry: job %s not counted: %r", job_id, exc)
 
 
-def batch_results_written(job_ids: Sequence[str], finished_at: datetime) -> None:
-    """A batch worker wrote these results at finished_at: count the rows it wrote. Never raises.
+def batch_results_written(rows: Sequence[Any]) -> None:
+    """A batch worker wrote these results: count and log them. Never raises.
 
-    Rows whose finish time is another were written by someone else (a redelivery) and are
-    not counted twice.
+    `rows` are the rows as written (the attributes of _COLUMNS), built by the writer from
+    what it wrote, so nothing is read back and a redelivery's rows are never counted twice.
     """
-    if not job_ids:
+    if not rows:
         return
     try:
-        rows = [r for r in _ended_rows(Job.id.in_(list(job_ids))) if r.finished_at == finished_at]
         record(rows)
         failed = Counter(r.status for r in rows if r.status != "succeeded")
         if failed:  # one line per flush, not per item: a batch can fail by the thousand
@@ -212,7 +212,7 @@ def batch_results_written(job_ids: Sequence[str], finished_at: datetime) -> None
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%d batch result(s) written", len(rows))
     except Exception as exc:
-        log.warning("telemetry: %d result(s) not counted: %r", len(job_ids), exc)
+        log.warning("telemetry: %d result(s) not counted: %r", len(rows), exc)
 
 
 def queue_depths(client: redis.Redis) -> dict[str, int]:
