@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 from flask import Flask
 
-from app import log_levels, policy, providers
+from app import log_levels, logs, openapi, policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
 from app.extensions import init_db, redis_store
@@ -31,6 +30,7 @@ def create_app(
     policy.install_sighup()  # SIGHUP reloads the policy file
     register_sessions(app)
     register_blueprints(app)
+    openapi.init_app(app)  # GET /openapi.json
     register_error_handlers(app)
     celery_init_app(app)
     return app
@@ -45,9 +45,7 @@ def register_config(
 
 
 def register_logging(app: Flask) -> None:
-    logging.basicConfig(
-        level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.init_app(app)  # JSON lines with request ids, on requests and the tasks they send
     log_levels.apply(app.config["LOG_LEVEL"])  # which lines show (quiet by default)
 
 

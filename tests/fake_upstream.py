@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import email.policy
 import json
+import random
+import re
 import socket
 import sys
 import threading
@@ -20,6 +23,8 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
@@ -145,6 +150,7 @@ class FakeUpstream:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.stopping = threading.Event()
+        self.batches = BatchAPIs()  # OpenAI Files + Batches, Anthropic Message Batches
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -226,7 +232,8 @@ class FakeUpstream:
             return list(self._bodies.get(name) or [])
 
     def reset(self) -> None:
-        """Forget all scenarios and request logs."""
+        """Forget all scenarios and request logs (and every provider batch)."""
+        self.batches = BatchAPIs()
         with self._lock:
             self._scenarios.clear()
             self._requests.clear()
@@ -358,6 +365,8 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routing -----------------------------------------------------------------------------
 
     def do_GET(self) -> None:
+        if handle_batch_api(self, "GET"):  # provider batch APIs: see their section below
+            return
         if self.path.rstrip("/") == "/v1/models":
             self._list_models()
         elif self.path in ("/_health", "/health"):
@@ -380,6 +389,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self) -> None:
+        if handle_batch_api(self, "POST"):  # provider batch APIs: see their section below
+            return
         received = time.monotonic()
         try:
             body = self._read_json()
@@ -729,6 +740,527 @@ class _Handler(BaseHTTPRequestHandler):
             return f"data: {json.dumps({'error': error})}\n\n"
         data = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
         return f"event: error\ndata: {json.dumps(data)}\n\n"
+
+
+# =============================================================================================
+# Provider batch APIs (issue #13): OpenAI's Files + Batches API and Anthropic's Message
+# Batches, in their wire formats, for Sluice's `executor = "provider"`.
+#
+# Every request of a batch is answered when the batch is created (by the same generation
+# code as a direct call: scenarios, `?options` in the model name and failures apply), but
+# each one only "finishes" at its own moment, spread over `processing_s` in a shuffled order,
+# so results come out of order, a cancel keeps what finished before it, and an expiry
+# (`expire_after_s`) expires what had not. Results files list the finished requests
+# shuffled. `max_requests` bounds one batch (a larger one is refused, as the real APIs do).
+# =============================================================================================
+
+_ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_OPENAI_EXPIRED = "This request could not be executed before the completion window expired."
+_OPENAI_CANCELLED = "This request was not executed because the batch was cancelled."
+
+
+@dataclass
+class FakeFile:
+    """An OpenAI file held in memory."""
+
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+
+    def obj(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
+            "expires_at": None,
+        }
+
+
+@dataclass
+class FakeBatch:
+    """One provider batch: its requests' answers, and when each one finishes."""
+
+    kind: str  # "openai" | "anthropic"
+    id: str
+    created: float  # unix time
+    custom_ids: list[str]
+    answers: dict[str, tuple[bool, int, dict[str, Any]]]  # custom_id -> (ok, status, body)
+    done_at: dict[str, float]
+    expires_at: float
+    cancel_s: float
+    expire_at: float | None = None  # the fake's own early expiry (expire_after_s)
+    cancel_at: float | None = None
+    input_file_id: str | None = None
+    endpoint: str = "/v1/chat/completions"
+    completion_window: str = "24h"
+    metadata: dict[str, Any] | None = None
+    model: str | None = None
+    failed_errors: list[dict[str, Any]] | None = None  # OpenAI: failed validation
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+
+    def cutoff(self) -> float | None:
+        """The moment after which nothing more finishes (cancel or expiry), if any."""
+        if self.cancel_at is not None:
+            return self.cancel_at
+        last = max(self.done_at.values(), default=self.created)
+        if self.expire_at is not None and last > self.expire_at:
+            return self.expire_at
+        return None
+
+    def ended_at(self) -> float:
+        if self.cancel_at is not None:
+            return self.cancel_at + self.cancel_s
+        cut = self.cutoff()
+        return cut if cut is not None else max(self.done_at.values(), default=self.created)
+
+    def ended(self, now: float) -> bool:
+        return self.failed_errors is not None or now >= self.ended_at()
+
+    def finished(self, custom_id: str) -> bool:
+        cut = self.cutoff()
+        return cut is None or self.done_at[custom_id] <= cut
+
+    def final(self) -> str:
+        """How the batch ended: completed, cancelled or expired (failed: failed_errors)."""
+        if self.cancel_at is not None:
+            return "cancelled"
+        return "expired" if self.cutoff() is not None else "completed"
+
+    def order(self) -> list[str]:
+        """The order results are listed in: by finishing moment (not the input order)."""
+        return sorted(self.custom_ids, key=lambda c: self.done_at[c])
+
+
+class BatchAPIs:
+    """The state and settings of the fake's provider batch APIs (`upstream.batches`)."""
+
+    def __init__(self) -> None:
+        self.processing_s = 0.3  # requests finish spread over this long after creation
+        self.expire_after_s: float | None = None  # end the batch this early, expiring the rest
+        self.cancel_s = 0.1  # cancelling -> ended
+        self.max_requests = {"openai": 50_000, "anthropic": 100_000}
+        self.fail_creates: list[int] = []  # statuses the next batch creates answer with
+        self.files: dict[str, FakeFile] = {}
+        self.items: dict[str, FakeBatch] = {}
+        self.creates: Counter[str] = Counter()  # kind -> batches created
+        self.result_reads: Counter[str] = Counter()  # batch id -> result downloads
+        self.cancels: Counter[str] = Counter()
+        self.lock = threading.RLock()
+
+    def configure(self, **settings: Any) -> None:
+        """Change settings, e.g. configure(processing_s=2, expire_after_s=1)."""
+        for key, value in settings.items():
+            if not hasattr(self, key) or key in ("files", "items", "lock"):
+                raise ValueError(f"unknown batch setting {key!r}")
+            setattr(self, key, value)
+
+    def of_kind(self, kind: str) -> list[FakeBatch]:
+        with self.lock:
+            return [b for b in self.items.values() if b.kind == kind]
+
+    def new_batch(
+        self, kind: str, requests: list[tuple[str, bool, int, dict[str, Any]]], **fields: Any
+    ) -> FakeBatch:
+        now = time.time()
+        ranks = list(range(len(requests)))
+        random.shuffle(ranks)
+        n = max(1, len(requests))
+        prefix = "batch_" if kind == "openai" else "msgbatch_"
+        batch = FakeBatch(
+            kind=kind,
+            id=prefix + uuid.uuid4().hex[:24],
+            created=now,
+            custom_ids=[r[0] for r in requests],
+            answers={r[0]: (r[1], r[2], r[3]) for r in requests},
+            done_at={
+                r[0]: now + self.processing_s * (rank + 1) / n
+                for r, rank in zip(requests, ranks, strict=True)
+            },
+            expires_at=now + 86400,
+            cancel_s=self.cancel_s,
+            expire_at=None if self.expire_after_s is None else now + self.expire_after_s,
+            **fields,
+        )
+        with self.lock:
+            self.items[batch.id] = batch
+            self.creates[kind] += 1
+        return batch
+
+    def add_file(self, filename: str, purpose: str, data: bytes) -> FakeFile:
+        file = FakeFile("file-" + uuid.uuid4().hex[:24], filename, purpose, data, int(time.time()))
+        with self.lock:
+            self.files[file.id] = file
+        return file
+
+
+def _rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _multipart(handler: _Handler, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """A multipart/form-data body as {field: (filename, bytes)}."""
+    ctype = handler.headers.get("Content-Type") or ""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw
+    )
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        fields[str(name)] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return fields
+
+
+def _answer(handler: _Handler, kind: str, body: dict[str, Any]) -> tuple[bool, int, dict[str, Any]]:
+    """One batched request's answer, made as a direct call's would be: (ok, status, body)."""
+    plan = handler._plan(dict(body), time.monotonic())
+    if plan.fail:
+        status = int(plan.scenario.status or 500)
+        if kind == "openai":
+            kinds = _OPENAI_ERROR_TYPES
+            error_type = kinds.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            )
+            err = {
+                "message": plan.scenario.message,
+                "type": error_type,
+                "param": None,
+                "code": None,
+            }
+            return False, status, {"error": err}
+        kinds = _ANTHROPIC_ERROR_TYPES
+        error_type = kinds.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return (
+            False,
+            status,
+            {"type": "error", "error": {"type": error_type, "message": plan.scenario.message}},
+        )
+    payload = handler._openai_body(plan) if kind == "openai" else handler._anthropic_body(plan)
+    return True, 200, payload
+
+
+def handle_batch_api(handler: _Handler, method: str) -> bool:
+    """Serve a provider batch API route; False when the path is not one."""
+    path = handler.path.split("?")[0].rstrip("/")
+    parts = path.strip("/").split("/")
+    if path.startswith("/v1/messages/batches"):
+        kind = "anthropic"
+    elif path.startswith(("/v1/files", "/v1/batches")):
+        kind = "openai"
+    else:
+        return False
+    length = int(handler.headers.get("Content-Length") or 0)
+    raw = handler.rfile.read(length) if length else b""
+    if not handler._authorised(kind):
+        handler._send_error(kind, 401, Scenario(message="missing API key"))
+        return True
+    apis = handler.upstream.batches
+    creating = method == "POST" and parts[-1] == "batches"
+    if creating and apis.fail_creates:
+        status = apis.fail_creates.pop(0)
+        retry = Scenario(message=f"scripted batch create failure {status}", retry_after="0")
+        handler._send_error(kind, status, retry)
+        return True
+    try:
+        if kind == "anthropic":
+            _anthropic_batches(handler, apis, method, parts[3:], raw)
+        else:
+            _openai_batches(handler, apis, method, parts[1:], raw)
+    except _NotFound as exc:
+        handler._send_error(kind, 404, Scenario(message=str(exc)))
+    except _Invalid as exc:
+        handler._send_error(kind, 400, Scenario(message=str(exc)))
+    return True
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _Invalid(Exception):
+    pass
+
+
+# -- OpenAI Files + Batches -------------------------------------------------------------------
+
+
+def _openai_batches(
+    handler: _Handler, apis: BatchAPIs, method: str, parts: list[str], raw: bytes
+) -> None:
+    if parts == ["files"] and method == "POST":
+        form = _multipart(handler, raw)
+        purpose = form.get("purpose", (None, b""))[1].decode()
+        filename, data = form.get("file", (None, b""))
+        if purpose != "batch" or "file" not in form:
+            raise _Invalid("a batch input needs purpose=batch and a file")
+        handler._send_json(200, apis.add_file(filename or "upload.jsonl", purpose, data).obj())
+        return
+    if parts[0] == "files" and len(parts) >= 2 and method == "GET":
+        file = apis.files.get(parts[1])
+        if file is None:
+            raise _NotFound(f"No such File object: {parts[1]}")
+        if parts[2:] == ["content"]:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/octet-stream")
+            handler.send_header("Content-Length", str(len(file.data)))
+            handler.end_headers()
+            handler.wfile.write(file.data)
+        else:
+            handler._send_json(200, file.obj())
+        return
+    if parts == ["batches"] and method == "POST":
+        body = json.loads(raw or b"{}")
+        handler._send_json(200, _openai_object(apis, _openai_create(handler, apis, body)))
+        return
+    if parts[0] == "batches" and len(parts) >= 2:
+        batch = apis.items.get(parts[1])
+        if batch is None or batch.kind != "openai":
+            raise _NotFound(f"No such Batch object: {parts[1]}")
+        if parts[2:] == ["cancel"] and method == "POST":
+            with apis.lock:
+                if batch.cancel_at is None and not batch.ended(time.time()):
+                    batch.cancel_at = time.time()
+                apis.cancels[batch.id] += 1
+        handler._send_json(200, _openai_object(apis, batch))
+        return
+    raise _NotFound(f"no route {handler.path}")
+
+
+def _openai_create(handler: _Handler, apis: BatchAPIs, body: dict[str, Any]) -> FakeBatch:
+    file = apis.files.get(str(body.get("input_file_id")))
+    if file is None:
+        raise _Invalid(f"No such File object: {body.get('input_file_id')}")
+    if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+        raise _Invalid("endpoint must be /v1/chat/completions and completion_window 24h")
+    lines = [json.loads(line) for line in file.data.splitlines() if line.strip()]
+    if len(lines) > apis.max_requests["openai"]:
+        raise _Invalid(f"a batch may hold at most {apis.max_requests['openai']} requests")
+    errors: list[dict[str, Any]] = []
+    models = {str((line.get("body") or {}).get("model")) for line in lines}
+    if len(models) > 1:
+        errors.append(
+            {
+                "code": "model_mismatch",
+                "message": "every request of a batch must use one model",
+                "param": "body.model",
+                "line": None,
+            }
+        )
+    for number, line in enumerate(lines, 1):
+        if line.get("method") != "POST" or line.get("url") != body["endpoint"]:
+            errors.append(
+                {
+                    "code": "invalid_request",
+                    "message": "method must be POST and url the batch endpoint",
+                    "param": "url",
+                    "line": number,
+                }
+            )
+    fields = {
+        "input_file_id": file.id,
+        "endpoint": body["endpoint"],
+        "completion_window": body["completion_window"],
+        "metadata": body.get("metadata"),
+        "model": next(iter(models)) if len(models) == 1 else None,
+    }
+    if errors:
+        return apis.new_batch("openai", [], failed_errors=errors, **fields)
+    requests = [
+        (str(line["custom_id"]), *_answer(handler, "openai", line["body"])) for line in lines
+    ]
+    return apis.new_batch("openai", requests, **fields)
+
+
+def _openai_line(batch: FakeBatch, custom_id: str) -> tuple[bool, dict[str, Any]]:
+    """(goes to the output file, the line) for one request of an ended batch."""
+    ok, status, body = batch.answers[custom_id]
+    line: dict[str, Any] = {"id": "batch_req_" + uuid.uuid4().hex[:24], "custom_id": custom_id}
+    if not batch.finished(custom_id):
+        final = batch.final()
+        code, message = (
+            ("batch_cancelled", _OPENAI_CANCELLED)
+            if final == "cancelled"
+            else ("batch_expired", _OPENAI_EXPIRED)
+        )
+        return False, {**line, "response": None, "error": {"code": code, "message": message}}
+    response = {"status_code": status, "request_id": "req_" + uuid.uuid4().hex[:24], "body": body}
+    return ok, {**line, "response": response, "error": None}
+
+
+def _openai_files(apis: BatchAPIs, batch: FakeBatch) -> None:
+    """Write the output and error files of an ended batch, once."""
+    if batch.output_file_id or batch.error_file_id or batch.failed_errors is not None:
+        return
+    out: list[bytes] = []
+    err: list[bytes] = []
+    for custom_id in batch.order():
+        ok, line = _openai_line(batch, custom_id)
+        (out if ok else err).append(json.dumps(line).encode() + b"\n")
+    if out:
+        batch.output_file_id = apis.add_file(
+            f"{batch.id}_output.jsonl", "batch_output", b"".join(out)
+        ).id
+    if err:
+        batch.error_file_id = apis.add_file(
+            f"{batch.id}_error.jsonl", "batch_output", b"".join(err)
+        ).id
+
+
+def _openai_object(apis: BatchAPIs, batch: FakeBatch) -> dict[str, Any]:
+    now = time.time()
+    status = "in_progress"
+    stamps: dict[str, float | None] = dict.fromkeys(
+        (
+            "completed_at",
+            "failed_at",
+            "expired_at",
+            "cancelling_at",
+            "cancelled_at",
+            "finalizing_at",
+        ),
+        None,
+    )
+    counts = {"total": len(batch.custom_ids), "completed": 0, "failed": 0}
+    if batch.failed_errors is not None:
+        status, stamps["failed_at"] = "failed", batch.created
+    elif batch.ended(now):
+        with apis.lock:
+            _openai_files(apis, batch)
+        status = batch.final()
+        stamps[f"{status}_at"] = batch.ended_at()
+        stamps["finalizing_at"] = batch.ended_at()
+        if batch.cancel_at is not None:
+            stamps["cancelling_at"] = batch.cancel_at
+    elif batch.cancel_at is not None:
+        status, stamps["cancelling_at"] = "cancelling", batch.cancel_at
+    for custom_id in batch.custom_ids:
+        if batch.done_at[custom_id] <= min(now, batch.cutoff() or now):
+            counts["completed" if batch.answers[custom_id][0] else "failed"] += 1
+    if status in ("cancelled", "expired"):
+        counts["failed"] = counts["total"] - counts["completed"]
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "model": batch.model,
+        "errors": {"object": "list", "data": batch.failed_errors} if batch.failed_errors else None,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": int(batch.created),
+        "in_progress_at": int(batch.created),
+        "expires_at": int(batch.expires_at),
+        **{k: None if v is None else int(v) for k, v in stamps.items()},
+        "request_counts": counts,
+        "metadata": batch.metadata,
+    }
+
+
+# -- Anthropic Message Batches ----------------------------------------------------------------
+
+
+def _anthropic_batches(
+    handler: _Handler, apis: BatchAPIs, method: str, parts: list[str], raw: bytes
+) -> None:
+    if not parts and method == "POST":
+        body = json.loads(raw or b"{}")
+        requests = body.get("requests")
+        if not isinstance(requests, list) or not requests:
+            raise _Invalid("requests: a non-empty list is required")
+        if len(requests) > apis.max_requests["anthropic"]:
+            raise _Invalid(f"requests: at most {apis.max_requests['anthropic']} requests per batch")
+        seen: set[str] = set()
+        for i, item in enumerate(requests):
+            custom_id = str(item.get("custom_id"))
+            if not _ANTHROPIC_CUSTOM_ID.match(custom_id) or custom_id in seen:
+                raise _Invalid(
+                    f"requests.{i}.custom_id: must match ^[a-zA-Z0-9_-]{{1,64}}$ and be unique"
+                )
+            seen.add(custom_id)
+            if not isinstance(item.get("params"), dict):
+                raise _Invalid(f"requests.{i}.params: Field required")
+        answered = [
+            (str(r["custom_id"]), *_answer(handler, "anthropic", r["params"])) for r in requests
+        ]
+        handler._send_json(200, _anthropic_object(handler, apis.new_batch("anthropic", answered)))
+        return
+    batch = apis.items.get(parts[0]) if parts else None
+    if batch is None or batch.kind != "anthropic":
+        raise _NotFound(f"message batch {parts[0] if parts else ''!r} not found")
+    if parts[1:] == ["cancel"] and method == "POST":
+        with apis.lock:
+            if batch.cancel_at is None and not batch.ended(time.time()):
+                batch.cancel_at = time.time()
+            apis.cancels[batch.id] += 1
+    elif parts[1:] == ["results"] and method == "GET":
+        if not batch.ended(time.time()):
+            raise _Invalid(f"Message Batch {batch.id} has not ended processing")
+        with apis.lock:
+            apis.result_reads[batch.id] += 1
+        data = b"".join(
+            json.dumps(_anthropic_result(batch, c)).encode() + b"\n" for c in batch.order()
+        )
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/binary")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+        return
+    handler._send_json(200, _anthropic_object(handler, batch))
+
+
+def _anthropic_result(batch: FakeBatch, custom_id: str) -> dict[str, Any]:
+    ok, _status, body = batch.answers[custom_id]
+    if not batch.finished(custom_id):
+        result: dict[str, Any] = {"type": "canceled" if batch.final() == "cancelled" else "expired"}
+    elif ok:
+        result = {"type": "succeeded", "message": body}
+    else:
+        result = {
+            "type": "errored",
+            "error": {**body, "request_id": "req_" + uuid.uuid4().hex[:24]},
+        }
+    return {"custom_id": custom_id, "result": result}
+
+
+def _anthropic_object(handler: _Handler, batch: FakeBatch) -> dict[str, Any]:
+    now = time.time()
+    ended = batch.ended(now)
+    counts = dict.fromkeys(("processing", "succeeded", "errored", "canceled", "expired"), 0)
+    if not ended:
+        counts["processing"] = len(batch.custom_ids)
+    else:
+        for custom_id in batch.custom_ids:
+            kind = _anthropic_result(batch, custom_id)["result"]["type"]
+            counts[kind] += 1
+    status = "ended" if ended else ("canceling" if batch.cancel_at is not None else "in_progress")
+    results_url = (
+        f"{handler.upstream.url}/v1/messages/batches/{batch.id}/results" if ended else None
+    )
+    return {
+        "id": batch.id,
+        "type": "message_batch",
+        "processing_status": status,
+        "request_counts": counts,
+        "ended_at": _rfc3339(batch.ended_at()) if ended else None,
+        "created_at": _rfc3339(batch.created),
+        "expires_at": _rfc3339(batch.expires_at),
+        "archived_at": None,
+        "cancel_initiated_at": _rfc3339(batch.cancel_at),
+        "results_url": results_url,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

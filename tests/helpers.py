@@ -12,6 +12,8 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from flask import Flask
+from flask.testing import FlaskClient
 
 from app.auth import lookup_key
 from app.extensions import db
@@ -212,3 +214,10 @@ def tuned_batch_worker(stack: Stack, settings: dict[str, str], name: str) -> Ite
         own.stop()
         stack.start_worker("batch")
         stack.wait_ready()
+
+
+def app_client(app: Flask, key: str) -> FlaskClient:
+    """An in-process client (no workers needed) authenticated with this key."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client

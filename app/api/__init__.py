@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g
 
+from app import rate_limits
 from app.api import admin, batches, chat, document_batches, files, jobs, keys, models, submit
 from app.auth import authenticate
 from app.services import front_door
@@ -11,6 +12,7 @@ from app.services import front_door
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 bp.before_request(authenticate)
 bp.before_request(front_door.bound_request)
+bp.after_request(rate_limits.add_headers)
 
 
 @bp.after_request

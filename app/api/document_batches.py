@@ -10,8 +10,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import extraction, sse
+from app import extraction, rate_limits, sse
 from app.errors import APIError
 from app.extensions import current_flask_app, db
 from app.models import Batch, Job, epoch, utcnow
@@ -19,6 +20,7 @@ from app.models.batch import TERMINAL
 from app.models.job import STATUSES
 from app.pagination import fetch_page, list_object, page_params
 from app.services import batch_lifecycle, batches, documents, front_door
+from app.services.costs import batch_cost_usd
 from app.streams.hub import current_hub
 from app.validation import check_model_name
 
@@ -62,7 +64,12 @@ def batch_json(batch: Batch, counts: dict[str, int] | None = None) -> dict[str, 
             "total_tokens": batch.prompt_tokens + batch.completion_tokens,
         },
         "errors": batch.errors,
-        "route": {"rule": batch.route_rule, "reason": batch.route_reason},
+        "route": {
+            "rule": batch.route_rule,
+            "reason": batch.route_reason,
+            "executor": batch.executor or "workers",  # #13
+        },
+        "cost_usd": batch_cost_usd(batch.id),  # #13: the sum of its items' costs
         "created_at": epoch(batch.created_at),
         "in_progress_at": epoch(batch.in_progress_at),
         "finalizing_at": epoch(batch.finalizing_at),
@@ -110,8 +117,20 @@ def _read_submission(max_bytes: int) -> tuple[documents.Options, Iterator[batche
         return options, documents.from_jsonl(request.stream, _intake(options), max_bytes)
     if mimetype == "multipart/form-data":
         request.max_form_parts = current_app.config["BATCH_MAX_DOCUMENTS"] + 100
-        options = documents.parse_options(request.form)
-        files = [(f.filename or name, f.stream) for name, f in request.files.items(multi=True)]
+        try:
+            form, uploaded = request.form, request.files
+        except RequestEntityTooLarge:  # past the byte limit (a chunked body) or the parts
+            if request.content_length is None or request.content_length > max_bytes:
+                raise documents.request_too_large(max_bytes) from None
+            raise APIError(
+                413,
+                f"too many form parts: at most {request.max_form_parts}"
+                " (SLUICE_BATCH_MAX_DOCUMENTS + 100)",
+                param="files",
+                code="too_many_documents",
+            ) from None
+        options = documents.parse_options(form)
+        files = [(f.filename or name, f.stream) for name, f in uploaded.items(multi=True)]
         return options, documents.from_files(files, _intake(options))
     raise APIError(
         415,
@@ -321,4 +340,4 @@ def events(batch_id: str) -> ResponseReturnValue:
         finally:
             hub.unfeed(feed)
 
-    return sse.response(generate())
+    return rate_limits.event_stream(lambda: sse.response(generate()))

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, g, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import CursorResult, select, update
 
+from app import rate_limits
 from app.api.chat import make_tail, on_disconnect, sse_response
 from app.errors import APIError
 from app.extensions import db
@@ -124,7 +125,9 @@ def job_events(job_id: str) -> ResponseReturnValue:
     renderer.resumed = last is not None
     tail = make_tail(job.id, after=last or "0-0", running=job.status != "queued")
     db.session.remove()
-    return sse_response(tail, renderer, headers, on_disconnect(job.on_disconnect, tail))
+    return rate_limits.event_stream(
+        lambda: sse_response(tail, renderer, headers, on_disconnect(job.on_disconnect, tail))
+    )
 
 
 @bp.post("/jobs/<job_id>/cancel")

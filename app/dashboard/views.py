@@ -21,7 +21,8 @@ from flask.typing import ResponseReturnValue
 from flask_sse import Message
 
 from app import sse, telemetry
-from app.dashboard import access, queries
+from app.dashboard import access, charts, queries
+from app.errors import APIError, error_response
 from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
@@ -42,6 +43,7 @@ API_ENDPOINTS = {
     "dashboard.api_summary",
     "dashboard.api_jobs",
     "dashboard.api_batches",
+    "dashboard.api_charts",
     "dashboard.stream",
 }
 FEED_MAX_SECONDS = 300.0  # the browser's EventSource reconnects by itself
@@ -61,10 +63,8 @@ def _require_admin() -> ResponseReturnValue | None:
         return _login_page(KEY_IN_URL, target, 400)
     if access.current_admin() is not None:
         return None
-    if request.endpoint in API_ENDPOINTS:
-        return jsonify(
-            error={"message": "Dashboard needs an admin key.", "code": "unauthorized"}
-        ), 401
+    if request.endpoint in API_ENDPOINTS or request.path.startswith("/dashboard/api/"):
+        return error_response(APIError(401, "Dashboard needs an admin key.", code="unauthorized"))
     return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
 
 
@@ -104,9 +104,7 @@ def login_link() -> ResponseReturnValue:
     """A sign-in link for a browser, good once for LINK_SECONDS (`Authorization: Bearer`)."""
     token = access.create_login_link(request.headers.get("Authorization", ""))
     if token is None:
-        return jsonify(
-            error={"message": "An admin API key is required.", "code": "unauthorized"}
-        ), 401
+        return error_response(APIError(401, "An admin API key is required.", code="unauthorized"))
     next_url = _safe_next(request.args.get("next"))
     url = url_for("dashboard.login", token=token, next=next_url)
     return jsonify(url=url, expires_in=access.LINK_SECONDS)
@@ -129,6 +127,7 @@ def index() -> ResponseReturnValue:
         "dashboard.html",
         initial=initial,
         refresh_ms=int(current_app.config.get("DASHBOARD_REFRESH_SECONDS", 5) * 1000),
+        chart_windows=list(charts.WINDOWS),
     )
 
 
@@ -183,6 +182,12 @@ def api_jobs() -> ResponseReturnValue:
 @bp.get("/api/batches")
 def api_batches() -> ResponseReturnValue:
     return jsonify(data=queries.recent_batches(_limit(20)))
+
+
+@bp.get("/api/charts")
+def api_charts() -> ResponseReturnValue:
+    """Every chart's series over ?window=15m|1h|24h, from the per-minute rollup."""
+    return jsonify(charts.series(request.args.get("window") or charts.DEFAULT_WINDOW))
 
 
 @bp.get("/stream")

@@ -131,7 +131,12 @@
       var tr = el("tr", "job-row mode-" + j.mode + (state.flash[j.id] ? " flash" : ""));
       tr.dataset.jobId = j.id;
       tr.dataset.mode = j.mode;
-      tr.appendChild(td(shortId(j.id), "mono", j.id));
+      var idCell = el("td", "mono");
+      var link = el("a", "job-link", shortId(j.id));
+      link.href = cfg.urls.jobPage + encodeURIComponent(j.id);
+      link.title = j.id;
+      idCell.appendChild(link);
+      tr.appendChild(idCell);
       tr.appendChild(td(j.tenant, null, j.tenant_id));
       var mode = el("td");
       mode.appendChild(modeBadge(j.mode));
@@ -218,6 +223,7 @@
       lastRun = Date.now();
       refreshLists();
       refreshSummary();
+      document.dispatchEvent(new CustomEvent("sluice:changed"));
     }, wait);
   }
 
@@ -238,9 +244,9 @@
     });
   }
 
-  document.querySelectorAll(".filters button").forEach(function (button) {
+  document.querySelectorAll("#mode-filter button").forEach(function (button) {
     button.addEventListener("click", function () {
-      document.querySelectorAll(".filters button").forEach(function (b) { b.classList.remove("active"); });
+      document.querySelectorAll("#mode-filter button").forEach(function (b) { b.classList.remove("active"); });
       button.classList.add("active");
       state.mode = button.dataset.mode;
       refreshLists();

@@ -1,0 +1,428 @@
+"""The request and response bodies of the API, as pydantic models (their JSON Schema is the
+contract at /openapi.json).
+
+The bounds come from the constants the validators enforce (app.validation, the models'
+status tables, the services' limits), so a changed limit changes the description with it;
+tests/test_openapi.py checks that each validator's field table and each serializer's keys
+are described here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.keys import NAME_MAX
+from app.models import batch as batch_model
+from app.models import job as job_model
+from app.policy import REQUESTED_MODES
+from app.services.jobs import MAX_PRIORITY
+from app.validation import (
+    MAX_JSON_INT,
+    MAX_MODEL_CHARS,
+    METADATA_MAX_KEY_CHARS,
+    METADATA_MAX_KEYS,
+    METADATA_MAX_VALUE_CHARS,
+)
+
+T = TypeVar("T")
+
+CHAT_EXAMPLE: dict[str, Any] = {
+    "model": "mock/echo",
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 5,
+}
+JOB_EXAMPLE: dict[str, Any] = {"model": "mock/echo", "document": "A document.", "mode": "batch"}
+DOCUMENTS_EXAMPLE: dict[str, Any] = {
+    "model": "mock/echo",
+    "instructions": "Summarize.",
+    "documents": [{"id": "a", "text": "Some text."}],
+}
+
+Model = Field(max_length=MAX_MODEL_CHARS, description="`provider/model`, e.g. `mock/echo`")
+
+
+def optional(**constraints: Any) -> Any:
+    """An optional field: absent means unset (the validators treat a key that is not sent as
+    the provider's default)."""
+    return Field(default=None, **constraints)
+
+
+def _enum(values: tuple[str, ...]) -> dict[str, Any]:
+    return {"enum": list(values)}
+
+
+class _Open(BaseModel):
+    """A body that may carry more keys than those named (every key is carried or refused)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+Metadata = dict[str, str]
+METADATA_SCHEMA: dict[str, Any] = {
+    "maxProperties": METADATA_MAX_KEYS,
+    "propertyNames": {"maxLength": METADATA_MAX_KEY_CHARS},
+    "additionalProperties": {"type": "string", "maxLength": METADATA_MAX_VALUE_CHARS},
+}
+
+
+# -- errors and lists ------------------------------------------------------------------------
+
+
+class ErrorDetail(_Open):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class Error(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail
+
+
+class Listing(BaseModel, Generic[T]):
+    """A whole list, unpaged (models, keys)."""
+
+    object: Literal["list"]
+    data: list[T]
+
+
+class ListOf(BaseModel, Generic[T]):
+    """OpenAI's cursor page."""
+
+    object: Literal["list"]
+    data: list[T]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+class Message(_Open):
+    role: str = Field(json_schema_extra=_enum(("system", "developer", "user", "assistant", "tool")))
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Open):
+    """OpenAI's Chat Completions body; parameters Sluice does not know ride along to the
+    provider (OpenAI-compatible ones) or are refused with a 400 naming them."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [CHAT_EXAMPLE]})
+
+    model: str = Model
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = optional()
+    stream_options: dict[str, Any] = optional()
+    max_tokens: int = optional(ge=1, le=MAX_JSON_INT)
+    max_completion_tokens: int = optional(ge=1, le=MAX_JSON_INT)
+    temperature: float = optional(ge=0, le=2)
+    top_p: float = optional(ge=0, le=1)
+    stop: str | list[str] = optional()
+    user: str = optional()
+    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
+    n: int = optional(ge=1, le=128)
+    tools: list[dict[str, Any]] = optional()
+    tool_choice: str | dict[str, Any] = optional()
+    parallel_tool_calls: bool = optional()
+    response_format: dict[str, Any] = optional()
+    seed: int = optional(ge=-(2**63), le=MAX_JSON_INT)
+    presence_penalty: float = optional(ge=-2, le=2)
+    frequency_penalty: float = optional(ge=-2, le=2)
+    logit_bias: dict[str, float] = optional()
+    logprobs: bool = optional()
+    top_logprobs: int = optional(ge=0, le=20)
+    reasoning_effort: str = optional()
+    service_tier: str = optional()
+    store: bool = optional()
+    modalities: list[str] = optional()
+    audio: dict[str, Any] = optional()
+    prediction: dict[str, Any] = optional()
+    web_search_options: dict[str, Any] = optional()
+    verbosity: str = optional()
+    prompt_cache_key: str = optional()
+    safety_identifier: str = optional()
+    functions: list[dict[str, Any]] = optional()
+    function_call: str | dict[str, Any] = optional()
+
+
+class Usage(_Open):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+class JobRequest(_Open):
+    """`messages` or `document` (with optional `instructions`), plus any chat option."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    model: str = Model
+    messages: list[Message] = optional(min_length=1)
+    document: str = optional(min_length=1)
+    instructions: str = optional()
+    mode: str = optional(json_schema_extra=_enum(REQUESTED_MODES))
+    priority: int = optional(ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
+
+
+class JobRoute(_Open):
+    mode: str
+    rule: str | None
+    reason: str | None
+    on_disconnect: str | None
+    executor: str | None = Field(  # #13
+        None,
+        description="background jobs: who ran it",
+        json_schema_extra=_enum(("workers", "provider")),
+    )
+
+
+class JobTimings(_Open):
+    queued_ms: float | None
+    ttft_ms: float | None
+    duration_ms: float | None
+
+
+class Job(_Open):
+    id: str
+    object: Literal["job"]
+    mode: str = Field(json_schema_extra=_enum(job_model.MODES))
+    status: str = Field(json_schema_extra=_enum(job_model.STATUSES))
+    endpoint: str | None
+    model: str
+    provider: str | None
+    route: JobRoute
+    batch_id: str | None
+    item_id: str | None
+    created_at: int | None
+    started_at: int | None
+    first_token_at: int | None
+    finished_at: int | None
+    timings: JobTimings
+    attempts: int
+    worker: str | None
+    output: str | None
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    cost_usd: float | None = Field(description="USD, from usage, model price and executor")  # #13
+    error: dict[str, Any] | None
+    metadata: dict[str, Any] | None
+
+
+# -- document batches ------------------------------------------------------------------------
+
+
+class Document(_Open):
+    id: str
+    text: str
+
+
+class DocumentBatchRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [DOCUMENTS_EXAMPLE]})
+
+    model: str = Model
+    instructions: str = Field(min_length=1, description="the system prompt for every document")
+    prompt_template: str = optional(description="must contain `{document}`")
+    max_tokens: int = optional(ge=1, le=MAX_JSON_INT)
+    temperature: float = optional(ge=0, le=2)
+    response_format: dict[str, Any] = optional()
+    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
+    completion_window: str = optional(max_length=10, examples=["24h"])
+    documents: list[Document]
+
+
+class DocumentBatchUpload(BaseModel):
+    """multipart/form-data: the batch fields as form fields, each document a file part."""
+
+    model: str = Model
+    instructions: str = Field(min_length=1)
+    prompt_template: str = optional()
+    max_tokens: str = optional()
+    temperature: str = optional()
+    response_format: str = optional(description="JSON text")
+    metadata: str = optional(description="JSON text")
+    completion_window: str = optional()
+    files: list[bytes] = optional(
+        description="one file part per document (any part name; .txt .md .html .pdf .docx .jsonl)",
+        json_schema_extra={"items": {"type": "string", "format": "binary"}},
+    )
+
+
+class Counts(_Open):
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    expired: int
+
+
+class RequestCounts(_Open):
+    total: int
+    completed: int
+    failed: int
+
+
+class DocumentBatch(_Open):
+    id: str
+    object: Literal["document_batch"]
+    status: str = Field(json_schema_extra=_enum(batch_model.STATUSES))
+    model: str
+    instructions: str | None
+    prompt_template: str | None
+    params: dict[str, Any]
+    metadata: dict[str, Any] | None
+    completion_window: str
+    counts: Counts
+    request_counts: RequestCounts
+    usage: Usage
+    errors: Any
+    route: dict[str, Any]
+    cost_usd: float = Field(description="USD: the sum of its items' costs")  # #13
+    created_at: int | None
+    in_progress_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expires_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    results_url: str
+
+
+# -- OpenAI files and batches ----------------------------------------------------------------
+
+
+class FileUpload(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"purpose": "batch", "file": '{"custom_id": "a"}\n'}]}
+    )
+
+    file: bytes = Field(json_schema_extra={"format": "binary", "type": "string"})
+    purpose: str = Field(examples=["batch"])
+
+
+class FileObject(_Open):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int | None
+    expires_at: int | None
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None
+
+
+class FileDeleted(_Open):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchRequest(BaseModel):
+    input_file_id: str
+    endpoint: Literal["/v1/chat/completions"]
+    completion_window: Literal["24h"]
+    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
+
+
+class BatchObject(_Open):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    model: str | None = None
+    errors: dict[str, Any] | None
+    input_file_id: str | None
+    completion_window: str
+    status: str
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int | None
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, Any] | None
+    usage: dict[str, Any] | None = None
+
+
+# -- keys, models, probes --------------------------------------------------------------------
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tenant": "made-by-example"}]})
+
+    tenant: str = Field(min_length=1, max_length=NAME_MAX)
+    admin: bool = optional()
+    name: str = optional(max_length=NAME_MAX)
+
+
+class ApiKey(_Open):
+    id: str
+    object: Literal["api_key"]
+    tenant: str
+    prefix: str
+    name: str | None
+    admin: bool
+    created_at: int | None
+    revoked_at: int | None
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="the only copy of the secret")
+
+
+class KeyRevoked(_Open):
+    id: str
+    object: Literal["api_key"]
+    revoked: bool
+
+
+class ModelObject(_Open):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class Status(_Open):
+    status: str
+
+
+class AnyObject(_Open):
+    """A JSON object whose keys are documented in the README (operators' views)."""
+
+
+class LoginLink(_Open):
+    url: str
+    expires_in: int
+
+
+class DashboardLogin(BaseModel):
+    key: str
+    next: str = optional()
