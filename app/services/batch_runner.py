@@ -220,7 +220,7 @@ def write_results(
                     if conn.execute(_WRITE, one).rowcount:
                         written.append(o)
                 _add_tokens(conn, batch_id, written)
-    telemetry.batch_results_written([_ended(o, now, claimed) for o in written])
+    telemetry.batch_rows_written([_ended(o, now, claimed) for o in written])
     return len(written)
 
 
