@@ -111,7 +111,9 @@ def test_every_operation_answers_in_its_schema_and_never_5xx(fuzz_schema: Any) -
 
 @pytest.mark.timeout(90)
 def test_stateful_links_answer_in_their_schema_and_never_5xx(fuzz_schema: Any) -> None:
-    machine = fuzz_schema.as_state_machine()
+    # the dashboard's operations need a browser session: they never answer a bearer key's
+    # call with an object to follow, so they stay out of the scenarios
+    machine = fuzz_schema.exclude(tag="dashboard").as_state_machine()
     steps: list[str] = []
     failures: list[str] = []
 
