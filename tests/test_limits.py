@@ -442,3 +442,25 @@ def test_extracted_text_and_large_files_through_the_pipe() -> None:
         padded = pdf_pages(1) + b"\n%" + b" " * 3_000_000
         assert len(padded) > 3_000_000
         assert reader.extract(".pdf", padded) == ""  # 3 MB written whole; a blank page
+
+
+@pytest.mark.unit
+def test_extraction_slots_are_shared_and_bounded() -> None:
+    import threading
+
+    from app import extraction
+
+    slots = threading.BoundedSemaphore(1)
+    limits = extraction.Limits(10, 10**8, 10**6, 2 * 1024**3, 60)
+    with extraction.Extractor(limits, slots) as reader:
+        assert reader.extract(".docx", docx_bytes("mine")) == "mine"
+        assert slots.acquire(blocking=False)  # given back after the file
+        try:
+            waiting = threading.Thread(target=reader.extract, args=(".docx", docx_bytes()))
+            waiting.start()
+            waiting.join(0.5)
+            assert waiting.is_alive()  # no slot: it waits its turn
+        finally:
+            slots.release()
+        waiting.join(30)
+        assert not waiting.is_alive()
