@@ -58,8 +58,9 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "BATCH_MAX_FILE_BYTES": (int, 50_000_000),  # one uploaded .pdf/.docx, as sent
     "BATCH_MAX_UNCOMPRESSED_BYTES": (int, 200_000_000),  # a .docx's entries, unpacked
     "BATCH_MAX_PDF_PAGES": (int, 2000),
-    "EXTRACT_TIMEOUT_SECONDS": (float, 60.0),  # reading one .pdf/.docx (a subprocess)
+    "EXTRACT_TIMEOUT_SECONDS": (float, 30.0),  # reading one .pdf/.docx (a subprocess)
     "EXTRACT_MEMORY_BYTES": (int, 2 * 1024**3),  # that subprocess's address space
+    "EXTRACT_MAX_PROCESSES": (int, 2),  # files read at once per web process (more wait)
     # Rate limits per fixed minute (0: none), overridable per tenant in [rate_limits.tenants]
     "KEY_REQUESTS_PER_MINUTE": (int, 0),
     "KEY_TOKENS_PER_MINUTE": (int, 0),

@@ -102,6 +102,7 @@ def _intake(options: documents.Options) -> documents.Intake:
         max_expanded_bytes=config["BATCH_MAX_EXPANDED_BYTES"],
         max_file_bytes=config["BATCH_MAX_FILE_BYTES"],
         extraction=extraction.limits_from(config),
+        extraction_slots=extraction.slots(current_flask_app()),
     )
 
 
