@@ -12,15 +12,15 @@
     duration: { unit: "s", series: [
       ["stream p50", "dur_p50_stream", STREAM], ["stream p95", "dur_p95_stream", STREAM, [6, 4]],
       ["batch p50", "dur_p50_batch", BATCH], ["batch p95", "dur_p95_batch", BATCH, [6, 4]]] },
-    jobs: { unit: "/min", series: [
+    jobs: { unit: "", series: [
       ["stream", "jobs_per_min_stream", STREAM], ["batch", "jobs_per_min_batch", BATCH]] },
-    tokens: { unit: "/s", series: [
+    tokens: { unit: "", series: [
       ["stream", "tokens_per_s_stream", STREAM], ["batch", "tokens_per_s_batch", BATCH]] },
     errors: { unit: "%", scale: 100, max: 100, series: [
       ["stream", "error_rate_stream", STREAM], ["batch", "error_rate_batch", BATCH]] },
     queues: { unit: "", series: [
       ["interactive", "queue_interactive", BLUE], ["batch", "queue_batch", BATCH]] },
-    items: { unit: "/s", series: [["items", "batch_items_per_s", RED]] }
+    items: { unit: "", series: [["items", "batch_items_per_s", RED]] }
   };
   var plots = {};
   var windowName = "1h";
@@ -47,7 +47,7 @@
       } } },
       axes: [
         { stroke: "#6b7385", grid: { stroke: "#eef0f5" }, size: 30 },
-        { stroke: "#6b7385", grid: { stroke: "#eef0f5" }, size: 50,
+        { stroke: "#6b7385", grid: { stroke: "#eef0f5" }, size: 58,
           values: function (u, vals) { return vals.map(function (v) { return +v.toFixed(3) + spec.unit; }); } }
       ],
       series: [{}].concat(spec.series.map(function (s) {
