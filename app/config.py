@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from app import pricing
+
 
 class ConfigError(RuntimeError):
     """A setting is invalid; the message names it."""
@@ -63,7 +65,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "KEY_TOKENS_PER_MINUTE": (int, 0),
     "TENANT_REQUESTS_PER_MINUTE": (int, 0),
     "TENANT_TOKENS_PER_MINUTE": (int, 0),
-    "TENANT_MAX_EVENT_STREAMS": (int, 1000),  # open SSE resumes and batch event streams
+    "TENANT_MAX_EVENT_STREAMS": (int, 0),  # open SSE resumes and batch event streams
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
     "BROKER_MAX_CONNECTIONS": (int, 1000),
@@ -73,12 +75,18 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "REDIS_CONNECT_TIMEOUT": (float, 5.0),
     "OUTAGE_RETRY_AFTER_SECONDS": (int, 5),  # Retry-After of a 503 while Redis or the DB is down
     "STREAM_MAX_CONCURRENT": (int, 256),
-    "STREAM_MAX_PER_TENANT": (int, 32),
+    "STREAM_MAX_PER_TENANT": (int, 0),  # 0: no separate cap (the global limit only)
     "STREAM_SLOT_QUEUED_SECONDS": (float, 120.0),
     "POLICY_MAX_INTERACTIVE_TOKENS": (int, 32_000),
     "POLICY_RELOAD_SECONDS": (float, 1.0),
     "SECRET_KEY": (str, ""),  # signs dashboard sessions; empty: SLUICE_HOME/secret-key
     "DASHBOARD_REFRESH_SECONDS": (float, 5.0),
+    # executors and cost (#13): provider batch polling, backoff doubling up to the max
+    "PROVIDER_BATCH_POLL_SECONDS": (float, 30.0),
+    "PROVIDER_BATCH_POLL_MAX_SECONDS": (float, 600.0),
+    "PROVIDER_BATCH_RESUBMIT_SECONDS": (float, 60.0),  # a submit that died is retried after
+    "PROVIDER_BATCH_EXPIRY_GRACE_SECONDS": (float, 3600.0),  # past the window, expire locally
+    "MOCK_BATCH_SECONDS": (float, 2.0),  # the mock provider's batch API takes this long
     # Tests only: "exit_before_terminal" / "exit_after_terminal" kill a stream worker on
     # either side of a job's terminal writes (app/services/stream_runner.py).
     "TEST_STREAM_FAULT": (str, ""),
@@ -199,6 +207,8 @@ def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         "PROVIDERS": document.get("providers", {}),
         "POLICY": document.get("policy"),
         "CELERY": document.get("celery", {}),  # any Celery setting, by its lower-case name
+        "PRICES": document.get("prices", {}),  # model -> USD per million tokens (app.pricing)
+        "BUDGETS": document.get("budgets", {}),  # tenant -> USD per UTC day (app.pricing)
         "BODY_LIMITS": _body_limits(document.get("limits", {})),
         "RATE_LIMITS": _rate_limits(document.get("rate_limits", {})),
         "FILES_DIR": env.get("SLUICE_FILES_DIR") or str(home / "files"),
@@ -208,6 +218,10 @@ def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         raise ConfigError("[providers] in sluice.toml must be a table of tables")
     if not isinstance(config["CELERY"], dict):
         raise ConfigError("[celery] in sluice.toml must be a table of Celery settings")
+    try:
+        pricing.check_config(config)
+    except pricing.ConfigError as exc:
+        raise ConfigError(str(exc)) from None
     table = document.get("sluice", {})
     for name, (kind, default) in TUNABLES.items():
         env_name = f"SLUICE_{name}"

@@ -35,6 +35,7 @@ from app.dashboard import queries
 from app.extensions import redis_store
 from app.models import utcnow
 from app.models.job import ACTIVE
+from app.services.costs import CostCollector
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
@@ -195,6 +196,7 @@ def counter_families(totals: dict[str, float]) -> Iterator[Metric]:
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 REGISTRY.register(SystemCollector())
+REGISTRY.register(CostCollector())  # #13: sluice_cost_usd_total (app/services/costs.py)
 ProcessCollector(registry=REGISTRY)
 HTTP_REQUESTS = Counter(
     "sluice_http_requests",

@@ -32,6 +32,7 @@ ROUTES = ("stream", "batch", "reject")
 REQUESTED_MODES = ("auto", "stream", "batch")
 ON_DISCONNECT = ("detach", "cancel")
 OVERFLOWS = ("reject", "queue", "batch")
+EXECUTORS = ("workers", "provider", "auto")  # who runs a batch route (#13)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class RouteRequest:
     input_tokens: int = 0  # estimated
     priority: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    budget_left: float | None = None  # USD left of the tenant's daily budget (None: no budget)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Route:
     queue_timeout: float = 0.0
     prefer_async: bool = False  # the client sent `Prefer: respond-async`
     tenant_max_streams: int | None = None  # this tenant's stream limit, if the policy sets one
+    # who runs a batch route: the rule's "workers" | "provider" | "auto", or None (the
+    # provider's default); app.services.provider_batches resolves it to workers or provider
+    executor: str | None = None
 
     @property
     def header(self) -> str:
@@ -104,6 +109,7 @@ class Conditions:
     priority_below: int | None = None
     metadata_keys: tuple[str, ...] | None = None
     metadata: dict[str, Any] | None = None
+    budget_left_below: float | None = None  # USD left of the tenant's daily budget
 
     def check(self, req: RouteRequest) -> list[tuple[bool, str]]:
         """(holds, description) for each condition that is set, in declaration order."""
@@ -198,6 +204,15 @@ class Conditions:
             pairs = ", ".join(f"{k}={v}" for k, v in self.metadata.items())
             desc = f"metadata {pairs}" if not wrong else f"metadata does not have {pairs}"
             out.append((not wrong, desc))
+        if self.budget_left_below is not None:
+            left = req.budget_left
+            ok = left is not None and left < self.budget_left_below
+            desc = (
+                f"tenant {req.tenant_name} has no budget"
+                if left is None
+                else f"budget left ${left:.2f} {'<' if ok else '>='} ${self.budget_left_below:g}"
+            )
+            out.append((ok, desc))
         return out
 
 
@@ -217,6 +232,7 @@ class Rule:
     on_disconnect: str = "detach"
     overflow: str = "reject"
     queue_timeout: float = 0.0
+    executor: str | None = None  # batch routes: "workers" | "provider" | "auto"
 
 
 @dataclass(frozen=True)
@@ -291,6 +307,7 @@ def _route_for(
         queue_timeout=queue_timeout,
         prefer_async=req.prefer_async,
         tenant_max_streams=tenant_limit,
+        executor=rule.executor,
     )
 
 
@@ -320,7 +337,7 @@ def evaluate(policy: Policy, req: RouteRequest) -> Route:
 
 _RULE_KEYS = {
     "name", "when", "route", "status", "message", "reason", "on_disconnect", "overflow",
-    "queue_timeout",
+    "queue_timeout", "executor",
 }  # fmt: skip
 _POLICY_KEYS = {"rules", "limits"}
 _LIMIT_KEYS = {"max_streams", "max_streams_per_tenant", "tenants"}
@@ -405,6 +422,11 @@ def _conditions(where: str, table: Any) -> Conditions:
         raw = table["priority"]
         items = raw if isinstance(raw, list) else [raw]
         got["priority"] = tuple(_int(at["priority"], v, minimum=None) for v in items)
+    if "budget_left_below" in table:
+        value = table["budget_left_below"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{at['budget_left_below']} must be a number of USD, got {value!r}")
+        got["budget_left_below"] = float(value)
     if "metadata" in table:
         if not isinstance(table["metadata"], dict):
             raise ConfigError(f"{at['metadata']} must be a table of key = value")
@@ -458,6 +480,10 @@ def _rule(index: int, raw: Any, seen: set[str]) -> Rule:
         kwargs["queue_timeout"] = float(value)
     if kwargs.get("overflow") == "queue" and not kwargs.get("queue_timeout"):
         raise ConfigError(f'{where}: queue_timeout is required (> 0) when overflow = "queue"')
+    if "executor" in raw:
+        kwargs["executor"] = _choice(f"{where}: executor", raw["executor"], EXECUTORS)
+        if kwargs["route"] != "batch":
+            raise ConfigError(f'{where}: executor only applies to route = "batch"')
     if kwargs["route"] != "reject":
         for key in ("status", "message"):
             if key in raw:

@@ -847,6 +847,7 @@ class BatchAPIs:
         self.expire_after_s: float | None = None  # end the batch this early, expiring the rest
         self.cancel_s = 0.1  # cancelling -> ended
         self.max_requests = {"openai": 50_000, "anthropic": 100_000}
+        self.fail_creates: list[int] = []  # statuses the next batch creates answer with
         self.files: dict[str, FakeFile] = {}
         self.items: dict[str, FakeBatch] = {}
         self.creates: Counter[str] = Counter()  # kind -> batches created
@@ -964,6 +965,12 @@ def handle_batch_api(handler: _Handler, method: str) -> bool:
         handler._send_error(kind, 401, Scenario(message="missing API key"))
         return True
     apis = handler.upstream.batches
+    creating = method == "POST" and parts[-1] == "batches"
+    if creating and apis.fail_creates:
+        status = apis.fail_creates.pop(0)
+        retry = Scenario(message=f"scripted batch create failure {status}", retry_after="0")
+        handler._send_error(kind, status, retry)
+        return True
     try:
         if kind == "anthropic":
             _anthropic_batches(handler, apis, method, parts[3:], raw)

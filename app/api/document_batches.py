@@ -20,6 +20,7 @@ from app.models.batch import TERMINAL
 from app.models.job import STATUSES
 from app.pagination import fetch_page, list_object, page_params
 from app.services import batch_lifecycle, batches, documents, front_door
+from app.services.costs import batch_cost_usd
 from app.streams.hub import current_hub
 from app.validation import check_model_name
 
@@ -63,7 +64,12 @@ def batch_json(batch: Batch, counts: dict[str, int] | None = None) -> dict[str, 
             "total_tokens": batch.prompt_tokens + batch.completion_tokens,
         },
         "errors": batch.errors,
-        "route": {"rule": batch.route_rule, "reason": batch.route_reason},
+        "route": {
+            "rule": batch.route_rule,
+            "reason": batch.route_reason,
+            "executor": batch.executor or "workers",  # #13
+        },
+        "cost_usd": batch_cost_usd(batch.id),  # #13: the sum of its items' costs
         "created_at": epoch(batch.created_at),
         "in_progress_at": epoch(batch.in_progress_at),
         "finalizing_at": epoch(batch.finalizing_at),

@@ -56,3 +56,4 @@ class Batch(Base):
     expired_at: Mapped[datetime | None]
     cancelling_at: Mapped[datetime | None]
     cancelled_at: Mapped[datetime | None]
+    executor: Mapped[str | None] = mapped_column(String(12))  # 0005: "workers" | "provider"

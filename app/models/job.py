@@ -24,6 +24,9 @@ class Job(Base):
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
         Index("ix_jobs_batch_id_item_index", "batch_id", "item_index", unique=True),
         Index("ix_jobs_status_started_at", "status", "started_at"),
+        Index("ix_jobs_executor_status", "executor", "status"),  # 0005
+        Index("ix_jobs_provider_batch_id", "provider_batch_id"),  # 0005
+        Index("ix_jobs_cost_usd_finished_at", "cost_usd", "finished_at"),  # 0005: settle
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job_"))
@@ -55,6 +58,11 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     first_token_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # 0005 (cost-aware routing): who ran a batch-mode job ("workers" | "provider"; None for
+    # a stream), the provider batch that carries it, and what it cost (None until priced)
+    executor: Mapped[str | None] = mapped_column(String(12))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(40))
+    cost_usd: Mapped[float | None]
 
     @property
     def queued_ms(self) -> float | None:

@@ -37,7 +37,17 @@ LAST_EVENT_ID = Param(
 )
 JOB_STATUS = string(enum=list(job_model.STATUSES))
 
-SSE_BODY = {SSE: string(description="Server-Sent Events")}
+SSE_EVENT = {  # one event of the stream (as OpenAPI 3.2's itemSchema describes SSE)
+    "type": "object",
+    "description": "A Server-Sent Event; `data` is one JSON object per event (or `[DONE]`)",
+    "properties": {
+        "event": string(),
+        "data": string(),
+        "id": string(),
+        "retry": integer(minimum=0),
+    },
+}
+SSE_BODY = {SSE: SSE_EVENT}
 JOB_LINKS = {
     "GetJob": ("v1.jobs.show_job", "job_id"),
     "CancelJob": ("v1.jobs.cancel_job", "job_id"),
@@ -68,7 +78,7 @@ ACCEPTED_JOB = json_response(
 STREAMED = Response(
     "A stream route: the job's SSE (`chat.completion.chunk` events, then `[DONE]`), or with"
     " `Prefer: wait=N` a finished job",
-    {SSE: SSE_BODY[SSE], JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
+    {SSE: SSE_EVENT, JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
     headers=("X-Sluice-Job-Id", "X-Sluice-Route"),
     links=JOB_LINKS,
 )
@@ -82,7 +92,7 @@ ROUTES: dict[str, Operation] = {
             "200": Response(
                 "`stream: true`: SSE of `chat.completion.chunk`; otherwise one"
                 " `chat.completion` (or, with `Prefer: wait=N`, the finished job's)",
-                {SSE: SSE_BODY[SSE], JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
+                {SSE: SSE_EVENT, JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
                 headers=("X-Sluice-Job-Id", "X-Sluice-Route"),
                 links=JOB_LINKS,
             ),
@@ -351,6 +361,13 @@ ROUTES: dict[str, Operation] = {
         "dashboard",
         {"200": json_response("Batches", s.AnyObject)},
         params=(Param("limit", string()),),
+        security="session",
+    ),
+    "dashboard.api_charts": Operation(
+        "Dashboard: every chart's series over a window",
+        "dashboard",
+        {"200": json_response("Series", s.AnyObject)},
+        params=(Param("window", string(examples=["15m", "1h", "24h"])),),
         security="session",
     ),
     "dashboard.stream": Operation(

@@ -187,6 +187,11 @@ class JobRoute(_Open):
     rule: str | None
     reason: str | None
     on_disconnect: str | None
+    executor: str | None = Field(  # #13
+        None,
+        description="background jobs: who ran it",
+        json_schema_extra=_enum(("workers", "provider")),
+    )
 
 
 class JobTimings(_Open):
@@ -216,6 +221,7 @@ class Job(_Open):
     output: str | None
     finish_reason: str | None
     usage: dict[str, Any] | None
+    cost_usd: float | None = Field(description="USD, from usage, model price and executor")  # #13
     error: dict[str, Any] | None
     metadata: dict[str, Any] | None
 
@@ -290,6 +296,7 @@ class DocumentBatch(_Open):
     usage: Usage
     errors: Any
     route: dict[str, Any]
+    cost_usd: float = Field(description="USD: the sum of its items' costs")  # #13
     created_at: int | None
     in_progress_at: int | None
     finalizing_at: int | None

@@ -54,10 +54,18 @@ def cancel_batch(batch: Batch) -> Batch:
         if moved:
             conn.execute(
                 update(jobs_t)
-                .where(jobs_t.c.batch_id == batch.id, jobs_t.c.status == "queued")
+                .where(
+                    jobs_t.c.batch_id == batch.id,
+                    jobs_t.c.status == "queued",
+                    jobs_t.c.provider_batch_id.is_(None),  # #13: a provider batch's end them
+                )
                 .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
             )
     set_stop(batch.id, "cancelled")
+    if moved and batch.executor == "provider":  # #13: cancel the provider batches too
+        from app.services.provider_batches.rows import cancel_remote
+
+        cancel_remote(batch.id)
     maybe_finalize(batch.id)
     db.session.refresh(batch)
     events.batch_changed(batch)

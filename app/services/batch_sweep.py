@@ -82,7 +82,10 @@ def resend_orphaned_chunks() -> int:
         return 0
     with db.engine.connect() as conn:
         batch_ids = conn.scalars(
-            select(batches_t.c.id).where(batches_t.c.status == "in_progress")
+            select(batches_t.c.id).where(
+                batches_t.c.status == "in_progress",
+                batches_t.c.executor.is_distinct_from("provider"),  # #13: not on workers
+            )
         ).all()
     sent = 0
     for batch_id in batch_ids:
@@ -127,6 +130,7 @@ def resend_stranded_jobs() -> int:
                 jobs_t.c.batch_id.is_(None),
                 jobs_t.c.status == "queued",
                 jobs_t.c.created_at < cutoff,
+                jobs_t.c.executor.is_distinct_from("provider"),  # #13: not on workers
             )
             .limit(1000)
         ).all()
@@ -145,6 +149,7 @@ def expire_due_batches() -> int:
                 batches_t.c.status == "in_progress",
                 batches_t.c.expires_at < now,
                 batches_t.c.expired_at.is_(None),
+                batches_t.c.executor.is_distinct_from("provider"),  # #13: the provider's expiry
             )
         ).all()
     for batch_id in due:

@@ -29,6 +29,7 @@ from app.policy import Route
 from app.providers import UnknownModel, providers
 from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
+from app.services.provider_batches import choice as executors
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ def create_batch(
         models.provider(model, "model")
     with tempfile.SpooledTemporaryFile(STAGE_MEMORY) as staged:
         total = _stage(items, models, model, staged)
+        # executor (#13): workers, or the provider's own batch API (the sweeper submits)
+        route = executors.resolve(
+            route, models._seen.values(), models._seen.keys(), window, metadata
+        )
         now = utcnow()
         batch_id = new_id("batch_")
         common = {
@@ -135,6 +140,7 @@ def create_batch(
             "attempts": 0,
             "batch_id": batch_id,
             "created_at": now,
+            "executor": route.executor,
         }
         try:
             with db.engine.begin() as conn:
@@ -155,6 +161,7 @@ def create_batch(
                         input_file_id=input_file_id,
                         route_rule=route.rule,
                         route_reason=route.reason,
+                        executor=route.executor,
                         total=total,
                         prompt_tokens=0,
                         completion_tokens=0,
@@ -181,7 +188,8 @@ def create_batch(
                 if existing is not None:
                     return existing
             raise
-    enqueue_chunks(batch_id, 0, total - 1)
+    if route.executor != "provider":  # the provider executor's sweep step submits them
+        enqueue_chunks(batch_id, 0, total - 1)
     batch = db.session.get(Batch, batch_id)
     assert batch is not None
     events.batch_changed(batch)
@@ -308,6 +316,8 @@ def submit_batch_job(
     """A single background job without a batch, for POST /v1/jobs routed to batch."""
     model = body.get("model")
     provider = _Models().provider(model, "model")
+    window = current_app.config["BATCH_COMPLETION_WINDOW_HOURS"] * 3600
+    route = executors.resolve(route, [provider], [str(model)], window, metadata)
     job = Job(
         tenant_id=tenant_id,
         mode="batch",
@@ -320,10 +330,12 @@ def submit_batch_job(
         model=model,
         request=body,
         metadata_=metadata,
+        executor=route.executor,
     )
     db.session.add(job)
     db.session.commit()
-    send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
+    if route.executor != "provider":  # the provider executor's sweep step submits it
+        send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
     events.job_changed(job)
     return job
 

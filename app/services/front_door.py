@@ -23,6 +23,7 @@ from app.models.job import TERMINAL
 from app.policy import Preferences, Route, RouteRequest, decide, parse_prefer
 from app.providers import ChatRequest
 from app.services.batches import find_by_idempotency_key, submit_batch_job
+from app.services.costs import with_budget
 from app.services.jobs import start_stream_job
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -130,7 +131,7 @@ def remember(route: Route) -> Route:
 def route(req: RouteRequest) -> Route:
     """The policy's route for req; a reject is raised here as `rejection(route)`."""
     rate_limits.check(req)  # per key and tenant; no Redis call while no limit is set
-    decided = remember(decide(req))
+    decided = remember(decide(with_budget(req)))  # #13: budget_left for budget_left_below
     if decided.mode == "reject":
         raise rejection(decided)
     return decided
@@ -158,14 +159,21 @@ def replay(tenant_id: str, key: str | None) -> Batch | None:
 
 
 def start_chat_job(
-    tenant_id: str, body: ChatRequest, route: Route, *, endpoint: str, priority: int = 0
+    tenant_id: str,
+    body: ChatRequest,
+    route: Route,
+    *,
+    endpoint: str,
+    priority: int = 0,
+    job_id: str | None = None,
 ) -> tuple[Job, Route]:
     """Admit and start a routed chat job: a stream job holding a slot, or a background job.
 
     A stream route with no free slot overflows to batch when its rule allows it (the
-    route returned says so) or raises admission's 429.
+    route returned says so) or raises admission's 429. `job_id` names a stream job ahead
+    (its relay subscribed before the task is sent).
     """
-    job_id = new_id("job_")
+    job_id = job_id or new_id("job_")
     if route.mode == "stream" and acquire_stream_slot(route, tenant_id, job_id) == "batch":
         route = remember(overflow_route(route))
     if route.mode == "batch":

@@ -13,6 +13,7 @@ from app.policy import REQUESTED_MODES, Route, document_messages
 from app.providers import ChatRequest
 from app.queueing import STREAM_QUEUE, send_task
 from app.services.chat_request import parse_chat_request
+from app.services.costs import job_cost_usd
 from app.services.events import job_changed
 
 STREAM_TASK = "sluice.stream.run"
@@ -35,6 +36,8 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
             "rule": job.route_rule,
             "reason": job.route_reason,
             "on_disconnect": job.on_disconnect,
+            # #13: who ran a background job ("workers" | "provider"); streams have none
+            **({"executor": job.executor or "workers"} if job.mode == "batch" else {}),
         },
         "batch_id": job.batch_id,
         "item_id": job.item_id,
@@ -52,6 +55,7 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
         "output": job.output if output is None else output,
         "finish_reason": job.finish_reason,
         "usage": job.usage,
+        "cost_usd": job_cost_usd(job),
         "error": job.error,
         "metadata": job.metadata_,
     }

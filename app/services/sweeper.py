@@ -29,7 +29,8 @@ PASS = "pass"
 
 def steps() -> list[tuple[str, Callable[[], Any]]]:
     """Each channel's sweep steps, by name, in the order they run."""
-    from app.services import batch_sweep
+    from app.services import batch_sweep, costs
+    from app.services.provider_batches import engine as provider_batches
     from app.services.stream_runner import sweep_streams
 
     return [
@@ -38,7 +39,9 @@ def steps() -> list[tuple[str, Callable[[], Any]]]:
         ("batch.resend_stranded_jobs", batch_sweep.resend_stranded_jobs),
         ("batch.expire_due_batches", batch_sweep.expire_due_batches),
         ("batch.finalize_stragglers", batch_sweep.finalize_stragglers),
+        ("batch.provider_batches", provider_batches.sweep),  # #13: the provider executor
         ("stream.sweep_streams", sweep_streams),
+        ("costs.settle", costs.settle),  # #13: price ended jobs
     ]
 
 

@@ -1,0 +1,155 @@
+"""What every job cost, tenants' spend per day, and the totals `/metrics` shows.
+
+A job's cost comes from its usage, its model's price (`app.pricing`) and its executor
+(the provider executor pays the batch price). The provider executor records it as it
+writes each result; the sweeper's `settle` step prices every other ended job (streams
+and worker-run batch items) within a sweep, so no runner needs to know about prices.
+Each job is priced once (`cost_usd IS NULL` guards the write), and only then added to:
+
+- `sluice:costs:totals`, a Redis hash `tenant|mode|executor` -> USD, exposed by
+  `/metrics` as `sluice_cost_usd_total{tenant,mode,executor}`;
+- `sluice:costs:day:<YYYY-MM-DD>`, tenant id -> USD spent that UTC day (kept 3 days):
+  the spend a `budget_left_below` policy condition routes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from datetime import datetime
+from typing import cast
+
+from flask import current_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Table, func, select, update
+
+from app.extensions import db, redis_store
+from app.models import Job, Tenant, utcnow
+from app.models.job import TERMINAL
+from app.policy import RouteRequest
+from app.pricing import budget_for, job_cost
+
+log = logging.getLogger(__name__)
+
+TOTALS_KEY = "sluice:costs:totals"
+DAY_KEY = "sluice:costs:day:{}"
+DAY_TTL = 3 * 86400
+SETTLE_LIMIT = 500  # jobs priced per sweep (one short write transaction)
+jobs_t = cast(Table, Job.__table__)
+
+
+def job_cost_usd(job: Job) -> float | None:
+    """The job's recorded cost; for an ended job not yet settled, what it will be; else None."""
+    if job.cost_usd is not None:
+        return round(job.cost_usd, 8)
+    if job.status not in TERMINAL:
+        return None
+    return round(job_cost(job.model, job.usage, job.executor, current_app.config), 8)
+
+
+def day_of(at: datetime | None = None) -> str:
+    return (at or utcnow()).strftime("%Y-%m-%d")
+
+
+def record(entries: Iterable[tuple[str, str, str | None, float]]) -> None:
+    """Add priced jobs (tenant_id, mode, executor, usd) to the totals. Never raises."""
+    items = [e for e in entries if e[3]]
+    if not items:
+        return
+    try:
+        names = _tenant_names({e[0] for e in items})
+        pipe = redis_store.client.pipeline(transaction=False)
+        day = DAY_KEY.format(day_of())
+        for tenant_id, mode, executor, usd in items:
+            label = f"{names.get(tenant_id, tenant_id)}|{mode}|{executor or 'workers'}"
+            pipe.hincrbyfloat(TOTALS_KEY, label, usd)
+            pipe.hincrbyfloat(day, tenant_id, usd)
+        pipe.expire(day, DAY_TTL)
+        pipe.execute()
+    except Exception:
+        log.warning("could not add %d job cost(s) to the Redis totals", len(items))
+
+
+def _tenant_names(ids: set[str]) -> dict[str, str]:
+    rows = db.session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(ids))).all()
+    return {row.id: row.name for row in rows}
+
+
+def settle(limit: int = SETTLE_LIMIT) -> int:
+    """The sweeper step: price ended jobs that have no cost yet; returns how many."""
+    config = current_app.config
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                jobs_t.c.id, jobs_t.c.tenant_id, jobs_t.c.mode, jobs_t.c.executor,
+                jobs_t.c.model, jobs_t.c.usage,
+            )
+            .where(jobs_t.c.cost_usd.is_(None), jobs_t.c.finished_at.is_not(None))
+            .limit(limit)
+        ).all()  # fmt: skip
+    priced: list[tuple[str, str, str | None, float]] = []
+    with db.engine.begin() as conn:
+        for row in rows:
+            usd = job_cost(row.model, row.usage, row.executor, config)
+            moved = conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id == row.id, jobs_t.c.cost_usd.is_(None))
+                .values(cost_usd=usd)
+            ).rowcount
+            if moved:
+                priced.append((row.tenant_id, row.mode, row.executor, usd))
+    record(priced)
+    return len(rows)
+
+
+def spent_today(tenant_id: str) -> float:
+    """USD the tenant spent this UTC day (jobs priced today)."""
+    raw = redis_store.client.hget(DAY_KEY.format(day_of()), tenant_id)
+    return float(raw) if raw is not None else 0.0
+
+
+def with_budget(req: RouteRequest) -> RouteRequest:
+    """The request with `budget_left` filled in when the tenant has a daily budget."""
+    budget = budget_for(req.tenant_name, req.tenant_id, current_app.config)
+    if budget is None:
+        return req
+    return replace(req, budget_left=round(budget - spent_today(req.tenant_id), 6))
+
+
+class CostCollector(Collector):
+    """`sluice_cost_usd_total{tenant,mode,executor}` and today's spend per tenant, from Redis."""
+
+    def collect(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "sluice_cost_usd",
+            "USD spent on ended jobs (usage x model price; batch price on the provider executor)",
+            labels=["tenant", "mode", "executor"],
+        )
+        today = GaugeMetricFamily(
+            "sluice_tenant_spend_today_usd", "USD spent this UTC day, by tenant", labels=["tenant"]
+        )
+        try:
+            client = redis_store.client
+            for field, value in sorted(client.hgetall(TOTALS_KEY).items()):
+                parts = str(field).split("|")
+                if len(parts) == 3:
+                    total.add_metric(parts, float(value))
+            spend = client.hgetall(DAY_KEY.format(day_of()))
+            names = _tenant_names({str(k) for k in spend}) if spend else {}
+            for tenant_id, value in sorted(spend.items()):
+                today.add_metric([names.get(str(tenant_id), str(tenant_id))], float(value))
+        except Exception as exc:
+            log.warning("metrics: cost totals unavailable: %s", type(exc).__name__)
+        yield total
+        yield today
+
+
+def batch_cost_usd(batch_id: str) -> float:
+    """What a batch cost so far: the sum of its items' recorded costs."""
+    with db.engine.connect() as conn:
+        total = conn.scalar(
+            select(func.sum(jobs_t.c.cost_usd)).where(jobs_t.c.batch_id == batch_id)
+        )
+    return round(float(total or 0.0), 8)

@@ -1,0 +1,180 @@
+"""Provider batch rows and the item rows they fill: read items, write results exactly once.
+
+Shared by the engine (submit, poll, apply) and the batch engine's cancel (`cancel_remote`),
+with no import of the batch lifecycle, which calls in here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, cast
+
+from flask import current_app
+from sqlalchemy import Table, select, update
+
+from app import telemetry
+from app.extensions import db
+from app.models import ProviderBatch, utcnow
+from app.pricing import job_cost
+from app.providers import ChatRequest, UnknownModel, providers
+from app.services import costs
+from app.services.batches import batches_t, jobs_t, stop_error
+from app.services.provider_batches.apis import Outcome, Remote, batch_api, item_error
+from app.services.stream_runner import db_text
+
+log = logging.getLogger(__name__)
+
+pbatches_t = cast(Table, ProviderBatch.__table__)
+
+
+def items(pb_id: str) -> list[Any]:
+    with db.engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(jobs_t.c.id, jobs_t.c.model, jobs_t.c.request).where(
+                    jobs_t.c.provider_batch_id == pb_id, jobs_t.c.status == "queued"
+                )
+            ).all()
+        )
+
+
+def bound(rows: Iterable[Any]) -> tuple[dict[str, ChatRequest], list[tuple[str, dict[str, Any]]]]:
+    """Each row's request bound to its provider (model = the provider's name); refusals."""
+    registry = providers()
+    bound: dict[str, ChatRequest] = {}
+    refused: list[tuple[str, dict[str, Any]]] = []
+    for row in rows:
+        try:
+            _, request = registry.bind(
+                ChatRequest.from_record({**(row.request or {}), "model": row.model})
+            )
+            bound[row.id] = request
+        except (UnknownModel, TypeError, ValueError) as exc:
+            refused.append((row.id, item_error("invalid_request", str(exc), "sluice")))
+    return bound, refused
+
+
+def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
+    """Write outcomes into items still queued in this provider batch (exactly once)."""
+    if not outcomes:
+        return 0
+    config = current_app.config
+    now = utcnow()
+    written = prompt = completion = 0
+    holder = f"provider:{pb.provider}/{pb.remote_id or pb.id}"
+    priced: list[tuple[str, str, str | None, float]] = []
+    ids: list[str] = []
+    with db.engine.begin() as conn:
+        rows = conn.execute(
+            select(jobs_t.c.id, jobs_t.c.model, jobs_t.c.tenant_id, jobs_t.c.mode).where(
+                jobs_t.c.id.in_([j for j, _ in outcomes])
+            )
+        ).all()
+        known = {row.id: row for row in rows}
+        for job_id, o in outcomes:
+            c = o.completion
+            usage = c.usage.as_dict() if c is not None else None
+            values: dict[str, Any] = {
+                "status": o.status,
+                "output": db_text(c.text) if c is not None else None,
+                "choices": c.choices if c is not None and c.more_than_text else None,
+                "finish_reason": c.finish_reason if c is not None else None,
+                "usage": usage,
+                "error": o.error,
+                "cost_usd": job_cost(pb.model, usage, "provider", config),
+                "attempts": jobs_t.c.attempts + 1,
+                "worker": holder[:200],
+                "started_at": pb.submitted_at or now,
+                "finished_at": now,
+            }
+            moved = conn.execute(
+                update(jobs_t)
+                .where(
+                    jobs_t.c.id == job_id,
+                    jobs_t.c.status == "queued",
+                    jobs_t.c.provider_batch_id == pb.id,
+                )
+                .values(**values)
+            ).rowcount
+            if moved:
+                written += 1
+                ids.append(job_id)
+                if (row := known.get(job_id)) is not None:
+                    priced.append((row.tenant_id, row.mode, "provider", values["cost_usd"]))
+                if usage:
+                    prompt += usage["prompt_tokens"]
+                    completion += usage["completion_tokens"]
+        if pb.batch_id and (prompt or completion):
+            conn.execute(
+                update(batches_t)
+                .where(batches_t.c.id == pb.batch_id)
+                .values(
+                    prompt_tokens=batches_t.c.prompt_tokens + prompt,
+                    completion_tokens=batches_t.c.completion_tokens + completion,
+                )
+            )
+    costs.record(priced)
+    telemetry.batch_results_written(ids, now)
+    return written
+
+
+def end_row(pb: Any, status: str, now: Any, *, error: dict[str, Any] | None = None,
+           remote: Remote | None = None) -> None:  # fmt: skip
+    """End a provider batch row (its Sluice batch is finalized by the caller)."""
+    values: dict[str, Any] = {"status": status, "ended_at": now, "next_poll_at": None}
+    if error is not None:
+        values["error"] = error
+    if remote is not None:
+        values.update(remote_status=remote.status, remote_counts=remote.counts)
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(pbatches_t)
+            .where(pbatches_t.c.id == pb.id, pbatches_t.c.status.in_(("submitting", "in_progress")))
+            .values(**values)
+        )
+
+
+def row(pb_id: str) -> Any:
+    with db.engine.connect() as conn:
+        return conn.execute(select(pbatches_t).where(pbatches_t.c.id == pb_id)).first()
+
+
+def set_where(pb_id: str, current: str, **values: Any) -> None:
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(pbatches_t)
+            .where(pbatches_t.c.id == pb_id, pbatches_t.c.status == current)
+            .values(**values)
+        )
+
+
+def cancel_remote(batch_id: str) -> None:
+    """A cancelled batch's provider batches: ask each provider to cancel (results follow).
+
+    Called by the batch engine's cancel once its unsubmitted items are cancelled. Items a
+    provider finished before the cancel keep their results; the rest end `cancelled`.
+    """
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            select(pbatches_t).where(
+                pbatches_t.c.batch_id == batch_id,
+                pbatches_t.c.status.in_(("submitting", "in_progress")),
+            )
+        ).all()
+    now = utcnow()
+    for pb in rows:
+        if pb.status == "submitting" or not pb.remote_id:
+            write(
+                pb,
+                [(j.id, Outcome("cancelled", error=stop_error("cancelled"))) for j in items(pb.id)],
+            )
+            end_row(pb, "applied", now)
+            continue
+        try:
+            batch_api(pb.provider).cancel(pb.remote_id)
+        except Exception as exc:
+            log.warning(
+                "cancelling %s (%s) at %s failed: %s", pb.id, pb.remote_id, pb.provider, exc
+            )
+        set_where(pb.id, "in_progress", cancel_requested_at=now, next_poll_at=now)

@@ -1,0 +1,141 @@
+"""Prices, budgets and the policy keys of cost-aware routing (#13): pure logic."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import ConfigError, load_config
+from app.policy import RouteRequest, evaluate, parse_policy
+from app.pricing import DEFAULT_PRICES, Price, budget_for, parse_budgets, parse_prices, price_for
+
+
+def test_cost_from_usage_and_executor() -> None:
+    price = Price(input=2.0, output=8.0, cached_input=1.0)
+    usage = {"prompt_tokens": 1000, "completion_tokens": 500}
+    assert price.cost(usage, "workers") == pytest.approx((1000 * 2 + 500 * 8) / 1e6)
+    assert price.cost(usage, "provider") == pytest.approx((1000 * 1 + 500 * 4) / 1e6)
+    cached = {**usage, "prompt_tokens_details": {"cached_tokens": 400}}
+    assert price.cost(cached, None) == pytest.approx((600 * 2 + 400 * 1 + 500 * 8) / 1e6)
+    assert price.cost(None, "provider") == 0.0
+    explicit = Price(input=2.0, output=8.0, batch_input=1.5, batch_output=6.0)
+    assert explicit.cost(usage, "provider") == pytest.approx((1000 * 1.5 + 500 * 6) / 1e6)
+
+
+def test_price_table_matches_exact_names_then_the_longest_glob() -> None:
+    table = parse_prices(
+        {"openai/*": {"input": 1, "output": 2}, "openai/gpt-4o*": {"input": 3, "output": 4},
+         "openai/gpt-4o-mini": {"input": 5, "output": 6}}
+    )  # fmt: skip
+    assert price_for("openai/gpt-4o-mini", table) == Price(5.0, 6.0)
+    assert price_for("openai/gpt-4o", table) == Price(3.0, 4.0)
+    assert price_for("openai/o3", table) == Price(1.0, 2.0)
+    assert price_for("anthropic/claude", table) is None
+    assert price_for("mock/demo", table) == DEFAULT_PRICES["mock/*"]  # defaults for the mock
+
+
+@pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        ({"m": {"input": 1}}, "prices.'m'.output is required"),
+        ({"m": {"input": 1, "output": -1}}, "prices.'m'.output must be a non-negative"),
+        ({"m": {"input": 1, "output": 1, "cheap": 1}}, "prices.'m'.cheap is not a price"),
+        ({"m": 3}, "prices.'m' must be a table"),
+    ],
+)
+def test_bad_prices_name_the_field(table: dict[str, object], named: str) -> None:
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+        parse_prices(table)
+
+
+def test_bad_prices_stop_the_start(tmp_path: object) -> None:
+    path = tmp_path / "sluice.toml"  # type: ignore[operator]
+    path.write_text('[prices."openai/x"]\ninput = "cheap"\noutput = 1\n')
+    with pytest.raises(ConfigError, match=r"prices.'openai/x'.input must be a non-negative"):
+        load_config({"SLUICE_CONFIG": str(path)})
+
+
+def test_budgets_by_tenant_name_id_then_default() -> None:
+    config = {"BUDGETS": {"default": 10, "tenants": {"acme": 25, "t_1": 5}}}
+    assert budget_for("acme", "t_9", config) == 25.0
+    assert budget_for("other", "t_1", config) == 5.0
+    assert budget_for("other", "t_2", config) == 10.0
+    assert budget_for("x", "y", {}) is None
+    with pytest.raises(ValueError, match=r"budgets\.tenants\.acme"):
+        parse_budgets({"tenants": {"acme": "lots"}})
+
+
+def _policy() -> object:
+    return parse_policy(
+        {
+            "rules": [
+                {"name": "broke", "when": {"budget_left_below": 5}, "route": "reject"},
+                {"name": "cheap", "when": {"endpoint": "/v1/batches"}, "route": "batch",
+                 "executor": "provider"},
+                {"name": "rest", "route": "stream"},
+            ]
+        }
+    )  # fmt: skip
+
+
+def test_budget_left_below_routes_and_says_why() -> None:
+    policy = _policy()
+    req = RouteRequest("/v1/jobs", "t1", "acme", "openai/x", budget_left=2.5)
+    route = evaluate(policy, req)  # type: ignore[arg-type]
+    assert route.rule == "broke" and "budget left $2.50 < $5" in route.reason
+    rich = RouteRequest("/v1/jobs", "t1", "acme", "openai/x", budget_left=50.0)
+    assert evaluate(policy, rich).rule == "rest"  # type: ignore[arg-type]
+    unlimited = RouteRequest("/v1/jobs", "t1", "acme", "openai/x")  # no budget: never "below"
+    assert evaluate(policy, unlimited).rule == "rest"  # type: ignore[arg-type]
+
+
+def test_executor_is_carried_on_the_route_and_checked() -> None:
+    req = RouteRequest("/v1/batches", "t1", "acme", "openai/x", budget_left=50.0)
+    assert evaluate(_policy(), req).executor == "provider"  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="executor must be one of"):
+        parse_policy({"rules": [{"name": "r", "route": "batch", "executor": "cheap"}]})
+    with pytest.raises(ConfigError, match='executor only applies to route = "batch"'):
+        parse_policy({"rules": [{"name": "r", "route": "stream", "executor": "provider"}]})
+    with pytest.raises(ConfigError, match="budget_left_below must be a number"):
+        parse_policy(
+            {"rules": [{"name": "r", "when": {"budget_left_below": "5"}, "route": "batch"}]}
+        )
+
+
+def _resolve(providers: dict[str, object], executor: str | None, names: list[str], **kw: object):  # type: ignore[no-untyped-def]
+    from flask import Flask
+
+    from app.policy import Route
+    from app.services.provider_batches.choice import resolve
+
+    app = Flask(__name__)
+    app.config.update(PROVIDERS=providers, PRICES={})
+    route = Route("batch", "r", "batch endpoint", executor=executor)
+    with app.app_context():
+        return resolve(route, names, [f"{n}/m" for n in names], kw.get("window", 86400.0),  # type: ignore[arg-type]
+                       kw.get("metadata"))  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_executor_choice_rule_default_and_capability() -> None:
+    assert _resolve({}, None, ["openai"]).executor == "workers"  # the default default
+    assert _resolve({"openai": {"batch_executor": "provider"}}, None, ["openai"]).executor == (
+        "provider"
+    )
+    local = {"local": {"kind": "openai", "base_url": "http://x"}}
+    route = _resolve(local, "provider", ["local"])
+    assert route.executor == "workers" and "provider local has no batch API" in route.reason
+    capable = {"local": {"kind": "openai", "base_url": "http://x", "batch_api": True}}
+    assert _resolve(capable, "provider", ["local"]).executor == "provider"
+    mixed = {"openai": {"batch_executor": "provider"}}
+    assert _resolve(mixed, None, ["openai", "anthropic"]).executor == "workers"
+
+
+def test_auto_executor_by_completion_window_or_deadline() -> None:
+    route = _resolve({}, "auto", ["anthropic"])
+    assert route.executor == "provider"
+    assert route.reason.endswith(
+        "executor provider: completion_window 24h allows provider batch at 50 %"
+    )
+    short = _resolve({}, "auto", ["anthropic"], window=3600.0)
+    assert short.executor == "workers" and "completion_window 1h is shorter" in short.reason
+    late = _resolve({}, "auto", ["anthropic"], window=3600.0, metadata={"deadline": "2d"})
+    assert late.executor == "provider" and "deadline 2d allows" in late.reason
