@@ -1,6 +1,7 @@
 // Sluice dashboard charts: /dashboard/api/charts (the workers' per-minute rollup) drawn
 // with the vendored uPlot (uPlot.iife.min.js, MIT). Each figure gets data-points: how
-// many non-empty values it shows, so a test (or a person) can see a point arrive.
+// many non-empty values it shows and data-total their sum, so a test (or a person) can
+// see a point arrive or grow.
 (function () {
   "use strict";
 
@@ -65,9 +66,10 @@
       if (!spec) return;
       var cols = columns(payload, spec);
       var data = [payload.t].concat(cols);
-      var points = 0;
-      cols.forEach(function (c) { c.forEach(function (v) { if (v !== null && v > 0) points += 1; }); });
+      var points = 0, total = 0;
+      cols.forEach(function (c) { c.forEach(function (v) { if (v !== null && v > 0) { points += 1; total += v; } }); });
       figure.dataset.points = String(points);
+      figure.dataset.total = total.toFixed(4);
       var node = figure.querySelector(".plot");
       if (!window.uPlot) { node.textContent = "charts unavailable"; return; }
       if (!plots[name]) {
