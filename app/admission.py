@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 
+import redis
 from flask import current_app
 
 from app import leases
@@ -124,19 +125,23 @@ def overflow_route(route: Route) -> Route:
     return replace(route, mode="batch", reason=reason[:500])
 
 
-def release_stream_slot(job_id: str) -> None:
-    """Give back job_id's slot (idempotent); called by the worker when the job ends."""
-    leases.release_recorded(redis_store.client, job_key(job_id), job_id)
+def release_stream_slot(job_id: str, client: redis.Redis | None = None) -> None:
+    """Give back job_id's slot (idempotent); called by the worker when the job ends.
+
+    `client` may be a pipeline, to send the release with the caller's other commands.
+    """
+    leases.release_recorded(client or redis_store.client, job_key(job_id), job_id)
 
 
-def renew_stream_slot(job_id: str) -> None:
+def renew_stream_slot(job_id: str, client: redis.Redis | None = None) -> None:
     """Extend job_id's slot lease; called by the worker while the job runs.
 
     A no-op once the slot was released (or its record expired), so a late renew can
-    never resurrect a finished job's slot.
+    never resurrect a finished job's slot. `client` may be a pipeline.
     """
     ttl = leases.ms(current_app.config["STREAM_LEASE_SECONDS"])
-    leases.renew_recorded(redis_store.client, job_key(job_id), job_id, ttl, JOB_KEY_GRACE_MS)
+    record = job_key(job_id)
+    leases.renew_recorded(client or redis_store.client, record, job_id, ttl, JOB_KEY_GRACE_MS)
 
 
 def usage(tenant_id: str | None = None) -> dict[str, int]:

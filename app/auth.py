@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import secrets
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar, cast
 
-from flask import g, request
+from flask import current_app, g, request
 from sqlalchemy import select
+from sqlalchemy.orm import joinedload
 
 from app.errors import APIError
-from app.extensions import db
+from app.extensions import db, redis_store
 from app.models import ApiKey, Tenant, utcnow
+from app.streams.hub import StreamHub, current_hub
+from app.streams.keys import KEYS_CHANNEL
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-sluice-"
+KEY_CACHE_SECONDS = 10.0  # the longest a web process trusts a key it looked up
+KEY_CACHE_MAX = 10_000  # keys cached per process (cleared when full)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -60,7 +70,68 @@ def revoke_key(key_id: str) -> bool:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         db.session.commit()
+    try:  # web processes drop it from their key caches (KEY_CACHE_SECONDS bounds a miss)
+        redis_store.client.publish(KEYS_CHANNEL, key.key_hash)
+    except Exception as exc:
+        log.warning(
+            "key revocation not broadcast (%r); caches drop it within %gs", exc, KEY_CACHE_SECONDS
+        )
     return True
+
+
+class KeyCache:
+    """A web process's live keys by hash, each for KEY_CACHE_SECONDS at most.
+
+    Used only while the stream hub hears KEYS_CHANNEL, where revoke_key() announces each
+    revocation: a revoked key is dropped at once, and everything is dropped whenever the
+    hub's connection is lost (a revocation may have been missed meanwhile). A lookup that
+    raced a revocation is not cached (the generation changed under it).
+    """
+
+    def __init__(self, hub: StreamHub) -> None:
+        self.hub = hub
+        self.generation = 0
+        self._keys: dict[str, tuple[ApiKey, float]] = {}
+        hub.on_revocation(self.forget)
+
+    def forget(self, key_hash: str | None) -> None:
+        self.generation += 1
+        if key_hash is None:
+            self._keys.clear()
+        else:
+            self._keys.pop(key_hash, None)
+
+    def lookup(self, plaintext: str) -> ApiKey | None:
+        """The live key with this plaintext (detached, its tenant loaded), or None."""
+        key_hash = hash_key(plaintext)
+        usable = self.hub.connected.is_set()
+        if usable:
+            found = self._keys.get(key_hash)
+            if found is not None and found[1] > time.monotonic():
+                return found[0]
+        generation = self.generation
+        key = db.session.scalar(
+            select(ApiKey).options(joinedload(ApiKey.tenant)).where(ApiKey.key_hash == key_hash)
+        )
+        if key is None or key.revoked_at is not None:
+            return None
+        db.session.expunge(key.tenant)  # never expired by a commit, shared by requests
+        db.session.expunge(key)
+        if usable and generation == self.generation:
+            if len(self._keys) >= KEY_CACHE_MAX:
+                self._keys.clear()
+            self._keys[key_hash] = (key, time.monotonic() + KEY_CACHE_SECONDS)
+        return key
+
+
+def key_cache() -> KeyCache:
+    """The current app's key cache in this process (made on first use)."""
+    extensions = current_app.extensions
+    cache = extensions.get("sluice_key_cache")
+    if cache is None or cache.hub.pid != os.getpid():
+        cache = extensions["sluice_key_cache"] = KeyCache(current_hub())
+    assert isinstance(cache, KeyCache)
+    return cache
 
 
 def authenticate() -> None:
@@ -73,7 +144,10 @@ def authenticate() -> None:
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
             code="missing_api_key",
         )
-    key = lookup_key(token.strip())
+    plaintext = token.strip()
+    key = (
+        key_cache().lookup(plaintext) if current_app.config["REDIS_URL"] else lookup_key(plaintext)
+    )
     if key is None:
         raise APIError(401, "Incorrect or revoked API key provided.", code="invalid_api_key")
     g.api_key = key

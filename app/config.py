@@ -65,7 +65,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "KEY_TOKENS_PER_MINUTE": (int, 0),
     "TENANT_REQUESTS_PER_MINUTE": (int, 0),
     "TENANT_TOKENS_PER_MINUTE": (int, 0),
-    "TENANT_MAX_EVENT_STREAMS": (int, 1000),  # open SSE resumes and batch event streams
+    "TENANT_MAX_EVENT_STREAMS": (int, 0),  # open SSE resumes and batch event streams
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
     "BROKER_MAX_CONNECTIONS": (int, 1000),
@@ -75,7 +75,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "REDIS_CONNECT_TIMEOUT": (float, 5.0),
     "OUTAGE_RETRY_AFTER_SECONDS": (int, 5),  # Retry-After of a 503 while Redis or the DB is down
     "STREAM_MAX_CONCURRENT": (int, 256),
-    "STREAM_MAX_PER_TENANT": (int, 32),
+    "STREAM_MAX_PER_TENANT": (int, 0),  # 0: no separate cap (the global limit only)
     "STREAM_SLOT_QUEUED_SECONDS": (float, 120.0),
     "POLICY_MAX_INTERACTIVE_TOKENS": (int, 32_000),
     "POLICY_RELOAD_SECONDS": (float, 1.0),

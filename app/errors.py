@@ -12,6 +12,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from app.extensions import RedisNotConfigured
+from app.logs import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def error_response(error: APIError) -> Response:
 
 def _http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
+    if status == 500:
+        return _server_error(getattr(exc, "original_exception", None) or exc)
     code = (exc.name or "error").lower().replace(" ", "_")
     message = exc.description or exc.name
     if status == 404 and request.path.startswith("/v1"):
@@ -106,13 +109,20 @@ def _outage(exc: Exception) -> Response:
     )
 
 
-def _server_error(exc: Exception) -> Response:
-    if isinstance(exc, HTTPException):
+def _server_error(exc: BaseException) -> Response:
+    """Anything unhandled: logged with its traceback (and request id), answered 500."""
+    if isinstance(exc, HTTPException) and (exc.code or 500) < 500:
         return _http_error(exc)
-    log.exception("%s %s answered 500", request.method, request.path)
-    return error_response(
-        APIError(500, "The server had an error processing your request.", type="server_error")
-    )
+    log.error(
+        "%s %s answered 500: %s",
+        request.method, request.path, type(exc).__name__,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )  # fmt: skip
+    request_id = current_request_id()
+    message = "The server had an error processing your request."
+    if request_id:
+        message += f" (Please include the request ID {request_id} if you report it.)"
+    return error_response(APIError(500, message, type="server_error"))
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,16 +1,18 @@
 """Reads one untrusted .pdf or .docx in a process of its own (started by app/extraction.py).
 
 Run as a script (`python -I app/extraction_child.py LIMITS_JSON`), never imported by the
-app: it takes the file's bytes on stdin and answers one JSON object on stdout, `{"text":
-...}` or `{"error": "..."}` saying what is wrong with the file. It caps its own address
-space and CPU time first, so a zip bomb, a decompression bomb or an endless parse ends
-here and never in the web process; every other failure is the file's, named.
+app: it takes files on stdin, one after another, and answers one JSON line on stdout for
+each, `{"text": ...}` or `{"error": "..."}` saying what is wrong with the file. It caps its
+own address space, and its CPU time for each file, so a zip bomb, a decompression bomb or
+an endless parse ends here and never in the web process; every other failure is the
+file's, named.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import resource
 import sys
 import zipfile
@@ -57,7 +59,13 @@ def _docx(data: bytes, limits: dict[str, Any]) -> str:
         raise
     except Exception as exc:  # corrupt deflate data, bad XML, missing parts: the file's fault
         raise Refused(f"is not a readable .docx ({type(exc).__name__}: {exc})") from None
-    return "\n".join(p.text for p in document.paragraphs if p.text)
+    text = "\n".join(p.text for p in document.paragraphs if p.text)
+    if len(text.encode("utf-8", "surrogatepass")) > limits["max_text_bytes"]:
+        raise Refused(
+            f"holds more than {limits['max_text_bytes']} bytes of text"
+            " (SLUICE_BATCH_MAX_DOCUMENT_BYTES)"
+        )
+    return text
 
 
 def _pdf(data: bytes, limits: dict[str, Any]) -> str:
@@ -91,26 +99,44 @@ def _pdf(data: bytes, limits: dict[str, Any]) -> str:
     return "\n".join(parts).strip()
 
 
+def _answer(header: dict[str, Any], data: bytes, limits: dict[str, Any]) -> dict[str, str]:
+    try:
+        reader = _pdf if header["type"] == ".pdf" else _docx
+        return {"text": reader(data, limits)}
+    except Refused as exc:
+        return {"error": str(exc)}
+    except RecursionError:
+        return {"error": "is nested too deeply to read"}
+
+
 def main() -> int:
+    """Answer one JSON line per file: a header line {"type", "size", "cpu_seconds"}, then
+    `size` bytes. Ends at end of input, or after a file that ran out of memory."""
     limits = json.loads(sys.argv[1])
-    memory, seconds = limits["memory_bytes"], max(1, int(limits["cpu_seconds"]))
+    memory = limits["memory_bytes"]
     if memory:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
-    data = sys.stdin.buffer.read()
-    try:
-        reader = _pdf if limits["type"] == ".pdf" else _docx
-        answer = {"text": reader(data, limits)}
-    except Refused as exc:
-        answer = {"error": str(exc)}
-    except MemoryError:
-        answer = {
-            "error": f"needs more than {memory} bytes of memory to read"
-            " (SLUICE_EXTRACT_MEMORY_BYTES)"
-        }
-    except RecursionError:
-        answer = {"error": "is nested too deeply to read"}
-    sys.stdout.write(json.dumps(answer))
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    source, out = sys.stdin.buffer, sys.stdout
+    while line := source.readline():
+        header = json.loads(line)
+        data = source.read(header["size"])
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        spent = math.ceil(used.ru_utime + used.ru_stime)
+        budget = spent + max(1, math.ceil(header["cpu_seconds"]))  # SIGXCPU past it
+        resource.setrlimit(resource.RLIMIT_CPU, (budget, hard))
+        try:
+            answer = _answer(header, data, limits)
+        except MemoryError:
+            answer = {
+                "error": f"needs more than {memory} bytes of memory to read"
+                " (SLUICE_EXTRACT_MEMORY_BYTES)"
+            }
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+            return 0  # a fresh process for the next file
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
     return 0
 
 

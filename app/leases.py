@@ -181,8 +181,12 @@ def renew(
 def renew_recorded(
     client: redis.Redis, record: str, member: str, ttl_ms: int, grace_ms: int
 ) -> bool:
-    """Extend a recorded member in all its sets; False (and a no-op) once it was released."""
-    return bool(client.eval(RENEW_RECORDED, 1, record, member, ttl_ms, grace_ms))
+    """Extend a recorded member in all its sets; False (and a no-op) once it was released.
+
+    On a pipeline the call is queued (and False returned): its answer is the pipeline's.
+    """
+    result = client.eval(RENEW_RECORDED, 1, record, member, ttl_ms, grace_ms)
+    return False if _queued(client) else bool(result)
 
 
 def release(client: redis.Redis, key: str, *members: str) -> bool:
@@ -191,8 +195,17 @@ def release(client: redis.Redis, key: str, *members: str) -> bool:
 
 
 def release_recorded(client: redis.Redis, record: str, member: str) -> int:
-    """Remove a recorded member from all its sets and drop its record (idempotent)."""
-    return int(client.eval(RELEASE_RECORDED, 1, record, member))
+    """Remove a recorded member from all its sets and drop its record (idempotent).
+
+    On a pipeline the call is queued (and 0 returned): its answer is the pipeline's.
+    """
+    result = client.eval(RELEASE_RECORDED, 1, record, member)
+    return 0 if _queued(client) else int(result)
+
+
+def _queued(client: redis.Redis) -> bool:
+    """Whether client is a pipeline (its calls are queued, their answers come later)."""
+    return isinstance(client, redis.client.Pipeline)
 
 
 def now_ms(client: redis.Redis) -> int:

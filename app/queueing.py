@@ -75,8 +75,23 @@ def celery_init_app(app: Flask) -> Celery:
 
 
 def send_task(name: str, args: list[Any], queue: str) -> None:
-    """Send a task by name through the current app's Celery."""
-    current_app.extensions["celery"].send_task(name, args=args, queue=queue)
+    """Send a task by name through the current app's Celery.
+
+    Every Sluice task ignores its result: saying so spares Celery a result backend per
+    greenlet (thread-local) on every send, and the log's args repr names the first
+    argument (the id) instead of walking a whole stored request.
+    """
+    celery_app = current_app.extensions["celery"]
+    argsrepr = f"[{args[0]!r}, ...]" if len(args) > 1 else repr(args)
+    celery_app.send_task(
+        name,
+        args=args,
+        queue=queue,
+        ignore_result=True,
+        reply_to=celery_app.oid,
+        argsrepr=argsrepr,
+        kwargsrepr="{}",
+    )
 
 
 def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:

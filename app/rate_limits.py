@@ -10,7 +10,8 @@ a checked request carry OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,
 headers for the tightest limit of each kind.
 
 Open SSE connections of a tenant (job resumes and batch event streams) hold a lease each
-(`app.leases`), at most TENANT_MAX_EVENT_STREAMS at once, released when the connection ends.
+(`app.leases`), at most TENANT_MAX_EVENT_STREAMS at once (0, the default: no limit and no
+lease), released when the connection ends.
 
 Defaults are the [sluice] settings; `[rate_limits.tenants.NAME]` overrides any of them
 for one tenant (by name).

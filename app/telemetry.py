@@ -265,6 +265,18 @@ def minutes(
     ]
 
 
+def merge(hashes: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Minute hashes summed into one (sampled queue depths: the deepest)."""
+    merged: dict[str, float] = {}
+    for h in hashes:
+        for field, n in h.items():
+            if field.startswith("qd|"):  # a sampled gauge: the deepest in the step
+                merged[field] = max(merged.get(field, 0.0), n)
+            else:
+                merged[field] = merged.get(field, 0.0) + n
+    return merged
+
+
 def bucket_counts(hashes: Iterable[Mapping[str, float]], prefix: str, size: int) -> list[float]:
     """Per-bucket counts (not cumulative) of one histogram, summed over hashes."""
     counts = [0.0] * (size + 1)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ async def sse_stream(
     headers: dict[str, str],
     *,
     idle: bool = False,
+    on_open: Callable[[], None] | None = None,
 ) -> Result:
     """One SSE request over a raw connection: chunked decoding, `data:` lines, [DONE]."""
     result = Result()
@@ -76,6 +78,8 @@ async def sse_stream(
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
         status_line = await reader.readline()
         result.status = int(status_line.split()[1]) if status_line else 0
+        if on_open is not None:
+            on_open()
         chunked = False
         while True:
             line = await reader.readline()
@@ -208,6 +212,7 @@ class BenchStack:
             "SLUICE_LOG_LEVEL": "WARNING",
             "SLUICE_STREAM_MAX_CONCURRENT": "0",
             "SLUICE_STREAM_MAX_PER_TENANT": "0",
+            "SLUICE_TENANT_MAX_EVENT_STREAMS": "0",  # the idle phase: 10,000 on one tenant
         }
         os.environ.update(self.env)
         py = sys.executable
@@ -258,6 +263,16 @@ class BenchStack:
 
     def pids(self) -> list[int]:
         return self.web_pids() + self.worker_pids()
+
+    def redis_pids(self) -> list[int]:
+        """The Redis server's process, when it runs on this machine (else none: not counted)."""
+        if getattr(self, "redis_proc", None) is not None:
+            return [self.redis_proc.pid]
+        try:
+            pid = int(redis.Redis.from_url(self.redis_url).info("server")["process_id"])
+        except (redis.RedisError, KeyError, ValueError):
+            return []
+        return [pid] if Path(f"/proc/{pid}").exists() else []
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -328,15 +343,7 @@ async def run_load(stack: BenchStack) -> list[dict[str, Any]]:
         total = max(concurrency, stack.args.streams if concurrency == 1 else concurrency * 2)
         await wave(stack, min(concurrency, 10), min(concurrency, 10), direct=False)  # warm
         direct, direct_wall = await wave(stack, concurrency, total, direct=True)
-        web, workers = stack.web_pids(), stack.worker_pids()
-        idle0 = (cpu_seconds(web), cpu_seconds(workers))
-        await asyncio.sleep(3)  # the processes' background CPU, to take out of the figure
-        cpu0 = (cpu_seconds(web), cpu_seconds(workers))
-        idle_rate = [(b - a) / 3 for a, b in zip(idle0, cpu0, strict=True)]
-        sluice, wall = await wave(stack, concurrency, total, direct=False)
-        cpu1 = (cpu_seconds(web), cpu_seconds(workers))
-        used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
-        net = [max(0.0, u - r * wall) for u, r in zip(used, idle_rate, strict=True)]
+        sluice, wall, used, net = await measured_wave(stack, concurrency, total)
         cpu = sum(used)
         d, s = summarise(direct), summarise(sluice)
         expected = direct[0].text if direct and direct[0].ok else None
@@ -362,9 +369,60 @@ async def run_load(stack: BenchStack) -> list[dict[str, Any]]:
                 "cpu_ms_per_stream": cpu * 1000 / total,
                 "net_web_ms": net[0] * 1000 / total,
                 "net_worker_ms": net[1] * 1000 / total,
+                "net_redis_ms": net[2] * 1000 / total,
+                "streams_per_s": total / wall,
             }
         )
     return rows
+
+
+async def measured_wave(
+    stack: BenchStack, concurrency: int, total: int
+) -> tuple[list[Result], float, list[float], list[float]]:
+    """A Sluice wave with the CPU seconds of web, workers and Redis: used, and net of idle
+    (each process's background CPU, measured for 3 s before, taken out)."""
+    groups = [stack.web_pids(), stack.worker_pids(), stack.redis_pids()]
+    idle0 = [cpu_seconds(g) for g in groups]
+    await asyncio.sleep(3)
+    cpu0 = [cpu_seconds(g) for g in groups]
+    idle_rate = [(b - a) / 3 for a, b in zip(idle0, cpu0, strict=True)]
+    results, wall = await wave(stack, concurrency, total, direct=False)
+    cpu1 = [cpu_seconds(g) for g in groups]
+    used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+    net = [max(0.0, u - r * wall) for u, r in zip(used, idle_rate, strict=True)]
+    return results, wall, used, net
+
+
+async def run_breakdown(stack: BenchStack) -> list[dict[str, Any]]:
+    """CPU per part: waves of 1-token and N-token streams at each concurrency; the
+    difference over N-1 deltas is the per-delta cost, the rest the per-stream set-up."""
+    args = stack.args
+    tokens = args.tokens
+    rows = []
+    for concurrency in args.concurrency:
+        total = max(concurrency * 4, args.streams)
+        per: dict[int, list[float]] = {}
+        cut = 0
+        for n in (1, tokens):
+            args.tokens = n
+            await wave(stack, min(concurrency, 10), min(concurrency, 10), direct=False)  # warm
+            results, _, _, net = await measured_wave(stack, concurrency, total)
+            cut += sum(1 for r in results if not r.ok)
+            per[n] = [x * 1000 / total for x in net]
+        args.tokens = tokens
+        delta = [(b - a) / max(1, tokens - 1) for a, b in zip(per[1], per[tokens], strict=True)]
+        setup = [a - d for a, d in zip(per[1], delta, strict=True)]
+        rows.append(
+            {"concurrency": concurrency, "streams": total, "setup": setup, "delta": delta,
+             "whole": per[tokens], "tokens": tokens, "cut": cut}
+        )  # fmt: skip
+    return rows
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page for p in pids)
 
 
 def redis_clients(url: str) -> int:
@@ -384,46 +442,47 @@ async def run_idle(stack: BenchStack) -> dict[str, Any]:
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 ids.append(response.headers["x-sluice-job-id"])
     web_pid = children(stack.procs["web"].pid)
-    opened = asyncio.Event()
-    count = 0
+    rss_before = rss_bytes(web_pid)
+    opened = 0
+
+    def one_opened() -> None:
+        nonlocal opened
+        opened += 1
 
     async def subscriber(job_id: str) -> Result:
-        nonlocal count
-        result = await sse_stream(stack.web_port, f"/v1/jobs/{job_id}/events", None, headers)
-        return result
+        path = f"/v1/jobs/{job_id}/events"
+        return await sse_stream(stack.web_port, path, None, headers, on_open=one_opened)
 
     started = time.perf_counter()
-    tasks = [asyncio.create_task(subscriber(ids[i % jobs])) for i in range(n)]
-    # wait until the web process holds all the connections
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        await asyncio.sleep(1)
-        established = sum(
-            1
-            for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
-            if line.split()[1].endswith(f":{stack.web_port:04X}") and line.split()[3] == "01"
-        )
-        if established >= n:
-            break
+    tasks: list[asyncio.Task[Result]] = []
+    # open them in waves (at most 500 waiting for their answer) so no SYN overflows the
+    # listen backlog into the kernel's retransmit back-off; all of them stay open
+    deadline = time.monotonic() + 600
+    while len(tasks) < n and time.monotonic() < deadline:
+        if len(tasks) - opened < 500:
+            for _ in range(min(100, n - len(tasks))):
+                tasks.append(asyncio.create_task(subscriber(ids[len(tasks) % jobs])))
+        await asyncio.sleep(0.02)
+    while opened < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
     open_s = time.perf_counter() - started
     await asyncio.sleep(2)
     cpu0 = cpu_seconds(web_pid)
     await asyncio.sleep(10)
     idle_cpu = (cpu_seconds(web_pid) - cpu0) / 10
     with_streams = redis_clients(stack.redis_url)
-    rss = sum(
-        int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        for p in web_pid
-    )
+    rss = rss_bytes(web_pid)
     ended = time.perf_counter()
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
         for job_id in ids:
             await http.post(f"/v1/jobs/{job_id}/cancel")
     results = await asyncio.gather(*tasks)
     fanout = time.perf_counter() - ended
-    del opened, count
     return {
         "idle_streams": n,
+        "opened": opened,
+        "web_rss_before_mb": rss_before / 2**20,
+        "kb_per_relay": (rss - rss_before) / max(1, opened) / 1024,
         "jobs": jobs,
         "open_s": open_s,
         "redis_clients_before": before,
@@ -450,10 +509,10 @@ def _print_load(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(
         "| streams at once | TTFT direct p50 | TTFT Sluice p50 | TTFT overhead p50 / p99 "
         "| total direct p50 / p99 | total Sluice p50 / p99 "
-        "| inter-token added p50 / p99 | deltas/s Sluice (direct) | cut streams "
-        "| CPU ms per stream (web+worker) | net of idle: web + worker |"
+        "| inter-token added p50 / p99 | deltas/s Sluice (direct) | streams/s | cut streams "
+        "| CPU ms per stream (web+worker+Redis) | net of idle: web + worker + Redis |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['concurrency']} ({r['streams']} streams) | {r['direct_ttft50']:.1f} ms "
@@ -461,25 +520,46 @@ def _print_load(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
             f"| {r['direct_total50']:.0f} / {r['direct_total99']:.0f} ms "
             f"| {r['sluice_total50']:.0f} / {r['sluice_total99']:.0f} ms "
             f"| {r['gap_added50']:.1f} / {r['gap_added99']:.1f} ms "
-            f"| {r['deltas_per_s']:.0f} ({r['direct_deltas_per_s']:.0f}) | {r['cut']} "
+            f"| {r['deltas_per_s']:.0f} ({r['direct_deltas_per_s']:.0f}) "
+            f"| {r['streams_per_s']:.1f} | {r['cut']} "
             f"| {r['cpu_ms_per_stream']:.1f} "
-            f"| {r['net_web_ms']:.1f} + {r['net_worker_ms']:.1f} |"
+            f"| {r['net_web_ms']:.1f} + {r['net_worker_ms']:.1f} + {r['net_redis_ms']:.1f} |"
         )
         if r["errors"]:
             print(f"  errors: {r['errors']}")
 
 
+def print_breakdown(rows: list[dict[str, Any]]) -> None:
+    """CPU ms net of idle per part: set-up per stream and cost per delta, for each process."""
+    print(
+        "\n| streams at once | web set-up | worker set-up | Redis set-up | per delta: web "
+        "| per delta: worker | per delta: Redis | whole stream (tokens) | cut |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        (ws, ks, rs), (wd, kd, rd) = r["setup"], r["delta"]
+        print(
+            f"| {r['concurrency']} ({r['streams']} streams) | {ws:.2f} ms | {ks:.2f} ms "
+            f"| {rs:.2f} ms | {wd * 1000:.0f} us | {kd * 1000:.0f} us | {rd * 1000:.0f} us "
+            f"| {sum(r['whole']):.1f} ms ({r['tokens']}) | {r['cut']} |"
+        )
+
+
 def _print_idle(idle: dict[str, Any]) -> None:
     if idle:
         print(
-            "\n| idle open streams | jobs | time to open | Redis clients before / with streams "
-            "| web CPU while idle | web RSS | ended with an event | time to end all |"
+            "\n| idle open streams (opened) | jobs | time to open "
+            "| Redis clients before / with streams | web CPU while idle "
+            "| web RSS before / with streams | per relay | ended with an event | time to end all |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(
-            f"| {idle['idle_streams']} | {idle['jobs']} | {idle['open_s']:.1f} s "
+            f"| {idle['idle_streams']} ({idle['opened']}) | {idle['jobs']} "
+            f"| {idle['open_s']:.1f} s "
             f"| {idle['redis_clients_before']} / {idle['redis_clients_with_streams']} "
-            f"| {idle['web_cpu_idle_pct']:.1f} % | {idle['web_rss_mb']:.0f} MB "
+            f"| {idle['web_cpu_idle_pct']:.1f} % "
+            f"| {idle['web_rss_before_mb']:.0f} / {idle['web_rss_mb']:.0f} MB "
+            f"| {idle['kb_per_relay']:.1f} KB "
             f"| {idle['ended_with_event']} | {idle['end_all_s']:.1f} s |"
         )
 
@@ -495,10 +575,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
     parser.add_argument("--worker-concurrency", type=int, default=400, help="greenlets each")
     parser.add_argument("--keep", action="store_true", help="keep the stack's data dir")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="CPU per part instead of latency: 1-token and N-token waves at each concurrency",
+    )
     args = parser.parse_args(argv)
     stack = BenchStack(args)
     try:
         stack.start()
+        if args.breakdown:
+            print_breakdown(asyncio.run(run_breakdown(stack)))
+            return
         rows = asyncio.run(run_load(stack)) if args.concurrency != [0] else []
         print_tables(args, rows, None)
         if args.idle:

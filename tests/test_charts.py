@@ -72,7 +72,7 @@ def test_charts_api_gains_a_point_when_real_jobs_end(
 ) -> None:
     with httpx.Client(base_url=stack.url, timeout=30) as dash:
         assert dash.get("/dashboard/api/charts").status_code == 401
-        assert dash.get("/dashboard/", params={"key": admin_key}).status_code == 302
+        assert dash.post("/dashboard/login", data={"key": admin_key}).status_code == 302
         before = dash.get("/dashboard/api/charts", params={"window": "15m"}).json()
         wait_stream(client, stream_chat(client, "mock/demo"))
         batch = submit_documents(client, [{"id": "a", "text": "x"}], model="mock/echo").json()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +19,14 @@ from redis.retry import Retry
 
 from app.models import Batch, Job, utcnow
 from app.services import events, sweeper
-from tests.helpers import insert_batch, insert_job, tenant_of
+from tests.helpers import (
+    insert_batch,
+    insert_job,
+    stream_chat,
+    submit_documents,
+    tenant_of,
+    wait_batch,
+)
 from tests.stack import Stack
 
 
@@ -319,36 +326,170 @@ def test_live_feed_relays_events_over_sse(dash: httpx.Client, app_ctx: Flask, ap
     assert json.loads(data.removeprefix("data:"))["id"] == job_id
 
 
-def test_browser_renders_the_job_table_with_modes(
-    stack: Stack, app_ctx: Flask, admin_key: str, api_key: str, tmp_path: Path
-) -> None:
+ARTIFACTS = Path(__file__).resolve().parent.parent / "var" / "test-artifacts"
+SLOW = "mock/chat?length=160&tps=40&ttft_ms=200"  # about 4 s of text
+
+
+def _browser() -> Any:
+    """Playwright's Chromium: Debian's binary (no browser download), else skip."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    tenant = tenant_of(api_key)
-    stream_job = insert_job(tenant, "stream", "succeeded")
-    batch_job = insert_job(tenant, "batch", "running")
-    insert_batch(tenant, ["succeeded", "failed", "running", "queued"])
+    sync_api = pytest.importorskip("playwright.sync_api")
+    return sync_api, chromium
 
-    def run(*extra: str) -> subprocess.CompletedProcess[str]:
-        argv = [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1440,1200", *extra,
-            stack.url + login_link(stack, admin_key),
-        ]  # fmt: skip
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
-    dom = run("--dump-dom").stdout
-    assert 'id="jobs"' in dom, dom[:2000]
-    assert f'data-job-id="{stream_job.id}" data-mode="stream"' in dom
-    assert f'data-job-id="{batch_job.id}" data-mode="batch"' in dom
-    assert '<span class="mode-badge stream">stream</span>' in dom
-    assert '<span class="mode-badge batch">batch</span>' in dom
-    assert 'class="bar"' in dom and "Sign in" not in dom
-    assert admin_key not in dom
+def _grew(page: Any, selector: str, timeout: float = 20) -> list[int]:
+    """Lengths of an element's text, sampled until it has grown at least twice."""
+    lengths: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = len(page.locator(selector).inner_text())
+        if not lengths or n != lengths[-1]:
+            lengths.append(n)
+        if len([x for x in lengths if x > 0]) >= 3:
+            return lengths
+        page.wait_for_timeout(100)
+    raise AssertionError(f"{selector} did not grow: {lengths}")
 
-    shot = tmp_path / "dashboard.png"
-    run(f"--screenshot={shot}")
-    assert shot.is_file() and shot.stat().st_size > 20_000
+
+def test_browser_dashboard_job_page_and_playground(
+    stack: Stack, admin_key: str, client: httpx.Client
+) -> None:
+    """Headless Chromium through Playwright, as an operator would use the three pages."""
+    sync_api, chromium = _browser()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            # sign in with a one-time link; the key never reaches the page
+            page.goto(stack.url + login_link(stack, admin_key))
+            page.wait_for_selector("#jobs")
+            assert admin_key not in page.content()
+            page.wait_for_selector('#charts .chart[data-chart="jobs"][data-points]')
+            points = int(page.get_attribute('#charts .chart[data-chart="jobs"]', "data-points"))
+
+            # a stream and a batch appear with their modes, the bar advances, no reload
+            stream_id = stream_chat(client, SLOW)
+            docs = [{"id": str(i), "text": f"document {i}"} for i in range(6)]
+            batch = submit_documents(client, docs, model="mock/chat?ttft_ms=1500&length=5")
+            batch_id = batch.json()["id"]
+            page.wait_for_selector(f'tr[data-job-id="{stream_id}"][data-mode="stream"]')
+            page.wait_for_selector('tr[data-mode="batch"]')
+            labels = set()
+            deadline = time.monotonic() + 30
+            while "6 / 6" not in labels and time.monotonic() < deadline:
+                labels |= set(page.locator(".bar-label").all_inner_texts())
+                page.wait_for_timeout(150)
+            assert "6 / 6" in labels and any(
+                label.endswith("/ 6") and label != "6 / 6" for label in labels
+            ), labels
+            page.wait_for_function(
+                "n => +document.querySelector('#charts .chart[data-chart=\"jobs\"]')"
+                ".dataset.points > n",
+                arg=points,
+                timeout=20_000,
+            )
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+            # the job page of a running stream: its text grows, then it ends succeeded
+            running = stream_chat(client, SLOW)
+            page.goto(f"{stack.url}/dashboard/jobs/{running}")
+            _grew(page, "#output")
+            page.screenshot(path=str(ARTIFACTS / "job.png"), full_page=True)
+            page.wait_for_selector('#job[data-status="succeeded"]', timeout=30_000)
+            final = client.get(f"/v1/jobs/{running}").json()
+            page.wait_for_function(
+                "n => document.getElementById('output').textContent.length === n",
+                arg=len(final["output"]),
+            )
+            assert page.locator("#output").inner_text() == final["output"]
+            assert page.locator("#route-rule").inner_text() == final["route"]["rule"]
+
+            # the playground: progressive text, a dropped connection resumed exactly
+            page.goto(f"{stack.url}/dashboard/playground")
+            page.wait_for_selector("#model option[value='mock/chat']", state="attached")
+            page.evaluate(
+                "m => { const o = document.createElement('option'); o.value = o.textContent = m;"
+                " document.getElementById('model').appendChild(o); }",
+                SLOW,
+            )
+            page.select_option("#model", SLOW)
+            page.select_option("#mode", "stream")
+            page.fill("#prompt", "Tell me about rivers.")
+            page.click("#send")
+            _grew(page, "#answer")
+            page.evaluate("window.sluicePlayground.drop()")  # the connection, cut mid-answer
+            page.wait_for_selector("#answer[data-status]", timeout=30_000)
+            state = page.evaluate("window.sluicePlayground.state()")
+            assert state["resumes"] >= 1
+            job = client.get(f"/v1/jobs/{state['jobId']}")
+            assert job.status_code == 404  # the playground runs as the admin's own tenant
+            with httpx.Client(
+                base_url=stack.url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
+            ) as admin:
+                job = admin.get(f"/v1/jobs/{state['jobId']}").json()
+            assert job["status"] == "succeeded"
+            assert page.locator("#answer").inner_text() == job["output"]  # nothing lost or twice
+            assert page.locator("#ttft").inner_text().endswith("ms")
+            assert float(page.locator("#tps").inner_text()) > 0
+            page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+
+            # Stop cancels the job and keeps its partial text
+            page.click("#send")
+            _grew(page, "#answer")
+            page.click("#stop")
+            page.wait_for_selector('#answer[data-status="cancelled"]', timeout=30_000)
+        finally:
+            browser.close()
+    assert errors == [], errors
+    assert wait_batch(client, batch_id)["status"] == "completed"
+
+
+def _session_cookie(app: Flask, values: dict[str, Any], age_seconds: float) -> str:
+    """A dashboard session cookie as Flask signs it, made `age_seconds` ago."""
+    from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+    class Aged(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time() - age_seconds)
+
+    interface = app.session_interface
+    serializer = URLSafeTimedSerializer(
+        app.secret_key,
+        salt=interface.salt,  # type: ignore[attr-defined]
+        serializer=interface.serializer,  # type: ignore[attr-defined]
+        signer=Aged,
+        signer_kwargs={
+            "key_derivation": interface.key_derivation,  # type: ignore[attr-defined]
+            "digest_method": interface.digest_method,  # type: ignore[attr-defined]
+        },
+    )
+    return serializer.dumps(values)
+
+
+def test_a_wrong_key_and_an_expired_cookie_are_refused(
+    stack: Stack, app: Flask, admin_key: str
+) -> None:
+    from app.auth import lookup_key
+    from app.dashboard.access import SESSION_KEY
+
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        wrong = http.post("/dashboard/login", data={"key": "sk-sluice-not-a-key"})
+        assert wrong.status_code == 401 and "not a live admin key" in wrong.text
+        assert http.get("/dashboard/api/summary").status_code == 401
+    with app.app_context():
+        key = lookup_key(admin_key)
+        assert key is not None
+        values = {SESSION_KEY: key.id, "_permanent": True}
+    lifetime = app.permanent_session_lifetime.total_seconds()
+    for age, status in ((60, 200), (lifetime + 60, 401)):
+        cookie = _session_cookie(app, values, age)
+        with httpx.Client(base_url=stack.url, timeout=10, cookies={"session": cookie}) as http:
+            assert http.get("/dashboard/api/summary").status_code == status, age
+            page = http.get("/dashboard/jobs/job_x")
+            assert page.status_code == (404 if status == 200 else 302), age

@@ -17,6 +17,7 @@ from flask.testing import FlaskClient
 
 import app as app_package
 from app import policy
+from tests.stack import Stack
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
 DOCS = {"model": "mock/echo", "instructions": "x", "documents": [{"id": "1", "text": "one"}]}
@@ -399,3 +400,26 @@ def test_the_body_limit_holds_outside_v1_too(app: Flask, small_body_limit: int) 
     form = {"key": "k" * (small_body_limit * 2)}
     response = app.test_client().post("/dashboard/login", data=form)
     assert response.status_code == 413
+
+
+def test_a_revoked_key_is_refused_at_once_though_every_web_process_cached_it(
+    stack: Stack, app: Flask
+) -> None:
+    """Web processes cache live keys (app/auth.py KeyCache); a revocation, here by the CLI's
+    revoke_key in this process, is broadcast and drops the key everywhere at once."""
+    from app.auth import create_key, revoke_key
+
+    with app.app_context():
+        key, plaintext = create_key("t-revoked-cached")
+        key_id = key.id
+    headers = {"Authorization": f"Bearer {plaintext}"}
+    with httpx.Client(base_url=stack.url, headers=headers, timeout=10) as http:
+        # many connections, so each gunicorn worker process looks the key up and caches it
+        for _ in range(20):
+            response = http.get("/v1/models", headers={"Connection": "close"})
+            assert response.status_code == 200
+        with app.app_context():
+            assert revoke_key(key_id)
+        for _ in range(20):
+            response = http.get("/v1/models", headers={"Connection": "close"})
+            assert response.status_code == 401, response.text

@@ -7,6 +7,7 @@ in the schema (status, content type, body, headers). `pytest -m fuzz` runs it al
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ import schemathesis
 from flask import Flask
 from hypothesis import HealthCheck, Phase
 from schemathesis.checks import not_a_server_error
+from schemathesis.config._phases import InferenceConfig
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
@@ -28,8 +30,10 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.fuzz
 
-FUZZ_EXAMPLES = 12
-FUZZ_SCENARIOS = 25
+# a deeper run by hand: FUZZ_EXAMPLES=500 FUZZ_SCENARIOS=300 FUZZ_SEED=random pytest -m fuzz
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
+FUZZ_SCENARIOS = int(os.environ.get("FUZZ_SCENARIOS", "40"))
+DERANDOMIZE = os.environ.get("FUZZ_SEED") != "random"  # fixed cases: a failure reproduces
 REQUEST_TIMEOUT = 10.0
 CHECKS = [
     not_a_server_error,
@@ -41,7 +45,7 @@ CHECKS = [
 SETTINGS = hypothesis.settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
-    derandomize=True,  # the same cases every run: a failure here is reproducible
+    derandomize=DERANDOMIZE,
     database=None,
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck),
@@ -66,6 +70,9 @@ def fuzz_schema(stack: Stack, fuzz_key: str) -> Any:
         request_timeout=REQUEST_TIMEOUT,
         max_redirects=0,
     )
+    # only the spec's own links: inferred ones (a list -> its items) change with live state,
+    # which Hypothesis reports as a flaky strategy
+    schema.config.phases.stateful.inference = InferenceConfig(algorithms=[])
     return schema.exclude(operation_id=sorted(SKIPPED))
 
 
@@ -79,14 +86,15 @@ def test_every_operation_answers_in_its_schema_and_never_5xx(fuzz_schema: Any) -
         @hypothesis.given(case=operation.as_strategy())
         @SETTINGS
         def fuzz(case: Any) -> None:
-            response = case.call_and_validate(checks=CHECKS)
             label = case.operation.label
+            try:
+                response = case.call_and_validate(checks=CHECKS)
+            except Exception as exc:  # collected, so Hypothesis never replays live state
+                failures.append(f"{label}: {type(exc).__name__}: {str(exc)[:3000]}")
+                return
             seen[label] = seen.get(label, "") + str(response.status_code)[0]
 
-        try:
-            fuzz()
-        except Exception as exc:  # every operation's failures, not only the first's
-            failures.append(f"{operation.label}: {str(exc)[:3000]}")
+        fuzz()
     assert not failures, "\n\n".join(failures)
     answered = [label for label, codes in seen.items() if "2" in codes]
     assert len(answered) >= 15, seen  # the fuzz reached past validation on most routes
@@ -94,24 +102,43 @@ def test_every_operation_answers_in_its_schema_and_never_5xx(fuzz_schema: Any) -
 
 @pytest.mark.timeout(90)
 def test_stateful_links_answer_in_their_schema_and_never_5xx(fuzz_schema: Any) -> None:
-    machine = fuzz_schema.as_state_machine()
+    # the dashboard's operations need a browser session: they never answer a bearer key's
+    # call with an object to follow, so they stay out of the scenarios
+    machine = fuzz_schema.exclude(tag="dashboard").as_state_machine()
     steps: list[str] = []
+    failures: list[str] = []
 
     class Machine(machine):  # type: ignore[misc,valid-type]
+        def call(self, case: Any, **kwargs: Any) -> Any:
+            try:
+                return super().call(case, **kwargs)
+            except Exception as exc:  # a timeout or a dropped connection: reported below
+                failures.append(f"{case.operation.label}: {type(exc).__name__}: {exc}")
+                raise
+
         def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
             steps.append(f"{case.operation.label} {response.status_code}")
-            case.validate_response(response, checks=CHECKS)
+            try:
+                case.validate_response(response, checks=CHECKS)
+            except Exception as exc:  # collected, so Hypothesis never replays live state
+                failures.append(f"{case.operation.label}: {type(exc).__name__}: {str(exc)[:3000]}")
 
-    Machine.run(
-        settings=hypothesis.settings(
-            max_examples=FUZZ_SCENARIOS,
-            stateful_step_count=6,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
+    try:
+        Machine.run(
+            settings=hypothesis.settings(
+                max_examples=FUZZ_SCENARIOS,
+                stateful_step_count=6,
+                deadline=None,
+                derandomize=DERANDOMIZE,
+                database=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
         )
-    )
+    except hypothesis.errors.FlakyStrategyDefinition:
+        # the links' bundles fill from live answers, and Hypothesis notices when a replayed
+        # prefix draws differently: the exploration ends there; what it found is below
+        assert len(steps) >= FUZZ_SCENARIOS, steps
+    assert not failures, "\n\n".join(failures)
     followed = {step for step in steps if "{" in step and " 2" in step}
     assert followed, steps  # a link carried a created object's id to the next call

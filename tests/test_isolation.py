@@ -37,6 +37,11 @@ MATRIX: dict[str, str | None] = {
     "v1.keys.revoke": "key",  # admin-only: a tenant's key gets 403 before any lookup
     "v1.models.get_model": None,  # model names are the deployment's, not a tenant's
     "dashboard.static": None,  # files, not ids
+    # the job page reads any tenant's job for an admin's session; a tenant key cannot sign in
+    "dashboard.job_page": None,
+    "dashboard.api_job": None,
+    "dashboard.api_job_events": None,
+    "dashboard.api_job_cancel": None,
     "static": None,
 }
 EXPECTED = {"key": 403}  # every other kind: 404

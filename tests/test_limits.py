@@ -402,3 +402,43 @@ def test_document_batch_form_parts_are_bounded(http: FlaskClient, app: Flask) ->
         response = upload(http, *[(b"text", f"{i}.txt") for i in range(105)])
     error = error_of(response, 413)
     assert error["code"] == "too_many_documents" and "form parts" in error["message"]
+
+
+def test_one_bad_file_costs_only_its_own_answer(http: FlaskClient, app: Flask) -> None:
+    bomb = zip_with({"[Content_Types].xml": b"<x/>", "word/document.xml": b" " * 2_000_000})
+    odd = patched_headers(
+        zip_with({"[Content_Types].xml": b"<x/>"}, zipfile.ZIP_STORED), 8, b"c\x00"
+    )
+    files = [(bomb, "bomb.docx"), (docx_bytes("one"), "one.docx"), (odd, "odd.docx")]
+    files += [(docx_bytes("two"), "two.docx")]
+    with tuned(app, BATCH_MAX_UNCOMPRESSED_BYTES=1_000_000):
+        error = error_of(upload(http, *files), 422)
+    assert {d["document_id"] for d in error["details"]} == {"bomb.docx", "odd.docx"}
+
+
+@pytest.mark.unit
+def test_an_extractor_goes_on_after_a_file_it_gave_up_on() -> None:
+    from dataclasses import replace
+
+    from app import extraction
+
+    limits = extraction.Limits(10, 10**8, 10**6, 2 * 1024**3, 0.001)
+    with extraction.Extractor(limits) as reader:
+        with pytest.raises(ValueError, match="EXTRACT_TIMEOUT_SECONDS"):
+            reader.extract(".docx", docx_bytes())
+        reader.limits = replace(limits, seconds=60)
+        assert reader.extract(".docx", docx_bytes("first")) == "first"
+        assert reader.extract(".docx", docx_bytes("second")) == "second"  # the same process
+
+
+@pytest.mark.unit
+def test_extracted_text_and_large_files_through_the_pipe() -> None:
+    from app import extraction
+
+    limits = extraction.Limits(10, 10**8, 1000, 2 * 1024**3, 60)
+    with extraction.Extractor(limits) as reader:
+        with pytest.raises(ValueError, match="more than 1000 bytes of text"):
+            reader.extract(".docx", docx_bytes("x" * 2000))
+        padded = pdf_pages(1) + b"\n%" + b" " * 3_000_000
+        assert len(padded) > 3_000_000
+        assert reader.extract(".pdf", padded) == ""  # 3 MB written whole; a blank page

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 from flask import Flask
+from werkzeug.exceptions import InternalServerError
 
 from app.logs import REQUEST_LOGGER, JsonFormatter, redact
 from tests.helpers import app_client, submit_documents, tenant_of, tuned_batch_worker, wait_batch
@@ -100,6 +101,7 @@ def test_a_500_is_logged_with_its_traceback_and_request_id(
         response = broken.test_client().get("/explode", headers={"X-Request-ID": "boom-1"})
     assert response.status_code == 500
     assert response.get_json()["error"]["type"] == "server_error"
+    assert "boom-1" in response.get_json()["error"]["message"]  # to quote when reporting it
     assert response.headers["X-Request-ID"] == "boom-1"
     [record] = [r for r in caplog.records if r.name == "app.errors"]
     line = formatted(record)
@@ -136,3 +138,19 @@ def test_the_request_id_rides_with_the_task_onto_every_line_of_the_job(
         if line["logger"].startswith(TASK_LOGGERS) and any(t in line["message"] for t in tasks):
             assert line.get("request_id") == request_id, line
     assert api_key not in text
+
+
+def test_an_internal_server_error_raised_as_such_is_logged_too(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = make_app()
+
+    def abort_500() -> str:
+        raise InternalServerError()
+
+    broken.add_url_rule("/abort", "abort_500", abort_500)
+    with caplog.at_level(logging.ERROR, logger="app.errors"):
+        response = broken.test_client().get("/abort", headers={"X-Request-ID": "abort-1"})
+    assert response.status_code == 500
+    [record] = [r for r in caplog.records if r.name == "app.errors"]
+    assert formatted(record)["request_id"] == "abort-1"

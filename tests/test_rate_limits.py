@@ -162,7 +162,9 @@ def test_open_event_streams_per_tenant(app: Flask) -> None:
         again = client.get(path, buffered=False)
         assert again.status_code == 200
         again.close()
-    with tuned(app, RATE_LIMITS={name: {"tenant_max_event_streams": 0}}):
+    with tuned(
+        app, TENANT_MAX_EVENT_STREAMS=1, RATE_LIMITS={name: {"tenant_max_event_streams": 0}}
+    ):
         unlimited = [client.get(path, buffered=False) for _ in range(3)]
         assert all(r.status_code == 200 for r in unlimited)
         for response in unlimited:

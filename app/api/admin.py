@@ -72,7 +72,7 @@ def stats(window: int) -> dict[str, Any]:
     """Counts, queue depths and latency percentiles; one indexed query and two Redis trips."""
     client = redis_store.client
     in_flight = queries.job_counts()
-    hashes = [h for _, h in telemetry.minutes(window, client)]
+    hashes = [telemetry.merge([h for _, h in telemetry.minutes(window, client)])]
     totals = telemetry.totals(client)
     ended = queries.ended_counts(hashes)
     counts = {mode: in_flight.get(mode, {}) | ended.get(mode, {}) for mode in job_model.MODES}

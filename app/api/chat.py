@@ -10,7 +10,7 @@ from flask.typing import ResponseReturnValue
 
 from app import sse
 from app.extensions import current_flask_app, db
-from app.models import Job, epoch
+from app.models import Job, epoch, new_id
 from app.models.job import TERMINAL
 from app.policy import Preferences, Route
 from app.providers import ChatRequest
@@ -141,15 +141,24 @@ def run_routed(
     prefer: Preferences | None = None,
 ) -> Response:
     """Run a routed chat body: SSE (or one completion) for stream, 202 for batch."""
-    job, route = front_door.start_chat_job(
-        tenant_id, body, route, endpoint=endpoint, priority=priority
-    )
+    job_id = new_id("job_")
+    tail = make_tail(job_id)
+    if route.mode == "stream":
+        tail.subscribe()  # before the task is sent: the relay needs no first read
+    try:
+        job, route = front_door.start_chat_job(
+            tenant_id, body, route, endpoint=endpoint, priority=priority, job_id=job_id
+        )
+    except BaseException:
+        tail.close()
+        raise
     if route.mode == "batch":
+        tail.close()
         return accepted_response(job, route, prefer or Preferences(), endpoint)
-    return stream_response(job, body, route)
+    return stream_response(job, body, route, tail)
 
 
-def stream_response(job: Job, body: ChatRequest, route: Route) -> Response:
+def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Response:
     """The answer of a started stream job: its SSE relay, or one collected completion."""
     db.session.remove()  # never hold a session across the relay
     headers = {
@@ -158,11 +167,15 @@ def stream_response(job: Job, body: ChatRequest, route: Route) -> Response:
         "Location": f"/v1/jobs/{job.id}",
     }
     created = epoch(job.created_at)
-    tail = make_tail(job.id)
     if body.stream:
         renderer = ChunkRenderer(job.id, body.model, created, body.include_usage)
-        return sse_response(tail, renderer, headers, on_disconnect(route.on_disconnect, tail))
-    outcome = collect(tail)
+        response = sse_response(tail, renderer, headers, on_disconnect(route.on_disconnect, tail))
+        response.call_on_close(tail.close)  # a body never iterated still unsubscribes
+        return response
+    try:
+        outcome = collect(tail)
+    finally:
+        tail.close()
     if outcome.error is not None:
         status = _ERROR_STATUS.get(str(outcome.error.get("type")), 500)
         response = jsonify({"error": outcome.error})

@@ -7,7 +7,7 @@ whatever the number of jobs in the database: nothing here touches the jobs table
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -17,17 +17,6 @@ from app.models import job as job_model
 
 WINDOWS = {"15m": (900, 60), "1h": (3600, 60), "24h": (86400, 600)}  # seconds, step
 DEFAULT_WINDOW = "1h"
-
-
-def _merge(hashes: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    merged: dict[str, float] = {}
-    for h in hashes:
-        for field, n in h.items():
-            if field.startswith("qd|"):  # a sampled gauge: the deepest in the step
-                merged[field] = max(merged.get(field, 0.0), n)
-            else:
-                merged[field] = merged.get(field, 0.0) + n
-    return merged
 
 
 def _ended(h: Mapping[str, float], mode: str) -> tuple[float, float]:
@@ -52,7 +41,7 @@ def series(
     t: list[int] = []
     for group in steps:
         t.append(group[0][0])
-        h = _merge([m for _, m in group])
+        h = telemetry.merge([m for _, m in group])
         span = 60.0 * len(group)
         for mode in job_model.MODES:
             for name, bounds in (

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, union_all
 from sqlalchemy.orm import load_only
 
 from app.extensions import db
@@ -29,10 +29,17 @@ def job_counts() -> dict[str, dict[str, int]]:
     counted by the maintained counters (`app.telemetry`).
     """
     counts = {mode: dict.fromkeys(ACTIVE, 0) for mode in job_model.MODES}
+    # one equality per status (not IN): SQLite then searches the status index instead of
+    # scanning a covering one (1 s at 10 million rows, against 0.1 ms)
     rows = db.session.execute(
-        select(Job.mode, Job.status, func.count())
-        .where(Job.status.in_(ACTIVE))
-        .group_by(Job.mode, Job.status)
+        union_all(
+            *(
+                select(Job.mode, Job.status, func.count())
+                .where(Job.status == status)
+                .group_by(Job.mode, Job.status)
+                for status in ACTIVE
+            )
+        )
     )
     for mode, status, count in rows:
         counts.setdefault(mode, dict.fromkeys(ACTIVE, 0))[status] = count
@@ -102,7 +109,7 @@ def _tokens(usage: dict[str, Any] | None) -> int | None:
     return sum(p for p in parts if isinstance(p, int)) or None
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
@@ -165,9 +172,9 @@ def job_dict(job: Job, tenant_name: str | None) -> dict[str, Any]:
         "item_id": job.item_id,
         "finish_reason": job.finish_reason,
         "error": _error_message(job.error),
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
     }
 
 
@@ -220,6 +227,6 @@ def batch_dict(batch: Batch, tenant_name: str | None, items: dict[str, int]) -> 
         "running": items.get("running", 0),
         "queued": items.get("queued", 0),
         "tokens": (batch.prompt_tokens or 0) + (batch.completion_tokens or 0),
-        "created_at": _iso(batch.created_at),
-        "completed_at": _iso(batch.completed_at),
+        "created_at": iso(batch.created_at),
+        "completed_at": iso(batch.completed_at),
     }

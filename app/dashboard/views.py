@@ -63,7 +63,7 @@ def _require_admin() -> ResponseReturnValue | None:
         return _login_page(KEY_IN_URL, target, 400)
     if access.current_admin() is not None:
         return None
-    if request.endpoint in API_ENDPOINTS:
+    if request.endpoint in API_ENDPOINTS or request.path.startswith("/dashboard/api/"):
         return error_response(APIError(401, "Dashboard needs an admin key.", code="unauthorized"))
     return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
 

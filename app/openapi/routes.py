@@ -37,7 +37,17 @@ LAST_EVENT_ID = Param(
 )
 JOB_STATUS = string(enum=list(job_model.STATUSES))
 
-SSE_BODY = {SSE: string(description="Server-Sent Events")}
+SSE_EVENT = {  # one event of the stream (as OpenAPI 3.2's itemSchema describes SSE)
+    "type": "object",
+    "description": "A Server-Sent Event; `data` is one JSON object per event (or `[DONE]`)",
+    "properties": {
+        "event": string(),
+        "data": string(),
+        "id": string(),
+        "retry": integer(minimum=0),
+    },
+}
+SSE_BODY = {SSE: SSE_EVENT}
 JOB_LINKS = {
     "GetJob": ("v1.jobs.show_job", "job_id"),
     "CancelJob": ("v1.jobs.cancel_job", "job_id"),
@@ -68,7 +78,7 @@ ACCEPTED_JOB = json_response(
 STREAMED = Response(
     "A stream route: the job's SSE (`chat.completion.chunk` events, then `[DONE]`), or with"
     " `Prefer: wait=N` a finished job",
-    {SSE: SSE_BODY[SSE], JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
+    {SSE: SSE_EVENT, JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
     headers=("X-Sluice-Job-Id", "X-Sluice-Route"),
     links=JOB_LINKS,
 )
@@ -82,7 +92,7 @@ ROUTES: dict[str, Operation] = {
             "200": Response(
                 "`stream: true`: SSE of `chat.completion.chunk`; otherwise one"
                 " `chat.completion` (or, with `Prefer: wait=N`, the finished job's)",
-                {SSE: SSE_BODY[SSE], JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
+                {SSE: SSE_EVENT, JSON: {"anyOf": [s.ChatCompletion, s.Job]}},
                 headers=("X-Sluice-Job-Id", "X-Sluice-Route"),
                 links=JOB_LINKS,
             ),
@@ -353,10 +363,83 @@ ROUTES: dict[str, Operation] = {
         params=(Param("limit", string()),),
         security="session",
     ),
+    "dashboard.api_charts": Operation(
+        "Dashboard: every chart's series over a window",
+        "dashboard",
+        {"200": json_response("Series", s.AnyObject)},
+        params=(Param("window", string(examples=["15m", "1h", "24h"])),),
+        security="session",
+    ),
     "dashboard.stream": Operation(
         "Dashboard live feed (flask-sse message format)",
         "dashboard",
         {"200": Response("SSE", SSE_BODY)},
+        security="session",
+    ),
+    "dashboard.api_charts": Operation(
+        "Dashboard charts: every series over a window, from the per-minute rollup",
+        "dashboard",
+        {"200": json_response("Series by name, with their step starts", s.AnyObject)},
+        params=(Param("window", string(enum=["15m", "1h", "24h"], default="1h")),),
+        security="session",
+    ),
+    "dashboard.job_page": Operation(
+        "A job's page: fields, route, timeline, usage, error, live text",
+        "dashboard",
+        {
+            "200": Response("The page", {HTML: string()}),
+            "302": Response("Sign in first", headers=("Location",)),
+            "404": Response("No such job", {HTML: string()}),
+        },
+        security="session",
+    ),
+    "dashboard.api_job": Operation(
+        "A job of any tenant, as GET /v1/jobs/{id} plus tenant, request and timeline",
+        "dashboard",
+        {"200": json_response("The job", s.AnyObject)},
+        security="session",
+    ),
+    "dashboard.api_job_events": Operation(
+        "A job's SSE relay, as GET /v1/jobs/{id}/events (any tenant)",
+        "dashboard",
+        {
+            "200": Response("The job's SSE from the start or after Last-Event-ID", SSE_BODY),
+            "204": Response("Not a stream job, its log expired, or the client has seen the end"),
+        },
+        params=(LAST_EVENT_ID,),
+        security="session",
+    ),
+    "dashboard.api_job_cancel": Operation(
+        "Cancel a job of any tenant, as POST /v1/jobs/{id}/cancel",
+        "dashboard",
+        {"200": json_response("The job as it is after the cancel", s.Job)},
+        params=(Param("X-Sluice-Dashboard", string(enum=["1"]), "header", required=True),),
+        security="session",
+    ),
+    "dashboard.playground": Operation(
+        "The playground page",
+        "dashboard",
+        {
+            "200": Response("The page", {HTML: string()}),
+            "302": Response("Sign in first", headers=("Location",)),
+        },
+        security="session",
+    ),
+    "dashboard.api_models": Operation(
+        "The playground's model list, as GET /v1/models",
+        "dashboard",
+        {"200": json_response("Models", s.Listing[s.ModelObject])},
+        security="session",
+    ),
+    "dashboard.api_playground_submit": Operation(
+        "Submit a job as the signed-in admin key, as POST /v1/jobs",
+        "dashboard",
+        {  # as POST /v1/jobs answers, without its links (a session's, not a bearer's)
+            "200": Response(STREAMED.description, STREAMED.content, STREAMED.headers),
+            "202": Response(ACCEPTED_JOB.description, ACCEPTED_JOB.content, ACCEPTED_JOB.headers),
+        },
+        body=s.JobRequest,
+        params=(Param("X-Sluice-Dashboard", string(enum=["1"]), "header", required=True),),
         security="session",
     ),
     "dashboard.static": Operation(

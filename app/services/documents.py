@@ -381,11 +381,11 @@ def html_text(raw: str) -> str:
     return parser.text()
 
 
-def extract_text(name: str, data: IO[bytes], limits: extraction.Limits | None = None) -> str:
+def extract_text(name: str, data: IO[bytes], extractor: extraction.Extractor | None = None) -> str:
     """The text of one uploaded document; ValueError says what is wrong with it.
 
-    .pdf and .docx are read by a bounded subprocess (app/extraction.py) when `limits` are
-    given, which every request path does; without them, in this process (tests, tools).
+    .pdf and .docx are read by a bounded subprocess (app/extraction.py) given an `extractor`,
+    as every request path does; without one, in this process (tests, tools).
     """
     ext = os.path.splitext(name)[1].lower()
     if ext in TEXT_TYPES or ext in HTML_TYPES:
@@ -394,8 +394,8 @@ def extract_text(name: str, data: IO[bytes], limits: extraction.Limits | None = 
         except UnicodeDecodeError:
             raise ValueError("is not UTF-8 text") from None
         return html_text(text) if ext in HTML_TYPES else text
-    if ext in extraction.TYPES and limits is not None:
-        return extraction.extract(ext, data.read(), limits)
+    if ext in extraction.TYPES and extractor is not None:
+        return extractor.extract(ext, data.read())
     if ext == ".pdf":
         from pypdf import PdfReader
         from pypdf.errors import PyPdfError
@@ -429,6 +429,18 @@ def from_files(files: list[tuple[str, IO[bytes]]], intake: Intake) -> Iterator[B
     """Documents from uploaded files: one per text/html/pdf/docx file, one per JSONL line."""
     if not files:
         raise APIError(400, "upload at least one file (field name: files)", param="files")
+    reader = extraction.Extractor(intake.extraction) if intake.extraction else None
+    try:
+        yield from _from_files(files, intake, reader)
+    finally:
+        if reader is not None:
+            reader.close()
+    intake.finish()
+
+
+def _from_files(
+    files: list[tuple[str, IO[bytes]]], intake: Intake, reader: extraction.Extractor | None
+) -> Iterator[BatchItem]:
     for index, (name, data) in enumerate(files):
         name = name or f"file{index}"
         if name.lower().endswith(".jsonl"):
@@ -450,7 +462,7 @@ def from_files(files: list[tuple[str, IO[bytes]]], intake: Intake) -> Iterator[B
             )
             continue
         try:
-            text = extract_text(name, data, intake.extraction)
+            text = extract_text(name, data, reader)
         except ValueError as exc:
             intake.count += 1
             intake.problem(f"{name}: {exc}", file=name, document_id=name)
@@ -462,4 +474,3 @@ def from_files(files: list[tuple[str, IO[bytes]]], intake: Intake) -> Iterator[B
         item = intake.document(name, text, None, name, file=name)
         if item is not None:
             yield item
-    intake.finish()

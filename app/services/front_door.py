@@ -159,14 +159,21 @@ def replay(tenant_id: str, key: str | None) -> Batch | None:
 
 
 def start_chat_job(
-    tenant_id: str, body: ChatRequest, route: Route, *, endpoint: str, priority: int = 0
+    tenant_id: str,
+    body: ChatRequest,
+    route: Route,
+    *,
+    endpoint: str,
+    priority: int = 0,
+    job_id: str | None = None,
 ) -> tuple[Job, Route]:
     """Admit and start a routed chat job: a stream job holding a slot, or a background job.
 
     A stream route with no free slot overflows to batch when its rule allows it (the
-    route returned says so) or raises admission's 429.
+    route returned says so) or raises admission's 429. `job_id` names a stream job ahead
+    (its relay subscribed before the task is sent).
     """
-    job_id = new_id("job_")
+    job_id = job_id or new_id("job_")
     if route.mode == "stream" and acquire_stream_slot(route, tenant_id, job_id) == "batch":
         route = remember(overflow_route(route))
     if route.mode == "batch":

@@ -368,10 +368,12 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
     pipe.set(lease_key(job_id), lease_value, nx=True, px=max(1, int(lease_seconds * 1000)))
     pipe.exists(cancel_key(job_id))
     pipe.exists(log_key(job_id))
-    got_lease, cancelled, has_log = pipe.execute()
+    # from here on the slot lapses with this worker (harmless if another holds the job: it
+    # renews the same slot; a no-op once the slot was released)
+    admission.renew_stream_slot(job_id, client=pipe)
+    got_lease, cancelled, has_log, _ = pipe.execute()
     if not got_lease:
         return "busy"  # another worker holds this job
-    admission.renew_stream_slot(job_id)  # from here on, the slot lapses with this worker
     try:
         if has_log:  # a redelivery after a crash: the client has seen text; never rerun
             fail_lost_job(job_id, check_lease=False, token=lease_value)
@@ -386,12 +388,13 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
                 return "missing"
         return _run(job_id, payload, worker, lease_value, lease_seconds)
     finally:
+        pipe = client.pipeline(transaction=False)
+        release_lease(pipe, job_id, lease_value)  # only if still ours
+        admission.release_stream_slot(job_id, client=pipe)
         try:
-            release_lease(client, job_id, lease_value)  # only if still ours
-        except redis.RedisError as exc:  # it lapses by itself
-            log.warning("job %s: lease not released: %r", job_id, exc)
-        finally:
-            _release(job_id)
+            pipe.execute()
+        except redis.RedisError as exc:  # both lapse by themselves
+            log.warning("job %s: lease or slot not released: %r", job_id, exc)
 
 
 def _mark_running(job_id: str, worker: str) -> tuple[str, Any] | None:

@@ -22,7 +22,13 @@ from flask import current_app
 
 from app.extensions import redis_client
 from app.streams.entries import Entry, entry_key, error_fields, is_terminal, parse_notice
-from app.streams.keys import BROADCAST_CHANNEL, NOTIFY_CHANNEL, lease_key, log_key
+from app.streams.keys import (
+    BROADCAST_CHANNEL,
+    KEYS_CHANNEL,
+    NOTIFY_CHANNEL,
+    lease_key,
+    log_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +106,20 @@ class StreamHub:
         )
         self._subs: dict[str, set[Subscription]] = {}
         self._feeds: set[Feed] = set()
+        self._revocations: list[Callable[[str | None], None]] = []
         self._lock = threading.Lock()
         self._started = False
         self._closed = threading.Event()
         self.connected = threading.Event()
 
-    def _start(self) -> None:
+    def _start(self, *, wait: bool = True) -> None:
         with self._lock:
             if self._started:
                 return
             self._started = True
-        threading.Thread(target=self._listen_forever, daemon=True, name="stream-hub").start()
-        self.connected.wait(5)
+            threading.Thread(target=self._listen_forever, daemon=True, name="stream-hub").start()
+        if wait:
+            self.connected.wait(5)
 
     def _listen_forever(self) -> None:
         backoff = 0.05
@@ -119,23 +127,35 @@ class StreamHub:
             conn = redis.Redis.from_url(
                 self.url, decode_responses=True, socket_connect_timeout=5, socket_keepalive=True
             )
-            pubsub = conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py
+            pubsub = conn.pubsub()  # type: ignore[no-untyped-call]  # redis-py
             try:
-                pubsub.subscribe(NOTIFY_CHANNEL, BROADCAST_CHANNEL)
+                channels = (NOTIFY_CHANNEL, BROADCAST_CHANNEL, KEYS_CHANNEL)
+                pubsub.subscribe(*channels)
+                confirmed = 0
+                while confirmed < len(channels):  # from here on, nothing published is missed
+                    reply = pubsub.get_message(timeout=5.0)
+                    if reply is None:
+                        raise redis.ConnectionError("no SUBSCRIBE confirmation")
+                    confirmed += reply.get("type") == "subscribe"
+                self._revoked(None)  # anything revoked while we were away
                 self.connected.set()
                 self._wake_all()  # anything published while we were away
                 backoff = 0.05
                 for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
-                    if message["channel"] == NOTIFY_CHANNEL:
+                    channel = message["channel"]
+                    if channel == NOTIFY_CHANNEL:
                         self._dispatch(message["data"])
-                    else:
+                    elif channel == BROADCAST_CHANNEL:
                         self._broadcast(message["data"])
+                    else:
+                        self._revoked(message["data"])
             except Exception as exc:
                 log.warning("stream hub lost its pub/sub connection: %r", exc)
             finally:
                 self.connected.clear()
+                self._revoked(None)
                 try:
                     pubsub.close()
                     conn.close()
@@ -160,6 +180,23 @@ class StreamHub:
                 sub.event.set()
             else:  # a bare notice, or a relay that is behind: it reads
                 sub.notify()
+
+    def _revoked(self, data: str | None) -> None:
+        for listener in tuple(self._revocations):
+            try:
+                listener(data)
+            except Exception:
+                log.exception("a key revocation listener failed")
+
+    def on_revocation(self, listener: Callable[[str | None], None]) -> None:
+        """Call listener(key hash) for each key revocation heard, and listener(None) when
+        revocations may have been missed (the connection was lost); starts the hub without
+        waiting for it. While `connected` is not set, nothing is heard."""
+        with self._lock:
+            if listener not in self._revocations:
+                self._revocations.append(listener)
+        if not self._started:
+            self._start(wait=False)
 
     def _broadcast(self, data: str) -> None:
         for feed in tuple(self._feeds):
@@ -237,6 +274,23 @@ class Tail:
     running: bool = False  # the job was (or has been seen) running
     check_lost: Callable[[str], bool] | None = None  # settle a job whose worker is gone
     outage_seconds: float = 30.0  # how long Redis may be unreachable before the relay ends
+    _sub: Subscription | None = None  # registered ahead by subscribe()
+
+    def subscribe(self) -> None:
+        """Register with the hub now, before the job's task is sent.
+
+        The log then cannot hold an entry the hub did not announce to this relay (or, if
+        the hub reconnects meanwhile, wake it for), so follow() skips its first read.
+        End with close() if follow() never runs.
+        """
+        if self._sub is None:
+            self._sub = self.hub.subscribe(self.job_id, self.after)
+
+    def close(self) -> None:
+        """Drop a subscription made by subscribe() (idempotent; follow() does it too)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            self.hub.unsubscribe(sub)
 
     def _unavailable(self) -> Entry:
         """The terminal error a relay ends with when Redis stays unreachable."""
@@ -253,11 +307,14 @@ class Tail:
         """Yield entries up to and including the terminal one; None means "send a ping"."""
         client = self.hub.client
         key = log_key(self.job_id)
-        sub = self.hub.subscribe(self.job_id, self.after)
+        sub = self._sub
+        # the hub's notice count this relay has read the log for; -1: read now
+        seen = -1 if sub is None else 0
+        if sub is None:
+            sub = self._sub = self.hub.subscribe(self.job_id, self.after)
         after = entry_key(self.after)
         wake_every = max(0.05, min(self.ping_seconds, self.lease_seconds / 2))
         last_ping = last_db_check = time.monotonic()
-        seen = -1  # the hub's notice count this relay has read the log for; -1: read now
         check_lease = more = False
         outage_since: float | None = None
         try:
@@ -326,4 +383,4 @@ class Tail:
                     last_ping = now
                     yield None
         finally:
-            self.hub.unsubscribe(sub)
+            self.close()

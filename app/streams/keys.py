@@ -4,6 +4,7 @@ from __future__ import annotations
 
 NOTIFY_CHANNEL = "sluice:stream-notify"  # "job X has new entries" notices (see entries.py)
 BROADCAST_CHANNEL = "sluice:dashboard"  # job and batch state changes (app/services/events.py)
+KEYS_CHANNEL = "sluice:keys-revoked"  # API key hashes revoked (app/auth.py's key cache)
 
 
 def log_key(job_id: str) -> str:

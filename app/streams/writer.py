@@ -6,7 +6,6 @@ the cancel flag); the terminal `done`/`error` entry sets the log's expiry.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -27,84 +26,80 @@ from app.streams.keys import NOTIFY_CHANNEL, cancel_key, lease_key, log_key
 
 
 class _Append:
-    """One queued append and, once sent, its answer."""
+    """One queued append and, once sent, its answer (or the call to send the next batch)."""
 
-    __slots__ = ("args", "done", "error", "keys", "result")
+    __slots__ = ("args", "done", "error", "keys", "lead", "result")
 
     def __init__(self, keys: list[str], args: list[Any]) -> None:
         self.keys = keys
         self.args = args
         self.done = threading.Event()
+        self.lead = False  # woken to send the next batch itself (it is at its head)
         self.result: Any = None
         self.error: BaseException | None = None
 
 
 class AppendBatcher:
-    """Sends the delta appends of every job running in a process through shared pipelines.
+    """Sends the delta appends of every job running in a process through shared round trips.
 
-    One sender thread (a greenlet under gevent) takes whatever appends are waiting and sends
-    them in one pipelined round trip; appends made while that trip is in flight go in the
-    next. An append made while the sender is idle goes out at once, so nothing is delayed;
-    under load many jobs' appends share one write and one read (per-job order is kept: a
-    job waits for its append's answer before making the next).
+    A combiner, with no thread of its own: an append made while no round trip is in flight
+    is sent at once by its own caller (no hand-off, no extra wake-up); appends made while
+    one is in flight queue up, and when it returns, the sender hands the queue to the
+    oldest waiter, who sends them all in one pipelined round trip. Per-job order is kept: a
+    job waits for its append's answer before making the next.
     """
 
     MAX_BATCH = 256
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._script = client.register_script(APPEND_SCRIPT)
+        self._sha = client.register_script(APPEND_SCRIPT).sha
         self._pending: deque[_Append] = deque()
-        self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._busy = False  # a round trip is in flight (its sender will hand over)
 
     def append(self, keys: list[str], args: list[Any]) -> Any:
         """Run the append script for one job; returns its answer (raises its error)."""
         item = _Append(keys, args)
-        self._pending.append(item)
-        self._ensure_sender()
-        self._wake.set()
-        item.done.wait()
+        with self._lock:
+            self._pending.append(item)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            item.done.wait()
+            lead = item.lead
+        if lead:
+            self._lead()
         if item.error is not None:
             raise item.error
         return item.result
 
-    def _ensure_sender(self) -> None:
-        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=self._run, daemon=True, name="delta-log-appender"
-                )
-                self._thread.start()
-
-    def _run(self) -> None:
+    def _lead(self) -> None:
+        """Send the waiting appends (the caller's among them), then hand over or go idle."""
         pending = self._pending
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while pending:
+        try:
+            with self._lock:
                 batch = [pending.popleft() for _ in range(min(len(pending), self.MAX_BATCH))]
-                self._send(batch)
+            self._send(batch)
+        finally:
+            with self._lock:
+                if pending:
+                    head = pending[0]
+                    head.lead = True
+                    head.done.set()
+                else:
+                    self._busy = False
 
     def _send(self, batch: list[_Append]) -> None:
         try:
-            if len(batch) == 1:
-                item = batch[0]
-                item.result = self._script(keys=item.keys, args=item.args)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for item in batch:
-                    self._script(keys=item.keys, args=item.args, client=pipe)
-                for item, answer in zip(batch, pipe.execute(raise_on_error=False), strict=True):
-                    if isinstance(answer, BaseException):
-                        item.error = answer
-                    else:
-                        item.result = answer
+            answers = run_script_calls(
+                self.client, APPEND_SCRIPT, self._sha, [(item.keys, item.args) for item in batch]
+            )
+            for item, answer in zip(batch, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    item.error = answer
+                else:
+                    item.result = answer
         except BaseException as exc:  # the round trip failed: every append in it did
             for item in batch:
                 if item.result is None:
@@ -112,6 +107,36 @@ class AppendBatcher:
         finally:
             for item in batch:
                 item.done.set()
+
+
+def run_script_calls(
+    client: redis.Redis, script: str, sha: str, calls: list[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """Run one Lua script for each (keys, args) in one round trip; an answer per call.
+
+    EVALSHA straight, without redis-py's pipeline script check (a SCRIPT EXISTS round trip
+    per pipeline); calls that find the script missing (a restarted Redis) are loaded and
+    run again: a NOSCRIPT call did not run, so nothing runs twice.
+    """
+    if len(calls) == 1:
+        keys, args = calls[0]
+        try:
+            return [client.evalsha(sha, len(keys), *keys, *args)]
+        except redis.exceptions.NoScriptError:
+            client.script_load(script)
+            return [client.evalsha(sha, len(keys), *keys, *args)]
+    pipe = client.pipeline(transaction=False)
+    for keys, args in calls:
+        pipe.evalsha(sha, len(keys), *keys, *args)
+    answers = list(pipe.execute(raise_on_error=False))
+    missing = [i for i, a in enumerate(answers) if isinstance(a, redis.exceptions.NoScriptError)]
+    if missing:
+        client.script_load(script)
+        for i, answer in zip(
+            missing, run_script_calls(client, script, sha, [calls[i] for i in missing]), strict=True
+        ):
+            answers[i] = answer
+    return answers
 
 
 _batchers: dict[int, AppendBatcher] = {}
@@ -236,9 +261,12 @@ def write_terminal(
 
 
 def release_lease(client: redis.Redis, job_id: str, token: str) -> bool:
-    """Drop a job's lease if `token` still holds it; True if it did."""
-    keys = [lease_key(job_id), log_key(job_id)]
-    return bool(client.register_script(LEASE_SCRIPT)(keys=keys, args=[token, 0]))
+    """Drop a job's lease if `token` still holds it; True if it did.
+
+    `client` may be a pipeline (the answer is then the pipeline's).
+    """
+    result = client.eval(LEASE_SCRIPT, 2, lease_key(job_id), log_key(job_id), token, 0)
+    return not isinstance(client, redis.client.Pipeline) and bool(result)
 
 
 def request_cancel(client: redis.Redis, job_id: str, ttl: int = 3600) -> None:

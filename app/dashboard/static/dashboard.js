@@ -131,7 +131,12 @@
       var tr = el("tr", "job-row mode-" + j.mode + (state.flash[j.id] ? " flash" : ""));
       tr.dataset.jobId = j.id;
       tr.dataset.mode = j.mode;
-      tr.appendChild(td(shortId(j.id), "mono", j.id));
+      var idCell = el("td", "mono");
+      var link = el("a", "job-link", shortId(j.id));
+      link.href = cfg.urls.jobPage + encodeURIComponent(j.id);
+      link.title = j.id;
+      idCell.appendChild(link);
+      tr.appendChild(idCell);
       tr.appendChild(td(j.tenant, null, j.tenant_id));
       var mode = el("td");
       mode.appendChild(modeBadge(j.mode));
