@@ -437,3 +437,15 @@ def test_a_retryable_submit_error_is_retried_with_backoff(
     batch = http.get(f"/v1/document-batches/{created['id']}").json()
     assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 2
     assert fresh_batch_apis.creates["anthropic"] == 1 and not fresh_batch_apis.fail_creates
+
+
+def test_spend_endpoint_shows_today_and_the_budget(http: httpx.Client, papp: Flask) -> None:
+    fresh = http.get("/v1/spend").json()
+    assert fresh["object"] == "spend" and fresh["spent_usd"] == 0.0
+    assert fresh["budget_usd"] == 100.0 and fresh["budget_left_usd"] == 100.0
+    created = doc_batch(http, "anthropic/echo", 2)
+    sweep_until(papp, status_of(http, created["id"]))
+    cost = http.get(f"/v1/document-batches/{created['id']}").json()["cost_usd"]
+    spent = http.get("/v1/spend").json()
+    assert cost > 0 and spent["spent_usd"] == pytest.approx(cost)
+    assert spent["budget_left_usd"] == pytest.approx(100.0 - cost)
