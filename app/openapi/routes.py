@@ -368,13 +368,6 @@ ROUTES: dict[str, Operation] = {
         params=(Param("limit", string()),),
         security="session",
     ),
-    "dashboard.api_charts": Operation(
-        "Dashboard: every chart's series over a window",
-        "dashboard",
-        {"200": json_response("Series", s.AnyObject)},
-        params=(Param("window", string(examples=["15m", "1h", "24h"])),),
-        security="session",
-    ),
     "dashboard.stream": Operation(
         "Dashboard live feed (flask-sse message format)",
         "dashboard",
