@@ -108,6 +108,11 @@ ROUTES: dict[str, Operation] = {
         body=s.JobRequest,
         params=(PREFER,),
     ),
+    "v1.spend.show_spend": Operation(  # #13
+        "The tenant's spend this UTC day (USD) and its daily budget, if any",
+        "jobs",
+        {"200": json_response("Spend", s.AnyObject)},
+    ),
     "v1.jobs.list_jobs": Operation(
         "List the tenant's jobs, newest first",
         "jobs",
