@@ -40,7 +40,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "BATCH_BACKOFF_BASE": (float, 1.0),  # seconds; doubles per retry, with jitter
     "BATCH_BACKOFF_MAX": (float, 60.0),
     "BATCH_RETRY_AFTER_MAX": (float, 300.0),  # cap on an upstream Retry-After
-    "BATCH_EVENTS_POLL_SECONDS": (float, 0.5),
+    "BATCH_EVENTS_MIN_INTERVAL_SECONDS": (float, 0.5),  # between two reads of one events stream
     "PROVIDER_LEASE_SECONDS": (float, 30.0),  # a dead worker's provider slots lapse after this
     "BATCH_LEASE_SECONDS": (float, 30.0),  # a dead or stuck chunk's items run again after this
     "BATCH_FAULT_WRITE_MARKER": (str, ""),  # tests only: fail result writes of marked outputs
@@ -58,8 +58,9 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "BATCH_MAX_FILE_BYTES": (int, 50_000_000),  # one uploaded .pdf/.docx, as sent
     "BATCH_MAX_UNCOMPRESSED_BYTES": (int, 200_000_000),  # a .docx's entries, unpacked
     "BATCH_MAX_PDF_PAGES": (int, 2000),
-    "EXTRACT_TIMEOUT_SECONDS": (float, 60.0),  # reading one .pdf/.docx (a subprocess)
+    "EXTRACT_TIMEOUT_SECONDS": (float, 30.0),  # reading one .pdf/.docx (a subprocess)
     "EXTRACT_MEMORY_BYTES": (int, 2 * 1024**3),  # that subprocess's address space
+    "EXTRACT_MAX_PROCESSES": (int, 2),  # files read at once per web process (more wait)
     # Rate limits per fixed minute (0: none), overridable per tenant in [rate_limits.tenants]
     "KEY_REQUESTS_PER_MINUTE": (int, 0),
     "KEY_TOKENS_PER_MINUTE": (int, 0),
@@ -91,6 +92,11 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     # either side of a job's terminal writes (app/services/stream_runner.py).
     "TEST_STREAM_FAULT": (str, ""),
 }
+
+
+# Old names of tunables (SLUICE_<old> and [sluice] <old>), read as the new name when that is
+# not set itself.
+RENAMED = {"BATCH_EVENTS_POLL_SECONDS": "BATCH_EVENTS_MIN_INTERVAL_SECONDS"}
 
 
 def _coerce(name: str, kind: type, raw: Any, source: str) -> Any:
@@ -223,15 +229,19 @@ def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
     except pricing.ConfigError as exc:
         raise ConfigError(str(exc)) from None
     table = document.get("sluice", {})
+    old_names = {new: old for old, new in RENAMED.items()}
     for name, (kind, default) in TUNABLES.items():
-        env_name = f"SLUICE_{name}"
-        if env_name in env:
-            config[name] = _coerce(name, kind, env[env_name], env_name)
-        elif name.lower() in table:
-            config[name] = _coerce(name, kind, table[name.lower()], f"sluice.{name.lower()}")
-        else:
-            config[name] = default
-    unknown = set(table) - {name.lower() for name in TUNABLES}
+        config[name] = default
+        for candidate in filter(None, (name, old_names.get(name))):  # the new name wins
+            env_name = f"SLUICE_{candidate}"
+            if env_name in env:
+                config[name] = _coerce(name, kind, env[env_name], env_name)
+                break
+            if candidate.lower() in table:
+                source = f"sluice.{candidate.lower()}"
+                config[name] = _coerce(name, kind, table[candidate.lower()], source)
+                break
+    unknown = set(table) - {name.lower() for name in [*TUNABLES, *RENAMED]}
     if unknown:
         raise ConfigError(f"unknown setting(s) in [sluice] of sluice.toml: {sorted(unknown)}")
     return config

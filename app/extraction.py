@@ -18,11 +18,14 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from flask import Flask
 
 CHILD = str(Path(__file__).with_name("extraction_child.py"))
 TYPES = (".pdf", ".docx")
@@ -55,8 +58,9 @@ class Extractor:
     """One reading subprocess for a request's files, started at the first file and again
     after one it had to give up on (killed past its time, or out of memory)."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, slots: threading.Semaphore | None = None) -> None:
         self.limits = limits
+        self.slots = slots  # files read at once in this process, across requests
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Extractor:
@@ -86,6 +90,12 @@ class Extractor:
         """The text of a .pdf or .docx; ValueError saying what is wrong with the file."""
         if ext not in TYPES:
             raise ValueError(f"has an unsupported type for extraction: {ext}")
+        if self.slots is None:
+            return self._extract(ext, data)
+        with self.slots:  # waits (cooperatively under gevent) while others are read
+            return self._extract(ext, data)
+
+    def _extract(self, ext: str, data: bytes) -> str:
         deadline = time.monotonic() + self.limits.seconds
         process = self._started()
         assert process.stdin is not None and process.stdout is not None
@@ -106,6 +116,15 @@ class Extractor:
         if "error" in answer:
             raise ValueError(str(answer["error"]))
         return str(answer["text"])
+
+
+def slots(app: Flask) -> threading.Semaphore:
+    """This process's extraction slots (EXTRACT_MAX_PROCESSES files read at once)."""
+    found: threading.Semaphore | None = app.extensions.get("sluice_extraction_slots")
+    if found is None:
+        size = max(1, int(app.config["EXTRACT_MAX_PROCESSES"]))
+        found = app.extensions["sluice_extraction_slots"] = threading.BoundedSemaphore(size)
+    return found
 
 
 def extract(ext: str, data: bytes, limits: Limits) -> str:

@@ -4,6 +4,7 @@
   one; it is answered in `X-Request-ID` and logged on every line the request causes.
 - One `sluice.request` line per request: method, route (the URL rule, not the path with its
   ids), path, status, duration_ms, tenant_id, request_id. Never headers, never the query.
+  INFO, except the probes' and scrapers' routes (QUIET_ROUTES), which are DEBUG.
 - A task sent while a request is served carries the id (and the tenant) in its Celery
   headers; the worker puts them on every line it logs while it runs that task.
 - Secrets never reach the output: API keys (`sk-…`) and `Bearer` tokens are masked in every
@@ -29,6 +30,8 @@ from flask import Flask, Response, g, has_request_context, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_LOGGER = "sluice.request"
+# polled by probes and scrapers every few seconds: their lines are DEBUG, every other INFO
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/dashboard/static/<path:filename>"})
 TASK_HEADER = "sluice_request_id"  # Celery message header names
 TENANT_HEADER = "sluice_tenant_id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
@@ -150,14 +153,17 @@ def _log_request(response: Response) -> Response:
     response.headers[REQUEST_ID_HEADER] = request_id
     started = g.get("request_started", time.perf_counter())
     rule = request.url_rule
-    logging.getLogger(REQUEST_LOGGER).info(
+    route = rule.rule if rule is not None else None
+    level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
+    logging.getLogger(REQUEST_LOGGER).log(
+        level,
         "%s %s %s",
         request.method,
         rule.rule if rule is not None else request.path,
         response.status_code,
         extra={
             "method": request.method,
-            "route": rule.rule if rule is not None else None,
+            "route": route,
             "path": request.path,
             "status": response.status_code,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),

@@ -1,8 +1,9 @@
 """Maintained counters and histograms in Redis, observed once per job where the work ends.
 
-Workers call `stream_job_ended(job_id)` (stream runner) and `batch_results_written(ids, at)`
-(batch runner) once per job or result flush, never per delta. Each reads the ended rows'
-timings by primary key and adds them, in one pipelined round trip, to:
+Workers call `stream_job_ended(job_id)` (stream runner), `batch_rows_written(rows)` (batch
+runner, with the rows it wrote) or `batch_results_written(ids, at)` once per job or result
+flush, never per delta. Those given ids read the ended rows' timings by primary key; all
+add them, in one pipelined round trip, to:
 
 - `sluice:tm:totals`, a hash of counters since Redis began keeping them, which every web
   node's `/metrics` exposes as Prometheus counters and histograms (so any node answers for
@@ -192,15 +193,30 @@ def stream_job_ended(job_id: str) -> None:
 
 
 def batch_results_written(job_ids: Sequence[str], finished_at: datetime) -> None:
-    """A batch worker wrote these results at finished_at: count the rows it wrote. Never raises.
+    """These results were written at finished_at: read their rows back, count and log them.
 
     Rows whose finish time is another were written by someone else (a redelivery) and are
-    not counted twice.
+    not counted twice. Never raises. A writer that has the rows uses batch_rows_written.
     """
     if not job_ids:
         return
     try:
         rows = [r for r in _ended_rows(Job.id.in_(list(job_ids))) if r.finished_at == finished_at]
+    except Exception as exc:
+        log.warning("telemetry: %d result(s) not counted: %r", len(job_ids), exc)
+        return
+    batch_rows_written(rows)
+
+
+def batch_rows_written(rows: Sequence[Any]) -> None:
+    """A batch worker wrote these results: count and log them. Never raises.
+
+    `rows` are the rows as written (the attributes of _COLUMNS), built by the writer from
+    what it wrote (the batch runner), so nothing is read back.
+    """
+    if not rows:
+        return
+    try:
         record(rows)
         failed = Counter(r.status for r in rows if r.status != "succeeded")
         if failed:  # one line per flush, not per item: a batch can fail by the thousand
@@ -212,7 +228,7 @@ def batch_results_written(job_ids: Sequence[str], finished_at: datetime) -> None
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%d batch result(s) written", len(rows))
     except Exception as exc:
-        log.warning("telemetry: %d result(s) not counted: %r", len(job_ids), exc)
+        log.warning("telemetry: %d result(s) not counted: %r", len(rows), exc)
 
 
 def queue_depths(client: redis.Redis) -> dict[str, int]:

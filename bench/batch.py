@@ -159,18 +159,18 @@ class Bench:
             batch = self.http.get(f"/v1/document-batches/{batch_id}").json()
             if batch["status"] in ("completed", "failed", "cancelled", "expired"):
                 return batch
-            time.sleep(0.05)
+            time.sleep(0.1)  # the web's CPU per document includes these reads
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes so far (gone ones count 0)."""
+def cpu_seconds(pids: list[int], kernel_only: bool = False) -> float:
+    """User + system (or system only) CPU seconds of these processes so far (gone: 0)."""
     total = 0.0
     for pid in pids:
         try:
             times = psutil.Process(pid).cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
+        total += times.system if kernel_only else times.user + times.system
     return total
 
 
@@ -180,11 +180,17 @@ class CPUMeter:
     def __init__(self, parts: dict[str, list[int]]) -> None:
         self.parts = parts
         self.start_at = {name: cpu_seconds(pids) for name, pids in parts.items()}
+        self.kernel_at = {name: cpu_seconds(pids, True) for name, pids in parts.items()}
         self.spent: dict[str, float] = {}
+        self.kernel: dict[str, float] = {}
 
     def stop(self) -> dict[str, float]:
         self.spent = {
             name: cpu_seconds(pids) - self.start_at[name] for name, pids in self.parts.items()
+        }
+        self.kernel = {
+            name: cpu_seconds(pids, True) - self.kernel_at[name]
+            for name, pids in self.parts.items()
         }
         return self.spent
 
@@ -253,10 +259,16 @@ class SlotSampler:
         return sum(self.samples) / max(1, len(self.samples))
 
 
+IDLE_SECONDS = 3.0  # each part's background CPU is measured this long before a run
+
+
 def throughput(args: argparse.Namespace, delay_ms: float, n: int) -> dict[str, Any]:
     with Bench(args, delay_ms) as bench:
         _, warm = bench.submit_jsonl(min(n, 200), "openai/warmup")  # connections, imports
         bench.wait(warm["id"])
+        idle = CPUMeter(bench.parts())
+        time.sleep(IDLE_SECONDS)
+        idle_rate = {name: spent / IDLE_SECONDS for name, spent in idle.stop().items()}
         meter = CPUMeter(bench.parts())
         profilers = profile(args.py_spy, bench.parts(), f"{delay_ms:g}ms")
         slots = SlotSampler(bench.env["REDIS_URL"], "sluice:provider-sem:openai")
@@ -281,8 +293,12 @@ def throughput(args: argparse.Namespace, delay_ms: float, n: int) -> dict[str, A
         "ideal": ideal,
         "inflight": inflight,
         "cpu_ms_per_doc": {name: 1000 * spent / n for name, spent in cpu.items()},
+        "net_ms_per_doc": {
+            name: 1000 * (spent - idle_rate[name] * elapsed) / n for name, spent in cpu.items()
+        },
         "load": os.getloadavg()[0],
         "slots_in_use": in_use,
+        "worker_kernel_share": meter.kernel["batch workers"] / max(cpu["batch workers"], 1e-9),
     }
 
 
@@ -445,17 +461,19 @@ def main(argv: list[str]) -> None:
             "| upstream | documents | accepted in | submit -> last result | documents/s"
             " | ideal | % of ideal | slots held (mean) | CPU ms per document: "
             + ", ".join(parts)
-            + " | load average |"
+            + " | the same net of idle | workers' kernel share | load average |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             ideal = f"{r['ideal']:,.0f} ({r['inflight']} in flight)" if r["ideal"] else "n/a"
             pct = f"{100 * r['docs_per_s'] / r['ideal']:.0f}%" if r["ideal"] else "n/a"
             cpu = " + ".join(f"{r['cpu_ms_per_doc'][p]:.2f}" for p in parts)
+            net = " + ".join(f"{r['net_ms_per_doc'][p]:.2f}" for p in parts)
             print(
                 f"| {r['upstream']} | {r['documents']:,} ({r['succeeded']:,} ok) | "
                 f"{r['accept_s']:.2f} s | {r['total_s']:.2f} s | {r['docs_per_s']:,.0f} | "
-                f"{ideal} | {pct} | {r['slots_in_use']:.0f} | {cpu} | {r['load']:.1f} |"
+                f"{ideal} | {pct} | {r['slots_in_use']:.0f} | {cpu} | {net} | "
+                f"{100 * r['worker_kernel_share']:.0f}% | {r['load']:.1f} |"
             )
     if args.only in (None, "accept"):
         print()

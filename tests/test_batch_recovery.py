@@ -19,6 +19,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
 
+from app import telemetry
 from app.cli.processes import worker_argv
 from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
@@ -170,6 +171,40 @@ def test_expiry_ends_running_items_held_by_a_live_but_stuck_claim(
         # the stuck holder's late result is refused
         late = batch_runner.ItemResult(claimed[0].id, claimed[0].attempts, "succeeded", "late")
         assert batch_runner.write_results(batch_id, [late]) == 0
+
+
+def test_one_stale_claim_in_a_flush_writes_the_others_once_and_counts_only_them(
+    app_ctx: Flask, api_key: str
+) -> None:
+    """The flush's one bulk write moves fewer rows than given: it is redone row by row."""
+    batch_id = quiet_batch(api_key, 4)
+    with batch_runner.claim_lease("bulk-writer") as holder:
+        claimed = batch_runner._claim(Job.batch_id == batch_id, holder)
+    assert len(claimed) == 4
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    outcomes = [
+        batch_runner.ItemResult(row.id, row.attempts, "succeeded", f"out {i}", usage=usage)
+        for i, row in enumerate(claimed)
+    ]
+    outcomes[2].attempt += 1  # not our claim (as if re-queued and claimed again elsewhere)
+    by_id = {row.id: row for row in claimed}
+    counted = telemetry.totals().get("jobs|batch|succeeded", 0)
+    assert batch_runner.write_results(batch_id, outcomes, by_id) == 3
+    db.session.remove()
+    rows = {j.id: j for j in db.session.scalars(select(Job).where(Job.batch_id == batch_id))}
+    assert [rows[row.id].status for row in claimed] == [
+        "succeeded",
+        "succeeded",
+        "running",
+        "succeeded",
+    ]
+    assert rows[claimed[0].id].output == "out 0"
+    batch = db.session.get(Batch, batch_id)
+    assert batch is not None and (batch.prompt_tokens, batch.completion_tokens) == (30, 15)
+    assert telemetry.totals().get("jobs|batch|succeeded", 0) == counted + 3
+    # written again (a redelivered flush): nothing moves, nothing is counted twice
+    assert batch_runner.write_results(batch_id, [o for i, o in enumerate(outcomes) if i != 2]) == 0
+    assert telemetry.totals().get("jobs|batch|succeeded", 0) == counted + 3
 
 
 def test_a_run_cut_mid_chunk_gives_its_items_back(

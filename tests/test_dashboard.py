@@ -370,8 +370,8 @@ def test_browser_dashboard_job_page_and_playground(
             page.goto(stack.url + login_link(stack, admin_key))
             page.wait_for_selector("#jobs")
             assert admin_key not in page.content()
-            page.wait_for_selector('#charts .chart[data-chart="jobs"][data-points]')
-            points = int(page.get_attribute('#charts .chart[data-chart="jobs"]', "data-points"))
+            page.wait_for_selector('#charts .chart[data-chart="jobs"][data-total]')
+            total = float(page.get_attribute('#charts .chart[data-chart="jobs"]', "data-total"))
 
             # a stream and a batch appear with their modes, the bar advances, no reload
             stream_id = stream_chat(client, SLOW)
@@ -390,8 +390,8 @@ def test_browser_dashboard_job_page_and_playground(
             ), labels
             page.wait_for_function(
                 "n => +document.querySelector('#charts .chart[data-chart=\"jobs\"]')"
-                ".dataset.points > n",
-                arg=points,
+                ".dataset.total > n",  # the throughput chart's newest point rises
+                arg=total,
                 timeout=20_000,
             )
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

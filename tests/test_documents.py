@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +19,7 @@ from sqlalchemy import func, select
 from app.extensions import db
 from app.models import Batch, Job
 from tests.helpers import batch_results, wait_batch
+from tests.stack import Stack
 
 
 def minimal_pdf(text: str) -> bytes:
@@ -237,3 +241,43 @@ def test_limits(small_limits: Flask, api_key: str) -> None:
             db.session.scalar(select(func.count()).select_from(Job).where(Job.item_id == "big"))
             == 0
         )
+
+
+def slow_docx(paragraphs: int) -> bytes:
+    """A small .docx (tens of KB) that python-docx takes seconds to read."""
+    seed = zipfile.ZipFile(io.BytesIO(minimal_docx("seed")))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for entry in seed.infolist():
+            data = seed.read(entry.filename)
+            if entry.filename == "word/document.xml":
+                paragraph = b"<w:p><w:r><w:t>a</w:t></w:r></w:p>"
+                data = data.replace(b"<w:body>", b"<w:body>" + paragraph * paragraphs, 1)
+            archive.writestr(entry.filename, data)
+    return out.getvalue()
+
+
+def test_reading_an_upload_leaves_the_web_process_free(stack: Stack, client: httpx.Client) -> None:
+    """The finding: a .docx parsed in the (one-gevent-loop) web process held every other
+    request and SSE relay of that process until it was done, here for seconds."""
+    blob = slow_docx(30_000)
+    answer: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        answer["batch"] = client.post(
+            "/v1/document-batches",
+            data={"model": "mock/chat?length=1&tps=0", "instructions": "Summarize."},
+            files=[("files", ("slow.docx", blob, "x/docx"))],
+            timeout=120,
+        )
+
+    upload = threading.Thread(target=send)
+    upload.start()
+    time.sleep(0.8)  # the upload is in; its file is being read
+    with httpx.Client(base_url=stack.url, timeout=60) as probe:
+        started = time.monotonic()
+        assert probe.get("/healthz").status_code == 200
+        waited = time.monotonic() - started
+    upload.join(120)
+    assert answer["batch"].status_code == 202, answer["batch"].text[:300]
+    assert waited < 1.5, f"/healthz waited {waited:.1f} s behind a file being read"

@@ -229,3 +229,15 @@ def test_no_redis_url_is_a_clear_error_and_starts_nothing(
     ready = bare.test_client().get("/readyz")
     assert ready.status_code == 503
     assert ready.json["checks"]["redis"] == "unavailable: RedisNotConfigured"
+
+
+@pytest.mark.unit
+def test_a_renamed_setting_still_reads_its_old_name(tmp_path: Path) -> None:
+    new, old = "BATCH_EVENTS_MIN_INTERVAL_SECONDS", "BATCH_EVENTS_POLL_SECONDS"
+    assert load_config({f"SLUICE_{old}": "2"})[new] == 2.0
+    assert load_config({f"SLUICE_{old}": "2", f"SLUICE_{new}": "3"})[new] == 3.0
+    toml = tmp_path / "sluice.toml"
+    toml.write_text(f"[sluice]\n{old.lower()} = 4\n")
+    assert load_config({"SLUICE_CONFIG": str(toml)})[new] == 4.0
+    with pytest.raises(ConfigError, match=f"SLUICE_{old}"):
+        load_config({f"SLUICE_{old}": "soon"})

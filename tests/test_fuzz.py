@@ -16,8 +16,10 @@ import pytest
 import schemathesis
 from flask import Flask
 from hypothesis import HealthCheck, Phase
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.config._phases import InferenceConfig
+from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
@@ -76,6 +78,13 @@ def fuzz_schema(stack: Stack, fuzz_key: str) -> Any:
     return schema.exclude(operation_id=sorted(SKIPPED))
 
 
+def cases(operation: Any) -> Any:
+    """Cases that fit the schema, and cases that break it (which must be refused with a 4xx)."""
+    return st.one_of(
+        operation.as_strategy(), operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
+    )
+
+
 @pytest.mark.timeout(150)
 def test_every_operation_answers_in_its_schema_and_never_5xx(fuzz_schema: Any) -> None:
     failures: list[str] = []
@@ -83,7 +92,7 @@ def test_every_operation_answers_in_its_schema_and_never_5xx(fuzz_schema: Any) -
     for result in fuzz_schema.get_all_operations():
         operation = result.ok()
 
-        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.given(case=cases(operation))
         @SETTINGS
         def fuzz(case: Any) -> None:
             label = case.operation.label

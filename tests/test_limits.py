@@ -6,6 +6,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -442,3 +443,63 @@ def test_extracted_text_and_large_files_through_the_pipe() -> None:
         padded = pdf_pages(1) + b"\n%" + b" " * 3_000_000
         assert len(padded) > 3_000_000
         assert reader.extract(".pdf", padded) == ""  # 3 MB written whole; a blank page
+
+
+@pytest.mark.unit
+def test_extraction_slots_are_shared_and_bounded() -> None:
+    import threading
+
+    from app import extraction
+
+    slots = threading.BoundedSemaphore(1)
+    limits = extraction.Limits(10, 10**8, 10**6, 2 * 1024**3, 60)
+    with extraction.Extractor(limits, slots) as reader:
+        assert reader.extract(".docx", docx_bytes("mine")) == "mine"
+        assert slots.acquire(blocking=False)  # given back after the file
+        try:
+            waiting = threading.Thread(target=reader.extract, args=(".docx", docx_bytes()))
+            waiting.start()
+            waiting.join(0.5)
+            assert waiting.is_alive()  # no slot: it waits its turn
+        finally:
+            slots.release()
+        waiting.join(30)
+        assert not waiting.is_alive()
+
+
+def flate_bomb_pdf(unpacked: int) -> bytes:
+    """A one-page PDF whose content stream is `unpacked` bytes of spaces, deflated."""
+    stream = zlib.compress(b" " * unpacked, 9)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (len(stream), stream),
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    return bytes(out)
+
+
+def test_encrypted_pdf_and_a_deflate_bomb_are_named(http: FlaskClient) -> None:
+    writer = PdfWriter()
+    writer.add_blank_page(width=72, height=72)
+    writer.encrypt("secret")
+    locked = io.BytesIO()
+    writer.write(locked)
+    bomb = flate_bomb_pdf(100_000_000)
+    assert len(bomb) < 200_000
+    error = error_of(upload(http, (locked.getvalue(), "locked.pdf"), (bomb, "bomb.pdf")), 422)
+    messages = {d["document_id"]: d["message"] for d in error["details"]}
+    assert "is encrypted" in messages["locked.pdf"]
+    assert "bomb.pdf" in messages  # bounded by pypdf's output cap and the child's limits

@@ -54,7 +54,7 @@ def request_lines(
     caplog: pytest.LogCaptureFixture,
 ) -> Iterator[Callable[[], list[dict[str, object]]]]:
     """The request lines logged so far in the test, formatted."""
-    with caplog.at_level(logging.INFO, logger=REQUEST_LOGGER):
+    with caplog.at_level(logging.DEBUG, logger=REQUEST_LOGGER):
         yield lambda: [formatted(r) for r in caplog.records if r.name == REQUEST_LOGGER]
 
 
@@ -74,6 +74,15 @@ def test_one_line_per_request_with_id_route_status_duration_and_tenant(
     assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
     assert line["tenant_id"] == tenant
     assert api_key not in json.dumps(line)
+    assert line["level"] == "INFO"
+
+
+def test_probe_lines_are_debug(
+    app: Flask, request_lines: Callable[[], list[dict[str, object]]]
+) -> None:
+    app.test_client().get("/healthz")
+    [line] = request_lines()
+    assert line["route"] == "/healthz" and line["level"] == "DEBUG"
 
 
 def test_a_missing_or_unsafe_request_id_is_replaced(

@@ -437,3 +437,43 @@ def test_a_retryable_submit_error_is_retried_with_backoff(
     batch = http.get(f"/v1/document-batches/{created['id']}").json()
     assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 2
     assert fresh_batch_apis.creates["anthropic"] == 1 and not fresh_batch_apis.fail_creates
+
+
+def test_spend_endpoint_shows_today_and_the_budget(http: httpx.Client, papp: Flask) -> None:
+    fresh = http.get("/v1/spend").json()
+    assert fresh["object"] == "spend" and fresh["spent_usd"] == 0.0
+    assert fresh["budget_usd"] == 100.0 and fresh["budget_left_usd"] == 100.0
+    created = doc_batch(http, "anthropic/echo", 2)
+    sweep_until(papp, status_of(http, created["id"]))
+    cost = http.get(f"/v1/document-batches/{created['id']}").json()["cost_usd"]
+    spent = http.get("/v1/spend").json()
+    assert cost > 0 and spent["spent_usd"] == pytest.approx(cost)
+    assert spent["budget_left_usd"] == pytest.approx(100.0 - cost)
+
+
+def test_results_applied_twice_are_written_once(
+    http: httpx.Client, papp: Flask, upstream: FakeUpstream
+) -> None:
+    """A second apply of the same provider batch (two sweepers, a crash after the writes
+    but before the row was closed) changes nothing."""
+    from app.services.provider_batches import engine
+
+    created = doc_batch(http, "openai/echo", 2)
+    sweep_until(papp, status_of(http, created["id"]))
+    before = {
+        r.id: (r.status, r.finished_at, r.attempts, r.cost_usd)
+        for r in item_rows(papp, created["id"])
+    }
+    tokens = http.get(f"/v1/document-batches/{created['id']}").json()["usage"]
+    with papp.app_context():
+        pb = db.session.scalar(select(ProviderBatch).where(ProviderBatch.batch_id == created["id"]))
+        assert pb is not None and pb.status == "applied"
+        pb.status = "in_progress"  # as if the process died before closing the row
+        db.session.commit()
+        assert engine.poll(pb.id) == 1
+    after = {
+        r.id: (r.status, r.finished_at, r.attempts, r.cost_usd)
+        for r in item_rows(papp, created["id"])
+    }
+    assert after == before
+    assert http.get(f"/v1/document-batches/{created['id']}").json()["usage"] == tokens

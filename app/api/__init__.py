@@ -5,7 +5,18 @@ from __future__ import annotations
 from flask import Blueprint, Response, g
 
 from app import rate_limits
-from app.api import admin, batches, chat, document_batches, files, jobs, keys, models, submit
+from app.api import (
+    admin,
+    batches,
+    chat,
+    document_batches,
+    files,
+    jobs,
+    keys,
+    models,
+    spend,
+    submit,
+)
 from app.auth import authenticate
 from app.services import front_door
 
@@ -24,5 +35,5 @@ def _route_header(response: Response) -> Response:
     return response
 
 
-for resource in (keys, admin, chat, jobs, submit, document_batches, files, batches, models):
+for resource in (keys, admin, chat, jobs, submit, document_batches, files, batches, models, spend):
     bp.register_blueprint(resource.bp)

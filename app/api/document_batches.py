@@ -102,6 +102,7 @@ def _intake(options: documents.Options) -> documents.Intake:
         max_expanded_bytes=config["BATCH_MAX_EXPANDED_BYTES"],
         max_file_bytes=config["BATCH_MAX_FILE_BYTES"],
         extraction=extraction.limits_from(config),
+        extraction_slots=extraction.slots(current_flask_app()),
     )
 
 
@@ -289,13 +290,13 @@ def _is_about(message: str, batch_id: str) -> bool:
 def events(batch_id: str) -> ResponseReturnValue:
     """SSE: `progress` with counts whenever they change, then one terminal `done` event.
 
-    Woken by the batch's published changes, read at most once per BATCH_EVENTS_POLL_SECONDS
+    Woken by the batch's published changes, read at most once per BATCH_EVENTS_MIN_INTERVAL_SECONDS
     under a burst; a re-read every ping interval covers a change whose notice was lost.
     """
     batch = _batch_or_404(batch_id)
     tenant_id = g.tenant_id
     app = current_flask_app()
-    spacing = max(0.05, app.config["BATCH_EVENTS_POLL_SECONDS"])
+    spacing = max(0.05, app.config["BATCH_EVENTS_MIN_INTERVAL_SECONDS"])
     ping_every = max(0.2, app.config["STREAM_PING_SECONDS"])
     hub = current_hub()
     db.session.remove()

@@ -108,6 +108,11 @@ ROUTES: dict[str, Operation] = {
         body=s.JobRequest,
         params=(PREFER,),
     ),
+    "v1.spend.show_spend": Operation(  # #13
+        "The tenant's spend this UTC day (USD) and its daily budget, if any",
+        "jobs",
+        {"200": json_response("Spend", s.AnyObject)},
+    ),
     "v1.jobs.list_jobs": Operation(
         "List the tenant's jobs, newest first",
         "jobs",
@@ -373,7 +378,13 @@ ROUTES: dict[str, Operation] = {
         "Dashboard charts: every series over a window, from the per-minute rollup",
         "dashboard",
         {"200": json_response("Series by name, with their step starts", s.AnyObject)},
-        params=(Param("window", string(enum=["15m", "1h", "24h"], default="1h")),),
+        params=(
+            Param(
+                "window",
+                string(examples=["15m", "1h", "24h"]),
+                description="15m, 1h or 24h (anything else: 1h)",
+            ),
+        ),
         security="session",
     ),
     "dashboard.job_page": Operation(

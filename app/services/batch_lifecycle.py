@@ -26,6 +26,7 @@ from app.services.batches import (
     stop_reason,
 )
 from app.services.openai_batch_files import write_result_files
+from app.services.provider_batches.rows import cancel_remote
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,12 @@ def cancel_batch(batch: Batch) -> Batch:
                 .where(
                     jobs_t.c.batch_id == batch.id,
                     jobs_t.c.status == "queued",
-                    jobs_t.c.provider_batch_id.is_(None),  # #13: a provider batch's end them
+                    jobs_t.c.provider_batch_id.is_(None),  # #13: their provider batch ends them
                 )
                 .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
             )
     set_stop(batch.id, "cancelled")
     if moved and batch.executor == "provider":  # #13: cancel the provider batches too
-        from app.services.provider_batches.rows import cancel_remote
-
         cancel_remote(batch.id)
     maybe_finalize(batch.id)
     db.session.refresh(batch)

@@ -19,10 +19,11 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import redis
 from flask import current_app
@@ -57,6 +58,8 @@ CLAIMED = (
     jobs_t.c.request,
     jobs_t.c.batch_id,
     jobs_t.c.item_index,
+    jobs_t.c.provider,
+    jobs_t.c.created_at,
 )
 FLUSH_SECONDS = 0.25
 
@@ -160,43 +163,98 @@ _WRITE = (
 )
 
 
-def write_results(batch_id: str | None, outcomes: list[ItemResult]) -> int:
-    """Write outcomes whose claim is still ours, in one short transaction; returns how many."""
+class Ended(NamedTuple):
+    """A result as written, in the shape telemetry counts (its _COLUMNS)."""
+
+    id: str
+    mode: str
+    provider: str | None
+    status: str
+    created_at: datetime | None
+    first_token_at: datetime | None
+    finished_at: datetime
+    usage: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+def write_results(
+    batch_id: str | None, outcomes: list[ItemResult], claimed: Mapping[str, Any] | None = None
+) -> int:
+    """Write outcomes whose claim is still ours, in one short transaction; returns how many.
+
+    One executemany for all of them; only if it moved fewer rows than it was given (a
+    redelivered or expired item) is the transaction rolled back and each written alone, to
+    learn which ones were ours. `claimed` (job id -> claimed row) feeds the counters.
+    """
     if not outcomes:
         return 0
     if marker := current_app.config["BATCH_FAULT_WRITE_MARKER"]:
         _injected_fault(marker, outcomes)
     now = utcnow()
-    written = prompt = completion = 0
-    with db.engine.begin() as conn:
-        for o in outcomes:
-            params = {
-                "b_id": o.job_id,
-                "b_attempt": o.attempt,
-                "b_status": o.status,
-                "b_output": db_text(o.output) if o.output is not None else None,
-                "b_choices": o.choices,
-                "b_finish": o.finish_reason,
-                "b_usage": o.usage,
-                "b_error": o.error,
-                "b_finished": now,
-            }
-            if conn.execute(_WRITE, params).rowcount:
-                written += 1
-                if o.usage:
-                    prompt += int(o.usage.get("prompt_tokens") or 0)
-                    completion += int(o.usage.get("completion_tokens") or 0)
-        if batch_id and (prompt or completion):
-            conn.execute(
-                update(batches_t)
-                .where(batches_t.c.id == batch_id)
-                .values(
-                    prompt_tokens=batches_t.c.prompt_tokens + prompt,
-                    completion_tokens=batches_t.c.completion_tokens + completion,
-                )
+    params = [
+        {
+            "b_id": o.job_id,
+            "b_attempt": o.attempt,
+            "b_status": o.status,
+            "b_output": db_text(o.output) if o.output is not None else None,
+            "b_choices": o.choices,
+            "b_finish": o.finish_reason,
+            "b_usage": o.usage,
+            "b_error": o.error,
+            "b_finished": now,
+        }
+        for o in outcomes
+    ]
+    written: list[ItemResult] = []
+    with db.engine.connect() as conn:
+        if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
+            with conn.begin() as tx:
+                if conn.execute(_WRITE, params).rowcount == len(params):
+                    written = outcomes
+                    _add_tokens(conn, batch_id, written)
+                else:
+                    tx.rollback()
+        if not written:
+            with conn.begin():
+                for o, one in zip(outcomes, params, strict=True):
+                    if conn.execute(_WRITE, one).rowcount:
+                        written.append(o)
+                _add_tokens(conn, batch_id, written)
+    telemetry.batch_rows_written([_ended(o, now, claimed) for o in written])
+    return len(written)
+
+
+def _add_tokens(conn: Any, batch_id: str | None, written: list[ItemResult]) -> None:
+    """Add the written results' usage to their batch's token totals."""
+    prompt = completion = 0
+    for o in written:
+        if o.usage:
+            prompt += int(o.usage.get("prompt_tokens") or 0)
+            completion += int(o.usage.get("completion_tokens") or 0)
+    if batch_id and (prompt or completion):
+        conn.execute(
+            update(batches_t)
+            .where(batches_t.c.id == batch_id)
+            .values(
+                prompt_tokens=batches_t.c.prompt_tokens + prompt,
+                completion_tokens=batches_t.c.completion_tokens + completion,
             )
-    telemetry.batch_results_written([o.job_id for o in outcomes], now)  # counters, once a job
-    return written
+        )
+
+
+def _ended(o: ItemResult, finished: datetime, claimed: Mapping[str, Any] | None) -> Ended:
+    row = (claimed or {}).get(o.job_id)
+    return Ended(
+        id=o.job_id,
+        mode="batch",
+        provider=getattr(row, "provider", None),
+        status=o.status,
+        created_at=getattr(row, "created_at", None),
+        first_token_at=None,
+        finished_at=finished,
+        usage=o.usage,
+        error=o.error,
+    )
 
 
 def _claim(where: Any, holder: str) -> list[Any]:
@@ -258,22 +316,29 @@ def holder_token(holder: str | None) -> str:
     return holder.rpartition("/")[2] if holder and "/" in holder else ""
 
 
+STOP_CHECK_SECONDS = 0.5
+
+
 def _stop_checker(batch_id: str) -> Callable[[], str | None]:
-    """A cheap `should this batch stop?` that asks Redis at most every half second.
+    """A cheap `should this batch stop?`: Redis is asked at most every half second per batch
+    and process, however many of the batch's chunks the process runs.
 
     Returns "cancelled" or "expired" once the batch was told to stop, else None.
     """
-    checked_at = 0.0
-    reason: str | None = None
+    app = current_flask_app()
+    seen: dict[str, tuple[float, str | None]] = app.extensions.setdefault("sluice_batch_stops", {})
 
     def stopped() -> str | None:
-        nonlocal checked_at, reason
-        if reason:
-            return reason
+        checked_at, reason = seen.get(batch_id, (0.0, None))
         now = time.monotonic()
-        if now - checked_at > 0.5:
-            checked_at = now
-            reason = stop_reason(batch_id)
+        if reason or now - checked_at <= STOP_CHECK_SECONDS:
+            return reason
+        seen[batch_id] = (now, None)  # the other chunks wait for this answer, not ask too
+        reason = stop_reason(batch_id)
+        seen[batch_id] = (now, reason)
+        if len(seen) > 1000:  # forget batches not asked about for a minute
+            for key in [k for k, (at, _) in seen.items() if now - at > 60]:
+                seen.pop(key, None)
         return reason
 
     return stopped
@@ -328,6 +393,7 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
                 log.exception("batch item %s crashed", row.id)
                 return ItemResult(row.id, row.attempts, "failed", error=_failure(exc, 0))
 
+    claimed = {row.id: row for row in rows}
     buffer: list[ItemResult] = []
     written = 0
     unwritten: list[ItemResult] = []
@@ -338,10 +404,10 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
         for outcome in pool.imap_unordered(work, rows):
             buffer.append(outcome)
             if len(buffer) >= FLUSH_ITEMS or time.monotonic() - last_flush > FLUSH_SECONDS:
-                n, failed, error = _flush(batch_id, buffer, error)
+                n, failed, error = _flush(batch_id, buffer, error, claimed)
                 written, buffer, last_flush = written + n, [], time.monotonic()
                 unwritten += failed
-        n, failed, error = _flush(batch_id, buffer, error)
+        n, failed, error = _flush(batch_id, buffer, error, claimed)
         written += n
         unwritten += failed
     finally:
@@ -359,7 +425,10 @@ class ResultWriteError(RuntimeError):
 
 
 def _flush(
-    batch_id: str | None, outcomes: list[ItemResult], error: Exception | None
+    batch_id: str | None,
+    outcomes: list[ItemResult],
+    error: Exception | None,
+    claimed: Mapping[str, Any],
 ) -> tuple[int, list[ItemResult], Exception | None]:
     """Write outcomes; (written, those that could not be, the last write error).
 
@@ -370,14 +439,14 @@ def _flush(
     if not outcomes:
         return 0, [], error
     try:
-        written = write_results(batch_id, outcomes)
+        written = write_results(batch_id, outcomes, claimed)
         failed: list[ItemResult] = []
     except Exception as exc:
         log.warning("writing %d result(s) failed (%r); trying one by one", len(outcomes), exc)
         error, written, failed = exc, 0, []
         for i, outcome in enumerate(outcomes):
             try:
-                written += write_results(batch_id, [outcome])
+                written += write_results(batch_id, [outcome], claimed)
             except Exception as one:
                 error = one
                 failed.append(outcome)

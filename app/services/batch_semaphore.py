@@ -28,7 +28,7 @@ from app.extensions import current_flask_app, redis_store
 
 log = logging.getLogger(__name__)
 
-TURN = 1.0  # seconds a slot may pass between this process's calls before it goes back
+TURN = 5.0  # seconds a slot may pass between this process's calls before it goes back
 MAX_TAKE = 100  # slots asked of Redis in one call
 POLL_MAX = 0.05  # seconds between two asks while every slot is taken
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
@@ -48,7 +48,6 @@ class _Slots:
         self.free: list[tuple[str, float]] = []
         self.waiting = 0
         self.asking = False
-        self.returned = False  # a slot of this process went back to Redis: ask again now
         self.held = 0  # slots this process took from Redis and has not given back
 
     def surplus(self) -> list[str]:
@@ -145,11 +144,20 @@ class ProviderSemaphore:
                 self._release_quietly(surplus)
 
     def _ask_until_taken(self, provider: str, slots: _Slots) -> tuple[str, float]:
-        """As the asker: ask Redis for the waiters' slots until one is ours."""
+        """As the asker: ask Redis for the waiters' slots until one is ours.
+
+        While this process holds every slot, asking is pointless: the asker waits for a
+        slot handed over, or for one of this process's slots to go back to Redis (and then
+        asks on the same schedule as other processes' askers, so they get their share).
+        """
         delay = 0.005
         try:
             while True:
                 with slots.cond:
+                    while not slots.free and slots.held >= self.limit:
+                        slots.ask_cond.wait(POLL_MAX)  # until a slot of ours went back
+                    if slots.free:
+                        return slots.free.pop()
                     want = min(max(1, slots.waiting - len(slots.free)), MAX_TAKE, self.limit)
                 taken = self._ask(provider, want)
                 with slots.cond:
@@ -160,18 +168,12 @@ class ProviderSemaphore:
                         slots.cond.notify(len(taken) - 1)
                         return taken[0], now
                     deadline = now + delay * (0.5 + random.random())
-                    slots.returned = False
-                    while not slots.free and not slots.returned:
-                        if slots.held >= self.limit:  # all ours: one comes back or is freed
-                            slots.ask_cond.wait()
-                        elif now < deadline:
-                            slots.ask_cond.wait(deadline - now)
-                            now = time.monotonic()
-                        else:
-                            break
+                    while not slots.free and now < deadline:
+                        slots.ask_cond.wait(deadline - now)
+                        now = time.monotonic()
                     if slots.free:
                         return slots.free.pop()
-                    delay = 0.005 if slots.returned else min(delay * 2, POLL_MAX)
+                    delay = min(delay * 2, POLL_MAX)
         finally:
             with slots.cond:
                 slots.asking = False
@@ -187,11 +189,7 @@ class ProviderSemaphore:
                 slots.ask_cond.notify()
                 return
             slots.held -= 1
-        self.release(token)
-        if waiters:  # its turn is over: the asker competes for it (and others) at once
-            with slots.cond:
-                slots.returned = True
-                slots.ask_cond.notify()
+        self.release(token)  # every process's asker competes for it on its next ask
 
     def _release_quietly(self, tokens: list[str]) -> None:
         try:

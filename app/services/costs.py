@@ -118,6 +118,24 @@ def with_budget(req: RouteRequest) -> RouteRequest:
     return replace(req, budget_left=round(budget - spent_today(req.tenant_id), 6))
 
 
+def totals() -> dict[tuple[str, str, str], float]:
+    """USD spent since Redis began keeping it, by (tenant name, mode, executor): for /metrics
+    and the dashboard."""
+    out: dict[tuple[str, str, str], float] = {}
+    for field, value in redis_store.client.hgetall(TOTALS_KEY).items():
+        parts = str(field).split("|")
+        if len(parts) == 3:
+            out[(parts[0], parts[1], parts[2])] = float(value)
+    return out
+
+
+def spend_today() -> dict[str, float]:
+    """USD spent this UTC day, by tenant name."""
+    spend = redis_store.client.hgetall(DAY_KEY.format(day_of()))
+    names = _tenant_names({str(k) for k in spend}) if spend else {}
+    return {names.get(str(k), str(k)): float(v) for k, v in spend.items()}
+
+
 class CostCollector(Collector):
     """`sluice_cost_usd_total{tenant,mode,executor}` and today's spend per tenant, from Redis."""
 
@@ -131,15 +149,10 @@ class CostCollector(Collector):
             "sluice_tenant_spend_today_usd", "USD spent this UTC day, by tenant", labels=["tenant"]
         )
         try:
-            client = redis_store.client
-            for field, value in sorted(client.hgetall(TOTALS_KEY).items()):
-                parts = str(field).split("|")
-                if len(parts) == 3:
-                    total.add_metric(parts, float(value))
-            spend = client.hgetall(DAY_KEY.format(day_of()))
-            names = _tenant_names({str(k) for k in spend}) if spend else {}
-            for tenant_id, value in sorted(spend.items()):
-                today.add_metric([names.get(str(tenant_id), str(tenant_id))], float(value))
+            for labels, usd in sorted(totals().items()):
+                total.add_metric(list(labels), usd)
+            for tenant, usd in sorted(spend_today().items()):
+                today.add_metric([tenant], usd)
         except Exception as exc:
             log.warning("metrics: cost totals unavailable: %s", type(exc).__name__)
         yield total

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -173,6 +174,7 @@ class Intake:
     max_expanded_bytes: int = 0  # every prompt of the batch, templated (0: no limit)
     max_file_bytes: int = 0  # one uploaded .pdf/.docx as sent (0: no limit)
     extraction: extraction.Limits | None = None  # how .pdf/.docx uploads are read
+    extraction_slots: threading.Semaphore | None = None  # shared by this process's requests
     expanded_bytes: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
     problem_count: int = 0
@@ -429,7 +431,8 @@ def from_files(files: list[tuple[str, IO[bytes]]], intake: Intake) -> Iterator[B
     """Documents from uploaded files: one per text/html/pdf/docx file, one per JSONL line."""
     if not files:
         raise APIError(400, "upload at least one file (field name: files)", param="files")
-    reader = extraction.Extractor(intake.extraction) if intake.extraction else None
+    bounds = intake.extraction
+    reader = extraction.Extractor(bounds, intake.extraction_slots) if bounds else None
     try:
         yield from _from_files(files, intake, reader)
     finally:

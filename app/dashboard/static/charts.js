@@ -1,6 +1,7 @@
 // Sluice dashboard charts: /dashboard/api/charts (the workers' per-minute rollup) drawn
 // with the vendored uPlot (uPlot.iife.min.js, MIT). Each figure gets data-points: how
-// many non-empty values it shows, so a test (or a person) can see a point arrive.
+// many non-empty values it shows and data-total their sum, so a test (or a person) can
+// see a point arrive or grow.
 (function () {
   "use strict";
 
@@ -12,15 +13,15 @@
     duration: { unit: "s", series: [
       ["stream p50", "dur_p50_stream", STREAM], ["stream p95", "dur_p95_stream", STREAM, [6, 4]],
       ["batch p50", "dur_p50_batch", BATCH], ["batch p95", "dur_p95_batch", BATCH, [6, 4]]] },
-    jobs: { unit: "/min", series: [
+    jobs: { unit: "", series: [
       ["stream", "jobs_per_min_stream", STREAM], ["batch", "jobs_per_min_batch", BATCH]] },
-    tokens: { unit: "/s", series: [
+    tokens: { unit: "", series: [
       ["stream", "tokens_per_s_stream", STREAM], ["batch", "tokens_per_s_batch", BATCH]] },
     errors: { unit: "%", scale: 100, max: 100, series: [
       ["stream", "error_rate_stream", STREAM], ["batch", "error_rate_batch", BATCH]] },
     queues: { unit: "", series: [
       ["interactive", "queue_interactive", BLUE], ["batch", "queue_batch", BATCH]] },
-    items: { unit: "/s", series: [["items", "batch_items_per_s", RED]] }
+    items: { unit: "", series: [["items", "batch_items_per_s", RED]] }
   };
   var plots = {};
   var windowName = "1h";
@@ -47,7 +48,7 @@
       } } },
       axes: [
         { stroke: "#6b7385", grid: { stroke: "#eef0f5" }, size: 30 },
-        { stroke: "#6b7385", grid: { stroke: "#eef0f5" }, size: 50,
+        { stroke: "#6b7385", grid: { stroke: "#eef0f5" }, size: 58,
           values: function (u, vals) { return vals.map(function (v) { return +v.toFixed(3) + spec.unit; }); } }
       ],
       series: [{}].concat(spec.series.map(function (s) {
@@ -65,9 +66,10 @@
       if (!spec) return;
       var cols = columns(payload, spec);
       var data = [payload.t].concat(cols);
-      var points = 0;
-      cols.forEach(function (c) { c.forEach(function (v) { if (v !== null && v > 0) points += 1; }); });
+      var points = 0, total = 0;
+      cols.forEach(function (c) { c.forEach(function (v) { if (v !== null && v > 0) { points += 1; total += v; } }); });
       figure.dataset.points = String(points);
+      figure.dataset.total = total.toFixed(4);
       var node = figure.querySelector(".plot");
       if (!window.uPlot) { node.textContent = "charts unavailable"; return; }
       if (!plots[name]) {

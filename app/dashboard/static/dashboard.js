@@ -100,6 +100,8 @@
     chips.replaceChildren();
     ordered(s.batches, BATCH_STATUSES).forEach(function (st) {
       var n = s.batches[st];
+      // ended batches are not counted here (no scan of the table): in-flight statuses only
+      if (["completed", "failed", "cancelled", "expired"].indexOf(st) >= 0) return;
       if (!n && ["validating", "finalizing", "cancelling"].indexOf(st) >= 0) return;
       var chip = el("span", "chip" + (n ? "" : " zero"));
       chip.appendChild(el("span", "status " + st, st));

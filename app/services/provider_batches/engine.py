@@ -16,6 +16,7 @@ two sweepers, or a sweeper killed and restarted, never double-apply:
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -41,10 +42,15 @@ LINE_OVERHEAD = 200  # bytes of a batch input line around its body
 
 
 def sweep() -> None:
-    """The sweeper step: submit what waits, re-send dead submits, poll, expire overdue."""
-    submit_pending()
+    """The sweeper step: submit what waits, re-send dead submits, poll, expire overdue.
+
+    Submits and polls start only within about one sweep interval, so a large backlog
+    never holds the sweeper's other steps for long (the rest waits for the next pass).
+    """
+    until = time.monotonic() + max(1.0, _config("SWEEP_INTERVAL_SECONDS"))
+    submit_pending(until)
     resubmit_stalled()
-    poll_due()
+    poll_due(until)
     expire_overdue()
 
 
@@ -67,7 +73,7 @@ _WAITING = and_(
 )
 
 
-def submit_pending() -> int:
+def submit_pending(until: float = float("inf")) -> int:
     """Give every waiting item a provider batch; returns how many provider batches were sent."""
     with db.engine.connect() as conn:
         groups = conn.execute(
@@ -78,6 +84,8 @@ def submit_pending() -> int:
         ).all()
     sent = 0
     for group in groups:
+        if time.monotonic() > until:
+            break
         try:
             sent += _submit_group(group.batch_id, group.provider, group.model)
         except Exception:
@@ -218,7 +226,7 @@ def _error_of(exc: BaseException) -> dict[str, Any]:
 # ---------------------------------------------------------------- poll and apply
 
 
-def poll_due() -> int:
+def poll_due(until: float = float("inf")) -> int:
     """Retrieve every open provider batch that is due; apply those that ended."""
     now = utcnow()
     with db.engine.connect() as conn:
@@ -230,6 +238,8 @@ def poll_due() -> int:
         ).all()
     applied = 0
     for row in found:
+        if time.monotonic() > until:
+            break
         if not _claim(row.id, row.next_poll_at, "in_progress"):
             continue
         try:
