@@ -136,6 +136,8 @@ def test_worker_killed_between_log_end_and_row_commit(
     shown = client.get(f"/v1/jobs/{job_id}").json()
     assert shown["status"] == "succeeded" and shown["output"] == "un deux trois"
     assert shown["finish_reason"] == "stop" and shown["error"] is None
+    seen = {"Last-Event-ID": rest.last_id}  # the client saw [DONE]: nothing to wait for
+    assert client.get(f"/v1/jobs/{job_id}/events", headers=seen, timeout=10).status_code == 204
     timings = shown["timings"]  # the row is still `running`: the times are the log's
     assert 0 <= timings["queued_ms"] <= timings["ttft_ms"] <= timings["duration_ms"]
     deadline = time.monotonic() + 3 * LEASE + 5

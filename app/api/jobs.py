@@ -20,7 +20,7 @@ from app.pagination import fetch_page, list_object, page_params
 from app.services.front_door import wait_for_job
 from app.services.jobs import job_object
 from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job
-from app.streams.entries import Generation, entry_key
+from app.streams.entries import Generation, entry_key, is_terminal
 from app.streams.hub import current_hub
 from app.streams.keys import log_key
 from app.streams.render import ChunkRenderer
@@ -108,6 +108,7 @@ def job_events(job_id: str) -> ResponseReturnValue:
         pipe.xrevrange(log_key(job.id), count=1)
         exists, newest = pipe.execute()
         end = entry_key(newest[0][0]) if newest else (0, 0)
+        seen_end = last is not None and bool(newest) and end <= entry_key(last)
         if job.status not in TERMINAL:
             if last is not None and entry_key(last) > end:  # no client saw such an id
                 raise APIError(
@@ -115,9 +116,11 @@ def job_events(job_id: str) -> ResponseReturnValue:
                     f"'last_event_id' {last} is past the end of the stream.",
                     param="last_event_id",
                 )
+            if seen_end and is_terminal(newest[0][1]):
+                return Response(status=204, headers=headers)  # the log ended; the row follows
         elif not exists:
             return Response(status=204, headers=headers)  # the log expired: read the job
-        elif last is not None and newest and end <= entry_key(last):
+        elif seen_end:
             return Response(status=204, headers=headers)  # the client has seen the end
     include_usage = bool(((job.request or {}).get("stream_options") or {}).get("include_usage"))
     created = epoch(job.created_at)
