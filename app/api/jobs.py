@@ -20,7 +20,7 @@ from app.pagination import fetch_page, list_object, page_params
 from app.services.front_door import wait_for_job
 from app.services.jobs import job_object
 from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job
-from app.streams.entries import Generation, entry_key
+from app.streams.entries import Generation, entry_key, is_terminal
 from app.streams.hub import current_hub
 from app.streams.keys import log_key
 from app.streams.render import ChunkRenderer
@@ -108,7 +108,10 @@ def job_events(job_id: str) -> ResponseReturnValue:
         pipe.xrevrange(log_key(job.id), count=1)
         exists, newest = pipe.execute()
         end = entry_key(newest[0][0]) if newest else (0, 0)
-        if job.status not in TERMINAL:
+        # the log ends before the row does (the worker writes the row next): a client that
+        # has the terminal entry has seen the end whatever the row says yet
+        ended = bool(newest) and is_terminal(newest[0][1])
+        if job.status not in TERMINAL and not ended:
             if last is not None and entry_key(last) > end:  # no client saw such an id
                 raise APIError(
                     400,
