@@ -108,20 +108,20 @@ def job_events(job_id: str) -> ResponseReturnValue:
         pipe.xrevrange(log_key(job.id), count=1)
         exists, newest = pipe.execute()
         end = entry_key(newest[0][0]) if newest else (0, 0)
-        seen_end = last is not None and bool(newest) and end <= entry_key(last)
-        if job.status not in TERMINAL:
-            if last is not None and entry_key(last) > end:  # no client saw such an id
-                raise APIError(
-                    400,
-                    f"'last_event_id' {last} is past the end of the stream.",
-                    param="last_event_id",
-                )
-            if seen_end and is_terminal(newest[0][1]):
-                return Response(status=204, headers=headers)  # the log ended; the row follows
-        elif not exists:
-            return Response(status=204, headers=headers)  # the log expired: read the job
-        elif seen_end:
-            return Response(status=204, headers=headers)  # the client has seen the end
+        # the log ends before the row does (the worker writes the row next): a client that
+        # has the terminal entry has seen the end whatever the row says yet
+        ended = bool(newest) and is_terminal(newest[0][1])
+        if (exists or not (job.status in TERMINAL or ended)) and (
+            last is not None and entry_key(last) > end
+        ):  # no client saw such an id
+            raise APIError(
+                400, f"'last_event_id' {last} is past the end of the stream.", param="last_event_id"
+            )
+        if job.status in TERMINAL or ended:
+            if not exists:
+                return Response(status=204, headers=headers)  # the log expired: read the job
+            if last is not None and end <= entry_key(last):
+                return Response(status=204, headers=headers)  # the client has seen the end
     include_usage = bool(((job.request or {}).get("stream_options") or {}).get("include_usage"))
     created = epoch(job.created_at)
     renderer = ChunkRenderer(job.id, job.model, created, include_usage)
