@@ -79,14 +79,23 @@ class Stack:
         self._spawn(name, worker_argv(mode, concurrency, name=f"{name}-{secrets.token_hex(3)}"))
         return name
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill a process group (the worker and its pool) as a crash would."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, grace: float = 30) -> None:
+        """Kill a process group (the worker and its pool) as a crash would.
+
+        A group still there after `grace` seconds (a worker whose Redis is gone may never
+        finish a warm shutdown) is SIGKILLed, so a teardown never leaves it running.
+        """
         proc = self.procs.pop(name)
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        proc.wait(30)
+        for signum in (sig, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                grace = 30
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
