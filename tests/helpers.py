@@ -221,3 +221,31 @@ def app_client(app: Flask, key: str) -> FlaskClient:
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
     return client
+
+
+@contextmanager
+def tuned(app: Flask, **settings: Any) -> Iterator[None]:
+    """The in-process app with these settings for the block (restored afterwards)."""
+    saved = {name: app.config[name] for name in settings}
+    app.config.update(settings)
+    try:
+        yield
+    finally:
+        app.config.update(saved)
+
+
+def pdf_of(objects: list[bytes]) -> bytes:
+    """A PDF of these numbered objects (1 is the catalog), xref offsets computed by hand."""
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    return bytes(out)

@@ -7,8 +7,6 @@ import json
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from pypdf import PdfWriter
 from app.config import ConfigError, load_config
 from app.providers.mock import MockSettings, _settings_for
 from app.services import documents
+from tests.helpers import pdf_of, tuned
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
 ASYNC = {"Prefer": "respond-async"}  # answered at once (202), with no worker needed
@@ -31,17 +30,6 @@ def http(app: Flask, api_key: str) -> FlaskClient:
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
     return client
-
-
-@contextmanager
-def tuned(app: Flask, **settings: Any) -> Iterator[None]:
-    """The in-process app with these settings for the block (restored afterwards)."""
-    saved = {name: app.config[name] for name in settings}
-    app.config.update(settings)
-    try:
-        yield
-    finally:
-        app.config.update(saved)
 
 
 def error_of(response: Any, status: int) -> dict[str, Any]:
@@ -476,19 +464,7 @@ def flate_bomb_pdf(unpacked: int) -> bytes:
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
         b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (len(stream), stream),
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1,
-        xref,
-    )
-    return bytes(out)
+    return pdf_of(objects)
 
 
 def test_encrypted_pdf_and_a_deflate_bomb_are_named(http: FlaskClient) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,19 +13,10 @@ from flask.testing import FlaskClient
 
 from app import rate_limits
 from app.auth import create_key
+from tests.helpers import tuned
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
 ASYNC = {"Prefer": "respond-async"}  # 202 at once: no worker needed
-
-
-@contextmanager
-def tuned(app: Flask, **settings: Any) -> Iterator[None]:
-    saved = {name: app.config[name] for name in settings}
-    app.config.update(settings)
-    try:
-        yield
-    finally:
-        app.config.update(saved)
 
 
 @pytest.fixture
