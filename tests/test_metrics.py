@@ -182,3 +182,20 @@ def test_error_kind_counts_providers_errors_only() -> None:
     assert telemetry.error_kind({"type": "invalid_request_error"}) == "invalid_request_error"
     assert telemetry.error_kind({"code": "worker_lost"}) is None
     assert telemetry.error_kind(None) is None
+
+
+def test_stream_jobs_ended_without_their_worker_are_counted(app: Flask, api_key: str) -> None:
+    """A queued job cancelled and a lost worker's job settled by the sweeper count as ended."""
+    from app.extensions import redis_store
+    from app.services.stream_runner import cancel_queued_job, fail_lost_job
+
+    with app.app_context():
+        before = telemetry.totals(redis_store.client)
+        queued = insert_job(tenant_of(api_key), "stream", "queued")
+        assert cancel_queued_job(queued.id)
+        running = insert_job(tenant_of(api_key), "stream", "running")
+        assert fail_lost_job(running.id)
+        after = telemetry.totals(redis_store.client)
+    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert grown.get("jobs|stream|cancelled", 0) >= 1, grown  # >=: other tests' jobs may end
+    assert grown.get("jobs|stream|failed", 0) >= 1, grown

@@ -135,6 +135,7 @@ def _settle_row(job_id: str, entries: list[Entry]) -> bool:
         return False
     _release(job_id)
     _note(job_id, status=status)
+    telemetry.stream_job_ended(job_id)  # a lost worker's job counts too (as it ended)
     return True
 
 
@@ -207,6 +208,7 @@ def _end_queued(job_id: str, status: str, error: dict[str, Any], token: str = ""
         return False
     _release(job_id)
     _note(job_id, status=status)
+    telemetry.stream_job_ended(job_id)
     return True
 
 
