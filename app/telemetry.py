@@ -53,7 +53,7 @@ OWN_ERRORS = frozenset(
         "cancelled", "queue_timeout",
     }
 )  # fmt: skip
-_COLUMNS = (
+ENDED_COLUMNS = (  # what counting an ended job reads (RETURNING these saves a read)
     Job.id, Job.mode, Job.provider, Job.status, Job.created_at, Job.first_token_at,
     Job.finished_at, Job.usage, Job.error,
 )  # fmt: skip
@@ -151,7 +151,7 @@ def record(rows: Iterable[Any], at: float | None = None, client: redis.Redis | N
 def _ended_rows(where: Any) -> list[Any]:
     """The rows' timings on a connection of its own (the caller's session is left alone)."""
     with db.engine.connect() as conn:
-        return list(conn.execute(select(*_COLUMNS).where(where)))
+        return list(conn.execute(select(*ENDED_COLUMNS).where(where)))
 
 
 def _describe(row: Any) -> str:
@@ -211,7 +211,7 @@ def batch_results_written(job_ids: Sequence[str], finished_at: datetime) -> None
 def batch_rows_written(rows: Sequence[Any]) -> None:
     """A batch worker wrote these results: count and log them. Never raises.
 
-    `rows` are the rows as written (the attributes of _COLUMNS), built by the writer from
+    `rows` are the rows as written (the attributes of ENDED_COLUMNS), built by the writer from
     what it wrote (the batch runner), so nothing is read back.
     """
     if not rows:

@@ -199,3 +199,18 @@ def test_stream_jobs_ended_without_their_worker_are_counted(app: Flask, api_key:
     grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     assert grown.get("jobs|stream|cancelled", 0) >= 1, grown  # >=: other tests' jobs may end
     assert grown.get("jobs|stream|failed", 0) >= 1, grown
+
+
+def test_batch_items_a_cancel_or_an_expiry_ends_are_counted(app: Flask, api_key: str) -> None:
+    """Items that never ran still end: a cancel's and an expiry's are counted as ended."""
+    from app.extensions import redis_store
+    from app.services.batch_lifecycle import cancel_batch, expire_batch
+
+    with app.app_context():
+        before = telemetry.totals(redis_store.client)
+        cancel_batch(insert_batch(tenant_of(api_key), ["queued", "queued", "succeeded"]))
+        expire_batch(insert_batch(tenant_of(api_key), ["queued", "running"]).id)
+        after = telemetry.totals(redis_store.client)
+    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert grown.get("jobs|batch|cancelled", 0) >= 2, grown  # >=: other tests' jobs may end
+    assert grown.get("jobs|batch|expired", 0) >= 2, grown

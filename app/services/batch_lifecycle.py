@@ -7,11 +7,12 @@ The kind-specific work at finalization is looked up by the batch's kind in FINAL
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select, update
 
+from app import telemetry
 from app.errors import APIError
 from app.extensions import db
 from app.models import Batch, utcnow
@@ -46,6 +47,7 @@ def cancel_batch(batch: Batch) -> Batch:
             code="batch_not_cancellable",
         )
     now = utcnow()
+    ended: Sequence[Any] = ()
     with db.engine.begin() as conn:
         moved = conn.execute(
             update(batches_t)
@@ -53,7 +55,7 @@ def cancel_batch(batch: Batch) -> Batch:
             .values(status="cancelling", cancelling_at=now)
         ).rowcount
         if moved:
-            conn.execute(
+            ended = conn.execute(
                 update(jobs_t)
                 .where(
                     jobs_t.c.batch_id == batch.id,
@@ -61,7 +63,9 @@ def cancel_batch(batch: Batch) -> Batch:
                     jobs_t.c.provider_batch_id.is_(None),  # #13: their provider batch ends them
                 )
                 .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
-            )
+                .returning(*telemetry.ENDED_COLUMNS)
+            ).all()
+    telemetry.batch_rows_written(ended)  # the items this cancel ended count as ended
     set_stop(batch.id, "cancelled")
     if moved and batch.executor == "provider":  # #13: cancel the provider batches too
         cancel_remote(batch.id)
@@ -146,6 +150,7 @@ def expire_batch(batch_id: str) -> None:
     now, not when (or if) its last worker answers.
     """
     now = utcnow()
+    ended: Sequence[Any] = ()
     with db.engine.begin() as conn:
         moved = conn.execute(
             update(batches_t)
@@ -157,11 +162,13 @@ def expire_batch(batch_id: str) -> None:
             .values(expired_at=now)
         ).rowcount
         if moved:
-            conn.execute(
+            ended = conn.execute(
                 update(jobs_t)
                 .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_(ACTIVE))
                 .values(status="expired", finished_at=now, error=stop_error("batch_expired"))
-            )
+                .returning(*telemetry.ENDED_COLUMNS)
+            ).all()
+    telemetry.batch_rows_written(ended)
     if moved:
         set_stop(batch_id, "expired")
     maybe_finalize(batch_id)
