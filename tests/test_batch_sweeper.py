@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -74,3 +75,32 @@ def test_sweeps_run_on_time_behind_a_flooded_batch_queue(
     db.session.remove()
     batch = db.session.get(Batch, batch_id)
     assert batch is not None and batch.status == "expired"  # the sweep really did its work
+
+
+def test_a_deadlock_victim_is_run_again_and_other_errors_are_not(app: Flask) -> None:
+    """PostgreSQL's deadlock victim (SQLSTATE 40P01) repeats; any other error propagates."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.services.batches import in_transaction
+
+    class Refused(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            self.sqlstate = sqlstate
+
+    calls: list[str] = []
+
+    def work(sqlstate: str) -> Callable[[Any], str]:
+        def run(conn: Any) -> str:
+            calls.append(sqlstate)
+            if len(calls) == 1:
+                raise OperationalError("UPDATE jobs", None, Refused(sqlstate))
+            return "done"
+
+        return run
+
+    with app.app_context():
+        assert in_transaction(work("40P01")) == "done" and calls == ["40P01", "40P01"]
+        calls.clear()
+        with pytest.raises(OperationalError):
+            in_transaction(work("08006"))  # a lost connection is not a deadlock
+        assert calls == ["08006"]

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from app import telemetry
 from app.errors import APIError
@@ -21,6 +21,7 @@ from app.services import events
 from app.services.batches import (
     batches_t,
     has_active_items,
+    in_transaction,
     jobs_t,
     set_stop,
     stop_error,
@@ -47,24 +48,27 @@ def cancel_batch(batch: Batch) -> Batch:
             code="batch_not_cancellable",
         )
     now = utcnow()
-    ended: Sequence[Any] = ()
-    with db.engine.begin() as conn:
+
+    def cancel(conn: Connection) -> tuple[int, Sequence[Any]]:
         moved = conn.execute(
             update(batches_t)
             .where(batches_t.c.id == batch.id, batches_t.c.status == "in_progress")
             .values(status="cancelling", cancelling_at=now)
         ).rowcount
-        if moved:
-            ended = conn.execute(
-                update(jobs_t)
-                .where(
-                    jobs_t.c.batch_id == batch.id,
-                    jobs_t.c.status == "queued",
-                    jobs_t.c.provider_batch_id.is_(None),  # #13: their provider batch ends them
-                )
-                .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
-                .returning(*telemetry.ENDED_COLUMNS)
-            ).all()
+        if not moved:
+            return 0, ()
+        return moved, conn.execute(
+            update(jobs_t)
+            .where(
+                jobs_t.c.batch_id == batch.id,
+                jobs_t.c.status == "queued",
+                jobs_t.c.provider_batch_id.is_(None),  # #13: their provider batch ends them
+            )
+            .values(status="cancelled", finished_at=now, error=stop_error("batch_cancelled"))
+            .returning(*telemetry.ENDED_COLUMNS)
+        ).all()
+
+    moved, ended = in_transaction(cancel)
     telemetry.batch_rows_written(ended)  # the items this cancel ended count as ended
     set_stop(batch.id, "cancelled")
     if moved and batch.executor == "provider":  # #13: cancel the provider batches too
@@ -150,8 +154,8 @@ def expire_batch(batch_id: str) -> None:
     now, not when (or if) its last worker answers.
     """
     now = utcnow()
-    ended: Sequence[Any] = ()
-    with db.engine.begin() as conn:
+
+    def expire(conn: Connection) -> tuple[int, Sequence[Any]]:
         moved = conn.execute(
             update(batches_t)
             .where(
@@ -161,13 +165,16 @@ def expire_batch(batch_id: str) -> None:
             )
             .values(expired_at=now)
         ).rowcount
-        if moved:
-            ended = conn.execute(
-                update(jobs_t)
-                .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_(ACTIVE))
-                .values(status="expired", finished_at=now, error=stop_error("batch_expired"))
-                .returning(*telemetry.ENDED_COLUMNS)
-            ).all()
+        if not moved:
+            return 0, ()
+        return moved, conn.execute(
+            update(jobs_t)
+            .where(jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_(ACTIVE))
+            .values(status="expired", finished_at=now, error=stop_error("batch_expired"))
+            .returning(*telemetry.ENDED_COLUMNS)
+        ).all()
+
+    moved, ended = in_transaction(expire)
     telemetry.batch_rows_written(ended)
     if moved:
         set_stop(batch_id, "expired")

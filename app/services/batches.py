@@ -12,14 +12,14 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 
 from flask import current_app
-from sqlalchemy import Table, exists, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Table, exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.errors import APIError
 from app.extensions import db, redis_store
@@ -43,6 +43,26 @@ MAX_ITEM_ID = 512
 
 jobs_t = cast(Table, Job.__table__)  # Core statements take the Table itself
 batches_t = cast(Table, Batch.__table__)
+T = TypeVar("T")
+DEADLOCK_ATTEMPTS = 5
+
+
+def in_transaction(work: Callable[[Connection], T]) -> T:
+    """Run work in one transaction, again when PostgreSQL picks it as a deadlock's victim.
+
+    A bulk UPDATE of a batch's items (cancel, expiry) and a worker's result flush lock the
+    same rows in different orders; one of them is rolled back (SQLSTATE 40P01) and is safe
+    to repeat, since every such write is conditional on the rows' status.
+    """
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            with db.engine.begin() as conn:
+                return work(conn)
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "40P01" or attempt == DEADLOCK_ATTEMPTS:
+                raise
+            log.warning("deadlock (attempt %d of %d); trying again", attempt, DEADLOCK_ATTEMPTS)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
