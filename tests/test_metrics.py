@@ -214,3 +214,30 @@ def test_batch_items_a_cancel_or_an_expiry_ends_are_counted(app: Flask, api_key:
     grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     assert grown.get("jobs|batch|cancelled", 0) >= 2, grown  # >=: other tests' jobs may end
     assert grown.get("jobs|batch|expired", 0) >= 2, grown
+
+
+def test_batch_items_out_of_attempts_are_counted_as_failed(app: Flask, api_key: str) -> None:
+    """The sweeper fails an item claimed BATCH_MAX_ATTEMPTS times: that end is counted too."""
+    from sqlalchemy import select
+
+    from app.extensions import db, redis_store
+    from app.models import Job
+    from app.services.batches import requeue_items
+
+    with app.app_context():
+        batch = insert_batch(tenant_of(api_key), ["running"])
+        attempts = app.config["BATCH_MAX_ATTEMPTS"]
+        db.session.execute(
+            Job.__table__.update().where(Job.batch_id == batch.id).values(attempts=attempts)
+        )
+        db.session.commit()
+        rows = db.session.execute(
+            select(Job.id, Job.attempts, Job.batch_id, Job.item_index).where(
+                Job.batch_id == batch.id
+            )
+        ).all()
+        before = telemetry.totals(redis_store.client)
+        requeue_items(rows, {"message": "lost", "code": "worker_lost"})
+        after = telemetry.totals(redis_store.client)
+    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert grown.get("jobs|batch|failed", 0) >= 1, grown  # >=: other tests' jobs may end

@@ -21,6 +21,7 @@ from flask import current_app
 from sqlalchemy import Connection, Table, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from app import telemetry
 from app.errors import APIError
 from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
@@ -267,6 +268,7 @@ def requeue_items(rows: Iterable[Any], error: dict[str, Any]) -> int:
     ranges: set[tuple[str, int]] = set()
     singles: list[str] = []
     now = utcnow()
+    ended: list[Any] = []
     with db.engine.begin() as conn:
         for row in rows:
             cond = [
@@ -276,11 +278,12 @@ def requeue_items(rows: Iterable[Any], error: dict[str, Any]) -> int:
             ]
             if row.attempts >= max_attempts:
                 failed = {**error, "attempts": row.attempts}
-                conn.execute(
+                ended += conn.execute(
                     update(jobs_t)
                     .where(*cond)
                     .values(status="failed", error=failed, finished_at=now)
-                )
+                    .returning(*telemetry.ENDED_COLUMNS)
+                ).all()
                 continue
             if conn.execute(
                 update(jobs_t).where(*cond).values(status="queued", worker=None)
@@ -289,6 +292,7 @@ def requeue_items(rows: Iterable[Any], error: dict[str, Any]) -> int:
                     ranges.add((row.batch_id, row.item_index))
                 else:
                     singles.append(row.id)
+    telemetry.batch_rows_written(ended)  # items out of attempts end here, not on a worker
     try:
         resend(ranges, singles)
     except Exception:
