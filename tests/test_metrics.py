@@ -196,7 +196,7 @@ def test_stream_jobs_ended_without_their_worker_are_counted(app: Flask, api_key:
         running = insert_job(tenant_of(api_key), "stream", "running")
         assert fail_lost_job(running.id)
         after = telemetry.totals(redis_store.client)
-    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grown = _grown(before, after)
     assert grown.get("jobs|stream|cancelled", 0) >= 1, grown  # >=: other tests' jobs may end
     assert grown.get("jobs|stream|failed", 0) >= 1, grown
 
@@ -211,7 +211,7 @@ def test_batch_items_a_cancel_or_an_expiry_ends_are_counted(app: Flask, api_key:
         cancel_batch(insert_batch(tenant_of(api_key), ["queued", "queued", "succeeded"]))
         expire_batch(insert_batch(tenant_of(api_key), ["queued", "running"]).id)
         after = telemetry.totals(redis_store.client)
-    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grown = _grown(before, after)
     assert grown.get("jobs|batch|cancelled", 0) >= 2, grown  # >=: other tests' jobs may end
     assert grown.get("jobs|batch|expired", 0) >= 2, grown
 
@@ -239,5 +239,10 @@ def test_batch_items_out_of_attempts_are_counted_as_failed(app: Flask, api_key: 
         before = telemetry.totals(redis_store.client)
         requeue_items(rows, {"message": "lost", "code": "worker_lost"})
         after = telemetry.totals(redis_store.client)
-    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    grown = _grown(before, after)
     assert grown.get("jobs|batch|failed", 0) >= 1, grown  # >=: other tests' jobs may end
+
+
+def _grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The telemetry totals that changed between two reads, by how much."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
