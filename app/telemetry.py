@@ -1,9 +1,10 @@
 """Maintained counters and histograms in Redis, observed once per job where the work ends.
 
-Workers call `stream_job_ended(job_id)` (stream runner), `batch_rows_written(rows)` (batch
-runner, with the rows it wrote) or `batch_results_written(ids, at)` once per job or result
-flush, never per delta. Those given ids read the ended rows' timings by primary key; all
-add them, in one pipelined round trip, to:
+Whatever ends a job calls `stream_rows_ended(rows)` (the stream runner's one terminal
+UPDATE), `batch_rows_written(rows)` (the batch runner, cancel, expiry, the sweeper) or
+`batch_results_written(ids, at)` (provider batches) once per job or result flush, never per
+delta. Rows are the ended columns as written (RETURNING); the last reads them back by
+primary key. All add them, in one pipelined round trip, to:
 
 - `sluice:tm:totals`, a hash of counters since Redis began keeping them, which every web
   node's `/metrics` exposes as Prometheus counters and histograms (so any node answers for
@@ -182,14 +183,18 @@ def log_ended(rows: Sequence[Any]) -> None:
         )  # fmt: skip
 
 
-def stream_job_ended(job_id: str) -> None:
-    """A stream worker ended this job (its row is written): count and log it. Never raises."""
+def stream_rows_ended(rows: Sequence[Any]) -> None:
+    """These stream job rows (ENDED_COLUMNS, as written) just ended: count and log them.
+
+    Never raises.
+    """
+    if not rows:
+        return
     try:
-        rows = _ended_rows(Job.id == job_id)
         record(rows)
         log_ended(rows)
     except Exception as exc:
-        log.warning("telemetry: job %s not counted: %r", job_id, exc)
+        log.warning("telemetry: %d job(s) not counted: %r", len(rows), exc)
 
 
 def batch_results_written(job_ids: Sequence[str], finished_at: datetime) -> None:

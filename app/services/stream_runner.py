@@ -16,11 +16,11 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import redis
 from flask import current_app
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select, update
 
 from app import admission, telemetry
 from app.extensions import db, redis_store
@@ -76,18 +76,23 @@ def _note(job_id: str, **fields: Any) -> None:
 def _end_job(
     job_id: str, status: str, *, from_status: tuple[str, ...] = ("running",), **values: Any
 ) -> bool:
-    """Conditionally move a job to a terminal state; True if this call did it."""
+    """Conditionally move a job to a terminal state; True if this call did it.
+
+    Every path that ends a stream job comes here, so this is where the end is counted
+    (from the row as written: no read back).
+    """
     if isinstance(values.get("output"), str):
         values["output"] = db_text(values["output"])
     stmt = (
         update(Job)
         .where(Job.id == job_id, Job.status.in_(from_status))
         .values(status=status, finished_at=utcnow(), **values)
+        .returning(*telemetry.ENDED_COLUMNS)
     )
-    result = cast("CursorResult[Any]", db.session.execute(stmt))  # an UPDATE: a CursorResult
-    done = bool(result.rowcount > 0)
+    ended = db.session.execute(stmt).all()
     db.session.commit()
-    return done
+    telemetry.stream_rows_ended(ended)
+    return bool(ended)
 
 
 def db_text(text: str) -> str:
@@ -135,7 +140,6 @@ def _settle_row(job_id: str, entries: list[Entry]) -> bool:
         return False
     _release(job_id)
     _note(job_id, status=status)
-    telemetry.stream_job_ended(job_id)  # a lost worker's job counts too (as it ended)
     return True
 
 
@@ -208,7 +212,6 @@ def _end_queued(job_id: str, status: str, error: dict[str, Any], token: str = ""
         return False
     _release(job_id)
     _note(job_id, status=status)
-    telemetry.stream_job_ended(job_id)
     return True
 
 
@@ -625,5 +628,4 @@ def _close(run: _Run, status: str, fields: dict[str, str], **values: Any) -> str
     if not _end_job(run.job_id, status, **values):
         return "superseded"
     _note(run.job_id, status=status, tenant_id=run.tenant_id)
-    telemetry.stream_job_ended(run.job_id)  # once per job: counters and histograms
     return status
