@@ -15,14 +15,9 @@
       .concat(Object.keys(obj).filter(function (k) { return known.indexOf(k) < 0; }));
   }
 
-  function $(id) { return document.getElementById(id); }
+  var $ = window.SluiceDom.byId;
 
-  function el(tag, cls, text) {
-    var node = document.createElement(tag);
-    if (cls) node.className = cls;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
+  var el = window.SluiceDom.el;
 
   function td(text, cls, title) {
     var cell = el("td", cls, text === null || text === undefined ? "—" : text);

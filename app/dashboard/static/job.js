@@ -11,13 +11,8 @@
     "created_at", "started_at", "first_token_at", "finished_at",
     "usage", "error", "request", "choices"];
 
-  function $(id) { return document.getElementById(id); }
-  function el(tag, cls, text) {
-    var node = document.createElement(tag);
-    if (cls) node.className = cls;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
+  var $ = window.SluiceDom.byId;
+  var el = window.SluiceDom.el;
   function ms(v) {
     if (v === null || v === undefined) return "—";
     return v < 1000 ? Math.round(v) + " ms" : (v / 1000).toFixed(v < 10000 ? 2 : 1) + " s";

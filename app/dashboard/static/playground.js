@@ -9,7 +9,7 @@
   var HEADERS = { "Content-Type": "application/json", "X-Sluice-Dashboard": "1" };
   var run = null;  // the answer in progress
 
-  function $(id) { return document.getElementById(id); }
+  var $ = window.SluiceDom.byId;
   function ms(v) { return v < 1000 ? Math.round(v) + " ms" : (v / 1000).toFixed(2) + " s"; }
   function status(text) { $("play-status").textContent = text; }
 
