@@ -19,13 +19,14 @@ from app.errors import APIError
 from app.extensions import db, redis_store
 from app.models import ApiKey, Tenant, utcnow
 from app.streams.hub import StreamHub, current_hub
-from app.streams.keys import KEYS_CHANNEL
+from app.streams.keys import KEYS_CHANNEL, revocation_ack_key
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-sluice-"
 KEY_CACHE_SECONDS = 10.0  # the longest a web process trusts a key it looked up
 KEY_CACHE_MAX = 10_000  # keys cached per process (cleared when full)
+REVOCATION_ACK_SECONDS = 2.0  # the longest revoke_key waits for every web process to drop a key
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -70,13 +71,36 @@ def revoke_key(key_id: str) -> bool:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         db.session.commit()
-    try:  # web processes drop it from their key caches (KEY_CACHE_SECONDS bounds a miss)
-        redis_store.client.publish(KEYS_CHANNEL, key.key_hash)
+    try:
+        _broadcast_revocation(key.key_hash)
     except Exception as exc:
         log.warning(
             "key revocation not broadcast (%r); caches drop it within %gs", exc, KEY_CACHE_SECONDS
         )
     return True
+
+
+def _broadcast_revocation(key_hash: str) -> None:
+    """Publish the revocation and wait until every hub that heard it has acknowledged, so
+    that no web process accepts the key once this returns (KEY_CACHE_SECONDS bounds a hub
+    that never answers within REVOCATION_ACK_SECONDS)."""
+    client = redis_store.client
+    ack = revocation_ack_key(secrets.token_hex(8))
+    heard = int(client.publish(KEYS_CHANNEL, f"{key_hash} {ack}"))
+    deadline = time.monotonic() + REVOCATION_ACK_SECONDS
+    acked = 0
+    while acked < heard and (left := deadline - time.monotonic()) > 0:
+        if client.blpop([ack], timeout=max(left, 0.01)) is None:
+            break
+        acked += 1
+    client.delete(ack)
+    if acked < heard:
+        log.warning(
+            "%d of %d web processes did not confirm a key revocation; they drop it within %gs",
+            heard - acked,
+            heard,
+            KEY_CACHE_SECONDS,
+        )
 
 
 class KeyCache:

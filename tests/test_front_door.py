@@ -402,6 +402,30 @@ def test_the_body_limit_holds_outside_v1_too(app: Flask, small_body_limit: int) 
     assert response.status_code == 413
 
 
+def test_revoke_key_returns_only_after_every_hub_has_dropped_the_key(app_ctx: Flask) -> None:
+    """revoke_key waits for each hub that heard the revocation to run its listeners, so a
+    slow hub cannot accept the key after the revocation returned (bounded by the ack wait)."""
+    from app.auth import create_key, hash_key, revoke_key
+    from app.streams.hub import StreamHub
+
+    key, plaintext = create_key("t-revoked-acked")
+    heard: list[str | None] = []
+
+    def slow_listener(key_hash: str | None) -> None:
+        time.sleep(0.5)
+        heard.append(key_hash)
+
+    hub = StreamHub(app_ctx.config["REDIS_URL"])
+    try:
+        hub.on_revocation(slow_listener)
+        assert hub.connected.wait(5)
+        heard.clear()
+        assert revoke_key(key.id)
+        assert hash_key(plaintext) in heard
+    finally:
+        hub.close()
+
+
 def test_a_revoked_key_is_refused_at_once_though_every_web_process_cached_it(
     stack: Stack, app: Flask
 ) -> None:

@@ -186,11 +186,19 @@ class StreamHub:
                 sub.notify()
 
     def _revoked(self, data: str | None) -> None:
+        """Tell the listeners; then acknowledge on the message's ack list (see revoke_key)."""
+        key_hash, _, ack = data.partition(" ") if data is not None else (None, "", "")
         for listener in tuple(self._revocations):
             try:
-                listener(data)
+                listener(key_hash)
             except Exception:
                 log.exception("a key revocation listener failed")
+        if ack:
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    pipe.rpush(ack, self.pid).expire(ack, 60).execute()
+            except Exception as exc:
+                log.warning("key revocation not acknowledged: %r", exc)
 
     def on_revocation(self, listener: Callable[[str | None], None]) -> None:
         """Call listener(key hash) for each key revocation heard, and listener(None) when

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 NOTIFY_CHANNEL = "sluice:stream-notify"  # "job X has new entries" notices (see entries.py)
 BROADCAST_CHANNEL = "sluice:dashboard"  # job and batch state changes (app/services/events.py)
-KEYS_CHANNEL = "sluice:keys-revoked"  # API key hashes revoked (app/auth.py's key cache)
+KEYS_CHANNEL = "sluice:keys-revoked"  # "<key hash> <ack list>" per revoked API key (app/auth.py)
+
+
+def revocation_ack_key(nonce: str) -> str:
+    """The list each hub that heard one revocation pushes to once its caches dropped the key."""
+    return f"sluice:keys-revoked:ack:{nonce}"
 
 
 def log_key(job_id: str) -> str:
