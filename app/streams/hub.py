@@ -196,7 +196,9 @@ class StreamHub:
         if ack:
             try:
                 with self.client.pipeline(transaction=False) as pipe:
-                    pipe.rpush(ack, self.pid).expire(ack, 60).execute()
+                    pipe.rpush(ack, self.pid)
+                    pipe.expire(ack, 60)
+                    pipe.execute()
             except Exception as exc:
                 log.warning("key revocation not acknowledged: %r", exc)
 
