@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, Task, bootsteps
+import redis
+from celery import Celery, Task, bootsteps, signals
+from celery.utils.nodenames import anon_nodename
 from flask import Flask, current_app
 from kombu import Queue
+from kombu.utils.json import dumps
 
 from app.extensions import REDIS_URL_MISSING, redis_store
 from app.services.heartbeat import beat, forget, worker_info
@@ -92,6 +97,99 @@ def send_task(name: str, args: list[Any], queue: str) -> None:
         argsrepr=argsrepr,
         kwargsrepr="{}",
     )
+
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def _direct(celery_app: Celery) -> bool:
+    """Whether a task message may be LPUSHed by hand: a plain Redis broker on the app's Redis
+    (no key prefix), JSON, protocol 2, uncompressed: exactly what `task_message` writes."""
+    conf = celery_app.conf
+    options = conf.broker_transport_options or {}
+    return (
+        conf.broker_url == current_app.config["REDIS_URL"]
+        and str(conf.broker_url).startswith(("redis://", "rediss://", "unix://"))
+        and not options.get("global_keyprefix")
+        and conf.task_serializer == "json"
+        and not conf.task_compression
+        and conf.task_protocol == 2
+    )
+
+
+def task_message(celery_app: Celery, name: str, args: list[Any], queue: str) -> str:
+    """The kombu message (protocol 2) Celery's send_task would LPUSH onto `queue`, as JSON.
+
+    Celery's `before_task_publish` receivers run on its headers as they would for
+    send_task (they add the request and tenant ids, app/logs.py).
+    """
+    task_id = str(uuid.uuid4())
+    argsrepr = f"[{args[0]!r}, ...]" if len(args) > 1 else repr(args)
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": argsrepr,
+        "kwargsrepr": "{}",
+        "origin": anon_nodename(),
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    properties: dict[str, Any] = {
+        "correlation_id": task_id,
+        "reply_to": celery_app.oid,
+        "argsrepr": argsrepr,
+        "kwargsrepr": "{}",
+    }
+    body: tuple[list[Any], dict[str, Any], dict[str, None]] = (args, {}, _EMBED)
+    if signals.before_task_publish.receivers:
+        signals.before_task_publish.send(
+            sender=name,
+            body=body,
+            exchange="",
+            routing_key=queue,
+            declare=[],
+            headers=headers,
+            properties=properties,
+            retry_policy=None,
+        )
+    properties |= {
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": 0,
+        "body_encoding": "base64",
+        "delivery_tag": str(uuid.uuid4()),
+    }
+    message = {
+        "body": base64.b64encode(dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": properties,
+    }
+    return str(dumps(message))
+
+
+def push_task(client: redis.Redis, name: str, args: list[Any], queue: str) -> None:
+    """Send a task as `send_task` does, but as one LPUSH on `client` (a pipeline: the
+    caller's other commands share its round trip) when the broker is the app's own Redis;
+    otherwise through Celery, at once. Priority 0, so the queue's key is its name."""
+    celery_app = current_app.extensions["celery"]
+    if not _direct(celery_app):
+        send_task(name, args, queue)
+        return
+    client.lpush(queue, task_message(celery_app, name, args, queue))
 
 
 def worker_heartbeat(app: Flask) -> type[bootsteps.StartStopStep]:

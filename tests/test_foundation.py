@@ -241,3 +241,36 @@ def test_a_renamed_setting_still_reads_its_old_name(tmp_path: Path) -> None:
     assert load_config({"SLUICE_CONFIG": str(toml)})[new] == 4.0
     with pytest.raises(ConfigError, match=f"SLUICE_{old}"):
         load_config({f"SLUICE_{old}": "soon"})
+
+
+def test_a_task_pushed_by_hand_is_the_message_celery_sends(app: Flask) -> None:
+    """push_task (the stream path's one-round-trip send) writes what send_task writes:
+    the same headers and properties (the request and tenant ids included), the same body."""
+    import base64
+    import json
+    import secrets
+
+    from app.logs import TASK_HEADER, request_id_var
+    from app.queueing import push_task, send_task
+
+    queues = [f"test-push-{secrets.token_hex(4)}-{side}" for side in ("celery", "hand")]
+    args = ["job_x", {"model": "mock/demo", "messages": [{"role": "user", "content": "é"}]}]
+    with app.test_request_context():
+        token = request_id_var.set("rid-push")
+        try:
+            send_task("sluice.stream.run", args, queues[0])
+            with redis_store.client.pipeline(transaction=False) as pipe:
+                push_task(pipe, "sluice.stream.run", args, queues[1])
+                pipe.execute()
+        finally:
+            request_id_var.reset(token)
+        celery, hand = (json.loads(redis_store.client.rpop(q)) for q in queues)
+    assert celery["headers"][TASK_HEADER] == hand["headers"][TASK_HEADER] == "rid-push"
+    for message, queue in zip((celery, hand), queues, strict=True):
+        for ident in ("id", "root_id"):
+            assert message["headers"].pop(ident) == message["properties"]["correlation_id"]
+        message["properties"].pop("correlation_id")
+        message["properties"].pop("delivery_tag")
+        assert message["properties"].pop("delivery_info") == {"exchange": "", "routing_key": queue}
+        message["body"] = json.loads(base64.b64decode(message.pop("body")))
+    assert hand == celery

@@ -13,6 +13,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import redis
 from sqlalchemy import inspect
 
 from app.extensions import redis_store
@@ -26,9 +27,12 @@ _JOB_FIELDS = ("tenant_id", "mode", "status", "model", "route_rule", "batch_id",
 _BATCH_FIELDS = ("tenant_id", "kind", "status", "model", "total")
 
 
-def job_changed(job: Job) -> None:
-    """Tell live dashboards that a job was queued, started or ended (best effort)."""
-    publish("job", _snapshot(job, _JOB_FIELDS))
+def job_changed(job: Job, client: redis.Redis | None = None) -> None:
+    """Tell live dashboards that a job was queued, started or ended (best effort).
+
+    `client` may be a pipeline: the PUBLISH then goes with the caller's other commands.
+    """
+    publish("job", _snapshot(job, _JOB_FIELDS), client)
 
 
 def batch_changed(batch: Batch) -> None:
@@ -36,11 +40,11 @@ def batch_changed(batch: Batch) -> None:
     publish("batch", _snapshot(batch, _BATCH_FIELDS))
 
 
-def publish(kind: str, data: dict[str, Any]) -> None:
-    """One PUBLISH on the shared pool; never raises into the caller."""
+def publish(kind: str, data: dict[str, Any], client: redis.Redis | None = None) -> None:
+    """One PUBLISH on the shared pool (or queued on `client`); never raises into the caller."""
     try:
         message = json.dumps({"data": data, "type": kind}, default=_json_default)
-        redis_store.client.publish(DASHBOARD_CHANNEL, message)
+        (client or redis_store.client).publish(DASHBOARD_CHANNEL, message)
     except Exception as exc:  # the feed is best effort: state lives in the database
         log.debug("dashboard event not published: %s", type(exc).__name__)
 

@@ -7,11 +7,11 @@ from typing import Any
 from sqlalchemy import insert
 
 from app.errors import APIError
-from app.extensions import db
+from app.extensions import db, redis_store
 from app.models import Job, epoch, new_id, utcnow
 from app.policy import REQUESTED_MODES, Route, document_messages
 from app.providers import ChatRequest
-from app.queueing import STREAM_QUEUE, send_task
+from app.queueing import STREAM_QUEUE, push_task
 from app.services.chat_request import parse_chat_request
 from app.services.costs import job_cost_usd
 from app.services.events import job_changed
@@ -126,8 +126,12 @@ def start_stream_job(
     db.session.execute(insert(Job), [values])
     db.session.commit()
     job = Job(**values)
-    send_task(STREAM_TASK, args=[job.id, record], queue=STREAM_QUEUE)
-    job_changed(job)
+    with redis_store.client.pipeline(transaction=False) as pipe:  # task + note: one round trip
+        push_task(pipe, STREAM_TASK, [job.id, record], STREAM_QUEUE)
+        job_changed(job, pipe)
+        for answer in pipe.execute(raise_on_error=False)[:-1]:  # the note is best effort
+            if isinstance(answer, Exception):
+                raise answer
     return job
 
 
