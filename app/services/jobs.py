@@ -13,7 +13,7 @@ from app.policy import REQUESTED_MODES, Route, document_messages
 from app.providers import ChatRequest
 from app.queueing import STREAM_QUEUE, push_task
 from app.services.chat_request import parse_chat_request
-from app.services.costs import job_cost_usd
+from app.services.costs import job_cost_usd, jobs_t
 from app.services.events import job_changed
 
 STREAM_TASK = "sluice.stream.run"
@@ -123,7 +123,8 @@ def start_stream_job(
         "attempts": 0,
         "created_at": utcnow(),
     }
-    db.session.execute(insert(Job), [values])
+    columns = {"metadata" if k == "metadata_" else k: v for k, v in values.items()}
+    db.session.execute(insert(jobs_t), [columns])  # Core: no ORM bulk-insert layer
     db.session.commit()
     job = Job(**values)
     with redis_store.client.pipeline(transaction=False) as pipe:  # task + note: one round trip
