@@ -237,3 +237,67 @@ def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: 
     row = db.session.execute(select(Job.status, Job.output).where(Job.id == job_id)).first()
     db.session.commit()
     assert row is not None and tuple(row) == ("failed", "sent to the client")
+
+
+def test_a_delta_wakes_only_the_hubs_that_relay_its_job(app_ctx: Flask) -> None:
+    """Each web process's hub hears the notices of the jobs it relays, not every job's: a
+    busy job's deltas never reach a hub relaying another job, nor an idle one."""
+    url = app_ctx.config["REDIS_URL"]
+    client = redis_store.client
+    relaying, other, idle = StreamHub(url), StreamHub(url), StreamHub(url)
+    jobs = [f"job_fan_{secrets.token_hex(4)}" for _ in range(2)]
+    try:
+        tails = [
+            Tail(hub, job, lease_seconds=60, ping_seconds=5)
+            for hub, job in zip((relaying, other), jobs, strict=True)
+        ]
+        for tail in tails:
+            assert tail.subscribe()
+        idle.feed()
+        assert idle.connected.wait(5)
+        client.set(lease_key(jobs[0]), "T", px=60_000)
+        dlog = DeltaLog(client, jobs[0], running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+        for word in ("un ", "deux ", "trois"):
+            dlog.append(_content(word))
+        dlog.finish("stop", None)
+        texts = [fields.get("d") for _, fields in tails[0].follow() if fields]  # type: ignore[misc]
+        assert texts == ["un ", "deux ", "trois", None]
+        assert relaying.heard == 4
+        assert other.heard == 0 and idle.heard == 0
+        tails[1].close()
+    finally:
+        for hub in (relaying, other, idle):
+            hub.close()
+
+
+def test_a_hub_that_reconnects_hears_its_jobs_again(app_ctx: Flask) -> None:
+    """The hub's pub/sub connection is killed under an open relay: it subscribes again to
+    the job's channel, wakes the relay for what it missed, and hears the later deltas."""
+    url = app_ctx.config["REDIS_URL"]
+    client = redis_store.client
+    hub = StreamHub(url)
+    job = f"job_resub_{secrets.token_hex(4)}"
+    try:
+        tail = Tail(hub, job, lease_seconds=60, ping_seconds=0.2, running=True)
+        assert tail.subscribe()
+        client.set(lease_key(job), "T", px=60_000)
+        dlog = DeltaLog(client, job, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+        dlog.append(_content("before "))
+        entries = tail.follow()
+        assert next(entries)[1]["d"] == "before "  # type: ignore[index]
+        hub.connected.clear()
+        host, port = hub._pubsub.connection._sock.getsockname()[:2]
+        assert client.client_kill(f"{host}:{port}")  # this hub's connection only
+        dlog.append(_content("missed "))  # published while the hub may be away
+        deadline = time.monotonic() + 10
+        while not hub.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hub.connected.is_set()
+        heard = hub.heard
+        dlog.append(_content("after"))
+        dlog.finish("stop", None)
+        texts = [item[1].get("d") for item in entries if item is not None]
+        assert texts == ["missed ", "after", None]
+        assert hub.heard > heard  # heard on its new connection, not only read after a wake
+    finally:
+        hub.close()

@@ -9,9 +9,10 @@ A log entry is a Redis Stream entry with a kind field `t`:
   `{index: reason}`) when there is more than one choice;
 - `error` (terminal): `error`, an OpenAI-style error object as JSON.
 
-The worker appends deltas with APPEND_SCRIPT, which also publishes a notice on
-NOTIFY_CHANNEL: `job\\nprev\\nid\\n<field><value>` hands the entry itself to relays that
-hold `prev`; a bare `job` notice (terminal entries, repairs) only says "read the log".
+The worker appends deltas with APPEND_SCRIPT, which also publishes a notice on the job's
+own channel (keys.notify_channel): `job\\nprev\\nid\\n<field><value>` hands the entry itself
+to relays that hold `prev`; a bare `job` notice (terminal entries, repairs) only says "read
+the log".
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 One `StreamHub` per process holds ONE pub/sub connection and wakes the relays waiting on a
 job; relays then read their new entries with a non-blocking XREAD over a small bounded
 pool. No relay opens a connection of its own and none polls: 10,000 idle relays cost two or
-three connections. The same connection carries the broadcast channel of job and batch
-changes, fanned out to the dashboard's live feed and batch-progress streams.
+three connections. Each job has its own notice channel, which the hub subscribes to while it
+relays the job, so a delta wakes only the processes that relay it. The same connection
+carries the broadcast channel of job and batch changes, fanned out to the dashboard's live
+feed and batch-progress streams.
 """
 
 from __future__ import annotations
@@ -20,20 +22,24 @@ from typing import Any
 
 import redis
 from flask import current_app
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.extensions import redis_client
 from app.streams.entries import Entry, entry_key, error_fields, is_terminal, parse_notice
 from app.streams.keys import (
     BROADCAST_CHANNEL,
     KEYS_CHANNEL,
-    NOTIFY_CHANNEL,
+    NOTIFY_PREFIX,
     lease_key,
     log_key,
+    notify_channel,
 )
 
 log = logging.getLogger(__name__)
 
 LEASE_SHARE_SECONDS = 1.0  # how old a lease check the relays of one job may share
+ARM_SECONDS = 5.0  # the longest a relay waits for the hub to hear its job's channel
 
 
 class Subscription:
@@ -44,9 +50,10 @@ class Subscription:
     sets `event`. The relay clears `event` BEFORE it looks at both, so a notice that comes
     while it looks or while it writes a frame is never lost: it is either seen by that
     look or sets the event again for the next wait. Only the hub writes `notices`.
+    `armed` is set once the hub hears the job's channel: from then on no notice is missed.
     """
 
-    __slots__ = ("event", "job_id", "last", "notices", "pending")
+    __slots__ = ("armed", "event", "job_id", "last", "notices", "pending")
 
     def __init__(self, job_id: str, last: str) -> None:
         self.job_id = job_id
@@ -54,6 +61,7 @@ class Subscription:
         self.pending: deque[Entry] = deque()
         self.notices = 0
         self.event = threading.Event()
+        self.armed = threading.Event()
 
     def handed(self) -> list[Entry]:
         """The entries handed over since the last call."""
@@ -95,6 +103,12 @@ class StreamHub:
     A delta notice carries the entry and the id of the entry before it; a relay whose last
     entry is that one gets the new entry handed over with no Redis read at all. Any other
     relay (behind, or after a reconnect of the hub) is only woken and reads with XREAD.
+
+    The hub hears a job's channel from its first relay's subscribe to its last one's
+    unsubscribe. SUBSCRIBE and UNSUBSCRIBE are sent from the relay's side on the listener's
+    connection; their confirmations come back in order, and each confirmation arms the
+    relays that registered before it was asked for (`_arming`: per job, one batch of
+    subscriptions per SUBSCRIBE in flight).
     """
 
     def __init__(self, url: str, pool_size: int = 32, socket_timeout: float = 10.0) -> None:
@@ -108,6 +122,9 @@ class StreamHub:
             connect_timeout=5,
         )
         self._subs: dict[str, set[Subscription]] = {}
+        self._arming: dict[str, deque[list[Subscription]]] = {}
+        self._pubsub: Any = None  # the listener's connected PubSub, for job (un)subscribes
+        self.heard = 0  # job notices heard (all of them for jobs this process relays)
         self._feeds: set[Feed] = set()
         self._revocations: list[Callable[[str | None], None]] = []
         self._leases: dict[str, tuple[float, bool]] = {}  # job -> (when seen, leased)
@@ -128,28 +145,39 @@ class StreamHub:
     def _listen_forever(self) -> None:
         backoff = 0.05
         while not self._closed.is_set():
-            conn = redis.Redis.from_url(
-                self.url, decode_responses=True, socket_connect_timeout=5, socket_keepalive=True
+            conn = redis.Redis.from_url(  # no silent reconnect: a lost connection raises here
+                self.url,
+                decode_responses=True,
+                socket_connect_timeout=5,
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),
             )
             pubsub = conn.pubsub()  # type: ignore[no-untyped-call]  # redis-py
             try:
-                channels = (NOTIFY_CHANNEL, BROADCAST_CHANNEL, KEYS_CHANNEL)
-                pubsub.subscribe(*channels)
+                pubsub.subscribe(BROADCAST_CHANNEL, KEYS_CHANNEL)  # connects (not under the lock)
+                with self._lock:  # the jobs relayed now; later ones subscribe on this pubsub
+                    self._arming = {job: deque([list(g)]) for job, g in self._subs.items()}
+                    jobs = [notify_channel(job) for job in self._subs]
+                    if jobs:
+                        pubsub.connection.send_command("SUBSCRIBE", *jobs, check_health=False)
+                    self._pubsub = pubsub
+                channels = 2 + len(jobs)
                 confirmed = 0
-                while confirmed < len(channels):  # from here on, nothing published is missed
+                while confirmed < channels:  # from here on, nothing published is missed
                     reply = pubsub.get_message(timeout=5.0)
                     if reply is None:
                         raise redis.ConnectionError("no SUBSCRIBE confirmation")
-                    confirmed += reply.get("type") == "subscribe"
+                    confirmed += self._confirmed(reply)
                 self._revoked(None)  # anything revoked while we were away
                 self.connected.set()
                 self._wake_all()  # anything published while we were away
                 backoff = 0.05
                 for message in pubsub.listen():
                     if message.get("type") != "message":
+                        self._confirmed(message)
                         continue
                     channel = message["channel"]
-                    if channel == NOTIFY_CHANNEL:
+                    if channel.startswith(NOTIFY_PREFIX):
                         self._dispatch(message["data"])
                     elif channel == BROADCAST_CHANNEL:
                         self._broadcast(message["data"])
@@ -158,6 +186,8 @@ class StreamHub:
             except Exception as exc:
                 log.warning("stream hub lost its pub/sub connection: %r", exc)
             finally:
+                with self._lock:
+                    self._pubsub = None
                 self.connected.clear()
                 self._revoked(None)
                 try:
@@ -172,7 +202,35 @@ class StreamHub:
         """Stop reconnecting (for a hub made outside `hub_for`, as in tests)."""
         self._closed.set()
 
+    def _confirmed(self, reply: dict[str, Any]) -> bool:
+        """Arm the relays a SUBSCRIBE confirmation covers; whether it was one."""
+        if reply.get("type") != "subscribe":
+            return False
+        channel = reply["channel"]
+        if channel.startswith(NOTIFY_PREFIX):
+            job_id = channel[len(NOTIFY_PREFIX) :]
+            with self._lock:
+                batches = self._arming.get(job_id)
+                batch = batches.popleft() if batches else []
+                if batches is not None and not batches:
+                    del self._arming[job_id]
+            for sub in batch:
+                sub.armed.set()
+        return True
+
+    def _send(self, command: str, job_id: str) -> None:
+        """(Under the lock) SUBSCRIBE or UNSUBSCRIBE a job's channel on the listener's
+        connection; without one, the next connection subscribes every relayed job."""
+        pubsub = self._pubsub
+        if pubsub is None or pubsub.connection._sock is None:  # (never reconnect it here)
+            return
+        try:  # a write beside the listener's read; no health check (that would read)
+            pubsub.connection.send_command(command, notify_channel(job_id), check_health=False)
+        except Exception as exc:  # the listener sees the connection fail and reconnects
+            log.warning("stream hub could not %s job %s: %r", command, job_id, exc)
+
     def _dispatch(self, data: str) -> None:
+        self.heard += 1
         job_id, prev, entry = parse_notice(data)
         subs = self._subs.get(job_id)
         if not subs:
@@ -224,12 +282,24 @@ class StreamHub:
             sub.notify()
 
     def subscribe(self, job_id: str, last: str) -> Subscription:
-        """Register BEFORE reading the log, so no notice can fall between read and wait."""
+        """Register BEFORE reading the log, so no notice can fall between read and wait.
+
+        The read (or the task's send) must also wait for `sub.armed`: see `Tail.armed`.
+        """
         if not self._started:
             self._start()
         sub = Subscription(job_id, last)
         with self._lock:
-            self._subs.setdefault(job_id, set()).add(sub)
+            group = self._subs.get(job_id)
+            if group is None:  # the first relay of the job here: hear its channel
+                group = self._subs[job_id] = set()
+                self._arming.setdefault(job_id, deque()).append([sub])
+                self._send("SUBSCRIBE", job_id)
+            elif batches := self._arming.get(job_id):
+                batches[-1].append(sub)  # its SUBSCRIBE is in flight
+            else:
+                sub.armed.set()
+            group.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -240,6 +310,7 @@ class StreamHub:
                 if not group:
                     del self._subs[sub.job_id]
                     self._leases.pop(sub.job_id, None)
+                    self._send("UNSUBSCRIBE", sub.job_id)
 
     def leased(self, job_id: str) -> bool:
         """Whether a worker holds the job's lease, as seen at most LEASE_SHARE_SECONDS ago.
@@ -312,16 +383,21 @@ class Tail:
     check_lost: Callable[[str], bool] | None = None  # settle a job whose worker is gone
     outage_seconds: float = 30.0  # how long Redis may be unreachable before the relay ends
     _sub: Subscription | None = None  # registered ahead by subscribe()
+    _armed_ahead: bool = False  # ... and the hub heard the job's channel before the send
 
-    def subscribe(self) -> None:
-        """Register with the hub now, before the job's task is sent.
+    def subscribe(self) -> bool:
+        """Register with the hub now, before the job's task is sent; True once the hub hears
+        the job's channel (send the task after that).
 
         The log then cannot hold an entry the hub did not announce to this relay (or, if
-        the hub reconnects meanwhile, wake it for), so follow() skips its first read.
+        the hub reconnects meanwhile, wake it for), so follow() skips its first read;
+        unless the hub did not hear the channel in time (False): follow() then reads first.
         End with close() if follow() never runs.
         """
         if self._sub is None:
             self._sub = self.hub.subscribe(self.job_id, self.after)
+        self._armed_ahead = self._sub.armed.wait(ARM_SECONDS)
+        return self._armed_ahead
 
     def close(self) -> None:
         """Drop a subscription made by subscribe() (idempotent; follow() does it too)."""
@@ -346,9 +422,11 @@ class Tail:
         key = log_key(self.job_id)
         sub = self._sub
         # the hub's notice count this relay has read the log for; -1: read now
-        seen = -1 if sub is None else 0
+        seen = 0 if sub is not None and self._armed_ahead else -1
         if sub is None:
             sub = self._sub = self.hub.subscribe(self.job_id, self.after)
+        if seen == -1:  # read once the hub hears the channel (or, if it never does in
+            sub.armed.wait(ARM_SECONDS)  # time, at once: its reconnect wakes us again)
         after = entry_key(self.after)
         wake_every = max(0.05, min(self.ping_seconds, self.lease_seconds / 2))
         last_ping = last_db_check = time.monotonic()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-NOTIFY_CHANNEL = "sluice:stream-notify"  # "job X has new entries" notices (see entries.py)
+NOTIFY_PREFIX = "sluice:stream-notify:"  # + job id: "job X has new entries" (see entries.py)
 BROADCAST_CHANNEL = "sluice:dashboard"  # job and batch state changes (app/services/events.py)
 KEYS_CHANNEL = "sluice:keys-revoked"  # "<key hash> <ack list>" per revoked API key (app/auth.py)
+
+
+def notify_channel(job_id: str) -> str:
+    """The job's own notice channel: only the web processes relaying the job hear it."""
+    return NOTIFY_PREFIX + job_id
 
 
 def revocation_ack_key(nonce: str) -> str:

@@ -23,7 +23,7 @@ from app.streams.entries import (
     encode_delta,
     error_fields,
 )
-from app.streams.keys import NOTIFY_CHANNEL, cancel_key, lease_key, log_key
+from app.streams.keys import cancel_key, lease_key, log_key, notify_channel
 
 
 class _Append:
@@ -220,7 +220,8 @@ class DeltaLog:
         expiry = 0 if self._expiry_set else self.running_ttl
         name, value = encode_delta(choices)
         keys = [self.key, self.cancel_key, self.lease_key]
-        args: list[Any] = [self.job_id, self.last_id, value, expiry, NOTIFY_CHANNEL, name]
+        channel = notify_channel(self.job_id)
+        args: list[Any] = [self.job_id, self.last_id, value, expiry, channel, name]
         args += [self.token, self.lease_ms]
         if self.batcher is not None:
             entry_id, cancelled = self.batcher.append(keys, args)
@@ -277,7 +278,7 @@ def write_terminal(
     It starts the log's expiry clock, wakes the relays and drops the cancel flag. An empty
     token (a repair, a cancel of a queued job) writes only while nobody holds the lease.
     """
-    args: list[Any] = [job_id, NOTIFY_CHANNEL, max(1, int(ttl)), token, lease_ms]
+    args: list[Any] = [job_id, notify_channel(job_id), max(1, int(ttl)), token, lease_ms]
     for name, value in fields.items():
         args += [name, value]
     keys = [log_key(job_id), cancel_key(job_id), lease_key(job_id)]
