@@ -1,9 +1,9 @@
 """`python -m bench stream`: the stream channel against the fake upstream, and direct to it.
 
-Starts its own stack (gunicorn gevent web with one worker process, one Celery gevent stream
-worker, embedded Redis, SQLite unless DATABASE_URL is set) and the fake upstream as a
-separate process, then drives both with a small asyncio SSE client (so the client's own
-cost is the same on both sides). Prints tables; never passes or fails.
+Starts its own stack (gunicorn gevent web with one worker process (--web-workers), Celery
+gevent stream workers (--workers), embedded Redis, SQLite unless DATABASE_URL is set) and
+the fake upstream as a separate process, then drives both with a small asyncio SSE client
+(so the client's own cost is the same on both sides). Prints tables; never passes or fails.
 """
 
 from __future__ import annotations
@@ -230,7 +230,8 @@ class BenchStack:
             upgrade()
             self.key = create_key(f"bench-{secrets.token_hex(3)}")[1]
         self._spawn("web", web_argv(
-            "--workers", "1", "--worker-connections", str(self.args.idle + 2000),
+            "--workers", str(self.args.web_workers),
+            "--worker-connections", str(self.args.idle + 2000),
             "--backlog", "4096", "--bind", f"127.0.0.1:{self.web_port}", "--graceful-timeout", "2",
         ))  # fmt: skip
         for n in range(self.args.workers):
@@ -340,7 +341,8 @@ def summarise(results: list[Result]) -> dict[str, float]:
 async def run_load(stack: BenchStack) -> list[dict[str, Any]]:
     rows = []
     for concurrency in stack.args.concurrency:
-        total = max(concurrency, stack.args.streams if concurrency == 1 else concurrency * 2)
+        waves = stack.args.waves
+        total = max(concurrency, stack.args.streams if concurrency == 1 else concurrency * waves)
         await wave(stack, min(concurrency, 10), min(concurrency, 10), direct=False)  # warm
         direct, direct_wall = await wave(stack, concurrency, total, direct=True)
         sluice, wall, used, net = await measured_wave(stack, concurrency, total)
@@ -573,6 +575,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--idle", type=int, default=10_000, help="idle open streams (0: skip)")
     parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
+    parser.add_argument("--web-workers", type=int, default=1, help="gunicorn web processes")
+    parser.add_argument(
+        "--waves", type=int, default=2, help="streams per level above 1: concurrency x this"
+    )
     parser.add_argument("--worker-concurrency", type=int, default=400, help="greenlets each")
     parser.add_argument("--keep", action="store_true", help="keep the stack's data dir")
     parser.add_argument(
