@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -124,6 +124,19 @@ def test_every_front_door_is_counted(app: Flask) -> None:
         refused(client.post("/v1/chat/completions", json=CHAT, headers=ASYNC), "requests")
         refused(client.post("/v1/document-batches", json=docs), "requests")
         assert client.get("/v1/jobs").status_code == 200  # reads are not job requests
+
+
+def test_each_app_counts_on_its_own_redis(app: Flask, make_app: Callable[..., Flask]) -> None:
+    """One Limiter serves every app of a process: a later app on a dead Redis (as the
+    outage tests make) must not become the storage of the first."""
+    _, (client,) = tenant_keys(app, 1)
+    dead = make_app({"REDIS_URL": "redis://127.0.0.1:1/0", "KEY_REQUESTS_PER_MINUTE": 1})
+    dead_client = dead.test_client()
+    dead_client.environ_base.update(client.environ_base)
+    assert submit(dead_client).status_code == 503  # its own Redis is down
+    with tuned(app, KEY_REQUESTS_PER_MINUTE=1):
+        assert submit(client).headers["x-ratelimit-remaining-requests"] == "0"
+        refused(submit(client), "requests")
 
 
 def test_open_event_streams_per_tenant(app: Flask) -> None:
