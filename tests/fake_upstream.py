@@ -53,6 +53,9 @@ class Scenario:
     tool_calls: list[dict[str, str]] | None = None  # [{"id", "name", "arguments"}]
     refusal: str | None = None
     fragment: int = 3  # characters per streamed tool-call arguments fragment
+    # canned OpenAI chunks, sent as given: (choice index, delta, logprobs) and finish per choice
+    chunks: list[tuple[int, dict[str, Any], Any]] | None = None
+    finishes: dict[int, str] | None = None
 
 
 _CONVERTERS: dict[str, Any] = {
@@ -73,6 +76,8 @@ _CONVERTERS: dict[str, Any] = {
     ],
     "refusal": str,
     "fragment": int,
+    "chunks": list,
+    "finishes": dict,
 }
 
 _OPENAI_ERROR_TYPES = {
@@ -643,6 +648,9 @@ class _Handler(BaseHTTPRequestHandler):
             "model": plan.model,
             "system_fingerprint": None,
         }
+        if plan.scenario.chunks is not None:
+            yield from self._canned_events(plan.scenario, base, include_usage)
+            return
         if include_usage:
             base["usage"] = None
 
@@ -665,6 +673,28 @@ class _Handler(BaseHTTPRequestHandler):
         if include_usage:
             usage = {**base, "choices": [], "usage": self._openai_usage(plan)}
             yield "usage", f"data: {json.dumps(usage)}\n\n"
+        yield "done", "data: [DONE]\n\n"
+
+    @staticmethod
+    def _canned_events(
+        scenario: Scenario, base: dict[str, Any], include_usage: bool
+    ) -> Iterator[tuple[str, str]]:
+        """A scenario's canned chunks, between a role chunk and a finish chunk per choice."""
+        chunks, finishes = scenario.chunks or [], scenario.finishes or {0: "stop"}
+
+        def chunk(index: int, delta: dict[str, Any], lp: Any = None, finish: Any = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            return f"data: {json.dumps({**base, 'choices': [choice]}, ensure_ascii=False)}\n\n"
+
+        for index in sorted(finishes):
+            yield "start", chunk(index, {"role": "assistant", "content": None, "refusal": None})
+        for index, delta, logprobs in chunks:
+            yield "delta", chunk(index, delta, logprobs)
+        for index, reason in sorted(finishes.items()):
+            yield "finish", chunk(index, {}, None, reason)
+        if include_usage:
+            usage = {"prompt_tokens": 3, "completion_tokens": len(chunks), "total_tokens": 0}
+            yield "usage", f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
         yield "done", "data: [DONE]\n\n"
 
     # -- Anthropic wire format ---------------------------------------------------------------

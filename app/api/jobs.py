@@ -18,7 +18,7 @@ from app.models.job import MODES, STATUSES, TERMINAL
 from app.pagination import fetch_page, list_object, page_params
 from app.services.front_door import wait_for_job
 from app.services.jobs import cancel_background_job, job_object
-from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job
+from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job, db_text
 from app.streams.entries import Generation, entry_key, is_terminal
 from app.streams.hub import current_hub
 from app.streams.keys import log_key
@@ -79,7 +79,7 @@ def show_job(job_id: str) -> ResponseReturnValue:
     if job.first_token_at is None and len(entries) > 1:
         job.first_token_at = at(entries[0][0])
     job.status = generation.status
-    job.output = generation.text if generation.choices else job.output
+    job.output = db_text(generation.text) if generation.choices else job.output  # as the row will
     job.error = generation.error
     if generation.error is None:
         job.finish_reason = generation.finish_reason
