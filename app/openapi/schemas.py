@@ -12,22 +12,15 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.batches import BatchRequest
-from app.api.keys import KeyRequest
+from app.api.batches import BatchRequest as BatchRequest
+from app.api.keys import KeyRequest as KeyRequest
 from app.models import batch as batch_model
 from app.models import job as job_model
-from app.services.chat_request import MODEL_FIELD, ChatCompletionRequest, Message
-from app.services.documents import DocumentBatchRequest
-from app.services.job_request import JobRequest
+from app.services.chat_request import MODEL_FIELD
+from app.services.chat_request import ChatCompletionRequest as ChatCompletionRequest
+from app.services.documents import DocumentBatchRequest as DocumentBatchRequest
+from app.services.job_request import JobRequest as JobRequest
 
-REQUESTS = (  # re-exported: the routes' bodies, as they validate
-    BatchRequest,
-    ChatCompletionRequest,
-    DocumentBatchRequest,
-    JobRequest,
-    KeyRequest,
-    Message,
-)
 T = TypeVar("T")
 
 

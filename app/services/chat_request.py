@@ -512,9 +512,13 @@ class ChatCompletionRequest(BaseModel):
         }
         if self.stream_options is not None:
             record["stream_options"] = {"include_usage": self.stream_options.include_usage}
-        values = self.__dict__
-        for name in self.model_fields_set:
-            if name in PARAMETERS and (value := values[name]) is not None:
+        for (
+            name,
+            value,
+        ) in (
+            self.__dict__.items()
+        ):  # in declaration order: a refusal names the same parameter each time
+            if value is not None and name in PARAMETERS:
                 record[name] = value
         for name, value in (self.model_extra or {}).items():
             if value is not None:
