@@ -512,12 +512,8 @@ class ChatCompletionRequest(BaseModel):
         }
         if self.stream_options is not None:
             record["stream_options"] = {"include_usage": self.stream_options.include_usage}
-        for (
-            name,
-            value,
-        ) in (
-            self.__dict__.items()
-        ):  # in declaration order: a refusal names the same parameter each time
+        # the fields in declaration order: a refusal names the same parameter each time
+        for name, value in self.__dict__.items():
             if value is not None and name in PARAMETERS:
                 record[name] = value
         for name, value in (self.model_extra or {}).items():
