@@ -58,7 +58,6 @@ class JobRequest(ChatCompletionRequest):
         if not isinstance(data, dict):
             return data  # the chat body's own check answers
         _checked_job_fields(data)
-        data = {k: v for k, v in data.items() if k != "stream_options"}
         if "document" in data:
             data["messages"] = document_messages(data["document"], data.get("instructions"))
         return data
