@@ -693,3 +693,19 @@ def test_a_provider_batch_past_the_byte_limit_is_split(
     batch = http.get(f"/v1/document-batches/{created['id']}").json()
     assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 5
     assert all(r.attempts == 1 for r in item_rows(papp, created["id"]))
+
+
+def test_a_window_shorter_than_the_providers_expires_on_time(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    """completion_window 3s on the provider executor (whose window is 24h): the batch
+    expires at its own window, and the provider batch is cancelled."""
+    fresh_batch_apis.configure(processing_s=60.0)
+    created = doc_batch(http, "openai/echo", 2, completion_window="3s")
+    assert created["route"]["executor"] == "provider"
+    sweep_until(papp, status_of(http, created["id"]), timeout=30)
+    batch = http.get(f"/v1/document-batches/{created['id']}").json()
+    assert batch["status"] == "expired" and batch["counts"]["expired"] == 2
+    assert sum(fresh_batch_apis.cancels.values()) == 1  # the provider was told
+    for row in item_rows(papp, created["id"]):
+        assert row.status == "expired" and row.error and row.error["code"] == "batch_expired"

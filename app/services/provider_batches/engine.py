@@ -43,7 +43,7 @@ from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
 from app.services.batches import batches_t, jobs_t, stop_error
-from app.services.provider_batches import rows
+from app.services.provider_batches import choice, rows
 from app.services.provider_batches.apis import (
     Outcome,
     Pending,
@@ -60,6 +60,7 @@ GROUPS_PER_SWEEP = 50
 SENDS_PER_SWEEP = 100
 POLLS_PER_SWEEP = 100
 LINE_OVERHEAD = 200  # bytes of a batch input line around its body
+PROVIDER_WINDOW = timedelta(seconds=choice.PROVIDER_WINDOW)
 RECONCILE_SLACK = timedelta(minutes=5)  # clock skew allowed when searching the provider's list
 SUBMIT_TASK = "sluice.batch.provider_submit"
 SEND_TASK = "sluice.batch.provider_send"
@@ -458,6 +459,23 @@ def poll(pb_id: str) -> int:
 
 
 def _apply(pb: Any, api: Any, remote: Remote) -> None:
+    final = (
+        "cancelled"
+        if pb.cancel_requested_at is not None and remote.final != "expired"
+        else remote.final
+    )
+    expired = final == "expired" or bool(remote.counts.get("expired"))
+    if expired and pb.batch_id:  # before any item is written: a finalize that runs meanwhile
+        with db.engine.begin() as conn:  # (the sweeper's stragglers step) sees it expired
+            conn.execute(
+                update(batches_t)
+                .where(
+                    batches_t.c.id == pb.batch_id,
+                    batches_t.c.status == "in_progress",
+                    batches_t.c.expired_at.is_(None),
+                )
+                .values(expired_at=utcnow())
+            )
     requests, _ = rows.bound(rows.items(pb.id))
     buffer: list[tuple[str, Outcome]] = []
     seen: set[str] = set()
@@ -472,26 +490,8 @@ def _apply(pb: Any, api: Any, remote: Remote) -> None:
             _renew(pb.id)
     rows.write(pb, buffer)
     leftover = [row.id for row in rows.items(pb.id)]
-    final = (
-        "cancelled"
-        if pb.cancel_requested_at is not None and remote.final != "expired"
-        else remote.final
-    )
     rows.write(pb, [(j, _missing(final, pb.provider, remote)) for j in leftover])
-    now = utcnow()
-    expired = final == "expired" or bool(remote.counts.get("expired"))
-    if expired and pb.batch_id:
-        with db.engine.begin() as conn:
-            conn.execute(
-                update(batches_t)
-                .where(
-                    batches_t.c.id == pb.batch_id,
-                    batches_t.c.status == "in_progress",
-                    batches_t.c.expired_at.is_(None),
-                )
-                .values(expired_at=now)
-            )
-    _close(pb, "applied", now, remote=remote)
+    _close(pb, "applied", utcnow(), remote=remote)
 
 
 def _missing(final: str, provider: str, remote: Remote) -> Outcome:
@@ -539,21 +539,31 @@ def _announce(pb: Any) -> None:
 
 
 def expire_overdue() -> int:
-    """Provider-executor batches past their window plus the grace: expire them here.
+    """Provider-executor batches past their window: expire them here (their unfinished
+    items end `expired`), then cancel their provider batches.
 
-    The provider's own expiry (reported per item) normally comes first; this covers a
-    provider that never answers.
+    A window shorter than the provider's 24 hours is Sluice's promise: it expires on time
+    (items the provider finished first keep their results). A longer one normally ends by
+    the provider's own expiry (reported per item); PROVIDER_BATCH_EXPIRY_GRACE_SECONDS past
+    it covers a provider that never answers.
     """
+    now = utcnow()
     grace = timedelta(seconds=_config("PROVIDER_BATCH_EXPIRY_GRACE_SECONDS"))
     with db.engine.connect() as conn:
-        due = conn.scalars(
-            select(batches_t.c.id).where(
+        found = conn.execute(
+            select(batches_t.c.id, batches_t.c.created_at, batches_t.c.expires_at).where(
                 batches_t.c.executor == "provider",
                 batches_t.c.status == "in_progress",
-                batches_t.c.expires_at < utcnow() - grace,
+                batches_t.c.expires_at < now,
             )
         ).all()
+    due = [
+        row.id
+        for row in found
+        if rows.aware(row.expires_at) - rows.aware(row.created_at) < PROVIDER_WINDOW
+        or rows.aware(row.expires_at) < now - grace
+    ]
     for batch_id in due:
+        expire_batch(batch_id)  # first: its waiting items end expired, not cancelled
         rows.cancel_remote(batch_id)
-        expire_batch(batch_id)
     return len(due)
