@@ -100,7 +100,7 @@ def test_a_log_ahead_of_its_row_shows_the_output_the_row_will_hold(
     the same before and after the row is written."""
     from app.extensions import db, redis_store
     from app.models import Job
-    from app.services.stream_runner import sweep_streams
+    from app.services.stream_runner import fail_lost_job
     from app.streams.keys import lease_key
     from app.streams.writer import DeltaLog
     from tests.helpers import app_client, insert_job, tenant_of
@@ -116,7 +116,7 @@ def test_a_log_ahead_of_its_row_shows_the_output_the_row_will_hold(
     before = http.get(f"/v1/jobs/{job.id}").get_json()
     assert before["status"] == "succeeded" and before["output"] == "a\ufffdb"
     redis_store.client.delete(lease_key(job.id))
-    sweep_streams()  # the lease is gone: the row takes the log's end
+    assert fail_lost_job(job.id)  # the sweeper's step: the row takes the log's end
     db.session.remove()
     assert db.session.get(Job, job.id).status == "succeeded"  # type: ignore[union-attr]
     after = http.get(f"/v1/jobs/{job.id}").get_json()

@@ -27,7 +27,7 @@ from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
 from app.models.job import ACTIVE
-from app.services import sweeper
+from app.services import capacity, sweeper
 from app.streams.hub import StreamHub, current_hub
 
 bp = Blueprint(
@@ -164,6 +164,12 @@ def _limit(default: int) -> int:
         return max(1, min(MAX_LIMIT, int(request.args.get("limit", default))))
     except ValueError:
         return default
+
+
+@bp.get("/api/capacity")
+def api_capacity() -> ResponseReturnValue:
+    """Each provider's capacity split by mode (the capacity card: static/capacity.js)."""
+    return jsonify(data=[split.as_dict() for split in capacity.current()])
 
 
 @bp.get("/api/jobs")
