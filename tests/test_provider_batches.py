@@ -709,3 +709,22 @@ def test_a_window_shorter_than_the_providers_expires_on_time(
     assert sum(fresh_batch_apis.cancels.values()) == 1  # the provider was told
     for row in item_rows(papp, created["id"]):
         assert row.status == "expired" and row.error and row.error["code"] == "batch_expired"
+
+
+def test_a_window_longer_than_the_providers_resends_what_the_provider_expired(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    """completion_window 48h: the provider's 24 h expiry (here, early) is not the batch's;
+    the requests it expired go to a new provider batch, each answered once."""
+    fresh_batch_apis.configure(processing_s=30.0, expire_after_s=0.3)
+    created = doc_batch(http, "anthropic/echo", 2, completion_window="48h")
+    sweep_until(papp, lambda: fresh_batch_apis.creates["anthropic"] >= 1)
+    fresh_batch_apis.configure(processing_s=0.3, expire_after_s=None)  # the next one runs
+    sweep_until(papp, status_of(http, created["id"]))
+    batch = http.get(f"/v1/document-batches/{created['id']}").json()
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 2
+    assert fresh_batch_apis.creates["anthropic"] == 2
+    rows = item_rows(papp, created["id"])
+    sent = Counter(c for b in fresh_batch_apis.of_kind("anthropic") for c in b.custom_ids)
+    assert sent == Counter({r.id: 2 for r in rows})  # once per provider batch
+    assert all(r.attempts == 1 and r.output for r in rows)

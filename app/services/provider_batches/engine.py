@@ -62,6 +62,7 @@ POLLS_PER_SWEEP = 100
 LINE_OVERHEAD = 200  # bytes of a batch input line around its body
 PROVIDER_WINDOW = timedelta(seconds=choice.PROVIDER_WINDOW)
 RECONCILE_SLACK = timedelta(minutes=5)  # clock skew allowed when searching the provider's list
+WINDOW_MARGIN = 60.0  # seconds of a batch's window left worth a new provider batch
 SUBMIT_TASK = "sluice.batch.provider_submit"
 SEND_TASK = "sluice.batch.provider_send"
 POLL_TASK = "sluice.batch.provider_poll"
@@ -464,9 +465,12 @@ def _apply(pb: Any, api: Any, remote: Remote) -> None:
         if pb.cancel_requested_at is not None and remote.final != "expired"
         else remote.final
     )
+    # a batch window longer than the provider's 24 h, with time left: what the provider
+    # expired goes to a new provider batch instead of ending `expired`
+    again = pb.batch_id is not None and _window_left(pb.batch_id) > WINDOW_MARGIN
     expired = final == "expired" or bool(remote.counts.get("expired"))
-    if expired and pb.batch_id:  # before any item is written: a finalize that runs meanwhile
-        with db.engine.begin() as conn:  # (the sweeper's stragglers step) sees it expired
+    if expired and pb.batch_id and not again:  # before any item is written: a finalize
+        with db.engine.begin() as conn:  # meanwhile (the stragglers step) sees it expired
             conn.execute(
                 update(batches_t)
                 .where(
@@ -478,20 +482,46 @@ def _apply(pb: Any, api: Any, remote: Remote) -> None:
             )
     requests, _ = rows.bound(rows.items(pb.id))
     buffer: list[tuple[str, Outcome]] = []
+    retry: list[str] = []
     seen: set[str] = set()
     for job_id, outcome in api.results(pb.remote_id, remote, requests):
         if job_id in seen:
             continue
         seen.add(job_id)
+        if again and outcome.status == "expired":
+            retry.append(job_id)
+            continue
         buffer.append((job_id, outcome))
         if len(buffer) >= WRITE_EVERY:
             rows.write(pb, buffer)
             buffer = []
             _renew(pb.id)
     rows.write(pb, buffer)
-    leftover = [row.id for row in rows.items(pb.id)]
+    leftover = [row.id for row in rows.items(pb.id) if row.id not in retry]
+    if again and final == "expired":
+        retry += leftover
+        leftover = []
     rows.write(pb, [(j, _missing(final, pb.provider, remote)) for j in leftover])
+    if retry:
+        log.info("provider batch %s expired %d item(s) inside the batch's window: resent",
+                 pb.id, len(retry))  # fmt: skip
+        rows.unassign(pb.id, retry)
     _close(pb, "applied", utcnow(), remote=remote)
+
+
+def _window_left(batch_id: str) -> float:
+    """Seconds left of a batch's completion window when it is longer than the provider's
+    (24 h); 0 otherwise (the provider's expiry is then the batch's)."""
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            select(batches_t.c.created_at, batches_t.c.expires_at).where(batches_t.c.id == batch_id)
+        ).first()
+    if row is None or row.expires_at is None or row.created_at is None:
+        return 0.0
+    end = rows.aware(row.expires_at)
+    if end - rows.aware(row.created_at) <= PROVIDER_WINDOW:
+        return 0.0
+    return max(0.0, (end - utcnow()).total_seconds())
 
 
 def _missing(final: str, provider: str, remote: Remote) -> Outcome:
