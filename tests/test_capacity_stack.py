@@ -90,7 +90,8 @@ def test_a_running_batch_yields_to_streams_and_still_completes(
 ) -> None:
     documents = [{"id": str(i), "text": f"document {i}"} for i in range(240)]
     batch = submit_documents(http, documents, model=ITEM).json()
-    wait_for(lambda: batch_in_flight() == CAPACITY)  # batch alone uses the whole capacity
+    wait_for(lambda: batch_in_flight() >= CAPACITY)
+    assert peak(0.5) == CAPACITY  # batch alone uses the whole capacity, no more
 
     streams = [open_stream(http) for _ in range(3)]
     arrived = time.monotonic()
