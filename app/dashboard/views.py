@@ -150,6 +150,7 @@ def summary() -> dict[str, Any]:
             "state": sweeper.state(client),
             "last_pass_at": sweeper.last_runs(client).get(sweeper.PASS),
         },
+        "cost": queries.cost_today(),  # #13: spend today by mode, executor and tenant
     }
 
 
