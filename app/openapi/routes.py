@@ -349,6 +349,12 @@ ROUTES: dict[str, Operation] = {
         {"200": json_response("The summary", s.AnyObject)},
         security="session",
     ),
+    "dashboard.api_capacity": Operation(
+        "Dashboard: each provider's capacity split by mode (stream, batch)",
+        "dashboard",
+        {"200": json_response("The splits, in `data`", s.AnyObject)},
+        security="session",
+    ),
     "dashboard.api_jobs": Operation(
         "Dashboard: newest jobs of every tenant",
         "dashboard",
