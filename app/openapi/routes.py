@@ -349,10 +349,10 @@ ROUTES: dict[str, Operation] = {
         {"200": json_response("The summary", s.AnyObject)},
         security="session",
     ),
-    "dashboard.api_capacity": Operation(
-        "Dashboard: each provider's capacity split by mode (stream, batch)",
+    "dashboard.api_capacity": Operation(  # #13
+        "Dashboard: each provider's capacity split by mode (streams, batch)",
         "dashboard",
-        {"200": json_response("The splits, in `data`", s.AnyObject)},
+        {"200": json_response("Capacity by provider", s.AnyObject)},
         security="session",
     ),
     "dashboard.api_jobs": Operation(
