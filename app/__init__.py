@@ -12,7 +12,7 @@ from flask import Flask
 from app import log_levels, logs, openapi, policy, providers
 from app.config import load_config
 from app.errors import register_error_handlers
-from app.extensions import init_db, redis_store
+from app.extensions import init_db, limiter, redis_store
 from app.queueing import celery_init_app
 
 
@@ -25,6 +25,7 @@ def create_app(
     register_logging(app)
     init_db(app)
     redis_store.init_app(app)
+    limiter.init_app(app)  # flask-limiter on that Redis: the limits of app.rate_limits
     providers.init_app(app)  # the provider registry (and the SDKs' gevent probe patch)
     policy.init_app(app)  # the routing policy, validated: a bad one raises ConfigError
     policy.install_sighup()  # SIGHUP reloads the policy file

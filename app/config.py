@@ -61,7 +61,8 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "EXTRACT_TIMEOUT_SECONDS": (float, 30.0),  # reading one .pdf/.docx (a subprocess)
     "EXTRACT_MEMORY_BYTES": (int, 2 * 1024**3),  # that subprocess's address space
     "EXTRACT_MAX_PROCESSES": (int, 2),  # files read at once per web process (more wait)
-    # Rate limits per fixed minute (0: none), overridable per tenant in [rate_limits.tenants]
+    # Rate limits per minute (0: none; flask-limiter, app.rate_limits), overridable per
+    # tenant in [rate_limits.tenants]
     "KEY_REQUESTS_PER_MINUTE": (int, 0),
     "KEY_TOKENS_PER_MINUTE": (int, 0),
     "TENANT_REQUESTS_PER_MINUTE": (int, 0),

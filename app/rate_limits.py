@@ -1,17 +1,22 @@
 """Rate limits per key and per tenant, and open event streams per tenant.
 
-Requests and (estimated input) tokens per minute, per API key and per tenant, counted in
-fixed one-minute windows in Redis. Every job-creating request (the front doors' one
-`front_door.route`) is checked with one Lua call that tests all four counters and counts
-the request only if none is over, so a refused request costs nothing and the check is one
-round trip; with every limit 0 (the default) there is none. A refusal is OpenAI's 429
-(`type` "requests" or "tokens", code `rate_limit_exceeded`, `Retry-After`), and answers of
-a checked request carry OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
-headers for the tightest limit of each kind.
+Requests and (estimated input) tokens per minute, per API key and per tenant: four
+flask-limiter shared limits (`app.extensions.limiter`, fixed one-minute windows in Redis
+that start at a counter's first hit), their values read per request from the tenant's
+settings, the tokens limits costing the request's estimated input tokens. Every
+job-creating request (the front doors' one `front_door.route`) calls `check`, which
+lets flask-limiter count it against each limit in force (one Redis call a limit) and
+reads the windows back for the headers (one more, pipelined); with every limit 0 (the
+default) there is no Redis call. A refusal gives back what the request was counted and
+answers OpenAI's 429 (`type` "requests" or "tokens", code `rate_limit_exceeded`,
+`Retry-After`); answers of a checked request carry OpenAI's
+`x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers for the tightest limit of
+each kind.
 
 Open SSE connections of a tenant (job resumes and batch event streams) hold a lease each
-(`app.leases`), at most TENANT_MAX_EVENT_STREAMS at once (0, the default: no limit and no
-lease), released when the connection ends.
+(`app.leases`: flask-limiter counts hits in windows, not connections held open), at most
+TENANT_MAX_EVENT_STREAMS at once (0, the default: no limit and no lease), released when
+the connection ends.
 
 Defaults are the [sluice] settings; `[rate_limits.tenants.NAME]` overrides any of them
 for one tenant (by name).
@@ -25,43 +30,27 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
+import redis
 from flask import Response, current_app, g, has_request_context
+from flask_limiter import RateLimitExceeded, RequestLimit, RouteLimit
+from limits.storage import RedisStorage
 from sqlalchemy import select
 
 from app import leases
 from app.config import RATE_LIMIT_SETTINGS
 from app.errors import APIError
-from app.extensions import current_flask_app, db, redis_store
+from app.extensions import current_flask_app, db, limiter, redis_store
 from app.models import Tenant
 from app.policy import RouteRequest
 
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
-PREFIX = "sluice:ratelimit:"
 EVENT_STREAMS = "sluice:event-streams:"
 EVENT_STREAM_LEASE_SECONDS = 30.0
-
-# KEYS: counters. ARGV: limit_1, cost_1, ... A counter over its limit with this cost refuses
-# the request: {i, used_i}. Otherwise every cost is added: {0, used_1..used_n}.
-CHECK = f"""
-local used = {{}}
-for i = 1, #KEYS do
-  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if used[i] + tonumber(ARGV[2 * i]) > tonumber(ARGV[2 * i - 1]) then
-    return {{i, used[i]}}
-  end
-end
-for i = 1, #KEYS do
-  local cost = tonumber(ARGV[2 * i])
-  if cost > 0 then
-    used[i] = redis.call('INCRBY', KEYS[i], cost)
-    if used[i] == cost then redis.call('EXPIRE', KEYS[i], {WINDOW_SECONDS + 5}) end
-  end
-end
-return {{0, unpack(used)}}
-"""
+COUNTED = tuple(name for name in RATE_LIMIT_SETTINGS if name.endswith("_per_minute"))
 
 
 def limits_for(tenant_name: str | None) -> dict[str, int]:
@@ -75,24 +64,69 @@ def limits_for(tenant_name: str | None) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class Counter:
-    kind: str  # "requests" | "tokens"
-    scope: str  # "key" | "tenant"
-    limit: int
-    cost: int
-    key: str
+class Checked:
+    """The request being checked (g.rate_limit): what the limits below read."""
+
+    limits: dict[str, int]
+    tokens: int
+    key_id: str
+    tenant_id: str
 
 
-def _counters(req: RouteRequest, key_id: str, window: int) -> list[Counter]:
-    limits = limits_for(req.tenant_name)
-    tokens = max(0, req.input_tokens)
-    found = []
-    for kind, cost in (("requests", 1), ("tokens", tokens)):
-        for scope, owner in (("key", key_id), ("tenant", req.tenant_id)):
-            limit = limits[f"{scope}_{kind}_per_minute"]
-            if limit > 0:
-                found.append(Counter(kind, scope, limit, cost, f"{PREFIX}{kind}:{owner}:{window}"))
-    return found
+def _checked() -> Checked | None:
+    return g.get("rate_limit") if has_request_context() else None
+
+
+def _per_minute(setting: str) -> Callable[[], str]:
+    """The limit string of one setting for the request being checked ("" when none)."""
+
+    def value() -> str:
+        checked = _checked()
+        amount = checked.limits[setting] if checked else 0
+        return f"{amount}/minute" if amount > 0 else ""
+
+    return value
+
+
+def _key_id() -> str:
+    checked = _checked()
+    return checked.key_id if checked else ""
+
+
+def _tenant_id() -> str:
+    checked = _checked()
+    return checked.tenant_id if checked else ""
+
+
+def _tokens() -> int:
+    checked = _checked()
+    return checked.tokens if checked else 0
+
+
+@limiter.request_filter
+def _not_checked() -> bool:
+    """Only `check` is rate limited: flask-limiter's own before_request pass is exempt."""
+    return _checked() is None
+
+
+def _shared(setting: str) -> RouteLimit:
+    """The limit of one setting ("key_requests_per_minute"), its counters shared by every
+    front door, named by their scope ("requests:key")."""
+    owner, kind = setting.split("_")[:2]
+    return limiter.shared_limit(
+        _per_minute(setting),
+        f"{kind}:{owner}",
+        key_func=_key_id if owner == "key" else _tenant_id,
+        cost=_tokens if kind == "tokens" else 1,
+    )
+
+
+@_shared("tenant_tokens_per_minute")  # checked last
+@_shared("key_tokens_per_minute")
+@_shared("tenant_requests_per_minute")
+@_shared("key_requests_per_minute")  # checked first
+def _count() -> None:
+    """Nothing: flask-limiter counts the request against the limits above as it calls this."""
 
 
 def check(req: RouteRequest) -> None:
@@ -100,49 +134,87 @@ def check(req: RouteRequest) -> None:
     api_key = g.get("api_key") if has_request_context() else None
     if api_key is None:
         return
-    now = time.time()
-    counters = _counters(req, api_key.id, int(now // WINDOW_SECONDS))
-    if not counters:
+    limits = limits_for(req.tenant_name)
+    if not any(limits[name] > 0 for name in COUNTED):
         return
-    args: list[int] = []
-    for counter in counters:
-        args += [counter.limit, counter.cost]
-    result = redis_store.client.eval(CHECK, len(counters), *(c.key for c in counters), *args)
-    reset = WINDOW_SECONDS - now % WINDOW_SECONDS
-    if int(result[0]):
-        counter = counters[int(result[0]) - 1]
-        raise _refusal(counter, int(result[1]), reset)
-    used = [int(n) for n in result[1:]]
-    g.rate_limit_headers = _headers(counters, used, reset)
+    g.rate_limit = Checked(limits, max(0, req.input_tokens), str(api_key.id), req.tenant_id)
+    try:
+        _count()
+    except RateLimitExceeded:
+        raise _refusal(limiter.current_limit, limiter.current_limits) from None
+    finally:
+        g.pop("rate_limit", None)
+    counted = limiter.current_limits
+    g.rate_limit_headers = _headers(counted, _windows(counted))
 
 
-def _refusal(counter: Counter, used: int, reset: float) -> APIError:
-    unit = "RPM" if counter.kind == "requests" else "TPM"
-    what = "this API key" if counter.scope == "key" else "this tenant"
-    setting = f"{counter.scope}_{counter.kind}_per_minute"
-    headers = _headers([counter], [used], reset)
+def _kind(limit: RequestLimit) -> tuple[str, str]:
+    """("requests" | "tokens", "key" | "tenant") of one of the four limits."""
+    kind, scope = limit.request_args[-1].split(":")
+    return kind, scope
+
+
+def _cost(limit: RequestLimit, tokens: int) -> int:
+    return 1 if _kind(limit)[0] == "requests" else tokens
+
+
+def _windows(limits: list[RequestLimit]) -> list[tuple[int, float]]:
+    """(used, seconds to the reset) of each limit, all in one round trip: flask-limiter's
+    RequestLimit.window is two a limit, in whole seconds."""
+    storage = limiter.storage
+    if not isinstance(storage, RedisStorage):
+        return [(lim.limit.amount - lim.remaining, lim.reset_at - time.time()) for lim in limits]
+    pipe = cast(redis.Redis, storage.get_connection()).pipeline(transaction=False)
+    for lim in limits:
+        key = storage.prefixed_key(lim.key)
+        pipe.get(key)
+        pipe.pttl(key)
+    replies = pipe.execute()
+    found = []
+    for used, ttl_ms in zip(replies[::2], replies[1::2], strict=True):
+        reset = ttl_ms / 1000 if ttl_ms > 0 else float(WINDOW_SECONDS)
+        found.append((int(used or 0), reset))
+    return found
+
+
+def _refusal(breached: RequestLimit | None, counted: list[RequestLimit]) -> APIError:
+    """The 429 of the limit over, once every counter this request was added to gave it back."""
+    assert breached is not None  # flask-limiter names the breached limit of a refusal
+    tokens = _tokens()
+    for lim in counted:  # the breached one last (flask-limiter stops at the first breach)
+        limiter.storage.incr(lim.key, lim.limit.get_expiry(), amount=-_cost(lim, tokens))
+    ((used, reset),) = _windows([breached])
+    kind, scope = _kind(breached)
+    unit = "RPM" if kind == "requests" else "TPM"
+    what = "this API key" if scope == "key" else "this tenant"
+    setting = f"{scope}_{kind}_per_minute"
+    headers = _headers([breached], [(used, reset)])
     headers["Retry-After"] = str(max(1, math.ceil(reset)))
     return APIError(
         429,
-        f"Rate limit reached for {counter.kind} per min ({unit}) of {what}: Limit "
-        f"{counter.limit}, Used {used}, Requested {counter.cost}. Please try again in "
-        f"{_duration(reset)}. (SLUICE_{setting.upper()}, or {setting} in "
+        f"Rate limit reached for {kind} per min ({unit}) of {what}: Limit "
+        f"{breached.limit.amount}, Used {used}, Requested {_cost(breached, tokens)}. Please "
+        f"try again in {_duration(reset)}. (SLUICE_{setting.upper()}, or {setting} in "
         "[rate_limits.tenants.NAME])",
         code="rate_limit_exceeded",
-        type=counter.kind,
+        type=kind,
         headers=headers,
     )
 
 
-def _headers(counters: list[Counter], used: list[int], reset: float) -> dict[str, str]:
+def _headers(limits: list[RequestLimit], windows: list[tuple[int, float]]) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers: for each kind, the limit with the least left."""
     headers: dict[str, str] = {}
     for kind in ("requests", "tokens"):
-        pairs = [(c.limit - u, c) for c, u in zip(counters, used, strict=True) if c.kind == kind]
+        pairs = [
+            (lim.limit.amount - used, lim.limit.amount, reset)
+            for lim, (used, reset) in zip(limits, windows, strict=True)
+            if _kind(lim)[0] == kind
+        ]
         if not pairs:
             continue
-        remaining, counter = min(pairs, key=lambda pair: pair[0])
-        headers[f"x-ratelimit-limit-{kind}"] = str(counter.limit)
+        remaining, amount, reset = min(pairs)
+        headers[f"x-ratelimit-limit-{kind}"] = str(amount)
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
         headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
     return headers

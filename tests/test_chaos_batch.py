@@ -250,7 +250,7 @@ def test_redis_restarted_mid_batch_with_aof_then_every_document_once(
     chaos.procs.kill("beat", signal.SIGTERM)  # one sweeper per database: this test's own
     chaos.kill_worker(signal.SIGTERM)
     url, redis_proc = embedded_redis.start(tmp_path / "redis")
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = embedded_redis.port_of(url)
     own = Stack(env={**chaos.procs.env, "REDIS_URL": url}, home=tmp_path)
     own.start_web()
     own._spawn("worker", worker_argv("batch", 64, name=NODE))

@@ -188,7 +188,7 @@ def test_relay_resumes_when_redis_comes_back(tmp_path: Path) -> None:
     """Redis restarts within the relay's patience: pings meanwhile, then the rest, no error."""
     home = tmp_path / "redis"
     url, proc = embedded_redis.start(home)
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = embedded_redis.port_of(url)
     hub = StreamHub(url)
     try:
         client = redis.Redis.from_url(url, decode_responses=True)

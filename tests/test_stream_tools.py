@@ -1,16 +1,12 @@
 """Whole chat deltas through the delta log: tool calls, n > 1, logprobs, refusal.
 
-The upstream's chunks are canned here (the fake upstream's OpenAI stream is replaced for
-a few model names), so what reaches the client can be compared byte for byte with what
-the upstream sent: streamed, collected by stream:false, and resumed at every cut point.
+The upstream's chunks are canned here (fake upstream scenarios sent as given), so what
+reaches the client can be compared byte for byte with what the upstream sent: streamed,
+collected by stream:false, and resumed at every cut point.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,7 +14,6 @@ import openai
 import pytest
 
 from app.streams.entries import Generation, coalesce, encode_delta
-from tests import fake_upstream
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import follow, read_sse
 
@@ -63,42 +58,11 @@ def _canned(model: str) -> tuple[list[tuple[int, dict[str, Any], Any]], dict[int
 
 
 @pytest.fixture
-def canned(monkeypatch: pytest.MonkeyPatch, upstream: FakeUpstream) -> FakeUpstream:
+def canned(upstream: FakeUpstream) -> FakeUpstream:
     """The fake upstream, answering `canned-*` models with the chunks above."""
-    original = fake_upstream._Handler._openai_events
-
-    def events(self: Any, plan: Any, body: dict[str, Any]) -> Iterator[tuple[str, str]]:
-        if not plan.name.startswith("canned-"):
-            yield from original(self, plan, body)
-            return
-        chunks, finishes = _canned(plan.name)
-        base = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": plan.model,
-            "system_fingerprint": None,
-        }
-
-        def chunk(index: int, delta: dict[str, Any], lp: Any = None, finish: Any = None) -> str:
-            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            return f"data: {json.dumps({**base, 'choices': [choice]}, ensure_ascii=False)}\n\n"
-
-        for index in sorted(finishes):
-            role = {"role": "assistant", "content": None, "refusal": None}
-            yield "start", chunk(index, role)
-        for index, delta, lp in chunks:
-            yield "delta", chunk(index, delta, lp)
-        for index, reason in sorted(finishes.items()):
-            yield "finish", chunk(index, {}, None, reason)
-        if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 3, "completion_tokens": len(chunks), "total_tokens": 0}
-            yield "usage", f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
-        yield "done", "data: [DONE]\n\n"
-
-    monkeypatch.setattr(fake_upstream._Handler, "_openai_events", events)
-    upstream.add_scenario("canned-tools", tps=150)
-    upstream.add_scenario("canned-n2", tps=150)
+    for name in ("canned-tools", "canned-n2"):
+        chunks, finishes = _canned(name)
+        upstream.add_scenario(name, chunks=chunks, finishes=finishes, tps=150)
     return upstream
 
 

@@ -7,7 +7,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import click
 import httpx
@@ -66,8 +65,9 @@ def dev(host: str, port: int) -> None:
         url = embedded_redis.running_url(home)
         if url is None:  # ours: supervised like the other children, on the same port
             url, redis_proc = embedded_redis.start(home)
-            redis_port = urlsplit(url).port or 0
-            supervisor.add("redis", embedded_redis.server_argv(home, redis_port), redis_proc)
+            supervisor.add(
+                "redis", embedded_redis.server_argv(home, embedded_redis.port_of(url)), redis_proc
+            )
         os.environ["REDIS_URL"] = url  # every child inherits it
     import flask_migrate
 
