@@ -1,7 +1,9 @@
 """Admission control for the stream channel: concurrent-stream slots held as Redis leases.
 
-Each scope (all streams, one tenant's streams) is a lease set (`app.leases`) of job ids;
-the job's record names both, so the worker renews and releases by job id alone. Taking a
+Each scope (all streams, one tenant's streams, the streams of one provider) is a lease set
+(`app.leases`) of job ids; the job's record names them all, so the worker renews and
+releases by job id alone. The provider's set is its share of the provider's capacity
+(`app.services.capacity`): full only when streams alone fill it, batch calls yield. Taking a
 slot first drops expired members, so a holder that dies stops counting once its lease runs
 out. The holder (the worker) renews while it runs and releases when the job ends.
 """
@@ -20,6 +22,7 @@ from app import leases
 from app.errors import APIError
 from app.extensions import redis_store
 from app.policy import Route, current_policy
+from app.services import capacity
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +62,46 @@ def limits_for(route: Route) -> Limits:
     return Limits(global_max, tenant_max)
 
 
-def try_acquire(tenant_id: str, job_id: str, limits: Limits) -> tuple[int, int, int]:
-    """One atomic attempt: (1 held | 0 global full | -1 tenant full, global count, tenant count)."""
+def try_acquire(
+    tenant_id: str, job_id: str, limits: Limits, provider: str = ""
+) -> tuple[int, int, int]:
+    """One atomic attempt: (1 held | 0 global full | -1 tenant full | -2 provider full,
+    global count, tenant count).
+
+    With `provider`, the job also counts in that provider's stream set, limited by its
+    capacity (streams alone: the batch calls there yield to it).
+    """
+    sets = [GLOBAL_KEY, tenant_key(tenant_id)]
+    caps = [limits.global_max, limits.tenant_max]
+    if provider:
+        sets.append(capacity.stream_key(provider))
+        caps.append(capacity.of(current_app.config, provider))
     ttl = leases.ms(current_app.config["STREAM_SLOT_QUEUED_SECONDS"])
-    full, (g, n) = leases.acquire(
+    full, counts = leases.acquire(
         redis_store.client,
-        [GLOBAL_KEY, tenant_key(tenant_id)],
+        sets,
         job_id,
         ttl,
-        [limits.global_max, limits.tenant_max],
+        caps,
         record=job_key(job_id),
         record_grace_ms=JOB_KEY_GRACE_MS,
     )
-    return {0: 1, 1: 0, 2: -1}[full], g, n
+    return {0: 1, 1: 0, 2: -1, 3: -2}[full], counts[0], counts[1]
 
 
-def _full_error(code: int, counts: tuple[int, int], limits: Limits, waited: float) -> APIError:
+SCOPES = {0: "global", -1: "tenant", -2: "provider"}
+
+
+def _full_error(code: int, limits: Limits, waited: float, provider: str) -> APIError:
+    extra: dict[str, object] = {"scope": SCOPES[code]}
     if code == 0:
         message = f"All {limits.global_max} stream slots are busy"
-    else:
+    elif code == -1:
         message = f"This tenant already has {limits.tenant_max} concurrent streams (its limit)"
+    else:
+        shared = capacity.of(current_app.config, provider)
+        message = f"Streams fill the capacity of provider '{provider}' ({shared} calls)"
+        extra |= {"provider": provider, "capacity": shared}
     message += f"; waited {waited:g}s. Retry shortly" if waited else ". Retry shortly"
     message += ", or send `Prefer: respond-async` to run it in the background."
     return APIError(
@@ -86,20 +109,21 @@ def _full_error(code: int, counts: tuple[int, int], limits: Limits, waited: floa
         message,
         code="stream_capacity_exceeded",
         headers={"Retry-After": "1"},
-        extra={"scope": "global" if code == 0 else "tenant"},
+        extra=extra,
     )
 
 
-def acquire_stream_slot(route: Route, tenant_id: str, job_id: str) -> str:
+def acquire_stream_slot(route: Route, tenant_id: str, job_id: str, provider: str = "") -> str:
     """Take a slot for job_id or decide the overflow; returns "stream" or "batch".
 
     Raises APIError(429, with Retry-After) when the route's overflow is reject (or queue,
     after waiting) and no slot is free. A route whose mode is not stream needs no slot.
+    `provider` (the model's) counts the job in that provider's share of its capacity.
     """
     if route.mode != "stream":
         return route.mode
     limits = limits_for(route)
-    code, g, n = try_acquire(tenant_id, job_id, limits)
+    code, _, _ = try_acquire(tenant_id, job_id, limits, provider)
     if code == 1:
         return "stream"
     if route.overflow == "batch":  # decide() only leaves "batch" when the client allows async
@@ -111,12 +135,12 @@ def acquire_stream_slot(route: Route, tenant_id: str, job_id: str) -> str:
         pause = 0.02
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, pause * random.uniform(0.5, 1.5)))  # gevent-cooperative
-            code, g, n = try_acquire(tenant_id, job_id, limits)
+            code, _, _ = try_acquire(tenant_id, job_id, limits, provider)
             if code == 1:
                 return "stream"
             pause = min(pause * 1.5, 0.25)
         waited = round(time.monotonic() - start, 1)
-    raise _full_error(code, (g, n), limits, waited)
+    raise _full_error(code, limits, waited, provider)
 
 
 def overflow_route(route: Route) -> Route:

@@ -1,7 +1,8 @@
 """Leases in Redis: members of sorted sets scored by their expiry (Redis server time, ms).
 
 The one lease mechanism of Sluice: stream admission slots, the per-provider semaphore of
-batch workers and the leases batch chunks hold on their claimed items. A holder renews
+batch workers (which yields to the provider's streams where a shared capacity is set,
+`app.services.capacity`) and the leases batch chunks hold on their claimed items. A holder renews
 while it works; one that dies stops renewing and its member lapses on its own, so nothing
 leaks. Every acquire first drops the expired members of the sets it counts.
 
@@ -67,18 +68,27 @@ end
 return {{0, unpack(counts)}}
 """
 
-# KEYS: one set. ARGV: ttl_ms, limit (0 = unlimited), members... Holds as many of the
-# members, in order, as the limit leaves room for; returns how many.
+# KEYS: one set, then (with a capacity) the set it yields to. ARGV: ttl_ms, limit
+# (0 = unlimited), capacity (0 = none), members... Holds as many of the members, in order,
+# as the limit leaves room for, and with a capacity as `capacity - live members of the
+# other set` leaves room for (app.services.capacity.batch_room); returns how many.
 ACQUIRE_SOME = f"""
 {_NOW}
 local PAD = {KEY_PAD_MS}
 {_KEEP}
-local ttl, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ttl, limit, capacity = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local room = #ARGV - 2
-if limit > 0 then room = math.min(room, limit - redis.call('ZCARD', KEYS[1])) end
+local room = #ARGV - 3
+if limit > 0 or capacity > 0 then
+  local held = redis.call('ZCARD', KEYS[1])
+  if limit > 0 then room = math.min(room, limit - held) end
+  if capacity > 0 then
+    local other = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+    room = math.min(room, capacity - other - held)
+  end
+end
 if room <= 0 then return 0 end
-for i = 3, 2 + room do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+for i = 4, 3 + room do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
 keep(KEYS[1], ttl)
 return room
 """
@@ -160,12 +170,24 @@ def acquire(
 
 
 def acquire_some(
-    client: redis.Redis, key: str, members: Sequence[str], ttl_ms: int, limit: int
+    client: redis.Redis,
+    key: str,
+    members: Sequence[str],
+    ttl_ms: int,
+    limit: int,
+    *,
+    within: tuple[str, int] | None = None,
 ) -> list[str]:
-    """Hold as many of `members` (in order) in one set as its limit leaves room for."""
+    """Hold as many of `members` (in order) in one set as its limit leaves room for.
+
+    `within=(other_set, capacity)`: this set and the other's live members share the
+    capacity, and this set takes only what the other leaves.
+    """
     if not members:
         return []
-    held = int(client.eval(ACQUIRE_SOME, 1, key, ttl_ms, limit, *members))
+    other, capacity = within if within and within[1] > 0 else ("", 0)
+    keys = [key, other] if capacity else [key]
+    held = int(client.eval(ACQUIRE_SOME, len(keys), *keys, ttl_ms, limit, capacity, *members))
     return list(members[:held])
 
 

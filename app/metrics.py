@@ -35,6 +35,7 @@ from app.dashboard import queries
 from app.extensions import redis_store
 from app.models import utcnow
 from app.models.job import ACTIVE
+from app.services import capacity
 from app.services.costs import CostCollector
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,29 @@ class SystemCollector(Collector):
             depth.add_metric([queue], count)
         yield live
         yield depth
+        yield from capacity_families(capacity.current())
         yield from counter_families(telemetry.totals(client))
+
+
+def capacity_families(splits: list[capacity.Split]) -> Iterator[Metric]:
+    """Each provider's calls in flight by mode, and its shared capacity where one is set."""
+    calls = GaugeMetricFamily(
+        "sluice_provider_calls_in_flight",
+        "Provider calls holding capacity: stream jobs admitted and not ended, batch calls",
+        labels=["provider", "mode"],
+    )
+    shared = GaugeMetricFamily(
+        "sluice_provider_capacity",
+        "Concurrent calls a provider's capacity allows, shared by streams and batch",
+        labels=["provider"],
+    )
+    for split in splits:
+        calls.add_metric([split.provider, "stream"], split.stream)
+        calls.add_metric([split.provider, "batch"], split.batch)
+        if split.capacity is not None:
+            shared.add_metric([split.provider], split.capacity)
+    yield calls
+    yield shared
 
 
 def _histogram(

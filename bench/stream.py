@@ -376,6 +376,35 @@ async def run_load(stack: BenchStack) -> list[dict[str, Any]]:
     return rows
 
 
+def py_spy(out: str | None, groups: list[list[int]], tag: str) -> list[subprocess.Popen[bytes]]:
+    """With --py-spy DIR: sample the web and worker processes (raw collapsed stacks) into DIR."""
+    if not out:
+        return []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    procs = []
+    for part, pids in zip(("web", "worker"), groups, strict=True):
+        for pid in pids:
+            path = Path(out) / f"{tag}-{part}-{pid}.txt"
+            argv = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
+            procs.append(
+                subprocess.Popen(
+                    [*argv, "--output", str(path)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+    time.sleep(0.5 if procs else 0)  # attached before the wave starts
+    return procs
+
+
+def stop_py_spy(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        proc.wait(60)
+
+
 async def measured_wave(
     stack: BenchStack, concurrency: int, total: int
 ) -> tuple[list[Result], float, list[float], list[float]]:
@@ -386,8 +415,10 @@ async def measured_wave(
     await asyncio.sleep(3)
     cpu0 = [cpu_seconds(g) for g in groups]
     idle_rate = [(b - a) / 3 for a, b in zip(idle0, cpu0, strict=True)]
+    profilers = py_spy(stack.args.py_spy, groups[:2], f"c{concurrency}-t{stack.args.tokens}")
     results, wall = await wave(stack, concurrency, total, direct=False)
     cpu1 = [cpu_seconds(g) for g in groups]
+    stop_py_spy(profilers)
     used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
     net = [max(0.0, u - r * wall) for u, r in zip(used, idle_rate, strict=True)]
     return results, wall, used, net
@@ -575,6 +606,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=1, help="stream worker processes")
     parser.add_argument("--worker-concurrency", type=int, default=400, help="greenlets each")
     parser.add_argument("--keep", action="store_true", help="keep the stack's data dir")
+    parser.add_argument(
+        "--py-spy", metavar="DIR", help="sample web and stream workers with py-spy into DIR"
+    )
     parser.add_argument(
         "--breakdown",
         action="store_true",

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from app.providers.messages import content_text, estimate_tokens, last_user_text
 from app.providers.mock_answers import mock_words, split_tokens
@@ -878,6 +878,11 @@ class BatchAPIs:
         self.cancel_s = 0.1  # cancelling -> ended
         self.max_requests = {"openai": 50_000, "anthropic": 100_000}
         self.fail_creates: list[int] = []  # statuses the next batch creates answer with
+        self.create_delay_s = 0.0  # a batch create answers this late (widens a race)
+        self.lose_create_answers = 0  # the next creates make the batch, then answer 500
+        self.retrieve_delay_s = 0.0  # a batch retrieve answers this late
+        self.retrieving = 0  # retrieves being answered now
+        self.lists: Counter[str] = Counter()  # kind -> batch list calls
         self.files: dict[str, FakeFile] = {}
         self.items: dict[str, FakeBatch] = {}
         self.creates: Counter[str] = Counter()  # kind -> batches created
@@ -891,6 +896,24 @@ class BatchAPIs:
             if not hasattr(self, key) or key in ("files", "items", "lock"):
                 raise ValueError(f"unknown batch setting {key!r}")
             setattr(self, key, value)
+
+    def lose_answer(self) -> bool:
+        """Whether this create's answer is lost (the batch exists all the same)."""
+        with self.lock:
+            if self.lose_create_answers <= 0:
+                return False
+            self.lose_create_answers -= 1
+            return True
+
+    def listed(self, kind: str, after: str | None, limit: int) -> tuple[list[FakeBatch], bool]:
+        """A page of this kind's batches, newest first, after the batch `after`; more?"""
+        with self.lock:
+            self.lists[kind] += 1
+            ordered = sorted(self.of_kind(kind), key=lambda b: b.created, reverse=True)
+        ids = [b.id for b in ordered]
+        start = ids.index(after) + 1 if after in ids else 0
+        page = ordered[start : start + limit]
+        return page, start + limit < len(ordered)
 
     def of_kind(self, kind: str) -> list[FakeBatch]:
         with self.lock:
@@ -996,6 +1019,16 @@ def handle_batch_api(handler: _Handler, method: str) -> bool:
         return True
     apis = handler.upstream.batches
     creating = method == "POST" and parts[-1] == "batches"
+    if creating and apis.create_delay_s:
+        time.sleep(apis.create_delay_s)
+    if method == "GET" and parts[-2:-1] == ["batches"] and apis.retrieve_delay_s:
+        with apis.lock:
+            apis.retrieving += 1
+        try:
+            time.sleep(apis.retrieve_delay_s)
+        finally:
+            with apis.lock:
+                apis.retrieving -= 1
     if creating and apis.fail_creates:
         status = apis.fail_creates.pop(0)
         retry = Scenario(message=f"scripted batch create failure {status}", retry_after="0")
@@ -1050,7 +1083,20 @@ def _openai_batches(
         return
     if parts == ["batches"] and method == "POST":
         body = json.loads(raw or b"{}")
-        handler._send_json(200, _openai_object(apis, _openai_create(handler, apis, body)))
+        created = _openai_create(handler, apis, body)
+        if apis.lose_answer():
+            handler._send_error("openai", 500, Scenario(message="answer lost after create"))
+            return
+        handler._send_json(200, _openai_object(apis, created))
+        return
+    if parts == ["batches"] and method == "GET":
+        query = parse_qs(urlsplit(handler.path).query)
+        after = (query.get("after") or [None])[0]
+        page, more = apis.listed("openai", after, int((query.get("limit") or ["20"])[0]))
+        data = [_openai_object(apis, b) for b in page]
+        handler._send_json(200, {"object": "list", "data": data, "has_more": more,
+                                 "first_id": page[0].id if page else None,
+                                 "last_id": page[-1].id if page else None})  # fmt: skip
         return
     if parts[0] == "batches" and len(parts) >= 2:
         batch = apis.items.get(parts[1])
@@ -1224,7 +1270,20 @@ def _anthropic_batches(
         answered = [
             (str(r["custom_id"]), *_answer(handler, "anthropic", r["params"])) for r in requests
         ]
-        handler._send_json(200, _anthropic_object(handler, apis.new_batch("anthropic", answered)))
+        created = apis.new_batch("anthropic", answered)
+        if apis.lose_answer():
+            handler._send_error("anthropic", 500, Scenario(message="answer lost after create"))
+            return
+        handler._send_json(200, _anthropic_object(handler, created))
+        return
+    if not parts and method == "GET":
+        query = parse_qs(urlsplit(handler.path).query)
+        after = (query.get("after_id") or [None])[0]
+        page, more = apis.listed("anthropic", after, int((query.get("limit") or ["20"])[0]))
+        data = [_anthropic_object(handler, b) for b in page]
+        handler._send_json(200, {"data": data, "has_more": more,
+                                 "first_id": page[0].id if page else None,
+                                 "last_id": page[-1].id if page else None})  # fmt: skip
         return
     batch = apis.items.get(parts[0]) if parts else None
     if batch is None or batch.kind != "anthropic":

@@ -17,8 +17,9 @@ from flask import Flask
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.models import Batch, Job, utcnow
-from app.services import events, sweeper
+from app.extensions import db
+from app.models import Batch, Job, Tenant, utcnow
+from app.services import costs, events, sweeper
 from tests.helpers import (
     insert_batch,
     insert_job,
@@ -354,7 +355,7 @@ def _grew(page: Any, selector: str, timeout: float = 20) -> list[int]:
 
 
 def test_browser_dashboard_job_page_and_playground(
-    stack: Stack, admin_key: str, client: httpx.Client
+    stack: Stack, admin_key: str, client: httpx.Client, app: Flask, api_key: str
 ) -> None:
     """Headless Chromium through Playwright, as an operator would use the three pages."""
     sync_api, chromium = _browser()
@@ -394,6 +395,23 @@ def test_browser_dashboard_job_page_and_playground(
                 arg=total,
                 timeout=20_000,
             )
+            # the cost cards (#13): today's spend rises by what this test's jobs cost, by
+            # mode, on the workers executor, and this tenant has a row of its own
+            before = float(page.get_attribute("#cost-today", "data-usd") or 0)
+            assert wait_batch(client, batch_id)["status"] == "completed"
+            with app.app_context():
+                costs.settle()
+                name = db.session.get(Tenant, tenant_of(api_key)).name  # type: ignore[union-attr]
+            page.wait_for_function(
+                "n => +document.getElementById('cost-today').dataset.usd > n",
+                arg=before,
+                timeout=20_000,
+            )
+            page.wait_for_selector(f'#cost-tenants tr[data-tenant="{name}"]')
+            assert page.locator(f'#cost-tenants tr[data-tenant="{name}"] td.num').inner_text()
+            for cost in ("#cost-mode-batch", "#cost-executor-workers"):
+                assert float(page.get_attribute(cost, "data-usd") or 0) > 0, cost
+                assert not page.locator(cost).inner_text().startswith("$0.00 "), cost
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
             # the job page of a running stream: its text grows, then it ends succeeded

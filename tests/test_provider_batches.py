@@ -1,9 +1,12 @@
 """The provider executor end to end (#13): Sluice's batches run on the providers' own batch
 APIs (the fake upstream's OpenAI Batches and Anthropic Message Batches, driven by the
-official SDKs), polled by the real sweeper, results written once into the item rows.
+official SDKs), submitted and polled by batch workers that the real sweeper enqueues,
+results written once into the item rows.
 
-This module runs its own web process with a sluice.toml (executor defaults, prices, a
-policy) and sweeps in-process with an app on the same file, or in a beat process.
+This module runs its own web process and batch worker with a sluice.toml (executor
+defaults, prices, a policy) on a Redis of its own (so the session's batch worker, on
+another configuration, never takes its tasks), and sweeps in-process with an app on the
+same file, or in a beat process.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,19 +27,21 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
+from app import embedded_redis
 from app.cli.processes import sweeper_argv
 from app.extensions import db
 from app.models import Job, ProviderBatch
 from app.pricing import price_for, prices_of
 from app.services import sweeper
 from tests.fake_upstream import BatchAPIs, FakeUpstream
-from tests.helpers import BATCH_TERMINAL, tenant_of
+from tests.helpers import BATCH_TERMINAL, tenant_of, tuned
 from tests.stack import Stack
 
 CONFIG = """
 [sluice]
 provider_batch_poll_seconds = 0.1
 provider_batch_poll_max_seconds = 0.3
+provider_batch_resubmit_seconds = 2   # a task lost with its worker is re-sent after this
 mock_batch_seconds = 0.2
 
 [providers.openai]
@@ -100,16 +106,31 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def papp(app: Flask, make_app: Callable[..., Flask], config_file: Path) -> Flask:
-    """An in-process app on this module's sluice.toml (the schema is the session's)."""
-    return make_app(SLUICE_CONFIG=str(config_file))
+def predis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis of this module's own: broker, spend counters, mock batches."""
+    url, proc = embedded_redis.start(tmp_path_factory.mktemp("provider-redis"))
+    yield url
+    proc.terminate()
+    proc.wait(10)
 
 
 @pytest.fixture(scope="module")
-def pweb(app: Flask, test_env: dict[str, str], home: Path, config_file: Path) -> Iterator[Stack]:
-    """A web process of its own on this module's sluice.toml."""
-    web = Stack(env={**test_env, "SLUICE_CONFIG": str(config_file)}, home=home)
+def penv(test_env: dict[str, str], config_file: Path, predis: str) -> dict[str, str]:
+    return {**test_env, "SLUICE_CONFIG": str(config_file), "REDIS_URL": predis}
+
+
+@pytest.fixture(scope="module")
+def papp(app: Flask, make_app: Callable[..., Flask], penv: dict[str, str]) -> Flask:
+    """An in-process app on this module's sluice.toml (the schema is the session's)."""
+    return make_app(SLUICE_CONFIG=penv["SLUICE_CONFIG"], REDIS_URL=penv["REDIS_URL"])
+
+
+@pytest.fixture(scope="module")
+def pweb(app: Flask, penv: dict[str, str], home: Path) -> Iterator[Stack]:
+    """A web process and a batch worker of its own on this module's sluice.toml."""
+    web = Stack(env=penv, home=home)
     web.start_web()
+    web.start_worker("batch", "pbatch", concurrency=20)
     try:
         web.wait_healthy()
         yield web
@@ -133,8 +154,9 @@ def fresh_batch_apis(upstream: FakeUpstream) -> Iterator[BatchAPIs]:
     yield upstream.batches
 
 
-def sweep_until(papp: Flask, done: Callable[[], bool], timeout: float = 30) -> None:
-    """Run the sweeper's pass (as beat does) until done() holds."""
+def sweep_until(papp: Flask, done: Callable[[], bool], timeout: float = 60) -> None:
+    """Run the sweeper's pass (as beat does; the module's batch worker runs what it
+    enqueues) until done() holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with papp.app_context():
@@ -313,50 +335,129 @@ def test_provider_expiry_is_reported_per_item(
         assert row.cost_usd == 0.0
 
 
-def test_a_killed_poller_resumes_from_the_stored_provider_batch_id(
+def pbatch_of(papp: Flask, batch_id: str | None = None, job_id: str | None = None) -> Any:
+    """The (first) provider batch row of a batch, or of a standalone job; None before one."""
+    with papp.app_context():
+        if job_id is not None:
+            job = db.session.get(Job, job_id)
+            pb_id = job.provider_batch_id if job is not None else None
+            found = db.session.get(ProviderBatch, pb_id) if pb_id else None
+        else:
+            found = db.session.scalar(
+                select(ProviderBatch).where(ProviderBatch.batch_id == batch_id)
+            )
+        db.session.expunge_all()
+        return found
+
+
+def test_a_worker_killed_while_polling_loses_nothing(
     http: httpx.Client,
     papp: Flask,
-    test_env: dict[str, str],
+    pweb: Stack,
+    penv: dict[str, str],
     home: Path,
-    config_file: Path,
     tmp_path: Path,
     fresh_batch_apis: BatchAPIs,
 ) -> None:
-    fresh_batch_apis.configure(processing_s=2.5)
-    env = {**test_env, "SLUICE_CONFIG": str(config_file), "SLUICE_SWEEP_INTERVAL_SECONDS": "0.2"}
+    fresh_batch_apis.configure(processing_s=2.5, retrieve_delay_s=1.0)
+    env = {**penv, "SLUICE_SWEEP_INTERVAL_SECONDS": "0.2"}
     beat = Stack(env=env, home=home)
     beat._spawn("beat", [*sweeper_argv("WARNING"), "-s", str(tmp_path / "schedule")])
-    created = doc_batch(http, "anthropic/echo", 4)
-
-    def submitted() -> ProviderBatch | None:
-        with papp.app_context():
-            found = db.session.scalar(
-                select(ProviderBatch).where(ProviderBatch.batch_id == created["id"])
-            )
-            db.session.expunge_all()
-            return found if found is not None and found.remote_id else None
-
-    deadline = time.monotonic() + 30
-    while submitted() is None or (submitted() or ProviderBatch()).polls < 1:
-        assert time.monotonic() < deadline, "beat never submitted and polled the batch"
-        time.sleep(0.1)
-    beat.kill("beat", signal.SIGKILL)  # mid-way: submitted, polled, not ended
-    row = submitted()
-    assert row is not None and row.status == "in_progress"
-    assert http.get(f"/v1/document-batches/{created['id']}").json()["status"] == "in_progress"
-    again = Stack(env=env, home=home)  # a new sweeper process picks up the stored id
-    again._spawn("beat", [*sweeper_argv("WARNING"), "-s", str(tmp_path / "schedule2")])
     try:
-        deadline = time.monotonic() + 30
+        created = doc_batch(http, "anthropic/echo", 4)
+        deadline = time.monotonic() + 60
+        while True:  # submitted, and the worker is in the middle of a retrieve
+            row = pbatch_of(papp, created["id"])
+            if row is not None and row.remote_id and fresh_batch_apis.retrieving > 0:
+                break
+            assert time.monotonic() < deadline, "no worker ever polled the batch"
+            time.sleep(0.02)
+        pweb.kill("pbatch", signal.SIGKILL)  # mid-poll
+        row = pbatch_of(papp, created["id"])
+        assert row is not None and row.status == "in_progress"
+        assert http.get(f"/v1/document-batches/{created['id']}").json()["status"] == "in_progress"
+        pweb.start_worker("batch", "pbatch", concurrency=20)  # resumes from the stored id
+        deadline = time.monotonic() + 60
         while not status_of(http, created["id"])():
             assert time.monotonic() < deadline, "the resumed poller never finished the batch"
             time.sleep(0.2)
     finally:
-        again.stop()
+        beat.stop()
     assert fresh_batch_apis.creates["anthropic"] == 1  # resumed, never resubmitted
     batch = http.get(f"/v1/document-batches/{created['id']}").json()
     assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 4
     assert all(r.attempts == 1 for r in item_rows(papp, created["id"]))
+
+
+def test_the_sweeper_only_enqueues_and_the_batch_workers_call_the_provider(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    """A slow provider holds a batch worker, never the sweeper's pass."""
+    fresh_batch_apis.configure(create_delay_s=2.0, retrieve_delay_s=2.0)
+    created = doc_batch(http, "openai/echo", 2)
+    slowest = 0.0
+    deadline = time.monotonic() + 60
+    while not status_of(http, created["id"])():
+        assert time.monotonic() < deadline, "the batch never ended"
+        started = time.monotonic()
+        with papp.app_context():
+            sweeper.sweep()
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.1)
+    assert slowest < 1.5, f"a sweep pass waited on the provider ({slowest:.1f}s)"
+    assert fresh_batch_apis.creates["openai"] == 1
+    assert http.get(f"/v1/document-batches/{created['id']}").json()["counts"]["succeeded"] == 2
+
+
+def test_two_concurrent_submitters_create_one_provider_batch(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    """Two senders of one provider batch row at once (two sweeps' tasks, a task delivered
+    twice): one claims it, the other stands back; the provider sees one create."""
+    from app.services.provider_batches import engine
+
+    fresh_batch_apis.configure(create_delay_s=1.0)
+    created = doc_batch(http, "anthropic/echo", 3)
+    with papp.app_context():
+        pb_id = engine.assign(created["id"], "anthropic", "anthropic/echo")
+    assert pb_id is not None
+    barrier = threading.Barrier(2)
+    sent: list[int] = []
+
+    def submitter() -> None:
+        with papp.app_context():
+            barrier.wait()
+            sent.append(engine.send(pb_id))
+
+    threads = [threading.Thread(target=submitter) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(sent) == [0, 1]
+    assert fresh_batch_apis.creates["anthropic"] == 1
+    sweep_until(papp, status_of(http, created["id"]))
+    assert fresh_batch_apis.creates["anthropic"] == 1
+    batch = http.get(f"/v1/document-batches/{created['id']}").json()
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 3
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_provider_batch_created_but_not_recorded_is_found_not_created_again(
+    provider: str, http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    """The create reached the provider but its answer was lost (as if the sender died
+    before storing the id): the next send finds it by its marker and adopts it."""
+    fresh_batch_apis.configure(lose_create_answers=1)
+    created = doc_batch(http, f"{provider}/echo", 3)
+    sweep_until(papp, status_of(http, created["id"]))
+    assert fresh_batch_apis.creates[provider] == 1 and fresh_batch_apis.lists[provider] >= 1
+    batch = http.get(f"/v1/document-batches/{created['id']}").json()
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 3
+    rows = item_rows(papp, created["id"])
+    sent = Counter(c for b in fresh_batch_apis.of_kind(provider) for c in b.custom_ids)
+    assert sent == Counter({r.id: 1 for r in rows})
+    assert all(r.attempts == 1 and r.output for r in rows)
 
 
 def test_mock_provider_has_a_batch_api_too(http: httpx.Client, papp: Flask) -> None:
@@ -477,3 +578,118 @@ def test_results_applied_twice_are_written_once(
     }
     assert after == before
     assert http.get(f"/v1/document-batches/{created['id']}").json()["usage"] == tokens
+
+
+def test_cancelling_a_standalone_provider_job_cancels_its_provider_batch(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    fresh_batch_apis.configure(processing_s=5.0)
+    body = {"model": "openai/echo", "mode": "batch", "messages": [{"role": "user", "content": "x"}]}
+    job = http.post("/v1/jobs", json=body).json()
+    assert job["route"]["executor"] == "provider"
+
+    def sent() -> bool:
+        row = pbatch_of(papp, job_id=job["id"])
+        return row is not None and bool(row.remote_id)
+
+    sweep_until(papp, sent)
+    remote_id = pbatch_of(papp, job_id=job["id"]).remote_id
+    cancelled = http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    assert fresh_batch_apis.cancels[remote_id] == 1  # the provider was told
+    sweep_until(papp, lambda: pbatch_of(papp, job_id=job["id"]).status == "applied")
+    done = http.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "cancelled" and done["output"] is None and done["cost_usd"] == 0.0
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_jobs_api_batch_job_on_the_provider_executor(
+    provider: str, http: httpx.Client, papp: Flask, upstream: FakeUpstream
+) -> None:
+    body = {
+        "model": f"{provider}/echo",
+        "mode": "batch",
+        "messages": [{"role": "user", "content": "one job"}],
+    }
+    job = http.post("/v1/jobs", json=body).json()
+    assert job["route"]["executor"] == "provider"
+    sweep_until(papp, lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded")
+    done = http.get(f"/v1/jobs/{job['id']}").json()
+    assert done["output"] == "one job" and done["attempts"] == 1
+    assert done["cost_usd"] == pytest.approx(batch_price(papp, done["model"], done["usage"]))
+    assert sent_custom_ids(upstream, provider) == Counter({job["id"]: 1})
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_openai_compatible_batch_cost_cancel_and_expiry(
+    provider: str,
+    pweb: Stack,
+    api_key: str,
+    papp: Flask,
+    upstream: FakeUpstream,
+    fresh_batch_apis: BatchAPIs,
+) -> None:
+    """/v1/batches on the provider executor: cost at the batch price; cancel and the
+    provider's expiry map onto the batch and onto each request's error line."""
+    client = openai.OpenAI(base_url=pweb.url + "/v1", api_key=api_key, max_retries=0)
+
+    def create(n: int) -> Any:
+        lines = [
+            {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": f"{provider}/echo", "messages": [{"role": "user",
+                                                                 "content": f"q {i}"}]}}
+            for i in range(n)
+        ]  # fmt: skip
+        return client.batches.create(
+            input_file_id=_upload(client, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+
+    def ended(batch_id: str) -> Callable[[], bool]:
+        return lambda: client.batches.retrieve(batch_id).status in BATCH_TERMINAL
+
+    done = create(2)
+    sweep_until(papp, ended(done.id))
+    for row in item_rows(papp, done.id):
+        assert row.usage and row.cost_usd == pytest.approx(batch_price(papp, row.model, row.usage))
+    fresh_batch_apis.configure(processing_s=30.0)
+    cancelled = create(2)
+    sweep_until(papp, lambda: fresh_batch_apis.creates[provider] >= 2)
+    assert client.batches.cancel(cancelled.id).status == "cancelling"
+    assert sum(fresh_batch_apis.cancels.values()) == 1
+    sweep_until(papp, ended(cancelled.id))
+    got = client.batches.retrieve(cancelled.id)
+    assert got.status == "cancelled" and got.error_file_id
+    errors = [json.loads(x) for x in client.files.content(got.error_file_id).text.splitlines()]
+    assert sorted(e["custom_id"] for e in errors) == ["r0", "r1"]
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    fresh_batch_apis.configure(expire_after_s=0.3)
+    expired = create(2)
+    sweep_until(papp, ended(expired.id))
+    got = client.batches.retrieve(expired.id)
+    assert got.status == "expired" and got.error_file_id
+    errors = [json.loads(x) for x in client.files.content(got.error_file_id).text.splitlines()]
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert all(provider in e["error"]["message"] for e in errors)  # the provider's own end
+
+
+def test_a_provider_batch_past_the_byte_limit_is_split(
+    http: httpx.Client, papp: Flask, fresh_batch_apis: BatchAPIs
+) -> None:
+    from app.services.provider_batches import engine
+
+    docs = [{"id": f"d{i}", "text": f"{i} " + "x" * 500} for i in range(5)]
+    body = {"model": "anthropic/echo", "instructions": "Repeat.", "documents": docs}
+    created = http.post("/v1/document-batches", json=body).json()
+    tables = dict(papp.config["PROVIDERS"])
+    small = {**tables, "anthropic": {**tables.get("anthropic", {}), "batch_max_bytes": 2000}}
+    with papp.app_context(), tuned(papp, PROVIDERS=small):
+        assert engine.submit_group(created["id"], "anthropic", "anthropic/echo") >= 3
+    sizes = sorted(len(b.custom_ids) for b in fresh_batch_apis.of_kind("anthropic"))
+    assert sum(sizes) == 5 and max(sizes) <= 2
+    sweep_until(papp, status_of(http, created["id"]))
+    batch = http.get(f"/v1/document-batches/{created['id']}").json()
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 5
+    assert all(r.attempts == 1 for r in item_rows(papp, created["id"]))

@@ -91,3 +91,33 @@ def test_resume_past_the_end_of_a_running_stream_is_400(client: httpx.Client) ->
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "last_event_id"
     assert follow(client, job_id).done  # from the start it still ends
+
+
+def test_a_log_ahead_of_its_row_shows_the_output_the_row_will_hold(
+    app_ctx: Flask, api_key: str
+) -> None:
+    """A stream whose log ended before its row: the job shows the row's text (NUL as U+FFFD),
+    the same before and after the row is written."""
+    from app.extensions import db, redis_store
+    from app.models import Job
+    from app.services.stream_runner import fail_lost_job
+    from app.streams.keys import lease_key
+    from app.streams.writer import DeltaLog
+    from tests.helpers import app_client, insert_job, tenant_of
+
+    job = insert_job(tenant_of(api_key), "stream", "running")
+    redis_store.client.set(lease_key(job.id), "T", px=60_000)
+    dlog = DeltaLog(
+        redis_store.client, job.id, running_ttl=60, final_ttl=60, token="T", lease_seconds=60
+    )
+    dlog.append([{"index": 0, "delta": {"content": "a\x00b"}}])
+    dlog.finish("stop", None)
+    http = app_client(app_ctx, api_key)
+    before = http.get(f"/v1/jobs/{job.id}").get_json()
+    assert before["status"] == "succeeded" and before["output"] == "a\ufffdb"
+    redis_store.client.delete(lease_key(job.id))
+    assert fail_lost_job(job.id)  # the sweeper's step: the row takes the log's end
+    db.session.remove()
+    assert db.session.get(Job, job.id).status == "succeeded"  # type: ignore[union-attr]
+    after = http.get(f"/v1/jobs/{job.id}").get_json()
+    assert after["output"] == before["output"]

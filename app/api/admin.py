@@ -16,6 +16,7 @@ from app.errors import APIError
 from app.extensions import redis_store
 from app.models import job as job_model
 from app.models.job import ACTIVE
+from app.services import capacity
 from app.services.heartbeat import known_workers
 
 bp = Blueprint("admin", __name__)
@@ -69,7 +70,7 @@ def workers() -> ResponseReturnValue:
 
 
 def stats(window: int) -> dict[str, Any]:
-    """Counts, queue depths and latency percentiles; one indexed query and two Redis trips."""
+    """Counts, queue depths, latency percentiles and each provider's capacity split by mode."""
     client = redis_store.client
     in_flight = queries.job_counts()
     hashes = [telemetry.merge([h for _, h in telemetry.minutes(window, client)])]
@@ -95,6 +96,7 @@ def stats(window: int) -> dict[str, Any]:
         "ttft_seconds": {m: telemetry.percentiles(hashes, "ttft", m) for m in job_model.MODES},
         "duration_seconds": {m: telemetry.percentiles(hashes, "dur", m) for m in job_model.MODES},
         "tokens": tokens,
+        "provider_capacity": [split.as_dict() for split in capacity.current()],
     }
 
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, cast
 
 from flask import Blueprint, Response, g, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
 
 from app import rate_limits
 from app.api.chat import make_tail, on_disconnect, sse_response
 from app.errors import APIError
 from app.extensions import db
-from app.models import Job, epoch, utcnow
+from app.models import Job, epoch
 from app.models.job import MODES, STATUSES, TERMINAL
 from app.pagination import fetch_page, list_object, page_params
 from app.services.front_door import wait_for_job
-from app.services.jobs import job_object
-from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job
+from app.services.jobs import cancel_background_job, job_object
+from app.services.stream_runner import CANCELLED_ERROR, cancel_queued_job, db_text
 from app.streams.entries import Generation, entry_key, is_terminal
 from app.streams.hub import current_hub
 from app.streams.keys import log_key
@@ -80,7 +79,7 @@ def show_job(job_id: str) -> ResponseReturnValue:
     if job.first_token_at is None and len(entries) > 1:
         job.first_token_at = at(entries[0][0])
     job.status = generation.status
-    job.output = generation.text if generation.choices else job.output
+    job.output = db_text(generation.text) if generation.choices else job.output  # as the row will
     job.error = generation.error
     if generation.error is None:
         job.finish_reason = generation.finish_reason
@@ -143,14 +142,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
         if job.status == "queued":
             cancel_queued_job(job.id)  # lost the race? the worker sees the flag instead
     else:
-        stmt = (
-            update(Job)
-            .where(Job.id == job.id, Job.status == "queued")
-            .values(status="cancelled", finished_at=utcnow(), error=CANCELLED_ERROR)
-        )
-        cancelled = cast("CursorResult[Any]", db.session.execute(stmt)).rowcount > 0
-        db.session.commit()
-        if not cancelled:
+        if not cancel_background_job(job.id, CANCELLED_ERROR):
             raise APIError(
                 409, "This background job is already running and cannot be stopped.", param="id"
             )

@@ -15,6 +15,7 @@ from app.models import Batch, Job, Tenant
 from app.models import batch as batch_model
 from app.models import job as job_model
 from app.models.job import ACTIVE
+from app.services import costs
 from app.services.heartbeat import live_workers
 from app.telemetry import queue_depths
 
@@ -80,6 +81,29 @@ def oldest_queued_age(now: datetime) -> dict[str, float]:
         if oldest is not None:
             ages[mode] = max(0.0, (now - oldest).total_seconds())
     return ages
+
+
+def cost_today(top: int = 10) -> dict[str, Any]:
+    """This UTC day's spend (#13): the total, by mode, by executor, the top tenants, and
+    the all-time totals by executor (from the maintained Redis counters, no table scan)."""
+    split = costs.today_by_mode_and_executor()
+    by_mode: dict[str, float] = dict.fromkeys(job_model.MODES, 0.0)
+    by_executor: dict[str, float] = {"workers": 0.0, "provider": 0.0}
+    for (mode, executor), usd in split.items():
+        by_mode[mode] = by_mode.get(mode, 0.0) + usd
+        by_executor[executor] = by_executor.get(executor, 0.0) + usd
+    tenants = sorted(costs.spend_today().items(), key=lambda kv: (-kv[1], kv[0]))
+    all_time: dict[str, float] = {}
+    for (_, _, executor), usd in costs.totals().items():
+        all_time[executor] = all_time.get(executor, 0.0) + usd
+    return {
+        "today_usd": round(sum(by_mode.values()), 6),
+        "by_mode": {k: round(v, 6) for k, v in by_mode.items()},
+        "by_executor": {k: round(v, 6) for k, v in by_executor.items()},
+        "by_tenant": [{"tenant": name, "usd": round(usd, 6)} for name, usd in tenants[:top]],
+        "tenants": len(tenants),
+        "all_time_by_executor": {k: round(v, 6) for k, v in all_time.items()},
+    }
 
 
 def workers(client: redis.Redis, max_age: float) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
 from app.models.job import ACTIVE
-from app.services import sweeper
+from app.services import capacity, sweeper
 from app.streams.hub import StreamHub, current_hub
 
 bp = Blueprint(
@@ -150,6 +150,7 @@ def summary() -> dict[str, Any]:
             "state": sweeper.state(client),
             "last_pass_at": sweeper.last_runs(client).get(sweeper.PASS),
         },
+        "cost": queries.cost_today(),  # #13: spend today by mode, executor and tenant
     }
 
 
@@ -163,6 +164,12 @@ def _limit(default: int) -> int:
         return max(1, min(MAX_LIMIT, int(request.args.get("limit", default))))
     except ValueError:
         return default
+
+
+@bp.get("/api/capacity")
+def api_capacity() -> ResponseReturnValue:
+    """Each provider's capacity split by mode (the capacity card: static/capacity.js)."""
+    return jsonify(data=[split.as_dict() for split in capacity.current()])
 
 
 @bp.get("/api/jobs")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from app.providers import gevent_compat
 from app.providers.base import ChatRequest, Provider
 from app.providers.catalog import ModelCatalog
+from app.services import capacity
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -239,6 +240,7 @@ def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
     registry = ProviderRegistry()
     for name in ("mock", "openai", "anthropic"):
         table = tables.get(name) or {}
+        capacity.check(name, table)  # shared with streams: app.services.capacity
         registry.register(
             name,
             _factory(name, table, config, builtin=True),
@@ -253,6 +255,7 @@ def build_registry(config: Mapping[str, Any]) -> ProviderRegistry:
         if kind in ("openai", "anthropic") and not table.get("base_url"):
             raise ValueError(f"providers.{name} needs a base_url")
         options = _model_options(name, table, str(kind))
+        capacity.check(name, table)
         registry.register(name, _factory(name, table, config, builtin=False), **options)
     return registry
 

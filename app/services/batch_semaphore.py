@@ -9,6 +9,11 @@ ends hands its slot straight to a call of this process waiting for one, for up t
 seconds after the slot was taken from Redis; after that (or with nobody waiting) the slot
 goes back to Redis, where every process competes for it again. Only one waiter per
 provider and process asks Redis, for as many slots as there are waiters, in one call.
+
+A provider with a shared capacity (`capacity` in its `[providers.NAME]` table) yields to
+its streams (`app.services.capacity`): each take from Redis leaves room for the streams
+holding capacity, and its slots pass between calls for at most capacity.YIELD_SECONDS,
+so batch backs off within that much of a stream's arrival and resumes when it ends.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import redis
 
 from app import leases
 from app.extensions import current_flask_app, redis_store
+from app.services import capacity
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +69,17 @@ class _Slots:
 class ProviderSemaphore:
     """At most `limit` holders per provider across every process sharing this Redis."""
 
-    def __init__(self, client: redis.Redis, limit: int, lease: float = 30.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        limit: int,
+        lease: float = 30.0,
+        capacities: Mapping[str, int] | None = None,
+    ) -> None:
         self.client = client
         self.limit = max(1, limit)
         self.lease = max(1.0, lease)
+        self.capacities = dict(capacities or {})  # provider -> capacity shared with streams
         self._slots: dict[str, _Slots] = {}
         self._lock = threading.Lock()
         self.renewer = leases.Renewer(client, self.lease, live_only=True)
@@ -74,7 +87,11 @@ class ProviderSemaphore:
 
     @staticmethod
     def key(provider: str) -> str:
-        return f"sluice:provider-sem:{provider}"
+        return capacity.batch_key(provider)
+
+    def _turn(self, provider: str) -> float:
+        """How long a slot may pass between this process's calls before Redis re-checks."""
+        return capacity.YIELD_SECONDS if self.capacities.get(provider) else TURN
 
     def try_acquire(self, provider: str) -> str | None:
         """A slot token, or None when all slots are taken."""
@@ -86,7 +103,11 @@ class ProviderSemaphore:
         key = self.key(provider)
         tokens = [uuid.uuid4().hex for _ in range(count)]
         self.round_trips += 1
-        taken = leases.acquire_some(self.client, key, tokens, leases.ms(self.lease), self.limit)
+        shared = self.capacities.get(provider, 0)
+        within = (capacity.stream_key(provider), shared) if shared else None
+        taken = leases.acquire_some(
+            self.client, key, tokens, leases.ms(self.lease), self.limit, within=within
+        )
         for token in taken:
             self.renewer.hold(key, token)
         return taken
@@ -183,7 +204,7 @@ class ProviderSemaphore:
         slots = self._local(provider)
         with slots.cond:
             waiters = slots.waiting > len(slots.free)
-            if waiters and time.monotonic() - since < TURN:
+            if waiters and time.monotonic() - since < self._turn(provider):
                 slots.free.append((token, since))
                 slots.cond.notify()
                 slots.ask_cond.notify()
@@ -209,5 +230,6 @@ def semaphore() -> ProviderSemaphore:
             redis_store.client,
             app.config["PROVIDER_CONCURRENCY"],
             app.config["PROVIDER_LEASE_SECONDS"],
+            capacity.capacities(app.config),
         )
     return sem

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TOTALS_KEY = "sluice:costs:totals"
 DAY_KEY = "sluice:costs:day:{}"
+DAY_SPLIT_KEY = "sluice:costs:day:{}:split"  # field "mode|executor": USD this UTC day
 DAY_TTL = 3 * 86400
 SETTLE_LIMIT = 500  # jobs priced per sweep (one short write transaction)
 jobs_t = cast(Table, Job.__table__)
@@ -62,11 +63,14 @@ def record(entries: Iterable[tuple[str, str, str | None, float]]) -> None:
         names = _tenant_names({e[0] for e in items})
         pipe = redis_store.client.pipeline(transaction=False)
         day = DAY_KEY.format(day_of())
+        split = DAY_SPLIT_KEY.format(day_of())
         for tenant_id, mode, executor, usd in items:
             label = f"{names.get(tenant_id, tenant_id)}|{mode}|{executor or 'workers'}"
             pipe.hincrbyfloat(TOTALS_KEY, label, usd)
             pipe.hincrbyfloat(day, tenant_id, usd)
+            pipe.hincrbyfloat(split, f"{mode}|{executor or 'workers'}", usd)
         pipe.expire(day, DAY_TTL)
+        pipe.expire(split, DAY_TTL)
         pipe.execute()
     except Exception:
         log.warning("could not add %d job cost(s) to the Redis totals", len(items))
@@ -134,6 +138,15 @@ def spend_today() -> dict[str, float]:
     spend = redis_store.client.hgetall(DAY_KEY.format(day_of()))
     names = _tenant_names({str(k) for k in spend}) if spend else {}
     return {names.get(str(k), str(k)): float(v) for k, v in spend.items()}
+
+
+def today_by_mode_and_executor() -> dict[tuple[str, str], float]:
+    """USD spent this UTC day, by (mode, executor), all tenants: for the dashboard."""
+    out: dict[tuple[str, str], float] = {}
+    for field, value in redis_store.client.hgetall(DAY_SPLIT_KEY.format(day_of())).items():
+        mode, _, executor = str(field).partition("|")
+        out[(mode, executor or "workers")] = float(value)
+    return out
 
 
 class CostCollector(Collector):

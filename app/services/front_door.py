@@ -23,6 +23,7 @@ from app.models.job import TERMINAL
 from app.policy import Preferences, Route, RouteRequest, decide, parse_prefer
 from app.providers import ChatRequest
 from app.services.batches import find_by_idempotency_key, submit_batch_job
+from app.services.capacity import provider_of
 from app.services.costs import with_budget
 from app.services.jobs import start_stream_job
 
@@ -174,7 +175,11 @@ def start_chat_job(
     (its relay subscribed before the task is sent).
     """
     job_id = job_id or new_id("job_")
-    if route.mode == "stream" and acquire_stream_slot(route, tenant_id, job_id) == "batch":
+    provider = provider_of(body.model)  # the job counts in its share of the provider's capacity
+    if (
+        route.mode == "stream"
+        and acquire_stream_slot(route, tenant_id, job_id, provider) == "batch"
+    ):
         route = remember(overflow_route(route))
     if route.mode == "batch":
         record = body.to_record()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select, update
 
 from app.errors import APIError
 from app.extensions import db
@@ -15,6 +15,7 @@ from app.queueing import STREAM_QUEUE, send_task
 from app.services.chat_request import parse_chat_request
 from app.services.costs import job_cost_usd
 from app.services.events import job_changed
+from app.services.provider_batches.rows import cancel_job_remote
 
 STREAM_TASK = "sluice.stream.run"
 JOB_FIELDS = ("mode", "priority", "metadata", "document", "instructions")
@@ -59,6 +60,26 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
         "error": job.error,
         "metadata": job.metadata_,
     }
+
+
+def cancel_background_job(job_id: str, error: dict[str, Any]) -> bool:
+    """Cancel a queued background job (False: it already runs); its provider batch too (#13).
+
+    On the provider executor a job stays `queued` while its provider batch runs: it ends
+    `cancelled` here, and the provider batch is cancelled once no other job waits in it.
+    """
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", finished_at=utcnow(), error=error)
+    )
+    cancelled = bool(db.session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    db.session.commit()
+    if cancelled:
+        pb_id = db.session.scalar(select(Job.provider_batch_id).where(Job.id == job_id))
+        if pb_id:
+            cancel_job_remote(pb_id)
+    return cancelled
 
 
 def parse_job_body(body: dict[str, Any]) -> ChatRequest:

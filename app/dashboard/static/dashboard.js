@@ -119,7 +119,37 @@
       return tr;
     });
     fill($("workers").tBodies[0], rows, "No live workers: start one with `sluice worker --mode stream|batch`.", 5);
+    renderCost(s.cost);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  }
+
+  function usd(value) {
+    var n = +value || 0;  // small sums keep their significant digits: $0.000042
+    return "$" + (n > 0 && n < 0.01 ? n.toFixed(8).replace(/0+$/, "") : n.toFixed(2));
+  }
+
+  function renderCost(c) {  // #13: spend today by mode, executor and tenant
+    if (!c) return;
+    $("cost-today").textContent = usd(c.today_usd);
+    $("cost-today").dataset.usd = c.today_usd;
+    ["stream", "batch"].forEach(function (mode) {
+      $("cost-mode-" + mode).textContent = usd((c.by_mode || {})[mode]);
+      $("cost-mode-" + mode).dataset.usd = (c.by_mode || {})[mode] || 0;
+    });
+    ["workers", "provider"].forEach(function (ex) {
+      var node = $("cost-executor-" + ex);
+      node.textContent = usd((c.by_executor || {})[ex]) + " (" + usd((c.all_time_by_executor || {})[ex]) + ")";
+      node.dataset.usd = (c.by_executor || {})[ex] || 0;
+    });
+    var rows = (c.by_tenant || []).map(function (t) {
+      var tr = el("tr");
+      tr.dataset.tenant = t.tenant;
+      tr.appendChild(td(t.tenant, "mono"));
+      tr.appendChild(td(usd(t.usd), "num"));
+      return tr;
+    });
+    fill($("cost-tenants").tBodies[0], rows, "Nothing spent today.", 2);
+    $("cost-tenants-note").textContent = c.tenants > rows.length ? "top " + rows.length + " of " + c.tenants : "";
   }
 
   function renderJobs(jobs) {

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from flask import current_app
@@ -64,6 +65,10 @@ class Remote:
     handle: Any = None  # the SDK object, for results
 
 
+class Pending(Exception):
+    """Whether a provider batch was created cannot be told yet (a candidate has not ended)."""
+
+
 def item_error(code: str, message: str, provider: str, **extra: Any) -> dict[str, Any]:
     """An item's error in the OpenAI shape the batch channel stores."""
     return {"message": message, "type": "batch_error", "code": code, "param": None,
@@ -80,6 +85,13 @@ class BatchAPI(Protocol):
         ...
 
     def submit(self, bodies: Mapping[str, dict[str, Any]], label: str) -> str: ...
+
+    def find(
+        self, label: str, custom_ids: set[str], since: datetime, known: set[str]
+    ) -> str | None:
+        """The id of a batch created for provider batch `label` but not recorded, if any
+        (created after `since`, not in `known`, its requests among `custom_ids`)."""
+        ...
 
     def retrieve(self, remote_id: str) -> Remote: ...
 
@@ -141,6 +153,21 @@ class OpenAIBatchAPI(_SDKAdapter):
             metadata={"sluice_provider_batch": label},
         )
         return str(batch.id)
+
+    def find(
+        self, label: str, custom_ids: set[str], since: datetime, known: set[str]
+    ) -> str | None:
+        """OpenAI's batch list (newest first), matched by the metadata submit() set."""
+
+        def scan() -> str | None:
+            for batch in self.client.batches.list(limit=100):
+                if batch.created_at < since.timestamp():
+                    return None
+                if (batch.metadata or {}).get("sluice_provider_batch") == label:
+                    return str(batch.id)
+            return None
+
+        return self._call(scan)
 
     def retrieve(self, remote_id: str) -> Remote:
         batch = self._call(self.client.batches.retrieve, remote_id)
@@ -233,6 +260,33 @@ class AnthropicBatchAPI(_SDKAdapter):
         )
         return str(batch.id)
 
+    def find(
+        self, label: str, custom_ids: set[str], since: datetime, known: set[str]
+    ) -> str | None:
+        """Anthropic's batch list (newest first; batches carry no metadata): an unrecorded
+        batch whose results' custom_ids are this row's items. Raises Pending while such a
+        candidate has not ended (its results cannot be read yet)."""
+
+        def scan() -> str | None:
+            pending = False
+            for batch in self.client.messages.batches.list(limit=100):
+                if batch.created_at < since:
+                    break
+                counts = batch.request_counts.model_dump()
+                if batch.id in known or not 0 < sum(counts.values()) <= len(custom_ids):
+                    continue
+                if batch.processing_status != "ended":
+                    pending = True
+                    continue
+                ids = {item.custom_id for item in self.client.messages.batches.results(batch.id)}
+                if ids and ids <= custom_ids:
+                    return str(batch.id)
+            if pending:
+                raise Pending(f"{self.name}: an unrecorded batch has not ended yet")
+            return None
+
+        return self._call(scan)
+
     def retrieve(self, remote_id: str) -> Remote:
         batch = self._call(self.client.messages.batches.retrieve, remote_id)
         counts = batch.request_counts.model_dump()
@@ -292,6 +346,7 @@ class MockBatchAPI:
     """
 
     KEY = "sluice:mockbatch:{}"
+    LABEL_KEY = "sluice:mockbatch:label:{}"
     TTL = 7 * 86400
 
     def __init__(self, provider: Any, limits: tuple[int, int]) -> None:
@@ -312,7 +367,14 @@ class MockBatchAPI:
         state: dict[EncodableT, EncodableT] = {"created": time.time(), "total": len(bodies)}
         redis_store.client.hset(self.KEY.format(remote_id), mapping=state)
         redis_store.client.expire(self.KEY.format(remote_id), self.TTL)
+        redis_store.client.set(self.LABEL_KEY.format(label), remote_id, ex=self.TTL)
         return remote_id
+
+    def find(
+        self, label: str, custom_ids: set[str], since: datetime, known: set[str]
+    ) -> str | None:
+        found = redis_store.client.get(self.LABEL_KEY.format(label))
+        return None if found is None else found.decode() if isinstance(found, bytes) else str(found)
 
     def _state(self, remote_id: str) -> dict[str, float]:
         raw = redis_store.client.hgetall(self.KEY.format(remote_id))

@@ -1,67 +1,105 @@
 """Submit batch items to provider batch APIs, poll them, and write their results once.
 
-Runs in the sweeper (`sweep`, one of its steps); every move is a conditional UPDATE, so
-two sweepers, or a sweeper killed and restarted, never double-apply:
+The sweeper only enqueues (`sweep`, one of its steps); the provider calls run in Celery
+tasks on the batch queue (workers/batch_tasks.py), over these functions. Every move is a
+conditional UPDATE, so two sweepers, two deliveries of one task, or a worker killed and
+its task re-sent, never double-apply:
 
-- submit: queued items of the provider executor without a provider batch are grouped by
-  (batch, provider, model), split by the provider's limits, assigned to a new
-  `provider_batches` row, then sent; the provider's batch id is stored at once.
-- poll: each open provider batch is retrieved when due, with backoff doubling from
-  PROVIDER_BATCH_POLL_SECONDS up to PROVIDER_BATCH_POLL_MAX_SECONDS.
+- submit (`submit_group`): queued items of the provider executor without a provider batch
+  are grouped by (batch, provider, model), split by the provider's limits and assigned to
+  new `provider_batches` rows (`submitting`), each then sent.
+- send (`send`): the row is claimed `submitting` -> `sending` (one winner) before the
+  provider is called; the provider's batch id is stored at once (`in_progress`). A row
+  left `sending` (its sender died, or the answer was lost) is reconciled before anything
+  is created again: the provider's batch list is searched for the row's marker (OpenAI:
+  metadata `sluice_provider_batch`; Anthropic: a batch whose custom_ids are its items),
+  so a batch created but not recorded is found, not created twice.
+- poll (`poll`): each open provider batch is retrieved when due from its stored id, with
+  backoff doubling from PROVIDER_BATCH_POLL_SECONDS up to PROVIDER_BATCH_POLL_MAX_SECONDS.
 - apply: an ended provider batch's results (any order, matched by custom_id = job id) are
   written into item rows still `queued` (so each exactly once), with usage and cost at the
   batch price; items without a result end by how the provider batch ended.
+
+A task lost with its worker holds its row for PROVIDER_BATCH_RESUBMIT_SECONDS (the lease);
+then the sweeper enqueues it again, and the poll resumes from the stored id.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, delete, insert, select, update
 
-from app.extensions import db
+from app.extensions import db, redis_store
 from app.models import new_id, utcnow
 from app.providers import ProviderError
+from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
 from app.services.batches import batches_t, jobs_t, stop_error
 from app.services.provider_batches import rows
-from app.services.provider_batches.apis import Outcome, Remote, batch_api, item_error
+from app.services.provider_batches.apis import (
+    Outcome,
+    Pending,
+    Remote,
+    batch_api,
+    item_error,
+)
 
 log = logging.getLogger(__name__)
 
 pbatches_t = rows.pbatches_t
 WRITE_EVERY = 200  # results per write transaction
 GROUPS_PER_SWEEP = 50
+SENDS_PER_SWEEP = 100
 POLLS_PER_SWEEP = 100
 LINE_OVERHEAD = 200  # bytes of a batch input line around its body
+RECONCILE_SLACK = timedelta(minutes=5)  # clock skew allowed when searching the provider's list
+SUBMIT_TASK = "sluice.batch.provider_submit"
+SEND_TASK = "sluice.batch.provider_send"
+POLL_TASK = "sluice.batch.provider_poll"
+QUEUED_KEY = "sluice:pbatch:queued:{}"  # a submit/send task is on the queue (expires: lease)
 
 
-def sweep() -> None:
-    """The sweeper step: submit what waits, re-send dead submits, poll, expire overdue.
+def sweep() -> dict[str, int]:
+    """The sweeper step: enqueue submits, sends and polls that are due; expire overdue.
 
-    Submits and polls start only within about one sweep interval, so a large backlog
-    never holds the sweeper's other steps for long (the rest waits for the next pass).
+    Nothing here calls a provider for submit or poll: the batch workers do, so a slow
+    provider never holds the sweeper's other steps.
     """
-    until = time.monotonic() + max(1.0, _config("SWEEP_INTERVAL_SECONDS"))
-    submit_pending(until)
-    resubmit_stalled()
-    poll_due(until)
-    expire_overdue()
+    return {
+        "submits": enqueue_submits(),
+        "sends": enqueue_sends(),
+        "polls": enqueue_polls(),
+        "expired": expire_overdue(),
+    }
 
 
 def _config(name: str) -> float:
     return float(current_app.config[name])
 
 
+def _lease() -> timedelta:
+    """How long a task holds its row; a task lost with its worker is re-sent after it."""
+    return timedelta(seconds=max(0.5, _config("PROVIDER_BATCH_RESUBMIT_SECONDS")))
+
+
 def _backoff(polls: int) -> timedelta:
     base = _config("PROVIDER_BATCH_POLL_SECONDS")
     top = _config("PROVIDER_BATCH_POLL_MAX_SECONDS")
     return timedelta(seconds=min(top, base * 2 ** min(polls, 20)))
+
+
+def _once(key: str) -> bool:
+    """Whether to enqueue the task named by key (not if one is already queued, within a lease)."""
+    ttl = max(1, int(_lease().total_seconds()))
+    return bool(redis_store.client.set(QUEUED_KEY.format(key), 1, nx=True, ex=ttl))
 
 
 # ---------------------------------------------------------------- submit
@@ -73,8 +111,8 @@ _WAITING = and_(
 )
 
 
-def submit_pending(until: float = float("inf")) -> int:
-    """Give every waiting item a provider batch; returns how many provider batches were sent."""
+def enqueue_submits() -> int:
+    """A submit task for every (batch, provider, model) whose items wait for a provider batch."""
     with db.engine.connect() as conn:
         groups = conn.execute(
             select(jobs_t.c.batch_id, jobs_t.c.provider, jobs_t.c.model)
@@ -83,17 +121,25 @@ def submit_pending(until: float = float("inf")) -> int:
             .limit(GROUPS_PER_SWEEP)
         ).all()
     sent = 0
-    for group in groups:
-        if time.monotonic() > until:
-            break
-        try:
-            sent += _submit_group(group.batch_id, group.provider, group.model)
-        except Exception:
-            log.exception("submitting %s items of %s failed", group.model, group.batch_id)
+    for g in groups:
+        if _once(f"submit:{g.batch_id}:{g.provider}:{g.model}"):
+            send_task(SUBMIT_TASK, [g.batch_id, g.provider, g.model], queue=BATCH_QUEUE)
+            sent += 1
     return sent
 
 
-def _submit_group(batch_id: str | None, provider: str, model: str) -> int:
+def submit_group(batch_id: str | None, provider: str, model: str) -> int:
+    """Give every waiting item of the group a provider batch and send each; how many sent."""
+    redis_store.client.delete(QUEUED_KEY.format(f"submit:{batch_id}:{provider}:{model}"))
+    sent = 0
+    while (pb_id := assign(batch_id, provider, model)) is not None:
+        sent += send(pb_id)
+    return sent
+
+
+def assign(batch_id: str | None, provider: str, model: str) -> str | None:
+    """Assign the next waiting items of the group (within the provider's limits) to a new
+    `submitting` row; its id, or None when nothing waits."""
     api = batch_api(provider)
     same = and_(
         _WAITING,
@@ -101,7 +147,6 @@ def _submit_group(batch_id: str | None, provider: str, model: str) -> int:
         jobs_t.c.provider == provider,
         jobs_t.c.model == model,
     )
-    sent = 0
     while True:
         with db.engine.connect() as conn:
             found = conn.execute(
@@ -111,7 +156,7 @@ def _submit_group(batch_id: str | None, provider: str, model: str) -> int:
                 .limit(max(1, api.max_requests))
             ).all()
         if not found:
-            return sent
+            return None
         ids: list[str] = []
         size = 0
         for row in found:  # split by bytes too (the provider's input-size limit)
@@ -122,7 +167,6 @@ def _submit_group(batch_id: str | None, provider: str, model: str) -> int:
             size += n
         pb_id = new_id("pbatch_")
         now = utcnow()
-        resubmit = timedelta(seconds=_config("PROVIDER_BATCH_RESUBMIT_SECONDS"))
         with db.engine.begin() as conn:
             conn.execute(
                 insert(pbatches_t).values(
@@ -134,40 +178,125 @@ def _submit_group(batch_id: str | None, provider: str, model: str) -> int:
                     total=len(ids),
                     polls=0,
                     created_at=now,
-                    next_poll_at=now + resubmit,
+                    next_poll_at=now,
                 )
             )
             moved = conn.execute(
                 update(jobs_t).where(same, jobs_t.c.id.in_(ids)).values(provider_batch_id=pb_id)
             ).rowcount
+            if not moved:  # another submitter took these items first
+                conn.execute(delete(pbatches_t).where(pbatches_t.c.id == pb_id))
+                continue
             conn.execute(update(pbatches_t).where(pbatches_t.c.id == pb_id).values(total=moved))
-        _send(pb_id)
-        sent += 1
+        return pb_id
 
 
-def resubmit_stalled() -> int:
-    """Provider batches whose submit died (no provider id after a while): send them again."""
-    now = utcnow()
+def enqueue_sends() -> int:
+    """A send task for every row due to be sent: new, retried, or whose sender's lease lapsed."""
     with db.engine.connect() as conn:
-        found = conn.execute(
-            select(pbatches_t.c.id, pbatches_t.c.next_poll_at).where(
-                pbatches_t.c.status == "submitting", pbatches_t.c.next_poll_at <= now
+        due = conn.scalars(
+            select(pbatches_t.c.id)
+            .where(
+                pbatches_t.c.status.in_(("submitting", "sending")),
+                pbatches_t.c.next_poll_at <= utcnow(),
             )
+            .order_by(pbatches_t.c.next_poll_at)
+            .limit(SENDS_PER_SWEEP)
         ).all()
-    done = 0
-    for row in found:
-        if _claim(row.id, row.next_poll_at, "submitting"):
-            _send(row.id)
-            done += 1
-    return done
+    sent = 0
+    for pb_id in due:
+        if _once(f"send:{pb_id}"):
+            send_task(SEND_TASK, [pb_id], queue=BATCH_QUEUE)
+            sent += 1
+    return sent
 
 
-def _send(pb_id: str) -> None:
-    """Create the provider batch for a `submitting` row's items; store its id at once."""
+def _claim_send(pb: Any) -> bool:
+    """Take a due row for sending: one claimant wins (its `polls` generation moves on)."""
+    with db.engine.begin() as conn:
+        return bool(
+            conn.execute(
+                update(pbatches_t)
+                .where(
+                    pbatches_t.c.id == pb.id,
+                    pbatches_t.c.status.in_(("submitting", "sending")),
+                    pbatches_t.c.polls == pb.polls,
+                    pbatches_t.c.next_poll_at <= utcnow(),
+                )
+                .values(status="sending", polls=pb.polls + 1, next_poll_at=utcnow() + _lease())
+            ).rowcount
+        )
+
+
+@contextmanager
+def _holding(pb_id: str, generation: int) -> Iterator[None]:
+    """Keep renewing this sender's lease while it waits on the provider (an upload may take
+    longer than a lease); a sender that dies stops renewing, and its row is reconciled."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    every = max(0.2, _lease().total_seconds() / 3)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(every):
+            try:
+                with app.app_context(), db.engine.begin() as conn:
+                    conn.execute(
+                        update(pbatches_t)
+                        .where(
+                            pbatches_t.c.id == pb_id,
+                            pbatches_t.c.status == "sending",
+                            pbatches_t.c.polls == generation,
+                        )
+                        .values(next_poll_at=utcnow() + _lease())
+                    )
+            except Exception as exc:
+                log.warning("could not renew the send lease of %s: %r", pb_id, exc)
+
+    renewer = threading.Thread(target=renew, daemon=True, name=f"lease-{pb_id}")
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join(5)
+
+
+def send(pb_id: str) -> int:
+    """Create the provider batch for a due row's items, once; store its id at once (1 if sent).
+
+    A row already `sending` may have a provider batch its sender created but never
+    recorded: the provider is searched for it first (`_reconcile`).
+    """
+    redis_store.client.delete(QUEUED_KEY.format(f"send:{pb_id}"))
     pb = rows.row(pb_id)
-    if pb is None or pb.status != "submitting":
-        return
+    if pb is None or pb.status not in ("submitting", "sending"):
+        return 0
+    reconcile = pb.status == "sending"
+    if not _claim_send(pb):
+        return 0
+    generation = pb.polls + 1
     api = batch_api(pb.provider)
+    if reconcile:
+        try:
+            since = rows.aware(pb.created_at) - RECONCILE_SLACK
+            ours = set(rows.all_item_ids(pb_id))
+            with _holding(pb_id, generation):
+                found = api.find(pb_id, ours, since, rows.known_remote_ids(pb.provider))
+        except (Pending, ProviderError) as exc:
+            log.warning("provider batch %s: created or not? not known yet (%s)", pb_id, exc)
+            rows.set_where(
+                pb_id, "sending", polls=generation, next_poll_at=utcnow() + _backoff(generation)
+            )
+            return 0
+        if found is not None:
+            log.warning("provider batch %s found unrecorded as %s: adopted", pb_id, found)
+            _store(pb, generation, found)
+            return 1
+    if pb.cancel_requested_at is not None:  # cancelled before anything was created
+        cancelled = Outcome("cancelled", error=stop_error("cancelled"))
+        rows.write(pb, [(j.id, cancelled) for j in rows.items(pb_id)])
+        _close(pb, "applied", utcnow())
+        return 0
     requests, refused = rows.bound(rows.items(pb_id))
     bodies: dict[str, dict[str, Any]] = {}
     for job_id, request in requests.items():
@@ -179,37 +308,72 @@ def _send(pb_id: str) -> None:
     now = utcnow()
     if not bodies:
         _close(pb, "applied", now)
-        return
+        return 0
     try:
-        remote_id = api.submit(bodies, pb_id)
+        with _holding(pb_id, generation):
+            remote_id = api.submit(bodies, pb_id)
     except ProviderError as exc:
-        if exc.retryable:
-            log.warning("provider batch %s not sent (%s); retrying later", pb_id, exc)
+        if exc.retryable:  # created or not? the next send reconciles before creating again
+            log.warning("provider batch %s not known sent (%s); retrying later", pb_id, exc)
             rows.set_where(
                 pb_id,
-                "submitting",
+                "sending",
+                polls=generation,
                 error=_error_of(exc),
-                next_poll_at=now + _backoff(pb.polls + 1),
-                polls=pb.polls + 1,
+                next_poll_at=now + _backoff(generation),
             )
-            return
+            return 0
         log.warning("provider %s refused batch %s: %s", pb.provider, pb_id, exc)
         rows.write(pb, [(j, Outcome("failed", error=_error_of(exc))) for j in bodies])
         _close(pb, "failed", now, error=_error_of(exc))
-        return
-    rows.set_where(
-        pb_id,
-        "submitting",
-        status="in_progress",
-        remote_id=remote_id,
-        submitted_at=now,
-        next_poll_at=now + _backoff(0),
-        polls=0,
-        error=None,
-    )
+        return 0
+    _store(pb, generation, remote_id)
     log.info(
         "provider batch %s sent to %s as %s (%d items)", pb_id, pb.provider, remote_id, len(bodies)
     )
+    return 1
+
+
+def _store(pb: Any, generation: int, remote_id: str) -> None:
+    """Record the provider's batch id, if this sender still holds the row.
+
+    A sender whose lease lapsed (another took the row over) cancels what it created,
+    unless the other adopted it; a cancel asked for meanwhile is passed on at once.
+    """
+    now = utcnow()
+    with db.engine.begin() as conn:
+        stored = conn.execute(
+            update(pbatches_t)
+            .where(
+                pbatches_t.c.id == pb.id,
+                pbatches_t.c.status == "sending",
+                pbatches_t.c.polls == generation,
+            )
+            .values(
+                status="in_progress",
+                remote_id=remote_id,
+                submitted_at=now,
+                next_poll_at=now + _backoff(0),
+                polls=0,
+                error=None,
+            )
+        ).rowcount
+    current = rows.row(pb.id)
+    api = batch_api(pb.provider)
+    if not stored:
+        if current is None or current.remote_id != remote_id:
+            log.warning("provider batch %s: lost its row; cancelling %s", pb.id, remote_id)
+            _try_cancel(api, pb, remote_id)
+        return
+    if current is not None and current.cancel_requested_at is not None:
+        _try_cancel(api, pb, remote_id)
+
+
+def _try_cancel(api: Any, pb: Any, remote_id: str) -> None:
+    try:
+        api.cancel(remote_id)
+    except Exception as exc:
+        log.warning("cancelling %s (%s) at %s failed: %s", pb.id, remote_id, pb.provider, exc)
 
 
 def _error_of(exc: BaseException) -> dict[str, Any]:
@@ -226,8 +390,8 @@ def _error_of(exc: BaseException) -> dict[str, Any]:
 # ---------------------------------------------------------------- poll and apply
 
 
-def poll_due(until: float = float("inf")) -> int:
-    """Retrieve every open provider batch that is due; apply those that ended."""
+def enqueue_polls() -> int:
+    """A poll task for every open provider batch that is due (claimed for one lease first)."""
     now = utcnow()
     with db.engine.connect() as conn:
         found = conn.execute(
@@ -236,22 +400,16 @@ def poll_due(until: float = float("inf")) -> int:
             .order_by(pbatches_t.c.next_poll_at)
             .limit(POLLS_PER_SWEEP)
         ).all()
-    applied = 0
+    sent = 0
     for row in found:
-        if time.monotonic() > until:
-            break
-        if not _claim(row.id, row.next_poll_at, "in_progress"):
-            continue
-        try:
-            applied += poll(row.id)
-        except Exception:
-            log.exception("polling provider batch %s failed; next poll later", row.id)
-    return applied
+        if _claim(row.id, row.next_poll_at, "in_progress"):
+            send_task(POLL_TASK, [row.id], queue=BATCH_QUEUE)
+            sent += 1
+    return sent
 
 
 def _claim(pb_id: str, due: Any, status: str) -> bool:
-    """Take a due row for this sweep (another sweeper skips it until the lease passes)."""
-    lease = timedelta(seconds=max(60.0, _config("PROVIDER_BATCH_POLL_MAX_SECONDS")))
+    """Take a due row for one poll task (the next sweep skips it until the lease passes)."""
     with db.engine.begin() as conn:
         return bool(
             conn.execute(
@@ -261,9 +419,14 @@ def _claim(pb_id: str, due: Any, status: str) -> bool:
                     pbatches_t.c.status == status,
                     pbatches_t.c.next_poll_at == due,
                 )
-                .values(next_poll_at=utcnow() + lease)
+                .values(next_poll_at=utcnow() + _lease())
             ).rowcount
         )
+
+
+def _renew(pb_id: str) -> None:
+    """Hold an in-progress row for another lease (a long apply is not polled twice)."""
+    rows.set_where(pb_id, "in_progress", next_poll_at=utcnow() + _lease())
 
 
 def poll(pb_id: str) -> int:
@@ -306,6 +469,7 @@ def _apply(pb: Any, api: Any, remote: Remote) -> None:
         if len(buffer) >= WRITE_EVERY:
             rows.write(pb, buffer)
             buffer = []
+            _renew(pb.id)
     rows.write(pb, buffer)
     leftover = [row.id for row in rows.items(pb.id)]
     final = (

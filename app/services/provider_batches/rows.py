@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from flask import current_app
@@ -26,6 +27,12 @@ from app.services.stream_runner import db_text
 log = logging.getLogger(__name__)
 
 pbatches_t = cast(Table, ProviderBatch.__table__)
+OPEN = ("submitting", "sending", "in_progress")
+
+
+def aware(at: datetime) -> datetime:
+    """A stored time as UTC-aware (SQLite gives them back naive)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def items(pb_id: str) -> list[Any]:
@@ -36,6 +43,24 @@ def items(pb_id: str) -> list[Any]:
                     jobs_t.c.provider_batch_id == pb_id, jobs_t.c.status == "queued"
                 )
             ).all()
+        )
+
+
+def all_item_ids(pb_id: str) -> list[str]:
+    """Every item ever assigned to this provider batch, whatever its status now."""
+    with db.engine.connect() as conn:
+        return list(conn.scalars(select(jobs_t.c.id).where(jobs_t.c.provider_batch_id == pb_id)))
+
+
+def known_remote_ids(provider: str) -> set[str]:
+    """The provider batch ids already recorded for this provider (none to adopt twice)."""
+    with db.engine.connect() as conn:
+        return set(
+            conn.scalars(
+                select(pbatches_t.c.remote_id).where(
+                    pbatches_t.c.provider == provider, pbatches_t.c.remote_id.is_not(None)
+                )
+            )
         )
 
 
@@ -130,7 +155,7 @@ def end_row(pb: Any, status: str, now: Any, *, error: dict[str, Any] | None = No
     with db.engine.begin() as conn:
         conn.execute(
             update(pbatches_t)
-            .where(pbatches_t.c.id == pb.id, pbatches_t.c.status.in_(("submitting", "in_progress")))
+            .where(pbatches_t.c.id == pb.id, pbatches_t.c.status.in_(OPEN))
             .values(**values)
         )
 
@@ -156,25 +181,61 @@ def cancel_remote(batch_id: str) -> None:
     provider finished before the cancel keep their results; the rest end `cancelled`.
     """
     with db.engine.connect() as conn:
-        rows = conn.execute(
-            select(pbatches_t).where(
-                pbatches_t.c.batch_id == batch_id,
-                pbatches_t.c.status.in_(("submitting", "in_progress")),
+        ids = conn.scalars(
+            select(pbatches_t.c.id).where(
+                pbatches_t.c.batch_id == batch_id, pbatches_t.c.status.in_(OPEN)
             )
         ).all()
+    for pb_id in ids:
+        cancel_one(pb_id)
+
+
+def cancel_job_remote(pb_id: str) -> None:
+    """A standalone job was cancelled: cancel its provider batch once no item of it waits.
+
+    Standalone jobs of one provider and model share a provider batch; the others' requests
+    run on, and the cancelled job's result, if it comes, is not written (it is not queued).
+    """
+    if not items(pb_id):
+        cancel_one(pb_id)
+
+
+def cancel_one(pb_id: str) -> None:
+    """Cancel one provider batch, whichever state it is in.
+
+    `submitting` (never sent): ended here, its items cancelled. `sending` (a sender is
+    calling the provider): marked, and the sender cancels what it created as soon as it
+    has the id. `in_progress`: the provider is told; the next poll applies its end.
+    """
     now = utcnow()
-    for pb in rows:
-        if pb.status == "submitting" or not pb.remote_id:
-            write(
-                pb,
-                [(j.id, Outcome("cancelled", error=stop_error("cancelled"))) for j in items(pb.id)],
-            )
-            end_row(pb, "applied", now)
+    for _ in range(3):  # the row may move on under us (sent, stored): act on where it is
+        pb = row(pb_id)
+        if pb is None or pb.status not in OPEN:
+            return
+        with db.engine.begin() as conn:
+            marked = conn.execute(
+                update(pbatches_t)
+                .where(pbatches_t.c.id == pb_id, pbatches_t.c.status == pb.status)
+                .values(
+                    cancel_requested_at=now,
+                    **(
+                        {"status": "applied", "ended_at": now, "next_poll_at": None}
+                        if pb.status == "submitting"
+                        else {}
+                    ),
+                )
+            ).rowcount
+        if not marked:
             continue
-        try:
-            batch_api(pb.provider).cancel(pb.remote_id)
-        except Exception as exc:
-            log.warning(
-                "cancelling %s (%s) at %s failed: %s", pb.id, pb.remote_id, pb.provider, exc
-            )
-        set_where(pb.id, "in_progress", cancel_requested_at=now, next_poll_at=now)
+        if pb.status == "submitting":
+            cancelled = Outcome("cancelled", error=stop_error("cancelled"))
+            write(pb, [(j.id, cancelled) for j in items(pb_id)])
+        elif pb.status == "in_progress" and pb.remote_id:
+            try:
+                batch_api(pb.provider).cancel(pb.remote_id)
+            except Exception as exc:
+                log.warning(
+                    "cancelling %s (%s) at %s failed: %s", pb.id, pb.remote_id, pb.provider, exc
+                )
+            set_where(pb_id, "in_progress", next_poll_at=now)
+        return

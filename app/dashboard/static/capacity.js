@@ -1,0 +1,61 @@
+// The provider capacity card: each provider's calls in flight split by mode (stream, batch)
+// against its shared capacity, from /dashboard/api/capacity (app/services/capacity.py).
+(function () {
+  "use strict";
+  var card = document.getElementById("capacity-card");
+  var cfg = window.SLUICE_DASHBOARD || {};
+  if (!card || !window.SluiceDom) return;
+  var el = window.SluiceDom.el;
+
+  function bar(split) {
+    var bar = el("div", "bar");
+    var total = split.capacity || Math.max(1, split.stream + split.batch);
+    [["stream", "running"], ["batch", "succeeded"]].forEach(function (part) {
+      var n = split[part[0]];
+      if (!n) return;
+      var seg = el("div", "seg " + part[1]);
+      seg.style.width = Math.min(100, (100 * n) / total) + "%";
+      bar.appendChild(seg);
+    });
+    bar.title = split.stream + " stream, " + split.batch + " batch" +
+      (split.capacity ? " of " + split.capacity + " (batch may use " + split.batch_share + ")" : "") +
+      (split.displaced ? "; " + split.displaced + " batch call(s) finishing" : "");
+    return bar;
+  }
+
+  function render(splits) {
+    card.replaceChildren(el("div", "card-title", "Provider capacity"));
+    var shown = splits.filter(function (s) { return s.capacity || s.stream || s.batch; });
+    if (!shown.length) {
+      card.appendChild(el("div", "muted small", "no provider calls in flight"));
+      return;
+    }
+    var table = el("table", "counts");
+    var head = el("tr");
+    ["provider", "stream", "batch", "capacity", ""].forEach(function (h) { head.appendChild(el("th", null, h)); });
+    table.appendChild(head);
+    shown.forEach(function (s) {
+      var row = el("tr");
+      row.appendChild(el("td", null, s.provider));
+      row.appendChild(el("td", s.stream ? null : "zero", s.stream));
+      row.appendChild(el("td", s.batch ? null : "zero", s.batch));
+      row.appendChild(el("td", s.capacity ? null : "zero", s.capacity || "–"));
+      var cell = el("td", "progress-col");
+      cell.appendChild(bar(s));
+      row.appendChild(cell);
+      table.appendChild(row);
+    });
+    card.appendChild(table);
+  }
+
+  function refresh() {
+    return fetch(card.dataset.url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+      .then(function (body) { render(body.data || []); })
+      .catch(function () {});
+  }
+
+  render([]);
+  refresh();
+  setInterval(refresh, cfg.refreshMs || 5000);
+})();
