@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 
 from app import limits
 from app.errors import APIError
@@ -121,3 +124,65 @@ def check_model_name(value: str, *, param: str = "model") -> str:
             code="invalid_value",
         )
     return value
+
+
+# -- request models --------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+_TYPE_ERRORS = ("_type", "_parsing", "is_instance_of", "model_attributes_type")
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'"""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path[:200]
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """Pydantic's first error as OpenAI's 400, naming the field path."""
+    error = exc.errors(include_url=False)[0]
+    kind, path = error["type"], field_path(error["loc"])
+    message = str(error["msg"])
+    if kind == "missing":
+        return APIError(
+            400,
+            f"Missing required parameter: '{path}'.",
+            param=path,
+            code="missing_required_parameter",
+        )
+    if kind == "extra_forbidden":
+        return APIError(
+            400,
+            f"Unrecognized request argument supplied: {path}",
+            param=path,
+            code="unknown_parameter",
+        )
+    if kind.endswith(_TYPE_ERRORS):
+        return APIError(
+            400, f"Invalid type for '{path}': {message}.", param=path, code="invalid_type"
+        )
+    return APIError(400, f"Invalid '{path}': {message}.", param=path, code="invalid_value")
+
+
+def parse(model: type[M], data: Any, context: dict[str, Any] | None = None) -> M:
+    """Validate data into the request model; every refusal is an APIError (a 400 naming
+    the field): the model's validators raise theirs as they are, pydantic's are mapped."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def checked(check: Callable[[Any], Any]) -> Any:
+    """A field validator that runs an existing check first (its APIError, as it is), then
+    the field's declared type; the value is the check's (an int stays an int)."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        value = check(value)
+        handler(value)
+        return value
+
+    return WrapValidator(validate)

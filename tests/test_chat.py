@@ -15,6 +15,7 @@ import pytest
 
 from app.services.chat_request import PARAMETERS
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import follow
 from tests.stack import Stack
 
 
@@ -455,6 +456,20 @@ def test_jobs_and_batch_lines_share_the_validator(
     )
     assert batch.status == "failed" and batch.errors is not None
     assert [(e.line, e.param) for e in batch.errors.data] == [(1, "body.seed")]
+
+
+def test_jobs_carry_stream_options_to_their_events(client: httpx.Client) -> None:
+    """/v1/jobs honours stream_options (usage on the job's event stream) or refuses it."""
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
+    body |= {"mode": "stream", "stream": True, "stream_options": {"include_usage": True}}
+    accepted = client.post("/v1/jobs", json=body, headers={"Prefer": "respond-async"})
+    assert accepted.status_code in (200, 202), accepted.text
+    job_id = accepted.headers.get("x-sluice-job-id") or accepted.json()["id"]
+    events = follow(client, job_id)
+    data = [e["data"] for e in events.events if isinstance(e["data"], dict)]
+    assert events.done and any(chunk.get("usage") for chunk in data), data
+    refused = client.post("/v1/jobs", json={**body, "stream": False})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_options"
 
 
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, Any]:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from app.errors import APIError
 from app.providers import ChatRequest, build_registry
-from app.services.chat_request import parse_chat_request
+from app.services.chat_request import Message, parse_chat_request
+from app.validation import field_path, validation_error
 
 REGISTRY = build_registry({"PROVIDERS": {"local": {"base_url": "http://127.0.0.1:9/v1"}}})
+MESSAGE = {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "ann"}
 
 
 def parse(**body: Any) -> ChatRequest:
@@ -86,3 +90,95 @@ def test_openai_compatible_providers_take_everything() -> None:
     request = parse(model="local/x", vendor_knob={"a": 1}, seed=2, n=3, logprobs=True)
     assert request.options == {"vendor_knob": {"a": 1}, "seed": 2, "logprobs": True}
     assert request.n == 3
+
+
+def refusal(**body: Any) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse(**body)
+    assert info.value.status == 400
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [  # the types of ChatCompletionRequest, enforced past the hand-written checks
+        ({"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name", None),
+        ({"messages": [{"role": "user", "content": "hi", "tool_call_id": 1}]}, None, None),
+        ({"modalities": ["text", 7]}, "modalities[1]", "invalid_type"),
+        ({"functions": ["f"]}, "functions[0]", "invalid_type"),
+    ],
+)
+def test_the_model_types_are_enforced(body: dict[str, Any], param: str | None, code: str) -> None:
+    error = refusal(**body)
+    assert error.param == (param or "messages[0].tool_call_id")
+    assert error.code == (code or "invalid_type") and error.param in error.message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code", "message"),
+    [  # the hand-written checks' answers, unchanged under the model
+        ({"model": None}, "model", "missing_required", "'model' is required: a string like"),
+        ({"messages": []}, "messages", "invalid_value", "'messages' must contain at least one"),
+        ({"messages": [{"role": "bot"}]}, "messages[0].role", "invalid_value", "must be one of"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required", "required"),
+        ({"temperature": "hot"}, "temperature", "invalid_type", "'temperature' must be a number"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value", "'max_tokens' must be at least 1"),
+        ({"stream": "yes"}, "stream", "invalid_type", "'stream' must be a boolean."),
+        ({"stream_options": {}}, "stream_options", "invalid_value", "only allowed when"),
+        ({"metadata": {"k": 1}}, "metadata", "invalid_value", "Invalid 'metadata'"),
+        ({"top_logprobs": 2}, "top_logprobs", "invalid_value", "requires 'logprobs'"),
+        ({"tool_choice": "auto"}, "tool_choice", "invalid_value", "only allowed when 'tools'"),
+    ],
+)
+def test_the_checks_answer_as_before(
+    body: dict[str, Any], param: str, code: str, message: str
+) -> None:
+    error = refusal(**body)
+    assert (error.param, error.code) == (param, code) and message in error.message
+
+
+def test_a_body_that_is_not_an_object() -> None:
+    with pytest.raises(APIError) as info:
+        parse_chat_request(["model"], REGISTRY)
+    assert info.value.code == "invalid_json" and info.value.param is None
+
+
+def test_values_are_carried_as_sent() -> None:
+    request = parse(model="local/x", temperature=1, top_p=1, messages=[MESSAGE], vendor_knob=None)
+    assert type(request.temperature) is int and type(request.top_p) is int  # not 1.0
+    assert request.messages == [MESSAGE] and "vendor_knob" not in request.options  # null: unset
+
+
+def test_pydantic_errors_name_the_field_path() -> None:
+    assert field_path(("messages", 0, "content", 1, "text")) == "messages[0].content[1].text"
+    error = validation_error(_validation_error())
+    assert error.param == "messages[0].role" and error.code == "missing_required_parameter"
+
+
+def _validation_error() -> ValidationError:
+    class Body(BaseModel):
+        messages: list[Message]
+
+    try:
+        Body.model_validate({"messages": [{"content": "x"}]})
+    except ValidationError as exc:
+        return exc
+    raise AssertionError("valid")
+
+
+def test_a_chat_body_parses_well_under_100_microseconds() -> None:
+    body = {
+        "model": "local/x",
+        "messages": [{"role": "user", "content": "some text " * 20}] * 10,
+        "temperature": 0.7,
+        "max_tokens": 256,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "auto",
+    }
+    started = time.process_time()
+    for _ in range(200):
+        parse_chat_request(body, REGISTRY)
+    per_parse = (time.process_time() - started) / 200
+    assert per_parse < 500e-6, per_parse  # ~40 us on a quiet box; a loose bound under load

@@ -6,12 +6,15 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask
+import pytest
+from flask import Flask, request
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
+from pydantic import BaseModel
 
+from app import validation
 from app.openapi import described_rules, openapi_path, operation_id, undescribed
-from app.services.chat_request import PARAMETERS
+from app.services.chat_request import PARAMETERS, ChatCompletionRequest
 from tests.helpers import app_client
 from tests.test_isolation import CHAT, DOCS
 
@@ -67,9 +70,37 @@ def test_sse_and_admin_routes_are_described(app: Flask) -> None:
 
 def test_the_chat_body_describes_every_parameter_the_validator_checks(app: Flask) -> None:
     schemas = spec_of(app)["components"]["schemas"]
-    described = set(schemas["ChatCompletionRequest"]["properties"])
-    assert set(PARAMETERS) - described == set()
+    assert set(PARAMETERS) - set(schemas["ChatCompletionRequest"]["properties"]) == set()
+    # every parameter a field checked by its PARAMETERS entry, in the table's order
+    assert list(ChatCompletionRequest.model_fields)[4:] == list(PARAMETERS)
     assert schemas["ChatCompletionRequest"]["additionalProperties"] is True  # carried along
+
+
+def test_every_json_body_is_parsed_by_the_model_that_describes_it(
+    app: Flask, admin_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each /v1 route with a JSON body validates it with its described model, one call."""
+    parsed: dict[str, list[str]] = {}
+    parse = validation.parse
+
+    def recording(model: type[BaseModel], data: Any, context: Any = None) -> Any:
+        parsed.setdefault(str(request.endpoint), []).append(model.__name__)
+        return parse(model, data, context)
+
+    monkeypatch.setattr(validation, "parse", recording)
+    spec, http = spec_of(app), app_client(app, admin_key)
+    described: dict[str, str] = {}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is None or not path.startswith("/v1"):
+                continue
+            described[operation["operationId"]] = body["schema"]["$ref"].rsplit("/", 1)[1]
+            response = http.open(path, method=method.upper(), json={"model": 1})
+            assert response.status_code == 400, (path, response.get_data(as_text=True))
+    assert len(described) == 5, described
+    assert {op: names[-1] for op, names in parsed.items()} == described
+    assert all(len(names) == 1 for names in parsed.values()), parsed
 
 
 def _upload(http: FlaskClient) -> dict[str, Any]:
@@ -90,15 +121,40 @@ def test_every_key_the_api_answers_is_described(app: Flask, api_key: str, admin_
         "endpoint": "/v1/chat/completions",
         "completion_window": "24h",
     }
+    admin = app_client(app, admin_key)
+    created = admin.post("/v1/admin/keys", json={"tenant": "described"}).get_json()
     answered = {
         "Job": http.post("/v1/jobs", json=CHAT | {"mode": "batch"}).get_json(),
         "DocumentBatch": http.post("/v1/document-batches", json=DOCS).get_json(),
         "FileObject": file,
         "BatchObject": http.post("/v1/batches", json=batch).get_json(),
-        "ApiKeyCreated": app_client(app, admin_key)
-        .post("/v1/admin/keys", json={"tenant": "described"})
-        .get_json(),
+        "ApiKeyCreated": created,
         "ApiKey": http.get("/v1/me").get_json(),
+        "KeyRevoked": admin.post(f"/v1/admin/keys/{created['id']}/revoke").get_json(),
+        "FileDeleted": http.delete(f"/v1/files/{file['id']}").get_json(),
+        "ModelObject": http.get("/v1/models/mock/echo").get_json(),
+        "Error": http.get("/v1/jobs/job_none").get_json(),
     }
     for name, body in answered.items():
         assert set(body) == set(schemas[name]["properties"]), name
+
+
+def test_a_key_the_body_model_does_not_name_is_refused(
+    app: Flask, api_key: str, admin_key: str
+) -> None:
+    """Honour or refuse: a closed body (additionalProperties false) names an unknown key."""
+    http, admin = app_client(app, api_key), app_client(app, admin_key)
+    batch = {"input_file_id": _upload(http)["id"], "endpoint": "/v1/chat/completions"}
+    for client, path, body in (
+        (http, "/v1/batches", batch | {"completion_window": "24h", "priority": 3}),
+        (admin, "/v1/admin/keys", {"tenant": "closed", "role": "owner"}),
+        (http, "/v1/document-batches", DOCS | {"mode": "stream"}),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 400, (path, response.get_data(as_text=True))
+        error = response.get_json()["error"]
+        assert error["code"] == "unknown_parameter", error
+        assert error["param"] in ("priority", "role", "mode") and error["param"] in error["message"]
+    schemas = spec_of(app)["components"]["schemas"]
+    for name in ("BatchRequest", "KeyRequest", "DocumentBatchRequest"):
+        assert schemas[name]["additionalProperties"] is False, name

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.pagination import list_object, page_params
 from app.services import front_door, openai_batches
+from app.services.chat_request import Metadata
 
 bp = Blueprint("batches", __name__)
+
+
+class BatchRequest(BaseModel):
+    """POST /v1/batches (OpenAI's body; any other key is refused with a 400 naming it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1)
+    endpoint: str = Field(json_schema_extra={"enum": list(openai_batches.ENDPOINTS)})
+    completion_window: str = Field(
+        json_schema_extra={"enum": list(openai_batches.COMPLETION_WINDOWS)}
+    )
+    metadata: Metadata | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checked(cls, data: Any) -> Any:
+        """OpenAI's rules, each its own 400 (missing, type, value), before the types."""
+        openai_batches.check_create_params(data)
+        return data
 
 
 @bp.post("/batches")
@@ -18,7 +42,7 @@ def create_batch() -> ResponseReturnValue:
     batch = replayed or openai_batches.create(
         tenant_id=g.tenant_id,
         tenant_name=g.api_key.tenant.name,
-        params=front_door.json_body(),
+        params=front_door.parse_body(BatchRequest).model_dump(exclude_none=True),
         idempotency_key=key,
     )
     response = jsonify(openai_batches.serialize_batch(batch))

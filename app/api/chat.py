@@ -15,7 +15,7 @@ from app.models.job import TERMINAL
 from app.policy import Preferences, Route
 from app.providers import ChatRequest
 from app.services import front_door
-from app.services.chat_request import parse_chat_request
+from app.services.chat_request import ChatCompletionRequest
 from app.services.jobs import completion_object, job_completion_object, job_object
 from app.streams.hub import Tail, current_hub
 from app.streams.relay import collect, sse_body
@@ -91,7 +91,7 @@ def on_disconnect(action: str, tail: Tail) -> Callable[[bool], None]:
 
 @bp.post("/chat/completions")
 def chat_completions() -> ResponseReturnValue:
-    body = parse_chat_request(front_door.json_body())
+    body = front_door.parse_body(ChatCompletionRequest).request
     prefer = front_door.preferences()
     route = front_door.route(
         front_door.route_request(

@@ -110,9 +110,8 @@ def _read_submission(max_bytes: int) -> tuple[documents.Options, Iterator[batche
     """Options and a lazy item stream from a JSON, JSONL or multipart body."""
     mimetype = request.mimetype
     if mimetype == "application/json":
-        payload = front_door.json_body()
-        options = documents.parse_options(payload)
-        return options, documents.from_json(payload.get("documents"), _intake(options))
+        body = front_door.parse_body(documents.DocumentBatchRequest)
+        return body, documents.from_json(body.documents, _intake(body))
     if mimetype in JSONL_TYPES:
         options = documents.parse_options(request.args)
         return options, documents.from_jsonl(request.stream, _intake(options), max_bytes)

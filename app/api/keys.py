@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from flask import Blueprint, g, jsonify
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 
 from app.auth import admin_required, create_key, revoke_key
@@ -13,10 +14,55 @@ from app.errors import APIError
 from app.extensions import db
 from app.models import ApiKey, Tenant, epoch
 from app.services import front_door
+from app.validation import checked
 
 bp = Blueprint("keys", __name__)
 
 NAME_MAX = 200  # tenants.name and api_keys.name columns
+
+
+def _tenant(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise APIError(400, "'tenant' is required and must be a non-empty string.", param="tenant")
+    if len(value.strip()) > NAME_MAX or "\x00" in value:
+        raise APIError(400, f"'tenant' must be at most {NAME_MAX} characters.", param="tenant")
+    return value.strip()
+
+
+def _admin(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise APIError(400, "'admin' must be true or false.", param="admin", code="invalid_type")
+    return value
+
+
+def _name(value: Any) -> str | None:
+    if value is not None and (
+        not isinstance(value, str) or len(value) > NAME_MAX or "\x00" in value
+    ):
+        raise APIError(
+            400, f"'name' must be a string of at most {NAME_MAX} characters.", param="name"
+        )
+    return value
+
+
+class KeyRequest(BaseModel):
+    """POST /v1/admin/keys: the tenant (created if new), and the key's role and name."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"tenant": "made-by-example"}]}
+    )
+
+    tenant: Annotated[str, checked(_tenant)] = Field(min_length=1, max_length=NAME_MAX)
+    admin: Annotated[bool, checked(_admin)] = False
+    name: Annotated[str | None, checked(_name)] = Field(None, max_length=NAME_MAX)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tenant_named(cls, data: Any) -> Any:
+        """An absent tenant: the tenant check's own 400."""
+        if isinstance(data, dict) and data.get("tenant") is None:
+            _tenant(None)
+        return data
 
 
 def key_object(key: ApiKey, tenant_name: str) -> dict[str, Any]:
@@ -50,22 +96,9 @@ def list_keys() -> ResponseReturnValue:
 @bp.post("/admin/keys")
 @admin_required
 def create() -> ResponseReturnValue:
-    body = front_door.json_body()
-    tenant = body.get("tenant")
-    if not isinstance(tenant, str) or not tenant.strip():
-        raise APIError(400, "'tenant' is required and must be a non-empty string.", param="tenant")
-    if len(tenant.strip()) > NAME_MAX or "\x00" in tenant:
-        raise APIError(400, f"'tenant' must be at most {NAME_MAX} characters.", param="tenant")
-    admin = body.get("admin", False)
-    if not isinstance(admin, bool):
-        raise APIError(400, "'admin' must be true or false.", param="admin", code="invalid_type")
-    name = body.get("name")
-    if name is not None and (not isinstance(name, str) or len(name) > NAME_MAX or "\x00" in name):
-        raise APIError(
-            400, f"'name' must be a string of at most {NAME_MAX} characters.", param="name"
-        )
-    key, plaintext = create_key(tenant.strip(), admin=admin, name=name)
-    return jsonify(key_object(key, tenant.strip()) | {"key": plaintext}), 201
+    body = front_door.parse_body(KeyRequest)
+    key, plaintext = create_key(body.tenant, admin=body.admin, name=body.name)
+    return jsonify(key_object(key, body.tenant) | {"key": plaintext}), 201
 
 
 @bp.post("/admin/keys/<key_id>/revoke")

@@ -67,21 +67,21 @@ class _Schemas:
         self.spec = spec
         self.names: dict[type[BaseModel], str] = {}
 
-    def ref(self, value: Any) -> Any:
+    def ref(self, value: Any, *, request: bool = False) -> Any:
         if isinstance(value, type) and issubclass(value, BaseModel):
-            return {"$ref": _REF.format(model=self.add(value))}
+            return {"$ref": _REF.format(model=self.add(value, request=request))}
         if isinstance(value, dict):
-            return {k: self.ref(v) for k, v in value.items()}
+            return {k: self.ref(v, request=request) for k, v in value.items()}
         if isinstance(value, list):
-            return [self.ref(v) for v in value]
+            return [self.ref(v, request=request) for v in value]
         return value
 
-    def add(self, model: type[BaseModel]) -> str:
+    def add(self, model: type[BaseModel], *, request: bool = False) -> str:
         if model in self.names:
             return self.names[model]
         name = _COMPONENT.sub("_", model.__name__)
         self.names[model] = name
-        schema = _clean(model.model_json_schema(ref_template=_REF))
+        schema = _clean(model.model_json_schema(ref_template=_REF), unset_null=request)
         for def_name, definition in schema.pop("$defs", {}).items():
             if def_name not in self.spec.components.schemas:
                 self.spec.components.schema(def_name, definition)
@@ -90,16 +90,25 @@ class _Schemas:
         return name
 
 
-def _clean(schema: Any) -> Any:
-    """Drop pydantic's titles and the `default: null` of optional fields (absent means unset)."""
+_NULL = {"type": "null"}
+
+
+def _clean(schema: Any, *, unset_null: bool = False) -> Any:
+    """Drop pydantic's titles and `default: null`; with unset_null (a request body), also an
+    optional field's `null` (absent or null means unset: the value's schema describes it)."""
     if isinstance(schema, dict):
+        options = schema.get("anyOf")
+        if unset_null and schema.get("default", ...) is None and isinstance(options, list):
+            values = [option for option in options if option != _NULL]
+            rest = {k: v for k, v in schema.items() if k != "anyOf"}
+            schema = rest | values[0] if len(values) == 1 else rest | {"anyOf": values}
         return {
-            k: _clean(v)
+            k: _clean(v, unset_null=unset_null)
             for k, v in schema.items()
             if not (k == "title" and isinstance(v, str)) and not (k == "default" and v is None)
         }
     if isinstance(schema, list):
-        return [_clean(v) for v in schema]
+        return [_clean(v, unset_null=unset_null) for v in schema]
     return schema
 
 
@@ -181,7 +190,9 @@ def _operation(
         content = op.body if isinstance(op.body, dict) else {JSON: op.body}
         out["requestBody"] = {
             "required": op.body_required,
-            "content": {media: {"schema": schemas.ref(m)} for media, m in content.items()},
+            "content": {
+                media: {"schema": schemas.ref(m, request=True)} for media, m in content.items()
+            },
         }
     if op.security == "bearer":
         out["security"] = [{"bearer": []}]

@@ -349,6 +349,12 @@ ROUTES: dict[str, Operation] = {
         {"200": json_response("The summary", s.AnyObject)},
         security="session",
     ),
+    "dashboard.api_capacity": Operation(  # #13
+        "Dashboard: each provider's capacity split by mode (streams, batch)",
+        "dashboard",
+        {"200": json_response("Capacity by provider", s.AnyObject)},
+        security="session",
+    ),
     "dashboard.api_jobs": Operation(
         "Dashboard: newest jobs of every tenant",
         "dashboard",

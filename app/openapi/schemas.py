@@ -1,10 +1,9 @@
 """The request and response bodies of the API, as pydantic models (their JSON Schema is the
 contract at /openapi.json).
 
-The bounds come from the constants the validators enforce (app.validation, the models'
-status tables, the services' limits), so a changed limit changes the description with it;
-tests/test_openapi.py checks that each validator's field table and each serializer's keys
-are described here.
+The JSON request bodies are the models each route validates with (app.front_door.parse_body):
+they live next to their checks and are re-exported here. The response objects are described
+here; tests/test_openapi.py checks that each serializer answers exactly their keys.
 """
 
 from __future__ import annotations
@@ -13,34 +12,16 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.keys import NAME_MAX
+from app.api.batches import BatchRequest as BatchRequest
+from app.api.keys import KeyRequest as KeyRequest
 from app.models import batch as batch_model
 from app.models import job as job_model
-from app.policy import REQUESTED_MODES
-from app.services.jobs import MAX_PRIORITY
-from app.validation import (
-    MAX_JSON_INT,
-    MAX_MODEL_CHARS,
-    METADATA_MAX_KEY_CHARS,
-    METADATA_MAX_KEYS,
-    METADATA_MAX_VALUE_CHARS,
-)
+from app.services.chat_request import MODEL_FIELD
+from app.services.chat_request import ChatCompletionRequest as ChatCompletionRequest
+from app.services.documents import DocumentBatchRequest as DocumentBatchRequest
+from app.services.job_request import JobRequest as JobRequest
 
 T = TypeVar("T")
-
-CHAT_EXAMPLE: dict[str, Any] = {
-    "model": "mock/echo",
-    "messages": [{"role": "user", "content": "hi"}],
-    "max_tokens": 5,
-}
-JOB_EXAMPLE: dict[str, Any] = {"model": "mock/echo", "document": "A document.", "mode": "batch"}
-DOCUMENTS_EXAMPLE: dict[str, Any] = {
-    "model": "mock/echo",
-    "instructions": "Summarize.",
-    "documents": [{"id": "a", "text": "Some text."}],
-}
-
-Model = Field(max_length=MAX_MODEL_CHARS, description="`provider/model`, e.g. `mock/echo`")
 
 
 def optional(**constraints: Any) -> Any:
@@ -57,14 +38,6 @@ class _Open(BaseModel):
     """A body that may carry more keys than those named (every key is carried or refused)."""
 
     model_config = ConfigDict(extra="allow")
-
-
-Metadata = dict[str, str]
-METADATA_SCHEMA: dict[str, Any] = {
-    "maxProperties": METADATA_MAX_KEYS,
-    "propertyNames": {"maxLength": METADATA_MAX_KEY_CHARS},
-    "additionalProperties": {"type": "string", "maxLength": METADATA_MAX_VALUE_CHARS},
-}
 
 
 # -- errors and lists ------------------------------------------------------------------------
@@ -103,53 +76,6 @@ class ListOf(BaseModel, Generic[T]):
 # -- chat ------------------------------------------------------------------------------------
 
 
-class Message(_Open):
-    role: str = Field(json_schema_extra=_enum(("system", "developer", "user", "assistant", "tool")))
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Open):
-    """OpenAI's Chat Completions body; parameters Sluice does not know ride along to the
-    provider (OpenAI-compatible ones) or are refused with a 400 naming them."""
-
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [CHAT_EXAMPLE]})
-
-    model: str = Model
-    messages: list[Message] = Field(min_length=1)
-    stream: bool = optional()
-    stream_options: dict[str, Any] = optional()
-    max_tokens: int = optional(ge=1, le=MAX_JSON_INT)
-    max_completion_tokens: int = optional(ge=1, le=MAX_JSON_INT)
-    temperature: float = optional(ge=0, le=2)
-    top_p: float = optional(ge=0, le=1)
-    stop: str | list[str] = optional()
-    user: str = optional()
-    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
-    n: int = optional(ge=1, le=128)
-    tools: list[dict[str, Any]] = optional()
-    tool_choice: str | dict[str, Any] = optional()
-    parallel_tool_calls: bool = optional()
-    response_format: dict[str, Any] = optional()
-    seed: int = optional(ge=-(2**63), le=MAX_JSON_INT)
-    presence_penalty: float = optional(ge=-2, le=2)
-    frequency_penalty: float = optional(ge=-2, le=2)
-    logit_bias: dict[str, float] = optional()
-    logprobs: bool = optional()
-    top_logprobs: int = optional(ge=0, le=20)
-    reasoning_effort: str = optional()
-    service_tier: str = optional()
-    store: bool = optional()
-    modalities: list[str] = optional()
-    audio: dict[str, Any] = optional()
-    prediction: dict[str, Any] = optional()
-    web_search_options: dict[str, Any] = optional()
-    verbosity: str = optional()
-    prompt_cache_key: str = optional()
-    safety_identifier: str = optional()
-    functions: list[dict[str, Any]] = optional()
-    function_call: str | dict[str, Any] = optional()
-
-
 class Usage(_Open):
     prompt_tokens: int
     completion_tokens: int
@@ -166,20 +92,6 @@ class ChatCompletion(_Open):
 
 
 # -- jobs ------------------------------------------------------------------------------------
-
-
-class JobRequest(_Open):
-    """`messages` or `document` (with optional `instructions`), plus any chat option."""
-
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [JOB_EXAMPLE]})
-
-    model: str = Model
-    messages: list[Message] = optional(min_length=1)
-    document: str = optional(min_length=1)
-    instructions: str = optional()
-    mode: str = optional(json_schema_extra=_enum(REQUESTED_MODES))
-    priority: int = optional(ge=-MAX_PRIORITY, le=MAX_PRIORITY)
-    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
 
 
 class JobRoute(_Open):
@@ -229,29 +141,10 @@ class Job(_Open):
 # -- document batches ------------------------------------------------------------------------
 
 
-class Document(_Open):
-    id: str
-    text: str
-
-
-class DocumentBatchRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [DOCUMENTS_EXAMPLE]})
-
-    model: str = Model
-    instructions: str = Field(min_length=1, description="the system prompt for every document")
-    prompt_template: str = optional(description="must contain `{document}`")
-    max_tokens: int = optional(ge=1, le=MAX_JSON_INT)
-    temperature: float = optional(ge=0, le=2)
-    response_format: dict[str, Any] = optional()
-    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
-    completion_window: str = optional(max_length=10, examples=["24h"])
-    documents: list[Document]
-
-
 class DocumentBatchUpload(BaseModel):
     """multipart/form-data: the batch fields as form fields, each document a file part."""
 
-    model: str = Model
+    model: str = MODEL_FIELD
     instructions: str = Field(min_length=1)
     prompt_template: str = optional()
     max_tokens: str = optional()
@@ -339,13 +232,6 @@ class FileDeleted(_Open):
     deleted: bool
 
 
-class BatchRequest(BaseModel):
-    input_file_id: str
-    endpoint: Literal["/v1/chat/completions"]
-    completion_window: Literal["24h"]
-    metadata: Metadata = optional(json_schema_extra=METADATA_SCHEMA)
-
-
 class BatchObject(_Open):
     id: str
     object: Literal["batch"]
@@ -372,14 +258,6 @@ class BatchObject(_Open):
 
 
 # -- keys, models, probes --------------------------------------------------------------------
-
-
-class KeyRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"tenant": "made-by-example"}]})
-
-    tenant: str = Field(min_length=1, max_length=NAME_MAX)
-    admin: bool = optional()
-    name: str = optional(max_length=NAME_MAX)
 
 
 class ApiKey(_Open):

@@ -11,15 +11,37 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired, get_args
 
-from app import limits
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict
+
+from app import limits, validation
 from app.errors import APIError
 from app.providers import ChatRequest, ProviderRegistry, Unsupported, providers
 from app.providers.messages import is_image_url
-from app.validation import check_metadata, check_model_name
+from app.validation import (
+    MAX_JSON_INT,
+    MAX_MODEL_CHARS,
+    METADATA_MAX_KEY_CHARS,
+    METADATA_MAX_KEYS,
+    METADATA_MAX_VALUE_CHARS,
+    check_metadata,
+    check_model_name,
+)
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = get_args(Role)
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _TOOL_CHOICES = ("none", "auto", "required")
 _FORMATS = ("text", "json_object", "json_schema")
@@ -287,9 +309,13 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 # -- the body --------------------------------------------------------------------------------
 
 
+def _no_model() -> APIError:
+    return _bad("'model' is required: a string like 'mock/echo'.", "model", "missing_required")
+
+
 def _model(value: Any, registry: ProviderRegistry) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _bad("'model' is required: a string like 'mock/echo'.", "model", "missing_required")
+        raise _no_model()
     check_model_name(value)
     provider, _, name = value.partition("/")
     if not provider or not name.strip():
@@ -309,13 +335,13 @@ def _model(value: Any, registry: ProviderRegistry) -> str:
     return value
 
 
-def _streaming(body: Mapping[str, Any]) -> dict[str, Any]:
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
+def _stream(value: Any) -> bool:
+    if not isinstance(value, bool):
         raise _bad("'stream' must be a boolean.", "stream", "invalid_type")
-    options = body.get("stream_options")
-    if options is None:
-        return {"stream": bool(stream)}
+    return value
+
+
+def _stream_options(options: Any, stream: bool | None) -> dict[str, bool]:
     if not stream:
         raise _bad("'stream_options' is only allowed when 'stream' is true.", "stream_options")
     if not isinstance(options, dict):
@@ -327,7 +353,7 @@ def _streaming(body: Mapping[str, Any]) -> dict[str, Any]:
             "stream_options.include_usage",
             "invalid_type",
         )
-    return {"stream": True, "stream_options": {"include_usage": include_usage}}
+    return {"include_usage": include_usage}
 
 
 def _cross_checks(record: Mapping[str, Any]) -> None:
@@ -344,26 +370,179 @@ def _cross_checks(record: Mapping[str, Any]) -> None:
             raise _bad(f"'tool_choice' names '{wanted}', which is not in 'tools'.", "tool_choice")
 
 
+# -- the model: what the route validates with and /openapi.json describes --------------------
+
+CHAT_EXAMPLE: dict[str, Any] = {
+    "model": "mock/echo",
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 5,
+}
+MODEL_FIELD = Field(max_length=MAX_MODEL_CHARS, description="`provider/model`, e.g. `mock/echo`")
+METADATA_SCHEMA: dict[str, Any] = {
+    "maxProperties": METADATA_MAX_KEYS,
+    "propertyNames": {"maxLength": METADATA_MAX_KEY_CHARS},
+    "additionalProperties": {"type": "string", "maxLength": METADATA_MAX_VALUE_CHARS},
+}
+Metadata = Annotated[dict[str, str], Field(json_schema_extra=METADATA_SCHEMA)]
+
+
+@with_config(ConfigDict(extra="allow"))
+class Message(TypedDict):
+    """One message (a dict as sent); keys beyond these ride along to the provider."""
+
+    role: Role
+    content: NotRequired[str | list[dict[str, Any]] | None]
+    name: NotRequired[str]
+    tool_calls: NotRequired[list[dict[str, Any]] | None]
+    tool_call_id: NotRequired[str]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+def _registry(info: ValidationInfo) -> ProviderRegistry:
+    registry = (info.context or {}).get("registry")
+    return registry if isinstance(registry, ProviderRegistry) else providers()
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's Chat Completions body; parameters Sluice does not know ride along to the
+    provider (OpenAI-compatible ones) or are refused with a 400 naming them."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [CHAT_EXAMPLE]})
+
+    model: str = MODEL_FIELD
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_JSON_INT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_JSON_INT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    user: str | None = None
+    metadata: Metadata | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=MAX_JSON_INT)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    reasoning_effort: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    _request: ChatRequest | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_body(cls, data: Any) -> Any:
+        """An object; an absent model or messages is named by its own check."""
+        if not isinstance(data, dict):
+            raise _bad("The request body must be a JSON object.", None, "invalid_json")
+        if data.get("model") is None:
+            raise _no_model()
+        if data.get("messages") is None:
+            _messages(None)
+        return data
+
+    @field_validator("model", mode="wrap")
+    @classmethod
+    def _known_model(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> str:
+        return str(handler(_model(value, _registry(info))))
+
+    @field_validator("messages", mode="wrap")
+    @classmethod
+    def _checked_messages(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[Message]:
+        messages: list[Message] = handler(_messages(value))
+        return messages
+
+    @field_validator("stream", mode="wrap")
+    @classmethod
+    def _checked_stream(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> bool | None:
+        return None if value is None else bool(handler(_stream(value)))
+
+    @field_validator("stream_options", mode="wrap")
+    @classmethod
+    def _checked_stream_options(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is None:
+            return None
+        options: StreamOptions = handler(_stream_options(value, info.data.get("stream")))
+        return options
+
+    @field_validator(*PARAMETERS, mode="wrap")
+    @classmethod
+    def _checked_parameter(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """The parameter's check of PARAMETERS (its 400 as it is), then its declared type;
+        the value is the check's, as sent (an integer temperature stays an integer)."""
+        if value is None:
+            return None
+        name = str(info.field_name)
+        value = PARAMETERS[name](name, value)
+        handler(value)
+        return value
+
+    def record(self) -> dict[str, Any]:
+        """The Chat Completions body as validated: every parameter set, then the unknown ones."""
+        record: dict[str, Any] = {
+            "model": self.model,
+            "messages": self.messages,
+            "stream": bool(self.stream),
+        }
+        if self.stream_options is not None:
+            record["stream_options"] = {"include_usage": self.stream_options.include_usage}
+        # the fields in declaration order: a refusal names the same parameter each time
+        for name, value in self.__dict__.items():
+            if value is not None and name in PARAMETERS:
+                record[name] = value
+        for name, value in (self.model_extra or {}).items():
+            if value is not None:
+                record[name] = value
+        return record
+
+    @model_validator(mode="after")
+    def _honoured(self, info: ValidationInfo) -> ChatCompletionRequest:
+        """Rules between parameters; then the provider refuses what it cannot honour."""
+        record = self.record()
+        _cross_checks(record)
+        request = ChatRequest.from_record(record)
+        provider, bound = _registry(info).bind(request)
+        try:
+            provider.check(bound)
+        except Unsupported as exc:
+            raise _bad(exc.message, exc.param, "unsupported_parameter") from None
+        self._request = request
+        return self
+
+    @property
+    def request(self) -> ChatRequest:
+        """The ChatRequest this body describes (built once, while validating)."""
+        assert self._request is not None
+        return self._request
+
+
 def parse_chat_request(body: Any, registry: ProviderRegistry | None = None) -> ChatRequest:
     """Validate a Chat Completions body; raise APIError(400, param=...) naming what is wrong."""
-    if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.", None, "invalid_json")
-    registry = registry or providers()
-    record: dict[str, Any] = {
-        "model": _model(body.get("model"), registry),
-        "messages": _messages(body.get("messages")),
-        **_streaming(body),
-    }
-    for name, value in body.items():
-        if name in record or name == "stream_options" or value is None:
-            continue
-        check = PARAMETERS.get(name)
-        record[name] = check(name, value) if check is not None else value
-    _cross_checks(record)
-    request = ChatRequest.from_record(record)
-    provider, bound = registry.bind(request)
-    try:
-        provider.check(bound)
-    except Unsupported as exc:
-        raise _bad(exc.message, exc.param, "unsupported_parameter") from None
-    return request
+    context = {"registry": registry} if registry is not None else None
+    return validation.parse(ChatCompletionRequest, body, context).request

@@ -14,13 +14,15 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from typing import IO, Any, cast
+from typing import IO, Annotated, Any, cast
 
-from app import extraction, limits
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
+
+from app import extraction, limits, validation
 from app.errors import APIError
 from app.services.batches import BatchItem
-from app.services.chat_request import PARAMETERS
-from app.validation import check_metadata, loads
+from app.services.chat_request import MODEL_FIELD, PARAMETERS, Metadata
+from app.validation import MAX_JSON_INT, check_metadata, checked, loads
 
 TEXT_TYPES = (".txt", ".md", ".markdown", ".text")
 HTML_TYPES = (".html", ".htm")
@@ -29,18 +31,139 @@ MAX_LISTED = 50  # problems spelled out in error.message; `details` carries up t
 MAX_DETAILS = 1000
 
 
-@dataclass(frozen=True)
-class Options:
-    """What applies to every document of a batch."""
+def _bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
-    model: str
-    instructions: str
-    prompt_template: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    metadata: dict[str, Any] | None = None
-    completion_window: str | None = None
-    response_format: dict[str, Any] | None = None  # e.g. json_schema: extraction per document
+
+def _number(raw: Any, name: str, kind: type, low: float, high: float | None) -> Any:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, bool):
+        raise APIError(400, f"{name} must be a number", param=name)
+    try:
+        value = kind(raw)
+        if kind is int and isinstance(raw, float) and raw != int(raw):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise APIError(
+            400,
+            f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}",
+            param=name,
+        ) from None
+    if not (low <= value and (high is None or value <= high)):  # NaN fails this too
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise APIError(400, f"{name} must be {bound}, got {raw!r}", param=name)
+    return value
+
+
+def _model(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise APIError(400, "model is required (e.g. 'openai/gpt-4o-mini')", param="model")
+    return value.strip()
+
+
+def _instructions(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise APIError(
+            400,
+            "instructions is required: the system prompt for every document",
+            param="instructions",
+        )
+    size = _bytes(value)
+    if size > (most := limits.setting("BATCH_MAX_INSTRUCTIONS_BYTES")):
+        raise limits.too_large(
+            f"instructions ({size} bytes, copied into every document's prompt)",
+            most,
+            "BATCH_MAX_INSTRUCTIONS_BYTES",
+            param="instructions",
+            code="instructions_too_large",
+        )
+    return value
+
+
+def _prompt_template(value: Any) -> str | None:
+    template = value or None
+    if template is not None and (not isinstance(template, str) or "{document}" not in template):
+        raise APIError(
+            400, "prompt_template must be a string containing {document}", param="prompt_template"
+        )
+    expansions = template.count("{document}") if template else 1
+    if expansions > (most := limits.setting("BATCH_MAX_TEMPLATE_EXPANSIONS")):
+        raise APIError(
+            400,
+            f"prompt_template repeats {{document}} {expansions} times; the limit is {most}"
+            " (SLUICE_BATCH_MAX_TEMPLATE_EXPANSIONS)",
+            param="prompt_template",
+            code="too_many_template_expansions",
+        )
+    return template
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    return check_metadata(_json_field(value, "metadata"))
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    response_format = _json_field(value, "response_format")
+    if response_format is None:
+        return None
+    checked_format: dict[str, Any] = PARAMETERS["response_format"](
+        "response_format", response_format
+    )
+    return checked_format
+
+
+def _completion_window(value: Any) -> str | None:
+    window = value or None
+    if window is not None and not isinstance(window, str):
+        raise APIError(
+            400, "completion_window must be a string like '24h'", param="completion_window"
+        )
+    return window
+
+
+def _max_tokens(value: Any) -> int | None:
+    number: int | None = _number(value, "max_tokens", int, 1, None)
+    return number
+
+
+def _temperature(value: Any) -> float | None:
+    number: float | None = _number(value, "temperature", float, 0, 2)
+    return number
+
+
+class Options(BaseModel):
+    """What applies to every document of a batch: the batch fields of a JSON body, a form or
+    a JSONL request's query string (numbers and objects may come as text there)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Annotated[str, checked(_model)] = MODEL_FIELD
+    instructions: Annotated[str, checked(_instructions)] = Field(
+        min_length=1, description="the system prompt for every document"
+    )
+    prompt_template: Annotated[str | None, checked(_prompt_template)] = Field(
+        None, description="must contain `{document}`"
+    )
+    metadata: Annotated[Metadata | None, checked(_metadata)] = None
+    response_format: Annotated[dict[str, Any] | None, checked(_response_format)] = Field(
+        None, description="e.g. json_schema: an extraction per document"
+    )
+    completion_window: Annotated[str | None, checked(_completion_window)] = Field(
+        None, max_length=10, examples=["24h"]
+    )
+    max_tokens: Annotated[int | None, checked(_max_tokens)] = Field(None, ge=1, le=MAX_JSON_INT)
+    temperature: Annotated[float | None, checked(_temperature)] = Field(None, ge=0, le=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _required(cls, data: Any) -> Any:
+        """An absent model or instructions: its own check's 400."""
+        if isinstance(data, dict):
+            for name, check in (("model", _model), ("instructions", _instructions)):
+                if data.get(name) is None:
+                    check(None)
+        return data
 
     def params(self) -> dict[str, Any]:
         pairs = (
@@ -71,90 +194,55 @@ class Options:
         }
 
 
-def _bytes(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
+DOCUMENTS_EXAMPLE: dict[str, Any] = {
+    "model": "mock/echo",
+    "instructions": "Summarize.",
+    "documents": [{"id": "a", "text": "Some text."}],
+}
 
 
-def _number(raw: Any, name: str, kind: type, low: float, high: float | None) -> Any:
-    if raw is None or raw == "":
-        return None
-    if isinstance(raw, bool):
-        raise APIError(400, f"{name} must be a number", param=name)
-    try:
-        value = kind(raw)
-        if kind is int and isinstance(raw, float) and raw != int(raw):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise APIError(
-            400,
-            f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}",
-            param=name,
-        ) from None
-    if not (low <= value and (high is None or value <= high)):  # NaN fails this too
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise APIError(400, f"{name} must be {bound}, got {raw!r}", param=name)
+class Document(BaseModel):
+    """One document (checked as it streams through the intake: every problem in one 422)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | int | None = Field(None, max_length=512, description="default: its index")
+    text: str = Field(min_length=1)
+    metadata: Metadata | None = None
+
+
+def _not_an_array() -> APIError:
+    return APIError(400, "documents must be an array of {id, text, metadata}", param="documents")
+
+
+def _an_array(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise _not_an_array()
     return value
 
 
+class DocumentBatchRequest(Options):
+    """POST /v1/document-batches as JSON: the batch fields and the documents."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [DOCUMENTS_EXAMPLE]})
+
+    documents: Annotated[SkipValidation[list[Document]], checked(_an_array)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _documents_sent(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("documents") is None:
+            raise _not_an_array()
+        return data
+
+
 def parse_options(source: Mapping[str, Any]) -> Options:
-    """Validate the batch-wide fields (from a JSON body, form fields or the query string)."""
-    model = source.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise APIError(400, "model is required (e.g. 'openai/gpt-4o-mini')", param="model")
-    instructions = source.get("instructions")
-    if not isinstance(instructions, str) or not instructions.strip():
-        raise APIError(
-            400,
-            "instructions is required: the system prompt for every document",
-            param="instructions",
-        )
-    size = _bytes(instructions)
-    if size > (most := limits.setting("BATCH_MAX_INSTRUCTIONS_BYTES")):
-        raise limits.too_large(
-            f"instructions ({size} bytes, copied into every document's prompt)",
-            most,
-            "BATCH_MAX_INSTRUCTIONS_BYTES",
-            param="instructions",
-            code="instructions_too_large",
-        )
-    template = source.get("prompt_template") or None
-    if template is not None and (not isinstance(template, str) or "{document}" not in template):
-        raise APIError(
-            400, "prompt_template must be a string containing {document}", param="prompt_template"
-        )
-    expansions = template.count("{document}") if template else 1
-    if expansions > (most := limits.setting("BATCH_MAX_TEMPLATE_EXPANSIONS")):
-        raise APIError(
-            400,
-            f"prompt_template repeats {{document}} {expansions} times; the limit is {most}"
-            " (SLUICE_BATCH_MAX_TEMPLATE_EXPANSIONS)",
-            param="prompt_template",
-            code="too_many_template_expansions",
-        )
-    metadata = check_metadata(_json_field(source, "metadata"))
-    response_format = _json_field(source, "response_format")
-    if response_format is not None:
-        response_format = PARAMETERS["response_format"]("response_format", response_format)
-    window = source.get("completion_window") or None
-    if window is not None and not isinstance(window, str):
-        raise APIError(
-            400, "completion_window must be a string like '24h'", param="completion_window"
-        )
-    return Options(
-        model=model.strip(),
-        instructions=instructions,
-        prompt_template=template,
-        max_tokens=_number(source.get("max_tokens"), "max_tokens", int, 1, None),
-        temperature=_number(source.get("temperature"), "temperature", float, 0, 2),
-        metadata=metadata,
-        completion_window=window,
-        response_format=response_format,
-    )
+    """Validate the batch-wide fields (from form fields or the query string)."""
+    return validation.parse(Options, dict(source))
 
 
-def _json_field(source: Mapping[str, Any], name: str) -> Any:
+def _json_field(value: Any, name: str) -> Any:
     """An object field: as is from a JSON body, parsed from a form or query-string value."""
-    value = source.get(name)
     if isinstance(value, str):
         try:
             return json.loads(value) if value else None
@@ -263,10 +351,8 @@ class Intake:
             raise APIError(400, "no documents were given", param="documents", code="no_documents")
 
 
-def from_json(documents: Any, intake: Intake) -> Iterator[BatchItem]:
-    """Documents from a JSON array of {"id", "text", "metadata"}."""
-    if not isinstance(documents, list):
-        raise APIError(400, "documents must be an array of {id, text, metadata}", param="documents")
+def from_json(documents: list[Any], intake: Intake) -> Iterator[BatchItem]:
+    """Documents from a JSON array of {"id", "text", "metadata"} (DocumentBatchRequest's)."""
     for index, doc in enumerate(documents):
         label = f"documents[{index}]"
         if not isinstance(doc, dict):

@@ -36,11 +36,11 @@ def batch_changed(batch: Batch) -> None:
     publish("batch", _snapshot(batch, _BATCH_FIELDS))
 
 
-def publish(kind: str, data: dict[str, Any]) -> None:
-    """One PUBLISH on the shared pool; never raises into the caller."""
+def publish(kind: str, data: dict[str, Any], client: Any = None) -> None:
+    """One PUBLISH on the shared pool (or queued on `client`, a pipeline); never raises."""
     try:
         message = json.dumps({"data": data, "type": kind}, default=_json_default)
-        redis_store.client.publish(DASHBOARD_CHANNEL, message)
+        (client or redis_store.client).publish(DASHBOARD_CHANNEL, message)
     except Exception as exc:  # the feed is best effort: state lives in the database
         log.debug("dashboard event not published: %s", type(exc).__name__)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import current_app, g, has_request_context, request
+from pydantic import BaseModel
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app import limits, rate_limits, validation
@@ -27,6 +28,7 @@ from app.services.capacity import provider_of
 from app.services.costs import with_budget
 from app.services.jobs import start_stream_job
 
+M = TypeVar("M", bound=BaseModel)
 MAX_IDEMPOTENCY_KEY = 255
 MAX_WAIT_SECONDS = 300.0  # the longest `Prefer: wait=N` honoured
 MAX_ID_CHARS = 200  # ids in URLs (jobs, batches, files, keys) are 40 characters
@@ -66,6 +68,11 @@ def json_body() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+def parse_body(model: type[M]) -> M:
+    """The request's JSON object validated into its request model (a 400 naming the field)."""
+    return validation.parse(model, json_body())
 
 
 def body_limit(endpoint: str | None) -> int:

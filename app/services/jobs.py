@@ -1,4 +1,4 @@
-"""Jobs: the API serializer, the /v1/jobs body, and starting a stream job."""
+"""Jobs: the API serializer and starting a stream job (the /v1/jobs body: job_request.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,16 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from app.errors import APIError
 from app.extensions import db
 from app.models import Job, epoch, new_id, utcnow
-from app.policy import REQUESTED_MODES, Route, document_messages
+from app.policy import Route
 from app.providers import ChatRequest
 from app.queueing import STREAM_QUEUE, send_task
-from app.services.chat_request import parse_chat_request
 from app.services.costs import job_cost_usd
 from app.services.events import job_changed
 from app.services.provider_batches.rows import cancel_job_remote
 
 STREAM_TASK = "sluice.stream.run"
-JOB_FIELDS = ("mode", "priority", "metadata", "document", "instructions")
 MAX_PRIORITY = 2**31 - 1  # the jobs.priority column is a 32-bit integer
 
 
@@ -80,36 +77,6 @@ def cancel_background_job(job_id: str, error: dict[str, Any]) -> bool:
         if pb_id:
             cancel_job_remote(pb_id)
     return cancelled
-
-
-def parse_job_body(body: dict[str, Any]) -> ChatRequest:
-    """Check the /v1/jobs fields and return the chat body to run (document -> messages)."""
-    mode = body.get("mode", "auto")
-    if mode not in REQUESTED_MODES:
-        raise APIError(400, f"mode must be one of {list(REQUESTED_MODES)}", param="mode")
-    priority = body.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise APIError(400, "priority must be an integer", param="priority")
-    if abs(priority) > MAX_PRIORITY:
-        raise APIError(
-            400, f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}", param="priority"
-        )
-    has_messages, has_document = "messages" in body, "document" in body
-    if has_messages == has_document:
-        raise APIError(400, "Send exactly one of messages or document.", param="messages")
-    chat = {k: v for k, v in body.items() if k not in JOB_FIELDS}
-    if has_document:
-        document, instructions = body["document"], body.get("instructions")
-        if not isinstance(document, str) or not document.strip():
-            raise APIError(400, "document must be a non-empty string", param="document")
-        if instructions is not None and not isinstance(instructions, str):
-            raise APIError(400, "instructions must be a string", param="instructions")
-        chat["messages"] = document_messages(document, instructions)
-    elif "instructions" in body:
-        raise APIError(400, "instructions only applies with document", param="instructions")
-    chat.pop("stream_options", None)
-    # 400 naming the field, before routing; a stream route always answers SSE
-    return parse_chat_request({**chat, "stream": True, "metadata": body.get("metadata")})
 
 
 def start_stream_job(
