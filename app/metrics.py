@@ -35,6 +35,7 @@ from app.dashboard import queries
 from app.extensions import redis_store
 from app.models import utcnow
 from app.models.job import ACTIVE
+from app.providers import providers
 from app.services import capacity
 from app.services.costs import CostCollector
 
@@ -118,7 +119,7 @@ class SystemCollector(Collector):
             depth.add_metric([queue], count)
         yield live
         yield depth
-        yield from capacity_families(capacity.current())
+        yield from capacity_families(capacity.current(providers().names()))
         yield from counter_families(telemetry.totals(client))
 
 

@@ -160,7 +160,7 @@ def _cost(limit: RequestLimit, tokens: int) -> int:
 
 def _windows(limits: list[RequestLimit]) -> list[tuple[int, float]]:
     """(used, seconds to the reset) of each limit, all in one round trip: flask-limiter's
-    RequestLimit.window is two a limit, in whole seconds."""
+    RequestLimit.window takes two per limit, in whole seconds."""
     storage = limiter.storage
     if not isinstance(storage, RedisStorage):
         return [(lim.limit.amount - lim.remaining, lim.reset_at - time.time()) for lim in limits]
@@ -181,8 +181,10 @@ def _refusal(breached: RequestLimit | None, counted: list[RequestLimit]) -> APIE
     """The 429 of the limit over, once every counter this request was added to gave it back."""
     assert breached is not None  # flask-limiter names the breached limit of a refusal
     tokens = _tokens()
+    storage = limiter.storage
     for lim in counted:  # the breached one last (flask-limiter stops at the first breach)
-        limiter.storage.incr(lim.key, lim.limit.get_expiry(), amount=-_cost(lim, tokens))
+        if storage.incr(lim.key, lim.limit.get_expiry(), amount=-_cost(lim, tokens)) < 0:
+            storage.clear(lim.key)  # its window ended meanwhile: no credit for the next one
     ((used, reset),) = _windows([breached])
     kind, scope = _kind(breached)
     unit = "RPM" if kind == "requests" else "TPM"

@@ -123,6 +123,15 @@ def fields_of(row: Any) -> tuple[Counter[str], Counter[str], dict[str, float]]:
 
 def record(rows: Iterable[Any], at: float | None = None, client: redis.Redis | None = None) -> int:
     """Add ended rows to the totals and their minute, in one round trip; how many were added."""
+    with (client or redis_store.client).pipeline(transaction=False) as pipe:
+        count = add(pipe, rows, at)
+        if count:
+            pipe.execute()
+    return count
+
+
+def add(pipe: Any, rows: Iterable[Any], at: float | None = None) -> int:
+    """Queue the commands that count these ended rows on `pipe` (not executed); how many."""
     totals: Counter[str] = Counter()
     minute: Counter[str] = Counter()
     sums: dict[str, float] = {}
@@ -137,15 +146,13 @@ def record(rows: Iterable[Any], at: float | None = None, client: redis.Redis | N
     if not count:
         return 0
     key = MINUTE_PREFIX + str(minute_of(time.time() if at is None else at))
-    with (client or redis_store.client).pipeline(transaction=False) as pipe:
-        for field, n in totals.items():
-            pipe.hincrby(TOTALS_KEY, field, n)
-        for field, total in sums.items():
-            pipe.hincrbyfloat(TOTALS_KEY, field, total)
-        for field, n in minute.items():
-            pipe.hincrby(key, field, n)
-        pipe.expire(key, ROLLUP_KEEP_SECONDS)
-        pipe.execute()
+    for field, n in totals.items():
+        pipe.hincrby(TOTALS_KEY, field, n)
+    for field, total in sums.items():
+        pipe.hincrbyfloat(TOTALS_KEY, field, total)
+    for field, n in minute.items():
+        pipe.hincrby(key, field, n)
+    pipe.expire(key, ROLLUP_KEEP_SECONDS)
     return count
 
 
@@ -183,15 +190,19 @@ def log_ended(rows: Sequence[Any]) -> None:
         )  # fmt: skip
 
 
-def stream_rows_ended(rows: Sequence[Any]) -> None:
+def stream_rows_ended(rows: Sequence[Any], pipe: Any = None) -> None:
     """These stream job rows (ENDED_COLUMNS, as written) just ended: count and log them.
 
-    Never raises.
+    With `pipe` (a Redis pipeline the caller executes soon, e.g. with its lease release)
+    the counts ride on the caller's round trip instead of one of their own. Never raises.
     """
     if not rows:
         return
     try:
-        record(rows)
+        if pipe is None:
+            record(rows)
+        else:
+            add(pipe, rows)
         log_ended(rows)
     except Exception as exc:
         log.warning("telemetry: %d job(s) not counted: %r", len(rows), exc)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import gevent
+import gevent.event
 import httpx
 import pytest
 from flask import Flask
@@ -24,7 +25,7 @@ from app.cli.processes import worker_argv
 from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
 from app.providers import Completion, Usage
-from app.services import batch_runner, batch_sweep, sweeper
+from app.services import batch_runner, batch_sweep, batch_writes, sweeper
 from app.services.heartbeat import live_workers
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import (
@@ -169,8 +170,8 @@ def test_expiry_ends_running_items_held_by_a_live_but_stuck_claim(
         statuses = set(db.session.scalars(select(Job.status).where(in_batch)))
         assert statuses == {"expired"}
         # the stuck holder's late result is refused
-        late = batch_runner.ItemResult(claimed[0].id, claimed[0].attempts, "succeeded", "late")
-        assert batch_runner.write_results(batch_id, [late]) == 0
+        late = batch_writes.ItemResult(claimed[0].id, claimed[0].attempts, "succeeded", "late")
+        assert batch_writes.write_results(batch_id, [late]) == 0
 
 
 def test_one_stale_claim_in_a_flush_writes_the_others_once_and_counts_only_them(
@@ -183,13 +184,13 @@ def test_one_stale_claim_in_a_flush_writes_the_others_once_and_counts_only_them(
     assert len(claimed) == 4
     usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     outcomes = [
-        batch_runner.ItemResult(row.id, row.attempts, "succeeded", f"out {i}", usage=usage)
+        batch_writes.ItemResult(row.id, row.attempts, "succeeded", f"out {i}", usage=usage)
         for i, row in enumerate(claimed)
     ]
     outcomes[2].attempt += 1  # not our claim (as if re-queued and claimed again elsewhere)
     by_id = {row.id: row for row in claimed}
     counted = telemetry.totals().get("jobs|batch|succeeded", 0)
-    assert batch_runner.write_results(batch_id, outcomes, by_id) == 3
+    assert batch_writes.write_results(batch_id, outcomes, by_id) == 3
     db.session.remove()
     rows = {j.id: j for j in db.session.scalars(select(Job).where(Job.batch_id == batch_id))}
     assert [rows[row.id].status for row in claimed] == [
@@ -203,22 +204,40 @@ def test_one_stale_claim_in_a_flush_writes_the_others_once_and_counts_only_them(
     assert batch is not None and (batch.prompt_tokens, batch.completion_tokens) == (30, 15)
     assert telemetry.totals().get("jobs|batch|succeeded", 0) == counted + 3
     # written again (a redelivered flush): nothing moves, nothing is counted twice
-    assert batch_runner.write_results(batch_id, [o for i, o in enumerate(outcomes) if i != 2]) == 0
+    assert batch_writes.write_results(batch_id, [o for i, o in enumerate(outcomes) if i != 2]) == 0
     assert telemetry.totals().get("jobs|batch|succeeded", 0) == counted + 3
 
 
+@pytest.mark.parametrize("cut_while", ["running", "writing"])
 def test_a_run_cut_mid_chunk_gives_its_items_back(
-    stack: Stack, app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch, cut_while: str
 ) -> None:
-    """As when the worker loses the broker: Celery kills the task's greenlet (GreenletExit)."""
+    """As when the worker loses the broker: Celery kills the task's greenlet (GreenletExit),
+    while its items run or while it waits for the process's writer to write their results."""
     batch_id = quiet_batch(api_key, 4)
+    reached = gevent.event.Event()
 
-    def cut(*_: Any) -> int:
-        raise gevent.GreenletExit
+    def stuck(*_: Any) -> Any:
+        reached.set()
+        gevent.sleep(60)
+        raise AssertionError("not cut")
 
-    monkeypatch.setattr(batch_runner, "write_results", cut)
-    with pytest.raises(gevent.GreenletExit):
-        batch_runner.run_chunk(batch_id, 0, 3, "cut-worker")
+    if cut_while == "running":
+        monkeypatch.setattr(batch_runner, "run_item", stuck)
+    else:
+        monkeypatch.setattr(batch_writes, "flush", stuck)
+
+    def run() -> None:
+        with app_ctx.app_context():
+            batch_runner.run_chunk(batch_id, 0, 3, "cut-worker")
+
+    task = gevent.spawn(run)
+    assert reached.wait(20)
+    task.kill(gevent.GreenletExit)
+    assert isinstance(task.value, gevent.GreenletExit)
+    writer = batch_writes.result_writer()
+    if writer.greenlet is not None:
+        writer.greenlet.kill()  # the stuck writer (its waiting results were given up)
     monkeypatch.undo()
     db.session.remove()
     holders = db.session.scalars(select(Job.worker).where(Job.batch_id == batch_id)).all()

@@ -10,12 +10,14 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 
 from app import admission, leases
+from app.config import load_config
 from app.extensions import redis_store
 from app.providers.registry import EXTENSION, build_registry
 from app.services import capacity
@@ -118,7 +120,9 @@ def test_batch_takes_from_redis_only_what_streams_leave(app_ctx: Flask) -> None:
     sem.release(first, *[t for t in more if t])
     # another provider (no capacity) keeps only the batch limit
     other = _provider()
-    assert len([t for _ in range(10) if (t := sem.try_acquire(other))]) == 10
+    free = [t for _ in range(10) if (t := sem.try_acquire(other))]
+    assert len(free) == 10
+    sem.release(*free)
 
 
 class _Load:
@@ -271,3 +275,16 @@ def test_stats_and_metrics_show_the_split_by_mode(
     assert token is not None
     sem.release(token)
     _end_streams(provider, jobs)
+
+
+def test_the_readme_example_loads(tmp_path: Any) -> None:
+    """The README's worked sluice.toml is a valid configuration with the capacities it says."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Shared provider capacity", 1)[1]
+    toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "sluice.toml"
+    path.write_text(toml)
+    config = load_config({"SLUICE_CONFIG": str(path), "SLUICE_HOME": str(tmp_path)})
+    build_registry(config)
+    assert capacity.capacities(config) == {"local": 32, "openai": 500}
+    assert capacity.batch_share(config["PROVIDER_CONCURRENCY"], 32, 20) == 12

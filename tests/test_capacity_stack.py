@@ -22,6 +22,7 @@ from app.extensions import redis_store
 from app.services import capacity
 from tests.helpers import batch_results, read_sse, submit_documents, wait_batch
 from tests.stack import Stack
+from tests.test_dashboard import _browser, login_link
 
 CAPACITY = 4
 PROVIDER = f"quota{secrets.token_hex(3)}"
@@ -90,7 +91,8 @@ def test_a_running_batch_yields_to_streams_and_still_completes(
 ) -> None:
     documents = [{"id": str(i), "text": f"document {i}"} for i in range(240)]
     batch = submit_documents(http, documents, model=ITEM).json()
-    wait_for(lambda: batch_in_flight() == CAPACITY)  # batch alone uses the whole capacity
+    wait_for(lambda: batch_in_flight() >= CAPACITY)
+    assert peak(0.5) == CAPACITY  # batch alone uses the whole capacity, no more
 
     streams = [open_stream(http) for _ in range(3)]
     arrived = time.monotonic()
@@ -126,3 +128,28 @@ def test_a_running_batch_yields_to_streams_and_still_completes(
     assert done["status"] == "completed" and done["counts"]["succeeded"] == len(documents)
     assert len(batch_results(http, batch["id"], status="succeeded")) == len(documents)
     assert batch_in_flight() == 0
+
+
+def test_the_dashboard_card_shows_each_providers_split(
+    shared: Stack, admin_key: str, app_ctx: Flask
+) -> None:
+    """Headless Chromium: the capacity card lists the provider, its streams and capacity."""
+    sync_api, chromium = _browser()
+    job = f"job_{secrets.token_hex(6)}"
+    leases.acquire(redis_store.client, [capacity.stream_key(PROVIDER)], job, 30_000)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(shared.url + login_link(shared, admin_key))
+            row = page.locator("#capacity-card tr", has_text=PROVIDER)
+            row.wait_for(timeout=20_000)
+            cells = row.locator("td").all_inner_texts()
+            assert cells[:4] == [PROVIDER, "1", "0", str(CAPACITY)]
+            assert "1 stream, 0 batch of 4" in (row.locator(".bar").get_attribute("title") or "")
+            browser.close()
+    finally:
+        leases.release(redis_store.client, capacity.stream_key(PROVIDER), job)
+    assert errors == []

@@ -1,8 +1,10 @@
-"""Prices, budgets and the policy keys of cost-aware routing (#13): pure logic."""
+"""Prices, budgets and the policy keys of cost-aware routing (#13): pure logic; and the
+cost counters the dashboard's cost cards read, on the real Redis."""
 
 from __future__ import annotations
 
 import pytest
+from flask import Flask
 
 from app.config import ConfigError, load_config
 from app.policy import RouteRequest, evaluate, parse_policy
@@ -139,3 +141,30 @@ def test_auto_executor_by_completion_window_or_deadline() -> None:
     assert short.executor == "workers" and "completion_window 1h is shorter" in short.reason
     late = _resolve({}, "auto", ["anthropic"], window=3600.0, metadata={"deadline": "2d"})
     assert late.executor == "provider" and "deadline 2d allows" in late.reason
+
+
+def test_cost_today_by_mode_executor_and_tenant(app_ctx: Flask, api_key: str) -> None:
+    from app.dashboard import queries
+    from app.extensions import db
+    from app.models import Tenant
+    from app.services import costs
+    from tests.helpers import tenant_of
+
+    tenant = tenant_of(api_key)
+    name = db.session.get(Tenant, tenant).name  # type: ignore[union-attr]
+    before = queries.cost_today(top=10_000)
+    costs.record([(tenant, "batch", "provider", 0.5), (tenant, "stream", None, 0.25),
+                  (tenant, "batch", "workers", 0.0)])  # fmt: skip
+    after = queries.cost_today(top=10_000)
+    assert after["today_usd"] == pytest.approx(before["today_usd"] + 0.75)
+    assert after["by_mode"]["batch"] == pytest.approx(before["by_mode"]["batch"] + 0.5)
+    assert after["by_mode"]["stream"] == pytest.approx(before["by_mode"]["stream"] + 0.25)
+    assert after["by_executor"]["provider"] == pytest.approx(
+        before["by_executor"]["provider"] + 0.5
+    )
+    assert after["by_executor"]["workers"] == pytest.approx(before["by_executor"]["workers"] + 0.25)
+    assert after["all_time_by_executor"]["provider"] == pytest.approx(
+        before["all_time_by_executor"].get("provider", 0.0) + 0.5
+    )
+    assert {t["tenant"]: t["usd"] for t in after["by_tenant"]}[name] == pytest.approx(0.75)
+    assert after["tenants"] == before["tenants"] + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sqlalchemy import create_engine, inspect, text
 from app.cli import main as sluice
 from app.config import ConfigError, load_config
 from app.extensions import RedisNotConfigured, db, redis_store
+from app.queueing import share_disabled_backend
 from tests.stack import Stack, drop_postgres_database, fresh_postgres_database
 
 
@@ -199,6 +201,23 @@ def test_celery_settings_are_overridable(make_app: Callable[..., Flask], tmp_pat
     from_file = make_app(SLUICE_CONFIG=str(toml))
     assert from_file.extensions["celery"].conf.broker_pool_limit == 7
     assert from_file.extensions["celery"].conf.task_acks_late is True
+
+
+def test_tasks_share_one_disabled_backend_across_greenlets(
+    make_app: Callable[..., Flask],
+) -> None:
+    celery_app = make_app().extensions["celery"]
+
+    def noop() -> None:
+        return None
+
+    task = celery_app.task(name="test.backend")(noop)
+    share_disabled_backend(celery_app)
+    seen: list[object] = []
+    other = threading.Thread(target=lambda: seen.append(task.backend))  # a greenlet in a worker
+    other.start()
+    other.join()
+    assert seen == [task.backend]  # not one built per thread (~70 us a task under gevent)
 
 
 def test_sqlite_pragmas_only_on_the_apps_engine(

@@ -1,5 +1,6 @@
-"""Rate limits per key and per tenant (requests and tokens per minute), and open event
-streams per tenant: 429 with Retry-After and OpenAI's x-ratelimit-* headers."""
+"""Rate limits per key and per tenant (requests and tokens per minute, flask-limiter), and
+open event streams per tenant: 429 with Retry-After and OpenAI's x-ratelimit-* headers,
+in process and live (a web process with its own sluice.toml, the openai SDK as client)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from app.errors import APIError
 from app.extensions import redis_store
 from app.models import job as job_model
 from app.models.job import ACTIVE
+from app.providers import providers
 from app.services import capacity
 from app.services.heartbeat import known_workers
 
@@ -96,7 +97,7 @@ def stats(window: int) -> dict[str, Any]:
         "ttft_seconds": {m: telemetry.percentiles(hashes, "ttft", m) for m in job_model.MODES},
         "duration_seconds": {m: telemetry.percentiles(hashes, "dur", m) for m in job_model.MODES},
         "tokens": tokens,
-        "provider_capacity": [split.as_dict() for split in capacity.current()],
+        "provider_capacity": [split.as_dict() for split in capacity.current(providers().names())],
     }
 
 

@@ -27,6 +27,7 @@ from app.extensions import db, redis_store
 from app.models import job as job_model
 from app.models import utcnow
 from app.models.job import ACTIVE
+from app.providers import providers
 from app.services import capacity, sweeper
 from app.streams.hub import StreamHub, current_hub
 
@@ -169,7 +170,7 @@ def _limit(default: int) -> int:
 @bp.get("/api/capacity")
 def api_capacity() -> ResponseReturnValue:
     """Each provider's capacity split by mode (the capacity card: static/capacity.js)."""
-    return jsonify(data=[split.as_dict() for split in capacity.current()])
+    return jsonify(data=[split.as_dict() for split in capacity.current(providers().names())])
 
 
 @bp.get("/api/jobs")

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, new_id, utcnow
 
-# submitting: items assigned, provider call not (known to be) done; in_progress: the
+# submitting: items assigned, not yet claimed by a sender; sending: a sender claimed it
+# (or died, or lost the answer: reconciled before creating again); in_progress: the
 # provider has it (remote_id set); applied: its results are in the item rows; failed:
 # the provider refused it (its items failed with that error).
-STATUSES = ("submitting", "in_progress", "applied", "failed")
-OPEN = ("submitting", "in_progress")
+STATUSES = ("submitting", "sending", "in_progress", "applied", "failed")
+OPEN = ("submitting", "sending", "in_progress")
 
 
 class ProviderBatch(Base):

@@ -3,7 +3,8 @@
 - Claim: `UPDATE jobs SET status='running', attempts=attempts+1 ... WHERE status='queued'
   RETURNING ...`; only rows this statement moved are ours.
 - Result: `UPDATE jobs ... WHERE id=:id AND status='running' AND attempts=:attempt`, so a
-  redelivered, duplicated or re-queued task can never write a result twice.
+  redelivered, duplicated or re-queued task can never write a result twice; the process's
+  writer (`batch_writes`) writes the results of all its chunks together.
 - Lease: every claim holds a lease (`app.leases`) renewed while it runs and named in the
   rows' `worker` column; a claim whose lease lapsed (its worker died, stalled or restarted,
   under any name) is re-queued by the sweeper. A run that fails gives its unfinished items
@@ -16,40 +17,35 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 from flask import current_app
-from sqlalchemy import and_, bindparam, update
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy import and_, update
+from sqlalchemy.exc import SQLAlchemyError
 
-from app import leases, telemetry
+from app import leases
 from app.extensions import current_flask_app, db, redis_store
-from app.models import Batch, Job, utcnow
+from app.models import Job, utcnow
 from app.providers import ChatRequest, ProviderError, UnknownModel, providers
 from app.services import events
 from app.services.batch_lifecycle import maybe_finalize
 from app.services.batch_semaphore import semaphore
+from app.services.batch_writes import ItemResult, Ticket, result_writer
 from app.services.batches import (
     CLAIMS_KEY,
-    batches_t,
     jobs_t,
     requeue_items,
     stop_error,
     stop_reason,
 )
-from app.services.stream_runner import db_text
 
 log = logging.getLogger(__name__)
 
-FLUSH_ITEMS = 50
 INFRASTRUCTURE = (redis.RedisError, SQLAlchemyError)  # outages: never an item's own failure
 CLAIMED = (
     jobs_t.c.id,
@@ -61,21 +57,6 @@ CLAIMED = (
     jobs_t.c.provider,
     jobs_t.c.created_at,
 )
-FLUSH_SECONDS = 0.25
-
-
-@dataclass
-class ItemResult:
-    """What one item produced, to be written with a conditional UPDATE."""
-
-    job_id: str
-    attempt: int
-    status: str  # succeeded | failed | cancelled | expired
-    output: str | None = None
-    choices: list[dict[str, Any]] | None = None  # set when the answer is more than text
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
 
 
 def backoff_seconds(attempt: int, retry_after: float | None) -> float:
@@ -144,119 +125,6 @@ def run_item(row: Any, cancelled: Any) -> ItemResult:
     raise AssertionError("unreachable")
 
 
-_WRITE = (
-    update(jobs_t)
-    .where(
-        jobs_t.c.id == bindparam("b_id"),
-        jobs_t.c.status == "running",
-        jobs_t.c.attempts == bindparam("b_attempt"),
-    )
-    .values(
-        status=bindparam("b_status"),
-        output=bindparam("b_output"),
-        choices=bindparam("b_choices", type_=jobs_t.c.choices.type),
-        finish_reason=bindparam("b_finish"),
-        usage=bindparam("b_usage", type_=jobs_t.c.usage.type),
-        error=bindparam("b_error", type_=jobs_t.c.error.type),
-        finished_at=bindparam("b_finished"),
-    )
-)
-
-
-class Ended(NamedTuple):
-    """A result as written, in the shape telemetry counts (its _COLUMNS)."""
-
-    id: str
-    mode: str
-    provider: str | None
-    status: str
-    created_at: datetime | None
-    first_token_at: datetime | None
-    finished_at: datetime
-    usage: dict[str, Any] | None
-    error: dict[str, Any] | None
-
-
-def write_results(
-    batch_id: str | None, outcomes: list[ItemResult], claimed: Mapping[str, Any] | None = None
-) -> int:
-    """Write outcomes whose claim is still ours, in one short transaction; returns how many.
-
-    One executemany for all of them; only if it moved fewer rows than it was given (a
-    redelivered or expired item) is the transaction rolled back and each written alone, to
-    learn which ones were ours. `claimed` (job id -> claimed row) feeds the counters.
-    """
-    if not outcomes:
-        return 0
-    if marker := current_app.config["BATCH_FAULT_WRITE_MARKER"]:
-        _injected_fault(marker, outcomes)
-    now = utcnow()
-    params = [
-        {
-            "b_id": o.job_id,
-            "b_attempt": o.attempt,
-            "b_status": o.status,
-            "b_output": db_text(o.output) if o.output is not None else None,
-            "b_choices": o.choices,
-            "b_finish": o.finish_reason,
-            "b_usage": o.usage,
-            "b_error": o.error,
-            "b_finished": now,
-        }
-        for o in outcomes
-    ]
-    written: list[ItemResult] = []
-    with db.engine.connect() as conn:
-        if len(params) > 1 and conn.dialect.supports_sane_multi_rowcount:
-            with conn.begin() as tx:
-                if conn.execute(_WRITE, params).rowcount == len(params):
-                    written = outcomes
-                    _add_tokens(conn, batch_id, written)
-                else:
-                    tx.rollback()
-        if not written:
-            with conn.begin():
-                for o, one in zip(outcomes, params, strict=True):
-                    if conn.execute(_WRITE, one).rowcount:
-                        written.append(o)
-                _add_tokens(conn, batch_id, written)
-    telemetry.batch_rows_written([_ended(o, now, claimed) for o in written])
-    return len(written)
-
-
-def _add_tokens(conn: Any, batch_id: str | None, written: list[ItemResult]) -> None:
-    """Add the written results' usage to their batch's token totals."""
-    prompt = completion = 0
-    for o in written:
-        if o.usage:
-            prompt += int(o.usage.get("prompt_tokens") or 0)
-            completion += int(o.usage.get("completion_tokens") or 0)
-    if batch_id and (prompt or completion):
-        conn.execute(
-            update(batches_t)
-            .where(batches_t.c.id == batch_id)
-            .values(
-                prompt_tokens=batches_t.c.prompt_tokens + prompt,
-                completion_tokens=batches_t.c.completion_tokens + completion,
-            )
-        )
-
-
-def _ended(o: ItemResult, finished: datetime, claimed: Mapping[str, Any] | None) -> Ended:
-    row = (claimed or {}).get(o.job_id)
-    return Ended(
-        id=o.job_id,
-        mode="batch",
-        provider=getattr(row, "provider", None),
-        status=o.status,
-        created_at=getattr(row, "created_at", None),
-        first_token_at=None,
-        finished_at=finished,
-        usage=o.usage,
-        error=o.error,
-    )
-
-
 def _claim(where: Any, holder: str) -> list[Any]:
     """Move the queued jobs matching `where` to running under holder; the rows we got."""
     stmt = (
@@ -269,14 +137,6 @@ def _claim(where: Any, holder: str) -> list[Any]:
     )
     with db.engine.begin() as conn:
         return list(conn.execute(stmt).all())
-
-
-def _injected_fault(marker: str, outcomes: list[ItemResult]) -> None:
-    """Tests only: an output containing `<marker><n>` fails its write on attempts 1..n."""
-    for o in outcomes:
-        found = re.search(re.escape(marker) + r"(\d+)", o.output or "")
-        if found and o.attempt <= int(found.group(1)):
-            raise OperationalError("UPDATE jobs", None, RuntimeError(f"injected fault {marker}"))
 
 
 def claims() -> leases.Renewer:
@@ -377,7 +237,7 @@ def _run_claimed(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
 
 
 def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
-    """Run rows concurrently (bounded), flushing results in small batched commits."""
+    """Run rows concurrently (bounded); the process's writer writes their results."""
     from gevent.pool import Pool
 
     app = current_flask_app()
@@ -394,68 +254,25 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
                 return ItemResult(row.id, row.attempts, "failed", error=_failure(exc, 0))
 
     claimed = {row.id: row for row in rows}
-    buffer: list[ItemResult] = []
-    written = 0
-    unwritten: list[ItemResult] = []
-    error: Exception | None = None
-    last_flush = time.monotonic()
+    writer = result_writer()
+    ticket = Ticket()
     pool = Pool(size)
     try:
         for outcome in pool.imap_unordered(work, rows):
-            buffer.append(outcome)
-            if len(buffer) >= FLUSH_ITEMS or time.monotonic() - last_flush > FLUSH_SECONDS:
-                n, failed, error = _flush(batch_id, buffer, error, claimed)
-                written, buffer, last_flush = written + n, [], time.monotonic()
-                unwritten += failed
-        n, failed, error = _flush(batch_id, buffer, error, claimed)
-        written += n
-        unwritten += failed
+            writer.put(batch_id, outcome, claimed[outcome.job_id], ticket)
+        writer.wait(ticket)
     finally:
         pool.kill(block=False)  # a failed run leaves no provider calls behind
-    if unwritten:
-        raise ResultWriteError(len(unwritten), error)
-    return written
+    if ticket.failed:
+        raise ResultWriteError(len(ticket.failed), ticket.error)
+    return ticket.written
 
 
 class ResultWriteError(RuntimeError):
     """Some results of a run could not be written; the run gives those items back."""
 
-    def __init__(self, count: int, cause: Exception | None) -> None:
+    def __init__(self, count: int, cause: BaseException | None) -> None:
         super().__init__(f"{count} result(s) could not be written: {type(cause).__name__}: {cause}")
-
-
-def _flush(
-    batch_id: str | None,
-    outcomes: list[ItemResult],
-    error: Exception | None,
-    claimed: Mapping[str, Any],
-) -> tuple[int, list[ItemResult], Exception | None]:
-    """Write outcomes; (written, those that could not be, the last write error).
-
-    A failed batched write is retried one result at a time, so one bad result (a value the
-    database refuses) does not take its neighbours with it; if the first two of those fail
-    too, the database is taken to be down and the rest are not tried.
-    """
-    if not outcomes:
-        return 0, [], error
-    try:
-        written = write_results(batch_id, outcomes, claimed)
-        failed: list[ItemResult] = []
-    except Exception as exc:
-        log.warning("writing %d result(s) failed (%r); trying one by one", len(outcomes), exc)
-        error, written, failed = exc, 0, []
-        for i, outcome in enumerate(outcomes):
-            try:
-                written += write_results(batch_id, [outcome], claimed)
-            except Exception as one:
-                error = one
-                failed.append(outcome)
-                if i == 1 and len(failed) == 2:  # the first two failed: the database is down
-                    failed += outcomes[2:]
-                    break
-    if batch_id:
-        events.batch_changed(Batch(id=batch_id, status="in_progress"))
-    return written, failed, error
 
 
 def run_job(job_id: str, worker: str) -> bool:

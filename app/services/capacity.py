@@ -141,11 +141,10 @@ def snapshot(client: redis.Redis, config: Mapping[str, Any], names: Iterable[str
     ]
 
 
-def current() -> list[Split]:
-    """This app's providers' splits now (for /v1/admin/stats, /metrics and the dashboard)."""
+def current(names: Iterable[str]) -> list[Split]:
+    """The splits of these providers (the registry's names) and of any with a capacity, now."""
     from flask import current_app
 
     from app.extensions import redis_store
-    from app.providers.registry import providers
 
-    return snapshot(redis_store.client, current_app.config, providers().names())
+    return snapshot(redis_store.client, current_app.config, names)

@@ -40,8 +40,8 @@ def batch_changed(batch: Batch) -> None:
     publish("batch", _snapshot(batch, _BATCH_FIELDS))
 
 
-def publish(kind: str, data: dict[str, Any], client: redis.Redis | None = None) -> None:
-    """One PUBLISH on the shared pool (or queued on `client`); never raises into the caller."""
+def publish(kind: str, data: dict[str, Any], client: Any = None) -> None:
+    """One PUBLISH on the shared pool (or queued on `client`, a pipeline); never raises."""
     try:
         message = json.dumps({"data": data, "type": kind}, default=_json_default)
         (client or redis_store.client).publish(DASHBOARD_CHANNEL, message)

@@ -36,7 +36,7 @@ from app.providers import (
     estimate_tokens,
     providers,
 )
-from app.services.events import job_changed
+from app.services.events import publish
 from app.streams.entries import (
     Entry,
     Generation,
@@ -68,25 +68,30 @@ CANCELLED_ERROR = {
 }
 
 
-def _note(job_id: str, **fields: Any) -> None:
-    """Tell the dashboard about a state change without loading the row."""
-    job_changed(Job(id=job_id, mode="stream", **fields))
+def _note(job_id: str, pipe: Any = None, **fields: Any) -> None:
+    """Tell the dashboard about a state change (queued on `pipe` when given)."""
+    publish("job", {"id": job_id, "mode": "stream", **fields}, pipe)
 
 
 def _end_job(
-    job_id: str, status: str, *, from_status: tuple[str, ...] = ("running",), **values: Any
+    job_id: str,
+    status: str,
+    *,
+    from_status: tuple[str, ...] = ("running",),
+    pipe: Any = None,
+    **values: Any,
 ) -> bool:
     """Conditionally move a job to a terminal state; True if this call did it.
 
     Every path that ends a stream job comes here, so this is where the end is counted
-    (from the row as written: no read back).
+    (from the row as written: no read back), on `pipe` when the caller executes one.
     """
     if isinstance(values.get("output"), str):
         values["output"] = db_text(values["output"])
     params = {f"v_{k}": v for k, v in values.items()}
     params |= {"b_id": job_id, "v_status": status, "v_finished_at": utcnow()}
     ended = _write(_end_statement(from_status, tuple(values)), params)
-    telemetry.stream_rows_ended(ended)
+    telemetry.stream_rows_ended(ended, pipe)
     return bool(ended)
 
 
@@ -362,6 +367,7 @@ class _Run:
     first_token_at: datetime | None = None
     tenant_id: str | None = None
     next_refresh: float = 0.0
+    tail: Any = None  # the pipeline run_stream_job executes last (telemetry, note, release)
 
     @property
     def text(self) -> str:
@@ -403,6 +409,8 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
     got_lease, cancelled, has_log, _ = pipe.execute()
     if not got_lease:
         return "busy"  # another worker holds this job
+    # the run's last Redis round trip: its telemetry and dashboard note, then the release
+    tail = client.pipeline(transaction=False)
     try:
         if has_log:  # a redelivery after a crash: the client has seen text; never rerun
             fail_lost_job(job_id, check_lease=False, token=lease_value)
@@ -415,13 +423,12 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
             db.session.commit()
             if payload is None:
                 return "missing"
-        return _run(job_id, payload, worker, lease_value, lease_seconds)
+        return _run(job_id, payload, worker, lease_value, lease_seconds, tail)
     finally:
-        pipe = client.pipeline(transaction=False)
-        release_lease(pipe, job_id, lease_value)  # only if still ours
-        admission.release_stream_slot(job_id, client=pipe)
+        release_lease(tail, job_id, lease_value)  # only if still ours
+        admission.release_stream_slot(job_id, client=tail)
         try:
-            pipe.execute()
+            tail.execute()
         except redis.RedisError as exc:  # both lapse by themselves
             log.warning("job %s: lease or slot not released: %r", job_id, exc)
 
@@ -447,7 +454,12 @@ def _mark_running(job_id: str, worker: str) -> tuple[str, Any] | None:
 
 
 def _run(
-    job_id: str, payload: Mapping[str, Any], worker: str, lease_value: str, lease_seconds: float
+    job_id: str,
+    payload: Mapping[str, Any],
+    worker: str,
+    lease_value: str,
+    lease_seconds: float,
+    tail: Any = None,
 ) -> str:
     config = current_app.config
     request = ChatRequest.from_record(payload)
@@ -467,6 +479,7 @@ def _run(
         lease_value,
         lease_seconds,
         window=config["STREAM_COALESCE_MS"] / 1000,
+        tail=tail,
     )
     registry = providers()
     max_retries = config["STREAM_MAX_RETRIES"]
@@ -654,7 +667,7 @@ def _close(run: _Run, status: str, fields: dict[str, str], **values: Any) -> str
         log.warning("job %s: terminal entry not written (%r); the row has it", run.job_id, exc)
     if fault == "exit_after_terminal":  # tests: the log ended, the row never did
         os._exit(1)
-    if not _end_job(run.job_id, status, **values):
+    if not _end_job(run.job_id, status, pipe=run.tail, **values):
         return "superseded"
-    _note(run.job_id, status=status, tenant_id=run.tenant_id)
+    _note(run.job_id, run.tail, status=status, tenant_id=run.tenant_id)
     return status

@@ -39,7 +39,7 @@ def steps() -> list[tuple[str, Callable[[], Any]]]:
         ("batch.resend_stranded_jobs", batch_sweep.resend_stranded_jobs),
         ("batch.expire_due_batches", batch_sweep.expire_due_batches),
         ("batch.finalize_stragglers", batch_sweep.finalize_stragglers),
-        ("batch.provider_batches", provider_batches.sweep),  # #13: the provider executor
+        ("batch.provider_batches", provider_batches.sweep),  # #13: enqueues the provider calls
         ("stream.sweep_streams", sweep_streams),
         ("costs.settle", costs.settle),  # #13: price ended jobs
     ]

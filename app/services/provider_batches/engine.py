@@ -43,7 +43,7 @@ from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
 from app.services.batches import batches_t, jobs_t, stop_error
-from app.services.provider_batches import rows
+from app.services.provider_batches import choice, rows
 from app.services.provider_batches.apis import (
     Outcome,
     Pending,
@@ -60,7 +60,9 @@ GROUPS_PER_SWEEP = 50
 SENDS_PER_SWEEP = 100
 POLLS_PER_SWEEP = 100
 LINE_OVERHEAD = 200  # bytes of a batch input line around its body
+PROVIDER_WINDOW = timedelta(seconds=choice.PROVIDER_WINDOW)
 RECONCILE_SLACK = timedelta(minutes=5)  # clock skew allowed when searching the provider's list
+WINDOW_MARGIN = 60.0  # seconds of a batch's window left worth a new provider batch
 SUBMIT_TASK = "sluice.batch.provider_submit"
 SEND_TASK = "sluice.batch.provider_send"
 POLL_TASK = "sluice.batch.provider_poll"
@@ -458,30 +460,17 @@ def poll(pb_id: str) -> int:
 
 
 def _apply(pb: Any, api: Any, remote: Remote) -> None:
-    requests, _ = rows.bound(rows.items(pb.id))
-    buffer: list[tuple[str, Outcome]] = []
-    seen: set[str] = set()
-    for job_id, outcome in api.results(pb.remote_id, remote, requests):
-        if job_id in seen:
-            continue
-        seen.add(job_id)
-        buffer.append((job_id, outcome))
-        if len(buffer) >= WRITE_EVERY:
-            rows.write(pb, buffer)
-            buffer = []
-            _renew(pb.id)
-    rows.write(pb, buffer)
-    leftover = [row.id for row in rows.items(pb.id)]
     final = (
         "cancelled"
         if pb.cancel_requested_at is not None and remote.final != "expired"
         else remote.final
     )
-    rows.write(pb, [(j, _missing(final, pb.provider, remote)) for j in leftover])
-    now = utcnow()
+    # a batch window longer than the provider's 24 h, with time left: what the provider
+    # expired goes to a new provider batch instead of ending `expired`
+    again = pb.batch_id is not None and _window_left(pb.batch_id) > WINDOW_MARGIN
     expired = final == "expired" or bool(remote.counts.get("expired"))
-    if expired and pb.batch_id:
-        with db.engine.begin() as conn:
+    if expired and pb.batch_id and not again:  # before any item is written: a finalize
+        with db.engine.begin() as conn:  # meanwhile (the stragglers step) sees it expired
             conn.execute(
                 update(batches_t)
                 .where(
@@ -489,9 +478,50 @@ def _apply(pb: Any, api: Any, remote: Remote) -> None:
                     batches_t.c.status == "in_progress",
                     batches_t.c.expired_at.is_(None),
                 )
-                .values(expired_at=now)
+                .values(expired_at=utcnow())
             )
-    _close(pb, "applied", now, remote=remote)
+    requests, _ = rows.bound(rows.items(pb.id))
+    buffer: list[tuple[str, Outcome]] = []
+    retry: list[str] = []
+    seen: set[str] = set()
+    for job_id, outcome in api.results(pb.remote_id, remote, requests):
+        if job_id in seen:
+            continue
+        seen.add(job_id)
+        if again and outcome.status == "expired":
+            retry.append(job_id)
+            continue
+        buffer.append((job_id, outcome))
+        if len(buffer) >= WRITE_EVERY:
+            rows.write(pb, buffer)
+            buffer = []
+            _renew(pb.id)
+    rows.write(pb, buffer)
+    leftover = [row.id for row in rows.items(pb.id) if row.id not in retry]
+    if again and final == "expired":
+        retry += leftover
+        leftover = []
+    rows.write(pb, [(j, _missing(final, pb.provider, remote)) for j in leftover])
+    if retry:
+        log.info("provider batch %s expired %d item(s) inside the batch's window: resent",
+                 pb.id, len(retry))  # fmt: skip
+        rows.unassign(pb.id, retry)
+    _close(pb, "applied", utcnow(), remote=remote)
+
+
+def _window_left(batch_id: str) -> float:
+    """Seconds left of a batch's completion window when it is longer than the provider's
+    (24 h); 0 otherwise (the provider's expiry is then the batch's)."""
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            select(batches_t.c.created_at, batches_t.c.expires_at).where(batches_t.c.id == batch_id)
+        ).first()
+    if row is None or row.expires_at is None or row.created_at is None:
+        return 0.0
+    end = rows.aware(row.expires_at)
+    if end - rows.aware(row.created_at) <= PROVIDER_WINDOW:
+        return 0.0
+    return max(0.0, (end - utcnow()).total_seconds())
 
 
 def _missing(final: str, provider: str, remote: Remote) -> Outcome:
@@ -539,21 +569,31 @@ def _announce(pb: Any) -> None:
 
 
 def expire_overdue() -> int:
-    """Provider-executor batches past their window plus the grace: expire them here.
+    """Provider-executor batches past their window: expire them here (their unfinished
+    items end `expired`), then cancel their provider batches.
 
-    The provider's own expiry (reported per item) normally comes first; this covers a
-    provider that never answers.
+    A window shorter than the provider's 24 hours is Sluice's promise: it expires on time
+    (items the provider finished first keep their results). A longer one normally ends by
+    the provider's own expiry (reported per item); PROVIDER_BATCH_EXPIRY_GRACE_SECONDS past
+    it covers a provider that never answers.
     """
+    now = utcnow()
     grace = timedelta(seconds=_config("PROVIDER_BATCH_EXPIRY_GRACE_SECONDS"))
     with db.engine.connect() as conn:
-        due = conn.scalars(
-            select(batches_t.c.id).where(
+        found = conn.execute(
+            select(batches_t.c.id, batches_t.c.created_at, batches_t.c.expires_at).where(
                 batches_t.c.executor == "provider",
                 batches_t.c.status == "in_progress",
-                batches_t.c.expires_at < utcnow() - grace,
+                batches_t.c.expires_at < now,
             )
         ).all()
+    due = [
+        row.id
+        for row in found
+        if rows.aware(row.expires_at) - rows.aware(row.created_at) < PROVIDER_WINDOW
+        or rows.aware(row.expires_at) < now - grace
+    ]
     for batch_id in due:
+        expire_batch(batch_id)  # first: its waiting items end expired, not cancelled
         rows.cancel_remote(batch_id)
-        expire_batch(batch_id)
     return len(due)

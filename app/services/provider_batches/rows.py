@@ -64,6 +64,22 @@ def known_remote_ids(provider: str) -> set[str]:
         )
 
 
+def unassign(pb_id: str, job_ids: list[str]) -> int:
+    """Items still queued go back to waiting for a provider batch (the next submit sends them)."""
+    with db.engine.begin() as conn:
+        return int(
+            conn.execute(
+                update(jobs_t)
+                .where(
+                    jobs_t.c.id.in_(job_ids),
+                    jobs_t.c.provider_batch_id == pb_id,
+                    jobs_t.c.status == "queued",
+                )
+                .values(provider_batch_id=None)
+            ).rowcount
+        )
+
+
 def bound(rows: Iterable[Any]) -> tuple[dict[str, ChatRequest], list[tuple[str, dict[str, Any]]]]:
     """Each row's request bound to its provider (model = the provider's name); refusals."""
     registry = providers()
