@@ -19,7 +19,7 @@ from app.errors import APIError
 from app.extensions import db, redis_store
 from app.models import ApiKey, Tenant, utcnow
 from app.streams.hub import StreamHub, current_hub
-from app.streams.keys import KEYS_CHANNEL, revocation_ack_key
+from app.streams.keys import db_of, keys_channel, revocation_ack_key
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _broadcast_revocation(key_hash: str) -> None:
     that never answers within REVOCATION_ACK_SECONDS)."""
     client = redis_store.client
     ack = revocation_ack_key(secrets.token_hex(8))
-    heard = int(client.publish(KEYS_CHANNEL, f"{key_hash} {ack}"))
+    heard = int(client.publish(keys_channel(db_of(client)), f"{key_hash} {ack}"))
     deadline = time.monotonic() + REVOCATION_ACK_SECONDS
     acked = 0
     while acked < heard and (left := deadline - time.monotonic()) > 0:
@@ -106,7 +106,7 @@ def _broadcast_revocation(key_hash: str) -> None:
 class KeyCache:
     """A web process's live keys by hash, each for KEY_CACHE_SECONDS at most.
 
-    Used only while the stream hub hears KEYS_CHANNEL, where revoke_key() announces each
+    Used only while the stream hub hears keys_channel(), where revoke_key() announces each
     revocation: a revoked key is dropped at once, and everything is dropped whenever the
     hub's connection is lost (a revocation may have been missed meanwhile). A lookup that
     raced a revocation is not cached (the generation changed under it).

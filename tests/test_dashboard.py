@@ -20,6 +20,7 @@ from redis.retry import Retry
 from app.extensions import db
 from app.models import Batch, Job, Tenant, utcnow
 from app.services import costs, events, sweeper
+from app.streams.keys import broadcast_channel, db_of, keys_channel
 from tests.helpers import (
     insert_batch,
     insert_job,
@@ -233,8 +234,9 @@ def test_real_mock_job_appears_with_its_mode(
 def test_job_changes_are_published_in_flask_sse_format(
     app_ctx: Flask, api_key: str, redis_url: str
 ) -> None:
-    listener = redis.Redis.from_url(redis_url, decode_responses=True).pubsub()
-    listener.subscribe(events.DASHBOARD_CHANNEL)
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    listener = conn.pubsub()
+    listener.subscribe(broadcast_channel(db_of(conn)))
     assert listener.get_message(timeout=2)["type"] == "subscribe"
 
     job = insert_job(tenant_of(api_key), "stream", "queued")
@@ -259,8 +261,9 @@ def test_job_changes_are_published_in_flask_sse_format(
 
 
 def test_transient_objects_publish_their_set_fields(app_ctx: Flask, redis_url: str) -> None:
-    listener = redis.Redis.from_url(redis_url, decode_responses=True).pubsub()
-    listener.subscribe(events.DASHBOARD_CHANNEL)
+    conn = redis.Redis.from_url(redis_url, decode_responses=True)
+    listener = conn.pubsub()
+    listener.subscribe(broadcast_channel(db_of(conn)))
     listener.get_message(timeout=2)
     finished = utcnow()
     events.job_changed(Job(id="job_x", mode="stream", status="succeeded", finished_at=finished))
@@ -511,3 +514,34 @@ def test_a_wrong_key_and_an_expired_cookie_are_refused(
             assert http.get("/dashboard/api/summary").status_code == status, age
             page = http.get("/dashboard/jobs/job_x")
             assert page.status_code == (404 if status == 200 else 302), age
+
+
+def test_a_redis_database_hears_only_its_own_broadcasts_and_revocations(
+    app_ctx: Flask, redis_url: str
+) -> None:
+    """Pub/sub is server-wide: a deployment on another database of the same Redis server
+    must not reach this one's dashboards or key caches."""
+    from app.streams.hub import StreamHub
+
+    mine = redis.Redis.from_url(redis_url, decode_responses=True)
+    other_db = (db_of(mine) + 1) % 16
+    other = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + f"/{other_db}")
+    hub = StreamHub(redis_url)
+    revoked: list[str | None] = []
+    try:
+        feed = hub.feed()
+        hub.on_revocation(revoked.append)
+        assert hub.connected.wait(5)
+        revoked.clear()
+        events.publish("job", {"id": "job_elsewhere"}, client=other)
+        other.publish(keys_channel(other_db), "hash-elsewhere")
+        events.publish("job", {"id": "job_here"}, client=mine)
+        mine.publish(keys_channel(db_of(mine)), "hash-here")
+        heard: list[str] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (heard and revoked):
+            heard += feed.wait(0.2)
+        assert [json.loads(m)["data"]["id"] for m in heard] == ["job_here"]
+        assert revoked == ["hash-here"]
+    finally:
+        hub.close()

@@ -1,9 +1,9 @@
 """Job and batch state changes, broadcast to the dashboard's live feed.
 
-Each change is one Redis PUBLISH on DASHBOARD_CHANNEL, in flask-sse's message format
-(`{"data": ..., "type": ...}`), so `flask_sse.Message(**json.loads(raw))` renders it as an
-SSE frame. Pub/sub drops what nobody hears; the dashboard re-reads the database for the
-truth, so an event is a hint to refresh, never state to rely on.
+Each change is one Redis PUBLISH on the database's broadcast_channel(), in flask-sse's
+message format (`{"data": ..., "type": ...}`), so `flask_sse.Message(**json.loads(raw))`
+renders it as an SSE frame. Pub/sub drops what nobody hears; the dashboard re-reads the
+database for the truth, so an event is a hint to refresh, never state to rely on.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from sqlalchemy import inspect
 
 from app.extensions import redis_store
 from app.models import Batch, Job
-from app.streams.keys import BROADCAST_CHANNEL
+from app.streams.keys import broadcast_channel, db_of
 
-DASHBOARD_CHANNEL = BROADCAST_CHANNEL
 log = logging.getLogger(__name__)
 
 _JOB_FIELDS = ("tenant_id", "mode", "status", "model", "route_rule", "batch_id", "worker")
@@ -44,7 +43,8 @@ def publish(kind: str, data: dict[str, Any], client: Any = None) -> None:
     """One PUBLISH on the shared pool (or queued on `client`, a pipeline); never raises."""
     try:
         message = json.dumps({"data": data, "type": kind}, default=_json_default)
-        (client or redis_store.client).publish(DASHBOARD_CHANNEL, message)
+        client = redis_store.client if client is None else client  # (an empty pipeline is falsy)
+        client.publish(broadcast_channel(db_of(client)), message)
     except Exception as exc:  # the feed is best effort: state lives in the database
         log.debug("dashboard event not published: %s", type(exc).__name__)
 

@@ -28,9 +28,10 @@ from redis.retry import Retry
 from app.extensions import redis_client
 from app.streams.entries import Entry, entry_key, error_fields, is_terminal, parse_notice
 from app.streams.keys import (
-    BROADCAST_CHANNEL,
-    KEYS_CHANNEL,
     NOTIFY_PREFIX,
+    broadcast_channel,
+    db_of,
+    keys_channel,
     lease_key,
     log_key,
     notify_channel,
@@ -121,6 +122,8 @@ class StreamHub:
             socket_timeout=socket_timeout,
             connect_timeout=5,
         )
+        self.broadcast_channel = broadcast_channel(db_of(self.client))
+        self.keys_channel = keys_channel(db_of(self.client))
         self._subs: dict[str, set[Subscription]] = {}
         self._arming: dict[str, deque[list[Subscription]]] = {}
         self._pubsub: Any = None  # the listener's connected PubSub, for job (un)subscribes
@@ -154,7 +157,7 @@ class StreamHub:
             )
             pubsub = conn.pubsub()  # type: ignore[no-untyped-call]  # redis-py
             try:
-                pubsub.subscribe(BROADCAST_CHANNEL, KEYS_CHANNEL)  # connects (not under the lock)
+                pubsub.subscribe(self.broadcast_channel, self.keys_channel)  # connects, unlocked
                 with self._lock:  # the jobs relayed now; later ones subscribe on this pubsub
                     self._arming = {job: deque([list(g)]) for job, g in self._subs.items()}
                     jobs = [notify_channel(job) for job in self._subs]
@@ -179,7 +182,7 @@ class StreamHub:
                     channel = message["channel"]
                     if channel.startswith(NOTIFY_PREFIX):
                         self._dispatch(message["data"])
-                    elif channel == BROADCAST_CHANNEL:
+                    elif channel == self.broadcast_channel:
                         self._broadcast(message["data"])
                     else:
                         self._revoked(message["data"])

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 NOTIFY_PREFIX = "sluice:stream-notify:"  # + job id: "job X has new entries" (see entries.py)
-BROADCAST_CHANNEL = "sluice:dashboard"  # job and batch state changes (app/services/events.py)
-KEYS_CHANNEL = "sluice:keys-revoked"  # "<key hash> <ack list>" per revoked API key (app/auth.py)
+
+
+def db_of(client: Any) -> int:
+    """The database number of a redis-py client or pipeline (its connection pool's)."""
+    return int(client.connection_pool.connection_kwargs.get("db") or 0)
+
+
+def broadcast_channel(db: int) -> str:
+    """Job and batch state changes (app/services/events.py), for one Redis database.
+
+    Pub/sub channels are server-wide, not per database: the number keeps two deployments
+    that share a Redis server on different databases out of each other's dashboards."""
+    return f"sluice:{db}:dashboard"
+
+
+def keys_channel(db: int) -> str:
+    """ "<key hash> <ack list>" per revoked API key (app/auth.py), for one Redis database."""
+    return f"sluice:{db}:keys-revoked"
 
 
 def notify_channel(job_id: str) -> str:

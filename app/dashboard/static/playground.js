@@ -160,9 +160,12 @@
     var body = {
       model: $("model").value,
       mode: $("mode").value,
-      messages: [{ role: "user", content: $("prompt").value }],
-      stream_options: { include_usage: true }
+      messages: [{ role: "user", content: $("prompt").value }]
     };
+    if (body.mode === "stream") {  // stream_options only with stream: true, as OpenAI's API
+      body.stream = true;
+      body.stream_options = { include_usage: true };
+    }
     if ($("max-tokens").value) body.max_tokens = parseInt($("max-tokens").value, 10);
     run = { text: "", pieces: 0, tokens: 0, lastId: null, jobId: null, done: false, stopped: false,
       error: null, resumes: 0, firstAt: null, sentAt: performance.now(), abort: new AbortController(), mode: null };
