@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -249,3 +250,18 @@ def pdf_of(objects: list[bytes]) -> bytes:
         xref,
     )
     return bytes(out)
+
+
+@contextmanager
+def web_with_config(stack: Stack, home: Path, toml: str) -> Iterator[tuple[str, Path]]:
+    """A web process of its own (the session's DB, Redis and workers) reading this
+    sluice.toml: (its URL, the file's path, which it re-reads when changed)."""
+    path = home / "sluice.toml"
+    path.write_text(toml)
+    web = Stack(env=stack.env | {"SLUICE_CONFIG": str(path)}, home=home)
+    web.start_web()
+    try:
+        web.wait_ready()
+        yield web.url, path
+    finally:
+        web.stop()

@@ -21,6 +21,7 @@ from app.errors import APIError
 from app.extensions import redis_store
 from app.models import new_id
 from app.policy import Route
+from tests.helpers import web_with_config
 from tests.stack import Stack
 
 
@@ -212,16 +213,8 @@ def policy_web(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path]]:
     """A second web process (same DB, Redis, workers) reading its own policy file."""
-    home = tmp_path_factory.mktemp("policy-web")
-    path = home / "sluice.toml"
-    path.write_text(LIVE_POLICY)
-    web = Stack(env=stack.env | {"SLUICE_CONFIG": str(path)}, home=home)
-    web.start_web()
-    try:
-        web.wait_ready()
-        yield web.url, path
-    finally:
-        web.stop()
+    with web_with_config(stack, tmp_path_factory.mktemp("policy-web"), LIVE_POLICY) as web:
+        yield web
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 
 from app import rate_limits
 from app.auth import create_key
-from tests.helpers import tuned
+from tests.helpers import tuned, web_with_config
 from tests.stack import Stack
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
@@ -195,16 +195,10 @@ def limited_web(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     """(its URL, the tenant name with limits of its own in its sluice.toml)."""
-    home = tmp_path_factory.mktemp("limited-web")
     big = f"tenant-rl-big-{secrets.token_hex(4)}"
-    (home / "sluice.toml").write_text(LIVE_TOML.format(big=big))
-    web = Stack(env=stack.env | {"SLUICE_CONFIG": str(home / "sluice.toml")}, home=home)
-    web.start_web()
-    try:
-        web.wait_ready()
-        yield web.url, big
-    finally:
-        web.stop()
+    home = tmp_path_factory.mktemp("limited-web")
+    with web_with_config(stack, home, LIVE_TOML.format(big=big)) as (url, _):
+        yield url, big
 
 
 def sdk(app: Flask, url: str, tenant: str | None = None) -> openai.OpenAI:
