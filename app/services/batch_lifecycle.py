@@ -16,17 +16,10 @@ from app import telemetry
 from app.errors import APIError
 from app.extensions import db
 from app.models import Batch, utcnow
-from app.models.job import ACTIVE
+from app.models.batch import batches_t
+from app.models.job import ACTIVE, jobs_t
 from app.services import events
-from app.services.batches import (
-    batches_t,
-    has_active_items,
-    in_transaction,
-    jobs_t,
-    set_stop,
-    stop_error,
-    stop_reason,
-)
+from app.services.batches import has_active_items, in_transaction, set_stop, stop_error, stop_reason
 from app.services.openai_batch_files import write_result_files
 from app.services.provider_batches.rows import cancel_remote
 

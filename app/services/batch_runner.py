@@ -31,18 +31,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import leases
 from app.extensions import current_flask_app, db, redis_store
 from app.models import Job, utcnow
+from app.models.job import jobs_t
 from app.providers import ChatRequest, ProviderError, UnknownModel, providers
 from app.services import events
 from app.services.batch_lifecycle import maybe_finalize
 from app.services.batch_semaphore import semaphore
 from app.services.batch_writes import ItemResult, Ticket, result_writer
-from app.services.batches import (
-    CLAIMS_KEY,
-    jobs_t,
-    requeue_items,
-    stop_error,
-    stop_reason,
-)
+from app.services.batches import CLAIMS_KEY, requeue_items, stop_error, stop_reason
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,12 @@ from sqlalchemy import func, select
 from app import leases
 from app.extensions import db, redis_store
 from app.models import utcnow
+from app.models.batch import batches_t
+from app.models.job import jobs_t
 from app.queueing import BATCH_QUEUE
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
 from app.services.batch_runner import holder_token
-from app.services.batches import (
-    CLAIMS_KEY,
-    batches_t,
-    enqueue_chunks,
-    jobs_t,
-    requeue_items,
-    resend,
-    runs,
-)
+from app.services.batches import CLAIMS_KEY, enqueue_chunks, requeue_items, resend, runs
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from sqlalchemy.exc import OperationalError
 from app import telemetry
 from app.extensions import current_flask_app, db
 from app.models import Batch, utcnow
+from app.models.batch import batches_t
+from app.models.job import jobs_t
 from app.services import events
-from app.services.batches import batches_t, jobs_t
 from app.services.stream_runner import db_text
 
 log = logging.getLogger(__name__)

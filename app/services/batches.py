@@ -18,14 +18,15 @@ from datetime import timedelta
 from typing import IO, Any, TypeVar, cast
 
 from flask import current_app
-from sqlalchemy import Connection, Table, exists, func, insert, select, update
+from sqlalchemy import Connection, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app import telemetry
 from app.errors import APIError
 from app.extensions import db, redis_store
 from app.models import Batch, Job, new_id, utcnow
-from app.models.job import ACTIVE, STATUSES
+from app.models.batch import batches_t
+from app.models.job import ACTIVE, STATUSES, jobs_t
 from app.policy import Route
 from app.providers import UnknownModel, providers
 from app.queueing import BATCH_QUEUE, send_task
@@ -42,8 +43,6 @@ STOP_KEY = "sluice:batch:stop:{}"  # value: "cancelled" or "expired"
 CLAIMS_KEY = "sluice:batch:claims"  # the lease set of running claims (chunks and jobs)
 MAX_ITEM_ID = 512
 
-jobs_t = cast(Table, Job.__table__)  # Core statements take the Table itself
-batches_t = cast(Table, Batch.__table__)
 T = TypeVar("T")
 DEADLOCK_ATTEMPTS = 5
 

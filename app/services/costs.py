@@ -18,16 +18,15 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import datetime
-from typing import cast
 
 from flask import current_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import func, select, update
 
 from app.extensions import db, redis_store
 from app.models import Job, Tenant, utcnow
-from app.models.job import TERMINAL
+from app.models.job import TERMINAL, jobs_t
 from app.policy import RouteRequest
 from app.pricing import budget_for, job_cost
 
@@ -38,7 +37,6 @@ DAY_KEY = "sluice:costs:day:{}"
 DAY_SPLIT_KEY = "sluice:costs:day:{}:split"  # field "mode|executor": USD this UTC day
 DAY_TTL = 3 * 86400
 SETTLE_LIMIT = 500  # jobs priced per sweep (one short write transaction)
-jobs_t = cast(Table, Job.__table__)
 
 
 def job_cost_usd(job: Job) -> float | None:

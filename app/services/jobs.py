@@ -8,10 +8,11 @@ from sqlalchemy import insert, select, update
 
 from app.extensions import db, redis_store
 from app.models import Job, epoch, new_id, utcnow
+from app.models.job import jobs_t
 from app.policy import Route
 from app.providers import ChatRequest
 from app.queueing import STREAM_QUEUE, push_task
-from app.services.costs import job_cost_usd, jobs_t
+from app.services.costs import job_cost_usd
 from app.services.events import job_changed
 from app.services.provider_batches.rows import cancel_job_remote
 

@@ -16,16 +16,16 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import redis
 from flask import current_app
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 
 from app import admission, telemetry
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
-from app.models.job import TERMINAL
+from app.models.job import TERMINAL, jobs_t
 from app.providers import (
     ChatRequest,
     ProviderError,
@@ -95,7 +95,6 @@ def _end_job(
     return bool(ended)
 
 
-_JOBS = cast(Table, Job.__table__)
 _END_STATEMENTS: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
 
 
@@ -107,10 +106,10 @@ def _end_statement(from_status: tuple[str, ...], keys: tuple[str, ...]) -> Any:
     """
     stmt = _END_STATEMENTS.get((from_status, keys))
     if stmt is None:
-        columns = _JOBS.c
+        columns = jobs_t.c
         names = ("status", "finished_at", *keys)
         stmt = _END_STATEMENTS[(from_status, keys)] = (
-            update(_JOBS)
+            update(jobs_t)
             .where(columns.id == bindparam("b_id"), columns.status.in_(from_status))
             .values({columns[k]: bindparam(f"v_{k}", type_=columns[k].type) for k in names})
             .returning(*(columns[attr.key] for attr in telemetry.ENDED_COLUMNS))
@@ -434,15 +433,15 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
 
 
 _MARK_RUNNING = (
-    update(_JOBS)
-    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(("queued", "running")))
+    update(jobs_t)
+    .where(jobs_t.c.id == bindparam("b_id"), jobs_t.c.status.in_(("queued", "running")))
     .values(
         status="running",
-        started_at=bindparam("v_started_at", type_=_JOBS.c.started_at.type),
-        worker=bindparam("v_worker", type_=_JOBS.c.worker.type),
-        attempts=_JOBS.c.attempts + 1,
+        started_at=bindparam("v_started_at", type_=jobs_t.c.started_at.type),
+        worker=bindparam("v_worker", type_=jobs_t.c.worker.type),
+        attempts=jobs_t.c.attempts + 1,
     )
-    .returning(_JOBS.c.tenant_id, _JOBS.c.model)
+    .returning(jobs_t.c.tenant_id, jobs_t.c.model)
 )
 
 

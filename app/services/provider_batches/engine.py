@@ -38,11 +38,13 @@ from sqlalchemy import and_, delete, insert, select, update
 
 from app.extensions import db, redis_store
 from app.models import new_id, utcnow
+from app.models.batch import batches_t
+from app.models.job import jobs_t
 from app.providers import ProviderError
 from app.queueing import BATCH_QUEUE, send_task
 from app.services import events
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
-from app.services.batches import batches_t, jobs_t, stop_error
+from app.services.batches import stop_error
 from app.services.provider_batches import choice, rows
 from app.services.provider_batches.apis import (
     Outcome,

@@ -17,10 +17,12 @@ from sqlalchemy import Table, select, update
 from app import telemetry
 from app.extensions import db
 from app.models import ProviderBatch, utcnow
+from app.models.batch import batches_t
+from app.models.job import jobs_t
 from app.pricing import job_cost
 from app.providers import ChatRequest, UnknownModel, providers
 from app.services import costs
-from app.services.batches import batches_t, jobs_t, stop_error
+from app.services.batches import stop_error
 from app.services.provider_batches.apis import Outcome, Remote, batch_api, item_error
 from app.services.stream_runner import db_text
 
