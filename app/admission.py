@@ -62,11 +62,8 @@ def limits_for(route: Route) -> Limits:
     return Limits(global_max, tenant_max)
 
 
-def try_acquire(
-    tenant_id: str, job_id: str, limits: Limits, provider: str = ""
-) -> tuple[int, int, int]:
-    """One atomic attempt: (1 held | 0 global full | -1 tenant full | -2 provider full,
-    global count, tenant count).
+def try_acquire(tenant_id: str, job_id: str, limits: Limits, provider: str = "") -> int:
+    """One atomic attempt: 1 held | 0 global full | -1 tenant full | -2 provider full.
 
     With `provider`, the job also counts in that provider's stream set, limited by its
     capacity (streams alone: the batch calls there yield to it).
@@ -77,7 +74,7 @@ def try_acquire(
         sets.append(capacity.stream_key(provider))
         caps.append(capacity.of(current_app.config, provider))
     ttl = leases.ms(current_app.config["STREAM_SLOT_QUEUED_SECONDS"])
-    full, counts = leases.acquire(
+    full, _ = leases.acquire(
         redis_store.client,
         sets,
         job_id,
@@ -86,7 +83,7 @@ def try_acquire(
         record=job_key(job_id),
         record_grace_ms=JOB_KEY_GRACE_MS,
     )
-    return {0: 1, 1: 0, 2: -1, 3: -2}[full], counts[0], counts[1]
+    return {0: 1, 1: 0, 2: -1, 3: -2}[full]
 
 
 SCOPES = {0: "global", -1: "tenant", -2: "provider"}
@@ -123,7 +120,7 @@ def acquire_stream_slot(route: Route, tenant_id: str, job_id: str, provider: str
     if route.mode != "stream":
         return route.mode
     limits = limits_for(route)
-    code, _, _ = try_acquire(tenant_id, job_id, limits, provider)
+    code = try_acquire(tenant_id, job_id, limits, provider)
     if code == 1:
         return "stream"
     if route.overflow == "batch":  # decide() only leaves "batch" when the client allows async
@@ -135,7 +132,7 @@ def acquire_stream_slot(route: Route, tenant_id: str, job_id: str, provider: str
         pause = 0.02
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, pause * random.uniform(0.5, 1.5)))  # gevent-cooperative
-            code, _, _ = try_acquire(tenant_id, job_id, limits, provider)
+            code = try_acquire(tenant_id, job_id, limits, provider)
             if code == 1:
                 return "stream"
             pause = min(pause * 1.5, 0.25)

@@ -221,12 +221,12 @@ def test_streams_take_capacity_batch_holds_and_are_refused_when_streams_fill_it(
     batch = [sem.try_acquire(provider), sem.try_acquire(provider)]
     assert all(batch)  # batch holds the whole capacity ...
     first, second, third = (f"job_{secrets.token_hex(6)}" for _ in range(3))
-    assert admission.try_acquire(tenant, first, limits, provider)[0] == 1  # ... streams displace it
-    assert admission.try_acquire(tenant, second, limits, provider)[0] == 1
-    assert admission.try_acquire(tenant, third, limits, provider)[0] == -2  # streams fill it
-    assert admission.try_acquire(tenant, third, limits, "mock")[0] == 1  # other providers: free
+    assert admission.try_acquire(tenant, first, limits, provider) == 1  # ... streams displace it
+    assert admission.try_acquire(tenant, second, limits, provider) == 1
+    assert admission.try_acquire(tenant, third, limits, provider) == -2  # streams fill it
+    assert admission.try_acquire(tenant, third, limits, "mock") == 1  # other providers: free
     admission.release_stream_slot(first)  # the record names the provider's set too
-    assert admission.try_acquire(tenant, f"job_{secrets.token_hex(6)}", limits, provider)[0] == 1
+    assert admission.try_acquire(tenant, f"job_{secrets.token_hex(6)}", limits, provider) == 1
     assert leases.live_count(redis_store.client, capacity.stream_key(provider)) == 2
     for job in (second, third):
         admission.release_stream_slot(job)
