@@ -206,6 +206,13 @@ def sent_custom_ids(upstream: FakeUpstream, kind: str) -> Counter[str]:
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def completed(http: httpx.Client, batch_id: str, succeeded: int) -> dict[str, Any]:
+    """The document batch, which must have completed with this many items succeeded."""
+    batch = http.get(f"/v1/document-batches/{batch_id}").json()
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == succeeded, batch
+    return batch
+
+
 def test_document_batch_runs_on_the_providers_batch_api(
     provider: str, http: httpx.Client, papp: Flask, upstream: FakeUpstream
 ) -> None:
@@ -213,8 +220,7 @@ def test_document_batch_runs_on_the_providers_batch_api(
     assert created["route"]["executor"] == "provider"
     assert "executor provider: provider batch API at 50 %" in created["route"]["reason"]
     sweep_until(papp, status_of(http, created["id"]))
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 7
+    batch = completed(http, created["id"], 7)
     results = [json.loads(x) for x in http.get(batch["results_url"]).text.splitlines()]
     assert {r["document_id"]: r["output"] for r in results} == {
         f"doc-{i}": f"document number {i}" for i in range(7)
@@ -384,8 +390,7 @@ def test_a_worker_killed_while_polling_loses_nothing(
     finally:
         beat.stop()
     assert fresh_batch_apis.creates["anthropic"] == 1  # resumed, never resubmitted
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 4
+    completed(http, created["id"], 4)
     assert all(r.attempts == 1 for r in item_rows(papp, created["id"]))
 
 
@@ -438,8 +443,7 @@ def test_two_concurrent_submitters_create_one_provider_batch(
     assert fresh_batch_apis.creates["anthropic"] == 1
     sweep_until(papp, status_of(http, created["id"]))
     assert fresh_batch_apis.creates["anthropic"] == 1
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 3
+    completed(http, created["id"], 3)
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
@@ -452,8 +456,7 @@ def test_a_provider_batch_created_but_not_recorded_is_found_not_created_again(
     created = doc_batch(http, f"{provider}/echo", 3)
     sweep_until(papp, status_of(http, created["id"]))
     assert fresh_batch_apis.creates[provider] == 1 and fresh_batch_apis.lists[provider] >= 1
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 3
+    completed(http, created["id"], 3)
     rows = item_rows(papp, created["id"])
     sent = Counter(c for b in fresh_batch_apis.of_kind(provider) for c in b.custom_ids)
     assert sent == Counter({r.id: 1 for r in rows})
@@ -464,8 +467,7 @@ def test_mock_provider_has_a_batch_api_too(http: httpx.Client, papp: Flask) -> N
     created = doc_batch(http, "mock/echo", 3)
     assert created["route"]["executor"] == "provider"
     sweep_until(papp, status_of(http, created["id"]))
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 3
+    batch = completed(http, created["id"], 3)
     assert batch["cost_usd"] > 0
 
 
@@ -535,8 +537,7 @@ def test_a_retryable_submit_error_is_retried_with_backoff(
     fresh_batch_apis.fail_creates = [429, 529]
     created = doc_batch(http, "anthropic/echo", 2)
     sweep_until(papp, status_of(http, created["id"]))
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 2
+    completed(http, created["id"], 2)
     assert fresh_batch_apis.creates["anthropic"] == 1 and not fresh_batch_apis.fail_creates
 
 
@@ -690,8 +691,7 @@ def test_a_provider_batch_past_the_byte_limit_is_split(
     sizes = sorted(len(b.custom_ids) for b in fresh_batch_apis.of_kind("anthropic"))
     assert sum(sizes) == 5 and max(sizes) <= 2
     sweep_until(papp, status_of(http, created["id"]))
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 5
+    completed(http, created["id"], 5)
     assert all(r.attempts == 1 for r in item_rows(papp, created["id"]))
 
 
@@ -721,8 +721,7 @@ def test_a_window_longer_than_the_providers_resends_what_the_provider_expired(
     sweep_until(papp, lambda: fresh_batch_apis.creates["anthropic"] >= 1)
     fresh_batch_apis.configure(processing_s=0.3, expire_after_s=None)  # the next one runs
     sweep_until(papp, status_of(http, created["id"]))
-    batch = http.get(f"/v1/document-batches/{created['id']}").json()
-    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 2
+    completed(http, created["id"], 2)
     assert fresh_batch_apis.creates["anthropic"] == 2
     rows = item_rows(papp, created["id"])
     sent = Counter(c for b in fresh_batch_apis.of_kind("anthropic") for c in b.custom_ids)
