@@ -205,7 +205,6 @@ def sent_custom_ids(upstream: FakeUpstream, kind: str) -> Counter[str]:
     return Counter(c for b in upstream.batches.of_kind(kind) for c in b.custom_ids)
 
 
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def completed(http: httpx.Client, batch_id: str, succeeded: int) -> dict[str, Any]:
     """The document batch, which must have completed with this many items succeeded."""
     batch = http.get(f"/v1/document-batches/{batch_id}").json()
@@ -213,6 +212,7 @@ def completed(http: httpx.Client, batch_id: str, succeeded: int) -> dict[str, An
     return batch
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_document_batch_runs_on_the_providers_batch_api(
     provider: str, http: httpx.Client, papp: Flask, upstream: FakeUpstream
 ) -> None:
