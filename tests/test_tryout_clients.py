@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import httpx
@@ -227,3 +228,39 @@ def test_anthropic_tool_choice_none_without_tools_is_not_sent(
     sent = upstream.last_request(with_tools)
     assert sent is not None and sent["tool_choice"] == {"type": "none"}
     assert json.dumps(sent["tools"])
+
+
+# ------------------------------------------------------------------------------ jobs API
+
+
+def _finished(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    for _ in range(100):
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled", "expired"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_a_background_chat_job_shows_its_tool_calls_and_choices(client: httpx.Client) -> None:
+    """`Prefer: respond-async` on a chat with tools answers 202; GET /v1/jobs/{id} then
+    showed `output: ""` and no tool call: the answer was in the row, not in the object."""
+    body = {"model": "mock/tools", "messages": [{"role": "user", "content": "Paris"}]}
+    accepted = client.post(
+        "/v1/chat/completions",
+        json={**body, "tools": TOOLS},
+        headers={"Prefer": "respond-async"},
+    )
+    assert accepted.status_code == 202, accepted.text
+    job = _finished(client, accepted.json()["id"])
+    assert job["status"] == "succeeded" and job["finish_reason"] == "tool_calls"
+    (choice,) = job["choices"]
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    two = client.post("/v1/jobs", json={**body, "model": "mock/chat", "n": 2, "mode": "batch"})
+    assert two.status_code == 202, two.text
+    job = _finished(client, two.json()["id"])
+    assert [c["index"] for c in job["choices"]] == [0, 1]
+    assert job["output"] == job["choices"][0]["message"]["content"]
+    plain = client.post("/v1/jobs", json={**body, "model": "mock/echo", "mode": "batch"})
+    assert _finished(client, plain.json()["id"])["choices"] is None  # text: `output` says it

@@ -131,6 +131,9 @@ class Job(_Open):
     attempts: int
     worker: str | None
     output: str | None
+    choices: list[dict[str, Any]] | None = Field(
+        None, description="the chat.completion choices when the answer is more than text"
+    )
     finish_reason: str | None
     usage: dict[str, Any] | None
     cost_usd: float | None = Field(description="USD, from usage, model price and executor")  # #13

@@ -52,6 +52,7 @@ def job_object(job: Job, *, output: str | None = None) -> dict[str, Any]:
         "attempts": job.attempts,
         "worker": job.worker,
         "output": job.output if output is None else output,
+        "choices": job.choices,  # the chat.completion choices when the answer is more than text
         "finish_reason": job.finish_reason,
         "usage": job.usage,
         "cost_usd": job_cost_usd(job),
