@@ -94,6 +94,47 @@ def test_a_document_key_sluice_does_not_know_is_refused_naming_it(client: httpx.
     assert "'source'" in problem["message"]
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"model": "anthropic/claude-x", "temperature": 1.5}, "temperature"),
+        (
+            {
+                "model": "anthropic/claude-x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "schema": {"type": "array"}},
+                },
+            },
+            "response_format.json_schema.schema",
+        ),
+        ({"model": "mock/x?length=lots"}, "model"),
+    ],
+)
+def test_document_batch_options_the_provider_refuses_are_a_400_before_anything_runs(
+    client: httpx.Client, fields: dict[str, Any], param: str
+) -> None:
+    """A document batch took options its provider cannot honour (Anthropic's temperature
+    above 1...) with a 202, then failed every document with the same error."""
+    before = client.get("/v1/document-batches", params={"limit": 100}).json()["data"]
+    body = {"instructions": "Extract.", **fields}
+    as_json = client.post(
+        "/v1/document-batches", json={**body, "documents": [{"id": "a", "text": "alpha"}]}
+    )
+    assert as_json.status_code == 400, as_json.text
+    error = as_json.json()["error"]
+    assert error["param"] == param and error["code"] == "unsupported_parameter", error
+    query = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in body.items()}
+    as_jsonl = client.post(
+        "/v1/document-batches",
+        params=query,
+        content=b'{"id": "a", "text": "alpha"}\n',
+        headers={"Content-Type": "application/jsonl"},
+    )
+    assert as_jsonl.status_code == 400 and as_jsonl.json()["error"]["param"] == param
+    assert client.get("/v1/document-batches", params={"limit": 100}).json()["data"] == before
+
+
 # ------------------------------------------------------------------------------ models
 
 

@@ -153,6 +153,7 @@ def create() -> ResponseReturnValue:
         return _created(existing, replayed=True)
     options, items = _read_submission(max_bytes)
     check_model_name(options.model)
+    documents.check_with_provider(options)
     route = front_door.route(
         front_door.route_request(
             "/v1/document-batches",

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validat
 from app import extraction, limits, validation
 from app.errors import APIError
 from app.services.batches import BatchItem
-from app.services.chat_request import MODEL_FIELD, PARAMETERS, Metadata
+from app.services.chat_request import MODEL_FIELD, PARAMETERS, Metadata, parse_chat_request
 from app.validation import MAX_JSON_INT, check_metadata, checked, loads
 
 TEXT_TYPES = (".txt", ".md", ".markdown", ".text")
@@ -240,6 +240,13 @@ class DocumentBatchRequest(Options):
 def parse_options(source: Mapping[str, Any]) -> Options:
     """Validate the batch-wide fields (from form fields or the query string)."""
     return validation.parse(Options, dict(source))
+
+
+def check_with_provider(options: Options) -> None:
+    """The chat endpoint's checks of one document's request, provider included (Anthropic
+    refuses a temperature above 1...): a 400 naming the field before anything is queued,
+    not the same failure on every document."""
+    parse_chat_request(options.body("document"))
 
 
 def _json_field(value: Any, name: str) -> Any:
