@@ -305,3 +305,91 @@ def test_a_background_chat_job_shows_its_tool_calls_and_choices(client: httpx.Cl
     assert job["output"] == job["choices"][0]["message"]["content"]
     plain = client.post("/v1/jobs", json={**body, "model": "mock/echo", "mode": "batch"})
     assert _finished(client, plain.json()["id"])["choices"] is None  # text: `output` says it
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "user", "content": "hi", "name": "bob"}, "messages[0].name"),
+        (
+            {"role": "user", "content": "hi", "cache_control": {"type": "ephemeral"}},
+            "messages[0].cache_control",
+        ),
+        (
+            {"role": "user", "content": [{"type": "text", "text": "hi", "lang": "en"}]},
+            "messages[0].content[0].lang",
+        ),
+    ],
+)
+def test_anthropic_refuses_message_keys_it_would_drop(
+    openai_client: openai.OpenAI, upstream: FakeUpstream, message: dict[str, Any], param: str
+) -> None:
+    """A message's `name`, or a key of a message or content part Anthropic has no place
+    for, was dropped without a word."""
+    name = "tryout-msg-" + hashlib.sha1(param.encode()).hexdigest()[:8]
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.chat.completions.create(model=f"anthropic/{name}", messages=[message])
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == param, error
+    assert upstream.requests(name) == 0
+
+
+def test_anthropic_honours_cache_control_on_content_parts(
+    openai_client: openai.OpenAI, upstream: FakeUpstream
+) -> None:
+    """Prompt caching: `cache_control` on a text, image or system part reaches Anthropic on
+    that block (it was dropped, and all-text content flattened to a string)."""
+    name = "tryout-cache-control"
+    ephemeral = {"type": "ephemeral"}
+    openai_client.chat.completions.create(
+        model=f"anthropic/{name}",
+        messages=[
+            {
+                "role": "system",
+                "content": [
+                    {"type": "text", "text": "long rules", "cache_control": ephemeral},
+                ],
+            },
+            {"role": "system", "content": "more rules"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "a long document", "cache_control": ephemeral},
+                    {"type": "text", "text": "the question"},
+                ],
+            },
+        ],
+    )
+    sent = upstream.last_request(name)
+    assert sent is not None
+    assert sent["system"] == [
+        {"type": "text", "text": "long rules", "cache_control": ephemeral},
+        {"type": "text", "text": "more rules"},
+    ]
+    assert sent["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "a long document", "cache_control": ephemeral},
+                {"type": "text", "text": "the question"},
+            ],
+        }
+    ]
+
+
+def test_a_completion_message_appended_as_is_goes_to_anthropic(
+    openai_client: openai.OpenAI, upstream: FakeUpstream
+) -> None:
+    """`messages.append(completion.choices[0].message)`: the SDK sends its null fields
+    (`refusal: null`...), which are no keys to refuse."""
+    messages: list[Any] = [{"role": "user", "content": "Paris"}]
+    first = openai_client.chat.completions.create(
+        model="mock/tools", messages=messages, tools=TOOLS
+    )
+    messages.append(first.choices[0].message)
+    (call,) = first.choices[0].message.tool_calls or []
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": "sunny"})
+    name = "tryout-appended"
+    openai_client.chat.completions.create(model=f"anthropic/{name}", messages=messages, tools=TOOLS)
+    sent = upstream.last_request(name)
+    assert sent is not None and sent["messages"][1]["content"][0]["type"] == "tool_use"

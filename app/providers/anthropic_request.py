@@ -32,6 +32,11 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
 }
 HANDLED = ("parallel_tool_calls", "reasoning_effort", "service_tier")
+MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
+PART_KEYS = {  # a content part's keys Anthropic has a place for (cache_control: on its block)
+    kind: frozenset({"type", kind, "cache_control"})
+    for kind in ("text", "refusal", "image_url", "file")
+}
 # Anthropic's strict tool use (grammar-constrained tool input) is behind this beta header
 STRICT_TOOLS_BETA = "structured-outputs-2025-11-13"
 
@@ -82,23 +87,44 @@ def _document(file: dict[str, Any], where: str, provider: str) -> dict[str, Any]
     return block
 
 
+def _empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
+
+def _check_keys(item: dict[str, Any], known: frozenset[str], where: str, provider: str) -> None:
+    """A key Anthropic has no place for is refused by name (one the SDK sends as null, such
+    as an appended completion's `refusal: null`, is no key at all)."""
+    for key, value in item.items():
+        if key not in known and not _empty(value):
+            why = "Anthropic messages carry no name" if key == "name" else "it has no such field"
+            raise _refuse(f"{where}.{key}", provider, why)
+
+
 def _blocks(content: Any, where: str, provider: str) -> str | list[dict[str, Any]]:
-    """Message content as Anthropic content: a string when it is all text, else blocks."""
+    """Message content as Anthropic content: a string when it is all plain text, else
+    blocks (a part's `cache_control`, Anthropic's prompt caching, stays on its block)."""
     if not isinstance(content, list):
         return content_text(content)
-    if all(part.get("type") == "text" for part in content):
+    for j, part in enumerate(content):
+        known = PART_KEYS.get(part.get("type"))
+        if known is not None:
+            _check_keys(part, known, f"{where}.content[{j}]", provider)
+    if all(part.get("type") == "text" and not part.get("cache_control") for part in content):
         return content_text(content)
     blocks: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind, at = part.get("type"), f"{where}.content[{j}]"
         if kind in ("text", "refusal"):
-            blocks.append({"type": "text", "text": part.get(kind) or ""})
+            block = {"type": "text", "text": part.get(kind) or ""}
         elif kind == "image_url":
-            blocks.append(_image(part.get("image_url") or {}, at, provider))
+            block = _image(part.get("image_url") or {}, at, provider)
         elif kind == "file":
-            blocks.append(_document(part.get("file") or {}, at, provider))
+            block = _document(part.get("file") or {}, at, provider)
         else:
             raise _refuse(at, provider, f"content parts of type {kind!r} are not")
+        if part.get("cache_control"):
+            block["cache_control"] = part["cache_control"]
+        blocks.append(block)
     return blocks
 
 
@@ -126,25 +152,26 @@ def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def to_anthropic_messages(
     messages: list[dict[str, Any]], provider: str = "anthropic"
-) -> tuple[str | None, list[dict[str, Any]]]:
-    """Split OpenAI messages into Anthropic's `system` and alternating user/assistant turns."""
-    system: list[str] = []
+) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """Split OpenAI messages into Anthropic's `system` (a string, or text blocks when one
+    carries cache_control) and alternating user/assistant turns."""
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         role, where = message.get("role"), f"messages[{i}]"
+        _check_keys(message, MESSAGE_KEYS, where, provider)
         content: str | list[dict[str, Any]]
         if role in ("system", "developer"):
             text = _blocks(message.get("content"), where, provider)
-            if not isinstance(text, str):
+            if any(block.get("type") != "text" for block in _as_blocks(text)):
                 raise _refuse(f"{where}.content", provider, "a system message takes text only")
-            if text:
-                system.append(text)
+            system += _as_blocks(text)
             continue
         if role == "tool":
             result = {
                 "type": "tool_result",
                 "tool_use_id": message.get("tool_call_id"),
-                "content": content_text(message.get("content")),
+                "content": _blocks(message.get("content"), where, provider),
             }
             role, content = "user", [result]
         elif role == "assistant":
@@ -165,7 +192,9 @@ def to_anthropic_messages(
                 turns[-1]["content"] = _as_blocks(previous) + _as_blocks(content)
         else:
             turns.append({"role": role, "content": content})
-    return ("\n\n".join(system) or None), turns
+    if any(block.get("cache_control") for block in system):
+        return system, turns
+    return ("\n\n".join(block["text"] for block in system) or None), turns
 
 
 def _tools(request: ChatRequest, provider: str) -> list[dict[str, Any]]:
