@@ -286,7 +286,7 @@ def test_a_hub_that_reconnects_hears_its_jobs_again(app_ctx: Flask) -> None:
         entries = tail.follow()
         assert next(entries)[1]["d"] == "before "  # type: ignore[index]
         hub.connected.clear()
-        host, port = hub._pubsub.connection._sock.getsockname()[:2]
+        host, port = hub._wire.connection._sock.getsockname()[:2]  # type: ignore[union-attr]
         assert client.client_kill(f"{host}:{port}")  # this hub's connection only
         dlog.append(_content("missed "))  # published while the hub may be away
         deadline = time.monotonic() + 10
