@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from flask import Flask
 
 from app.extensions import redis_store
@@ -183,6 +184,43 @@ def test_a_hub_hears_the_broadcast_channel_only_while_a_feed_is_open(app_ctx: Fl
         while not heard and time.monotonic() < deadline:
             heard += third.wait(0.2)
         assert [json.loads(m)["data"]["id"] for m in heard] == ["job_fed_again"]
+    finally:
+        hub.close()
+
+
+def test_a_relay_at_the_tail_reads_nothing_and_gets_the_terminal_entry_from_its_notice(
+    app_ctx: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay subscribed before the first entry is handed every delta and the terminal
+    entry (fields and all) by the notices: not one XREAD. A relay that starts behind reads."""
+    hub = StreamHub(app_ctx.config["REDIS_URL"])
+    reads: list[Any] = []
+    real_xread = hub.client.xread
+
+    def counted_xread(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args)
+        return real_xread(*args, **kwargs)
+
+    monkeypatch.setattr(hub.client, "xread", counted_xread)
+    job = f"job_tail_{secrets.token_hex(4)}"
+    try:
+        tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
+        assert tail.subscribe()
+        dlog = _log(job)
+        dlog.append(_content("un "))
+        dlog.append(_content("deux"))
+        dlog.finish("length", {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+        entries = [item for item in tail.follow() if item is not None]
+        assert [fields.get("d") for _, fields in entries] == ["un ", "deux", None]
+        assert entries[-1][1] == {
+            "t": "done",
+            "finish_reason": "length",
+            "usage": json.dumps({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}),
+        }
+        assert entries[-1][0] == dlog.client.xrevrange(dlog.key, count=1)[0][0]
+        assert reads == []
+        late = [item for item in Tail(hub, job, lease_seconds=60).follow() if item is not None]
+        assert late == entries and len(reads) == 1  # behind: it reads the log
     finally:
         hub.close()
 
