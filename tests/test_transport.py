@@ -122,8 +122,16 @@ def client() -> Iterator[Any]:
 def test_sdk_clients_use_the_lean_transport_unless_a_proxy_is_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "localhost")
     sdk = OpenAIProvider(api_key="sk-x", base_url="http://127.0.0.1:9/v1")._get_client()
     assert isinstance(sdk._client._transport, LeanTransport)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")

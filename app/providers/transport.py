@@ -449,6 +449,6 @@ def _framing(
 
 def lean_client(timeout: float) -> Any:
     """An httpx client over LeanTransport for an SDK, or None if a proxy is configured."""
-    if urllib.request.getproxies():
+    if any(scheme != "no" for scheme in urllib.request.getproxies()):  # NO_PROXY alone: none
         return None  # the SDK's default client, which honours the proxy variables
     return sdk_http.Client(transport=LeanTransport(), timeout=timeout, follow_redirects=True)
