@@ -46,6 +46,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "BATCH_FAULT_WRITE_MARKER": (str, ""),  # tests only: fail result writes of marked outputs
     "SWEEP_INTERVAL_SECONDS": (float, 5.0),
     "PROVIDER_CONCURRENCY": (int, 64),
+    "BATCH_WORKER_NICE": (int, 10),  # CPU niceness of a batch-only worker (0: as started)
     "FILES_MAX_BYTES": (int, 200_000_000),
     "MAX_CONTENT_LENGTH": (int, 32 * 1024 * 1024),  # request body bytes, outside the two above
     # Limits (README "Limits"; app/limits.py): each refusal names its setting.

@@ -20,14 +20,24 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import redis
+import sqlalchemy as sa
 
-from bench.batch import Bench
+from app.config import database_url
+from app.embedded_redis import die_with_parent
+from app.models.job import jobs_t
+from bench.batch import Bench, cpu_seconds
+from bench.quota_upstream import TAG
 from bench.stream import Result, chat_body, pct, sse_stream
 
 STREAM_KEY = "sluice:capacity:stream:openai"
@@ -66,32 +76,145 @@ class Sampler:
         self._thread.join(5)
 
 
-async def burst(bench: Bench, streams: int, model: str) -> list[Result]:
+async def burst(bench: Bench, streams: int, model: str, tag: str) -> list[tuple[str, Result]]:
+    """`streams` concurrent streams, each prompt its own tag (`quota-<tag>-<i>`)."""
     port = bench.stack.port
     headers = {"Authorization": f"Bearer {bench.key}"}
-    body = chat_body(model)
-    return await asyncio.gather(
-        *(sse_stream(port, "/v1/chat/completions", body, headers) for _ in range(streams))
+    tags = [f"{TAG}{tag}-{i}" for i in range(streams)]
+    bodies = [chat_body(model) | {"messages": [{"role": "user", "content": t}]} for t in tags]
+    results = await asyncio.gather(
+        *(sse_stream(port, "/v1/chat/completions", body, headers) for body in bodies)
     )
+    return list(zip(tags, results, strict=True))
 
 
 def stream_model(args: argparse.Namespace) -> str:
     return f"openai/quota?ttft_ms={args.ttft_ms:g}&tps={args.tps:g}&tokens={args.tokens}"
 
 
-def bursts(bench: Bench, args: argparse.Namespace, sampler: Sampler) -> dict[str, Any]:
+PERF_WALL = time.time() - time.perf_counter()  # perf_counter -> Unix seconds
+# the stream path, stamp by stamp: (label, from, to); each from a different clock owner
+SEGMENTS = (
+    ("web: request -> job row", "client_sent", "created"),
+    ("queue: job row -> upstream read it", "created", "received"),
+    ("upstream: read -> first token out (ttft_ms)", "received", "upstream_first"),
+    ("worker: first token in -> appended", "upstream_first", "worker_first"),
+    ("relay: appended -> client", "worker_first", "client_first"),
+)
+
+
+def run_delay_ns(pids: list[int]) -> int:
+    """Nanoseconds these processes' threads spent runnable but waiting for a CPU, so far."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total
+
+
+def parts(bench: Bench) -> dict[str, list[int]]:
+    """The processes of each part, the stream worker among them."""
+    out = bench.parts()
+    root = psutil.Process(bench.stack.procs["stream"].pid)
+    out["stream worker"] = [root.pid, *(c.pid for c in root.children(recursive=True))]
+    return out
+
+
+class Stopwatch:
+    """CPU seconds used and seconds waited for a CPU, per part, over the blocks it times."""
+
+    def __init__(self, parts: dict[str, list[int]]) -> None:
+        self.parts = parts
+        self.cpu = dict.fromkeys(parts, 0.0)
+        self.wait = dict.fromkeys(parts, 0.0)
+        self.seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._at = time.perf_counter()
+        self._cpu = {n: cpu_seconds(p) for n, p in self.parts.items()}
+        self._wait = {n: run_delay_ns(p) for n, p in self.parts.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._at
+        for name, pids in self.parts.items():
+            self.cpu[name] += cpu_seconds(pids) - self._cpu[name]
+            self.wait[name] += (run_delay_ns(pids) - self._wait[name]) / 1e9
+
+
+def stamps(bench: Bench, tagged: list[tuple[str, Result]]) -> dict[str, dict[str, float]]:
+    """Unix-second stamps of each stream: client, job row, upstream (see SEGMENTS)."""
+    out: dict[str, dict[str, float]] = {}
+    for tag, r in tagged:
+        if r.ok and r.ttft is not None and r.arrivals:
+            first = PERF_WALL + r.arrivals[0]
+            out[tag] = {"client_sent": first - r.ttft, "client_first": first}
+    notes = httpx.get(f"http://127.0.0.1:{bench.upstream_port}/_bench/notes", timeout=30).json()
+    engine = sa.create_engine(database_url(bench.env.get("DATABASE_URL"), bench.home))
+    cols = jobs_t.c
+    query = sa.select(cols.request, cols.created_at, cols.started_at, cols.first_token_at)
+    with engine.connect() as conn:
+        rows = conn.execute(query.where(cols.mode == "stream")).all()
+    engine.dispose()
+
+    def unix(value: datetime | None) -> float | None:
+        if value is None:
+            return None
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+    for request, created, started, first_token in rows:
+        tag = str((request.get("messages") or [{}])[-1].get("content"))
+        if tag in out:
+            note = notes.get(tag) or {}
+            values = {
+                "created": unix(created),
+                "started": unix(started),
+                "worker_first": unix(first_token),
+                "received": note.get("received"),
+                "upstream_first": note.get("first"),
+            }
+            out[tag] |= {k: v for k, v in values.items() if v is not None}
+    return out
+
+
+def segments(stamped: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """Each SEGMENTS step's (p50, p95) in ms over the streams that have both stamps."""
+    out = {}
+    for label, a, b in SEGMENTS:
+        spans = [1000 * (s[b] - s[a]) for s in stamped.values() if a in s and b in s]
+        out[label] = (pct(spans, 50), pct(spans, 95))
+    # the slowest streams: where did their time go?
+    slow = sorted(stamped.values(), key=lambda s: s["client_first"] - s["client_sent"])
+    tail = slow[-max(1, len(slow) // 20) :]
+    for label, a, b in SEGMENTS:
+        spans = [1000 * (s[b] - s[a]) for s in tail if a in s and b in s]
+        out[f"{label} [slowest 5%, mean]"] = (sum(spans) / max(1, len(spans)), float("nan"))
+    return out
+
+
+def bursts(
+    bench: Bench, args: argparse.Namespace, sampler: Sampler, watch: Stopwatch, phase: str
+) -> dict[str, Any]:
     """`--rounds` bursts, a pause between; TTFTs and how fast batch yielded to each."""
     ttfts: list[float] = []
     failed = 0
     backoff: list[float] = []
     peaks: list[int] = []
+    tagged: list[tuple[str, Result]] = []
     share = max(0, args.capacity - args.streams)
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         started = time.perf_counter()
-        results = asyncio.run(burst(bench, args.streams, stream_model(args)))
+        with watch:
+            results = asyncio.run(
+                burst(bench, args.streams, stream_model(args), f"{phase}-{round_}")
+            )
         ended = time.perf_counter()
-        ttfts += [r.ttft for r in results if r.ok and r.ttft is not None]
-        failed += sum(not r.ok for r in results)
+        tagged += results
+        ttfts += [r.ttft for _, r in results if r.ok and r.ttft is not None]
+        failed += sum(not r.ok for _, r in results)
         during = [(t, s, b) for t, s, b in sampler.samples if started <= t <= ended]
         if during:
             peaks.append(max(s + b for _, s, b in during))
@@ -107,7 +230,15 @@ def bursts(bench: Bench, args: argparse.Namespace, sampler: Sampler) -> dict[str
         "streams_failed": failed,
         "backoff_s": max(backoff) if backoff else None,
         "peak_in_flight": max(peaks) if peaks else 0,
+        "tagged": tagged,
     }
+
+
+def probe(bench: Bench, row: dict[str, Any], watch: Stopwatch) -> None:
+    """Add the row's per-segment figures and each part's CPU and CPU wait per burst second."""
+    row["segments"] = segments(stamps(bench, row.pop("tagged")))
+    row["cpu"] = {n: v / watch.seconds for n, v in watch.cpu.items()}
+    row["cpu_wait"] = {n: v / watch.seconds for n, v in watch.wait.items()}
 
 
 def run(args: argparse.Namespace, shared: bool) -> list[dict[str, Any]]:
@@ -119,12 +250,17 @@ def run(args: argparse.Namespace, shared: bool) -> list[dict[str, Any]]:
     rows = []
     label = f"capacity {args.capacity}" if shared else "no shared capacity"
     with bench, Sampler(bench.env["REDIS_URL"]) as sampler:
+        record_upstream(bench)
         bench.stack.kill("stream", signal.SIGTERM)  # bench batch's is a token one (10 greenlets)
         bench.stack.start_worker("stream", concurrency=args.stream_concurrency)
         bench.stack.wait_ready()
-        asyncio.run(burst(bench, args.streams, stream_model(args)))  # warm-up, not counted
-        alone = bursts(bench, args, sampler)
-        rows.append({"setup": label, "batch": "none"} | alone)
+        asyncio.run(burst(bench, args.streams, stream_model(args), "warm"))  # not counted
+        nice = {n: psutil.Process(p.pid).nice() for n, p in bench.stack.procs.items()}
+        print(f"{label}: niceness {nice}", flush=True)
+        watch = Stopwatch(parts(bench))
+        alone = {"setup": label, "batch": "none"} | bursts(bench, args, sampler, watch, "alone")
+        probe(bench, alone, watch)
+        rows.append(alone)
         model = "openai/quota-batch"
         started = time.perf_counter()
         _, batch = bench.submit_jsonl(args.documents, model)
@@ -133,10 +269,11 @@ def run(args: argparse.Namespace, shared: bool) -> list[dict[str, Any]]:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        over = bursts(bench, args, sampler)
+        watch = Stopwatch(parts(bench))
+        over = bursts(bench, args, sampler, watch, "over")
         done = bench.wait(batch["id"])
         total = time.perf_counter() - started
-        rows.append(
+        over = (
             {"setup": label, "batch": f"{args.documents:,} documents running"}
             | over
             | {
@@ -145,7 +282,30 @@ def run(args: argparse.Namespace, shared: bool) -> list[dict[str, Any]]:
                 "batch_s": total,
             }
         )
+        probe(bench, over, watch)
+        rows.append(over)
     return rows
+
+
+def record_upstream(bench: Bench) -> None:
+    """Swap the stack's fake upstream for one that notes each stream's stamps (same port)."""
+    assert bench.upstream is not None
+    bench.upstream.terminate()
+    bench.upstream.wait(10)
+    bench.upstream = subprocess.Popen(
+        [sys.executable, "-m", "bench.quota_upstream", "--port", str(bench.upstream_port),
+         "--delay-ms", str(bench.delay_ms), "--tokens", "20"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{bench.upstream_port}/_bench/notes", timeout=2)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def main(argv: list[str]) -> None:
@@ -194,3 +354,22 @@ def main(argv: list[str]) -> None:
             f"{r['ttft_p95_ms']:.0f} ms | {r['streams_ok']} / {r['streams_failed']} | "
             f"{backoff if r['batch'] != 'none' else '-'} | {r['peak_in_flight']} | {batch} |"
         )
+    print()
+    print("Where a stream's TTFT goes, ms (p50 / p95 per step; the slowest 5%: mean):")
+    print()
+    print("| step | " + " | ".join(f"{r['setup']}, batch {r['batch']}" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for label in rows[0]["segments"]:
+        cells = []
+        for r in rows:
+            p50, p95 = r["segments"][label]
+            cells.append(f"{p50:.0f}" if p95 != p95 else f"{p50:.0f} / {p95:.0f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+    print("Per second of burst: CPU seconds used / seconds waited for a CPU (runnable, not run):")
+    print()
+    print("| part | " + " | ".join(f"{r['setup']}, batch {r['batch']}" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for part in rows[0]["cpu"]:
+        cells = [f"{r['cpu'][part]:.2f} / {r['cpu_wait'][part]:.2f}" for r in rows]
+        print(f"| {part} | " + " | ".join(cells) + " |")

@@ -150,6 +150,12 @@ def wait_stream(client: httpx.Client, job_id: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------- rows
 
 
+def niceness(pid: int) -> set[int]:
+    """The CPU niceness of each thread of a process (Linux keeps one per thread)."""
+    stats = (task / "stat" for task in Path(f"/proc/{pid}/task").iterdir())
+    return {int(stat.read_text().rsplit(")", 1)[1].split()[16]) for stat in stats}
+
+
 def tenant_of(key: str) -> str:
     found = lookup_key(key)
     assert found is not None

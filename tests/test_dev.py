@@ -16,6 +16,7 @@ import redis
 from app.cli.supervisor import Supervisor
 from app.embedded_redis import die_with_parent
 from app.services.heartbeat import live_workers
+from tests.helpers import niceness
 from tests.stack import free_port
 
 SLUICE = str(Path(sys.executable).parent / "sluice")
@@ -107,6 +108,10 @@ def test_dev_restarts_a_killed_worker_and_stops_on_sigterm(
         assert len(batch_names) == 1
         first = _pid(log, "batch")
         assert first is not None
+        # interactive work wins the CPU: the batch worker runs at BATCH_WORKER_NICE (10)
+        started = os.getpriority(os.PRIO_PROCESS, 0)
+        assert niceness(first) == {max(10, started)}
+        assert niceness(_pid(log, "stream") or 0) == {started} == niceness(_pid(log, "web") or 0)
 
         os.kill(first, signal.SIGKILL)
         _wait("the restart", lambda: _pid(log, "batch", after=1) not in (None, first), 30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -12,11 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from flask import Flask
 
 from app import embedded_redis
 from app.cli.processes import gunicorn_conf, worker_argv
 from app.embedded_redis import die_with_parent
+from app.services.heartbeat import live_workers
+from tests.helpers import niceness
 
 ROOT = Path(__file__).resolve().parent.parent
 SLUICE = str(Path(sys.executable).parent / "sluice")
@@ -132,6 +136,37 @@ def test_readme_worker_commands_are_each_seen_by_readyz(
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+            proc.wait(10)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
+def test_a_batch_worker_runs_at_the_configuredniceness(
+    test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`sluice worker --mode batch` lowers its CPU priority to BATCH_WORKER_NICE; a stream
+    worker (and one of both queues) keeps the priority it was started with."""
+    redis_url, redis_proc = embedded_redis.start(tmp_path / "redis")
+    env = test_env | {"REDIS_URL": redis_url, "SLUICE_BATCH_WORKER_NICE": "7"}
+    started = os.getpriority(os.PRIO_PROCESS, 0)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for mode in ("batch", "stream"):
+            log = (tmp_path / f"{mode}.log").open("wb")
+            procs[mode] = subprocess.Popen(
+                [SLUICE, "worker", "--mode", mode],
+                env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            )  # fmt: skip
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        deadline = time.monotonic() + 90
+        while {w["pid"] for w in live_workers(client, 3.0)} != {p.pid for p in procs.values()}:
+            assert time.monotonic() < deadline, "the workers never beat"
+            time.sleep(0.2)
+        assert niceness(procs["batch"].pid) == {max(7, started)}
+        assert niceness(procs["stream"].pid) == {started}
+    finally:
+        for proc in procs.values():
+            proc.kill()
             proc.wait(10)
         redis_proc.terminate()
         redis_proc.wait(10)

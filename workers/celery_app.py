@@ -1,10 +1,13 @@
 """Worker entry point: `sluice worker --mode stream|batch` (or `celery -A workers.celery_app`)."""
 
+import os
+from pathlib import Path
 from typing import Any
 
-from celery.signals import beat_init
+from celery.signals import beat_init, celeryd_after_setup
 
 from app import create_app
+from app.queueing import BATCH_QUEUE, STREAM_QUEUE
 from app.services import sweeper
 
 flask_app = create_app()
@@ -16,3 +19,26 @@ def _sweep_in_beat(sender: Any, **_: Any) -> None:
     """Beat's process runs the sweeper itself: never through a queue, so no backlog delays it."""
     if sender.app is celery_app:
         sweeper.start(flask_app)
+
+
+def lower_priority(nice: int) -> None:
+    """Raise this process's niceness to `nice` (never lower it), on every thread it has.
+
+    Linux keeps a niceness per thread; threads started later inherit the caller's.
+    """
+    tids = [int(t.name) for t in Path("/proc/self/task").glob("*")] or [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except (ProcessLookupError, PermissionError):
+            continue  # a thread that ended meanwhile
+
+
+@celeryd_after_setup.connect(weak=False)
+def _batch_worker_yields_the_cpu(sender: Any, instance: Any, **_: Any) -> None:
+    """A worker of the batch queue alone runs at BATCH_WORKER_NICE: on a shared host the
+    interactive path (web, stream workers) wins the CPU whenever it needs it."""
+    queues = set(instance.app.amqp.queues.consume_from)
+    if instance.app is celery_app and BATCH_QUEUE in queues and STREAM_QUEUE not in queues:
+        lower_priority(flask_app.config["BATCH_WORKER_NICE"])
