@@ -189,6 +189,13 @@ def test_the_dashboard_card_shows_each_providers_split(
             cells = row.locator("td").all_inner_texts()
             assert cells[:4] == [PROVIDER, "1", "0", str(CAPACITY)]
             assert "1 stream, 0 batch of 4" in (row.locator(".bar").get_attribute("title") or "")
+            # a per-minute limit: a row of this minute's use by mode against the limit
+            rated = page.locator(f'#capacity-card tr.window-row[data-provider="{RATED}"]')
+            rated.wait_for(timeout=20_000)
+            cells = rated.locator("td").all_inner_texts()
+            assert cells[0] == "↳ requests / min" and cells[3] == str(RPM)
+            title = rated.locator(".bar").get_attribute("title") or ""
+            assert f"batch requests of {RPM} this minute" in title
             browser.close()
     finally:
         leases.release(redis_store.client, capacity.stream_key(PROVIDER), job)
