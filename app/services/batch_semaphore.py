@@ -48,6 +48,7 @@ TURN = 5.0  # seconds a slot may pass between this process's calls before it goe
 MAX_TAKE = 100  # slots asked of Redis in one call
 POLL_MAX = 0.05  # seconds between two asks while every slot is taken
 MAX_WAIT = 1.0  # longest wait on a full window or a pause before asking again
+NO_QUOTA = capacity.Quota()
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
 
 
@@ -112,7 +113,7 @@ class ProviderSemaphore:
         return capacity.batch_key(provider)
 
     def _quota(self, provider: str) -> capacity.Quota:
-        return self.quotas.get(provider) or capacity.Quota()
+        return self.quotas.get(provider, NO_QUOTA)
 
     def _turn(self, provider: str) -> float:
         """How long a slot may pass between this process's calls before Redis re-checks."""
