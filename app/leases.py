@@ -18,8 +18,11 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import redis
+
+from app import windows
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +39,43 @@ local function keep(key, ttl)
 end
 """
 
-# KEYS: n sets, then the record key when ARGV[4] ~= ''. ARGV: member, ttl_ms, n, record
-# grace_ms (or ''), limit_1..limit_n (0 = unlimited). A member already in the first set is
-# re-admitted. Returns {0, count_1..count_n} when held, else {i, ...}: set i was full.
+# KEYS: n sets, then the record key when ARGV[4] ~= '', then (metered) the provider's
+# window. ARGV: member, ttl_ms, n, record grace_ms (or ''), limit_1..limit_n (0 =
+# unlimited), then (metered) requests/minute, tokens/minute (0 = none) and the member's
+# tokens. A member already in the first set is re-admitted (not counted again). Returns
+# {0, count_1..count_n} when held, else {i, ...}: set i was full, n + 1: the window's
+# requests, n + 2: its tokens (app.services.capacity.stream_fits: streams alone count).
 ACQUIRE = f"""
 {_NOW}
 local PAD = {KEY_PAD_MS}
 {_KEEP}
+{windows.LUA}
 local member, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local metered = #ARGV > 4 + n
 local counts = {{}}
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   counts[i] = redis.call('ZCARD', KEYS[i])
 end
+local charge = ''
 if not redis.call('ZSCORE', KEYS[1], member) then
   for i = 1, n do
     local limit = tonumber(ARGV[4 + i])
     if limit > 0 and counts[i] >= limit then return {{i, unpack(counts)}} end
   end
+  if metered then
+    local key = KEYS[#KEYS]
+    local rpm, tpm, cost = tonumber(ARGV[5 + n]), tonumber(ARGV[6 + n]), tonumber(ARGV[7 + n])
+    local c = window(key)
+    if rpm > 0 and c.sr + 1 > rpm then return {{n + 1, unpack(counts)}} end
+    if tpm > 0 and c.st + math.min(cost, tpm) > tpm then return {{n + 2, unpack(counts)}} end
+    redis.call('HINCRBY', key, 'sr', 1)
+    redis.call('HINCRBY', key, 'st', cost)
+    charge = '|' .. key .. ' ' .. c.w .. ' ' .. cost
+  end
   for i = 1, n do counts[i] = counts[i] + 1 end
+elseif ARGV[4] ~= '' then
+  charge = string.match(redis.call('GET', KEYS[n + 1]) or '', '|.*$') or ''
 end
 local sets = {{}}
 for i = 1, n do
@@ -63,22 +84,31 @@ for i = 1, n do
   sets[i] = KEYS[i]
 end
 if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[n + 1], table.concat(sets, ' '), 'PX', ttl + tonumber(ARGV[4]))
+  local record = table.concat(sets, ' ') .. charge
+  redis.call('SET', KEYS[n + 1], record, 'PX', ttl + tonumber(ARGV[4]))
 end
 return {{0, unpack(counts)}}
 """
 
-# KEYS: one set, then (with a capacity) the set it yields to. ARGV: ttl_ms, limit
-# (0 = unlimited), capacity (0 = none), members... Holds as many of the members, in order,
-# as the limit leaves room for, and with a capacity as `capacity - live members of the
-# other set` leaves room for (app.services.capacity.batch_room); returns how many.
+# KEYS: one set, the set it yields to, the provider's window, its batch pause. ARGV:
+# ttl_ms, limit (0 = unlimited), capacity (0 = none), requests/minute, tokens/minute (0 =
+# none), each member's tokens, members... Holds as many of the members, in order, as the
+# limit leaves room for, with a capacity as `capacity - live members of the other set`
+# leaves (app.services.capacity.batch_room), and with per-minute limits as the window
+# leaves after the streams' reserve (capacity.batch_window_room), counting them there.
+# Returns {held, wait_ms, window}: wait_ms > 0 when nothing may start before then (the
+# pause, or the window's end).
 ACQUIRE_SOME = f"""
 {_NOW}
 local PAD = {KEY_PAD_MS}
 {_KEEP}
+{windows.LUA}
 local ttl, limit, capacity = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpm, tpm, cost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local paused = redis.call('PTTL', KEYS[4])
+if paused > 0 then return {{0, paused, 0}} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local room = #ARGV - 3
+local room = #ARGV - 6
 if limit > 0 or capacity > 0 then
   local held = redis.call('ZCARD', KEYS[1])
   if limit > 0 then room = math.min(room, limit - held) end
@@ -87,10 +117,23 @@ if limit > 0 or capacity > 0 then
     room = math.min(room, capacity - other - held)
   end
 end
-if room <= 0 then return 0 end
-for i = 4, 3 + room do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+if room <= 0 then return {{0, 0, 0}} end
+local w = 0
+if rpm > 0 or tpm > 0 then
+  local c = window(KEYS[3])
+  w = c.w
+  if rpm > 0 then room = math.min(room, rpm - c.br - math.max(c.sr, c.psr)) end
+  if tpm > 0 then
+    local each = math.max(1, math.min(cost, tpm))
+    room = math.min(room, math.floor((tpm - c.bt - math.max(c.st, c.pst)) / each))
+  end
+  if room <= 0 then return {{0, window_left(), w}} end
+  redis.call('HINCRBY', KEYS[3], 'br', room)
+  redis.call('HINCRBY', KEYS[3], 'bt', room * cost)
+end
+for i = 7, 6 + room do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
 keep(KEYS[1], ttl)
-return room
+return {{room, 0, w}}
 """
 
 # KEYS: one set. ARGV: ttl_ms, 'XX' (renew live members only) or 'ANY', members...
@@ -120,7 +163,7 @@ local PAD = {KEY_PAD_MS}
 local sets = redis.call('GET', KEYS[1])
 if not sets then return 0 end
 local ttl = tonumber(ARGV[2])
-for key in string.gmatch(sets, '%S+') do
+for key in string.gmatch(string.match(sets, '^[^|]*'), '%S+') do
   redis.call('ZADD', key, now + ttl, ARGV[1])
   keep(key, ttl)
 end
@@ -133,7 +176,7 @@ RELEASE_RECORDED = """
 local sets = redis.call('GET', KEYS[1])
 local removed = 0
 if sets then
-  for key in string.gmatch(sets, '%S+') do
+  for key in string.gmatch(string.match(sets, '^[^|]*'), '%S+') do
     removed = removed + redis.call('ZREM', key, ARGV[1])
   end
 end
@@ -147,6 +190,19 @@ def ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+@dataclass(frozen=True)
+class Meter:
+    """A call's place in its provider's per-minute window (app.windows): its limits and cost."""
+
+    key: str
+    requests_per_minute: int  # 0: none
+    tokens_per_minute: int  # 0: none
+    tokens: int  # the call's estimated tokens
+
+    def args(self) -> list[int]:
+        return [self.requests_per_minute, self.tokens_per_minute, self.tokens]
+
+
 def acquire(
     client: redis.Redis,
     sets: Sequence[str],
@@ -156,17 +212,35 @@ def acquire(
     *,
     record: str | None = None,
     record_grace_ms: int = 0,
+    meter: Meter | None = None,
 ) -> tuple[int, list[int]]:
     """Hold `member` in every set if none is full: (0, counts), else (i, counts), set i full.
 
     With `record`, the member's sets are written there (for renew_recorded and
-    release_recorded); it outlives the lease by record_grace_ms.
+    release_recorded); it outlives the lease by record_grace_ms. With `meter`, a new member
+    also counts one request and its tokens in the window (as a stream: streams alone must
+    fit): (len(sets) + 1, counts) when the requests would not, (len(sets) + 2, ...) tokens.
     """
     limits = list(limits) if limits is not None else [0] * len(sets)
     keys = [*sets, record] if record else list(sets)
     grace = str(record_grace_ms) if record else ""
-    result = client.eval(ACQUIRE, len(keys), *keys, member, ttl_ms, len(sets), grace, *limits)
+    extra: list[int] = []
+    if meter is not None:
+        keys.append(meter.key)
+        extra = meter.args()
+    result = client.eval(
+        ACQUIRE, len(keys), *keys, member, ttl_ms, len(sets), grace, *limits, *extra
+    )
     return int(result[0]), [int(c) for c in result[1:]]
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What acquire_some held: the members, and when nothing was, how long to wait."""
+
+    members: list[str]
+    wait_ms: int = 0  # > 0: nothing may start before then (a pause, a full window)
+    window: int = 0  # the window the members were counted in (metered only)
 
 
 def acquire_some(
@@ -177,18 +251,24 @@ def acquire_some(
     limit: int,
     *,
     within: tuple[str, int] | None = None,
-) -> list[str]:
+    meter: Meter | None = None,
+    pause: str | None = None,
+) -> Taken:
     """Hold as many of `members` (in order) in one set as its limit leaves room for.
 
     `within=(other_set, capacity)`: this set and the other's live members share the
-    capacity, and this set takes only what the other leaves.
+    capacity, and this set takes only what the other leaves. `meter`: each member is a
+    batch call counted in the window, within what the streams leave there. `pause` (default
+    `<key>:pause`): a key whose life holds every member back.
     """
     if not members:
-        return []
-    other, capacity = within if within and within[1] > 0 else ("", 0)
-    keys = [key, other] if capacity else [key]
-    held = int(client.eval(ACQUIRE_SOME, len(keys), *keys, ttl_ms, limit, capacity, *members))
-    return list(members[:held])
+        return Taken([])
+    other, capacity = within if within and within[1] > 0 else (key, 0)
+    window, rates = (meter.key, meter.args()) if meter else (key, [0, 0, 0])
+    keys = [key, other, window, pause or f"{key}:pause"]
+    argv: list[int | str] = [ttl_ms, limit, capacity, *rates, *members]
+    held, wait_ms, counted = client.eval(ACQUIRE_SOME, len(keys), *keys, *argv)
+    return Taken(list(members[: int(held)]), int(wait_ms), int(counted))
 
 
 def renew(

@@ -124,7 +124,8 @@ class SystemCollector(Collector):
 
 
 def capacity_families(splits: list[capacity.Split]) -> Iterator[Metric]:
-    """Each provider's calls in flight by mode, and its shared capacity where one is set."""
+    """Each provider's calls in flight by mode, its shared capacity where one is set, and
+    (with per-minute limits) this window's requests and tokens by mode, and the limits."""
     calls = GaugeMetricFamily(
         "sluice_provider_calls_in_flight",
         "Provider calls holding capacity: stream jobs admitted and not ended, batch calls",
@@ -135,13 +136,46 @@ def capacity_families(splits: list[capacity.Split]) -> Iterator[Metric]:
         "Concurrent calls a provider's capacity allows, shared by streams and batch",
         labels=["provider"],
     )
+    used = {
+        kind: GaugeMetricFamily(
+            f"sluice_provider_window_{kind}",
+            f"Provider {kind} counted in the current minute's window, by mode",
+            labels=["provider", "mode"],
+        )
+        for kind in ("requests", "tokens")
+    }
+    limits = {
+        kind: GaugeMetricFamily(
+            f"sluice_provider_{kind}_per_minute",
+            f"{kind.capitalize()} per minute a provider's capacity allows, shared by both modes",
+            labels=["provider"],
+        )
+        for kind in ("requests", "tokens")
+    }
+    paused = GaugeMetricFamily(
+        "sluice_provider_batch_paused_seconds",
+        "Seconds a provider's batch calls stay held back after an upstream 429",
+        labels=["provider"],
+    )
     for split in splits:
         calls.add_metric([split.provider, "stream"], split.stream)
         calls.add_metric([split.provider, "batch"], split.batch)
         if split.capacity is not None:
             shared.add_metric([split.provider], split.capacity)
+        for kind, window in (
+            ("requests", split.requests_per_minute),
+            ("tokens", split.tokens_per_minute),
+        ):
+            if window is not None:
+                used[kind].add_metric([split.provider, "stream"], window.stream)
+                used[kind].add_metric([split.provider, "batch"], window.batch)
+                limits[kind].add_metric([split.provider], window.limit)
+        paused.add_metric([split.provider], split.batch_paused_for)
     yield calls
     yield shared
+    yield from used.values()
+    yield from limits.values()
+    yield paused
 
 
 def _histogram(

@@ -141,6 +141,16 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path[:200]
 
 
+def unknown_parameter(path: str) -> APIError:
+    """The 400 for a request field Sluice neither honours nor knows, naming it."""
+    return APIError(
+        400,
+        f"Unrecognized request argument supplied: {path}",
+        param=path,
+        code="unknown_parameter",
+    )
+
+
 def validation_error(exc: ValidationError) -> APIError:
     """Pydantic's first error as OpenAI's 400, naming the field path."""
     error = exc.errors(include_url=False)[0]
@@ -154,12 +164,7 @@ def validation_error(exc: ValidationError) -> APIError:
             code="missing_required_parameter",
         )
     if kind == "extra_forbidden":
-        return APIError(
-            400,
-            f"Unrecognized request argument supplied: {path}",
-            param=path,
-            code="unknown_parameter",
-        )
+        return unknown_parameter(path)
     if kind.endswith(_TYPE_ERRORS):
         return APIError(
             400, f"Invalid type for '{path}': {message}.", param=path, code="invalid_type"

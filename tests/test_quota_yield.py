@@ -39,7 +39,8 @@ def _until(check: object, timeout: float) -> float:
 def busy(app_ctx: Flask) -> Iterator[tuple[ProviderSemaphore, str]]:
     """A semaphore whose 12 threads call the provider back to back until the test ends."""
     provider = f"yield-{time.time_ns()}"
-    sem = ProviderSemaphore(redis_store.client, 16, lease=5.0, capacities={provider: CAPACITY})
+    quotas = {provider: capacity.Quota(CAPACITY)}
+    sem = ProviderSemaphore(redis_store.client, 16, lease=5.0, quotas=quotas)
     stop = threading.Event()
     errors: list[BaseException] = []
 

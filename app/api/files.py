@@ -15,10 +15,12 @@ from app.errors import APIError
 from app.pagination import list_object, page_params
 from app.services import files as storage
 from app.services.front_door import FORM_OVERHEAD
+from app.validation import unknown_parameter
 
 bp = Blueprint("files", __name__)
 
 MAX_FIELD_BYTES = 1024 * 1024  # also bounds the decoder buffer, so above its 64 KiB reads
+UPLOAD_FIELDS = {"purpose"}  # besides the `file` part itself
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # NUL, line breaks...: no header or column holds them
 
 
@@ -47,7 +49,9 @@ def _too_large(limit: int) -> APIError:
 
 
 def _parse_upload() -> tuple[dict[str, str], storage.CountingWriter | None, str | None]:
-    """Stream the multipart body: the `file` part to a temp file on disk, fields in memory."""
+    """Stream the multipart body: the `file` part to a temp file on disk, fields in memory.
+
+    The fields are every part but `file`, file parts included (by name, with no value)."""
     limit = current_app.config["FILES_MAX_BYTES"]
     mimetype, options = parse_options_header(request.headers.get("Content-Type", ""))
     if mimetype != "multipart/form-data":
@@ -94,7 +98,16 @@ def _parse_upload() -> tuple[dict[str, str], storage.CountingWriter | None, str 
     keep = cast(storage.CountingWriter | None, chosen.stream if chosen is not None else None)
     _discard([p for p in parts if p is not keep])
     fields = {key: form.get(key, "") for key in form}
+    fields |= {key: "" for key in uploaded if key != "file" and key not in fields}
     return fields, keep, chosen.filename if chosen is not None else None
+
+
+def _check_known(fields: dict[str, str]) -> None:
+    """A part this endpoint does not honour (e.g. the SDK's `expires_after[seconds]`) is a
+    400 naming it, never silently dropped."""
+    unknown = sorted({key.split("[", 1)[0] for key in fields} - UPLOAD_FIELDS)
+    if unknown:
+        raise unknown_parameter(unknown[0])
 
 
 def _discard(parts: list[storage.CountingWriter]) -> None:
@@ -119,6 +132,7 @@ def upload_file() -> ResponseReturnValue:
                 + ".",
                 param="purpose",
             )
+        _check_known(fields)
         _check_filename(filename)
         row = storage.store_upload(g.tenant_id, filename or "upload.jsonl", purpose, part)
     except BaseException:

@@ -252,6 +252,36 @@ def _thinking(request: ChatRequest, provider: str, max_tokens: int) -> tuple[dic
     return {"thinking": {"type": "enabled", "budget_tokens": budget}}, max_tokens
 
 
+def _check_thinking(
+    request: ChatRequest, provider: str, messages: list[dict[str, Any]], choice: Any
+) -> None:
+    """What Anthropic answers 400 to with extended thinking on, refused here by name: a
+    forced tool (tool_choice any / tool, and so response_format), a temperature other than
+    1, a top_p under 0.95, and a final assistant turn without its thinking block (a tool
+    loop or a prefill: the OpenAI format cannot carry the block back)."""
+    why = "Anthropic's extended thinking (reasoning_effort) cannot be combined with"
+    if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+        forced = "response_format" if request.response_format else "a forced tool_choice"
+        raise _refuse("reasoning_effort", provider, f"{why} {forced}")
+    if request.temperature is not None and request.temperature != 1:
+        raise _refuse("temperature", provider, f"{why} a temperature other than 1")
+    if request.top_p is not None and request.top_p < 0.95:
+        raise _refuse("top_p", provider, f"{why} a top_p under 0.95")
+    last = next(
+        (i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "assistant"), None
+    )
+    if last is not None and (
+        last == len(messages) - 1
+        or any(block.get("type") == "tool_use" for block in _as_blocks(messages[last]["content"]))
+    ):
+        raise _refuse(
+            "reasoning_effort",
+            provider,
+            f"{why} a final assistant turn (a tool call or a prefill) whose thinking block"
+            " it needs back",
+        )
+
+
 def _check_options(request: ChatRequest, provider: str) -> None:
     if request.choices != 1:
         raise _refuse("n", provider, "it returns one choice")
@@ -289,8 +319,10 @@ def translate(request: ChatRequest, provider: str, default_max_tokens: int) -> T
         extra["tools"] = tools
         if any(tool.get("strict") for tool in tools):
             params["extra_headers"] = {"anthropic-beta": STRICT_TOOLS_BETA}
-    if choice is not None:
+    if choice is not None and tools:  # Anthropic takes a tool_choice only beside tools
         extra["tool_choice"] = choice
+    if extra.get("thinking"):
+        _check_thinking(request, provider, messages, choice)
     tier = request.options.get("service_tier")
     if tier is not None:
         if tier not in SERVICE_TIERS:

@@ -37,7 +37,8 @@ from app.providers.mock_answers import (
     tool_call,
 )
 
-MODELS = ("echo", "tools", "chat", "slow", "error")  # the presets /v1/models lists
+# the presets /v1/models lists; `demo` (the name the dev banner and README use) is like chat
+MODELS = ("echo", "tools", "chat", "slow", "error", "demo")
 ACCEPTED_OPTIONS = (
     "seed",
     "presence_penalty",

@@ -33,7 +33,7 @@ from app.extensions import current_flask_app, db, redis_store
 from app.models import Job, utcnow
 from app.models.job import jobs_t
 from app.providers import ChatRequest, ProviderError, UnknownModel, providers
-from app.services import events
+from app.services import capacity, events
 from app.services.batch_lifecycle import maybe_finalize
 from app.services.batch_semaphore import semaphore
 from app.services.batch_writes import ItemResult, Ticket, result_writer
@@ -95,10 +95,11 @@ def run_item(row: Any, cancelled: Any) -> ItemResult:
         if stop := cancelled():
             return ItemResult(row.id, row.attempts, stop, error=stop_error(stop))
         try:
-            with sem.slot(provider.name):
+            with sem.slot(provider.name, lambda: capacity.estimate(request)) as call:
                 if stop := cancelled():  # the wait for a slot may have been long
                     return ItemResult(row.id, row.attempts, stop, error=stop_error(stop))
                 completion = provider.complete(request)
+                call.tokens = completion.usage.total_tokens  # the provider's window, corrected
         except INFRASTRUCTURE:
             raise  # Redis or the database, not this item: the run gives its items back
         except Exception as exc:  # a provider's own verdict, else (a worker-side error) retry

@@ -15,6 +15,14 @@ its streams (`app.services.capacity`): each take from Redis leaves room for the 
 holding capacity, and its slots pass between calls for at most capacity.YIELD_SECONDS,
 and not at all once streams need them (`_displaced`, read every CHECK_SECONDS), so batch
 backs off within a call's length of a stream's arrival and resumes when it ends.
+
+With `requests_per_minute` or `tokens_per_minute` as well, every call is counted in the
+provider's window as it is taken (one request, its estimated tokens), so its slot never
+passes between calls: each call takes from Redis (the asker still takes for all waiters
+at once) and gives back with the correction to its actual tokens, in one call each. A full
+window holds takes back until it has room (re-checked at least every MAX_WAIT seconds).
+An upstream 429 with Retry-After pauses the provider's takes in every process for that
+long (a shared key, capacity.pause_key); this process stops handing slots over at once.
 """
 
 from __future__ import annotations
@@ -24,13 +32,15 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import redis
 
-from app import leases
+from app import leases, windows
 from app.extensions import current_flask_app, redis_store
+from app.providers.base import ProviderError
 from app.services import capacity
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,7 @@ log = logging.getLogger(__name__)
 TURN = 5.0  # seconds a slot may pass between this process's calls before it goes back
 MAX_TAKE = 100  # slots asked of Redis in one call
 POLL_MAX = 0.05  # seconds between two asks while every slot is taken
+MAX_WAIT = 1.0  # longest wait on a full window or a pause before asking again
 CHECK_SECONDS = 0.02  # how stale the stream count may be when a slot passes between calls
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
 
@@ -57,6 +68,7 @@ class _Slots:
         self.waiting = 0
         self.asking = False
         self.held = 0  # slots this process took from Redis and has not given back
+        self.paused_until = 0.0  # monotonic: no slot passes between calls before then
 
     def surplus(self) -> list[str]:
         """Free slots beyond the waiters (to go back to Redis); call holding the lock."""
@@ -68,6 +80,13 @@ class _Slots:
         return [token for token, _ in gone]
 
 
+@dataclass
+class Call:
+    """One call holding a slot: set `tokens` to its usage, to correct the window's count."""
+
+    tokens: int | None = None
+
+
 class ProviderSemaphore:
     """At most `limit` holders per provider across every process sharing this Redis."""
 
@@ -76,67 +95,120 @@ class ProviderSemaphore:
         client: redis.Redis,
         limit: int,
         lease: float = 30.0,
-        capacities: Mapping[str, int] | None = None,
+        quotas: Mapping[str, capacity.Quota] | None = None,
+        retry_after_max: float = 300.0,
     ) -> None:
         self.client = client
         self.limit = max(1, limit)
         self.lease = max(1.0, lease)
-        self.capacities = dict(capacities or {})  # provider -> capacity shared with streams
+        self.quotas = dict(quotas or {})  # provider -> its capacity shared with streams
+        self.retry_after_max = retry_after_max
         self._slots: dict[str, _Slots] = {}
         self._lock = threading.Lock()
         self.renewer = leases.Renewer(client, self.lease, live_only=True)
         self.round_trips = 0  # Redis calls to take or give back slots (renewals aside)
+        self._charged: dict[str, tuple[str, int, int]] = {}  # token -> provider, window, tokens
         self._checked: dict[str, tuple[float, bool]] = {}  # provider -> (when, displaced)
 
     @staticmethod
     def key(provider: str) -> str:
         return capacity.batch_key(provider)
 
+    def _quota(self, provider: str) -> capacity.Quota:
+        return self.quotas.get(provider) or capacity.Quota()
+
     def _turn(self, provider: str) -> float:
         """How long a slot may pass between this process's calls before Redis re-checks."""
-        return capacity.YIELD_SECONDS if self.capacities.get(provider) else TURN
+        quota = self._quota(provider)
+        if quota.metered:
+            return 0.0  # every call is counted in the window as it is taken
+        return capacity.YIELD_SECONDS if quota.capacity else TURN
 
-    def try_acquire(self, provider: str) -> str | None:
+    def try_acquire(self, provider: str, tokens: int = 0) -> str | None:
         """A slot token, or None when all slots are taken."""
-        taken = self._ask(provider, 1)
-        return taken[0] if taken else None
+        taken = self._ask(provider, 1, tokens)
+        return taken.members[0] if taken.members else None
 
-    def _ask(self, provider: str, count: int) -> list[str]:
+    def _ask(self, provider: str, count: int, tokens: int = 0) -> leases.Taken:
         """Up to `count` fresh slot tokens from Redis (fewer when the slots run out)."""
         key = self.key(provider)
-        tokens = [uuid.uuid4().hex for _ in range(count)]
+        members = [uuid.uuid4().hex for _ in range(count)]
         self.round_trips += 1
-        shared = self.capacities.get(provider, 0)
-        within = (capacity.stream_key(provider), shared) if shared else None
+        quota = self._quota(provider)
+        within = (capacity.stream_key(provider), quota.capacity) if quota.capacity else None
         taken = leases.acquire_some(
-            self.client, key, tokens, leases.ms(self.lease), self.limit, within=within
+            self.client,
+            key,
+            members,
+            leases.ms(self.lease),
+            self.limit,
+            within=within,
+            meter=quota.meter(provider, tokens),
+            pause=capacity.pause_key(provider),
         )
-        for token in taken:
+        for token in taken.members:
             self.renewer.hold(key, token)
+            if quota.metered:
+                self._charged[token] = (provider, taken.window, tokens)
         return taken
 
-    def release(self, *tokens: str) -> None:
-        """Give slots back to Redis."""
+    def release(self, *tokens: str, used: int | None = None, refund: bool = False) -> None:
+        """Give slots back to Redis, correcting a metered call's count in its window.
+
+        `used`: the one call's actual tokens; `refund`: the slots never ran a call, so their
+        requests and tokens come off the window; neither: the estimate stands.
+        """
         by_key: dict[str, list[str]] = {}
         for token in tokens:
             if key := self.renewer.drop(token):
                 by_key.setdefault(key, []).append(token)
         for key, held in by_key.items():
             self.round_trips += 1
-            leases.release(self.client, key, *held)
+            charges = [c for t in held if (c := self._charged.pop(t, None))]
+            if not charges or not (refund or used is not None):
+                leases.release(self.client, key, *held)
+                continue
+            provider, window, charged = charges[0]
+            if refund:
+                requests, tokens_delta = -len(charges), -sum(c[2] for c in charges)
+            else:
+                requests, tokens_delta = 0, (used or 0) - charged
+            window_key = capacity.window_key(provider)
+            windows.release(self.client, key, window_key, window, requests, tokens_delta, *held)
+
+    def pause(self, provider: str, seconds: float) -> None:
+        """Hold the provider's batch calls back for `seconds`, in every process (a 429)."""
+        seconds = min(max(0.0, seconds), self.retry_after_max)
+        if seconds <= 0:
+            return
+        slots = self._local(provider)
+        with slots.cond:
+            slots.paused_until = max(slots.paused_until, time.monotonic() + seconds)
+        windows.pause(self.client, capacity.pause_key(provider), seconds)
 
     def in_use(self, provider: str) -> int:
         """Live slots (expired leases excluded)."""
         return leases.live_count(self.client, self.key(provider))
 
     @contextmanager
-    def slot(self, provider: str) -> Iterator[None]:
-        """Hold one slot for `provider` while the block runs; waits for one."""
-        token, since = self._take(provider)
+    def slot(self, provider: str, tokens: Callable[[], int] | None = None) -> Iterator[Call]:
+        """Hold one slot for `provider` while the block runs; waits for one.
+
+        `tokens` estimates the call's tokens (asked only under a tokens-per-minute limit);
+        set the yielded Call's `tokens` to its usage. An upstream 429 with Retry-After
+        raised in the block pauses the provider's batch calls (`pause`).
+        """
+        cost = tokens() if tokens is not None and self._quota(provider).tokens_per_minute else 0
+        token, since = self._take(provider, cost)
+        call = Call()
         try:
-            yield
+            yield call
+        except ProviderError as exc:
+            if exc.status_code == 429 and exc.retry_after:
+                self._pause_quietly(provider, exc.retry_after)
+            raise
         finally:
-            self._give(provider, token, since)
+            self._give(provider, token, since, call.tokens)
 
     def _local(self, provider: str) -> _Slots:
         with self._lock:
@@ -145,7 +217,7 @@ class ProviderSemaphore:
                 slots = self._slots[provider] = _Slots()
             return slots
 
-    def _take(self, provider: str) -> tuple[str, float]:
+    def _take(self, provider: str, cost: int = 0) -> tuple[str, float]:
         """A slot: a free one of this process, else one asked of Redis (waiting if none)."""
         slots = self._local(provider)
         with slots.cond:
@@ -157,7 +229,7 @@ class ProviderSemaphore:
                 if slots.free:
                     return slots.free.pop()
                 slots.asking = True
-            return self._ask_until_taken(provider, slots)
+            return self._ask_until_taken(provider, slots, cost)
         finally:
             with slots.cond:
                 slots.waiting -= 1
@@ -167,12 +239,13 @@ class ProviderSemaphore:
             if surplus:
                 self._release_quietly(surplus)
 
-    def _ask_until_taken(self, provider: str, slots: _Slots) -> tuple[str, float]:
+    def _ask_until_taken(self, provider: str, slots: _Slots, cost: int) -> tuple[str, float]:
         """As the asker: ask Redis for the waiters' slots until one is ours.
 
         While this process holds every slot, asking is pointless: the asker waits for a
         slot handed over, or for one of this process's slots to go back to Redis (and then
         asks on the same schedule as other processes' askers, so they get their share).
+        A full window or a pause (Redis says how long) is waited out, MAX_WAIT at most.
         """
         delay = 0.005
         try:
@@ -183,15 +256,19 @@ class ProviderSemaphore:
                     if slots.free:
                         return slots.free.pop()
                     want = min(max(1, slots.waiting - len(slots.free)), MAX_TAKE, self.limit)
-                taken = self._ask(provider, want)
+                taken = self._ask(provider, want, cost)
+                got = taken.members
                 with slots.cond:
                     now = time.monotonic()
-                    slots.held += len(taken)
-                    if taken:
-                        slots.free.extend((token, now) for token in taken[1:])
-                        slots.cond.notify(len(taken) - 1)
-                        return taken[0], now
-                    deadline = now + delay * (0.5 + random.random())
+                    slots.held += len(got)
+                    if got:
+                        slots.free.extend((token, now) for token in got[1:])
+                        slots.cond.notify(len(got) - 1)
+                        return got[0], now
+                    pause = delay * (0.5 + random.random())
+                    if taken.wait_ms:
+                        pause = min(taken.wait_ms / 1000, MAX_WAIT) * (1 + random.random() / 10)
+                    deadline = now + pause
                     while not slots.free and now < deadline:
                         slots.ask_cond.wait(deadline - now)
                         now = time.monotonic()
@@ -202,26 +279,28 @@ class ProviderSemaphore:
             with slots.cond:
                 slots.asking = False
 
-    def _give(self, provider: str, token: str, since: float) -> None:
+    def _give(self, provider: str, token: str, since: float, used: int | None = None) -> None:
         """Hand the slot to a waiter of this process, or give it back to Redis."""
         slots = self._local(provider)
         displaced = self._displaced(provider)
         with slots.cond:
             waiters = slots.waiting > len(slots.free)
-            if waiters and not displaced and time.monotonic() - since < self._turn(provider):
+            now = time.monotonic()
+            handing = waiters and not displaced and now >= slots.paused_until
+            if handing and now - since < self._turn(provider):
                 slots.free.append((token, since))
                 slots.cond.notify()
                 slots.ask_cond.notify()
                 return
             slots.held -= 1
-        self.release(token)  # every process's asker competes for it on its next ask
+        self.release(token, used=used)  # every process's asker competes for it on its next ask
 
     def _displaced(self, provider: str) -> bool:
         """Whether streams need this provider's batch slots now: batch calls in flight beyond
         what the streams leave of a shared capacity. One Redis call per CHECK_SECONDS and
         provider, so a slot stops passing between calls within that much of a stream's
         arrival, not capacity.YIELD_SECONDS later. Liveness by this host's clock."""
-        shared = self.capacities.get(provider)
+        shared = self._quota(provider).capacity
         if not shared:
             return False
         now = time.monotonic()
@@ -243,9 +322,15 @@ class ProviderSemaphore:
 
     def _release_quietly(self, tokens: list[str]) -> None:
         try:
-            self.release(*tokens)
+            self.release(*tokens, refund=True)
         except Exception:
             log.warning("could not give back %d provider slot(s); they lapse", len(tokens))
+
+    def _pause_quietly(self, provider: str, seconds: float) -> None:
+        try:
+            self.pause(provider, seconds)
+        except Exception:
+            log.warning("could not pause %s's batch calls for %gs", provider, seconds)
 
 
 def semaphore() -> ProviderSemaphore:
@@ -259,6 +344,7 @@ def semaphore() -> ProviderSemaphore:
             redis_store.client,
             app.config["PROVIDER_CONCURRENCY"],
             app.config["PROVIDER_LEASE_SECONDS"],
-            capacity.capacities(app.config),
+            capacity.quotas(app.config),
+            app.config["BATCH_RETRY_AFTER_MAX"],
         )
     return sem

@@ -29,6 +29,7 @@ HTML_TYPES = (".html", ".htm")
 FILE_TYPES = (*TEXT_TYPES, *HTML_TYPES, ".pdf", ".docx", ".jsonl")
 MAX_LISTED = 50  # problems spelled out in error.message; `details` carries up to MAX_DETAILS
 MAX_DETAILS = 1000
+DOCUMENT_KEYS = frozenset({"id", "text", "metadata"})  # any other key is refused, named
 
 
 def _bytes(text: str) -> int:
@@ -204,7 +205,7 @@ DOCUMENTS_EXAMPLE: dict[str, Any] = {
 class Document(BaseModel):
     """One document (checked as it streams through the intake: every problem in one 422)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     id: str | int | None = Field(None, max_length=512, description="default: its index")
     text: str = Field(min_length=1)
@@ -278,6 +279,13 @@ class Intake:
         self, doc_id: Any, text: Any, metadata: Any, label: str, **where: Any
     ) -> BatchItem | None:
         """Validate one document; a BatchItem, or None after recording what is wrong."""
+        return self.parsed({"id": doc_id, "text": text, "metadata": metadata}, label, **where)
+
+    def parsed(self, doc: dict[str, Any], label: str, **where: Any) -> BatchItem | None:
+        """document() for a parsed JSON object: a key it does not know is a problem too."""
+        doc_id: Any = doc.get("id")
+        text: Any = doc.get("text")
+        metadata: Any = doc.get("metadata")
         self.count += 1
         if self.count > self.max_documents:
             raise APIError(
@@ -327,6 +335,12 @@ class Intake:
                     )
         if metadata is not None and not isinstance(metadata, dict):
             bad.append("metadata must be an object")
+        if unknown := sorted(set(doc) - DOCUMENT_KEYS):
+            keys = ", ".join(repr(key[:64]) for key in unknown[:5])
+            bad.append(
+                f"unknown key {keys}: a document has id, text and metadata"
+                " (put the rest in metadata)"
+            )
         if bad:
             shown = doc_id if isinstance(doc_id, str) else None
             self.problem(f"{label}: {'; '.join(bad)}", document_id=shown, **where)
@@ -359,9 +373,7 @@ def from_json(documents: list[Any], intake: Intake) -> Iterator[BatchItem]:
             intake.count += 1
             intake.problem(f"{label}: must be an object with id and text", index=index)
             continue
-        item = intake.document(
-            doc.get("id"), doc.get("text"), doc.get("metadata"), label, index=index
-        )
+        item = intake.parsed(doc, label, index=index)
         if item is not None:
             yield item
     intake.finish()
@@ -388,12 +400,9 @@ def _jsonl(lines: Iterable[bytes], intake: Intake, source: str | None) -> Iterat
                 f"{label}: must be a JSON object with id and text", line=number, **where_file
             )
             continue
-        doc_id = doc.get("id")
-        if doc_id is None and source:
-            doc_id = f"{source}:{number}"
-        item = intake.document(
-            doc_id, doc.get("text"), doc.get("metadata"), label, line=number, **where_file
-        )
+        if doc.get("id") is None and source:
+            doc = {**doc, "id": f"{source}:{number}"}
+        item = intake.parsed(doc, label, line=number, **where_file)
         if item is not None:
             yield item
 

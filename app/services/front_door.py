@@ -185,7 +185,7 @@ def start_chat_job(
     provider = provider_of(body.model)  # the job counts in its share of the provider's capacity
     if (
         route.mode == "stream"
-        and acquire_stream_slot(route, tenant_id, job_id, provider) == "batch"
+        and acquire_stream_slot(route, tenant_id, job_id, provider, body) == "batch"
     ):
         route = remember(overflow_route(route))
     if route.mode == "batch":

@@ -668,5 +668,6 @@ def _close(run: _Run, status: str, fields: dict[str, str], **values: Any) -> str
         os._exit(1)
     if not _end_job(run.job_id, status, pipe=run.tail, **values):
         return "superseded"
+    admission.settle_stream_tokens(run.job_id, run.request.provider, values["usage"], run.tail)
     _note(run.job_id, run.tail, status=status, tenant_id=run.tenant_id)
     return status

@@ -1,5 +1,6 @@
 // The provider capacity card: each provider's calls in flight split by mode (stream, batch)
-// against its shared capacity, from /dashboard/api/capacity (app/services/capacity.py).
+// against its shared capacity, and (with per-minute limits) the current minute's requests
+// and tokens by mode against them, from /dashboard/api/capacity (app/services/capacity.py).
 (function () {
   "use strict";
   var card = document.getElementById("capacity-card");
@@ -23,9 +24,41 @@
     return bar;
   }
 
+  // One per-minute limit's window: stream and batch use against the limit.
+  function windowBar(use, unit, split) {
+    var bar = el("div", "bar");
+    [["stream", "running"], ["batch", "succeeded"]].forEach(function (part) {
+      var n = use[part[0]];
+      if (!n) return;
+      var seg = el("div", "seg " + part[1]);
+      seg.style.width = Math.min(100, (100 * n) / use.limit) + "%";
+      bar.appendChild(seg);
+    });
+    bar.title = use.stream + " stream, " + use.batch + " batch " + unit + " of " + use.limit +
+      " this minute (batch may take " + use.free + " more; " + use.reserve + " kept for streams)" +
+      (split.window_resets_in != null ? "; next window in " + Math.ceil(split.window_resets_in) + "s" : "");
+    return bar;
+  }
+
+  function windowRow(use, unit, split) {
+    var row = el("tr", "window-row");
+    row.dataset.provider = split.provider;
+    row.dataset.unit = unit;
+    row.appendChild(el("td", "muted small", "↳ " + unit + " / min"));
+    row.appendChild(el("td", use.stream ? null : "zero", use.stream));
+    row.appendChild(el("td", use.batch ? null : "zero", use.batch));
+    row.appendChild(el("td", null, use.limit));
+    var cell = el("td", "progress-col");
+    cell.appendChild(windowBar(use, unit, split));
+    row.appendChild(cell);
+    return row;
+  }
+
   function render(splits) {
     card.replaceChildren(el("div", "card-title", "Provider capacity"));
-    var shown = splits.filter(function (s) { return s.capacity || s.stream || s.batch; });
+    var shown = splits.filter(function (s) {
+      return s.capacity || s.stream || s.batch || s.requests_per_minute || s.tokens_per_minute;
+    });
     if (!shown.length) {
       card.appendChild(el("div", "muted small", "no provider calls in flight"));
       return;
@@ -43,7 +76,10 @@
       var cell = el("td", "progress-col");
       cell.appendChild(bar(s));
       row.appendChild(cell);
+      if (s.batch_paused_for) row.title = "batch paused " + Math.ceil(s.batch_paused_for) + "s (upstream 429)";
       table.appendChild(row);
+      if (s.requests_per_minute) table.appendChild(windowRow(s.requests_per_minute, "requests", s));
+      if (s.tokens_per_minute) table.appendChild(windowRow(s.tokens_per_minute, "tokens", s));
     });
     card.appendChild(table);
   }
