@@ -50,6 +50,7 @@ MAX_TAKE = 100  # slots asked of Redis in one call
 POLL_MAX = 0.05  # seconds between two asks while every slot is taken
 MAX_WAIT = 1.0  # longest wait on a full window or a pause before asking again
 CHECK_SECONDS = 0.02  # how stale the stream count may be when a slot passes between calls
+NO_QUOTA = capacity.Quota()
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
 
 
@@ -115,7 +116,7 @@ class ProviderSemaphore:
         return capacity.batch_key(provider)
 
     def _quota(self, provider: str) -> capacity.Quota:
-        return self.quotas.get(provider) or capacity.Quota()
+        return self.quotas.get(provider, NO_QUOTA)
 
     def _turn(self, provider: str) -> float:
         """How long a slot may pass between this process's calls before Redis re-checks."""
