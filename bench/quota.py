@@ -115,6 +115,14 @@ def run_delay_ns(pids: list[int]) -> int:
     return total
 
 
+def autogroup(pid: int) -> str:
+    """The niceness of a process's autogroup ("-" without autogroups)."""
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[-1]
+    except OSError:
+        return "-"
+
+
 def parts(bench: Bench) -> dict[str, list[int]]:
     """The processes of each part, the stream worker among them."""
     out = bench.parts()
@@ -255,8 +263,11 @@ def run(args: argparse.Namespace, shared: bool) -> list[dict[str, Any]]:
         bench.stack.start_worker("stream", concurrency=args.stream_concurrency)
         bench.stack.wait_ready()
         asyncio.run(burst(bench, args.streams, stream_model(args), "warm"))  # not counted
-        nice = {n: psutil.Process(p.pid).nice() for n, p in bench.stack.procs.items()}
-        print(f"{label}: niceness {nice}", flush=True)
+        nice = {
+            n: (psutil.Process(p.pid).nice(), autogroup(p.pid))
+            for n, p in bench.stack.procs.items()
+        }
+        print(f"{label}: niceness (process, autogroup) {nice}", flush=True)
         watch = Stopwatch(parts(bench))
         alone = {"setup": label, "batch": "none"} | bursts(bench, args, sampler, watch, "alone")
         probe(bench, alone, watch)

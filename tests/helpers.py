@@ -156,6 +156,11 @@ def niceness(pid: int) -> set[int]:
     return {int(stat.read_text().rsplit(")", 1)[1].split()[16]) for stat in stats}
 
 
+def autogroup_nice(pid: int) -> int:
+    """The niceness of a process's autogroup (its session's CPU weight under autogroups)."""
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
 def tenant_of(key: str) -> str:
     found = lookup_key(key)
     assert found is not None

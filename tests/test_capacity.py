@@ -300,6 +300,8 @@ def test_the_readme_example_loads(tmp_path: Any) -> None:
     build_registry(config)
     assert capacity.capacities(config) == {"local": 32, "openai": 500}
     assert capacity.batch_share(config["PROVIDER_CONCURRENCY"], 32, 20) == 12
+    assert capacity.quota(config, "openai") == capacity.Quota(500, 5000, 800_000)
+    assert capacity.batch_window_room(5000, 0, 300, 1000, 0) == 4000
 
 
 # ------------------------------------------------------------------ per minute: the rules

@@ -16,7 +16,7 @@ import redis
 from app.cli.supervisor import Supervisor
 from app.embedded_redis import die_with_parent
 from app.services.heartbeat import live_workers
-from tests.helpers import niceness
+from tests.helpers import autogroup_nice, niceness
 from tests.stack import free_port
 
 SLUICE = str(Path(sys.executable).parent / "sluice")
@@ -112,6 +112,11 @@ def test_dev_restarts_a_killed_worker_and_stops_on_sigterm(
         started = os.getpriority(os.PRIO_PROCESS, 0)
         assert niceness(first) == {max(10, started)}
         assert niceness(_pid(log, "stream") or 0) == {started} == niceness(_pid(log, "web") or 0)
+        # each child leads its own session: under the kernel's autogroups that session's
+        # niceness is what weighs it against the stream workers and web
+        if Path("/proc/self/autogroup").exists():
+            assert autogroup_nice(first) == 10
+            assert autogroup_nice(_pid(log, "stream") or 0) == 0
 
         os.kill(first, signal.SIGKILL)
         _wait("the restart", lambda: _pid(log, "batch", after=1) not in (None, first), 30)

@@ -218,6 +218,7 @@ def test_relay_resumes_when_redis_comes_back(tmp_path: Path) -> None:
 
 def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: str) -> None:
     """The log's end cannot be written (Redis gone): the row still ends, with what was sent."""
+    from app.providers.base import ChatRequest
     from app.services import stream_runner
     from tests.helpers import insert_job, tenant_of
 
@@ -229,7 +230,8 @@ def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: 
         closed.bind(("127.0.0.1", 0))
         dead = redis.Redis(host="127.0.0.1", port=closed.getsockname()[1], decode_responses=True)
         dlog = DeltaLog(dead, job_id, running_ttl=60, final_ttl=60, token="T")
-        run = stream_runner._Run(job_id, None, dlog, "T", 60.0, window=0.0)  # type: ignore[arg-type]
+        request = ChatRequest("mock/echo", [{"role": "user", "content": "x"}])
+        run = stream_runner._Run(job_id, request, dlog, "T", 60.0, window=0.0)
         run.parts = ["sent ", "to the client"]
         error = {"message": "x", "type": "service_unavailable", "code": "stream_unavailable"}
         fields = error_fields(error)
@@ -286,7 +288,7 @@ def test_a_hub_that_reconnects_hears_its_jobs_again(app_ctx: Flask) -> None:
         entries = tail.follow()
         assert next(entries)[1]["d"] == "before "  # type: ignore[index]
         hub.connected.clear()
-        host, port = hub._pubsub.connection._sock.getsockname()[:2]
+        host, port = hub._wire.connection._sock.getsockname()[:2]  # type: ignore[union-attr]
         assert client.client_kill(f"{host}:{port}")  # this hub's connection only
         dlog.append(_content("missed "))  # published while the hub may be away
         deadline = time.monotonic() + 10

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import secrets
+import time
+from typing import Any
+
 import httpx
+import pytest
 from flask import Flask
 
+from app.extensions import redis_store
+from app.services import events
+from app.streams.hub import StreamHub, Tail
+from app.streams.keys import lease_key, notify_channel
+from app.streams.writer import DeltaLog
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import follow, read_sse, stream_chat, wait_stream
 
@@ -125,3 +136,117 @@ def test_detach_keeps_the_job_running(client: httpx.Client, upstream: FakeUpstre
     assert job["status"] == "succeeded" and job["output"] == "".join(deltas)
     rest = follow(client, job_id, last=part.last_id)
     assert part.text + rest.text == "".join(deltas)
+
+
+def _content(text: str) -> list[dict[str, Any]]:
+    return [{"index": 0, "delta": {"content": text}}]
+
+
+def _numsub(channel: str) -> int:
+    return int(dict(redis_store.client.pubsub_numsub(channel))[channel])
+
+
+def _log(job_id: str) -> DeltaLog:
+    client = redis_store.client
+    client.set(lease_key(job_id), "T", px=60_000)
+    return DeltaLog(client, job_id, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+
+
+def test_a_hub_hears_the_broadcast_channel_only_while_a_feed_is_open(app_ctx: Flask) -> None:
+    """Every job change is broadcast; a web process with no dashboard or batch-progress feed
+    open must not be woken by them: its hub subscribes on the first feed and unsubscribes
+    after the last one, and an open feed hears every change published after feed()."""
+    hub = StreamHub(app_ctx.config["REDIS_URL"])
+    channel = hub.broadcast_channel
+    try:
+        hub.on_revocation(lambda _hash: None)  # starts the hub (its keys channel)
+        assert hub.connected.wait(5)
+        before = _numsub(channel)
+        first, second = hub.feed(), hub.feed()
+        assert _numsub(channel) == before + 1
+        events.publish("job", {"id": "job_fed"})
+        deadline = time.monotonic() + 5
+        heard: list[str] = []
+        while not heard and time.monotonic() < deadline:
+            heard += first.wait(0.2)
+        assert [json.loads(m)["data"]["id"] for m in heard] == ["job_fed"]
+        hub.unfeed(first)
+        assert _numsub(channel) == before + 1  # one feed is still open
+        hub.unfeed(second)
+        deadline = time.monotonic() + 5
+        while _numsub(channel) != before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _numsub(channel) == before
+        third = hub.feed()  # subscribed again, and heard again
+        events.publish("job", {"id": "job_fed_again"})
+        deadline = time.monotonic() + 5
+        heard = []
+        while not heard and time.monotonic() < deadline:
+            heard += third.wait(0.2)
+        assert [json.loads(m)["data"]["id"] for m in heard] == ["job_fed_again"]
+    finally:
+        hub.close()
+
+
+def test_a_relay_at_the_tail_reads_nothing_and_gets_the_terminal_entry_from_its_notice(
+    app_ctx: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay subscribed before the first entry is handed every delta and the terminal
+    entry (fields and all) by the notices: not one XREAD. A relay that starts behind reads."""
+    hub = StreamHub(app_ctx.config["REDIS_URL"])
+    reads: list[Any] = []
+    real_xread = hub.client.xread
+
+    def counted_xread(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args)
+        return real_xread(*args, **kwargs)
+
+    monkeypatch.setattr(hub.client, "xread", counted_xread)
+    job = f"job_tail_{secrets.token_hex(4)}"
+    try:
+        tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
+        assert tail.subscribe()
+        dlog = _log(job)
+        dlog.append(_content("un "))
+        dlog.append(_content("deux"))
+        dlog.finish("length", {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+        entries = [item for item in tail.follow() if item is not None]
+        assert [fields.get("d") for _, fields in entries] == ["un ", "deux", None]
+        assert entries[-1][1] == {
+            "t": "done",
+            "finish_reason": "length",
+            "usage": json.dumps({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}),
+        }
+        assert entries[-1][0] == dlog.client.xrevrange(dlog.key, count=1)[0][0]
+        assert reads == []
+        late = [item for item in Tail(hub, job, lease_seconds=60).follow() if item is not None]
+        assert late == entries and len(reads) == 1  # behind: it reads the log
+    finally:
+        hub.close()
+
+
+def test_an_ended_relays_channel_is_dropped_with_the_next_subscribe_and_reused_until_then(
+    app_ctx: Flask,
+) -> None:
+    """The UNSUBSCRIBE of a job whose last relay ended goes out with the next SUBSCRIBE (one
+    write, one wake-up); a relay of that job opened meanwhile is armed at once and hears it."""
+    hub = StreamHub(app_ctx.config["REDIS_URL"])
+    first, second = (f"job_stale_{secrets.token_hex(4)}" for _ in range(2))
+    try:
+        tail = Tail(hub, first, lease_seconds=60, ping_seconds=5)
+        assert tail.subscribe()
+        tail.close()
+        assert _numsub(notify_channel(first)) == 1  # still heard: nothing was sent
+        again = Tail(hub, first, lease_seconds=60, ping_seconds=5)
+        assert again.subscribe()
+        assert again._sub is not None and again._sub.armed.is_set()
+        dlog = _log(first)
+        dlog.append(_content("still heard"))
+        dlog.finish("stop", None)
+        texts = [item[1].get("d") for item in again.follow() if item is not None]
+        assert texts == ["still heard", None]  # follow() closed it: stale again
+        assert Tail(hub, second, lease_seconds=60, ping_seconds=5).subscribe()
+        assert _numsub(notify_channel(first)) == 0
+        assert _numsub(notify_channel(second)) == 1
+    finally:
+        hub.close()

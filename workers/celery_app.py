@@ -24,7 +24,10 @@ def _sweep_in_beat(sender: Any, **_: Any) -> None:
 def lower_priority(nice: int) -> None:
     """Raise this process's niceness to `nice` (never lower it), on every thread it has.
 
-    Linux keeps a niceness per thread; threads started later inherit the caller's.
+    Linux keeps a niceness per thread (threads started later inherit the caller's). With
+    the kernel's autogroups (sched_autogroup_enabled), niceness only orders threads of one
+    session; a process that leads its own session (`sluice dev` starts each child so) is
+    weighed against the others by its autogroup's niceness, so that is raised too.
     """
     tids = [int(t.name) for t in Path("/proc/self/task").glob("*")] or [0]
     for tid in tids:
@@ -33,6 +36,13 @@ def lower_priority(nice: int) -> None:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
         except (ProcessLookupError, PermissionError):
             continue  # a thread that ended meanwhile
+    group = Path("/proc/self/autogroup")  # "/autogroup-N nice K"; absent without autogroups
+    if os.getsid(0) == os.getpid() and group.exists():
+        try:
+            if int(group.read_text().split()[-1]) < nice:
+                group.write_text(str(min(nice, 19)))
+        except (OSError, ValueError):
+            pass
 
 
 @celeryd_after_setup.connect(weak=False)

@@ -144,10 +144,17 @@ def run_routed(
     job_id = new_id("job_")
     tail = make_tail(job_id)
     if route.mode == "stream":
-        tail.subscribe()  # before the task is sent: the relay needs no first read
+        tail.register()  # its SUBSCRIBE goes out now, confirmed while admission and the
+        # insert run; the task is sent once the hub hears the job: no first read is needed
     try:
         job, route = front_door.start_chat_job(
-            tenant_id, body, route, endpoint=endpoint, priority=priority, job_id=job_id
+            tenant_id,
+            body,
+            route,
+            endpoint=endpoint,
+            priority=priority,
+            job_id=job_id,
+            before_send=tail.subscribe,
         )
     except BaseException:
         tail.close()

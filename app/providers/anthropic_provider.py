@@ -21,6 +21,7 @@ from app.providers.base import (
 from app.providers.errors import refused, upstream_message
 from app.providers.sdk import SDKProvider
 from app.providers.streaming import RawSSEStream, open_streaming, read_json
+from app.providers.transport import lean_client
 
 STOP_REASONS = {
     "end_turn": "stop",
@@ -128,7 +129,11 @@ class AnthropicProvider(SDKProvider):
 
     def _make_client(self, api_key: str) -> anthropic.Anthropic:
         return anthropic.Anthropic(
-            api_key=api_key, base_url=self._base_url, timeout=self._timeout, max_retries=0
+            api_key=api_key,
+            base_url=self._base_url,
+            timeout=self._timeout,
+            max_retries=0,
+            http_client=lean_client(self._timeout),
         )
 
     def _translate(self, request: ChatRequest) -> Translated:

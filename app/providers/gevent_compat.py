@@ -15,6 +15,7 @@ import importlib
 import select
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 _done = False
@@ -45,6 +46,15 @@ def _make_probe(poll: Any) -> Any:
         return bool(probe.poll(0))
 
     return is_socket_readable
+
+
+def readable_probe() -> Callable[[socket.socket | None], bool]:
+    """`is_socket_readable(sock)` over the unpatched poll, for a pool probing its idle sockets."""
+    poll = _native_poll()
+    if poll is None:  # pragma: no cover - platforms without poll
+        return lambda sock: sock is None
+    probe: Callable[[socket.socket | None], bool] = _make_probe(poll)
+    return probe
 
 
 def install() -> None:

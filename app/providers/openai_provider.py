@@ -19,6 +19,7 @@ from app.providers.errors import RawResponse
 from app.providers.messages import estimate_tokens
 from app.providers.sdk import SDKProvider
 from app.providers.streaming import RawSSEStream
+from app.providers.transport import lean_client
 
 _FINISH_REASONS = {"function_call": "tool_calls"}
 LIST_MODELS_TIMEOUT = 10.0
@@ -99,7 +100,11 @@ class OpenAIProvider(SDKProvider):
 
     def _make_client(self, api_key: str) -> openai.OpenAI:
         return openai.OpenAI(
-            api_key=api_key, base_url=self._base_url, timeout=self._timeout, max_retries=0
+            api_key=api_key,
+            base_url=self._base_url,
+            timeout=self._timeout,
+            max_retries=0,
+            http_client=lean_client(self._timeout),
         )
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:

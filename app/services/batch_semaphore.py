@@ -13,7 +13,8 @@ provider and process asks Redis, for as many slots as there are waiters, in one 
 A provider with a shared capacity (`capacity` in its `[providers.NAME]` table) yields to
 its streams (`app.services.capacity`): each take from Redis leaves room for the streams
 holding capacity, and its slots pass between calls for at most capacity.YIELD_SECONDS,
-so batch backs off within that much of a stream's arrival and resumes when it ends.
+and not at all once streams need them (`_displaced`, read every CHECK_SECONDS), so batch
+backs off within a call's length of a stream's arrival and resumes when it ends.
 
 With `requests_per_minute` or `tokens_per_minute` as well, every call is counted in the
 provider's window as it is taken (one request, its estimated tokens), so its slot never
@@ -48,6 +49,8 @@ TURN = 5.0  # seconds a slot may pass between this process's calls before it goe
 MAX_TAKE = 100  # slots asked of Redis in one call
 POLL_MAX = 0.05  # seconds between two asks while every slot is taken
 MAX_WAIT = 1.0  # longest wait on a full window or a pause before asking again
+CHECK_SECONDS = 0.02  # how stale the stream count may be when a slot passes between calls
+NO_QUOTA = capacity.Quota()
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
 
 
@@ -106,13 +109,14 @@ class ProviderSemaphore:
         self.renewer = leases.Renewer(client, self.lease, live_only=True)
         self.round_trips = 0  # Redis calls to take or give back slots (renewals aside)
         self._charged: dict[str, tuple[str, int, int]] = {}  # token -> provider, window, tokens
+        self._checked: dict[str, tuple[float, bool]] = {}  # provider -> (when, displaced)
 
     @staticmethod
     def key(provider: str) -> str:
         return capacity.batch_key(provider)
 
     def _quota(self, provider: str) -> capacity.Quota:
-        return self.quotas.get(provider) or capacity.Quota()
+        return self.quotas.get(provider, NO_QUOTA)
 
     def _turn(self, provider: str) -> float:
         """How long a slot may pass between this process's calls before Redis re-checks."""
@@ -279,16 +283,43 @@ class ProviderSemaphore:
     def _give(self, provider: str, token: str, since: float, used: int | None = None) -> None:
         """Hand the slot to a waiter of this process, or give it back to Redis."""
         slots = self._local(provider)
+        displaced = self._displaced(provider)
         with slots.cond:
             waiters = slots.waiting > len(slots.free)
             now = time.monotonic()
-            if waiters and now - since < self._turn(provider) and now >= slots.paused_until:
+            handing = waiters and not displaced and now >= slots.paused_until
+            if handing and now - since < self._turn(provider):
                 slots.free.append((token, since))
                 slots.cond.notify()
                 slots.ask_cond.notify()
                 return
             slots.held -= 1
         self.release(token, used=used)  # every process's asker competes for it on its next ask
+
+    def _displaced(self, provider: str) -> bool:
+        """Whether streams need this provider's batch slots now: batch calls in flight beyond
+        what the streams leave of a shared capacity. One Redis call per CHECK_SECONDS and
+        provider, so a slot stops passing between calls within that much of a stream's
+        arrival, not capacity.YIELD_SECONDS later. Liveness by this host's clock."""
+        shared = self._quota(provider).capacity
+        if not shared:
+            return False
+        now = time.monotonic()
+        at, verdict = self._checked.get(provider, (0.0, False))
+        if now - at < CHECK_SECONDS:
+            return verdict
+        self._checked[provider] = (now, verdict)  # meanwhile the others use the last verdict
+        live = f"({int(time.time() * 1000)}"
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zcount(capacity.stream_key(provider), live, "+inf")
+            pipe.zcount(self.key(provider), live, "+inf")
+            streams, batch = pipe.execute()
+            verdict = capacity.displaced(shared, int(streams), int(batch)) > 0
+        except redis.RedisError:
+            verdict = True  # cannot tell: the slot goes back, Redis checks it on the next take
+        self._checked[provider] = (now, verdict)
+        return verdict
 
     def _release_quietly(self, tokens: list[str]) -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import current_app, g, has_request_context, request
@@ -174,12 +175,13 @@ def start_chat_job(
     endpoint: str,
     priority: int = 0,
     job_id: str | None = None,
+    before_send: Callable[[], object] | None = None,
 ) -> tuple[Job, Route]:
     """Admit and start a routed chat job: a stream job holding a slot, or a background job.
 
     A stream route with no free slot overflows to batch when its rule allows it (the
     route returned says so) or raises admission's 429. `job_id` names a stream job ahead
-    (its relay subscribed before the task is sent).
+    (its relay registered before); a stream job's task is sent after `before_send()`.
     """
     job_id = job_id or new_id("job_")
     provider = provider_of(body.model)  # the job counts in its share of the provider's capacity
@@ -198,7 +200,13 @@ def start_chat_job(
         return job, route
     try:
         job = start_stream_job(
-            tenant_id, body, route, job_id=job_id, endpoint=endpoint, priority=priority
+            tenant_id,
+            body,
+            route,
+            job_id=job_id,
+            endpoint=endpoint,
+            priority=priority,
+            before_send=before_send,
         )
     except BaseException:
         release_stream_slot(job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -89,11 +90,13 @@ def start_stream_job(
     job_id: str | None = None,
     endpoint: str = "/v1/chat/completions",
     priority: int = 0,
+    before_send: Callable[[], object] | None = None,
 ) -> Job:
     """Commit a queued stream Job and send its task to the `interactive` queue.
 
     The returned Job is not bound to the session and has every column loaded, so reading
-    it never costs a query. Pass job_id when a stream slot was already taken for it.
+    it never costs a query. Pass job_id when a stream slot was already taken for it;
+    `before_send()` runs between the commit and the send (the relay's subscribe).
     """
     record = body.to_record()
     values: dict[str, Any] = {
@@ -117,6 +120,8 @@ def start_stream_job(
     db.session.execute(insert(jobs_t), [columns])  # Core: no ORM bulk-insert layer
     db.session.commit()
     job = Job(**values)
+    if before_send is not None:
+        before_send()
     with redis_store.client.pipeline(transaction=False) as pipe:  # task + note: one round trip
         push_task(pipe, STREAM_TASK, [job.id, record], STREAM_QUEUE)
         job_changed(job, pipe)

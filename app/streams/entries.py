@@ -11,8 +11,8 @@ A log entry is a Redis Stream entry with a kind field `t`:
 
 The worker appends deltas with APPEND_SCRIPT, which also publishes a notice on the job's
 own channel (keys.notify_channel): `job\\nprev\\nid\\n<field><value>` hands the entry itself
-to relays that hold `prev`; a bare `job` notice (terminal entries, repairs) only says "read
-the log".
+to relays that hold `prev`; TERMINAL_SCRIPT's is `job\\nprev\\nid\\n*<JSON list of the
+entry's field/value pairs>`; a bare `job` notice only says "read the log".
 """
 
 from __future__ import annotations
@@ -66,15 +66,18 @@ return {id, redis.call('EXISTS', KEYS[2])}
 
 # KEYS: log, cancel flag, lease. ARGV: job id, channel, ttl, lease token ('' for none),
 # lease ms, then the entry's field/value pairs. Adds the terminal entry unless the log has
-# ended or another holds the job; starts the log's expiry, wakes relays, drops the cancel
-# flag. Answers 1 if it wrote the entry.
+# ended or another holds the job; starts the log's expiry, publishes the notice with the
+# entry (its pairs as a JSON list: relays that hold the entry before it need no read), drops
+# the cancel flag. Answers 1 if it wrote the entry.
 TERMINAL_SCRIPT = (
     _HOLDS
     + """
 if ended(KEYS[1]) or not holds(KEYS[1], KEYS[3], ARGV[4], ARGV[5]) then return 0 end
-redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1] .. '\\n' .. (last and last[1] or '0-0') .. '\\n' .. id
+  .. '\\n*' .. cjson.encode({unpack(ARGV, 6)}))
 redis.call('DEL', KEYS[2])
 return 1
 """
@@ -245,6 +248,9 @@ def parse_notice(data: str) -> tuple[str, str | None, Entry | None]:
         return job_id, None, None
     prev, _, rest = rest.partition("\n")
     entry_id, _, payload = rest.partition("\n")
+    if payload[:1] == "*":  # a terminal entry: its field/value pairs
+        pairs = json.loads(payload[1:])
+        return job_id, prev, (entry_id, dict(zip(pairs[::2], pairs[1::2], strict=True)))
     return job_id, prev, (entry_id, {"t": "delta", payload[:1]: payload[1:]})
 
 

@@ -6,7 +6,12 @@ pool. No relay opens a connection of its own and none polls: 10,000 idle relays 
 three connections. Each job has its own notice channel, which the hub subscribes to while it
 relays the job, so a delta wakes only the processes that relay it. The same connection
 carries the broadcast channel of job and batch changes, fanned out to the dashboard's live
-feed and batch-progress streams.
+feed and batch-progress streams, subscribed only while such a feed is open here (so a
+process without one is not woken by every job's changes).
+
+The listener reads its replies straight off the socket with a hiredis Reader and writes
+commands packed by hiredis (redis-py makes and hands over the connection: address, TLS,
+auth): redis-py's pub/sub layers cost ~15 us a notice under load, this ~3 us.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import hiredis
 import redis
 from flask import current_app
 from redis.backoff import NoBackoff
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SHARE_SECONDS = 1.0  # how old a lease check the relays of one job may share
 ARM_SECONDS = 5.0  # the longest a relay waits for the hub to hear its job's channel
+STALE_MAX = 64  # channels of ended relays kept until the next SUBSCRIBE carries their UNSUBSCRIBE
 
 
 class Subscription:
@@ -98,18 +105,61 @@ class Feed:
         return out
 
 
+class _Wire:
+    """The listener's pub/sub connection, without redis-py's per-reply layers.
+
+    redis-py connects it (URL, TLS, AUTH, handshake); then replies are read off its socket
+    by a hiredis Reader and commands are written as hiredis packs them. Reads belong to the
+    listener; writes may come from any greenlet, one at a time (the hub's lock).
+    """
+
+    def __init__(self, url: str) -> None:
+        pool = redis.ConnectionPool.from_url(
+            url, socket_connect_timeout=5, socket_keepalive=True, retry=Retry(NoBackoff(), 0)
+        )
+        self.connection: Any = cast(Any, pool.make_connection())  # (its socket is used)
+        self.connection.connect()
+        self._sock: Any = self.connection._sock
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+
+    def send(self, *commands: tuple[str, ...]) -> None:
+        self._sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))  # type: ignore[arg-type]
+
+    def settimeout(self, seconds: float | None) -> None:
+        self._sock.settimeout(seconds)
+
+    def replies(self) -> list[Any]:
+        """Every reply one read brings (at least one); raises when the connection is lost."""
+        reader = self._reader
+        while (reply := reader.gets()) is False:
+            data = self._sock.recv(65536)
+            if not data:
+                raise redis.ConnectionError("Redis closed the stream hub's connection")
+            reader.feed(data)
+        out = [reply]
+        while (reply := reader.gets()) is not False:
+            out.append(reply)
+        return out
+
+    def close(self) -> None:
+        self.connection.disconnect()
+
+
 class StreamHub:
     """Per-process fan-in of worker notices: one pub/sub connection, one listener thread.
 
-    A delta notice carries the entry and the id of the entry before it; a relay whose last
-    entry is that one gets the new entry handed over with no Redis read at all. Any other
-    relay (behind, or after a reconnect of the hub) is only woken and reads with XREAD.
+    A notice carries the entry (a delta or the terminal one) and the id of the entry before
+    it; a relay whose last entry is that one gets the new entry handed over with no Redis
+    read at all. Any other relay (behind, or after a reconnect of the hub) is only woken and
+    reads with XREAD.
 
     The hub hears a job's channel from its first relay's subscribe to its last one's
     unsubscribe. SUBSCRIBE and UNSUBSCRIBE are sent from the relay's side on the listener's
     connection; their confirmations come back in order, and each confirmation arms the
     relays that registered before it was asked for (`_arming`: per job, one batch of
-    subscriptions per SUBSCRIBE in flight).
+    subscriptions per SUBSCRIBE in flight). The UNSUBSCRIBE of a job whose last relay ended
+    waits (`_stale`) to go out with the next SUBSCRIBE, one write and one wake-up for both;
+    a relay of a stale job that comes meanwhile is armed at once (its channel is still heard).
     """
 
     def __init__(self, url: str, pool_size: int = 32, socket_timeout: float = 10.0) -> None:
@@ -126,9 +176,13 @@ class StreamHub:
         self.keys_channel = keys_channel(db_of(self.client))
         self._subs: dict[str, set[Subscription]] = {}
         self._arming: dict[str, deque[list[Subscription]]] = {}
-        self._pubsub: Any = None  # the listener's connected PubSub, for job (un)subscribes
+        self._stale: set[str] = set()  # jobs still heard whose UNSUBSCRIBE waits
+        self._wire: _Wire | None = None  # the listener's connection, for (un)subscribes
         self.heard = 0  # job notices heard (all of them for jobs this process relays)
         self._feeds: set[Feed] = set()
+        self._broadcast_asked = 0  # SUBSCRIBEs of the broadcast channel sent on this wire
+        self._broadcast_confirmed = 0  # ... and confirmed: heard once both match
+        self._broadcast_heard = threading.Event()
         self._revocations: list[Callable[[str | None], None]] = []
         self._leases: dict[str, tuple[float, bool]] = {}  # job -> (when seen, leased)
         self._lock = threading.Lock()
@@ -148,68 +202,73 @@ class StreamHub:
     def _listen_forever(self) -> None:
         backoff = 0.05
         while not self._closed.is_set():
-            conn = redis.Redis.from_url(  # no silent reconnect: a lost connection raises here
-                self.url,
-                decode_responses=True,
-                socket_connect_timeout=5,
-                socket_keepalive=True,
-                retry=Retry(NoBackoff(), 0),
-            )
-            pubsub = conn.pubsub()  # type: ignore[no-untyped-call]  # redis-py
+            wire: _Wire | None = None
             try:
-                pubsub.subscribe(self.broadcast_channel, self.keys_channel)  # connects, unlocked
-                with self._lock:  # the jobs relayed now; later ones subscribe on this pubsub
+                wire = _Wire(self.url)  # connects, unlocked
+                wire.settimeout(5.0)
+                with self._lock:  # the jobs relayed now; later ones subscribe on this wire
+                    self._stale.clear()
                     self._arming = {job: deque([list(g)]) for job, g in self._subs.items()}
-                    jobs = [notify_channel(job) for job in self._subs]
-                    if jobs:
-                        pubsub.connection.send_command("SUBSCRIBE", *jobs, check_health=False)
-                    self._pubsub = pubsub
-                channels = 2 + len(jobs)
-                confirmed = 0
-                while confirmed < channels:  # from here on, nothing published is missed
-                    reply = pubsub.get_message(timeout=5.0)
-                    if reply is None:
-                        raise redis.ConnectionError("no SUBSCRIBE confirmation")
-                    confirmed += self._confirmed(reply)
+                    channels = [self.keys_channel, *(notify_channel(job) for job in self._subs)]
+                    self._broadcast_asked = self._broadcast_confirmed = 0
+                    if self._feeds:
+                        channels.append(self.broadcast_channel)
+                        self._broadcast_asked = 1
+                    wire.send(("SUBSCRIBE", *channels))
+                    self._wire = wire
+                unconfirmed = len(channels)
+                while unconfirmed > 0:  # from here on, nothing published is missed
+                    for reply in wire.replies():
+                        unconfirmed -= self._handle(reply)
+                wire.settimeout(None)
                 self._revoked(None)  # anything revoked while we were away
                 self.connected.set()
                 self._wake_all()  # anything published while we were away
                 backoff = 0.05
-                for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        self._confirmed(message)
-                        continue
-                    channel = message["channel"]
-                    if channel.startswith(NOTIFY_PREFIX):
-                        self._dispatch(message["data"])
-                    elif channel == self.broadcast_channel:
-                        self._broadcast(message["data"])
-                    else:
-                        self._revoked(message["data"])
+                while True:
+                    for reply in wire.replies():
+                        self._handle(reply)
             except Exception as exc:
                 log.warning("stream hub lost its pub/sub connection: %r", exc)
             finally:
                 with self._lock:
-                    self._pubsub = None
+                    self._wire = None
+                    self._broadcast_heard.clear()
                 self.connected.clear()
                 self._revoked(None)
-                try:
-                    pubsub.close()
-                    conn.close()
-                except Exception:
-                    pass
+                if wire is not None:
+                    try:
+                        wire.close()
+                    except Exception:
+                        pass
             self._closed.wait(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    def _handle(self, reply: Any) -> int:
+        """Act on one reply of the listener's connection; 1 if it confirmed a SUBSCRIBE."""
+        if isinstance(reply, Exception):  # an error reply: start again on a new connection
+            raise reply
+        kind = reply[0]
+        if kind == "message":
+            channel, data = reply[1], reply[2]
+            if channel.startswith(NOTIFY_PREFIX):
+                self._dispatch(data)
+            elif channel == self.broadcast_channel:
+                self._broadcast(data)
+            elif channel == self.keys_channel:
+                self._revoked(data)
+            return 0
+        if kind == "subscribe":
+            self._confirmed(reply[1])
+            return 1
+        return 0  # unsubscribe confirmations
 
     def close(self) -> None:
         """Stop reconnecting (for a hub made outside `hub_for`, as in tests)."""
         self._closed.set()
 
-    def _confirmed(self, reply: dict[str, Any]) -> bool:
-        """Arm the relays a SUBSCRIBE confirmation covers; whether it was one."""
-        if reply.get("type") != "subscribe":
-            return False
-        channel = reply["channel"]
+    def _confirmed(self, channel: str) -> None:
+        """Arm the relays (or feeds) a SUBSCRIBE confirmation covers."""
         if channel.startswith(NOTIFY_PREFIX):
             job_id = channel[len(NOTIFY_PREFIX) :]
             with self._lock:
@@ -219,18 +278,32 @@ class StreamHub:
                     del self._arming[job_id]
             for sub in batch:
                 sub.armed.set()
+        elif channel == self.broadcast_channel:
+            with self._lock:
+                self._broadcast_confirmed += 1
+                if self._broadcast_confirmed == self._broadcast_asked and self._feeds:
+                    self._broadcast_heard.set()
+
+    def _send(self, *commands: tuple[str, ...]) -> bool:
+        """(Under the lock) write commands on the listener's connection; False without one
+        (the next connection then subscribes whatever is relayed or fed)."""
+        wire = self._wire
+        if wire is None:
+            return False
+        try:  # a write beside the listener's read
+            wire.send(*commands)
+        except Exception as exc:  # the listener sees the connection fail and reconnects
+            log.warning("stream hub could not send %s: %r", commands[0][0], exc)
+            return False
         return True
 
-    def _send(self, command: str, job_id: str) -> None:
-        """(Under the lock) SUBSCRIBE or UNSUBSCRIBE a job's channel on the listener's
-        connection; without one, the next connection subscribes every relayed job."""
-        pubsub = self._pubsub
-        if pubsub is None or pubsub.connection._sock is None:  # (never reconnect it here)
-            return
-        try:  # a write beside the listener's read; no health check (that would read)
-            pubsub.connection.send_command(command, notify_channel(job_id), check_health=False)
-        except Exception as exc:  # the listener sees the connection fail and reconnects
-            log.warning("stream hub could not %s job %s: %r", command, job_id, exc)
+    def _subscribe_job(self, job_id: str) -> None:
+        """(Under the lock) SUBSCRIBE a job's channel, with the UNSUBSCRIBE of stale ones."""
+        commands: list[tuple[str, ...]] = [("SUBSCRIBE", notify_channel(job_id))]
+        if self._stale:
+            commands.insert(0, ("UNSUBSCRIBE", *(notify_channel(j) for j in self._stale)))
+            self._stale.clear()
+        self._send(*commands)
 
     def _dispatch(self, data: str) -> None:
         self.heard += 1
@@ -287,7 +360,7 @@ class StreamHub:
     def subscribe(self, job_id: str, last: str) -> Subscription:
         """Register BEFORE reading the log, so no notice can fall between read and wait.
 
-        The read (or the task's send) must also wait for `sub.armed`: see `Tail.armed`.
+        The read (or the task's send) must also wait for `sub.armed`: see `Tail.subscribe`.
         """
         if not self._started:
             self._start()
@@ -296,8 +369,15 @@ class StreamHub:
             group = self._subs.get(job_id)
             if group is None:  # the first relay of the job here: hear its channel
                 group = self._subs[job_id] = set()
-                self._arming.setdefault(job_id, deque()).append([sub])
-                self._send("SUBSCRIBE", job_id)
+                if job_id in self._stale:  # still heard: its UNSUBSCRIBE was never sent
+                    self._stale.discard(job_id)
+                    if batches := self._arming.get(job_id):
+                        batches[-1].append(sub)
+                    else:
+                        sub.armed.set()
+                else:
+                    self._arming.setdefault(job_id, deque()).append([sub])
+                    self._subscribe_job(job_id)
             elif batches := self._arming.get(job_id):
                 batches[-1].append(sub)  # its SUBSCRIBE is in flight
             else:
@@ -313,7 +393,10 @@ class StreamHub:
                 if not group:
                     del self._subs[sub.job_id]
                     self._leases.pop(sub.job_id, None)
-                    self._send("UNSUBSCRIBE", sub.job_id)
+                    self._stale.add(sub.job_id)  # unsubscribed with the next SUBSCRIBE
+                    if len(self._stale) >= STALE_MAX:
+                        self._send(("UNSUBSCRIBE", *(notify_channel(j) for j in self._stale)))
+                        self._stale.clear()
 
     def leased(self, job_id: str) -> bool:
         """Whether a worker holds the job's lease, as seen at most LEASE_SHARE_SECONDS ago.
@@ -338,17 +421,30 @@ class StreamHub:
         return alive
 
     def feed(self) -> Feed:
-        """Start hearing the broadcast channel (end with `unfeed`)."""
+        """Start hearing the broadcast channel (end with `unfeed`).
+
+        The first feed of the process subscribes the channel; this returns once it is heard
+        (or after ARM_SECONDS without a connection), so a read made after it misses nothing.
+        """
         if not self._started:
             self._start()
         feed = Feed()
         with self._lock:
+            first = not self._feeds
             self._feeds.add(feed)
+            if first and self._send(("SUBSCRIBE", self.broadcast_channel)):
+                self._broadcast_asked += 1
+        self._broadcast_heard.wait(ARM_SECONDS)
         return feed
 
     def unfeed(self, feed: Feed) -> None:
         with self._lock:
+            if feed not in self._feeds:
+                return
             self._feeds.discard(feed)
+            if not self._feeds:  # the last one: stop hearing every job's changes
+                self._broadcast_heard.clear()
+                self._send(("UNSUBSCRIBE", self.broadcast_channel))
 
 
 _hubs: dict[str, StreamHub] = {}
@@ -385,20 +481,26 @@ class Tail:
     running: bool = False  # the job was (or has been seen) running
     check_lost: Callable[[str], bool] | None = None  # settle a job whose worker is gone
     outage_seconds: float = 30.0  # how long Redis may be unreachable before the relay ends
-    _sub: Subscription | None = None  # registered ahead by subscribe()
+    _sub: Subscription | None = None  # registered ahead by register() or subscribe()
     _armed_ahead: bool = False  # ... and the hub heard the job's channel before the send
 
+    def register(self) -> None:
+        """Register with the hub now (no wait): its SUBSCRIBE goes out while the caller
+        does other work (admission, the job's insert); then subscribe() before the send."""
+        if self._sub is None:
+            self._sub = self.hub.subscribe(self.job_id, self.after)
+
     def subscribe(self) -> bool:
-        """Register with the hub now, before the job's task is sent; True once the hub hears
-        the job's channel (send the task after that).
+        """Register with the hub (if register() did not), then wait until it hears the job's
+        channel; True once it does (send the job's task after that).
 
         The log then cannot hold an entry the hub did not announce to this relay (or, if
         the hub reconnects meanwhile, wake it for), so follow() skips its first read;
         unless the hub did not hear the channel in time (False): follow() then reads first.
         End with close() if follow() never runs.
         """
-        if self._sub is None:
-            self._sub = self.hub.subscribe(self.job_id, self.after)
+        self.register()
+        assert self._sub is not None
         self._armed_ahead = self._sub.armed.wait(ARM_SECONDS)
         return self._armed_ahead
 
