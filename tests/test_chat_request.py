@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from app import validation
 from app.errors import APIError
 from app.providers import ChatRequest, build_registry
 from app.services.chat_request import Message, parse_chat_request
+from app.services.job_request import JobRequest
 from app.validation import field_path, validation_error
 
 REGISTRY = build_registry({"PROVIDERS": {"local": {"base_url": "http://127.0.0.1:9/v1"}}})
@@ -182,3 +184,86 @@ def test_a_chat_body_parses_well_under_100_microseconds() -> None:
         parse_chat_request(body, REGISTRY)
     per_parse = (time.process_time() - started) / 200
     assert per_parse < 500e-6, per_parse  # ~40 us on a quiet box; a loose bound under load
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "code"),
+    [  # OpenAI's two keys, each checked; any other named (it was carried silently)
+        ({"bogus": True}, "stream_options.bogus", "unknown_parameter"),
+        ({"include_usage": True, "x": 1}, "stream_options.x", "unknown_parameter"),
+        ({"include_usage": "yes"}, "stream_options.include_usage", "invalid_type"),
+        ({"include_obfuscation": 1}, "stream_options.include_obfuscation", "invalid_type"),
+        (
+            {"include_obfuscation": True},
+            "stream_options.include_obfuscation",
+            "unsupported_parameter",
+        ),
+    ],
+)
+def test_stream_options_keys_are_checked(options: dict[str, Any], param: str, code: str) -> None:
+    error = refusal(stream=True, stream_options=options)
+    assert (error.param, error.code) == (param, code) and param in error.message
+
+
+def test_stream_options_without_obfuscation_is_carried() -> None:
+    options = {"include_usage": True, "include_obfuscation": False}
+    request = parse(stream=True, stream_options=options)
+    assert request.include_usage and request.to_record()["stream_options"] == {
+        "include_usage": True
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [  # each tool / function field named by its own path, not by 'tools'
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+            "tools[0].function.name",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": 3}]}, "tools[1]"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "description": 1}}]},
+            "tools[0].function.description",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "strict": "y"}}]},
+            "tools[0].function.strict",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "no way"}},
+            },
+            "tool_choice.function.name",
+        ),
+        ({"functions": [{"name": "bad name"}]}, "functions[0].name"),
+        ({"functions": [{"name": "f", "parameters": 1}]}, "functions[0].parameters"),
+        ({"functions": [{"name": "f"}], "function_call": {"name": ""}}, "function_call.name"),
+    ],
+)
+def test_tool_fields_are_named_by_their_path(body: dict[str, Any], param: str) -> None:
+    error = refusal(**body)
+    assert error.param == param and param in error.message
+
+
+def _job(**body: Any) -> JobRequest:
+    body.setdefault("model", "mock/echo")
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return validation.parse(JobRequest, body, {"registry": REGISTRY})
+
+
+def test_a_stream_mode_job_takes_stream_options_without_stream() -> None:
+    job = _job(mode="stream", stream_options={"include_usage": True})
+    assert job.request.include_usage and job.record()["stream"] is True
+    for refused in ({"mode": "batch"}, {"mode": "batch", "stream": True}, {"mode": "auto"}):
+        with pytest.raises(APIError) as info:
+            _job(stream_options={"include_usage": True}, **refused)
+        assert info.value.param == "stream_options", refused
+    with pytest.raises(APIError) as info:
+        _job(mode="stream", stream_options={"bogus": True})
+    assert info.value.param == "stream_options.bogus"

@@ -45,6 +45,7 @@ ROLES: tuple[str, ...] = get_args(Role)
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _TOOL_CHOICES = ("none", "auto", "required")
 _FORMATS = ("text", "json_object", "json_schema")
+_STREAM_OPTIONS = ("include_usage", "include_obfuscation")
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -124,21 +125,35 @@ def _tools(name: str, value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise _wrong_type(name, "an array of tools")
     for i, tool in enumerate(value):
-        where = f"tools[{i}]"
+        where = f"{name}[{i}]"
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
-            raise _bad(f"'{where}' must be an object with a 'type'.", name, "invalid_type")
+            raise _bad(f"'{where}' must be an object with a 'type'.", where, "invalid_type")
         if tool["type"] != "function":
             continue  # e.g. OpenAI's custom tools: the provider decides
-        function = tool.get("function")
+        _function(tool.get("function"), f"{where}.function")
+    return value
+
+
+def _function(function: Any, where: str) -> None:
+    """One function definition (of `tools[i].function` or legacy `functions[i]`)."""
+    if not isinstance(function, dict):
+        raise _bad(f"'{where}' is required.", where, "missing_required")
+    _function_name(function.get("name"), f"{where}.name", f"{where}.name")
+    if "parameters" in function and not isinstance(function["parameters"], dict):
+        raise _bad(f"'{where}.parameters' must be a JSON schema object.", f"{where}.parameters")
+    if not isinstance(function.get("description", ""), str):
+        raise _bad(f"'{where}.description' must be a string.", f"{where}.description")
+    if not isinstance(function.get("strict", False), bool | None):
+        raise _bad(f"'{where}.strict' must be a boolean.", f"{where}.strict")
+
+
+def _functions(name: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _wrong_type(name, "an array")
+    for i, function in enumerate(value):
         if not isinstance(function, dict):
-            raise _bad(f"'{where}.function' is required.", name, "missing_required")
-        _function_name(function.get("name"), name, f"{where}.function.name")
-        if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise _bad(f"'{where}.function.parameters' must be a JSON schema object.", name)
-        if not isinstance(function.get("description", ""), str):
-            raise _bad(f"'{where}.function.description' must be a string.", name)
-        if not isinstance(function.get("strict", False), bool | None):
-            raise _bad(f"'{where}.function.strict' must be a boolean.", name)
+            raise _wrong_type(f"{name}[{i}]", "an object")
+        _function(function, f"{name}[{i}]")
     return value
 
 
@@ -153,9 +168,18 @@ def _tool_choice(name: str, value: Any) -> str | dict[str, Any]:
         function = value.get("function")
         _function_name(
             function.get("name") if isinstance(function, dict) else None,
-            name,
+            f"{name}.function.name",
             f"{name}.function.name",
         )
+    return value
+
+
+def _function_call(name: str, value: Any) -> str | dict[str, Any]:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        raise _wrong_type(name, "a string or an object")
+    _function_name(value.get("name"), f"{name}.name", f"{name}.name")
     return value
 
 
@@ -206,8 +230,8 @@ PARAMETERS: dict[str, Callable[[str, Any], Any]] = {
     "verbosity": _of_type(str, "a string"),
     "prompt_cache_key": _of_type(str, "a string"),
     "safety_identifier": _of_type(str, "a string"),
-    "functions": _of_type(list, "an array"),
-    "function_call": _of_type((str, dict), "a string or an object"),
+    "functions": _functions,
+    "function_call": _function_call,
 }
 
 
@@ -341,19 +365,36 @@ def _stream(value: Any) -> bool:
     return value
 
 
-def _stream_options(options: Any, stream: bool | None) -> dict[str, bool]:
-    if not stream:
-        raise _bad("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+def _stream_options(options: Any) -> dict[str, bool]:
+    """OpenAI's two keys, each checked; any other key is refused naming it."""
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
+    for key, value in options.items():
+        param = f"stream_options.{key}"
+        if key not in _STREAM_OPTIONS:
+            raise _bad(
+                f"Unknown parameter: '{param}'. Known keys: {', '.join(_STREAM_OPTIONS)}.",
+                param,
+                "unknown_parameter",
+            )
+        if not isinstance(value, bool):
+            raise _bad(f"'{param}' must be a boolean.", param, "invalid_type")
+    if options.get("include_obfuscation"):  # Sluice adds no obfuscation padding to chunks
         raise _bad(
-            "'stream_options.include_usage' must be a boolean.",
-            "stream_options.include_usage",
-            "invalid_type",
+            "'stream_options.include_obfuscation': true is not supported; Sluice's stream "
+            "chunks carry no 'obfuscation' field (send false or leave it out).",
+            "stream_options.include_obfuscation",
+            "unsupported_parameter",
         )
-    return {"include_usage": include_usage}
+    return {"include_usage": bool(options.get("include_usage", False))}
+
+
+def _only_when_streaming() -> APIError:
+    return _bad(
+        "'stream_options' is only allowed when 'stream' is true (on /v1/jobs also with "
+        "'mode': 'stream', never with 'mode': 'batch').",
+        "stream_options",
+    )
 
 
 def _cross_checks(record: Mapping[str, Any]) -> None:
@@ -399,6 +440,7 @@ class Message(TypedDict):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
 
 
 def _registry(info: ValidationInfo) -> ProviderRegistry:
@@ -482,12 +524,16 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stream_options", mode="wrap")
     @classmethod
     def _checked_stream_options(
-        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+        cls, value: Any, handler: ValidatorFunctionWrapHandler
     ) -> StreamOptions | None:
         if value is None:
             return None
-        options: StreamOptions = handler(_stream_options(value, info.data.get("stream")))
+        options: StreamOptions = handler(_stream_options(value))
         return options
+
+    def streams(self) -> bool:
+        """Whether this body answers as a stream (what `stream_options` needs)."""
+        return bool(self.stream)
 
     @field_validator(*PARAMETERS, mode="wrap")
     @classmethod
@@ -524,6 +570,8 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="after")
     def _honoured(self, info: ValidationInfo) -> ChatCompletionRequest:
         """Rules between parameters; then the provider refuses what it cannot honour."""
+        if self.stream_options is not None and not self.streams():
+            raise _only_when_streaming()
         record = self.record()
         _cross_checks(record)
         request = ChatRequest.from_record(record)

@@ -62,6 +62,12 @@ class JobRequest(ChatCompletionRequest):
             data["messages"] = document_messages(data["document"], data.get("instructions"))
         return data
 
+    def streams(self) -> bool:
+        """A stream-mode job always streams (`stream` may be left out); a batch one never."""
+        if self.mode == "stream":
+            return self.stream is not False  # an explicit `stream: false` contradicts it
+        return self.mode != "batch" and bool(self.stream)
+
     def record(self) -> dict[str, Any]:
         """The chat body to run: a stream route always answers SSE."""
         return super().record() | {"stream": True}
