@@ -44,24 +44,22 @@ def test_retry_honours_retry_after(client: httpx.Client, upstream: FakeUpstream)
 def test_non_retryable_error_before_first_token(
     client: httpx.Client, openai_client: openai.OpenAI, upstream: FakeUpstream
 ) -> None:
+    """Before the first token an upstream 400 is the answer's own status (stream or not)."""
     upstream.add_scenario("refuses", status=400, message="bad things")
-    job_id = stream_chat(client, "openai/refuses")
-    sse = follow(client, job_id)
-    assert sse.done and sse.error is not None and "bad things" in sse.error["message"]
+    body = {"model": "openai/refuses", "messages": [{"role": "user", "content": "x"}]}
+    streamed = client.post("/v1/chat/completions", json=body | {"stream": True})
+    assert streamed.status_code == 400 and "bad things" in streamed.json()["error"]["message"]
     assert upstream.requests("refuses") == 1
-    job = _job(client, job_id)
-    assert job["status"] == "failed" and job["error"]["message"] == sse.error["message"]
-    with pytest.raises(openai.APIError, match="bad things"):
+    job = _job(client, streamed.headers["x-sluice-job-id"])
+    assert job["status"] == "failed" and job["error"] == streamed.json()["error"]
+    with pytest.raises(openai.BadRequestError, match="bad things"):
         list(
             openai_client.chat.completions.create(
                 model="openai/refuses", messages=[{"role": "user", "content": "x"}], stream=True
             )
         )
-    response = client.post(
-        "/v1/chat/completions",
-        json={"model": "openai/refuses", "messages": [{"role": "user", "content": "x"}]},
-    )
-    assert response.status_code == 502 and "bad things" in response.json()["error"]["message"]
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and "bad things" in response.json()["error"]["message"]
 
 
 def test_error_after_first_token_is_not_retried(

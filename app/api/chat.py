@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask.typing import ResponseReturnValue
@@ -14,9 +15,11 @@ from app.models import Job, epoch, new_id
 from app.models.job import TERMINAL
 from app.policy import Preferences, Route
 from app.providers import ChatRequest
+from app.providers.base import error_status
 from app.services import front_door
 from app.services.chat_request import ChatCompletionRequest
 from app.services.jobs import completion_object, job_completion_object, job_object
+from app.streams.entries import Entry, error_of
 from app.streams.hub import Tail, current_hub
 from app.streams.relay import collect, sse_body
 from app.streams.render import ChunkRenderer
@@ -25,13 +28,7 @@ from app.streams.writer import request_cancel
 bp = Blueprint("chat", __name__)
 log = logging.getLogger(__name__)
 
-_ERROR_STATUS = {
-    "invalid_request_error": 400,
-    "rate_limit_error": 429,
-    "cancelled": 409,
-    "upstream_error": 502,
-    "service_unavailable": 503,
-}
+RATE_LIMITED_RETRY_AFTER = 1  # seconds: the upstream's own wait went into the worker's retries
 
 
 def lost_checker(app: Flask) -> Callable[[str], bool]:
@@ -175,6 +172,9 @@ def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Re
     }
     created = epoch(job.created_at)
     if body.stream:
+        early = early_error(tail)
+        if early is not None:
+            return error_response(early, headers)
         renderer = ChunkRenderer(job.id, body.model, created, body.include_usage)
         response = sse_response(tail, renderer, headers, on_disconnect(route.on_disconnect, tail))
         response.call_on_close(tail.close)  # a body never iterated still unsubscribes
@@ -184,11 +184,7 @@ def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Re
     finally:
         tail.close()
     if outcome.error is not None:
-        status = _ERROR_STATUS.get(str(outcome.error.get("type")), 500)
-        response = jsonify({"error": outcome.error})
-        response.status_code = status
-        response.headers.update(headers)
-        return response
+        return error_response(outcome.error, headers)
     payload = completion_object(
         job.id,
         body.model,
@@ -200,4 +196,33 @@ def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Re
     )
     response = jsonify(payload)
     response.headers.update(headers)
+    return response
+
+
+def early_error(tail: Tail) -> dict[str, Any] | None:
+    """The job's error if its log opens with it (nothing was streamed), else None.
+
+    Waits for the log's first entry, or its first ping (nothing yet: the SSE answer
+    starts as usual); the relay then reads the log again from where it was.
+    """
+    start = tail.after
+    entries = cast(Generator[Entry | None], tail.follow())
+    try:
+        first = next(entries, None)
+    finally:
+        entries.close()  # unsubscribes; the relay's follow() subscribes again
+        tail.after = start
+    if first is not None and first[1].get("t") == "error":
+        return error_of(first[1])
+    return None
+
+
+def error_response(error: dict[str, Any], headers: dict[str, str]) -> Response:
+    """A failed job answered as its error: an upstream 4xx with its own status, 502/504
+    for an upstream failure or timeout, 429 with Retry-After for a rate limit."""
+    response = jsonify({"error": error})
+    response.status_code = error_status(error)
+    response.headers.update(headers)
+    if response.status_code == 429:
+        response.headers["Retry-After"] = str(RATE_LIMITED_RETRY_AFTER)
     return response

@@ -213,8 +213,13 @@ class ProviderError(Exception):
 
     @property
     def error_type(self) -> str:
-        """The OpenAI error `type` for this error."""
-        return "rate_limit_error" if self.code == "rate_limit_exceeded" else "upstream_error"
+        """The OpenAI error `type` for this error: an upstream client error keeps its kind
+        (its status is answered as is, see `error_status`); any other is Sluice's failure."""
+        if self.code == "rate_limit_exceeded":
+            return "rate_limit_error"
+        if self.status_code is not None and is_client_error(self.status_code):
+            return CLIENT_ERROR_TYPES.get(self.status_code, "invalid_request_error")
+        return "upstream_error"
 
     def to_openai_error(self) -> dict[str, Any]:
         """The OpenAI-style `error` object for this failure."""
@@ -257,6 +262,37 @@ class Provider(Protocol):
 
 
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 529})
+
+# An upstream 4xx that names the caller's mistake is answered with its own status and
+# kind; 401/403/407 name Sluice's credentials and 408/425 are transient: those stay 502s.
+CLIENT_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "unprocessable_entity_error",
+}
+_NOT_THE_CALLERS = frozenset({401, 403, 407, 408, 425, 429})
+# The HTTP status each error `type` is answered with (an unknown type: 500).
+ERROR_STATUSES = {kind: status for status, kind in CLIENT_ERROR_TYPES.items()} | {
+    "invalid_request_error": 400,
+    "rate_limit_error": 429,
+    "cancelled": 409,
+    "upstream_error": 502,
+    "service_unavailable": 503,
+}
+
+
+def is_client_error(status_code: int) -> bool:
+    """Whether an upstream status is the caller's error, answered as it is."""
+    return 400 <= status_code < 500 and status_code not in _NOT_THE_CALLERS
+
+
+def error_status(error: Mapping[str, Any]) -> int:
+    """The HTTP status for a job's OpenAI-style error: a timeout 504, else by its type."""
+    if error.get("code") == "upstream_timeout":
+        return 504
+    return ERROR_STATUSES.get(str(error.get("type")), 500)
 
 
 def is_retryable_status(status_code: int) -> bool:

@@ -1,0 +1,77 @@
+"""What the real clients ran into (second round): each test fails without its fix.
+
+The official openai SDK with its default retries against the live stack (real web,
+workers, Redis, the fake upstream for `openai/` models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.stack import Stack
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def retrying_sdk(stack: Stack, api_key: str) -> openai.OpenAI:
+    """The SDK as a user runs it: its default retries (2) on 408/409/429/5xx."""
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=api_key, timeout=30)
+
+
+CLIENT_ERRORS = [
+    (400, openai.BadRequestError, "invalid_request_error"),
+    (404, openai.NotFoundError, "not_found_error"),
+    (422, openai.UnprocessableEntityError, "unprocessable_entity_error"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("status", "error_class", "kind"), CLIENT_ERRORS)
+def test_an_upstream_client_error_keeps_its_status_and_is_not_retried(
+    stack: Stack,
+    api_key: str,
+    upstream: FakeUpstream,
+    status: int,
+    error_class: type[openai.APIStatusError],
+    kind: str,
+    stream: bool,
+) -> None:
+    name = f"client-error-{status}-{stream}"
+    upstream.add_scenario(name, status=status, message=f"upstream says {status}")
+    sdk = retrying_sdk(stack, api_key)
+    with pytest.raises(error_class) as info:
+        answer: Any = sdk.chat.completions.create(
+            model=f"openai/{name}", messages=HELLO, stream=stream
+        )
+        list(answer) if stream else None
+    assert info.value.status_code == status  # before the first token: an HTTP error too
+    body: Any = info.value.body
+    assert body["type"] == kind and f"upstream says {status}" in body["message"]
+    assert upstream.requests(name) == 1  # neither the SDK nor the worker tried again
+
+
+def test_upstream_failures_stay_gateway_errors(
+    client: httpx.Client, upstream: FakeUpstream
+) -> None:
+    upstream.add_scenario("forbidden", status=403, message="bad key")  # Sluice's credential
+    upstream.add_scenario("broken", status=500, message="boom", retry_after="0")
+    for model, message in (("openai/forbidden", "bad key"), ("openai/broken", "boom")):
+        response = client.post("/v1/chat/completions", json={"model": model, "messages": HELLO})
+        assert response.status_code == 502, response.text
+        error = response.json()["error"]
+        assert error["type"] == "upstream_error" and message in error["message"]
+
+
+def test_an_error_after_the_first_token_stays_in_band(
+    client: httpx.Client, upstream: FakeUpstream
+) -> None:
+    upstream.add_scenario("late-error", deltas=["one ", "two ", "three"], error_after=1, tps=100)
+    body = {"model": "openai/late-error", "messages": HELLO, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        text = "".join(response.iter_text())
+    assert response.status_code == 200 and '"error"' in text and "one " in text
