@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from sqlalchemy import Select
+from flask import g, has_request_context
+from sqlalchemy import Select, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from app.errors import APIError
@@ -43,7 +44,13 @@ def fetch_page(
     after: str | None,
     order: str = "desc",
 ) -> tuple[list[T], bool]:
-    """One page of rows after the cursor (newest first unless order="asc"), and has_more."""
+    """One page of rows after the cursor (newest first unless order="asc"), and has_more.
+
+    The cursor must name one of the caller's objects: an unknown one is a 400 naming
+    `after` (not the whole list, as a bare `id < after` would give).
+    """
+    if after:
+        check_cursor(id_column, after)
     if order == "asc":
         if after:
             stmt = stmt.where(id_column > after)
@@ -65,3 +72,18 @@ def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "last_id": data[-1]["id"] if data else None,
         "has_more": has_more,
     }
+
+
+def check_cursor(id_column: InstrumentedAttribute[str], after: str) -> None:
+    """A 400 naming `after` unless it is the id of an object of the calling tenant."""
+    owner = id_column.class_.tenant_id
+    found = db.session.scalar(select(owner).where(id_column == after))
+    tenant = g.get("tenant_id") if has_request_context() else None
+    if found is None or (tenant is not None and found != tenant):
+        raise APIError(
+            400,
+            f"Invalid 'after': no object with id {after!r} (a cursor is the id of the "
+            "last object of the previous page).",
+            param="after",
+            code="invalid_cursor",
+        )

@@ -118,7 +118,7 @@ def test_upstream_openai_provider_streams(
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ],
 )
 def test_bad_bodies_name_the_parameter(
@@ -319,7 +319,10 @@ def test_unknown_keys_pass_to_openai_compatible_only(
 @pytest.mark.parametrize(
     ("patch", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+            "tools[0].function.name",
+        ),
         ({"tool_choice": "required"}, "tool_choice"),
         (
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},

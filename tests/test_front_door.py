@@ -106,6 +106,41 @@ def test_idempotency_key_is_scoped_by_batch_kind(http: FlaskClient) -> None:
     assert "Idempotent-Replayed" not in openai_batch.headers
 
 
+def test_an_idempotency_key_reused_with_other_parameters_is_refused(http: FlaskClient) -> None:
+    """It replayed the first batch silently; the same body still replays."""
+    headers = {"Idempotency-Key": "reused-key"}
+    file_id = upload_batch_file(http, b"not json\n")  # fails validation: nothing runs
+    body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    }
+    first = http.post("/v1/batches", json=body, headers=headers)
+    assert first.status_code == 200, first.get_data(as_text=True)
+    other_file = upload_batch_file(http, b"not json either\n")
+    for other in ({"metadata": {"k": "v"}}, {"input_file_id": other_file}):
+        refused = http.post("/v1/batches", json=body | other, headers=headers)
+        assert refused.status_code == 422, (other, refused.get_data(as_text=True))
+        error = refused.get_json()["error"]
+        assert error["param"] == "Idempotency-Key" and "different parameters" in error["message"]
+    again = http.post("/v1/batches", json=body, headers=headers)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["id"] == first.get_json()["id"]
+    docs = http.post("/v1/document-batches", json=DOCS, headers=headers)
+    assert docs.status_code == 202, docs.get_data(as_text=True)
+    other_docs = DOCS | {"instructions": "Something else."}
+    refused = http.post("/v1/document-batches", json=other_docs, headers=headers)
+    assert refused.status_code == 422 and refused.get_json()["error"]["param"] == "Idempotency-Key"
+    replayed = http.post("/v1/document-batches", json=DOCS, headers=headers)
+    assert replayed.status_code == 200 and replayed.get_json()["id"] == docs.get_json()["id"]
+
+
+def test_a_cursor_of_a_listed_object_pages_on(http: FlaskClient) -> None:
+    ids = [upload_batch_file(http, b"not json\n") for _ in range(3)]
+    page = http.get("/v1/files", query_string={"limit": 1, "after": ids[2]}).get_json()
+    assert [f["id"] for f in page["data"]] == [ids[1]] and page["has_more"] is True
+
+
 @pytest.mark.parametrize("path", ["/v1/document-batches", "/v1/batches"])
 def test_idempotency_key_over_255_characters(http: FlaskClient, path: str) -> None:
     response = http.post(path, json=DOCS, headers={"Idempotency-Key": "k" * 256})
@@ -119,8 +154,11 @@ def test_list_endpoints_share_one_pagination(http: FlaskClient) -> None:
             response = http.get(path, query_string={"limit": bad})
             assert response.status_code == 400, (path, bad)
             assert response.get_json()["error"]["param"] == "limit"
-        empty = http.get(path, query_string={"after": "zzz"}).get_json()
+        empty = http.get(path).get_json()
         assert empty["object"] == "list" and empty["has_more"] is False, path
+        unknown = http.get(path, query_string={"after": "zzz"})  # it listed everything
+        assert unknown.status_code == 400, (path, unknown.get_json())
+        assert unknown.get_json()["error"]["param"] == "after"
 
 
 def test_live_prefer_respond_async_routes_to_batch(client: httpx.Client) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.models import Batch
 from app.pagination import list_object, page_params
 from app.services import front_door, openai_batches
 from app.services.chat_request import Metadata
@@ -38,17 +40,32 @@ class BatchRequest(BaseModel):
 @bp.post("/batches")
 def create_batch() -> ResponseReturnValue:
     key = front_door.idempotency_key(openai_batches.KIND, request.headers.get("Idempotency-Key"))
-    replayed = front_door.replay(g.tenant_id, key)
+    params = front_door.parse_body(BatchRequest).model_dump(exclude_none=True)
+    same = _same_as(params)
+    replayed = front_door.replay(g.tenant_id, key, same)
     batch = replayed or openai_batches.create(
         tenant_id=g.tenant_id,
         tenant_name=g.api_key.tenant.name,
-        params=front_door.parse_body(BatchRequest).model_dump(exclude_none=True),
+        params=params,
         idempotency_key=key,
     )
+    front_door.check_same(batch, same)  # a concurrent create with the key may have won
     response = jsonify(openai_batches.serialize_batch(batch))
     if replayed is not None:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def _same_as(params: dict[str, Any]) -> Callable[[Batch], bool]:
+    """Whether a batch was created from these parameters (for an Idempotency-Key replay)."""
+    file_id, endpoint, window, metadata = openai_batches.check_create_params(params)
+    wanted = (file_id, endpoint, window, metadata or None)
+
+    def same(batch: Batch) -> bool:
+        made = (batch.input_file_id, batch.endpoint, batch.completion_window)
+        return (*made, batch.metadata_ or None) == wanted
+
+    return same
 
 
 @bp.get("/batches")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -148,10 +148,11 @@ def create() -> ResponseReturnValue:
     if request.content_length is not None and request.content_length > max_bytes:
         raise documents.request_too_large(max_bytes)
     key = front_door.idempotency_key(KIND, request.headers.get("Idempotency-Key"))
-    existing = front_door.replay(g.tenant_id, key)
+    options, items = _read_submission(max_bytes)
+    same = _same_options(options)  # a replay's options must match (its documents are not
+    existing = front_door.replay(g.tenant_id, key, same)  # compared: they are not read)
     if existing is not None:
         return _created(existing, replayed=True)
-    options, items = _read_submission(max_bytes)
     check_model_name(options.model)
     documents.check_with_provider(options)
     route = front_door.route(
@@ -163,9 +164,7 @@ def create() -> ResponseReturnValue:
             metadata=options.metadata or {},
         )
     )
-    window = (
-        options.completion_window or f"{current_app.config['BATCH_COMPLETION_WINDOW_HOURS']:g}h"
-    )
+    window = _window(options)
     if len(window) > MAX_WINDOW_CHARS or batches.window_seconds(window) > MAX_WINDOW_SECONDS:
         raise APIError(
             400,
@@ -186,7 +185,31 @@ def create() -> ResponseReturnValue:
         prompt_template=options.prompt_template,
         params=options.params() or None,
     )
+    front_door.check_same(batch, same)  # a concurrent create with the key may have won
     return _created(batch, replayed=batch.created_at < started)
+
+
+def _window(options: documents.Options) -> str:
+    hours = current_app.config["BATCH_COMPLETION_WINDOW_HOURS"]
+    return options.completion_window or f"{hours:g}h"
+
+
+def _same_options(options: documents.Options) -> Callable[[Batch], bool]:
+    """Whether a batch was created with these options (for an Idempotency-Key replay)."""
+    wanted = (
+        options.model,
+        options.instructions,
+        options.prompt_template,
+        options.params() or None,
+        options.metadata or None,
+        _window(options),
+    )
+
+    def same(batch: Batch) -> bool:
+        made = (batch.model, batch.instructions, batch.prompt_template, batch.params or None)
+        return (*made, batch.metadata_ or None, batch.completion_window) == wanted
+
+    return same
 
 
 def _created(batch: Batch, *, replayed: bool) -> ResponseReturnValue:
