@@ -75,3 +75,38 @@ def test_an_error_after_the_first_token_stays_in_band(
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         text = "".join(response.iter_text())
     assert response.status_code == 200 and '"error"' in text and "one " in text
+
+
+def test_the_sdk_hears_bad_stream_options_and_tool_names_named(
+    openai_client: openai.OpenAI,
+) -> None:
+    bad_bodies: list[tuple[dict[str, Any], str]] = [
+        ({"stream": True, "stream_options": {"bogus": True}}, "stream_options.bogus"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "no spaces please"}}]},
+            "tools[0].function.name",
+        ),
+    ]
+    for extra, param in bad_bodies:
+        with pytest.raises(openai.BadRequestError) as info:
+            openai_client.chat.completions.create(model="mock/echo", messages=HELLO, **extra)
+        body: Any = info.value.body
+        assert body["param"] == param, body
+
+
+def test_a_stream_mode_job_takes_stream_options_alone(client: httpx.Client) -> None:
+    body = {"model": "mock/echo", "messages": HELLO, "mode": "stream"}
+    body |= {"stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/jobs", json=body) as response:
+        text = "".join(response.iter_text())
+    assert response.status_code == 200, text
+    assert '"usage"' in text and "[DONE]" in text
+    refused = client.post("/v1/jobs", json=body | {"mode": "batch"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_options"
+
+
+def test_the_sdk_pages_with_a_known_cursor_only(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.batches.list(after="bogus")
+    body: Any = info.value.body
+    assert body["param"] == "after"
