@@ -65,6 +65,11 @@ def test_upstream_failures_stay_gateway_errors(
         assert response.status_code == 502, response.text
         error = response.json()["error"]
         assert error["type"] == "upstream_error" and message in error["message"]
+    upstream.add_scenario("limited-always", status=429, message="slow down", retry_after="0")
+    limited = {"model": "openai/limited-always", "messages": HELLO}
+    response = client.post("/v1/chat/completions", json=limited)
+    assert response.status_code == 429 and response.headers["Retry-After"], response.text
+    assert response.json()["error"]["type"] == "rate_limit_error"
 
 
 def test_an_error_after_the_first_token_stays_in_band(
