@@ -23,6 +23,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "MOCK_TOKENS_PER_SECOND": (float, 50.0),
     "MOCK_LENGTH": (int, 40),
     "STREAM_PING_SECONDS": (float, 15.0),
+    "STREAM_ERROR_STATUS_SECONDS": (float, 1.0),
     "STREAM_RETRY_MS": (int, 3000),
     "STREAM_LOG_TTL_SECONDS": (int, 3600),
     "STREAM_LEASE_SECONDS": (float, 10.0),

@@ -6,12 +6,18 @@ workers, Redis, the fake upstream for `openai/` models).
 
 from __future__ import annotations
 
+import secrets
+import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from flask import Flask
 
+from app.extensions import redis_store
+from app.streams.hub import StreamHub, Tail
+from app.streams.keys import lease_key
 from tests.fake_upstream import FakeUpstream
 from tests.stack import Stack
 
@@ -115,3 +121,21 @@ def test_the_sdk_pages_with_a_known_cursor_only(openai_client: openai.OpenAI) ->
         openai_client.batches.list(after="bogus")
     body: Any = info.value.body
     assert body["param"] == "after"
+
+
+def test_a_silent_job_holds_the_stream_headers_back_only_for_the_bound(app_ctx: Flask) -> None:
+    """Waiting to answer an early error with its status is bounded by its own setting, not
+    the (15 s) ping interval: a job that has logged nothing yet gets its SSE answer."""
+    from app.api.chat import early_error
+
+    hub = StreamHub(app_ctx.config["REDIS_URL"])
+    try:
+        tail = Tail(hub, f"job_silent_{secrets.token_hex(4)}", lease_seconds=60, ping_seconds=15)
+        redis_store.client.set(lease_key(tail.job_id), "T", px=60_000)  # a live worker
+        started = time.monotonic()
+        assert early_error(tail, 0.3) is None
+        assert time.monotonic() - started < 5.0  # the bound plus slack, well under 15 s
+        assert (tail.after, tail.ping_seconds) == ("0-0", 15)  # the relay starts afresh
+        tail.close()
+    finally:
+        hub.close()

@@ -172,7 +172,7 @@ def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Re
     }
     created = epoch(job.created_at)
     if body.stream:
-        early = early_error(tail)
+        early = early_error(tail, current_app.config["STREAM_ERROR_STATUS_SECONDS"])
         if early is not None:
             return error_response(early, headers)
         renderer = ChunkRenderer(job.id, body.model, created, body.include_usage)
@@ -199,19 +199,23 @@ def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Re
     return response
 
 
-def early_error(tail: Tail) -> dict[str, Any] | None:
+def early_error(tail: Tail, wait: float) -> dict[str, Any] | None:
     """The job's error if its log opens with it (nothing was streamed), else None.
 
-    Waits for the log's first entry, or its first ping (nothing yet: the SSE answer
-    starts as usual); the relay then reads the log again from where it was.
+    Waits for the log's first entry, at most `wait` seconds (nothing yet: the SSE answer
+    starts as usual, so a slow first token never holds the headers back longer); the
+    relay then reads the log again from where it was.
     """
-    start = tail.after
+    if wait <= 0:
+        return None
+    start, ping = tail.after, tail.ping_seconds
+    tail.ping_seconds = min(ping, wait)  # follow() yields None (a ping) after this long
     entries = cast(Generator[Entry | None], tail.follow())
     try:
         first = next(entries, None)
     finally:
         entries.close()  # unsubscribes; the relay's follow() subscribes again
-        tail.after = start
+        tail.after, tail.ping_seconds = start, ping
     if first is not None and first[1].get("t") == "error":
         return error_of(first[1])
     return None
