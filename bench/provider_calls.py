@@ -12,12 +12,11 @@ Prints; never passes or fails.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from typing import Any
 
-from bench.stream_worker import free_port
+from bench.stream_worker import free_port, start_upstream
 
 
 def main(argv: list[str]) -> None:
@@ -25,7 +24,6 @@ def main(argv: list[str]) -> None:
 
     monkey.patch_all()
     import gevent.pool
-    import httpx
 
     parser = argparse.ArgumentParser(prog="python -m bench.provider_calls", description=__doc__)
     parser.add_argument("--kind", choices=["openai", "anthropic"], default="openai")
@@ -38,18 +36,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    upstream = start_upstream(port)
     try:
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/_health")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         run(args, port, gevent.pool.Pool)
     finally:
         upstream.terminate()

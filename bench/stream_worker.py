@@ -27,12 +27,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_upstream(port: int) -> subprocess.Popen[bytes]:
+    """The fake upstream as its own process on `port`, once it answers its health check."""
+    import httpx
+
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/_health")
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return upstream
+
+
 def main(argv: list[str]) -> None:
     from gevent import monkey
 
     monkey.patch_all()
     import gevent.pool
-    import httpx
 
     parser = argparse.ArgumentParser(prog="python -m bench.stream_worker", description=__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50])
@@ -53,18 +70,8 @@ def main(argv: list[str]) -> None:
         OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1",
         SLUICE_LOG_LEVEL="WARNING",
     )
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    upstream = start_upstream(port)
     try:
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/_health")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         run(args, gevent.pool.Pool)
     finally:
         upstream.terminate()
