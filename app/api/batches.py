@@ -41,15 +41,14 @@ class BatchRequest(BaseModel):
 def create_batch() -> ResponseReturnValue:
     key = front_door.idempotency_key(openai_batches.KIND, request.headers.get("Idempotency-Key"))
     params = front_door.parse_body(BatchRequest).model_dump(exclude_none=True)
-    same = _same_as(params)
-    replayed = front_door.replay(g.tenant_id, key, same)
+    replayed = front_door.replay(g.tenant_id, key)
     batch = replayed or openai_batches.create(
         tenant_id=g.tenant_id,
         tenant_name=g.api_key.tenant.name,
         params=params,
         idempotency_key=key,
     )
-    front_door.check_same(batch, same)  # a concurrent create with the key may have won
+    front_door.check_same(batch, _same_as(params))  # a replay, or a create that lost a race
     response = jsonify(openai_batches.serialize_batch(batch))
     if replayed is not None:
         response.headers["Idempotent-Replayed"] = "true"

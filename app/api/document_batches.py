@@ -150,8 +150,9 @@ def create() -> ResponseReturnValue:
     key = front_door.idempotency_key(KIND, request.headers.get("Idempotency-Key"))
     options, items = _read_submission(max_bytes)
     same = _same_options(options)  # a replay's options must match (its documents are not
-    existing = front_door.replay(g.tenant_id, key, same)  # compared: they are not read)
+    existing = front_door.replay(g.tenant_id, key)  # compared: they are not read)
     if existing is not None:
+        front_door.check_same(existing, same)
         return _created(existing, replayed=True)
     check_model_name(options.model)
     documents.check_with_provider(options)

@@ -275,7 +275,6 @@ CLIENT_ERROR_TYPES = {
 _NOT_THE_CALLERS = frozenset({401, 403, 407, 408, 425, 429})
 # The HTTP status each error `type` is answered with (an unknown type: 500).
 ERROR_STATUSES = {kind: status for status, kind in CLIENT_ERROR_TYPES.items()} | {
-    "invalid_request_error": 400,
     "rate_limit_error": 429,
     "cancelled": 409,
     "upstream_error": 502,

@@ -162,20 +162,15 @@ def idempotency_key(kind: str, header: str | None) -> str | None:
     return f"{kind}:{hashlib.sha256(header.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
-def replay(
-    tenant_id: str, key: str | None, same: Callable[[Batch], bool] | None = None
-) -> Batch | None:
-    """The tenant's batch already created with this (scoped) key, if any; a 422 naming
-    `Idempotency-Key` when `same(batch)` says it was created from different parameters."""
-    batch = find_by_idempotency_key(tenant_id, key) if key else None
-    if batch is not None and same is not None:
-        check_same(batch, same)
-    return batch
+def replay(tenant_id: str, key: str | None) -> Batch | None:
+    """The tenant's batch already created with this (scoped) key, if any."""
+    return find_by_idempotency_key(tenant_id, key) if key else None
 
 
 def check_same(batch: Batch, same: Callable[[Batch], bool]) -> None:
-    """Refuse a key reused with other parameters (as Stripe and OpenAI do), also when a
-    concurrent create with the key won the race and its batch is the one returned."""
+    """A 422 naming `Idempotency-Key` when `same(batch)` says the key's batch was created
+    from other parameters (as Stripe and OpenAI do): a replay, or a concurrent create with
+    the key that won the race and whose batch is the one returned."""
     if batch.idempotency_key and not same(batch):
         raise APIError(
             422,
