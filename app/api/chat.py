@@ -208,14 +208,14 @@ def early_error(tail: Tail, wait: float) -> dict[str, Any] | None:
     """
     if wait <= 0:
         return None
-    start, ping = tail.after, tail.ping_seconds
-    tail.ping_seconds = min(ping, wait)  # follow() yields None (a ping) after this long
-    entries = cast(Generator[Entry | None], tail.follow())
+    start = tail.after
+    # follow() yields None (a ping) after this long without an entry
+    entries = cast(Generator[Entry | None], tail.follow(min(tail.ping_seconds, wait)))
     try:
         first = next(entries, None)
     finally:
         entries.close()  # unsubscribes; the relay's follow() subscribes again
-        tail.after, tail.ping_seconds = start, ping
+        tail.after = start
     if first is not None and first[1].get("t") == "error":
         return error_of(first[1])
     return None

@@ -521,8 +521,10 @@ class Tail:
         }
         return "", error_fields(error)
 
-    def follow(self) -> Iterator[Entry | None]:
-        """Yield entries up to and including the terminal one; None means "send a ping"."""
+    def follow(self, ping_seconds: float | None = None) -> Iterator[Entry | None]:
+        """Yield entries up to and including the terminal one; None means "send a ping"
+        (every `ping_seconds` of silence, the tail's own interval unless given)."""
+        ping_every = self.ping_seconds if ping_seconds is None else ping_seconds
         client = self.hub.client
         key = log_key(self.job_id)
         sub = self._sub
@@ -533,7 +535,7 @@ class Tail:
         if seen == -1:  # read once the hub hears the channel (or, if it never does in
             sub.armed.wait(ARM_SECONDS)  # time, at once: its reconnect wakes us again)
         after = entry_key(self.after)
-        wake_every = max(0.05, min(self.ping_seconds, self.lease_seconds / 2))
+        wake_every = max(0.05, min(ping_every, self.lease_seconds / 2))
         last_ping = last_db_check = time.monotonic()
         check_lease = more = False
         outage_since: float | None = None
@@ -558,10 +560,10 @@ class Tail:
                         if now - outage_since >= self.outage_seconds:
                             yield self._unavailable()
                             return
-                        if now - last_ping >= self.ping_seconds:
+                        if now - last_ping >= ping_every:
                             last_ping = now
                             yield None
-                        sub.event.wait(min(1.0, self.ping_seconds))
+                        sub.event.wait(min(1.0, ping_every))
                         continue  # `seen` unchanged: read again
                     outage_since = None
                     if found is not None:
@@ -598,7 +600,7 @@ class Tail:
                     continue
                 check_lease = True  # idle for a while: is the worker still there?
                 now = time.monotonic()
-                if now - last_ping >= self.ping_seconds:
+                if now - last_ping >= ping_every:
                     last_ping = now
                     yield None
         finally:
