@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
+from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, SecretStr
 
 from tests.fake_upstream import FakeUpstream
@@ -36,6 +38,11 @@ WEATHER = {
     "strict": None,
 }
 
+EVENT_TYPES = {
+    model.model_fields["type"].annotation.__args__[0]: model
+    for model in typing.get_args(typing.get_args(ResponseStreamEvent)[0])
+}
+
 
 class Person(BaseModel):
     name: str
@@ -49,11 +56,17 @@ class GetWeather(BaseModel):
     city: str
 
 
-def test_create_text_is_a_response_tied_to_its_job(openai_client: openai.OpenAI) -> None:
+def test_create_text_is_a_response_tied_to_its_job(
+    openai_client: openai.OpenAI, client: httpx.Client
+) -> None:
     raw = openai_client.responses.with_raw_response.create(
         model="mock/echo", input="hello there", instructions="be brief", max_output_tokens=50
     )
     response = raw.parse()
+    body = raw.http_response.json()
+    Response.model_validate(body)  # strictly OpenAI's shape
+    described = client.get("/openapi.json").json()["components"]["schemas"]["ResponseObject"]
+    assert set(body) == set(described["properties"])
     job_id = raw.headers["x-sluice-job-id"]
     assert response.id == "resp_" + job_id.removeprefix("job_")
     assert response.object == "response" and response.status == "completed"
@@ -178,6 +191,8 @@ def test_stream_function_call_events(openai_client: openai.OpenAI, upstream: Fak
         openai_client, model="openai/responses-tools", input="x", tools=[WEATHER]
     )
     kinds = [e.type for e in events]
+    for event in events:
+        EVENT_TYPES[event.type].model_validate(event.model_dump(exclude={"snapshot"}))
     assert kinds.count("response.function_call_arguments.delta") > 1
     assert kinds[-3:] == [
         "response.function_call_arguments.done",
@@ -194,6 +209,8 @@ def test_stream_resumes_after_a_sequence_number(client: httpx.Client) -> None:
     with client.stream("POST", "/v1/responses", json=body) as response:
         whole = read_sse(response)
     events = [e["data"] for e in whole.events]
+    for event in events:  # each strictly one of OpenAI's event types, named by `event:`
+        EVENT_TYPES[event["type"]].model_validate(event)
     assert events[-1]["type"] == "response.completed"
     resp_id = events[0]["response"]["id"]
     params = {"stream": "true", "starting_after": "3"}
@@ -207,6 +224,8 @@ def test_stream_failure_is_response_failed(client: httpx.Client, upstream: FakeU
     body = {"model": "openai/responses-cut", "input": "x", "stream": True}
     with client.stream("POST", "/v1/responses", json=body) as response:
         sse = read_sse(response, max_events=50)
+    for event in sse.events:
+        EVENT_TYPES[event["data"]["type"]].model_validate(event["data"])
     last = sse.events[-1]["data"]
     assert last["type"] == "response.failed"
     assert last["response"]["status"] == "failed" and last["response"]["error"]["message"]
@@ -269,8 +288,10 @@ REFUSALS = [
     ({"frobnicate": 1}, "frobnicate"),
     ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-    ({"text": {"format": {"type": "json_schema", "name": "no spaces", "schema": {}}}}, "text.format.name"),
-    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+    ({"text": {"format": {"type": "json_schema", "name": "a b", "schema": {}}}},
+     "text.format.name"),
+    ({"stream": True, "stream_options": {"include_obfuscation": True}},
+     "stream_options.include_obfuscation"),
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),

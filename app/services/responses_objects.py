@@ -102,11 +102,13 @@ def usage(chat: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     prompt = int(chat.get("prompt_tokens") or 0)
     completion = int(chat.get("completion_tokens") or 0)
-    cached = (chat.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    details = chat.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or 0
+    written = details.get("cache_write_tokens") or 0
     reasoning = (chat.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": int(cached)},
+        "input_tokens_details": {"cached_tokens": int(cached), "cache_write_tokens": int(written)},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": int(reasoning)},
         "total_tokens": int(chat.get("total_tokens") or prompt + completion),
@@ -167,10 +169,21 @@ def ending(finish_reason: str | None) -> tuple[str, dict[str, Any] | None]:
 
 
 def failure(error: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The status and `error` object of a failed (or cancelled) job."""
-    code = error.get("code") or error.get("type") or "server_error"
-    status = "cancelled" if code == CANCELLED_CODE else "failed"
-    return status, {"code": code, "message": error.get("message") or "the job failed"}
+    """The status and `error` object of a failed (or cancelled) job.
+
+    `code` is one of OpenAI's response error codes; the job's own error code and type
+    (`upstream_timeout`, `job_cancelled`...) ride in `type` and the message.
+    """
+    own = error.get("code") or error.get("type")
+    status = "cancelled" if own == CANCELLED_CODE else "failed"
+    code = "rate_limit_exceeded" if error.get("type") == "rate_limit_error" else "server_error"
+    message = str(error.get("message") or "The job failed.")
+    return status, {
+        "code": code,
+        "message": f"{message} ({own})" if own else message,
+        "param": error.get("param"),
+        "type": error.get("type"),
+    }
 
 
 def response_object(

@@ -11,10 +11,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
 from app import validation
 from app.errors import APIError
 from app.providers import ChatRequest
-from app.services.chat_request import ChatCompletionRequest
+from app.services.chat_request import MODEL_FIELD, ChatCompletionRequest, Metadata
+from app.validation import MAX_JSON_INT
 
 # Responses parameters Sluice refuses whenever they are set (not null), with the reason.
 REFUSED = {
@@ -427,11 +438,14 @@ def translate(body: Any) -> Translation:
     return out
 
 
-def parse_responses_request(body: Any) -> ChatRequest:
-    """Validate a Responses body into the ChatRequest it runs as (a 400 naming its field)."""
+def chat_request_of(body: Any) -> ChatRequest:
+    """Translate a Responses body and validate it as the chat body it becomes."""
     translation = translate(body)
     try:
-        return validation.parse(ChatCompletionRequest, translation.body).request
+        try:
+            return ChatCompletionRequest.model_validate(translation.body).request
+        except ValidationError as exc:
+            raise validation.validation_error(exc) from None
     except APIError as exc:
         param = translation.responses_param(exc.param)
         if exc.param and param != exc.param:
@@ -439,3 +453,69 @@ def parse_responses_request(body: Any) -> ChatRequest:
             exc.message = exc.message.replace(exc.param, str(param))
         exc.param = param
         raise
+
+
+RESPONSES_EXAMPLE: dict[str, Any] = {"model": "mock/echo", "input": "hi", "max_output_tokens": 16}
+REFUSED_NOTE = "Refused with a 400 when set: " + ", ".join(REFUSED) + "."
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses body (POST /v1/responses), run as a chat job. Every field is
+    carried or refused with a 400 naming it; a key not named here is refused."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [RESPONSES_EXAMPLE], "description": REFUSED_NOTE},
+    )
+
+    model: str = MODEL_FIELD
+    input: str | list[dict[str, Any]] = Field(
+        description="a string, or items: message (input_text / input_image / input_file / "
+        "output_text / refusal parts), function_call, function_call_output"
+    )
+    instructions: str | None = Field(None, description="a leading system message")
+    tools: list[dict[str, Any]] | None = Field(None, description="function tools only")
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = Field(
+        None, description="`format`: text, json_object or json_schema; `verbosity`"
+    )
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_JSON_INT)
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = Field(
+        None, description="`include_obfuscation`: false only"
+    )
+    metadata: Metadata | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+    reasoning: dict[str, Any] | None = Field(None, description="`effort` only")
+    store: bool | None = Field(None, description="Sluice keeps every job: GET works either way")
+    background: bool | None = Field(None, description="false only: send Prefer: respond-async")
+    truncation: str | None = Field(None, description="'disabled' only")
+
+    _request: ChatRequest | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_chat(cls, data: Any, handler: ModelWrapValidatorHandler[ResponsesRequest]) -> Any:
+        request = chat_request_of(data)  # every refusal, named, before the fields' types
+        if isinstance(data, dict):  # the refused keys were null (else refused above)
+            data = {k: v for k, v in data.items() if k not in REFUSED}
+        parsed = handler(data)
+        parsed._request = request
+        return parsed
+
+    @property
+    def request(self) -> ChatRequest:
+        """The ChatRequest this body runs as."""
+        assert self._request is not None
+        return self._request
+
+
+def parse_responses_request(body: Any) -> ChatRequest:
+    """Validate a Responses body into the ChatRequest it runs as (a 400 naming its field)."""
+    return validation.parse(ResponsesRequest, body).request
