@@ -192,7 +192,9 @@ def test_stream_function_call_events(openai_client: openai.OpenAI, upstream: Fak
     )
     kinds = [e.type for e in events]
     for event in events:
-        EVENT_TYPES[event.type].model_validate(event.model_dump(exclude={"snapshot"}))
+        EVENT_TYPES[event.type].model_validate(
+            event.model_dump(exclude={"snapshot"}, warnings=False)
+        )
     assert kinds.count("response.function_call_arguments.delta") > 1
     assert kinds[-3:] == [
         "response.function_call_arguments.done",
@@ -231,6 +233,43 @@ def test_stream_failure_is_response_failed(client: httpx.Client, upstream: FakeU
     assert last["response"]["status"] == "failed" and last["response"]["error"]["message"]
     (item,) = last["response"]["output"]
     assert item["status"] == "incomplete" and item["content"][0]["text"] == "a b "
+
+
+def test_reasoning_and_refusal_items_round_trip(
+    openai_client: openai.OpenAI, upstream: FakeUpstream
+) -> None:
+    chunks = [
+        (0, {"reasoning_content": "think "}, None),
+        (0, {"reasoning_content": "hard"}, None),
+        (0, {"content": "no"}, None),
+        (0, {"refusal": "I can't"}, None),
+    ]
+    upstream.add_scenario("responses-think", chunks=chunks, finishes={0: "stop"}, tps=150)
+    events, final = _stream_events(openai_client, model="openai/responses-think", input="x")
+    for event in events:
+        EVENT_TYPES[event.type].model_validate(
+            event.model_dump(exclude={"snapshot"}, warnings=False)
+        )
+    kinds = [e.type for e in events]
+    assert "response.reasoning_text.delta" in kinds and "response.refusal.delta" in kinds
+    reasoning, message = final.output
+    assert reasoning.type == "reasoning" and reasoning.content is not None
+    assert reasoning.content[0].text == "think hard"
+    assert message.type == "message"
+    assert [p.type for p in message.content] == ["output_text", "refusal"]
+    # the reasoning goes back to the provider with the assistant turn it led to
+    again = [item.model_dump(exclude_none=True) for item in final.output]
+    openai_client.responses.create(
+        model="openai/responses-think",
+        input=[{"role": "user", "content": "x"}, *again, {"role": "user", "content": "y"}],
+    )
+    sent = upstream.last_request("responses-think")
+    assert sent is not None
+    assert sent["messages"][1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "no"}, {"type": "refusal", "refusal": "I can't"}],
+        "reasoning_content": "think hard",
+    }
 
 
 @pytest.fixture
@@ -295,7 +334,10 @@ REFUSALS = [
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
+    ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "e"}]},
+     "input[0].encrypted_content"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "ftp://x"}]}]},
      "input[0].content[0].image_url"),
     ({"input": [{"role": "system", "content": [{"type": "input_image", "image_url": PIXEL}]}]},
@@ -340,7 +382,8 @@ def test_respond_async_is_queued_then_polled(client: httpx.Client) -> None:
     response = client.post("/v1/responses", json=body, headers={"Prefer": "respond-async"})
     assert response.status_code in (200, 202)
     queued = response.json()
-    assert queued["object"] == "response" and queued["id"].startswith("resp_")
+    assert queued["object"] == "response" and queued["background"] is True
+    assert response.headers["location"] == f"/v1/responses/{queued['id']}"
     assert queued["status"] in ("queued", "in_progress", "completed")
     deadline = time.monotonic() + 20
     polled = queued

@@ -65,7 +65,7 @@ def create_response() -> ResponseReturnValue:
     )
     job_id = response.headers.get("X-Sluice-Job-Id")
     if job_id:
-        response.headers["X-Sluice-Response-Id"] = objects.response_id(job_id)
+        response.headers["Location"] = f"/v1/responses/{objects.response_id(job_id)}"
     return response
 
 
@@ -103,14 +103,14 @@ def get_response(response_id: str) -> ResponseReturnValue:
         raise APIError(400, "'stream' must be true or false.", param="stream")
     job = get_response_job(response_id)
     if stream == "true":
-        return _replay(job, _starting_after())
+        return _replay(job, response_id, _starting_after())
     if job.mode != "stream" or job.status in TERMINAL:
         return job_response(job)
     # a running stream: what it said so far is the log's (which ends before the row does)
     return generation_response(job, Generation.of(read_all(current_hub().client, job.id)))
 
 
-def _replay(job: Job, skip_through: int) -> ResponseReturnValue:
+def _replay(job: Job, response_id: str, skip_through: int) -> ResponseReturnValue:
     if job.mode != "stream":
         raise APIError(
             400,
@@ -123,7 +123,7 @@ def _replay(job: Job, skip_through: int) -> ResponseReturnValue:
             "The event stream of this response has expired: GET it without 'stream'.",
             param="stream",
         )
-    headers = {"X-Sluice-Job-Id": job.id, "Location": f"/v1/jobs/{job.id}"}
+    headers = {"X-Sluice-Job-Id": job.id, "Location": f"/v1/responses/{response_id}"}
     renderer = ResponsesRenderer(job, skip_through=skip_through)
     tail = make_tail(job.id, running=job.status != "queued")
     db.session.expunge(job)

@@ -198,14 +198,15 @@ def response_object(
     error: dict[str, Any] | None = None,
     incomplete: dict[str, Any] | None = None,
     completed_at: int | None = None,
+    background: bool = False,
 ) -> dict[str, Any]:
-    """The `response` object, as OpenAI's API returns it."""
+    """The `response` object, as OpenAI's API returns it (`background`: a batch-channel job)."""
     return {
         "id": response_id(job_id),
         "object": "response",
         "created_at": created,
         "status": status,
-        "background": False,
+        "background": background,
         "completed_at": completed_at,
         "error": error,
         "incomplete_details": incomplete,
@@ -220,8 +221,10 @@ def running_response(job: Job, message: dict[str, Any], status: str) -> dict[str
     """The response of a queued or running job, with what it said so far."""
     output = output_items(job.id, message, "in_progress")
     record = job.request or {}
+    background = job.mode == "batch"
+    created = epoch(job.created_at)
     return response_object(
-        job.id, job.model, epoch(job.created_at), record, status=status, output=output
+        job.id, job.model, created, record, status=status, output=output, background=background
     )
 
 
@@ -240,7 +243,8 @@ def finished_response(
     else:
         status, details = ending(finish_reason)
         failed = None
-    output = output_items(job.id, message, "completed" if status == "completed" else "incomplete")
+    done = status == "completed"
+    output = output_items(job.id, message, "completed" if done else "incomplete")
     return response_object(
         job.id,
         job.model,
@@ -251,9 +255,8 @@ def finished_response(
         usage=usage(chat_usage) if error is None else None,
         error=failed,
         incomplete=details,
-        completed_at=(epoch(job.finished_at) or int(time.time()))
-        if status == "completed"
-        else None,
+        completed_at=(epoch(job.finished_at) or int(time.time())) if done else None,
+        background=job.mode == "batch",
     )
 
 

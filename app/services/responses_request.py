@@ -138,6 +138,8 @@ class Translation:
             return f"{origin}{rest}" if origin else "input"
         if param == "messages":
             return "input"
+        if param.startswith(("tools[", "tool_choice.function")):
+            return param.replace(".function", "", 1)
         for chat, responses in CHAT_NAMES.items():
             if param == chat or param.startswith(chat + ".") or param.startswith(chat + "["):
                 return responses + param[len(chat) :].replace(".function", "")
@@ -251,6 +253,25 @@ def _function_output(item: dict[str, Any], where: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call_id, "content": output}
 
 
+def _reasoning_text(item: dict[str, Any], where: str) -> str:
+    """A reasoning item's text (what `reasoning_content` carries to the provider)."""
+    _only(item, where, ("type", "id", "summary", "content", "encrypted_content", "status"))
+    if item.get("encrypted_content") is not None:
+        raise _unsupported(f"{where}.encrypted_content", "Sluice decrypts no reasoning")
+    if item.get("summary"):
+        raise _unsupported(f"{where}.summary", "Sluice carries reasoning text, not summaries")
+    content = item.get("content") or []
+    if not isinstance(content, list):
+        raise _bad(f"'{where}.content' must be an array.", f"{where}.content", "invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or part.get("type") != "reasoning_text":
+            raise _bad(f"'{at}' must be a reasoning_text part.", at, "invalid_type")
+        texts.append(_string(part.get("text"), f"{at}.text"))
+    return "".join(texts)
+
+
 def _input(value: Any, out: Translation) -> None:
     if isinstance(value, str):
         out.add({"role": "user", "content": value}, "input")
@@ -258,17 +279,22 @@ def _input(value: Any, out: Translation) -> None:
     if not isinstance(value, list) or not value:
         raise _bad("'input' must be a string or a non-empty array of input items.", "input")
     calls: list[dict[str, Any]] | None = None  # the tool_calls of the open assistant message
+    reasoning: tuple[str, str] | None = None  # (where, text) for the next assistant message
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise _bad(f"'{where}' must be an object.", where, "invalid_type")
         kind = item.get("type", "message" if "role" in item else None)
+        if kind == "reasoning":
+            reasoning = (where, (reasoning[1] if reasoning else "") + _reasoning_text(item, where))
+            continue
+        message: dict[str, Any] | None = None
         if kind == "message":
             message = _message(item, where)
             out.add(message, where)
             calls = message.setdefault("tool_calls", []) if message["role"] == "assistant" else None
         elif kind == "function_call":
-            if calls is None:
+            if calls is None or reasoning is not None:
                 message = {"role": "assistant", "content": None, "tool_calls": []}
                 out.add(message, where)
                 calls = message["tool_calls"]
@@ -279,9 +305,25 @@ def _input(value: Any, out: Translation) -> None:
         else:
             raise _bad(
                 f"'{where}.type' {kind!r} is not an input item Sluice carries (carried: message, "
-                "function_call, function_call_output).",
+                "function_call, function_call_output, reasoning).",
                 f"{where}.type",
             )
+        if reasoning is not None:
+            if message is None or message["role"] != "assistant":
+                raise _bad(
+                    f"'{reasoning[0]}': a reasoning item must come just before the assistant "
+                    "message or function_call it led to.",
+                    reasoning[0],
+                )
+            if reasoning[1]:
+                message["reasoning_content"] = reasoning[1]
+            reasoning = None
+    if reasoning is not None:
+        raise _bad(
+            f"'{reasoning[0]}': a reasoning item must come just before the assistant message "
+            "or function_call it led to.",
+            reasoning[0],
+        )
     for message in out.body["messages"]:
         if message.get("tool_calls") == []:
             del message["tool_calls"]
@@ -449,7 +491,6 @@ def chat_request_of(body: Any) -> ChatRequest:
     except APIError as exc:
         param = translation.responses_param(exc.param)
         if exc.param and param != exc.param:
-            exc.message = exc.message.replace(f"'{exc.param}'", f"'{param}'")
             exc.message = exc.message.replace(exc.param, str(param))
         exc.param = param
         raise
