@@ -95,7 +95,7 @@ def test_function_call_round_trip(openai_client: openai.OpenAI) -> None:
         model="mock/tools",
         input=[
             {"role": "user", "content": "Paris"},
-            *[item.model_dump(exclude_none=True) for item in first.output],
+            *first.output,  # the SDK's own items, sent back as they came
             {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21C"},
         ],
         tools=[WEATHER],
@@ -295,6 +295,9 @@ def test_langchain_responses_api(llm: ChatOpenAI) -> None:
     for chunk in chunks[1:]:
         merged += chunk
     assert isinstance(merged, AIMessageChunk) and merged.text == "streamed words here"
+    structured = llm.model_copy(update={"model_name": "mock/chat"})
+    person = structured.with_structured_output(Person, method="json_schema").invoke("Ada")
+    assert isinstance(person, Person) and person.name == "Ada"  # parsed by responses.parse
 
 
 def test_langchain_bind_tools_round_trip(llm: ChatOpenAI) -> None:
