@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 import typing
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,16 +15,14 @@ import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from openai.types.responses import Response, ResponseStreamEvent
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel
 
+from app.services.responses_request import translate
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import read_sse
 from tests.stack import Stack
+from tests.test_clients import PIXEL, Person, llm  # noqa: F401 - llm: the fixture, reused
 
-PIXEL = (
-    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
-    "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
-)
 WEATHER = {
     "type": "function",
     "name": "get_weather",
@@ -42,12 +39,6 @@ EVENT_TYPES = {
     model.model_fields["type"].annotation.__args__[0]: model
     for model in typing.get_args(typing.get_args(ResponseStreamEvent)[0])
 }
-
-
-class Person(BaseModel):
-    name: str
-    age: int
-    likes_tea: bool
 
 
 class GetWeather(BaseModel):
@@ -273,19 +264,13 @@ def test_reasoning_and_refusal_items_round_trip(
 
 
 @pytest.fixture
-def llm(stack: Stack, api_key: str) -> Iterator[ChatOpenAI]:
-    yield ChatOpenAI(
-        model="mock/tools",
-        base_url=stack.url + "/v1",
-        api_key=SecretStr(api_key),
-        max_retries=0,
-        timeout=30,
-        use_responses_api=True,
-    )
+def responses_llm(llm: ChatOpenAI) -> ChatOpenAI:  # noqa: F811 - test_clients' fixture
+    """test_clients' ChatOpenAI (mock/tools on the stack), on the Responses API."""
+    return llm.model_copy(update={"use_responses_api": True})
 
 
-def test_langchain_responses_api(llm: ChatOpenAI) -> None:
-    echo = llm.model_copy(update={"model_name": "mock/echo"})
+def test_langchain_responses_api(responses_llm: ChatOpenAI) -> None:
+    echo = responses_llm.model_copy(update={"model_name": "mock/echo"})
     reply = echo.invoke("hello from langchain")
     assert reply.text == "hello from langchain"
     assert reply.response_metadata["id"].startswith("resp_")
@@ -295,13 +280,13 @@ def test_langchain_responses_api(llm: ChatOpenAI) -> None:
     for chunk in chunks[1:]:
         merged += chunk
     assert isinstance(merged, AIMessageChunk) and merged.text == "streamed words here"
-    structured = llm.model_copy(update={"model_name": "mock/chat"})
+    structured = responses_llm.model_copy(update={"model_name": "mock/chat"})
     person = structured.with_structured_output(Person, method="json_schema").invoke("Ada")
     assert isinstance(person, Person) and person.name == "Ada"  # parsed by responses.parse
 
 
-def test_langchain_bind_tools_round_trip(llm: ChatOpenAI) -> None:
-    tools = llm.bind_tools([GetWeather])
+def test_langchain_bind_tools_round_trip(responses_llm: ChatOpenAI) -> None:
+    tools = responses_llm.bind_tools([GetWeather])
     reply = tools.invoke("Oslo")
     assert isinstance(reply, AIMessage)
     (call,) = reply.tool_calls
@@ -395,3 +380,33 @@ def test_respond_async_is_queued_then_polled(client: httpx.Client) -> None:
         polled = client.get(f"/v1/responses/{queued['id']}").json()
     assert polled["status"] == "completed"
     assert polled["output"][0]["content"][0]["text"] == "later please"
+
+
+def test_parallel_function_calls_become_one_assistant_turn() -> None:
+    calls = [
+        {"type": "function_call", "call_id": f"call_{i}", "name": "f", "arguments": "{}"}
+        for i in (1, 2)
+    ]
+    outputs = [
+        {"type": "function_call_output", "call_id": f"call_{i}", "output": "ok"} for i in (1, 2)
+    ]
+    body = {"model": "mock/tools", "instructions": "sys"}
+    translation = translate(body | {"input": [{"role": "user", "content": "u"}, *calls, *outputs]})
+    tool_calls = [
+        {"id": f"call_{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        for i in (1, 2)
+    ]
+    assert translation.body["messages"] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": None, "tool_calls": tool_calls},
+        {"role": "tool", "tool_call_id": "call_1", "content": "ok"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "ok"},
+    ]
+    # a chat check's parameter, named as the Responses field it came from
+    assert translation.responses_param("messages[3].tool_call_id") == "input[3].call_id"
+    assert translation.responses_param("messages[2].tool_calls[1].id") == "input[2].call_id"
+    assert translation.responses_param("messages[1].content[0].image_url.url") == (
+        "input[0].content[0].image_url"
+    )
+    assert translation.origins == ["instructions", "input[0]", "input[1]", "input[3]", "input[4]"]

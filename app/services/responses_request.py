@@ -80,6 +80,7 @@ PART_TYPES = {
     "assistant": ("output_text", "refusal"),
 }
 _CHAT_PARAM = re.compile(r"^messages\[(\d+)\](.*)$")
+_TOOL_CALL = re.compile(r"^\.tool_calls\[(\d+)\](.*)$")
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -121,10 +122,16 @@ class Translation:
 
     body: dict[str, Any] = field(default_factory=dict)
     origins: list[str] = field(default_factory=list)  # messages[k] -> "input[i]"
+    call_origins: dict[int, list[str]] = field(default_factory=dict)  # its tool_calls[j]
 
     def add(self, message: dict[str, Any], origin: str) -> None:
         self.body.setdefault("messages", []).append(message)
         self.origins.append(origin)
+
+    def add_call(self, call: dict[str, Any], origin: str) -> None:
+        """A function_call item, into the tool calls of the last (assistant) message."""
+        self.body["messages"][-1]["tool_calls"].append(call)
+        self.call_origins.setdefault(len(self.origins) - 1, []).append(origin)
 
     def responses_param(self, param: str | None) -> str | None:
         """The Responses field a chat parameter was translated from."""
@@ -132,10 +139,14 @@ class Translation:
             return None
         match = _CHAT_PARAM.match(param)
         if match:
-            origin = self.origins[int(match[1])] if int(match[1]) < len(self.origins) else None
-            rest = match[2].replace(".image_url.url", ".image_url").replace(".tool_calls", "")
-            rest = rest.replace(".tool_call_id", ".call_id")
-            return f"{origin}{rest}" if origin else "input"
+            k, rest = int(match[1]), match[2]
+            origin = self.origins[k] if k < len(self.origins) else "input"
+            call = _TOOL_CALL.match(rest)
+            if call and int(call[1]) < len(self.call_origins.get(k, [])):
+                origin, rest = self.call_origins[k][int(call[1])], call[2]
+                rest = rest.replace(".function", "").replace(".id", ".call_id")
+            rest = rest.replace(".image_url.url", ".image_url")
+            return origin + rest.replace(".tool_call_id", ".call_id")
         if param == "messages":
             return "input"
         if param.startswith(("tools[", "tool_choice.function")):
@@ -272,13 +283,21 @@ def _reasoning_text(item: dict[str, Any], where: str) -> str:
     return "".join(texts)
 
 
+def _stray_reasoning(where: str) -> APIError:
+    return _bad(
+        f"'{where}': a reasoning item must come just before the assistant message or "
+        "function_call it led to.",
+        where,
+    )
+
+
 def _input(value: Any, out: Translation) -> None:
     if isinstance(value, str):
         out.add({"role": "user", "content": value}, "input")
         return
     if not isinstance(value, list) or not value:
         raise _bad("'input' must be a string or a non-empty array of input items.", "input")
-    calls: list[dict[str, Any]] | None = None  # the tool_calls of the open assistant message
+    open_turn = False  # the last message is an assistant one: a function_call joins it
     reasoning: tuple[str, str] | None = None  # (where, text) for the next assistant message
     for i, item in enumerate(value):
         where = f"input[{i}]"
@@ -292,16 +311,18 @@ def _input(value: Any, out: Translation) -> None:
         if kind == "message":
             message = _message(item, where)
             out.add(message, where)
-            calls = message.setdefault("tool_calls", []) if message["role"] == "assistant" else None
+            open_turn = message["role"] == "assistant"
+            if open_turn:
+                message["tool_calls"] = []
         elif kind == "function_call":
-            if calls is None or reasoning is not None:
+            if not open_turn or reasoning is not None:
                 message = {"role": "assistant", "content": None, "tool_calls": []}
                 out.add(message, where)
-                calls = message["tool_calls"]
-            calls.append(_function_call(item, where))
+                open_turn = True
+            out.add_call(_function_call(item, where), where)
         elif kind == "function_call_output":
             out.add(_function_output(item, where), where)
-            calls = None
+            open_turn = False
         else:
             raise _bad(
                 f"'{where}.type' {kind!r} is not an input item Sluice carries (carried: message, "
@@ -310,20 +331,12 @@ def _input(value: Any, out: Translation) -> None:
             )
         if reasoning is not None:
             if message is None or message["role"] != "assistant":
-                raise _bad(
-                    f"'{reasoning[0]}': a reasoning item must come just before the assistant "
-                    "message or function_call it led to.",
-                    reasoning[0],
-                )
+                raise _stray_reasoning(reasoning[0])
             if reasoning[1]:
                 message["reasoning_content"] = reasoning[1]
             reasoning = None
     if reasoning is not None:
-        raise _bad(
-            f"'{reasoning[0]}': a reasoning item must come just before the assistant message "
-            "or function_call it led to.",
-            reasoning[0],
-        )
+        raise _stray_reasoning(reasoning[0])
     for message in out.body["messages"]:
         if message.get("tool_calls") == []:
             del message["tool_calls"]
