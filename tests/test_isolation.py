@@ -22,6 +22,7 @@ from app.openapi.routes import ROUTES
 from tests.helpers import app_client
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
+RESPONSE = {"model": "mock/echo", "input": "hi"}
 DOCS = {"model": "mock/echo", "instructions": "x", "documents": [{"id": "1", "text": "one"}]}
 BATCH_LINE = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": CHAT}
 
@@ -30,6 +31,7 @@ MATRIX: dict[str, str | None] = {
     "v1.jobs.show_job": "job",
     "v1.jobs.job_events": "job",
     "v1.jobs.cancel_job": "job",
+    "v1.responses.get_response": "response",
     "v1.document_batches.get": "documents",
     "v1.document_batches.cancel": "documents",
     "v1.document_batches.results": "documents",
@@ -52,6 +54,7 @@ MATRIX: dict[str, str | None] = {
 EXPECTED = {"key": 403}  # every other kind: 404
 SHOWN = {  # how tenant A reads each kind back (status, state) to see that nothing changed
     "job": "/v1/jobs/{}",
+    "response": "/v1/responses/{}",
     "documents": "/v1/document-batches/{}",
     "file": "/v1/files/{}",
     "openai": "/v1/batches/{}",
@@ -85,6 +88,9 @@ def make_objects(http: FlaskClient, admin: FlaskClient) -> dict[str, str]:
     key = admin.post("/v1/admin/keys", json={"tenant": "isolation-a"}).get_json()
     return {
         "job": http.post("/v1/jobs", json=CHAT | {"mode": "batch"}).get_json()["id"],
+        "response": http.post(
+            "/v1/responses", json=RESPONSE, headers={"Prefer": "respond-async"}
+        ).get_json()["id"],
         "documents": http.post("/v1/document-batches", json=DOCS).get_json()["id"],
         "file": _upload(http, json.dumps(BATCH_LINE).encode() + b"\n"),
         "openai": http.post("/v1/batches", json=batch).get_json()["id"],
