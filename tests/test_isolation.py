@@ -19,10 +19,9 @@ from flask.testing import FlaskClient
 from app.openapi import build_spec
 from app.openapi.operations import Operation, Response
 from app.openapi.routes import ROUTES
-from tests.helpers import app_client
+from tests.helpers import app_client, insert_job, tenant_of
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
-RESPONSE = {"model": "mock/echo", "input": "hi"}
 DOCS = {"model": "mock/echo", "instructions": "x", "documents": [{"id": "1", "text": "one"}]}
 BATCH_LINE = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": CHAT}
 
@@ -32,6 +31,7 @@ MATRIX: dict[str, str | None] = {
     "v1.jobs.job_events": "job",
     "v1.jobs.cancel_job": "job",
     "v1.responses.get_response": "response",
+    "v1.responses.cancel_response": "response",
     "v1.document_batches.get": "documents",
     "v1.document_batches.cancel": "documents",
     "v1.document_batches.results": "documents",
@@ -88,9 +88,6 @@ def make_objects(http: FlaskClient, admin: FlaskClient) -> dict[str, str]:
     key = admin.post("/v1/admin/keys", json={"tenant": "isolation-a"}).get_json()
     return {
         "job": http.post("/v1/jobs", json=CHAT | {"mode": "batch"}).get_json()["id"],
-        "response": http.post(
-            "/v1/responses", json=RESPONSE, headers={"Prefer": "respond-async"}
-        ).get_json()["id"],
         "documents": http.post("/v1/document-batches", json=DOCS).get_json()["id"],
         "file": _upload(http, json.dumps(BATCH_LINE).encode() + b"\n"),
         "openai": http.post("/v1/batches", json=batch).get_json()["id"],
@@ -124,6 +121,9 @@ def test_another_tenants_objects_answer_404_and_stay_as_they_were(
 ) -> None:
     http, other = app_client(app, api_key), app_client(app, other_key)
     objects = make_objects(http, app_client(app, admin_key))
+    with app.app_context():  # a finished response: nothing but a cancel could change it
+        job = insert_job(tenant_of(api_key), "stream", "succeeded", endpoint="/v1/responses")
+        objects["response"] = "resp_" + job.id.removeprefix("job_")
     key_id, key_secret = objects["key"].split(" ")
     objects["key"] = key_id
 

@@ -410,3 +410,18 @@ def test_parallel_function_calls_become_one_assistant_turn() -> None:
         "input[0].content[0].image_url"
     )
     assert translation.origins == ["instructions", "input[0]", "input[1]", "input[3]", "input[4]"]
+
+
+def test_cancel_keeps_what_was_said(openai_client: openai.OpenAI) -> None:
+    with openai_client.responses.create(
+        model="mock/slow?length=400&tps=40", input="x", stream=True
+    ) as stream:
+        events = iter(stream)
+        created = next(events)
+        assert created.type == "response.created"
+        next(e for e in events if e.type == "response.output_text.delta")
+        cancelled = openai_client.responses.cancel(created.response.id)
+    assert cancelled.status == "cancelled" and cancelled.error is not None
+    (message,) = cancelled.output
+    assert message.type == "message" and message.status == "incomplete"
+    assert message.content[0].text  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
 from app import rate_limits
+from app.api import jobs
 from app.api.chat import make_tail, on_disconnect, run_routed, sse_response
 from app.errors import APIError
 from app.extensions import db
@@ -108,6 +109,15 @@ def get_response(response_id: str) -> ResponseReturnValue:
         return job_response(job)
     # a running stream: what it said so far is the log's (which ends before the row does)
     return generation_response(job, Generation.of(read_all(current_hub().client, job.id)))
+
+
+@bp.post("/responses/<response_id>/cancel")
+def cancel_response(response_id: str) -> ResponseReturnValue:
+    """Cancel the response's job by the jobs API's rules (a stream keeps what it said)."""
+    job = get_response_job(response_id)
+    jobs.cancel_job(job.id)  # its 409 for a background job that already runs, as it is
+    db.session.expire_all()
+    return job_response(get_response_job(response_id))
 
 
 def _replay(job: Job, response_id: str, skip_through: int) -> ResponseReturnValue:

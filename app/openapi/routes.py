@@ -136,6 +136,11 @@ ROUTES: dict[str, Operation] = {
             ),
         ),
     ),
+    "v1.responses.cancel_response": Operation(
+        "Cancel a response (its job: a stream keeps its partial output)",
+        "responses",
+        {"200": json_response("The response as it is after the cancel", s.ResponseObject)},
+    ),
     "v1.submit.submit_job": Operation(
         "Submit a job; the routing policy picks the stream or batch channel",
         "jobs",
