@@ -123,6 +123,8 @@ def test_what_reaches_the_provider(openai_client: openai.OpenAI, upstream: FakeU
         metadata={"k": "v"},
         user="u-1",
         store=False,
+        include=[],  # asks for nothing: accepted
+        top_logprobs=0,
     )
     assert response.output_text == "fine" and response.metadata == {"k": "v"}
     sent = upstream.last_request("responses-carry")
@@ -309,6 +311,7 @@ REFUSALS = [
     ({"previous_response_id": "resp_x"}, "previous_response_id"),
     ({"background": True}, "background"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"truncation": "auto"}, "truncation"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),

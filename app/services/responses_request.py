@@ -435,13 +435,20 @@ def _stream_options(value: Any) -> None:
 # -- the body -------------------------------------------------------------------------------
 
 
+def _asks_nothing(key: str, value: Any) -> bool:
+    """Whether a refused parameter is set to what asks for nothing (null, [], {}, no logprobs)."""
+    return (
+        value is None
+        or (isinstance(value, list | dict) and not value)
+        or (key == "top_logprobs" and value == 0 and not isinstance(value, bool))
+    )
+
+
 def _refuse_unknown_or_uncarried(body: dict[str, Any]) -> None:
     for key, value in body.items():
         if key not in KNOWN:
             raise _unknown(key, KNOWN)
-        if value is None:
-            continue
-        if key in REFUSED:
+        if key in REFUSED and not _asks_nothing(key, value):
             raise _unsupported(key, REFUSED[key])
     if body.get("background"):
         raise _unsupported(
@@ -557,7 +564,7 @@ class ResponsesRequest(BaseModel):
     @classmethod
     def _as_chat(cls, data: Any, handler: ModelWrapValidatorHandler[ResponsesRequest]) -> Any:
         request = chat_request_of(data)  # every refusal, named, before the fields' types
-        if isinstance(data, dict):  # the refused keys were null (else refused above)
+        if isinstance(data, dict):  # the refused keys asked for nothing (else refused above)
             data = {k: v for k, v in data.items() if k not in REFUSED}
         parsed = handler(data)
         parsed._request = request
