@@ -428,3 +428,10 @@ def test_cancel_keeps_what_was_said(openai_client: openai.OpenAI) -> None:
     (message,) = cancelled.output
     assert message.type == "message" and message.status == "incomplete"
     assert message.content[0].text  # type: ignore[union-attr]
+
+
+def test_a_failure_before_any_output_is_an_http_error(openai_client: openai.OpenAI) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            openai_client.responses.create(model="mock/error", input="x", stream=stream)
+        assert caught.value.status_code == 400 and "simulated" in caught.value.message
