@@ -29,6 +29,7 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "STREAM_LEASE_SECONDS": (float, 10.0),
     "STREAM_COALESCE_MS": (float, 5.0),
     "STREAM_MAX_RETRIES": (int, 2),
+    "STREAM_RETRY_AFTER_MAX": (float, 2.0),  # a longer upstream Retry-After fails the job
     "STREAM_QUEUED_TIMEOUT_SECONDS": (float, 300.0),
     "STREAM_RELAY_REDIS_CONNECTIONS": (int, 32),
     "BATCH_CHUNK_SIZE": (int, 100),

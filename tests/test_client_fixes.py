@@ -74,8 +74,23 @@ def test_upstream_failures_stay_gateway_errors(
     upstream.add_scenario("limited-always", status=429, message="slow down", retry_after="0")
     limited = {"model": "openai/limited-always", "messages": HELLO}
     response = client.post("/v1/chat/completions", json=limited)
-    assert response.status_code == 429 and response.headers["Retry-After"], response.text
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1", response.text
     assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_long_upstream_retry_after_reaches_the_client(
+    client: httpx.Client, upstream: FakeUpstream, stream: bool
+) -> None:
+    """A wait longer than SLUICE_STREAM_RETRY_AFTER_MAX is not sat out by the worker: the
+    client hears the upstream's own Retry-After at once, the error body stays OpenAI's."""
+    name = f"limited-long-{stream}"
+    upstream.add_scenario(name, status=429, message="slow down", retry_after="7.2")
+    body = {"model": f"openai/{name}", "messages": HELLO, "stream": stream}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 429 and response.headers["Retry-After"] == "8", response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert upstream.requests(name) == 1
 
 
 def test_an_error_after_the_first_token_stays_in_band(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Generator
 from typing import Any, Protocol, cast
 
@@ -28,7 +29,8 @@ from app.streams.writer import request_cancel
 bp = Blueprint("chat", __name__)
 log = logging.getLogger(__name__)
 
-RATE_LIMITED_RETRY_AFTER = 1  # seconds: the upstream's own wait went into the worker's retries
+RATE_LIMITED_RETRY_AFTER = 1  # seconds, when the upstream named no wait of its own
+RETRY_AFTER_CAP = 300  # the longest upstream wait passed on to a client
 
 
 class AnswerShape(Protocol):
@@ -247,9 +249,18 @@ def early_error(tail: Tail, wait: float) -> dict[str, Any] | None:
 def error_response(error: dict[str, Any], headers: dict[str, str]) -> Response:
     """A failed job answered as its error: an upstream 4xx with its own status, 502/504
     for an upstream failure or timeout, 429 with Retry-After for a rate limit."""
+    error = dict(error)
+    wait = error.pop("retry_after", None)  # the upstream's own, when it named one
     response = jsonify({"error": error})
     response.status_code = error_status(error)
     response.headers.update(headers)
     if response.status_code == 429:
-        response.headers["Retry-After"] = str(RATE_LIMITED_RETRY_AFTER)
+        response.headers["Retry-After"] = str(retry_after_header(wait))
     return response
+
+
+def retry_after_header(wait: Any) -> int:
+    """Whole seconds for a 429's Retry-After: the upstream's wait rounded up and capped."""
+    if not isinstance(wait, int | float) or wait <= 0:
+        return RATE_LIMITED_RETRY_AFTER
+    return min(math.ceil(wait), RETRY_AFTER_CAP)

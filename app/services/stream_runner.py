@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 MARK_RUNNING_WAIT = 0.02  # longest the `running` write waits for the upstream's headers
 CANCEL_CHECK_SECONDS = 0.5  # how often an idle run (waiting on the provider) looks for a cancel
-RETRY_DELAY_CAP = 30.0  # never wait longer than this between attempts, whatever Retry-After says
 CANCELLED_ERROR = {
     "message": "The job was cancelled.",
     "type": "cancelled",
@@ -483,6 +482,7 @@ def _run(
     )
     registry = providers()
     max_retries = config["STREAM_MAX_RETRIES"]
+    retry_after_max = config["STREAM_RETRY_AFTER_MAX"]
     reader = _Reader(registry, request)  # the upstream call starts now ...
     # ... and the row is marked while the provider works on its first token. The SDK yields
     # before it sends (its pool probes idle connections), so wait for the response headers
@@ -508,19 +508,19 @@ def _run(
             log.warning("job %s: lease lost; the job is no longer this worker's", job_id)
             return "lost"
         except ProviderError as exc:
-            if not run.appended and exc.retryable and attempt < max_retries:
+            if not run.appended and _retries(exc, max_retries - attempt, retry_after_max):
                 attempt += 1
                 delay = exc.retry_after if exc.retry_after is not None else 0.25 * 2**attempt
                 log.info("job %s: retry %d after %s: %s", job_id, attempt, delay, exc.message)
                 try:
-                    _wait(run, min(max(delay, 0.0), RETRY_DELAY_CAP))
+                    _wait(run, max(delay, 0.0))
                 except _Stop as stop:
                     return _end(run, reader, stop.status, stop.error)
                 except LostLease:
                     return "lost"
                 reader = _Reader(registry, request)
                 continue
-            return _end(run, reader, "failed", exc.to_openai_error())
+            return _end(run, reader, "failed", _provider_error(exc))
         except UnknownModel as exc:
             error = {
                 "message": str(exc),
@@ -549,6 +549,23 @@ def _run(
                 "param": None,
             }
             return _end(run, reader, "failed", internal)
+
+
+def _retries(exc: ProviderError, left: int, retry_after_max: float) -> bool:
+    """Whether a failure before the first token is tried again: a retryable one, while
+    attempts are left, unless the upstream asks for a longer wait than a client should
+    sit through (the job fails at once, and its client hears the wait)."""
+    too_long = exc.retry_after is not None and exc.retry_after > retry_after_max
+    return exc.retryable and left > 0 and not too_long
+
+
+def _provider_error(exc: ProviderError) -> dict[str, Any]:
+    """The job's error for a provider failure; an upstream's wait rides along as
+    `retry_after`, which the web answers as the Retry-After header."""
+    error = exc.to_openai_error()
+    if exc.retry_after is not None:
+        error["retry_after"] = exc.retry_after
+    return error
 
 
 def _wait(run: _Run, seconds: float) -> None:
