@@ -128,11 +128,31 @@ def test_an_idempotency_key_reused_with_other_parameters_is_refused(http: FlaskC
     assert again.get_json()["id"] == first.get_json()["id"]
     docs = http.post("/v1/document-batches", json=DOCS, headers=headers)
     assert docs.status_code == 202, docs.get_data(as_text=True)
-    other_docs = DOCS | {"instructions": "Something else."}
-    refused = http.post("/v1/document-batches", json=other_docs, headers=headers)
-    assert refused.status_code == 422 and refused.get_json()["error"]["param"] == "Idempotency-Key"
+    other_documents = [{"id": "d1", "text": "Other words."}]
+    jsonl = b'{"id": "d1", "text": "Other words."}\n'
+    for other_docs in (
+        {"json": DOCS | {"instructions": "Something else."}},
+        {"json": DOCS | {"documents": other_documents}},  # same options, other documents
+        {"data": jsonl, "content_type": "application/jsonl", "query_string": _options(DOCS)},
+    ):
+        refused = http.post("/v1/document-batches", headers=headers, **other_docs)
+        error = refused.get_json()["error"]
+        assert refused.status_code == 422 and error["param"] == "Idempotency-Key", other_docs
     replayed = http.post("/v1/document-batches", json=DOCS, headers=headers)
     assert replayed.status_code == 200 and replayed.get_json()["id"] == docs.get_json()["id"]
+    same_as_jsonl = http.post(  # the same documents in another format are the same request
+        "/v1/document-batches",
+        data=b'{"id": "1", "text": "one"}\n',
+        content_type="application/jsonl",
+        query_string=_options(DOCS),
+        headers=headers,
+    )
+    assert same_as_jsonl.status_code == 200, same_as_jsonl.get_data(as_text=True)
+
+
+def _options(body: dict[str, Any]) -> dict[str, str]:
+    """A document batch's options as the query string of a JSONL submission."""
+    return {k: v for k, v in body.items() if k != "documents" and isinstance(v, str)}
 
 
 def test_a_cursor_of_a_listed_object_pages_on(http: FlaskClient) -> None:

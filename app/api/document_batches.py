@@ -149,9 +149,13 @@ def create() -> ResponseReturnValue:
         raise documents.request_too_large(max_bytes)
     key = front_door.idempotency_key(KIND, request.headers.get("Idempotency-Key"))
     options, items = _read_submission(max_bytes)
-    same = _same_options(options)  # a replay's options must match (its documents are not
-    existing = front_door.replay(g.tenant_id, key)  # compared: they are not read)
+    digest = documents.InputDigest()
+    items = digest.wrap(items)
+    same = _same_request(options, digest)  # a replay's options and documents must match
+    existing = front_door.replay(g.tenant_id, key)
     if existing is not None:
+        for _ in items:  # read (and validated) whole, so its documents are compared too
+            pass
         front_door.check_same(existing, same)
         return _created(existing, replayed=True)
     check_model_name(options.model)
@@ -185,6 +189,7 @@ def create() -> ResponseReturnValue:
         instructions=options.instructions,
         prompt_template=options.prompt_template,
         params=options.params() or None,
+        input_hash=digest.hexdigest,
     )
     front_door.check_same(batch, same)  # a concurrent create with the key may have won
     return _created(batch, replayed=batch.created_at < started)
@@ -195,8 +200,11 @@ def _window(options: documents.Options) -> str:
     return options.completion_window or f"{hours:g}h"
 
 
-def _same_options(options: documents.Options) -> Callable[[Batch], bool]:
-    """Whether a batch was created with these options (for an Idempotency-Key replay)."""
+def _same_request(
+    options: documents.Options, digest: documents.InputDigest
+) -> Callable[[Batch], bool]:
+    """Whether a batch was created with these options and documents (for an
+    Idempotency-Key replay; a batch from before 0006 has no hash: options only)."""
     wanted = (
         options.model,
         options.instructions,
@@ -208,7 +216,9 @@ def _same_options(options: documents.Options) -> Callable[[Batch], bool]:
 
     def same(batch: Batch) -> bool:
         made = (batch.model, batch.instructions, batch.prompt_template, batch.params or None)
-        return (*made, batch.metadata_ or None, batch.completion_window) == wanted
+        if (*made, batch.metadata_ or None, batch.completion_window) != wanted:
+            return False
+        return batch.input_hash is None or batch.input_hash == digest.hexdigest()
 
     return same
 

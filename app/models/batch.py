@@ -37,6 +37,7 @@ class Batch(Base):
     params: Mapped[dict[str, Any] | None]
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    input_hash: Mapped[str | None] = mapped_column(String(64))  # 0006: the items' SHA-256
     completion_window: Mapped[str] = mapped_column(String(10), default="24h")
     input_file_id: Mapped[str | None] = mapped_column(String(40))
     output_file_id: Mapped[str | None] = mapped_column(String(40))

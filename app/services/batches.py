@@ -128,6 +128,7 @@ def create_batch(
     instructions: str | None = None,
     prompt_template: str | None = None,
     params: dict[str, Any] | None = None,
+    input_hash: Callable[[], str] | None = None,  # asked once the items were read
 ) -> Batch:
     """Stage and validate every item, insert the batch and its jobs in one short transaction,
     then enqueue chunks.
@@ -177,6 +178,7 @@ def create_batch(
                         params=params,
                         metadata=metadata,
                         idempotency_key=idempotency_key,
+                        input_hash=input_hash() if input_hash else None,
                         completion_window=completion_window,
                         input_file_id=input_file_id,
                         route_rule=route.rule,

@@ -7,6 +7,7 @@ it once the input is exhausted, which rolls back the engine's single transaction
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -240,6 +241,25 @@ class DocumentBatchRequest(Options):
 def parse_options(source: Mapping[str, Any]) -> Options:
     """Validate the batch-wide fields (from form fields or the query string)."""
     return validation.parse(Options, dict(source))
+
+
+class InputDigest:
+    """A running SHA-256 of a submission's items in order: an Idempotency-Key replay must
+    carry the same documents, not only the same options."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def wrap(self, items: Iterable[BatchItem]) -> Iterator[BatchItem]:
+        """The items, each added to the digest as it passes."""
+        for item in items:
+            record = [item.item_id, item.body, item.metadata]
+            self._sha.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
+            self._sha.update(b"\n")
+            yield item
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 def check_with_provider(options: Options) -> None:
