@@ -258,7 +258,7 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
     size = max(1, min(len(rows), app.config["BATCH_ITEM_CONCURRENCY"]))
 
     def work(row: Any) -> ItemResult:
-        gate = _waiting_gate(row.provider)
+        gate = gates(row.provider)
         gate.acquire()
         waiting = [True]
 
@@ -278,6 +278,7 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
         finally:
             holds_slot()
 
+    gates = _waiting_gates()
     claimed = {row.id: row for row in rows}
     writer = result_writer()
     ticket = Ticket()
@@ -293,8 +294,8 @@ def _run_rows(batch_id: str | None, rows: list[Any], cancelled: Any) -> int:
     return ticket.written
 
 
-def _waiting_gate(provider: str | None) -> Any:
-    """This process's gate for items of `provider` that do not hold a slot yet.
+def _waiting_gates() -> Callable[[str | None], Any]:
+    """This process's gate for items of a provider that do not hold a slot yet.
 
     As many may wait as the provider has slots (no process can use more): the rest of
     every chunk's items wait here, before their app context and request are built, so a
@@ -306,9 +307,14 @@ def _waiting_gate(provider: str | None) -> Any:
 
     app = current_flask_app()
     gates: dict[str, Any] = app.extensions.setdefault("sluice_batch_gates", {})
-    gate = gates.get(provider or "")
-    if gate is None:
-        gate = gates[provider or ""] = Semaphore(max(1, semaphore().limit))
+    size = max(1, semaphore().limit)
+
+    def gate(provider: str | None) -> Any:
+        found = gates.get(provider or "")
+        if found is None:
+            found = gates[provider or ""] = Semaphore(size)
+        return found
+
     return gate
 
 
