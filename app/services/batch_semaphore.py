@@ -330,6 +330,9 @@ class ProviderSemaphore:
                 return
             slots.held -= 1
         self.release(token, used=used)  # every process's asker competes for it on its next ask
+        if waiters:
+            with slots.cond:
+                slots.ask_cond.notify()  # ours asks now (within its share), not a poll later
 
     def _displaced(self, provider: str) -> bool:
         """Whether streams need this provider's batch slots now: batch calls in flight beyond
