@@ -23,6 +23,7 @@ from app.extensions import db
 from app.models import Batch, File, epoch, utcnow
 from app.pagination import fetch_page
 from app.policy import Route, RouteRequest, estimate_input_tokens
+from app.providers import providers
 from app.services import batches, events, front_door
 from app.services import files as storage
 from app.services.batch_lifecycle import cancel_batch
@@ -156,6 +157,7 @@ def validated_items(
     """
     seen: set[str] = set()
     limit = config["BATCH_MAX_DOCUMENTS"]
+    registry = providers()  # looked up once, not by every validator of every line
     for number, raw in iter_lines(file):
         found.count += 1
         line = _parse_line(raw)
@@ -212,7 +214,7 @@ def validated_items(
             )
             continue
         try:
-            parse_chat_request(body)  # the chat endpoint's own validator
+            parse_chat_request(body, registry)  # the chat endpoint's own validator
         except APIError as exc:
             param = f"body.{exc.param}" if exc.param else "body"
             found.add(exc.code or "invalid_request", exc.message, line=number, param=param)
