@@ -25,8 +25,14 @@ from app.providers import estimate_tokens
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/jobs", "/v1/document-batches", "/v1/batches")
-INTERACTIVE_ENDPOINTS = ("/v1/chat/completions", "/v1/jobs")
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/jobs",
+    "/v1/responses",
+    "/v1/document-batches",
+    "/v1/batches",
+)
+INTERACTIVE_ENDPOINTS = ("/v1/chat/completions", "/v1/jobs", "/v1/responses")
 BATCH_ENDPOINTS = ("/v1/document-batches", "/v1/batches")
 ROUTES = ("stream", "batch", "reject")
 REQUESTED_MODES = ("auto", "stream", "batch")

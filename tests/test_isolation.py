@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 from app.openapi import build_spec
 from app.openapi.operations import Operation, Response
 from app.openapi.routes import ROUTES
-from tests.helpers import app_client
+from tests.helpers import app_client, insert_job, tenant_of
 
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
 DOCS = {"model": "mock/echo", "instructions": "x", "documents": [{"id": "1", "text": "one"}]}
@@ -30,6 +30,8 @@ MATRIX: dict[str, str | None] = {
     "v1.jobs.show_job": "job",
     "v1.jobs.job_events": "job",
     "v1.jobs.cancel_job": "job",
+    "v1.responses.get_response": "response",
+    "v1.responses.cancel_response": "response",
     "v1.document_batches.get": "documents",
     "v1.document_batches.cancel": "documents",
     "v1.document_batches.results": "documents",
@@ -52,6 +54,7 @@ MATRIX: dict[str, str | None] = {
 EXPECTED = {"key": 403}  # every other kind: 404
 SHOWN = {  # how tenant A reads each kind back (status, state) to see that nothing changed
     "job": "/v1/jobs/{}",
+    "response": "/v1/responses/{}",
     "documents": "/v1/document-batches/{}",
     "file": "/v1/files/{}",
     "openai": "/v1/batches/{}",
@@ -118,6 +121,9 @@ def test_another_tenants_objects_answer_404_and_stay_as_they_were(
 ) -> None:
     http, other = app_client(app, api_key), app_client(app, other_key)
     objects = make_objects(http, app_client(app, admin_key))
+    with app.app_context():  # a finished response: nothing but a cancel could change it
+        job = insert_job(tenant_of(api_key), "stream", "succeeded", endpoint="/v1/responses")
+        objects["response"] = "resp_" + job.id.removeprefix("job_")
     key_id, key_secret = objects["key"].split(" ")
     objects["key"] = key_id
 

@@ -14,6 +14,7 @@ from app.api import (
     jobs,
     keys,
     models,
+    responses,
     spend,
     submit,
 )
@@ -35,5 +36,17 @@ def _route_header(response: Response) -> Response:
     return response
 
 
-for resource in (keys, admin, chat, jobs, submit, document_batches, files, batches, models, spend):
+for resource in (
+    keys,
+    admin,
+    chat,
+    responses,
+    jobs,
+    submit,
+    document_batches,
+    files,
+    batches,
+    models,
+    spend,
+):
     bp.register_blueprint(resource.bp)

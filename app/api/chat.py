@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask.typing import ResponseReturnValue
@@ -19,9 +19,9 @@ from app.providers.base import error_status
 from app.services import front_door
 from app.services.chat_request import ChatCompletionRequest
 from app.services.jobs import completion_object, job_completion_object, job_object
-from app.streams.entries import Entry, error_of
+from app.streams.entries import Entry, Generation, error_of
 from app.streams.hub import Tail, current_hub
-from app.streams.relay import collect, sse_body
+from app.streams.relay import Renderer, collect, sse_body
 from app.streams.render import ChunkRenderer
 from app.streams.writer import request_cancel
 
@@ -29,6 +29,15 @@ bp = Blueprint("chat", __name__)
 log = logging.getLogger(__name__)
 
 RATE_LIMITED_RETRY_AFTER = 1  # seconds: the upstream's own wait went into the worker's retries
+
+
+class AnswerShape(Protocol):
+    """How another endpoint (/v1/responses) answers a chat job: its SSE renderer, its whole
+    result (stream: false) and its body for a job routed to the batch channel."""
+
+    def renderer(self, job: Job) -> Renderer: ...
+    def completion(self, job: Job, outcome: Generation) -> dict[str, Any]: ...
+    def accepted(self, job: Job) -> dict[str, Any]: ...
 
 
 def lost_checker(app: Flask) -> Callable[[str], bool]:
@@ -62,7 +71,7 @@ def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail
 
 
 def sse_response(
-    tail: Tail, renderer: ChunkRenderer, headers: dict[str, str], on_close: Callable[[bool], None]
+    tail: Tail, renderer: Renderer, headers: dict[str, str], on_close: Callable[[bool], None]
 ) -> Response:
     """The SSE response for a job's log, with the anti-buffering headers."""
     body = sse_body(tail, renderer, current_app.config["STREAM_RETRY_MS"], on_close)
@@ -103,7 +112,9 @@ def chat_completions() -> ResponseReturnValue:
     return run_routed(g.tenant_id, body, route, endpoint="/v1/chat/completions", prefer=prefer)
 
 
-def accepted_response(job: Job, route: Route, prefer: Preferences, endpoint: str) -> Response:
+def accepted_response(
+    job: Job, route: Route, prefer: Preferences, endpoint: str, shape: AnswerShape | None = None
+) -> Response:
     """A job routed to the batch channel: 202 with the job and where to poll it.
 
     With `Prefer: wait=N`, the answer waits up to N seconds for the job to end and is then
@@ -118,7 +129,8 @@ def accepted_response(job: Job, route: Route, prefer: Preferences, endpoint: str
     if route.prefer_async and not finished:
         applied.insert(0, "respond-async")
     completed = endpoint == "/v1/chat/completions" and job.status == "succeeded"
-    response = jsonify(job_completion_object(job) if completed else job_object(job))
+    payload = job_completion_object(job) if completed else job_object(job)
+    response = jsonify(shape.accepted(job) if shape else payload)
     response.status_code = 200 if finished else 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     response.headers["X-Sluice-Route"] = route.header
@@ -136,6 +148,7 @@ def run_routed(
     endpoint: str,
     priority: int = 0,
     prefer: Preferences | None = None,
+    shape: AnswerShape | None = None,
 ) -> Response:
     """Run a routed chat body: SSE (or one completion) for stream, 202 for batch."""
     job_id = new_id("job_")
@@ -158,11 +171,13 @@ def run_routed(
         raise
     if route.mode == "batch":
         tail.close()
-        return accepted_response(job, route, prefer or Preferences(), endpoint)
-    return stream_response(job, body, route, tail)
+        return accepted_response(job, route, prefer or Preferences(), endpoint, shape)
+    return stream_response(job, body, route, tail, shape)
 
 
-def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Response:
+def stream_response(
+    job: Job, body: ChatRequest, route: Route, tail: Tail, shape: AnswerShape | None = None
+) -> Response:
     """The answer of a started stream job: its SSE relay, or one collected completion."""
     db.session.remove()  # never hold a session across the relay
     headers = {
@@ -175,7 +190,11 @@ def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Re
         early = early_error(tail, current_app.config["STREAM_ERROR_STATUS_SECONDS"])
         if early is not None:
             return error_response(early, headers)
-        renderer = ChunkRenderer(job.id, body.model, created, body.include_usage)
+        renderer: Renderer = (
+            shape.renderer(job)
+            if shape
+            else ChunkRenderer(job.id, body.model, created, body.include_usage)
+        )
         response = sse_response(tail, renderer, headers, on_disconnect(route.on_disconnect, tail))
         response.call_on_close(tail.close)  # a body never iterated still unsubscribes
         return response
@@ -185,6 +204,10 @@ def stream_response(job: Job, body: ChatRequest, route: Route, tail: Tail) -> Re
         tail.close()
     if outcome.error is not None:
         return error_response(outcome.error, headers)
+    if shape is not None:
+        answer = jsonify(shape.completion(job, outcome))
+        answer.headers.update(headers)
+        return answer
     payload = completion_object(
         job.id,
         body.model,

@@ -64,6 +64,7 @@ FILE_LINKS = {
     "GetFileContent": ("v1.files.file_content", "file_id"),
     "DeleteFile": ("v1.files.delete_file", "file_id"),
 }
+RESPONSE_LINKS = {"GetResponse": ("v1.responses.get_response", "response_id")}
 BATCH_LINKS = {
     "GetBatch": ("v1.batches.retrieve_batch", "batch_id"),
     "CancelBatch": ("v1.batches.cancel_batch", "batch_id"),
@@ -100,6 +101,45 @@ ROUTES: dict[str, Operation] = {
         },
         body=s.ChatCompletionRequest,
         params=(PREFER,),
+    ),
+    "v1.responses.create_response": Operation(
+        "Create a response (OpenAI Responses API), run as a chat job",
+        "responses",
+        {
+            "200": Response(
+                "`stream: true`: SSE of the Responses events (`event:` names, `sequence_number`);"
+                " otherwise the `response` (with `Prefer: wait=N`, the finished background one)",
+                {SSE: SSE_EVENT, JSON: s.ResponseObject},
+                headers=("X-Sluice-Job-Id", "X-Sluice-Route"),
+                links=RESPONSE_LINKS,
+            ),
+            "202": json_response(
+                "Routed to the batch channel: the `response`, queued (poll GET)",
+                s.ResponseObject,
+                headers=("Location", "X-Sluice-Job-Id", "X-Sluice-Route"),
+                links=RESPONSE_LINKS,
+            ),
+        },
+        body=s.ResponsesRequest,
+        params=(PREFER,),
+    ),
+    "v1.responses.get_response": Operation(
+        "Retrieve a response; `stream=true` replays its events after `starting_after`",
+        "responses",
+        {"200": Response("The response, or its SSE", {JSON: s.ResponseObject, SSE: SSE_EVENT})},
+        params=(
+            Param("stream", string(enum=["true", "false"]), description="replay the events"),
+            Param(
+                "starting_after",
+                string(pattern=r"^\d{1,18}$"),
+                description="with stream=true: the last sequence_number seen",
+            ),
+        ),
+    ),
+    "v1.responses.cancel_response": Operation(
+        "Cancel a response (its job: a stream keeps its partial output)",
+        "responses",
+        {"200": json_response("The response as it is after the cancel", s.ResponseObject)},
     ),
     "v1.submit.submit_job": Operation(
         "Submit a job; the routing policy picks the stream or batch channel",

@@ -20,6 +20,7 @@ from app.services.chat_request import MODEL_FIELD
 from app.services.chat_request import ChatCompletionRequest as ChatCompletionRequest
 from app.services.documents import DocumentBatchRequest as DocumentBatchRequest
 from app.services.job_request import JobRequest as JobRequest
+from app.services.responses_request import ResponsesRequest as ResponsesRequest
 
 T = TypeVar("T")
 
@@ -89,6 +90,48 @@ class ChatCompletion(_Open):
     model: str
     choices: list[dict[str, Any]]
     usage: Usage | None = None
+
+
+# -- responses (OpenAI's Responses API) -------------------------------------------------------
+
+
+class ResponseObject(_Open):
+    """OpenAI's `response` object; its id names the job (`resp_<x>` is `job_<x>`)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: str = Field(
+        json_schema_extra=_enum(
+            ("queued", "in_progress", "completed", "incomplete", "failed", "cancelled")
+        )
+    )
+    background: bool = Field(description="true: routed to the batch channel; poll GET")
+    completed_at: int | None
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+    model: str
+    output: list[dict[str, Any]] = Field(description="message, function_call, reasoning items")
+    usage: dict[str, Any] | None
+    instructions: str | None
+    max_output_tokens: int | None
+    max_tool_calls: None
+    metadata: dict[str, str]
+    parallel_tool_calls: bool
+    previous_response_id: None
+    prompt_cache_key: str | None
+    reasoning: dict[str, Any]
+    safety_identifier: str | None
+    service_tier: str | None
+    store: bool
+    temperature: float | None
+    text: dict[str, Any]
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    top_logprobs: int
+    top_p: float | None
+    truncation: str
+    user: str | None
 
 
 # -- jobs ------------------------------------------------------------------------------------

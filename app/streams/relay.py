@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from app import sse
 from app.streams.entries import Generation, is_terminal
 from app.streams.hub import Tail
-from app.streams.render import ChunkRenderer
+
+
+class Renderer(Protocol):
+    """Turns a job's log entries into SSE text (render.ChunkRenderer, responses_render)."""
+
+    def render(self, entry_id: str, fields: dict[str, str]) -> str: ...
 
 
 def sse_body(
-    tail: Tail, renderer: ChunkRenderer, retry_ms: int, on_close: Callable[[bool], None]
+    tail: Tail, renderer: Renderer, retry_ms: int, on_close: Callable[[bool], None]
 ) -> Iterator[str]:
     """The SSE body: `retry:`, one event per entry, pings while idle, then [DONE].
 

@@ -1,0 +1,143 @@
+"""/v1/responses: OpenAI's Responses API over the chat path (same policy, admission, jobs).
+
+A Responses body is translated into a chat body (app.services.responses_request) and run
+by run_routed like /v1/chat/completions; its answer is shaped as a `response` object, or
+for `stream: true` as the Responses SSE events (app.streams.responses_render).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, g, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+
+from app import rate_limits
+from app.api import jobs
+from app.api.chat import make_tail, on_disconnect, run_routed, sse_response
+from app.errors import APIError
+from app.extensions import db
+from app.models import Job
+from app.models.job import TERMINAL
+from app.services import front_door
+from app.services import responses_objects as objects
+from app.services.responses_objects import generation_response, job_id_of, job_response
+from app.services.responses_request import parse_responses_request
+from app.streams.entries import Generation
+from app.streams.hub import current_hub
+from app.streams.keys import log_key
+from app.streams.responses_render import ResponsesRenderer
+from app.streams.writer import read_all
+
+bp = Blueprint("responses", __name__)
+ENDPOINT = "/v1/responses"
+
+
+class ResponsesShape:
+    """The /v1/responses answers of a chat job (chat.AnswerShape)."""
+
+    def renderer(self, job: Job) -> ResponsesRenderer:
+        return ResponsesRenderer(job)
+
+    def completion(self, job: Job, outcome: Generation) -> dict[str, Any]:
+        return generation_response(job, outcome)
+
+    def accepted(self, job: Job) -> dict[str, Any]:
+        return job_response(job)
+
+
+@bp.post("/responses")
+def create_response() -> ResponseReturnValue:
+    body = parse_responses_request(front_door.json_body())
+    prefer = front_door.preferences()
+    route = front_door.route(
+        front_door.route_request(
+            ENDPOINT,
+            model=body.model,
+            stream=body.stream,
+            prefer_async=prefer.respond_async,
+            input_tokens=body.input_tokens(),
+            metadata=dict(body.metadata or {}),
+        )
+    )
+    response = run_routed(
+        g.tenant_id, body, route, endpoint=ENDPOINT, prefer=prefer, shape=ResponsesShape()
+    )
+    job_id = response.headers.get("X-Sluice-Job-Id")
+    if job_id:
+        response.headers["Location"] = f"/v1/responses/{objects.response_id(job_id)}"
+    return response
+
+
+def get_response_job(resp_id: str) -> Job:
+    """The caller's job behind a response id, or 404 (another tenant's does not exist)."""
+    job_id = job_id_of(resp_id)
+    job = None
+    if job_id is not None:
+        job = db.session.scalar(
+            select(Job).where(
+                Job.id == job_id, Job.tenant_id == g.tenant_id, Job.endpoint == ENDPOINT
+            )
+        )
+    if job is None:
+        raise APIError(
+            404, f"No response found with id '{resp_id}'.", param="response_id", code="not_found"
+        )
+    return job
+
+
+def _starting_after() -> int:
+    raw = request.args.get("starting_after")
+    if raw is None:
+        return -1
+    if not raw.isdigit() or len(raw) > 18:
+        raise APIError(400, "'starting_after' must be a sequence number.", param="starting_after")
+    return int(raw)
+
+
+@bp.get("/responses/<response_id>")
+def get_response(response_id: str) -> ResponseReturnValue:
+    """The response (tenant-scoped); `?stream=true` replays its events, after `starting_after`."""
+    stream = request.args.get("stream", "false").lower()
+    if stream not in ("true", "false"):
+        raise APIError(400, "'stream' must be true or false.", param="stream")
+    job = get_response_job(response_id)
+    if stream == "true":
+        return _replay(job, response_id, _starting_after())
+    if job.mode != "stream" or job.status in TERMINAL:
+        return job_response(job)
+    # a running stream: what it said so far is the log's (which ends before the row does)
+    return generation_response(job, Generation.of(read_all(current_hub().client, job.id)))
+
+
+@bp.post("/responses/<response_id>/cancel")
+def cancel_response(response_id: str) -> ResponseReturnValue:
+    """Cancel the response's job by the jobs API's rules (a stream keeps what it said)."""
+    job = get_response_job(response_id)
+    jobs.cancel_job(job.id)  # its 409 for a background job that already runs, as it is
+    db.session.expire_all()
+    return job_response(get_response_job(response_id))
+
+
+def _replay(job: Job, response_id: str, skip_through: int) -> ResponseReturnValue:
+    if job.mode != "stream":
+        raise APIError(
+            400,
+            "This response ran in the background and has no event stream: GET it without 'stream'.",
+            param="stream",
+        )
+    if job.status in TERMINAL and not current_hub().client.exists(log_key(job.id)):
+        raise APIError(
+            400,
+            "The event stream of this response has expired: GET it without 'stream'.",
+            param="stream",
+        )
+    headers = {"X-Sluice-Job-Id": job.id, "Location": f"/v1/responses/{response_id}"}
+    renderer = ResponsesRenderer(job, skip_through=skip_through)
+    tail = make_tail(job.id, running=job.status != "queued")
+    db.session.expunge(job)
+    db.session.remove()
+    return rate_limits.event_stream(
+        lambda: sse_response(tail, renderer, headers, on_disconnect(job.on_disconnect, tail))
+    )
