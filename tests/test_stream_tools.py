@@ -7,13 +7,17 @@ collected by stream:false, and resumed at every cut point.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from flask import Flask
 
+from app.extensions import redis_store
 from app.streams.entries import Generation, coalesce, encode_delta
+from app.streams.keys import log_key
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import follow, read_sse
 
@@ -191,6 +195,27 @@ def test_n2_choices_logprobs_and_refusal(canned: FakeUpstream, client: httpx.Cli
     assert first["message"]["content"] == got[0]["content"]
     assert [lp["token"] for lp in first["logprobs"]["content"]] == [f"a{i}" for i in range(6)]
     assert second["message"]["refusal"] == "no thanks" and second["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("model", ["openai/canned-tools", "openai/canned-n2"])
+def test_a_streamed_job_keeps_its_choices_in_its_row(
+    canned: FakeUpstream, client: httpx.Client, app: Flask, model: str
+) -> None:
+    """Tool calls and n > 1 of a streamed job outlive its delta log, as a background job's do."""
+    whole = client.post("/v1/chat/completions", json=_body(model)).json()
+    with client.stream("POST", "/v1/chat/completions", json=_body(model, stream=True)) as response:
+        job_id = response.headers["x-sluice-job-id"]
+        assert read_sse(response).done
+    live = client.get(f"/v1/jobs/{job_id}").json()  # the row or, until it is written, the log
+    assert live["choices"] == whole["choices"]
+    with app.app_context():
+        redis_store.client.delete(log_key(job_id))
+    deadline = time.monotonic() + 10
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] != "succeeded":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["choices"] == whole["choices"]
+    assert job["output"] == (whole["choices"][0]["message"]["content"] or "")
 
 
 # ------------------------------------------------------------------ the format, no stack

@@ -84,6 +84,7 @@ def show_job(job_id: str) -> ResponseReturnValue:
     if generation.error is None:
         job.finish_reason = generation.finish_reason
         job.usage = generation.usage
+        job.choices = generation.stored_choices()
     return job_object(job)
 
 

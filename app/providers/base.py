@@ -154,15 +154,21 @@ class Completion:
     @property
     def more_than_text(self) -> bool:
         """Whether the choices hold more than choice 0's text (tool calls, refusal, n > 1...)."""
-        if len(self.choices) != 1 or self.choices[0].get("logprobs"):
-            return True
-        message = self.choices[0].get("message") or {}
-        return any(v is not None for k, v in message.items() if k not in ("role", "content"))
+        return more_than_text(self.choices)
 
     @property
     def finish_reason(self) -> str:
         """Choice 0's finish reason."""
         return (self.choices[0].get("finish_reason") if self.choices else None) or "stop"
+
+
+def more_than_text(choices: list[dict[str, Any]]) -> bool:
+    """Whether `chat.completion` choices hold more than choice 0's text: a job row keeps
+    them whole then (tool calls, refusal, n > 1, logprobs), else only the text."""
+    if len(choices) != 1 or choices[0].get("logprobs"):
+        return True
+    message = choices[0].get("message") or {}
+    return any(v is not None for k, v in message.items() if k not in ("role", "content"))
 
 
 def text_delta(text: str, index: int = 0) -> ChoiceDelta:

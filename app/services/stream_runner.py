@@ -164,6 +164,7 @@ def _settle_row(job_id: str, entries: list[Entry]) -> bool:
     values: dict[str, Any] = {"output": output, "error": generation.error}
     if status == "succeeded":
         values |= {"finish_reason": generation.finish_reason, "usage": generation.usage}
+        values["choices"] = generation.stored_choices()
     if not _end_job(job_id, status, from_status=("queued", "running"), **values):
         return False
     _release(job_id)
@@ -360,7 +361,7 @@ class _Run:
     lease_value: str
     lease_seconds: float
     window: float
-    parts: list[str] = field(default_factory=list)  # choice 0's content, as appended
+    generation: Generation = field(default_factory=Generation)  # what was appended
     finishes: dict[int, str] = field(default_factory=dict)  # each choice's finish reason
     appended: int = 0  # log entries written: once any is, the run is never retried
     first_token_at: datetime | None = None
@@ -370,7 +371,7 @@ class _Run:
 
     @property
     def text(self) -> str:
-        return "".join(self.parts)
+        return self.generation.text
 
     def refresh(self) -> bool:
         """Renew lease, log expiry and stream slot; return whether a cancel was requested."""
@@ -607,7 +608,7 @@ def _consume(run: _Run, reader: _Reader) -> None:
                 run.first_token_at = utcnow()
             cancelled = dlog.append(choices)
             run.appended += 1
-            run.parts.extend(c["delta"].get("content") or "" for c in choices if c["index"] == 0)
+            run.generation.add_choices(choices)
         last_flush = time.monotonic()
         if cancelled:
             raise _Stop("cancelled", CANCELLED_ERROR)
@@ -637,7 +638,9 @@ def _finish(run: _Run, reader: _Reader) -> str:
     finish_reason = getattr(stream, "finish_reason", None) or run.finishes.get(0) or "stop"
     usage = _usage(run, reader)
     fields = done_fields(finish_reason, usage, run.finishes)
-    values = {"finish_reason": finish_reason, "usage": usage}
+    run.generation.finish_reason, run.generation.finishes = finish_reason, run.finishes
+    choices = run.generation.stored_choices()
+    values = {"finish_reason": finish_reason, "usage": usage, "choices": choices}
     return _close(run, "succeeded", fields, **values)
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.providers.base import more_than_text
+
 Entry = tuple[str, dict[str, str]]
 ChoiceDelta = dict[str, Any]
 TERMINAL_KINDS = ("done", "error")
@@ -292,9 +294,7 @@ class Generation:
     def add(self, fields: Mapping[str, str]) -> None:
         kind = fields.get("t")
         if kind == "delta":
-            for choice in choices_of(fields):
-                index = int(choice.get("index") or 0)
-                self.choices.setdefault(index, _Choice()).add(choice)
+            self.add_choices(choices_of(fields))
         elif kind == "done":
             self.finish_reason = fields.get("finish_reason")
             self.finishes = finishes_of(fields)
@@ -303,6 +303,17 @@ class Generation:
         elif kind == "error":
             self.error = error_of(fields)
             self.ended = True
+
+    def add_choices(self, choices: Iterable[ChoiceDelta]) -> None:
+        """Accumulate choice deltas (a worker's as it appends them, a reader's from its log)."""
+        for choice in choices:
+            index = int(choice.get("index") or 0)
+            self.choices.setdefault(index, _Choice()).add(choice)
+
+    def stored_choices(self) -> list[dict[str, Any]] | None:
+        """The choices a job row keeps: None when the answer is only choice 0's text."""
+        messages = self.messages()
+        return messages if more_than_text(messages) else None
 
     @property
     def status(self) -> str | None:
