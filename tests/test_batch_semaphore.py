@@ -106,3 +106,43 @@ def test_a_waiter_gets_a_slot_freed_by_another_process(app_ctx: Flask, held: int
     assert len(finished) == 5
     assert max(finished) - released < 2.0
     assert sem.in_use(provider) == 0
+
+
+def test_a_process_holding_every_slot_leaves_another_its_share(app_ctx: Flask) -> None:
+    """One process's calls hold every slot, back to back; a second process that asks gets
+    its share within a few calls, not once the first one's slots end their TURN (5 s)."""
+    first = ProviderSemaphore(redis_store.client, 4, lease=5.0)
+    second = ProviderSemaphore(redis_store.client, 4, lease=5.0)
+    provider = f"sem-{time.time_ns()}"
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            with first.slot(provider):
+                time.sleep(0.01)
+
+    busy_threads = [threading.Thread(target=busy) for _ in range(8)]
+    for thread in busy_threads:
+        thread.start()
+    got: list[float] = []
+
+    def call() -> None:
+        with second.slot(provider):
+            got.append(time.monotonic())
+            time.sleep(0.1)
+
+    try:
+        time.sleep(0.3)  # the first process holds every slot
+        asked = time.monotonic()
+        calls = [threading.Thread(target=call) for _ in range(4)]
+        for thread in calls:
+            thread.start()
+        for thread in calls:
+            thread.join(10)
+    finally:
+        stop.set()
+        for thread in busy_threads:
+            thread.join(10)
+    assert len(got) == 4
+    assert max(got) - asked < 2.0, [round(t - asked, 2) for t in got]
+    assert first.in_use(provider) == 0

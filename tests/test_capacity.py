@@ -456,6 +456,36 @@ def test_streams_count_in_the_window_and_are_refused_only_when_streams_used_it(
     sem.release(*[t for t in batch if t])
 
 
+def test_calls_waiting_together_are_each_charged_their_own_estimate(
+    metered: tuple[Flask, str],
+) -> None:
+    """Two calls wait for a slot at once; once slots free up, each is counted in the
+    window with its own estimate, not the asker's estimate for both."""
+    app, provider = metered
+    quotas = capacity.quotas(app.config)
+    other = ProviderSemaphore(redis_store.client, 2, 5.0, quotas)  # another worker
+    sem = ProviderSemaphore(redis_store.client, 2, 5.0, quotas)
+    held = [other.try_acquire(provider) for _ in range(2)]
+    assert all(held)
+    inside, leave = threading.Barrier(3, timeout=10), threading.Barrier(3, timeout=10)
+
+    def call(estimate: int) -> None:
+        with sem.slot(provider, lambda: estimate):
+            inside.wait()
+            leave.wait()
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in (100, 300)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # both wait: the other worker holds every slot
+    other.release(*[t for t in held if t], refund=True)
+    inside.wait()
+    assert window(provider)["bt"] == 400  # 100 + 300 (the asker's estimate twice: 200 or 600)
+    leave.wait()
+    for thread in threads:
+        thread.join(10)
+
+
 def test_batch_calls_are_counted_corrected_and_wait_for_the_window(
     metered: tuple[Flask, str],
 ) -> None:

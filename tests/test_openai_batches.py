@@ -173,6 +173,18 @@ def test_input_validation_fails_the_batch(
         assert jobs == 0
 
 
+def test_a_bad_last_line_leaves_no_item_written(openai_client: openai.OpenAI, app: Flask) -> None:
+    """Lines are validated and staged in one pass: good lines before a bad one are never
+    inserted, and the error names the line."""
+    ids = [f"staged-{time.time_ns()}-{i}" for i in range(3)]
+    lines = [*(_line(i) for i in ids), {**_line("last"), "method": "GET"}]
+    batch = _create(openai_client, _upload(openai_client, lines))
+    assert batch.status == "failed" and batch.request_counts.total == 0
+    assert [(e.line, e.code) for e in batch.errors.data] == [(4, "invalid_method")]
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).where(Job.item_id.in_(ids))) == 0
+
+
 def test_empty_input_file_fails(openai_client: openai.OpenAI) -> None:
     file_id = openai_client.files.create(
         file=("empty.jsonl", io.BytesIO(b"\n\n")), purpose="batch"

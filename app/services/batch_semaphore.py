@@ -10,6 +10,13 @@ seconds after the slot was taken from Redis; after that (or with nobody waiting)
 goes back to Redis, where every process competes for it again. Only one waiter per
 provider and process asks Redis, for as many slots as there are waiters, in one call.
 
+A process holds no more than its share of the slots while another process wants more:
+a process whose waiters go short says so in Redis (`<key>:askers`, a member per process
+living ASKER_TTL seconds), and while another process says so, a process holding more than
+limit / (processes asking) gives its slots back as its calls end, and asks for no more.
+Otherwise the slots would stay with whichever process asked first for up to TURN, one
+process doing every call (its CPU the limit) and the other's items waiting for the tail.
+
 A provider with a shared capacity (`capacity` in its `[providers.NAME]` table) yields to
 its streams (`app.services.capacity`): each take from Redis leaves room for the streams
 holding capacity, and its slots pass between calls for at most capacity.YIELD_SECONDS,
@@ -18,9 +25,10 @@ backs off within a call's length of a stream's arrival and resumes when it ends.
 
 With `requests_per_minute` or `tokens_per_minute` as well, every call is counted in the
 provider's window as it is taken (one request, its estimated tokens), so its slot never
-passes between calls: each call takes from Redis (the asker still takes for all waiters
-at once) and gives back with the correction to its actual tokens, in one call each. A full
-window holds takes back until it has room (re-checked at least every MAX_WAIT seconds).
+passes between calls: each call takes its own slot from Redis, charged with its own
+estimate (the asker asks for itself alone), and gives back with the correction to its
+actual tokens, in one call each. A full window holds takes back until it has room
+(re-checked at least every MAX_WAIT seconds).
 An upstream 429 with Retry-After pauses the provider's takes in every process for that
 long (a shared key, capacity.pause_key); this process stops handing slots over at once.
 """
@@ -28,6 +36,7 @@ long (a shared key, capacity.pause_key); this process stops handing slots over a
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -50,6 +59,7 @@ MAX_TAKE = 100  # slots asked of Redis in one call
 POLL_MAX = 0.05  # seconds between two asks while every slot is taken
 MAX_WAIT = 1.0  # longest wait on a full window or a pause before asking again
 CHECK_SECONDS = 0.02  # how stale the stream count may be when a slot passes between calls
+ASKER_TTL = 0.5  # seconds a process's "my waiters go short" lasts in Redis unless repeated
 NO_QUOTA = capacity.Quota()
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
 
@@ -70,6 +80,7 @@ class _Slots:
         self.asking = False
         self.held = 0  # slots this process took from Redis and has not given back
         self.paused_until = 0.0  # monotonic: no slot passes between calls before then
+        self.said_short_at = 0.0  # monotonic: when this process last said it goes short
 
     def surplus(self) -> list[str]:
         """Free slots beyond the waiters (to go back to Redis); call holding the lock."""
@@ -110,10 +121,17 @@ class ProviderSemaphore:
         self.round_trips = 0  # Redis calls to take or give back slots (renewals aside)
         self._charged: dict[str, tuple[str, int, int]] = {}  # token -> provider, window, tokens
         self._checked: dict[str, tuple[float, bool]] = {}  # provider -> (when, displaced)
+        self.name = uuid.uuid4().hex  # this process's member in the askers' sets
+        self._shares: dict[str, tuple[float, int]] = {}  # provider -> (when, share)
 
     @staticmethod
     def key(provider: str) -> str:
         return capacity.batch_key(provider)
+
+    @classmethod
+    def askers_key(cls, provider: str) -> str:
+        """The processes whose waiters for this provider go short (member -> until, ms)."""
+        return f"{cls.key(provider)}:askers"
 
     def _quota(self, provider: str) -> capacity.Quota:
         return self.quotas.get(provider, NO_QUOTA)
@@ -249,16 +267,31 @@ class ProviderSemaphore:
         A full window or a pause (Redis says how long) is waited out, MAX_WAIT at most.
         """
         delay = 0.005
+        one_each = self._quota(provider).metered  # each call charged its own estimate
         try:
             while True:
+                share = self._share(provider)
                 with slots.cond:
-                    while not slots.free and slots.held >= self.limit:
-                        slots.ask_cond.wait(POLL_MAX)  # until a slot of ours went back
                     if slots.free:
                         return slots.free.pop()
-                    want = min(max(1, slots.waiting - len(slots.free)), MAX_TAKE, self.limit)
+                    capped = slots.held >= share
+                    want = min(
+                        max(1, slots.waiting - len(slots.free)), MAX_TAKE, share - slots.held
+                    )
+                    if one_each:
+                        want = 1
+                if capped:  # our share (or every slot) is ours: wait for one to pass or go back
+                    self._say_short(provider, slots)
+                    with slots.cond:
+                        if not slots.free:
+                            slots.ask_cond.wait(POLL_MAX)
+                        if slots.free:
+                            return slots.free.pop()
+                    continue
                 taken = self._ask(provider, want, cost)
                 got = taken.members
+                if len(got) < want or slots.waiting - len(slots.free) > len(got):
+                    self._say_short(provider, slots)
                 with slots.cond:
                     now = time.monotonic()
                     slots.held += len(got)
@@ -284,10 +317,12 @@ class ProviderSemaphore:
         """Hand the slot to a waiter of this process, or give it back to Redis."""
         slots = self._local(provider)
         displaced = self._displaced(provider)
+        share = self._share(provider)
         with slots.cond:
             waiters = slots.waiting > len(slots.free)
             now = time.monotonic()
-            handing = waiters and not displaced and now >= slots.paused_until
+            fair = slots.held <= share
+            handing = waiters and fair and not displaced and now >= slots.paused_until
             if handing and now - since < self._turn(provider):
                 slots.free.append((token, since))
                 slots.cond.notify()
@@ -295,6 +330,9 @@ class ProviderSemaphore:
                 return
             slots.held -= 1
         self.release(token, used=used)  # every process's asker competes for it on its next ask
+        if waiters:
+            with slots.cond:
+                slots.ask_cond.notify()  # ours asks now (within its share), not a poll later
 
     def _displaced(self, provider: str) -> bool:
         """Whether streams need this provider's batch slots now: batch calls in flight beyond
@@ -320,6 +358,43 @@ class ProviderSemaphore:
             verdict = True  # cannot tell: the slot goes back, Redis checks it on the next take
         self._checked[provider] = (now, verdict)
         return verdict
+
+    def _share(self, provider: str) -> int:
+        """The most slots this process keeps: all of them, or limit / (processes asking)
+        while another process's waiters go short. One Redis call per CHECK_SECONDS."""
+        now = time.monotonic()
+        at, share = self._shares.get(provider, (0.0, self.limit))
+        if now - at < CHECK_SECONDS:
+            return share
+        self._shares[provider] = (now, share)  # meanwhile the others use the last answer
+        try:
+            live = self.client.zrangebyscore(
+                self.askers_key(provider), int(time.time() * 1000), "+inf"
+            )
+            others = sum(
+                1 for m in live if (m.decode() if isinstance(m, bytes) else m) != self.name
+            )
+            share = math.ceil(self.limit / (1 + others))
+        except redis.RedisError:
+            share = self.limit  # cannot tell: the cap in Redis still holds
+        self._shares[provider] = (now, share)
+        return share
+
+    def _say_short(self, provider: str, slots: _Slots) -> None:
+        """Tell the other processes this one's waiters go short (at most 4 times a TTL)."""
+        now = time.monotonic()
+        if now - slots.said_short_at < ASKER_TTL / 4:
+            return
+        slots.said_short_at = now
+        key, until = self.askers_key(provider), int((time.time() + ASKER_TTL) * 1000)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zadd(key, {self.name: until})
+            pipe.zremrangebyscore(key, "-inf", int(time.time() * 1000) - 60_000)
+            pipe.pexpire(key, 60_000)
+            pipe.execute()
+        except redis.RedisError:
+            log.warning("could not tell other processes %s's batch calls go short", provider)
 
     def _release_quietly(self, tokens: list[str]) -> None:
         try:

@@ -1,13 +1,14 @@
 """The OpenAI Batches API over the batch engine: input validation, the batch object, results.
 
-Input files are read streaming, twice: once to validate every line (errors name the line,
-as OpenAI reports them), once to feed the engine's item iterator. Only the set of
-custom_ids is held in memory.
+Input files are read streaming, once: every line is validated (errors name the line, as
+OpenAI reports them) and, while none failed, handed to the engine, which stages it (in
+memory, then on disk) before anything is written; a file with any bad line ends as a failed
+batch naming them, and no item of it is ever inserted. Only the set of custom_ids is held
+in memory besides the engine's staging.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from app.extensions import db
 from app.models import Batch, File, epoch, utcnow
 from app.pagination import fetch_page
 from app.policy import Route, RouteRequest, estimate_input_tokens
+from app.providers import providers
 from app.services import batches, events, front_door
 from app.services import files as storage
 from app.services.batch_lifecycle import cancel_batch
@@ -141,11 +143,21 @@ def iter_lines(file: File) -> Iterator[tuple[int, bytes]]:
                 yield number, raw
 
 
-def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Validation:
-    """One streaming pass over the input file; every bad line becomes an error naming it."""
-    found = Validation()
+class InvalidInput(Exception):
+    """The input file had bad lines (raised once all of it was read): a failed batch."""
+
+
+def validated_items(
+    file: File, endpoint: str, config: Mapping[str, Any], found: Validation
+) -> Iterator[batches.BatchItem]:
+    """The engine's items, validated in one streaming pass; what it finds goes in `found`.
+
+    Yields the items while every line so far was good (at most BATCH_MAX_DOCUMENTS), and
+    reads on to the end either way, so `found` names every bad line.
+    """
     seen: set[str] = set()
     limit = config["BATCH_MAX_DOCUMENTS"]
+    registry = providers()  # looked up once, not by every validator of every line
     for number, raw in iter_lines(file):
         found.count += 1
         line = _parse_line(raw)
@@ -202,7 +214,7 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
             )
             continue
         try:
-            parse_chat_request(body)  # the chat endpoint's own validator
+            parse_chat_request(body, registry)  # the chat endpoint's own validator
         except APIError as exc:
             param = f"body.{exc.param}" if exc.param else "body"
             found.add(exc.code or "invalid_request", exc.message, line=number, param=param)
@@ -213,6 +225,11 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
             found.input_tokens += estimate_input_tokens(
                 [m for m in messages if isinstance(m, dict)]
             )
+        if not found.errors and found.count <= limit:
+            item = dict(body)
+            item.pop("stream", None)
+            item.pop("stream_options", None)
+            yield batches.BatchItem(item_id=str(custom_id), body=item)
     if found.count == 0:
         found.add("empty_file", "The input file is empty: it has no requests.", line=None)
     elif found.count > limit:
@@ -221,17 +238,6 @@ def validate_input(file: File, endpoint: str, config: Mapping[str, Any]) -> Vali
             f"The input file has {found.count} requests; a batch may hold at most {limit}.",
             line=None,
         )
-    return found
-
-
-def items_from_file(file: File) -> Iterator[batches.BatchItem]:
-    """The engine's items, read again streaming from the (already validated) file."""
-    for _number, raw in iter_lines(file):
-        line = json.loads(raw)
-        body = dict(line["body"])
-        body.pop("stream", None)
-        body.pop("stream_options", None)
-        yield batches.BatchItem(item_id=line["custom_id"], body=body)
 
 
 # ---------------------------------------------------------------- create, get, list
@@ -247,36 +253,46 @@ def create(
     """POST /v1/batches: validate, route, then a failed batch or a running one."""
     file_id, endpoint, window, metadata = check_create_params(params)
     file = input_file(tenant_id, file_id)
-    config = current_app.config
-    found = validate_input(file, endpoint, config)
-    model = next(iter(found.models)) if len(found.models) == 1 else None
-    route = front_door.route(
-        RouteRequest(
-            endpoint="/v1/batches",
+    found = Validation()
+
+    def model() -> str | None:
+        return next(iter(found.models)) if len(found.models) == 1 else None
+
+    def route() -> Route:
+        return front_door.route(
+            RouteRequest(
+                endpoint="/v1/batches",
+                tenant_id=tenant_id,
+                tenant_name=tenant_name,
+                model=model() or "",
+                requested_mode="batch",
+                input_tokens=found.input_tokens,
+                metadata=dict(metadata or {}),
+            )
+        )
+
+    def items() -> Iterator[batches.BatchItem]:
+        yield from validated_items(file, endpoint, current_app.config, found)
+        if found.errors:
+            raise InvalidInput  # before the engine writes anything
+
+    try:
+        return batches.create_batch(
             tenant_id=tenant_id,
-            tenant_name=tenant_name,
-            model=model or "",
-            requested_mode="batch",
-            input_tokens=found.input_tokens,
-            metadata=dict(metadata or {}),
+            kind=KIND,
+            items=items(),
+            route=route,
+            model=model,
+            endpoint=endpoint,
+            completion_window=window,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            input_file_id=file_id,
         )
-    )
-    if found.errors:
+    except InvalidInput:
         return _failed_batch(
-            tenant_id, file_id, endpoint, window, metadata, found, route, idempotency_key, model
+            tenant_id, file_id, endpoint, window, metadata, found, route(), idempotency_key, model()
         )
-    return batches.create_batch(
-        tenant_id=tenant_id,
-        kind=KIND,
-        items=items_from_file(file),
-        route=route,
-        model=model,
-        endpoint=endpoint,
-        completion_window=window,
-        metadata=metadata,
-        idempotency_key=idempotency_key,
-        input_file_id=file_id,
-    )
 
 
 def _failed_batch(
