@@ -18,6 +18,7 @@ from sqlalchemy import select
 from app import embedded_redis
 from app.extensions import db, redis_store
 from app.models import Job
+from app.providers.base import text_delta
 from app.services.stream_runner import sweep_streams
 from app.streams.entries import done_fields, error_fields
 from app.streams.hub import StreamHub, Tail
@@ -232,7 +233,7 @@ def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: 
         dlog = DeltaLog(dead, job_id, running_ttl=60, final_ttl=60, token="T")
         request = ChatRequest("mock/echo", [{"role": "user", "content": "x"}])
         run = stream_runner._Run(job_id, request, dlog, "T", 60.0, window=0.0)
-        run.parts = ["sent ", "to the client"]
+        run.generation.add_choices([text_delta("sent "), text_delta("to the client")])
         error = {"message": "x", "type": "service_unavailable", "code": "stream_unavailable"}
         fields = error_fields(error)
         assert stream_runner._close(run, "failed", fields, usage=None, error=error) == "failed"
