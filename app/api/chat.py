@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
@@ -73,10 +73,15 @@ def make_tail(job_id: str, *, after: str = "0-0", running: bool = False) -> Tail
 
 
 def sse_response(
-    tail: Tail, renderer: Renderer, headers: dict[str, str], on_close: Callable[[bool], None]
+    tail: Tail,
+    renderer: Renderer,
+    headers: dict[str, str],
+    on_close: Callable[[bool], None],
+    items: Iterator[Entry | None] | None = None,
 ) -> Response:
-    """The SSE response for a job's log, with the anti-buffering headers."""
-    body = sse_body(tail, renderer, current_app.config["STREAM_RETRY_MS"], on_close)
+    """The SSE response for a job's log, with the anti-buffering headers (`items`: the
+    tail's follow() already under way, see relay.sse_body)."""
+    body = sse_body(tail, renderer, current_app.config["STREAM_RETRY_MS"], on_close, items)
     return sse.response(body, headers)
 
 
@@ -189,7 +194,7 @@ def stream_response(
     }
     created = epoch(job.created_at)
     if body.stream:
-        early = early_error(tail, current_app.config["STREAM_ERROR_STATUS_SECONDS"])
+        items, early = early_error(tail, current_app.config["STREAM_ERROR_STATUS_SECONDS"])
         if early is not None:
             return error_response(early, headers)
         renderer: Renderer = (
@@ -197,7 +202,8 @@ def stream_response(
             if shape
             else ChunkRenderer(job.id, body.model, created, body.include_usage)
         )
-        response = sse_response(tail, renderer, headers, on_disconnect(route.on_disconnect, tail))
+        on_close = on_disconnect(route.on_disconnect, tail)
+        response = sse_response(tail, renderer, headers, on_close, items)
         response.call_on_close(tail.close)  # a body never iterated still unsubscribes
         return response
     try:
@@ -224,26 +230,37 @@ def stream_response(
     return response
 
 
-def early_error(tail: Tail, wait: float) -> dict[str, Any] | None:
-    """The job's error if its log opens with it (nothing was streamed), else None.
+def early_error(
+    tail: Tail, wait: float
+) -> tuple[Iterator[Entry | None] | None, dict[str, Any] | None]:
+    """(the relay's entries, None), or (None, the job's error) if its log opens with it
+    (nothing was streamed).
 
     Waits for the log's first entry, at most `wait` seconds (nothing yet: the SSE answer
-    starts as usual, so a slow first token never holds the headers back longer); the
-    relay then reads the log again from where it was.
+    starts as usual, so a slow first token never holds the headers back longer). The
+    relay goes on with the same follow(): the entry read here is its first, and no second
+    read (nor a second subscribe) comes before it.
     """
     if wait <= 0:
-        return None
-    start = tail.after
-    # follow() yields None (a ping) after this long without an entry
-    entries = cast(Generator[Entry | None], tail.follow(min(tail.ping_seconds, wait)))
+        return None, None
+    # follow() yields None (a ping) after this long without an entry, then pings as usual
+    entries = cast(Generator[Entry | None], tail.follow(first_ping=min(tail.ping_seconds, wait)))
     try:
         first = next(entries, None)
-    finally:
-        entries.close()  # unsubscribes; the relay's follow() subscribes again
-        tail.after = start
-    if first is not None and first[1].get("t") == "error":
-        return error_of(first[1])
-    return None
+    except BaseException:
+        entries.close()
+        raise
+    if first is None:  # nothing yet: the relay goes on waiting
+        return entries, None
+    if first[1].get("t") == "error":
+        entries.close()  # unsubscribes
+        return None, error_of(first[1])
+    return _prepend(first, entries), None
+
+
+def _prepend(first: Entry, rest: Iterator[Entry | None]) -> Iterator[Entry | None]:
+    yield first
+    yield from rest  # (closing this closes `rest`)
 
 
 def error_response(error: dict[str, Any], headers: dict[str, str]) -> Response:

@@ -521,10 +521,17 @@ class Tail:
         }
         return "", error_fields(error)
 
-    def follow(self, ping_seconds: float | None = None) -> Iterator[Entry | None]:
+    def follow(
+        self, ping_seconds: float | None = None, *, first_ping: float | None = None
+    ) -> Iterator[Entry | None]:
         """Yield entries up to and including the terminal one; None means "send a ping"
-        (every `ping_seconds` of silence, the tail's own interval unless given)."""
-        ping_every = self.ping_seconds if ping_seconds is None else ping_seconds
+        (every `ping_seconds` of silence, the tail's own interval unless given).
+
+        `first_ping`: the first ping comes after this much silence instead (a caller that
+        waits a bounded time for the first entry, then goes on with the same tail).
+        """
+        regular = self.ping_seconds if ping_seconds is None else ping_seconds
+        ping_every = regular if first_ping is None else first_ping
         client = self.hub.client
         key = log_key(self.job_id)
         sub = self._sub
@@ -602,6 +609,10 @@ class Tail:
                 now = time.monotonic()
                 if now - last_ping >= ping_every:
                     last_ping = now
+                    if ping_every != regular:  # the first ping: from now on the regular ones
+                        ping_every = regular
+                        wake_every = max(0.05, min(ping_every, self.lease_seconds / 2))
+                        check_lease = False  # (as a fresh follow() would)
                     yield None
         finally:
             self.close()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from app import sse
-from app.streams.entries import Generation, is_terminal
+from app.streams.entries import Entry, Generation, is_terminal
 from app.streams.hub import Tail
 
 
@@ -17,16 +17,22 @@ class Renderer(Protocol):
 
 
 def sse_body(
-    tail: Tail, renderer: Renderer, retry_ms: int, on_close: Callable[[bool], None]
+    tail: Tail,
+    renderer: Renderer,
+    retry_ms: int,
+    on_close: Callable[[bool], None],
+    items: Iterator[Entry | None] | None = None,
 ) -> Iterator[str]:
     """The SSE body: `retry:`, one event per entry, pings while idle, then [DONE].
 
-    on_close(finished) runs when the body ends or the client goes away.
+    `items`: the tail's follow() already under way (a caller peeked at its first entry),
+    else a new one. on_close(finished) runs when the body ends or the client goes away.
     """
     finished = False
+    follow = tail.follow() if items is None else items
     try:
         yield sse.retry(retry_ms)
-        for item in tail.follow():
+        for item in follow:
             if item is None:
                 yield sse.comment()
                 continue
@@ -36,6 +42,9 @@ def sse_body(
                 finished = True
             yield text
     finally:
+        close = getattr(follow, "close", None)
+        if close is not None:
+            close()  # (a follow() generator unsubscribes)
         on_close(finished)
 
 

@@ -1,0 +1,105 @@
+"""The web's CPU per stream: no Redis read or write a relay can do without (issue 12)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from app.extensions import redis_store
+from app.streams.hub import StreamHub, Tail
+from app.streams.keys import lease_key
+from app.streams.relay import sse_body
+from app.streams.render import ChunkRenderer
+from app.streams.writer import DeltaLog
+
+
+def _log(job_id: str) -> DeltaLog:
+    client = redis_store.client
+    client.set(lease_key(job_id), "T", px=60_000)
+    return DeltaLog(client, job_id, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+
+
+def _content(text: str) -> list[dict[str, Any]]:
+    return [{"index": 0, "delta": {"content": text}}]
+
+
+def _counted_xread(hub: StreamHub, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    reads: list[Any] = []
+    real_xread = hub.client.xread
+
+    def counted_xread(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args)
+        return real_xread(*args, **kwargs)
+
+    monkeypatch.setattr(hub.client, "xread", counted_xread)
+    return reads
+
+
+@pytest.fixture
+def hub(app_ctx: Flask) -> Iterator[StreamHub]:
+    made = StreamHub(app_ctx.config["REDIS_URL"])
+    yield made
+    made.close()
+
+
+def test_the_relay_goes_on_from_the_early_error_wait_without_reading_again(
+    hub: StreamHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry the early-error wait was handed is the relay's first event: the relay keeps
+    that follow() (one subscription, no XREAD of the log from its start)."""
+    from app.api.chat import early_error
+
+    reads = _counted_xread(hub, monkeypatch)
+    job = f"job_fold_{secrets.token_hex(4)}"
+    tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
+    assert tail.subscribe()
+    dlog = _log(job)
+    dlog.append(_content("un "))
+    items, error = early_error(tail, 2.0)
+    assert error is None and items is not None
+    sub = tail._sub
+    dlog.append(_content("deux"))
+    dlog.finish("stop", None)
+    body = "".join(sse_body(tail, ChunkRenderer(job, "m", 0, False), 1000, lambda _: None, items))
+    assert body.count('"content":"un "') == 1 and body.count('"content":"deux"') == 1
+    assert body.endswith("data: [DONE]\n\n") and reads == []
+    assert sub is not None and job not in hub._subs  # that one subscription, now ended
+
+
+def test_a_silent_job_the_relay_waits_on_with_the_same_follow(
+    hub: StreamHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing in the early-error wait: the relay goes on waiting (no ping for that wait,
+    no read), then relays the entries as they come."""
+    from app.api.chat import early_error
+
+    reads = _counted_xread(hub, monkeypatch)
+    job = f"job_fold_{secrets.token_hex(4)}"
+    tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
+    assert tail.subscribe()
+    dlog = _log(job)
+    items, error = early_error(tail, 0.05)
+    assert error is None and items is not None
+    body = sse_body(tail, ChunkRenderer(job, "m", 0, False), 1000, lambda _: None, items)
+    assert next(body).startswith("retry:")
+    dlog.append(_content("late"))
+    dlog.finish("stop", None)
+    rest = "".join(body)
+    assert '"content":"late"' in rest and ": ping" not in rest and reads == []
+
+
+def test_an_early_error_still_answers_with_its_status(hub: StreamHub) -> None:
+    from app.api.chat import early_error
+
+    job = f"job_fold_{secrets.token_hex(4)}"
+    tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
+    assert tail.subscribe()
+    error = {"message": "no", "type": "invalid_request_error", "code": None, "param": None}
+    _log(job).fail(error)
+    items, found = early_error(tail, 2.0)
+    assert items is None and found is not None and found["message"] == "no"
+    assert job not in hub._subs  # unsubscribed
