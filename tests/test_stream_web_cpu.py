@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -11,7 +11,7 @@ from flask import Flask
 
 from app.extensions import redis_store
 from app.streams.hub import StreamHub, Tail
-from app.streams.keys import lease_key
+from app.streams.keys import lease_key, notify_channel
 from app.streams.relay import sse_body
 from app.streams.render import ChunkRenderer
 from app.streams.writer import DeltaLog
@@ -103,3 +103,45 @@ def test_an_early_error_still_answers_with_its_status(hub: StreamHub) -> None:
     items, found = early_error(tail, 2.0)
     assert items is None and found is not None and found["message"] == "no"
     assert job not in hub._subs  # unsubscribed
+
+
+def _numsub(channel: str) -> int:
+    return int(dict(redis_store.client.pubsub_numsub(channel))[channel])
+
+
+def test_subscribes_asked_for_together_go_out_as_one_command(app_ctx: Flask) -> None:
+    """The hub's SUBSCRIBEs asked for before the asking greenlet yields are one write; a
+    job whose relays all ended before it went out is unsubscribed after it (not heard)."""
+    deferred: list[Callable[[], None]] = []
+    hub = StreamHub(app_ctx.config["REDIS_URL"], defer=deferred.append)
+    try:
+        hub._start()
+        assert hub._wire is not None
+        sent: list[tuple[tuple[str, ...], ...]] = []
+        real_send = hub._wire.send
+
+        def counted_send(*commands: tuple[str, ...]) -> None:
+            sent.append(commands)
+            real_send(*commands)
+
+        hub._wire.send = counted_send  # type: ignore[method-assign]
+        jobs = [f"job_tick_{secrets.token_hex(4)}" for _ in range(4)]
+        tails = [Tail(hub, job, lease_seconds=60, ping_seconds=5) for job in jobs]
+        for tail in tails:
+            tail.register()
+        tails[3].close()  # ended before its SUBSCRIBE went out
+        assert sent == [] and len(deferred) == 1  # one flush for them all
+        deferred.pop()()
+        channels = [notify_channel(job) for job in jobs]
+        assert sent == [(("SUBSCRIBE", *channels), ("UNSUBSCRIBE", channels[3]))]
+        assert all(tail.subscribe() for tail in tails[:3])
+        assert [_numsub(c) for c in channels] == [1, 1, 1, 0]
+        dlog = _log(jobs[0])
+        dlog.append(_content("heard"))
+        dlog.finish("stop", None)
+        texts = [item[1].get("d") for item in tails[0].follow() if item is not None]
+        assert texts == ["heard", None]
+        for tail in tails:
+            tail.close()
+    finally:
+        hub.close()

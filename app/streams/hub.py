@@ -145,6 +145,19 @@ class _Wire:
         self.connection.disconnect()
 
 
+def _gevent_defer() -> Callable[[Callable[[], None]], None] | None:
+    """Run a function in a new greenlet once the caller yields, when threads are gevent's
+    (None otherwise: the hub then writes at once)."""
+    try:
+        from gevent import monkey, spawn_raw
+    except ImportError:  # pragma: no cover (gevent is a dependency)
+        return None
+    if not monkey.is_module_patched("threading"):
+        return None
+    # a greenlet of its own: the write may block, the loop's callbacks may not
+    return cast(Callable[[Callable[[], None]], None], spawn_raw)
+
+
 class StreamHub:
     """Per-process fan-in of worker notices: one pub/sub connection, one listener thread.
 
@@ -160,9 +173,17 @@ class StreamHub:
     subscriptions per SUBSCRIBE in flight). The UNSUBSCRIBE of a job whose last relay ended
     waits (`_stale`) to go out with the next SUBSCRIBE, one write and one wake-up for both;
     a relay of a stale job that comes meanwhile is armed at once (its channel is still heard).
+    Under gevent the SUBSCRIBEs asked for until the asking greenlet yields go out as one
+    command (`_asked`, written by `_flush` in a greenlet of its own).
     """
 
-    def __init__(self, url: str, pool_size: int = 32, socket_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        pool_size: int = 32,
+        socket_timeout: float = 10.0,
+        defer: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self.url = url
         self.pid = os.getpid()
         self.client = redis_client(
@@ -177,6 +198,9 @@ class StreamHub:
         self._subs: dict[str, set[Subscription]] = {}
         self._arming: dict[str, deque[list[Subscription]]] = {}
         self._stale: set[str] = set()  # jobs still heard whose UNSUBSCRIBE waits
+        self._asked: list[str] = []  # job channels whose SUBSCRIBE waits for the flush
+        self._flush_due = False
+        self._defer = defer if defer is not None else _gevent_defer()
         self._wire: _Wire | None = None  # the listener's connection, for (un)subscribes
         self.heard = 0  # job notices heard (all of them for jobs this process relays)
         self._feeds: set[Feed] = set()
@@ -208,6 +232,7 @@ class StreamHub:
                 wire.settimeout(5.0)
                 with self._lock:  # the jobs relayed now; later ones subscribe on this wire
                     self._stale.clear()
+                    self._asked = []
                     self._arming = {job: deque([list(g)]) for job, g in self._subs.items()}
                     channels = [self.keys_channel, *(notify_channel(job) for job in self._subs)]
                     self._broadcast_asked = self._broadcast_confirmed = 0
@@ -298,12 +323,37 @@ class StreamHub:
         return True
 
     def _subscribe_job(self, job_id: str) -> None:
-        """(Under the lock) SUBSCRIBE a job's channel, with the UNSUBSCRIBE of stale ones."""
-        commands: list[tuple[str, ...]] = [("SUBSCRIBE", notify_channel(job_id))]
-        if self._stale:
-            commands.insert(0, ("UNSUBSCRIBE", *(notify_channel(j) for j in self._stale)))
+        """(Under the lock) SUBSCRIBE a job's channel, with the UNSUBSCRIBE of stale ones:
+        under gevent, once the caller yields, in one command with the other SUBSCRIBEs
+        asked for meanwhile (the relays of requests that came together: one write)."""
+        self._asked.append(notify_channel(job_id))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """(Under the lock) write what waits now, or (under gevent) once the caller yields."""
+        if self._defer is None:
+            self._write_asked()
+        elif not self._flush_due:
+            self._flush_due = True
+            self._defer(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_due = False
+            self._write_asked()
+
+    def _write_asked(self) -> None:
+        """(Under the lock) SUBSCRIBE the asked channels, then UNSUBSCRIBE the stale ones
+        (after: a job whose relays all ended before its SUBSCRIBE went out is stale too)."""
+        commands: list[tuple[str, ...]] = []
+        if self._asked:
+            commands.append(("SUBSCRIBE", *self._asked))
+            self._asked = []
+        if self._stale and (commands or len(self._stale) >= STALE_MAX):
+            commands.append(("UNSUBSCRIBE", *(notify_channel(j) for j in self._stale)))
             self._stale.clear()
-        self._send(*commands)
+        if commands:
+            self._send(*commands)
 
     def _dispatch(self, data: str) -> None:
         self.heard += 1
@@ -395,8 +445,7 @@ class StreamHub:
                     self._leases.pop(sub.job_id, None)
                     self._stale.add(sub.job_id)  # unsubscribed with the next SUBSCRIBE
                     if len(self._stale) >= STALE_MAX:
-                        self._send(("UNSUBSCRIBE", *(notify_channel(j) for j in self._stale)))
-                        self._stale.clear()
+                        self._flush_soon()  # (after any SUBSCRIBE still waiting)
 
     def leased(self, job_id: str) -> bool:
         """Whether a worker holds the job's lease, as seen at most LEASE_SHARE_SECONDS ago.
