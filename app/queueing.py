@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,28 @@ def send_task(name: str, args: list[Any], queue: str) -> None:
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
+_directs: weakref.WeakKeyDictionary[Celery, tuple[str, bool]] = weakref.WeakKeyDictionary()
+
+
 def _direct(celery_app: Celery) -> bool:
     """Whether a task message may be LPUSHed by hand: a plain Redis broker on the app's Redis
-    (no key prefix), JSON, protocol 2, uncompressed: exactly what `task_message` writes."""
+    (no key prefix), JSON, protocol 2, uncompressed: exactly what `task_message` writes.
+
+    Asked once per Celery app and Redis URL (reading Celery's settings costs ~20 us)."""
+    url = current_app.config["REDIS_URL"]
+    known = _directs.get(celery_app)
+    if known is not None and known[0] == url:
+        return known[1]
+    direct = _direct_now(celery_app, url)
+    _directs[celery_app] = (url, direct)
+    return direct
+
+
+def _direct_now(celery_app: Celery, url: str) -> bool:
     conf = celery_app.conf
     options = conf.broker_transport_options or {}
     return (
-        conf.broker_url == current_app.config["REDIS_URL"]
+        conf.broker_url == url
         and str(conf.broker_url).startswith(("redis://", "rediss://", "unix://"))
         and not options.get("global_keyprefix")
         and conf.task_serializer == "json"
