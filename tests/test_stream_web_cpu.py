@@ -145,3 +145,18 @@ def test_subscribes_asked_for_together_go_out_as_one_command(app_ctx: Flask) -> 
             tail.close()
     finally:
         hub.close()
+
+
+def test_a_gunicorn_worker_freezes_what_start_up_made() -> None:
+    """After the worker loads the app, gc.freeze(): full collections skip start-up's objects."""
+    import gc
+    import runpy
+
+    from app.cli.processes import gunicorn_conf
+
+    settings = runpy.run_path(str(gunicorn_conf()))
+    try:
+        settings["post_worker_init"](object())
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
