@@ -579,3 +579,25 @@ def test_previous_response_id_must_name_an_ended_response_of_the_caller(
         answer = client.post("/v1/responses", json=body)
         assert answer.status_code == 400 and "still" in answer.json()["error"]["message"]
         assert answer.json()["error"]["param"] == "previous_response_id"
+
+
+def test_langchain_use_previous_response_id(
+    responses_llm: ChatOpenAI, upstream: FakeUpstream, client: httpx.Client
+) -> None:
+    """ChatOpenAI(use_previous_response_id=True) sends only the turns after its last reply."""
+    upstream.add_scenario("responses-lc-chain", deltas=["Noted."])
+    chained = responses_llm.model_copy(
+        update={"model_name": "openai/responses-lc-chain", "use_previous_response_id": True}
+    )
+    first = chained.invoke([HumanMessage("My name is Ada.")])
+    second = chained.invoke([HumanMessage("My name is Ada."), first, HumanMessage("And?")])
+    assert second.text == "Noted."
+    sent = upstream.last_request("responses-lc-chain")
+    assert sent is not None
+    assert sent["messages"] == [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "And?"},
+    ]
+    shown = client.get(f"/v1/responses/{second.response_metadata['id']}").json()
+    assert shown["previous_response_id"] == first.response_metadata["id"]  # sent by LangChain
