@@ -324,7 +324,7 @@ REFUSALS = [
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
     ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "e"}]},
      "input[0].encrypted_content"),
@@ -565,7 +565,7 @@ def test_previous_response_id_must_name_an_ended_response_of_the_caller(
     assert client.post("/v1/responses", json=bad_type).json()["error"]["param"] == (
         "previous_response_id"
     )
-    upstream.add_scenario("responses-slow", deltas=["a", "b"], ttft_ms=3000)
+    upstream.add_scenario("responses-slow", deltas=list("abcdef"), ttft_ms=50, tps=2)
     with client.stream(
         "POST",
         "/v1/responses",
@@ -601,3 +601,36 @@ def test_langchain_use_previous_response_id(
     ]
     shown = client.get(f"/v1/responses/{second.response_metadata['id']}").json()
     assert shown["previous_response_id"] == first.response_metadata["id"]  # sent by LangChain
+
+
+def test_item_references_name_items_of_earlier_responses(
+    openai_client: openai.OpenAI, stack: Stack, other_key: str
+) -> None:
+    """`item_reference` input items: an earlier response's input and output items, by id."""
+    first = openai_client.responses.create(model="mock/tools", input="Paris", tools=[WEATHER])
+    (call,) = first.output
+    (asked,) = openai_client.responses.input_items.list(first.id).data
+    second = openai_client.responses.create(
+        model="mock/tools",
+        input=[
+            {"type": "item_reference", "id": asked.id},
+            {"type": "item_reference", "id": call.id},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "cloudy"},
+        ],
+        tools=[WEATHER],
+    )
+    assert second.output_text == "cloudy"
+    kinds = [item.type for item in openai_client.responses.input_items.list(second.id).data]
+    assert kinds == ["function_call_output", "function_call", "message"]
+    for ident in ("msg_nope", "fc_X_0", call.id + "9"):
+        with pytest.raises(openai.BadRequestError) as bad:
+            openai_client.responses.create(
+                model="mock/tools", input=[{"type": "item_reference", "id": ident}]
+            )
+        assert bad.value.body["param"] == "input[0].id"  # type: ignore[index]
+    theirs = httpx.post(
+        f"{stack.url}/v1/responses",
+        json={"model": "mock/echo", "input": [{"type": "item_reference", "id": call.id}]},
+        headers={"Authorization": f"Bearer {other_key}"},
+    )
+    assert theirs.status_code == 400 and theirs.json()["error"]["param"] == "input[0].id"

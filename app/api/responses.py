@@ -50,7 +50,7 @@ class ResponsesShape:
 
 @bp.post("/responses")
 def create_response() -> ResponseReturnValue:
-    raw = front_door.json_body()
+    raw = _resolve_references(front_door.json_body())
     previous = raw.get("previous_response_id") if isinstance(raw, dict) else None
     history = _history(previous) if isinstance(previous, str) else []
     body = parse_responses_request(raw, history)
@@ -78,6 +78,40 @@ def create_response() -> ResponseReturnValue:
     if job_id:
         response.headers["Location"] = f"/v1/responses/{objects.response_id(job_id)}"
     return response
+
+
+def _resolve_references(raw: Any) -> Any:
+    """The body with each `item_reference` input item replaced by the item it names."""
+    items = raw.get("input") if isinstance(raw, dict) else None
+    if not isinstance(items, list) or not any(_is_reference(item) for item in items):
+        return raw
+    resolved = [
+        _referenced(item, f"input[{i}]") if _is_reference(item) else item
+        for i, item in enumerate(items)
+    ]
+    db.session.commit()  # end the read transaction before the job is admitted
+    return raw | {"input": resolved}
+
+
+def _is_reference(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("type") == "item_reference"
+
+
+def _referenced(reference: dict[str, Any], where: str) -> dict[str, Any]:
+    """The output or input item of one of the caller's ended responses an id names."""
+    unknown = set(reference) - {"type", "id"}
+    if unknown:
+        raise APIError(400, f"Unknown parameter: '{where}.{min(unknown)}'.", param=where)
+    ident = reference.get("id")
+    resp_id = objects.item_response_id(ident) if isinstance(ident, str) else None
+    job = _find_response_job(resp_id) if resp_id is not None else None
+    if job is not None and job.status in TERMINAL:
+        for item in job_response(job)["output"] + objects.input_items(job):
+            if item["id"] == ident:
+                return dict(item)
+    raise APIError(
+        400, f"Item with id {ident!r} not found.", param=f"{where}.id", code="invalid_value"
+    )
 
 
 def _history(previous_id: str) -> list[dict[str, Any]]:

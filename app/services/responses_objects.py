@@ -35,6 +35,14 @@ def item_id(job_id: str, kind: str, index: int) -> str:
     return f"{ITEM_PREFIXES[kind]}_{job_id.removeprefix(JOB_PREFIX)}_{index}"
 
 
+def item_response_id(ident: str) -> str | None:
+    """The response an output or input item id belongs to (None: not one of Sluice's)."""
+    parts = ident.split("_")
+    if len(parts) != 3 or not parts[1] or not parts[2].removeprefix("in").isdigit():
+        return None
+    return RESPONSE_PREFIX + parts[1]
+
+
 # -- the request, echoed ---------------------------------------------------------------------
 
 
