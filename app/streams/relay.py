@@ -42,10 +42,12 @@ def sse_body(
                 finished = True
             yield text
     finally:
-        close = getattr(follow, "close", None)
-        if close is not None:
-            close()  # (a follow() generator unsubscribes)
-        on_close(finished)
+        try:
+            close = getattr(follow, "close", None)
+            if close is not None:
+                close()  # (a follow() generator unsubscribes)
+        finally:
+            on_close(finished)
 
 
 def collect(tail: Tail) -> Generation:
