@@ -18,6 +18,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 
+from app import limits
 from app.errors import APIError
 from app.extensions import db
 from app.models import Batch, File, epoch, utcnow
@@ -27,7 +28,7 @@ from app.providers import providers
 from app.services import batches, events, front_door
 from app.services import files as storage
 from app.services.batch_lifecycle import cancel_batch
-from app.services.chat_request import parse_chat_request
+from app.services.chat_request import BodyChecker
 from app.services.openai_batch_files import ERROR_STATUSES
 from app.validation import check_metadata, loads
 
@@ -123,9 +124,9 @@ def input_file(tenant_id: str, file_id: str) -> File:
 # ---------------------------------------------------------------- line validation
 
 
-def _parse_line(raw: bytes) -> Any:
+def _parse_line(raw: bytes, max_chars: int) -> Any:
     try:
-        return loads(raw)
+        return loads(raw, max_chars=max_chars)
     except (ValueError, UnicodeDecodeError):
         return _BAD
 
@@ -157,10 +158,11 @@ def validated_items(
     """
     seen: set[str] = set()
     limit = config["BATCH_MAX_DOCUMENTS"]
-    registry = providers()  # looked up once, not by every validator of every line
+    checker = BodyChecker(providers())  # the chat endpoint's own rules, made once per model
+    max_chars = limits.setting("MAX_STRING_CHARS")  # read once, not by every line
     for number, raw in iter_lines(file):
         found.count += 1
-        line = _parse_line(raw)
+        line = _parse_line(raw, max_chars)
         if line is _BAD or not isinstance(line, dict):
             found.add("invalid_json_line", "This line is not parseable as valid JSON.", line=number)
             continue
@@ -214,7 +216,7 @@ def validated_items(
             )
             continue
         try:
-            parse_chat_request(body, registry)  # the chat endpoint's own validator
+            checker.check(body)  # the chat endpoint's own validator
         except APIError as exc:
             param = f"body.{exc.param}" if exc.param else "body"
             found.add(exc.code or "invalid_request", exc.message, line=number, param=param)
