@@ -435,3 +435,53 @@ def test_a_failure_before_any_output_is_an_http_error(openai_client: openai.Open
         with pytest.raises(openai.BadRequestError) as caught:
             openai_client.responses.create(model="mock/error", input="x", stream=stream)
         assert caught.value.status_code == 400 and "simulated" in caught.value.message
+
+
+def test_input_items_list_what_was_sent(
+    openai_client: openai.OpenAI, stack: Stack, other_key: str
+) -> None:
+    """GET /v1/responses/{id}/input_items, through the SDK: every item as sent, in order."""
+    first = openai_client.responses.create(model="mock/tools", input="Paris", tools=[WEATHER])
+    (call,) = first.output
+    sent: Any = [
+        {"role": "user", "content": [
+            {"type": "input_text", "text": "Paris"},
+            {"type": "input_image", "image_url": PIXEL, "detail": "low"},
+        ]},
+        *first.output,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21C"},
+        {"role": "assistant", "content": "It is sunny."},
+        {"role": "user", "content": "thanks"},
+    ]  # fmt: skip
+    response = openai_client.responses.create(
+        model="mock/echo", input=sent, instructions="be brief", tools=[WEATHER]
+    )
+    asc = openai_client.responses.input_items.list(response.id, order="asc")
+    kinds = [(item.type, getattr(item, "role", None)) for item in asc.data]
+    assert kinds == [
+        ("message", "user"),
+        ("function_call", None),
+        ("function_call_output", None),
+        ("message", "assistant"),
+        ("message", "user"),
+    ]  # the instructions are the response's, not an item
+    user, fc, output, said, last = asc.data
+    assert [part.type for part in user.content] == ["input_text", "input_image"]
+    assert user.content[1].image_url == PIXEL and user.content[1].detail == "low"
+    assert (fc.call_id, fc.name, fc.arguments) == (call.call_id, call.name, call.arguments)
+    assert output.call_id == call.call_id and output.output == "sunny, 21C"
+    assert said.content[0].type == "output_text" and said.content[0].text == "It is sunny."
+    assert last.content[0].text == "thanks" and asc.has_more is False
+    assert len({item.id for item in asc.data}) == 5
+    newest = openai_client.responses.input_items.list(response.id, limit=2)
+    assert [item.id for item in newest.data] == [last.id, said.id] and newest.has_more
+    rest = openai_client.responses.input_items.list(response.id, limit=2, after=said.id)
+    assert [item.id for item in rest.data] == [output.id, fc.id] and rest.has_more
+    everything = list(openai_client.responses.input_items.list(response.id, limit=2))
+    assert [item.id for item in everything] == [item.id for item in reversed(asc.data)]
+    with pytest.raises(openai.BadRequestError) as bad:
+        openai_client.responses.input_items.list(response.id, after="msg_nope")
+    assert bad.value.body["param"] == "after"  # type: ignore[index]
+    headers = {"Authorization": f"Bearer {other_key}"}
+    theirs = httpx.get(f"{stack.url}/v1/responses/{response.id}/input_items", headers=headers)
+    assert theirs.status_code == 404

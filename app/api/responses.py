@@ -20,6 +20,7 @@ from app.errors import APIError
 from app.extensions import db
 from app.models import Job
 from app.models.job import TERMINAL
+from app.pagination import list_object, page_params
 from app.services import front_door
 from app.services import responses_objects as objects
 from app.services.responses_objects import generation_response, job_id_of, job_response
@@ -109,6 +110,28 @@ def get_response(response_id: str) -> ResponseReturnValue:
         return job_response(job)
     # a running stream: what it said so far is the log's (which ends before the row does)
     return generation_response(job, Generation.of(read_all(current_hub().client, job.id)))
+
+
+@bp.get("/responses/<response_id>/input_items")
+def list_input_items(response_id: str) -> ResponseReturnValue:
+    """The response's input items, a cursor page (`limit`, `after`, `order`: desc first)."""
+    limit, after = page_params(request.args)
+    order = request.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(400, "'order' must be 'asc' or 'desc'.", param="order")
+    if request.args.getlist("include"):
+        raise APIError(400, "Sluice returns no extra input item data.", param="include")
+    items = objects.input_items(get_response_job(response_id))
+    if order == "desc":
+        items.reverse()
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise APIError(400, f"No input item '{after}' in this response.", param="after")
+        start = ids.index(after) + 1
+    page = items[start : start + limit]
+    return list_object(page, start + limit < len(items))
 
 
 @bp.post("/responses/<response_id>/cancel")

@@ -288,3 +288,66 @@ def job_response(job: Job) -> dict[str, Any]:
     return finished_response(
         job, message, finish_reason=job.finish_reason, chat_usage=job.usage, error=error
     )
+
+
+# -- input items (GET /v1/responses/{id}/input_items) ----------------------------------------
+
+
+def _input_content(part: Any, assistant: bool) -> dict[str, Any]:
+    """A chat content part as the Responses content part it was sent as."""
+    if isinstance(part, str) or part.get("type") == "text":
+        text = part if isinstance(part, str) else part.get("text") or ""
+        return text_part(text) if assistant else {"type": "input_text", "text": text}
+    if part.get("type") == "refusal":
+        return refusal_part(part.get("refusal") or "")
+    if part.get("type") == "image_url":
+        image = part.get("image_url") or {}
+        detail = image.get("detail", "auto")
+        return {"type": "input_image", "image_url": image.get("url"), "detail": detail}
+    if part.get("type") == "file":
+        file = part.get("file") or {}
+        return {
+            "type": "input_file",
+            **{k: file[k] for k in ("file_data", "filename") if k in file},
+        }
+    return dict(part)
+
+
+def _input_ident(job_id: str, prefix: str, index: int) -> str:
+    return f"{prefix}_{job_id.removeprefix(JOB_PREFIX)}_in{index}"
+
+
+def input_items(job: Job) -> list[dict[str, Any]]:
+    """The input items of a response, in order, from its job's chat record.
+
+    A leading system message is the response's `instructions` (as `echo` reads it), not an
+    item; an assistant message with tool calls is its text, then one function_call each.
+    """
+    messages = list((job.request or {}).get("messages") or [])
+    if messages and messages[0].get("role") == "system":
+        messages = messages[1:]
+    items: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        content = message.get("content")
+        if role == "tool":
+            output = content if isinstance(content, str) else [
+                _input_content(part, False) for part in content or []
+            ]  # fmt: skip
+            ident = _input_ident(job.id, "fco", len(items))
+            items.append(
+                {"id": ident, "type": "function_call_output", "status": "completed",
+                 "call_id": message.get("tool_call_id") or "", "output": output}
+            )  # fmt: skip
+            continue
+        assistant = role == "assistant"
+        parts = [content] if isinstance(content, str) else list(content or [])
+        if parts:
+            ident = _input_ident(job.id, "msg", len(items))
+            items.append(
+                {"id": ident, "type": "message", "role": role, "status": "completed",
+                 "content": [_input_content(part, assistant) for part in parts]}
+            )  # fmt: skip
+        for call in message.get("tool_calls") or []:
+            items.append(call_item(_input_ident(job.id, "fc", len(items)), call, "completed"))
+    return items
