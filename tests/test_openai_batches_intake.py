@@ -9,6 +9,7 @@ the same message. No stack needed.
 from __future__ import annotations
 
 import copy
+import gc
 import random
 from typing import Any
 
@@ -248,3 +249,42 @@ def test_check_json_values_reads_the_setting_when_not_given() -> None:
     with pytest.raises(InvalidJSON) as refused:
         check_json_values({"a": ["ok", "b\x00"]})
     assert refused.value.param == "a[1]"
+
+
+def test_the_intake_runs_without_full_collections() -> None:
+    from app.services.openai_batches import FULL_COLLECTIONS_OFF, no_full_collections
+
+    before = gc.get_threshold()
+    with no_full_collections():
+        assert gc.get_threshold() == (*before[:2], FULL_COLLECTIONS_OFF)
+        with no_full_collections():  # a second intake at the same time
+            pass
+        assert gc.get_threshold()[2] == FULL_COLLECTIONS_OFF  # still the first one's
+    assert gc.get_threshold() == before
+    with pytest.raises(RuntimeError), no_full_collections():  # a failed intake too
+        raise RuntimeError
+    assert gc.get_threshold() == before
+
+
+def test_a_bad_file_is_still_a_failed_batch_under_no_full_collections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The block wraps the engine call only: InvalidInput still ends as a failed batch."""
+    from app.services import openai_batches
+
+    seen = []
+
+    def engine(**kwargs: Any) -> Any:
+        seen.append(gc.get_threshold()[2])
+        raise openai_batches.InvalidInput
+
+    monkeypatch.setattr(openai_batches.batches, "create_batch", engine)
+    monkeypatch.setattr(openai_batches, "input_file", lambda tenant, file_id: None)
+    monkeypatch.setattr(openai_batches.front_door, "route", lambda request: "route")
+    monkeypatch.setattr(openai_batches, "_failed_batch", lambda *args: ("failed", args[5]))
+    params = {"input_file_id": "f", "endpoint": "/v1/chat/completions"}
+    made = openai_batches.create(
+        tenant_id="t", tenant_name="t", params=params | {"completion_window": "24h"}
+    )
+    assert made[0] == "failed" and seen == [openai_batches.FULL_COLLECTIONS_OFF]
+    assert gc.get_threshold()[2] != openai_batches.FULL_COLLECTIONS_OFF
