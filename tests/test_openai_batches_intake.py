@@ -99,6 +99,8 @@ VARIANTS: list[dict[str, Any]] = [
     {"messages": [{"role": "tool", "content": "hi", "tool_call_id": "c1"}]},
     {"messages": [{"role": "user", "content": 5}]},
     {"messages": [{"role": "user", "content": "hi", "name": "ann"}]},
+    {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]},
+    {"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": ""}]},
     {"messages": [{"role": "user", "content": "hi", "name": 5}]},
     {"messages": [{"role": "user", "content": "hi", "extra": 1}]},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
@@ -176,6 +178,21 @@ def test_the_provider_still_checks_every_short_line() -> None:
         expected = _full(_base("anthropic/claude-x") | bad)
         assert expected[0] == "error" and refused.value.message == expected[2]
         assert refused.value.code == "unsupported_parameter"
+
+
+def test_any_surprise_in_the_short_way_is_answered_by_the_long_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checker = BodyChecker(REGISTRY)
+    checker.check(_base("mock/echo"))
+    mock = REGISTRY.get("mock")
+
+    def check(request: ChatRequest) -> None:
+        raise ValueError("boom")  # not an Unsupported: pydantic makes it a 400
+
+    monkeypatch.setattr(mock, "check", check)
+    outcome = _outcome(lambda: checker.check(_base("mock/echo")))
+    assert outcome == _full(_base("mock/echo")) and outcome[0] == "error"
 
 
 def _json_outcome(value: Any, max_chars: int) -> Any:

@@ -661,31 +661,35 @@ class BodyChecker:
         stream = body.get("stream")
         if stream is not None and type(stream) is not bool:
             return None
+        try:
+            return self._bound(body, *known, messages, bool(stream))
+        except Exception:  # a refusal (or any surprise): the long way meets it and answers
+            return None
+
+    def _bound(
+        self,
+        body: dict[str, Any],
+        provider: Provider,
+        model: str,
+        messages: list[Any],
+        stream: bool,
+    ) -> ChatRequest | None:
+        """The bound request, each parameter checked as the long way checks it, then checked
+        by its provider (both raise on a refusal)."""
         values: dict[str, Any] = {}
         options: dict[str, Any] = {}
         for name in _SHORT_PARAMETERS:
             value = body.get(name)
             if value is None:
                 continue
-            try:
-                value = PARAMETERS[name](name, value)
-            except APIError:
-                return None
+            value = PARAMETERS[name](name, value)
             if type(value) is int and value > MAX_JSON_INT:  # the field's bound
                 return None
             (values if name in _REQUEST_FIELDS else options)[name] = value
-        provider, upstream_model = known
         request = ChatRequest(
-            model=upstream_model,
-            messages=list(messages),
-            stream=bool(stream),
-            options=options,
-            **values,
+            model=model, messages=list(messages), stream=stream, options=options, **values
         )
-        try:
-            provider.check(request)
-        except Unsupported:
-            return None
+        provider.check(request)
         return request
 
     def _plain(self, messages: list[Any]) -> bool:
