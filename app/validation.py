@@ -72,12 +72,63 @@ def _json_error(message: str, path: str) -> InvalidJSON:
     return InvalidJSON(message, path[:200] or None)
 
 
-def check_json_values(value: Any) -> None:
+def check_json_values(value: Any, *, max_chars: int | None = None) -> None:
     """Raise InvalidJSON, naming the path, for what no field can hold: nesting over 64
     levels, NaN/Infinity, integers wider than 64 bits, NUL characters (PostgreSQL text
     cannot store them), strings longer than MAX_STRING_CHARS.
+
+    `max_chars` is that setting when the caller read it once already (0: no limit); a value
+    that passes is walked once without building any path (a refusal walks it again).
     """
-    max_chars = limits.setting("MAX_STRING_CHARS") or None
+    if max_chars is None:
+        max_chars = limits.setting("MAX_STRING_CHARS")
+    if not _fine(value, max_chars, 0):
+        _refuse(value, max_chars or None)
+
+
+def _fine(item: Any, max_chars: int, depth: int) -> bool:
+    """Whether check_json_values passes `item`, building no paths (False when unsure:
+    `_refuse` then decides, naming the path)."""
+    if depth > MAX_JSON_DEPTH:
+        return False
+    kind = type(item)
+    if kind is dict:
+        for key in item:
+            if type(key) is not str or "\x00" in key:
+                return False
+        children: Any = item.values()
+    elif kind is list:
+        children = item
+    else:
+        return _fine_scalar(item, max_chars)
+    if depth == MAX_JSON_DEPTH and item:
+        return False
+    for child in children:
+        kind = type(child)
+        if kind is str:
+            if "\x00" in child or (max_chars and len(child) > max_chars):
+                return False
+        elif kind is dict or kind is list:
+            if not _fine(child, max_chars, depth + 1):
+                return False
+        elif not _fine_scalar(child, max_chars):
+            return False
+    return True
+
+
+def _fine_scalar(item: Any, max_chars: int) -> bool:
+    kind = type(item)
+    if kind is str:
+        return "\x00" not in item and not (max_chars and len(item) > max_chars)
+    if kind is int:
+        return bool(-MAX_JSON_INT <= item <= MAX_JSON_INT)
+    if kind is float:
+        return math.isfinite(item)
+    return item is None or kind is bool
+
+
+def _refuse(value: Any, max_chars: int | None) -> None:
+    """check_json_values' walk that names the path of what it refuses."""
     pending: list[tuple[Any, str, int]] = [(value, "", 0)]
     while pending:
         item, path, depth = pending.pop()
@@ -104,13 +155,13 @@ def check_json_values(value: Any) -> None:
             raise _json_error(f"'{path}' is out of range (a 64-bit integer at most).", path)
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes | str, *, max_chars: int | None = None) -> Any:
     """Parse JSON text under check_json_values' rules; every refusal is a ValueError."""
     try:
         value = json.loads(data)
     except RecursionError:
         raise InvalidJSON(f"The JSON is nested deeper than {MAX_JSON_DEPTH} levels.") from None
-    check_json_values(value)
+    check_json_values(value, max_chars=max_chars)
     return value
 
 

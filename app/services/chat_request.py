@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Annotated, Any, Literal, NotRequired, get_args
 
 from pydantic import (
@@ -28,7 +29,7 @@ from typing_extensions import TypedDict
 
 from app import limits, validation
 from app.errors import APIError
-from app.providers import ChatRequest, ProviderRegistry, Unsupported, providers
+from app.providers import ChatRequest, Provider, ProviderRegistry, Unsupported, providers
 from app.providers.messages import is_image_url
 from app.validation import (
     MAX_JSON_INT,
@@ -594,3 +595,114 @@ def parse_chat_request(body: Any, registry: ProviderRegistry | None = None) -> C
     """Validate a Chat Completions body; raise APIError(400, param=...) naming what is wrong."""
     context = {"registry": registry} if registry is not None else None
     return validation.parse(ChatCompletionRequest, body, context).request
+
+
+# -- many bodies: an input file's lines --------------------------------------------------------
+
+_REQUEST_FIELDS = frozenset(item.name for item in fields(ChatRequest))
+# What a body may hold and still be checked BodyChecker's short way: its parameters are
+# these scalars (PARAMETERS order), each checked by its own PARAMETERS check and bound as
+# its field declares; none of them takes part in _cross_checks.
+_SHORT_PARAMETERS = tuple(
+    name
+    for name in PARAMETERS
+    if name
+    in (
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "user",
+        "n",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+    )
+)
+_SHORT_KEYS = frozenset({"model", "messages", "stream", *_SHORT_PARAMETERS})
+_SHORT_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+_SHORT_ROLES = ("system", "developer", "user", "assistant")  # a tool message needs more
+
+
+class BodyChecker:
+    """parse_chat_request's verdict on many bodies (an input file's lines), cheaper.
+
+    A body of the common shape (a model a body already passed parse_chat_request with,
+    messages of string content, a few scalar parameters) is checked here by the same
+    rules, then by its provider; any other body, and any body a rule refuses, goes to
+    parse_chat_request, which raises the same 400 naming what is wrong. A model's own
+    checks depend on its name alone, so they are made once per name.
+    """
+
+    def __init__(self, registry: ProviderRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else providers()
+        self._models: dict[str, tuple[Provider, str]] = {}  # model -> provider, its name
+        self._max_messages = limits.setting("MAX_MESSAGES")
+
+    def check(self, body: Any) -> ChatRequest:
+        """The request as its provider sees it (bound), or parse_chat_request's APIError."""
+        bound = self._short(body)
+        if bound is None:
+            request = parse_chat_request(body, self.registry)
+            provider, bound = self.registry.bind(request)
+            self._models[request.model] = (provider, bound.model)
+        return bound
+
+    def _short(self, body: Any) -> ChatRequest | None:
+        """The bound request of a body of the common shape that passes every rule; None
+        for any other body (parse_chat_request decides)."""
+        if type(body) is not dict or not body.keys() <= _SHORT_KEYS:
+            return None
+        model = body.get("model")
+        known = self._models.get(model) if type(model) is str else None
+        messages = body.get("messages")
+        if known is None or not isinstance(messages, list) or not self._plain(messages):
+            return None
+        stream = body.get("stream")
+        if stream is not None and type(stream) is not bool:
+            return None
+        try:
+            return self._bound(body, *known, messages, bool(stream))
+        except Exception:  # a refusal (or any surprise): the long way meets it and answers
+            return None
+
+    def _bound(
+        self,
+        body: dict[str, Any],
+        provider: Provider,
+        model: str,
+        messages: list[Any],
+        stream: bool,
+    ) -> ChatRequest | None:
+        """The bound request, each parameter checked as the long way checks it, then checked
+        by its provider (both raise on a refusal)."""
+        values: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        for name in _SHORT_PARAMETERS:
+            value = body.get(name)
+            if value is None:
+                continue
+            value = PARAMETERS[name](name, value)
+            if type(value) is int and value > MAX_JSON_INT:  # the field's bound
+                return None
+            (values if name in _REQUEST_FIELDS else options)[name] = value
+        request = ChatRequest(
+            model=model, messages=list(messages), stream=stream, options=options, **values
+        )
+        provider.check(request)
+        return request
+
+    def _plain(self, messages: list[Any]) -> bool:
+        """Whether messages are 1 to MAX_MESSAGES {role, content: str[, name: str]}."""
+        if type(messages) is not list or not messages:
+            return False
+        if self._max_messages and len(messages) > self._max_messages:
+            return False
+        for message in messages:
+            if type(message) is not dict or not message.keys() <= _SHORT_MESSAGE_KEYS:
+                return False
+            if message.get("role") not in _SHORT_ROLES or type(message.get("content")) is not str:
+                return False
+            if "name" in message and type(message["name"]) is not str:
+                return False
+        return True
