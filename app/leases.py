@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis
 
 from app import windows
+from app.redis_scripts import run_script
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,8 @@ def acquire(
     if meter is not None:
         keys.append(meter.key)
         extra = meter.args()
-    result = client.eval(
-        ACQUIRE, len(keys), *keys, member, ttl_ms, len(sets), grace, *limits, *extra
+    result = run_script(
+        client, ACQUIRE, len(keys), *keys, member, ttl_ms, len(sets), grace, *limits, *extra
     )
     return int(result[0]), [int(c) for c in result[1:]]
 
@@ -267,7 +268,7 @@ def acquire_some(
     window, rates = (meter.key, meter.args()) if meter else (key, [0, 0, 0])
     keys = [key, other, window, pause or f"{key}:pause"]
     argv: list[int | str] = [ttl_ms, limit, capacity, *rates, *members]
-    held, wait_ms, counted = client.eval(ACQUIRE_SOME, len(keys), *keys, *argv)
+    held, wait_ms, counted = run_script(client, ACQUIRE_SOME, len(keys), *keys, *argv)
     return Taken(list(members[: int(held)]), int(wait_ms), int(counted))
 
 
@@ -277,7 +278,7 @@ def renew(
     """Extend members' leases in one set; with live_only, a lapsed member stays lapsed."""
     if not members:
         return 0
-    return int(client.eval(RENEW, 1, key, ttl_ms, "XX" if live_only else "ANY", *members))
+    return int(run_script(client, RENEW, 1, key, ttl_ms, "XX" if live_only else "ANY", *members))
 
 
 def renew_recorded(
@@ -287,7 +288,7 @@ def renew_recorded(
 
     On a pipeline the call is queued (and False returned): its answer is the pipeline's.
     """
-    result = client.eval(RENEW_RECORDED, 1, record, member, ttl_ms, grace_ms)
+    result = run_script(client, RENEW_RECORDED, 1, record, member, ttl_ms, grace_ms)
     return False if _queued(client) else bool(result)
 
 
@@ -301,7 +302,7 @@ def release_recorded(client: redis.Redis, record: str, member: str) -> int:
 
     On a pipeline the call is queued (and 0 returned): its answer is the pipeline's.
     """
-    result = client.eval(RELEASE_RECORDED, 1, record, member)
+    result = run_script(client, RELEASE_RECORDED, 1, record, member)
     return 0 if _queued(client) else int(result)
 
 

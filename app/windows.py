@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import redis
 
+from app.redis_scripts import run_script
+
 WINDOW_MS = 60_000
 FIELDS = ("w", "sr", "st", "br", "bt", "psr", "pst")
 
@@ -100,17 +102,17 @@ def release(
     *members: str,
 ) -> None:
     """Give batch leases back and correct window `window`'s batch counts by these deltas."""
-    client.eval(RELEASE, 2, key, window_key, window, requests, tokens, *members)
+    run_script(client, RELEASE, 2, key, window_key, window, requests, tokens, *members)
 
 
 def settle_recorded(client: redis.Redis, record: str, tokens: int) -> None:
     """Correct a stream job's window charge to its actual tokens (a pipeline queues it)."""
-    client.eval(SETTLE_RECORDED, 1, record, max(0, int(tokens)))
+    run_script(client, SETTLE_RECORDED, 1, record, max(0, int(tokens)))
 
 
 def pause(client: redis.Redis, key: str, seconds: float) -> None:
     """Pause (at least `seconds` from now) what checks this key."""
-    client.eval(PAUSE, 1, key, max(1, int(seconds * 1000)))
+    run_script(client, PAUSE, 1, key, max(1, int(seconds * 1000)))
 
 
 def counts(values: list[bytes | str | None], now_ms: int) -> dict[str, int]:

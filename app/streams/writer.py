@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import redis
 
+from app.redis_scripts import run_script, run_script_calls
 from app.streams.entries import (
     APPEND_SCRIPT,
     LEASE_SCRIPT,
@@ -54,7 +55,6 @@ class AppendBatcher:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._sha = client.register_script(APPEND_SCRIPT).sha
         self._pending: deque[_Append] = deque()
         self._lock = threading.Lock()
         self._busy = False  # a round trip is in flight, or the sender is draining
@@ -117,7 +117,7 @@ class AppendBatcher:
     def _send(self, batch: list[_Append]) -> None:
         try:
             answers = run_script_calls(
-                self.client, APPEND_SCRIPT, self._sha, [(item.keys, item.args) for item in batch]
+                self.client, APPEND_SCRIPT, [(item.keys, item.args) for item in batch]
             )
             for item, answer in zip(batch, answers, strict=True):
                 if isinstance(answer, BaseException):
@@ -131,36 +131,6 @@ class AppendBatcher:
         finally:
             for item in batch:
                 item.done.set()
-
-
-def run_script_calls(
-    client: redis.Redis, script: str, sha: str, calls: list[tuple[list[str], list[Any]]]
-) -> list[Any]:
-    """Run one Lua script for each (keys, args) in one round trip; an answer per call.
-
-    EVALSHA straight, without redis-py's pipeline script check (a SCRIPT EXISTS round trip
-    per pipeline); calls that find the script missing (a restarted Redis) are loaded and
-    run again: a NOSCRIPT call did not run, so nothing runs twice.
-    """
-    if len(calls) == 1:
-        keys, args = calls[0]
-        try:
-            return [client.evalsha(sha, len(keys), *keys, *args)]
-        except redis.exceptions.NoScriptError:
-            client.script_load(script)
-            return [client.evalsha(sha, len(keys), *keys, *args)]
-    pipe = client.pipeline(transaction=False)
-    for keys, args in calls:
-        pipe.evalsha(sha, len(keys), *keys, *args)
-    answers = list(pipe.execute(raise_on_error=False))
-    missing = [i for i, a in enumerate(answers) if isinstance(a, redis.exceptions.NoScriptError)]
-    if missing:
-        client.script_load(script)
-        for i, answer in zip(
-            missing, run_script_calls(client, script, sha, [calls[i] for i in missing]), strict=True
-        ):
-            answers[i] = answer
-    return answers
 
 
 _batchers: dict[int, AppendBatcher] = {}
@@ -208,8 +178,6 @@ class DeltaLog:
         self.running_ttl = max(1, int(running_ttl))
         self.final_ttl = max(1, int(final_ttl))
         self._expiry_set = False
-        self._script = client.register_script(APPEND_SCRIPT)
-        self._lease = client.register_script(LEASE_SCRIPT)
         self.last_id = "0-0"
 
     def append(self, choices: list[ChoiceDelta]) -> bool:
@@ -226,7 +194,7 @@ class DeltaLog:
         if self.batcher is not None:
             entry_id, cancelled = self.batcher.append(keys, args)
         else:
-            entry_id, cancelled = self._script(keys=keys, args=args)
+            entry_id, cancelled = run_script(self.client, APPEND_SCRIPT, len(keys), *keys, *args)
         if not entry_id:
             raise LostLease(self.job_id)
         self.last_id = entry_id
@@ -236,7 +204,8 @@ class DeltaLog:
     def refresh(self) -> bool:
         """Renew the lease and the running expiry; return whether a cancel was requested."""
         pipe = self.client.pipeline(transaction=False)
-        self._lease(keys=[self.lease_key, self.key], args=[self.token, self.lease_ms], client=pipe)
+        # EVAL on the pipeline: a registered script there costs a SCRIPT EXISTS round trip
+        run_script(pipe, LEASE_SCRIPT, 2, self.lease_key, self.key, self.token, self.lease_ms)
         if self._expiry_set:
             pipe.expire(self.key, self.running_ttl)
         pipe.exists(self.cancel_key)
@@ -282,7 +251,7 @@ def write_terminal(
     for name, value in fields.items():
         args += [name, value]
     keys = [log_key(job_id), cancel_key(job_id), lease_key(job_id)]
-    return bool(client.register_script(TERMINAL_SCRIPT)(keys=keys, args=args))
+    return bool(run_script(client, TERMINAL_SCRIPT, len(keys), *keys, *args))
 
 
 def release_lease(client: redis.Redis, job_id: str, token: str) -> bool:
@@ -290,7 +259,7 @@ def release_lease(client: redis.Redis, job_id: str, token: str) -> bool:
 
     `client` may be a pipeline (the answer is then the pipeline's).
     """
-    result = client.eval(LEASE_SCRIPT, 2, lease_key(job_id), log_key(job_id), token, 0)
+    result = run_script(client, LEASE_SCRIPT, 2, lease_key(job_id), log_key(job_id), token, 0)
     return not isinstance(client, redis.client.Pipeline) and bool(result)
 
 
