@@ -191,3 +191,25 @@ def test_no_redis_url_is_a_clear_error(
     assert done.returncode != 0
     assert "REDIS_URL is not set" in done.stdout + done.stderr
     assert not (tmp_path / "redis.url").exists()
+
+
+def test_a_started_worker_freezes_its_heap(test_env: dict[str, str]) -> None:
+    """worker_ready moves the started heap out of the collector's scans (its own app only)."""
+    probe = (
+        "import gc\n"
+        "from celery.signals import worker_ready\n"
+        "import workers.celery_app as w\n"
+        "class Consumer:\n"
+        "    def __init__(self, app): self.app = app\n"
+        "worker_ready.send(sender=Consumer(object()))\n"
+        "print(gc.get_freeze_count())\n"
+        "worker_ready.send(sender=Consumer(w.celery_app))\n"
+        "print(gc.get_freeze_count())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=test_env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = (int(n) for n in done.stdout.split())
+    assert before == 0
+    assert after > 10_000

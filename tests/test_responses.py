@@ -308,7 +308,6 @@ def test_langchain_bind_tools_round_trip(responses_llm: ChatOpenAI) -> None:
 REFUSALS = [
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"tools": [WEATHER | {"defer_loading": True}]}, "tools[0].defer_loading"),
-    ({"previous_response_id": "resp_x"}, "previous_response_id"),
     ({"background": True}, "background"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"top_logprobs": 2}, "top_logprobs"),
@@ -325,7 +324,7 @@ REFUSALS = [
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
     ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "e"}]},
      "input[0].encrypted_content"),
@@ -435,3 +434,203 @@ def test_a_failure_before_any_output_is_an_http_error(openai_client: openai.Open
         with pytest.raises(openai.BadRequestError) as caught:
             openai_client.responses.create(model="mock/error", input="x", stream=stream)
         assert caught.value.status_code == 400 and "simulated" in caught.value.message
+
+
+def test_input_items_list_what_was_sent(
+    openai_client: openai.OpenAI, stack: Stack, other_key: str
+) -> None:
+    """GET /v1/responses/{id}/input_items, through the SDK: every item as sent, in order."""
+    first = openai_client.responses.create(model="mock/tools", input="Paris", tools=[WEATHER])
+    (call,) = first.output
+    sent: Any = [
+        {"role": "user", "content": [
+            {"type": "input_text", "text": "Paris"},
+            {"type": "input_image", "image_url": PIXEL, "detail": "low"},
+        ]},
+        *first.output,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21C"},
+        {"role": "assistant", "content": "It is sunny."},
+        {"role": "user", "content": "thanks"},
+    ]  # fmt: skip
+    response = openai_client.responses.create(
+        model="mock/echo", input=sent, instructions="be brief", tools=[WEATHER]
+    )
+    asc = openai_client.responses.input_items.list(response.id, order="asc")
+    kinds = [(item.type, getattr(item, "role", None)) for item in asc.data]
+    assert kinds == [
+        ("message", "user"),
+        ("function_call", None),
+        ("function_call_output", None),
+        ("message", "assistant"),
+        ("message", "user"),
+    ]  # the instructions are the response's, not an item
+    user, fc, output, said, last = asc.data
+    assert [part.type for part in user.content] == ["input_text", "input_image"]
+    assert user.content[1].image_url == PIXEL and user.content[1].detail == "low"
+    assert (fc.call_id, fc.name, fc.arguments) == (call.call_id, call.name, call.arguments)
+    assert output.call_id == call.call_id and output.output == "sunny, 21C"
+    assert said.content[0].type == "output_text" and said.content[0].text == "It is sunny."
+    assert last.content[0].text == "thanks" and asc.has_more is False
+    assert len({item.id for item in asc.data}) == 5
+    newest = openai_client.responses.input_items.list(response.id, limit=2)
+    assert [item.id for item in newest.data] == [last.id, said.id] and newest.has_more
+    rest = openai_client.responses.input_items.list(response.id, limit=2, after=said.id)
+    assert [item.id for item in rest.data] == [output.id, fc.id] and rest.has_more
+    everything = list(openai_client.responses.input_items.list(response.id, limit=2))
+    assert [item.id for item in everything] == [item.id for item in reversed(asc.data)]
+    with pytest.raises(openai.BadRequestError) as bad:
+        openai_client.responses.input_items.list(response.id, after="msg_nope")
+    assert bad.value.body["param"] == "after"  # type: ignore[index]
+    headers = {"Authorization": f"Bearer {other_key}"}
+    theirs = httpx.get(f"{stack.url}/v1/responses/{response.id}/input_items", headers=headers)
+    assert theirs.status_code == 404
+
+
+def test_previous_response_id_carries_the_conversation_in(
+    openai_client: openai.OpenAI, upstream: FakeUpstream, client: httpx.Client
+) -> None:
+    """The previous response's input and output come first; its instructions do not."""
+    upstream.add_scenario("responses-chain", deltas=["Hello ", "Ada."])
+    first = openai_client.responses.create(
+        model="openai/responses-chain", instructions="first rules", input="I am Ada."
+    )
+    second = openai_client.responses.create(
+        model="openai/responses-chain",
+        instructions="second rules",
+        previous_response_id=first.id,
+        input="Who am I?",
+    )
+    sent = upstream.last_request("responses-chain")
+    assert sent is not None
+    assert sent["messages"] == [
+        {"role": "system", "content": "second rules"},
+        {"role": "user", "content": "I am Ada."},
+        {"role": "assistant", "content": "Hello Ada."},
+        {"role": "user", "content": "Who am I?"},
+    ]
+    assert second.previous_response_id == first.id and second.instructions == "second rules"
+    assert client.get(f"/v1/responses/{second.id}").json()["previous_response_id"] == first.id
+    third = openai_client.responses.create(
+        model="openai/responses-chain", previous_response_id=second.id, input="Again?"
+    )  # a chain: the second's messages already hold the first's
+    sent = upstream.last_request("responses-chain")
+    assert sent is not None and [m["content"] for m in sent["messages"]] == [
+        "I am Ada.", "Hello Ada.", "Who am I?", "Hello Ada.", "Again?"
+    ]  # fmt: skip
+    items = openai_client.responses.input_items.list(third.id, order="asc").data
+    assert [item.type for item in items] == ["message"] * 5
+    with openai_client.responses.stream(
+        model="openai/responses-chain", previous_response_id=third.id, input="Last."
+    ) as stream:
+        events = list(stream)
+    assert events[0].type == "response.created"
+    assert events[0].response.previous_response_id == third.id
+    assert stream.get_final_response().previous_response_id == third.id
+
+
+def test_previous_response_id_continues_a_function_call(openai_client: openai.OpenAI) -> None:
+    """The SDK's stateful tool loop: only the function_call_output is sent back."""
+    first = openai_client.responses.create(model="mock/tools", input="Paris", tools=[WEATHER])
+    (call,) = first.output
+    assert call.type == "function_call"
+    second = openai_client.responses.create(
+        model="mock/tools",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        tools=[WEATHER],
+    )
+    assert second.output_text == "sunny"
+
+
+def test_previous_response_id_must_name_an_ended_response_of_the_caller(
+    stack: Stack, client: httpx.Client, other_key: str, upstream: FakeUpstream
+) -> None:
+    mine = client.post("/v1/responses", json={"model": "mock/echo", "input": "mine"}).json()
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "mock/echo", "messages": [{"role": "user", "content": "x"}]},
+    )
+    not_a_response = "resp_" + chat.headers["x-sluice-job-id"].removeprefix("job_")
+    theirs = {"Authorization": f"Bearer {other_key}"}
+    for previous, headers in (("resp_nope", {}), (not_a_response, {}), (mine["id"], theirs)):
+        body = {"model": "mock/echo", "input": "next", "previous_response_id": previous}
+        answer = httpx.post(
+            f"{stack.url}/v1/responses", json=body, headers=headers or dict(client.headers)
+        )
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == "previous_response_id"
+        assert error["code"] == "previous_response_not_found"
+    bad_type = {"model": "mock/echo", "input": "x", "previous_response_id": 7}
+    assert client.post("/v1/responses", json=bad_type).json()["error"]["param"] == (
+        "previous_response_id"
+    )
+    upstream.add_scenario("responses-slow", deltas=list("abcdef"), ttft_ms=50, tps=2)
+    with client.stream(
+        "POST",
+        "/v1/responses",
+        json={"model": "openai/responses-slow", "input": "slow", "stream": True},
+    ) as streaming:
+        created = json.loads(
+            next(line for line in streaming.iter_lines() if line.startswith("data:"))[5:]
+        )
+        running = created["response"]["id"]
+        body = {"model": "mock/echo", "input": "next", "previous_response_id": running}
+        answer = client.post("/v1/responses", json=body)
+        assert answer.status_code == 400 and "still" in answer.json()["error"]["message"]
+        assert answer.json()["error"]["param"] == "previous_response_id"
+
+
+def test_langchain_use_previous_response_id(
+    responses_llm: ChatOpenAI, upstream: FakeUpstream, client: httpx.Client
+) -> None:
+    """ChatOpenAI(use_previous_response_id=True) sends only the turns after its last reply."""
+    upstream.add_scenario("responses-lc-chain", deltas=["Noted."])
+    chained = responses_llm.model_copy(
+        update={"model_name": "openai/responses-lc-chain", "use_previous_response_id": True}
+    )
+    first = chained.invoke([HumanMessage("My name is Ada.")])
+    second = chained.invoke([HumanMessage("My name is Ada."), first, HumanMessage("And?")])
+    assert second.text == "Noted."
+    sent = upstream.last_request("responses-lc-chain")
+    assert sent is not None
+    assert sent["messages"] == [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "And?"},
+    ]
+    shown = client.get(f"/v1/responses/{second.response_metadata['id']}").json()
+    assert shown["previous_response_id"] == first.response_metadata["id"]  # sent by LangChain
+
+
+def test_item_references_name_items_of_earlier_responses(
+    openai_client: openai.OpenAI, stack: Stack, other_key: str
+) -> None:
+    """`item_reference` input items: an earlier response's input and output items, by id."""
+    first = openai_client.responses.create(model="mock/tools", input="Paris", tools=[WEATHER])
+    (call,) = first.output
+    (asked,) = openai_client.responses.input_items.list(first.id).data
+    second = openai_client.responses.create(
+        model="mock/tools",
+        input=[
+            {"type": "item_reference", "id": asked.id},
+            {"type": "item_reference", "id": call.id},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "cloudy"},
+        ],
+        tools=[WEATHER],
+    )
+    assert second.output_text == "cloudy"
+    kinds = [item.type for item in openai_client.responses.input_items.list(second.id).data]
+    assert kinds == ["function_call_output", "function_call", "message"]
+    for ident in ("msg_nope", "fc_X_0", call.id + "9"):
+        with pytest.raises(openai.BadRequestError) as bad:
+            openai_client.responses.create(
+                model="mock/tools", input=[{"type": "item_reference", "id": ident}]
+            )
+        assert bad.value.body["param"] == "input[0].id"  # type: ignore[index]
+    theirs = httpx.post(
+        f"{stack.url}/v1/responses",
+        json={"model": "mock/echo", "input": [{"type": "item_reference", "id": call.id}]},
+        headers={"Authorization": f"Bearer {other_key}"},
+    )
+    assert theirs.status_code == 400 and theirs.json()["error"]["param"] == "input[0].id"

@@ -151,6 +151,7 @@ def run_routed(
     priority: int = 0,
     prefer: Preferences | None = None,
     shape: AnswerShape | None = None,
+    previous_response_id: str | None = None,
 ) -> Response:
     """Run a routed chat body: SSE (or one completion) for stream, 202 for batch."""
     job_id = new_id("job_")
@@ -167,6 +168,7 @@ def run_routed(
             priority=priority,
             job_id=job_id,
             before_send=tail.subscribe,
+            previous_response_id=previous_response_id,
         )
     except BaseException:
         tail.close()

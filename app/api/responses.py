@@ -20,6 +20,7 @@ from app.errors import APIError
 from app.extensions import db
 from app.models import Job
 from app.models.job import TERMINAL
+from app.pagination import list_object, page_params
 from app.services import front_door
 from app.services import responses_objects as objects
 from app.services.responses_objects import generation_response, job_id_of, job_response
@@ -49,7 +50,10 @@ class ResponsesShape:
 
 @bp.post("/responses")
 def create_response() -> ResponseReturnValue:
-    body = parse_responses_request(front_door.json_body())
+    raw = _resolve_references(front_door.json_body())
+    previous = raw.get("previous_response_id") if isinstance(raw, dict) else None
+    history = _history(previous) if isinstance(previous, str) else []
+    body = parse_responses_request(raw, history)
     prefer = front_door.preferences()
     route = front_door.route(
         front_door.route_request(
@@ -62,7 +66,13 @@ def create_response() -> ResponseReturnValue:
         )
     )
     response = run_routed(
-        g.tenant_id, body, route, endpoint=ENDPOINT, prefer=prefer, shape=ResponsesShape()
+        g.tenant_id,
+        body,
+        route,
+        endpoint=ENDPOINT,
+        prefer=prefer,
+        shape=ResponsesShape(),
+        previous_response_id=previous if history else None,
     )
     job_id = response.headers.get("X-Sluice-Job-Id")
     if job_id:
@@ -70,16 +80,75 @@ def create_response() -> ResponseReturnValue:
     return response
 
 
+def _resolve_references(raw: Any) -> Any:
+    """The body with each `item_reference` input item replaced by the item it names."""
+    items = raw.get("input") if isinstance(raw, dict) else None
+    if not isinstance(items, list) or not any(_is_reference(item) for item in items):
+        return raw
+    resolved = [
+        _referenced(item, f"input[{i}]") if _is_reference(item) else item
+        for i, item in enumerate(items)
+    ]
+    db.session.commit()  # end the read transaction before the job is admitted
+    return raw | {"input": resolved}
+
+
+def _is_reference(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("type") == "item_reference"
+
+
+def _referenced(reference: dict[str, Any], where: str) -> dict[str, Any]:
+    """The output or input item of one of the caller's ended responses an id names."""
+    unknown = set(reference) - {"type", "id"}
+    if unknown:
+        raise APIError(400, f"Unknown parameter: '{where}.{min(unknown)}'.", param=where)
+    ident = reference.get("id")
+    resp_id = objects.item_response_id(ident) if isinstance(ident, str) else None
+    job = _find_response_job(resp_id) if resp_id is not None else None
+    if job is not None and job.status in TERMINAL:
+        for item in job_response(job)["output"] + objects.input_items(job):
+            if item["id"] == ident:
+                return dict(item)
+    raise APIError(
+        400, f"Item with id {ident!r} not found.", param=f"{where}.id", code="invalid_value"
+    )
+
+
+def _history(previous_id: str) -> list[dict[str, Any]]:
+    """The chat messages `previous_response_id` carries in (a 400 naming it if it cannot)."""
+    job = _find_response_job(previous_id)
+    if job is None:
+        raise APIError(
+            400,
+            f"Previous response with id '{previous_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    if job.status not in TERMINAL:
+        raise APIError(
+            400,
+            f"Previous response with id '{previous_id}' is still {job.status}: wait for it "
+            "to end (or cancel it) before continuing it.",
+            param="previous_response_id",
+        )
+    history = objects.conversation(job)
+    db.session.commit()  # end the read transaction before the job is admitted
+    return history
+
+
+def _find_response_job(resp_id: str) -> Job | None:
+    """The caller's job behind a response id (None: another tenant's does not exist)."""
+    job_id = job_id_of(resp_id)
+    if job_id is None:
+        return None
+    return db.session.scalar(
+        select(Job).where(Job.id == job_id, Job.tenant_id == g.tenant_id, Job.endpoint == ENDPOINT)
+    )
+
+
 def get_response_job(resp_id: str) -> Job:
     """The caller's job behind a response id, or 404 (another tenant's does not exist)."""
-    job_id = job_id_of(resp_id)
-    job = None
-    if job_id is not None:
-        job = db.session.scalar(
-            select(Job).where(
-                Job.id == job_id, Job.tenant_id == g.tenant_id, Job.endpoint == ENDPOINT
-            )
-        )
+    job = _find_response_job(resp_id)
     if job is None:
         raise APIError(
             404, f"No response found with id '{resp_id}'.", param="response_id", code="not_found"
@@ -109,6 +178,28 @@ def get_response(response_id: str) -> ResponseReturnValue:
         return job_response(job)
     # a running stream: what it said so far is the log's (which ends before the row does)
     return generation_response(job, Generation.of(read_all(current_hub().client, job.id)))
+
+
+@bp.get("/responses/<response_id>/input_items")
+def list_input_items(response_id: str) -> ResponseReturnValue:
+    """The response's input items, a cursor page (`limit`, `after`, `order`: desc first)."""
+    limit, after = page_params(request.args)
+    order = request.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(400, "'order' must be 'asc' or 'desc'.", param="order")
+    if request.args.getlist("include"):
+        raise APIError(400, "Sluice returns no extra input item data.", param="include")
+    items = objects.input_items(get_response_job(response_id))
+    if order == "desc":
+        items.reverse()
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise APIError(400, f"No input item '{after}' in this response.", param="after")
+        start = ids.index(after) + 1
+    page = items[start : start + limit]
+    return list_object(page, start + limit < len(items))
 
 
 @bp.post("/responses/<response_id>/cancel")

@@ -63,6 +63,8 @@ class Job(Base):
     executor: Mapped[str | None] = mapped_column(String(12))
     provider_batch_id: Mapped[str | None] = mapped_column(String(40))
     cost_usd: Mapped[float | None]
+    # 0007: the response a /v1/responses job continues (`previous_response_id`)
+    previous_response_id: Mapped[str | None] = mapped_column(String(40))
 
     @property
     def queued_ms(self) -> float | None:

@@ -136,6 +136,16 @@ ROUTES: dict[str, Operation] = {
             ),
         ),
     ),
+    "v1.responses.list_input_items": Operation(
+        "List a response's input items (messages, function calls and their outputs)",
+        "responses",
+        {"200": json_response("A page of input items", s.ListOf[s.AnyObject])},
+        params=(
+            LIMIT,
+            AFTER,
+            Param("order", string(enum=["asc", "desc"], default="desc")),
+        ),
+    ),
     "v1.responses.cancel_response": Operation(
         "Cancel a response (its job: a stream keeps its partial output)",
         "responses",

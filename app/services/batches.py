@@ -343,6 +343,7 @@ def submit_batch_job(
     *,
     endpoint: str = "/v1/chat/completions",
     priority: int = 0,
+    previous_response_id: str | None = None,
 ) -> Job:
     """A single background job without a batch, for POST /v1/jobs routed to batch."""
     model = body.get("model")
@@ -362,6 +363,7 @@ def submit_batch_job(
         request=body,
         metadata_=metadata,
         executor=route.executor,
+        previous_response_id=previous_response_id,
     )
     db.session.add(job)
     db.session.commit()

@@ -191,6 +191,7 @@ def start_chat_job(
     priority: int = 0,
     job_id: str | None = None,
     before_send: Callable[[], object] | None = None,
+    previous_response_id: str | None = None,
 ) -> tuple[Job, Route]:
     """Admit and start a routed chat job: a stream job holding a slot, or a background job.
 
@@ -210,7 +211,13 @@ def start_chat_job(
         record.pop("stream", None)
         record.pop("stream_options", None)
         job = submit_batch_job(
-            tenant_id, record, route, metadata=body.metadata, endpoint=endpoint, priority=priority
+            tenant_id,
+            record,
+            route,
+            metadata=body.metadata,
+            endpoint=endpoint,
+            priority=priority,
+            previous_response_id=previous_response_id,
         )
         return job, route
     try:
@@ -222,6 +229,7 @@ def start_chat_job(
             endpoint=endpoint,
             priority=priority,
             before_send=before_send,
+            previous_response_id=previous_response_id,
         )
     except BaseException:
         release_stream_slot(job_id)

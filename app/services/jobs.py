@@ -91,6 +91,7 @@ def start_stream_job(
     endpoint: str = "/v1/chat/completions",
     priority: int = 0,
     before_send: Callable[[], object] | None = None,
+    previous_response_id: str | None = None,
 ) -> Job:
     """Commit a queued stream Job and send its task to the `interactive` queue.
 
@@ -113,6 +114,7 @@ def start_stream_job(
         "on_disconnect": route.on_disconnect,
         "request": record,
         "metadata_": body.metadata,
+        "previous_response_id": previous_response_id,
         "attempts": 0,
         "created_at": utcnow(),
     }

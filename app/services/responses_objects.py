@@ -35,6 +35,14 @@ def item_id(job_id: str, kind: str, index: int) -> str:
     return f"{ITEM_PREFIXES[kind]}_{job_id.removeprefix(JOB_PREFIX)}_{index}"
 
 
+def item_response_id(ident: str) -> str | None:
+    """The response an output or input item id belongs to (None: not one of Sluice's)."""
+    parts = ident.split("_")
+    if len(parts) != 3 or not parts[1] or not parts[2].removeprefix("in").isdigit():
+        return None
+    return RESPONSE_PREFIX + parts[1]
+
+
 # -- the request, echoed ---------------------------------------------------------------------
 
 
@@ -65,7 +73,7 @@ def _text(record: dict[str, Any]) -> dict[str, Any]:
     return text
 
 
-def echo(record: dict[str, Any]) -> dict[str, Any]:
+def echo(record: dict[str, Any], previous_response_id: str | None = None) -> dict[str, Any]:
     """The request fields a `response` object shows, from the job's chat record."""
     messages = record.get("messages") or []
     first = messages[0] if messages else {}
@@ -76,7 +84,7 @@ def echo(record: dict[str, Any]) -> dict[str, Any]:
         "max_tool_calls": None,
         "metadata": record.get("metadata") or {},
         "parallel_tool_calls": record.get("parallel_tool_calls", True),
-        "previous_response_id": None,
+        "previous_response_id": previous_response_id,
         "prompt_cache_key": record.get("prompt_cache_key"),
         "reasoning": {"effort": record.get("reasoning_effort"), "summary": None},
         "safety_identifier": record.get("safety_identifier"),
@@ -199,6 +207,7 @@ def response_object(
     incomplete: dict[str, Any] | None = None,
     completed_at: int | None = None,
     background: bool = False,
+    previous_response_id: str | None = None,
 ) -> dict[str, Any]:
     """The `response` object, as OpenAI's API returns it (`background`: a batch-channel job)."""
     return {
@@ -213,7 +222,7 @@ def response_object(
         "model": model,
         "output": output,
         "usage": usage,
-        **echo(record),
+        **echo(record, previous_response_id),
     }
 
 
@@ -224,7 +233,14 @@ def running_response(job: Job, message: dict[str, Any], status: str) -> dict[str
     background = job.mode == "batch"
     created = epoch(job.created_at)
     return response_object(
-        job.id, job.model, created, record, status=status, output=output, background=background
+        job.id,
+        job.model,
+        created,
+        record,
+        status=status,
+        output=output,
+        background=background,
+        previous_response_id=job.previous_response_id,
     )
 
 
@@ -257,6 +273,7 @@ def finished_response(
         incomplete=details,
         completed_at=(epoch(job.finished_at) or int(time.time())) if done else None,
         background=job.mode == "batch",
+        previous_response_id=job.previous_response_id,
     )
 
 
@@ -288,3 +305,87 @@ def job_response(job: Job) -> dict[str, Any]:
     return finished_response(
         job, message, finish_reason=job.finish_reason, chat_usage=job.usage, error=error
     )
+
+
+# -- conversation state ----------------------------------------------------------------------
+
+
+def _own_messages(job: Job) -> list[dict[str, Any]]:
+    """The chat messages a response was sent, its instructions (a leading system message,
+    as `echo` reads it) left out."""
+    messages = list((job.request or {}).get("messages") or [])
+    if messages and messages[0].get("role") == "system":
+        messages = messages[1:]
+    return messages
+
+
+def conversation(job: Job) -> list[dict[str, Any]]:
+    """What a response continuing this one carries in: its input, then its output as an
+    assistant turn (text, refusal, reasoning, tool calls); not its instructions, as OpenAI."""
+    choices = job.choices or []
+    said: dict[str, Any] = (choices[0].get("message") if choices else None) or {
+        "content": job.output or None
+    }
+    turn = {k: said[k] for k in ("content", "refusal", "reasoning_content", "tool_calls")
+            if said.get(k)}  # fmt: skip
+    return _own_messages(job) + ([{"role": "assistant", **turn}] if turn else [])
+
+
+# -- input items (GET /v1/responses/{id}/input_items) ----------------------------------------
+
+
+def _input_content(part: Any, assistant: bool) -> dict[str, Any]:
+    """A chat content part as the Responses content part it was sent as."""
+    if isinstance(part, str) or part.get("type") == "text":
+        text = part if isinstance(part, str) else part.get("text") or ""
+        return text_part(text) if assistant else {"type": "input_text", "text": text}
+    if part.get("type") == "refusal":
+        return refusal_part(part.get("refusal") or "")
+    if part.get("type") == "image_url":
+        image = part.get("image_url") or {}
+        detail = image.get("detail", "auto")
+        return {"type": "input_image", "image_url": image.get("url"), "detail": detail}
+    if part.get("type") == "file":
+        file = part.get("file") or {}
+        return {
+            "type": "input_file",
+            **{k: file[k] for k in ("file_data", "filename") if k in file},
+        }
+    return dict(part)
+
+
+def _input_ident(job_id: str, prefix: str, index: int) -> str:
+    return f"{prefix}_{job_id.removeprefix(JOB_PREFIX)}_in{index}"
+
+
+def input_items(job: Job) -> list[dict[str, Any]]:
+    """The input items of a response, in order, from its job's chat record.
+
+    A leading system message is the response's `instructions` (as `echo` reads it), not an
+    item; an assistant message with tool calls is its text, then one function_call each.
+    """
+    items: list[dict[str, Any]] = []
+    for message in _own_messages(job):
+        role = message.get("role")
+        content = message.get("content")
+        if role == "tool":
+            output = content if isinstance(content, str) else [
+                _input_content(part, False) for part in content or []
+            ]  # fmt: skip
+            ident = _input_ident(job.id, "fco", len(items))
+            items.append(
+                {"id": ident, "type": "function_call_output", "status": "completed",
+                 "call_id": message.get("tool_call_id") or "", "output": output}
+            )  # fmt: skip
+            continue
+        assistant = role == "assistant"
+        parts = [content] if isinstance(content, str) else list(content or [])
+        if parts:
+            ident = _input_ident(job.id, "msg", len(items))
+            items.append(
+                {"id": ident, "type": "message", "role": role, "status": "completed",
+                 "content": [_input_content(part, assistant) for part in parts]}
+            )  # fmt: skip
+        for call in message.get("tool_calls") or []:
+            items.append(call_item(_input_ident(job.id, "fc", len(items)), call, "completed"))
+    return items

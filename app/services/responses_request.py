@@ -8,6 +8,7 @@ What Sluice cannot carry is refused with a 400 naming it (REFUSED); nothing is d
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from pydantic import (
     ModelWrapValidatorHandler,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -29,9 +31,8 @@ from app.validation import MAX_JSON_INT
 
 # Responses parameters Sluice refuses whenever they are set (not null), with the reason.
 REFUSED = {
-    "previous_response_id": "Sluice keeps no conversation state: send the whole history in "
-    "'input' (function_call and function_call_output items included)",
-    "conversation": "Sluice keeps no conversations: send the whole history in 'input'",
+    "conversation": "Sluice keeps no conversations: send the whole history in 'input', or "
+    "'previous_response_id'",
     "prompt": "Sluice stores no prompt templates",
     "include": "Sluice returns no extra output data (logprobs, encrypted reasoning, sources)",
     "top_logprobs": "Sluice returns no logprobs on /v1/responses (use /v1/chat/completions)",
@@ -66,6 +67,7 @@ KNOWN = (
     "store",
     "background",
     "truncation",
+    "previous_response_id",
     *SAME,
     *REFUSED,
 )
@@ -462,8 +464,12 @@ def _refuse_unknown_or_uncarried(body: dict[str, Any]) -> None:
         raise _bad("'store' must be a boolean.", "store", "invalid_type")
 
 
-def translate(body: Any) -> Translation:
-    """The Chat Completions body a Responses body describes (a 400 naming a Responses field)."""
+def translate(body: Any, history: Sequence[dict[str, Any]] = ()) -> Translation:
+    """The Chat Completions body a Responses body describes (a 400 naming a Responses field).
+
+    `history`: the chat messages of the response `previous_response_id` names (its input and
+    output), carried in after this body's instructions and before its input.
+    """
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object.", None, "invalid_json")
     _refuse_unknown_or_uncarried(body)
@@ -473,6 +479,10 @@ def translate(body: Any) -> Translation:
     if body.get("instructions") is not None:
         instructions = _string(body["instructions"], "instructions")
         out.add({"role": "system", "content": instructions}, "instructions")
+    if body.get("previous_response_id") is not None:
+        _string(body["previous_response_id"], "previous_response_id")
+    for message in history:
+        out.add(dict(message), "previous_response_id")
     if body.get("input") is None:
         raise _bad(
             "'input' is required: a string or an array of items.", "input", "missing_required"
@@ -500,9 +510,9 @@ def translate(body: Any) -> Translation:
     return out
 
 
-def chat_request_of(body: Any) -> ChatRequest:
+def chat_request_of(body: Any, history: Sequence[dict[str, Any]] = ()) -> ChatRequest:
     """Translate a Responses body and validate it as the chat body it becomes."""
-    translation = translate(body)
+    translation = translate(body, history)
     try:
         try:
             return ChatCompletionRequest.model_validate(translation.body).request
@@ -557,13 +567,19 @@ class ResponsesRequest(BaseModel):
     store: bool | None = Field(None, description="Sluice keeps every job: GET works either way")
     background: bool | None = Field(None, description="false only: send Prefer: respond-async")
     truncation: str | None = Field(None, description="'disabled' only")
+    previous_response_id: str | None = Field(
+        None, description="continue that response: its input and output come first"
+    )
 
     _request: ChatRequest | None = PrivateAttr(None)
 
     @model_validator(mode="wrap")
     @classmethod
-    def _as_chat(cls, data: Any, handler: ModelWrapValidatorHandler[ResponsesRequest]) -> Any:
-        request = chat_request_of(data)  # every refusal, named, before the fields' types
+    def _as_chat(
+        cls, data: Any, handler: ModelWrapValidatorHandler[ResponsesRequest], info: ValidationInfo
+    ) -> Any:
+        history = (info.context or {}).get("history") or ()
+        request = chat_request_of(data, history)  # every refusal, named, before the fields' types
         if isinstance(data, dict):  # the refused keys asked for nothing (else refused above)
             data = {k: v for k, v in data.items() if k not in REFUSED}
         parsed = handler(data)
@@ -577,6 +593,7 @@ class ResponsesRequest(BaseModel):
         return self._request
 
 
-def parse_responses_request(body: Any) -> ChatRequest:
-    """Validate a Responses body into the ChatRequest it runs as (a 400 naming its field)."""
-    return validation.parse(ResponsesRequest, body).request
+def parse_responses_request(body: Any, history: Sequence[dict[str, Any]] = ()) -> ChatRequest:
+    """Validate a Responses body into the ChatRequest it runs as (a 400 naming its field);
+    `history` as for translate."""
+    return validation.parse(ResponsesRequest, body, {"history": history}).request

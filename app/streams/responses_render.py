@@ -52,8 +52,15 @@ class ResponsesRenderer:
         return sse.frame(json.dumps(data, separators=(",", ":")), event=kind)
 
     def _response(self, status: str, **fields: Any) -> dict[str, Any]:
+        job = self.job
         return objects.response_object(
-            self.job.id, self.job.model, self.created, self.record, status=status, **fields
+            job.id,
+            job.model,
+            self.created,
+            self.record,
+            status=status,
+            previous_response_id=job.previous_response_id,
+            **fields,
         )
 
     def _where(self) -> dict[str, Any]:
