@@ -220,13 +220,15 @@ def _stop_checker(batch_id: str) -> Callable[[], str | None]:
 
 
 CLAIM_WAIT_MAX = 2.0  # the longest a chunk waits for its turn to claim (see Backlog)
+CLAIM_AHEAD = 2  # claimed items waiting for a slot, in provider limits, before a chunk waits
 
 
 class Backlog:
     """This process's claimed items that hold no provider slot yet, and chunks waiting to claim.
 
-    A chunk claims its items once fewer than `ahead` (the provider limit: more slots no
-    process can use) wait for a slot, or after CLAIM_WAIT_MAX. Without it a worker that
+    A chunk claims its items once fewer than `ahead` (CLAIM_AHEAD provider limits: a slot
+    that ends always finds a prepared item to pass to) wait for a slot, or after
+    CLAIM_WAIT_MAX. Without it a worker that
     receives 16 chunk tasks at once claims 1,600 items before its first provider calls
     start: 16 claims, 1,600 greenlets and the collections of their garbage on the hub
     while the slots it holds sit idle (the first ~0.3 s of a run, measured). The wait is
@@ -269,7 +271,7 @@ def backlog() -> Backlog:
     app = current_flask_app()
     found: Backlog | None = app.extensions.get("sluice_batch_backlog")
     if found is None:
-        found = app.extensions["sluice_batch_backlog"] = Backlog(semaphore().limit)
+        found = app.extensions["sluice_batch_backlog"] = Backlog(CLAIM_AHEAD * semaphore().limit)
     return found
 
 
