@@ -32,6 +32,7 @@ MATRIX: dict[str, str | None] = {
     "v1.jobs.cancel_job": "job",
     "v1.responses.get_response": "response",
     "v1.responses.cancel_response": "response",
+    "v1.responses.list_input_items": "response",
     "v1.document_batches.get": "documents",
     "v1.document_batches.cancel": "documents",
     "v1.document_batches.results": "documents",
