@@ -231,7 +231,8 @@ class Backlog:
     CLAIM_WAIT_MAX. Without it a worker that
     receives 16 chunk tasks at once claims 1,600 items before its first provider calls
     start: 16 claims, 1,600 greenlets and the collections of their garbage on the hub
-    while the slots it holds sit idle (the first ~0.3 s of a run, measured). The wait is
+    while the slots it holds sit idle (bench, 200 ms upstream: 0.47-0.67 s from the first
+    claim to 120 of 128 calls in flight; 0.15-0.19 s with this). The wait is
     bounded, so items of a provider that cannot get slots (a pause) never keep another
     provider's chunks from claiming for longer.
     """
