@@ -155,11 +155,16 @@ class Bench:
         return elapsed, response.json()
 
     def wait(self, batch_id: str) -> dict[str, Any]:
+        """The batch once it ended. Polled every 0.1 s (the web's CPU per document includes
+        these reads), every 10 ms once 99 % of its items are done, so the end is seen within
+        ~10 ms, not up to 100 ms late (1 % of a 9 s run)."""
         while True:
             batch = self.http.get(f"/v1/document-batches/{batch_id}").json()
             if batch["status"] in ("completed", "failed", "cancelled", "expired"):
                 return batch
-            time.sleep(0.1)  # the web's CPU per document includes these reads
+            counts = batch.get("counts") or {}
+            done = sum(counts.get(k, 0) for k in ("succeeded", "failed", "cancelled", "expired"))
+            time.sleep(0.01 if done >= 0.99 * max(1, counts.get("total", 0)) else 0.1)
 
 
 def cpu_seconds(pids: list[int], kernel_only: bool = False) -> float:

@@ -146,3 +146,36 @@ def test_a_process_holding_every_slot_leaves_another_its_share(app_ctx: Flask) -
     assert len(got) == 4
     assert max(got) - asked < 2.0, [round(t - asked, 2) for t in got]
     assert first.in_use(provider) == 0
+
+
+def test_a_process_whose_waiters_are_served_leaves_every_slot_to_the_others(
+    app_ctx: Flask,
+) -> None:
+    """A process that said its waiters go short takes it back once nobody of it waits (its
+    slot goes back to Redis unwanted), so another process may use every slot at once, not
+    only its share until the mark lapses (ASKER_TTL): the end of a run, one process done."""
+    from app.services import batch_semaphore
+
+    done = ProviderSemaphore(redis_store.client, 4, lease=5.0)
+    left = ProviderSemaphore(redis_store.client, 4, lease=5.0)
+    provider = f"sem-{time.time_ns()}"
+    tokens = [left.try_acquire(provider) for _ in range(4)]
+    assert all(tokens)
+
+    def call() -> None:
+        with done.slot(provider):
+            time.sleep(0.01)
+
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    deadline = time.monotonic() + 2
+    while left._share(provider) == 4 and time.monotonic() < deadline:
+        time.sleep(batch_semaphore.SHARE_SECONDS / 4)
+    assert left._share(provider) == 2  # `done` goes short: `left` keeps half
+    left.release(*[t for t in tokens if t])
+    waiter.join(10)
+    assert not waiter.is_alive()
+    time.sleep(batch_semaphore.SHARE_SECONDS * 1.5)
+    assert left._share(provider) == 4  # at once, not after ASKER_TTL
+    assert batch_semaphore.ASKER_TTL > 0.2
+    assert done.in_use(provider) == 0

@@ -59,6 +59,7 @@ MAX_TAKE = 100  # slots asked of Redis in one call
 POLL_MAX = 0.05  # seconds between two asks while every slot is taken
 MAX_WAIT = 1.0  # longest wait on a full window or a pause before asking again
 CHECK_SECONDS = 0.02  # how stale the stream count may be when a slot passes between calls
+SHARE_SECONDS = 0.1  # how stale the other processes' "we go short" may be (one Redis read)
 ASKER_TTL = 0.5  # seconds a process's "my waiters go short" lasts in Redis unless repeated
 NO_QUOTA = capacity.Quota()
 QUIET_LOGGERS = ("httpx", "httpx2", "openai", "anthropic")  # one INFO line per call otherwise
@@ -81,6 +82,7 @@ class _Slots:
         self.held = 0  # slots this process took from Redis and has not given back
         self.paused_until = 0.0  # monotonic: no slot passes between calls before then
         self.said_short_at = 0.0  # monotonic: when this process last said it goes short
+        self.short_until = 0.0  # monotonic: until when that mark lives in Redis
 
     def surplus(self) -> list[str]:
         """Free slots beyond the waiters (to go back to Redis); call holding the lock."""
@@ -317,7 +319,9 @@ class ProviderSemaphore:
         """Hand the slot to a waiter of this process, or give it back to Redis."""
         slots = self._local(provider)
         displaced = self._displaced(provider)
-        share = self._share(provider)
+        # The share matters only to hand the slot over; without waiters the last one read.
+        wanted = slots.waiting > len(slots.free)
+        share = self._share(provider) if wanted else self._last_share(provider)
         with slots.cond:
             waiters = slots.waiting > len(slots.free)
             now = time.monotonic()
@@ -329,10 +333,15 @@ class ProviderSemaphore:
                 slots.ask_cond.notify()
                 return
             slots.held -= 1
+            idle = not slots.waiting and now < slots.short_until
+            if idle:
+                slots.short_until = slots.said_short_at = 0.0
         self.release(token, used=used)  # every process's asker competes for it on its next ask
         if waiters:
             with slots.cond:
                 slots.ask_cond.notify()  # ours asks now (within its share), not a poll later
+        elif idle:
+            self._withdraw(provider)
 
     def _displaced(self, provider: str) -> bool:
         """Whether streams need this provider's batch slots now: batch calls in flight beyond
@@ -361,10 +370,10 @@ class ProviderSemaphore:
 
     def _share(self, provider: str) -> int:
         """The most slots this process keeps: all of them, or limit / (processes asking)
-        while another process's waiters go short. One Redis call per CHECK_SECONDS."""
+        while another process's waiters go short. One Redis call per SHARE_SECONDS."""
         now = time.monotonic()
         at, share = self._shares.get(provider, (0.0, self.limit))
-        if now - at < CHECK_SECONDS:
+        if now - at < SHARE_SECONDS:
             return share
         self._shares[provider] = (now, share)  # meanwhile the others use the last answer
         try:
@@ -380,12 +389,17 @@ class ProviderSemaphore:
         self._shares[provider] = (now, share)
         return share
 
+    def _last_share(self, provider: str) -> int:
+        """The share as last read (no Redis call)."""
+        return self._shares.get(provider, (0.0, self.limit))[1]
+
     def _say_short(self, provider: str, slots: _Slots) -> None:
         """Tell the other processes this one's waiters go short (at most 4 times a TTL)."""
         now = time.monotonic()
         if now - slots.said_short_at < ASKER_TTL / 4:
             return
         slots.said_short_at = now
+        slots.short_until = now + ASKER_TTL
         key, until = self.askers_key(provider), int((time.time() + ASKER_TTL) * 1000)
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -395,6 +409,18 @@ class ProviderSemaphore:
             pipe.execute()
         except redis.RedisError:
             log.warning("could not tell other processes %s's batch calls go short", provider)
+
+    def _withdraw(self, provider: str) -> None:
+        """Take back this process's "my waiters go short": nobody of it waits now, so the
+        others may use every slot at once, not only once the mark lapses (ASKER_TTL). At
+        the end of a run the process with items left would otherwise stay at its share
+        while the other one's slots sit idle."""
+        try:
+            self.client.zrem(self.askers_key(provider), self.name)
+        except redis.RedisError:
+            log.warning(
+                "could not tell other processes %s's batch calls no longer go short", provider
+            )
 
     def _release_quietly(self, tokens: list[str]) -> None:
         try:
