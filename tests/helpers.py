@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
 from app.auth import lookup_key
-from app.extensions import db
+from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
+from app.streams.hub import StreamHub
+from app.streams.keys import lease_key
+from app.streams.writer import DeltaLog
 from tests.stack import Stack
 
 BATCH_TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -276,3 +280,31 @@ def web_with_config(stack: Stack, home: Path, toml: str) -> Iterator[tuple[str, 
         yield web.url, path
     finally:
         web.stop()
+
+
+# ---------------------------------------------------------------------- delta logs
+
+
+def content_delta(text: str) -> list[dict[str, Any]]:
+    """One choice delta of text, as DeltaLog.append takes it."""
+    return [{"index": 0, "delta": {"content": text}}]
+
+
+def leased_log(job_id: str) -> DeltaLog:
+    """A job's delta log whose lease this test holds (token "T")."""
+    client = redis_store.client
+    client.set(lease_key(job_id), "T", px=60_000)
+    return DeltaLog(client, job_id, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
+
+
+def counted_xread(hub: StreamHub, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The XREADs the hub's client makes from now on (their arguments), in a list."""
+    reads: list[Any] = []
+    real_xread = hub.client.xread
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args)
+        return real_xread(*args, **kwargs)
+
+    monkeypatch.setattr(hub.client, "xread", counting)
+    return reads

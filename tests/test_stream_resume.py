@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any
 
 import httpx
 import pytest
@@ -14,10 +13,17 @@ from flask import Flask
 from app.extensions import redis_store
 from app.services import events
 from app.streams.hub import StreamHub, Tail
-from app.streams.keys import lease_key, notify_channel
-from app.streams.writer import DeltaLog
+from app.streams.keys import notify_channel
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import follow, read_sse, stream_chat, wait_stream
+from tests.helpers import (
+    content_delta,
+    counted_xread,
+    follow,
+    leased_log,
+    read_sse,
+    stream_chat,
+    wait_stream,
+)
 
 TRICKY = [
     "Hé",
@@ -138,18 +144,8 @@ def test_detach_keeps_the_job_running(client: httpx.Client, upstream: FakeUpstre
     assert part.text + rest.text == "".join(deltas)
 
 
-def _content(text: str) -> list[dict[str, Any]]:
-    return [{"index": 0, "delta": {"content": text}}]
-
-
 def _numsub(channel: str) -> int:
     return int(dict(redis_store.client.pubsub_numsub(channel))[channel])
-
-
-def _log(job_id: str) -> DeltaLog:
-    client = redis_store.client
-    client.set(lease_key(job_id), "T", px=60_000)
-    return DeltaLog(client, job_id, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
 
 
 def test_a_hub_hears_the_broadcast_channel_only_while_a_feed_is_open(app_ctx: Flask) -> None:
@@ -194,21 +190,14 @@ def test_a_relay_at_the_tail_reads_nothing_and_gets_the_terminal_entry_from_its_
     """A relay subscribed before the first entry is handed every delta and the terminal
     entry (fields and all) by the notices: not one XREAD. A relay that starts behind reads."""
     hub = StreamHub(app_ctx.config["REDIS_URL"])
-    reads: list[Any] = []
-    real_xread = hub.client.xread
-
-    def counted_xread(*args: Any, **kwargs: Any) -> Any:
-        reads.append(args)
-        return real_xread(*args, **kwargs)
-
-    monkeypatch.setattr(hub.client, "xread", counted_xread)
+    reads = counted_xread(hub, monkeypatch)
     job = f"job_tail_{secrets.token_hex(4)}"
     try:
         tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
         assert tail.subscribe()
-        dlog = _log(job)
-        dlog.append(_content("un "))
-        dlog.append(_content("deux"))
+        dlog = leased_log(job)
+        dlog.append(content_delta("un "))
+        dlog.append(content_delta("deux"))
         dlog.finish("length", {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
         entries = [item for item in tail.follow() if item is not None]
         assert [fields.get("d") for _, fields in entries] == ["un ", "deux", None]
@@ -240,8 +229,8 @@ def test_an_ended_relays_channel_is_dropped_with_the_next_subscribe_and_reused_u
         again = Tail(hub, first, lease_seconds=60, ping_seconds=5)
         assert again.subscribe()
         assert again._sub is not None and again._sub.armed.is_set()
-        dlog = _log(first)
-        dlog.append(_content("still heard"))
+        dlog = leased_log(first)
+        dlog.append(content_delta("still heard"))
         dlog.finish("stop", None)
         texts = [item[1].get("d") for item in again.follow() if item is not None]
         assert texts == ["still heard", None]  # follow() closed it: stale again

@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from flask import Flask
 
 from app.extensions import redis_store
 from app.streams.hub import StreamHub, Tail
-from app.streams.keys import lease_key, notify_channel
+from app.streams.keys import notify_channel
 from app.streams.relay import sse_body
 from app.streams.render import ChunkRenderer
-from app.streams.writer import DeltaLog
-
-
-def _log(job_id: str) -> DeltaLog:
-    client = redis_store.client
-    client.set(lease_key(job_id), "T", px=60_000)
-    return DeltaLog(client, job_id, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
-
-
-def _content(text: str) -> list[dict[str, Any]]:
-    return [{"index": 0, "delta": {"content": text}}]
-
-
-def _counted_xread(hub: StreamHub, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    reads: list[Any] = []
-    real_xread = hub.client.xread
-
-    def counted_xread(*args: Any, **kwargs: Any) -> Any:
-        reads.append(args)
-        return real_xread(*args, **kwargs)
-
-    monkeypatch.setattr(hub.client, "xread", counted_xread)
-    return reads
+from tests.helpers import content_delta, counted_xread, leased_log
 
 
 @pytest.fixture
@@ -53,16 +30,16 @@ def test_the_relay_goes_on_from_the_early_error_wait_without_reading_again(
     that follow() (one subscription, no XREAD of the log from its start)."""
     from app.api.chat import early_error
 
-    reads = _counted_xread(hub, monkeypatch)
+    reads = counted_xread(hub, monkeypatch)
     job = f"job_fold_{secrets.token_hex(4)}"
     tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
     assert tail.subscribe()
-    dlog = _log(job)
-    dlog.append(_content("un "))
+    dlog = leased_log(job)
+    dlog.append(content_delta("un "))
     items, error = early_error(tail, 2.0)
     assert error is None and items is not None
     sub = tail._sub
-    dlog.append(_content("deux"))
+    dlog.append(content_delta("deux"))
     dlog.finish("stop", None)
     body = "".join(sse_body(tail, ChunkRenderer(job, "m", 0, False), 1000, lambda _: None, items))
     assert body.count('"content":"un "') == 1 and body.count('"content":"deux"') == 1
@@ -77,16 +54,16 @@ def test_a_silent_job_the_relay_waits_on_with_the_same_follow(
     no read), then relays the entries as they come."""
     from app.api.chat import early_error
 
-    reads = _counted_xread(hub, monkeypatch)
+    reads = counted_xread(hub, monkeypatch)
     job = f"job_fold_{secrets.token_hex(4)}"
     tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
     assert tail.subscribe()
-    dlog = _log(job)
+    dlog = leased_log(job)
     items, error = early_error(tail, 0.05)
     assert error is None and items is not None
     body = sse_body(tail, ChunkRenderer(job, "m", 0, False), 1000, lambda _: None, items)
     assert next(body).startswith("retry:")
-    dlog.append(_content("late"))
+    dlog.append(content_delta("late"))
     dlog.finish("stop", None)
     rest = "".join(body)
     assert '"content":"late"' in rest and ": ping" not in rest and reads == []
@@ -99,7 +76,7 @@ def test_an_early_error_still_answers_with_its_status(hub: StreamHub) -> None:
     tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
     assert tail.subscribe()
     error = {"message": "no", "type": "invalid_request_error", "code": None, "param": None}
-    _log(job).fail(error)
+    leased_log(job).fail(error)
     items, found = early_error(tail, 2.0)
     assert items is None and found is not None and found["message"] == "no"
     assert job not in hub._subs  # unsubscribed
@@ -136,8 +113,8 @@ def test_subscribes_asked_for_together_go_out_as_one_command(app_ctx: Flask) -> 
         assert sent == [(("SUBSCRIBE", *channels), ("UNSUBSCRIBE", channels[3]))]
         assert all(tail.subscribe() for tail in tails[:3])
         assert [_numsub(c) for c in channels] == [1, 1, 1, 0]
-        dlog = _log(jobs[0])
-        dlog.append(_content("heard"))
+        dlog = leased_log(jobs[0])
+        dlog.append(content_delta("heard"))
         dlog.finish("stop", None)
         texts = [item[1].get("d") for item in tails[0].follow() if item is not None]
         assert texts == ["heard", None]
