@@ -17,7 +17,6 @@ graceful_timeout = 5
 def post_worker_init(worker: object) -> None:
     """Once the worker has loaded the app: move what start-up made (modules, the app, its
     config) out of the collector's way, so its full collections walk only what requests make."""
-    import gc
+    from app.heap import freeze_heap
 
-    gc.collect()
-    gc.freeze()
+    freeze_heap()

@@ -7,9 +7,9 @@ from typing import Any
 from celery.signals import beat_init, celeryd_after_setup, worker_ready
 
 from app import create_app
+from app.heap import freeze_heap
 from app.queueing import BATCH_QUEUE, STREAM_QUEUE
 from app.services import sweeper
-from app.services.batch_runner import freeze_heap
 
 flask_app = create_app()
 celery_app = flask_app.extensions["celery"]

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 import threading
@@ -146,23 +145,10 @@ def claims() -> leases.Renewer:
     app = current_flask_app()
     renewer: leases.Renewer | None = app.extensions.get("sluice_batch_claims")
     if renewer is None:
-        freeze_heap()
         renewer = app.extensions["sluice_batch_claims"] = leases.Renewer(
             redis_store.client, app.config["BATCH_LEASE_SECONDS"], live_only=False
         )
     return renewer
-
-
-def freeze_heap() -> None:
-    """Move the process's heap so far (imports, the app) out of the cyclic collector's scans.
-
-    In a batch worker a full (generation 2) collection walks every long-lived object, ~170 ms
-    on this heap, and freezes every greenlet of the process meanwhile: its provider calls'
-    slots sit idle. Called once, at the process's first claim; later garbage is collected
-    as before.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 @contextmanager
