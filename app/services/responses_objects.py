@@ -291,12 +291,16 @@ def generation_response(job: Job, generation: Generation) -> dict[str, Any]:
     )
 
 
+def row_message(job: Job) -> dict[str, Any]:
+    """The chat.completion message a job's row holds (its text alone, if only text)."""
+    choices = job.choices or []
+    message: dict[str, Any] | None = choices[0].get("message") if choices else None
+    return message or {"content": job.output or ""}
+
+
 def job_response(job: Job) -> dict[str, Any]:
     """The response of a job from its row."""
-    choices = job.choices or []
-    message: dict[str, Any] = (choices[0].get("message") if choices else None) or {
-        "content": job.output or ""
-    }
+    message = row_message(job)
     if job.status in ("queued", "running"):
         return running_response(job, message, "queued" if job.status == "queued" else "in_progress")
     error = None
@@ -322,10 +326,7 @@ def _own_messages(job: Job) -> list[dict[str, Any]]:
 def conversation(job: Job) -> list[dict[str, Any]]:
     """What a response continuing this one carries in: its input, then its output as an
     assistant turn (text, refusal, reasoning, tool calls); not its instructions, as OpenAI."""
-    choices = job.choices or []
-    said: dict[str, Any] = (choices[0].get("message") if choices else None) or {
-        "content": job.output or None
-    }
+    said = row_message(job)
     turn = {k: said[k] for k in ("content", "refusal", "reasoning_content", "tool_calls")
             if said.get(k)}  # fmt: skip
     return _own_messages(job) + ([{"role": "assistant", **turn}] if turn else [])
