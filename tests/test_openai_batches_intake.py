@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from app import heap
 from app.errors import APIError
 from app.providers import ChatRequest, build_registry
 from app.services import chat_request
@@ -269,7 +270,7 @@ def test_check_json_values_reads_the_setting_when_not_given() -> None:
 
 
 def test_the_intake_runs_without_full_collections() -> None:
-    from app.services.openai_batches import FULL_COLLECTIONS_OFF, no_full_collections
+    from app.heap import FULL_COLLECTIONS_OFF, no_full_collections
 
     before = gc.get_threshold()
     with no_full_collections():
@@ -303,5 +304,5 @@ def test_a_bad_file_is_still_a_failed_batch_under_no_full_collections(
     made = openai_batches.create(
         tenant_id="t", tenant_name="t", params=params | {"completion_window": "24h"}
     )
-    assert made[0] == "failed" and seen == [openai_batches.FULL_COLLECTIONS_OFF]
-    assert gc.get_threshold()[2] != openai_batches.FULL_COLLECTIONS_OFF
+    assert made[0] == "failed" and seen == [heap.FULL_COLLECTIONS_OFF]
+    assert gc.get_threshold()[2] != heap.FULL_COLLECTIONS_OFF

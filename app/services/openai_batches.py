@@ -9,9 +9,6 @@ in memory besides the engine's staging.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ from sqlalchemy import select
 from app import limits
 from app.errors import APIError
 from app.extensions import db
+from app.heap import no_full_collections
 from app.models import Batch, File, epoch, utcnow
 from app.pagination import fetch_page
 from app.policy import Route, RouteRequest, estimate_input_tokens
@@ -299,36 +297,6 @@ def create(
         return _failed_batch(
             tenant_id, file_id, endpoint, window, metadata, found, route(), idempotency_key, model()
         )
-
-
-FULL_COLLECTIONS_OFF = 1 << 30  # a third gc threshold no intake reaches
-_quiet = [0]  # intakes running in this process (they share its one collector)
-_quiet_lock = threading.Lock()
-_thresholds: list[tuple[int, int, int]] = []
-
-
-@contextlib.contextmanager
-def no_full_collections() -> Iterator[None]:
-    """No full (generation 2) collection while the block runs; the young ones go on.
-
-    Reading and inserting 100,000 lines promotes enough objects for several full
-    collections, each walking every long-lived object of the web process (~0.3 s of CPU in
-    all). The young collections still free the lines' own cycles (a bad line's exception
-    and traceback, say); the first full collection after the block finds whatever else.
-    Nested and concurrent blocks share one count: the last one out restores the thresholds.
-    """
-    with _quiet_lock:
-        if _quiet[0] == 0:
-            _thresholds[:] = [gc.get_threshold()]
-            gc.set_threshold(*_thresholds[0][:2], FULL_COLLECTIONS_OFF)
-        _quiet[0] += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet[0] -= 1
-            if _quiet[0] == 0:
-                gc.set_threshold(*_thresholds.pop())
 
 
 def _failed_batch(
