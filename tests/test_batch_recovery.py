@@ -7,6 +7,7 @@ fault hook (restored afterwards), and drive the sweeper's steps themselves.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -25,7 +26,14 @@ from app.cli.processes import worker_argv
 from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
 from app.providers import Completion, Usage
-from app.services import batch_runner, batch_sweep, batch_writes, sweeper
+from app.services import (
+    batch_claims,
+    batch_lifecycle,
+    batch_runner,
+    batch_sweep,
+    batch_writes,
+    sweeper,
+)
 from app.services.heartbeat import live_workers
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import (
@@ -153,7 +161,7 @@ def test_expiry_ends_running_items_held_by_a_live_but_stuck_claim(
     app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batch_id = quiet_batch(api_key, 5)
-    with batch_runner.claim_lease("stuck-worker") as holder:  # live lease, never finishes
+    with batch_claims.claim_lease("stuck-worker") as holder:  # live lease, never finishes
         in_batch = Job.batch_id == batch_id
         claimed = batch_runner._claim(in_batch & (Job.item_index < 3), holder)
         assert len(claimed) == 3
@@ -179,7 +187,7 @@ def test_one_stale_claim_in_a_flush_writes_the_others_once_and_counts_only_them(
 ) -> None:
     """The flush's one bulk write moves fewer rows than given: it is redone row by row."""
     batch_id = quiet_batch(api_key, 4)
-    with batch_runner.claim_lease("bulk-writer") as holder:
+    with batch_claims.claim_lease("bulk-writer") as holder:
         claimed = batch_runner._claim(Job.batch_id == batch_id, holder)
     assert len(claimed) == 4
     usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
@@ -252,6 +260,66 @@ def test_a_run_cut_mid_chunk_gives_its_items_back(
         time.sleep(0.2)
     assert batch is not None and batch.status == "completed"
     assert set(attempts(batch_id).values()) == {2}
+
+
+def finalizer_state(batch_id: str) -> tuple[str, str | None]:
+    db.session.remove()
+    batch = db.session.get(Batch, batch_id)
+    assert batch is not None
+    return batch.status, batch.finalizer
+
+
+def test_a_finalizer_cut_gives_the_batch_back_and_the_next_sweep_ends_it(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when Redis restarts under a worker: Celery kills the finalizing task's greenlet."""
+    batch_id = insert_batch(tenant_of(api_key), ["succeeded"] * 3).id
+    reached = gevent.event.Event()
+
+    def stuck(_: Batch) -> None:
+        reached.set()
+        gevent.sleep(60)
+
+    monkeypatch.setitem(batch_lifecycle.FINALIZERS, "documents", stuck)
+
+    def run() -> None:
+        with app_ctx.app_context():
+            batch_lifecycle.maybe_finalize(batch_id)
+
+    task = gevent.spawn(run)
+    assert reached.wait(20)
+    status, holder = finalizer_state(batch_id)
+    assert status == "finalizing" and holder and holder.startswith(socket.gethostname())
+    task.kill(gevent.GreenletExit)
+    assert isinstance(task.value, gevent.GreenletExit)
+    assert finalizer_state(batch_id) == ("in_progress", None)  # given back, not stuck
+    monkeypatch.undo()
+    assert batch_sweep.finalize_stragglers() == 1
+    assert finalizer_state(batch_id) == ("completed", None)
+
+
+@pytest.mark.parametrize("holder", ["dead-host/0badc0de", None])
+def test_a_batch_left_finalizing_by_a_dead_finalizer_is_taken_over_at_once(
+    app_ctx: Flask, api_key: str, holder: str | None
+) -> None:
+    """Its holder's claim lease lapsed (or it has none): the next sweep finalizes it."""
+    batch_id = insert_batch(tenant_of(api_key), ["succeeded"] * 2).id
+    with batch_claims.claim_lease("live-host") as live:
+        db.session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(status="finalizing", finalizing_at=utcnow(), finalizer=live)
+        )
+        db.session.commit()
+        batch_sweep.finalize_stragglers()  # its finalizer lives: left alone
+        assert finalizer_state(batch_id) == ("finalizing", live)
+    db.session.execute(update(Batch).where(Batch.id == batch_id).values(finalizer=holder))
+    db.session.commit()
+    assert batch_sweep.finalize_stragglers() == 1
+    assert finalizer_state(batch_id) == ("completed", None)
+    # the dead finalizer's late end is refused: the batch is no longer its own
+    batch_lifecycle._run_finalizer(batch_id, "expired", holder or "dead-host/0badc0de")
+    assert finalizer_state(batch_id) == ("completed", None)
 
 
 def test_stranded_standalone_job_is_sent_again(

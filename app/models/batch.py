@@ -58,6 +58,7 @@ class Batch(Base):
     cancelling_at: Mapped[datetime | None]
     cancelled_at: Mapped[datetime | None]
     executor: Mapped[str | None] = mapped_column(String(12))  # 0005: "workers" | "provider"
+    finalizer: Mapped[str | None] = mapped_column(String(200))  # 0008: claim lease while finalizing
 
 
 batches_t = cast(Table, Batch.__table__)  # the batches table, for Core statements

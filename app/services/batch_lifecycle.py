@@ -7,6 +7,7 @@ The kind-specific work at finalization is looked up by the batch's kind in FINAL
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,11 +15,12 @@ from sqlalchemy import Connection, select, update
 
 from app import telemetry
 from app.errors import APIError
-from app.extensions import db
+from app.extensions import db, redis_store
 from app.models import Batch, utcnow
 from app.models.batch import batches_t
 from app.models.job import ACTIVE, jobs_t
 from app.services import events
+from app.services.batch_claims import claim_lease, lapsed_holders
 from app.services.batches import has_active_items, in_transaction, set_stop, stop_error, stop_reason
 from app.services.openai_batch_files import write_result_files
 from app.services.provider_batches.rows import cancel_remote
@@ -72,49 +74,71 @@ def cancel_batch(batch: Batch) -> Batch:
     return batch
 
 
-def maybe_finalize(batch_id: str, *, stale_finalizing: bool = False) -> bool:
+def maybe_finalize(batch_id: str, *, take_over: bool = False) -> bool:
     """Finalize the batch once no item is queued or running; True if this call did it.
 
     Exactly once: only the caller whose conditional UPDATE moves the batch into
-    `finalizing` runs the finalizer. With stale_finalizing, a batch stuck in `finalizing`
-    (its finalizer's process died) is taken over.
+    `finalizing` runs the finalizer, holding a claim lease named in `batches.finalizer`.
+    With take_over, a batch left `finalizing` by a holder whose lease lapsed (its process
+    died) is taken over. A finalizer cut short (GreenletExit when the broker connection
+    drops, an outage) gives the batch back for the next caller.
     """
     if has_active_items(batch_id):
         return False
     with db.engine.connect() as conn:
         row = conn.execute(
-            select(batches_t.c.status, batches_t.c.expired_at, batches_t.c.finalizing_at).where(
-                batches_t.c.id == batch_id
-            )
+            select(
+                batches_t.c.status,
+                batches_t.c.expired_at,
+                batches_t.c.finalizing_at,
+                batches_t.c.finalizer,
+            ).where(batches_t.c.id == batch_id)
         ).first()
     if row is None:
         return False
     prior = row.status
-    if prior not in ("in_progress", "cancelling") and not (
-        stale_finalizing and prior == "finalizing"
-    ):
+    if prior == "finalizing":
+        if not take_over or not lapsed_holders(redis_store.client, [row.finalizer]):
+            return False
+    elif prior not in ("in_progress", "cancelling"):
         return False
     final = "cancelled" if prior == "cancelling" else "expired" if row.expired_at else "completed"
     if prior == "finalizing":
         final = "cancelled" if stop_reason(batch_id) == "cancelled" else final
-    now = utcnow()
-    condition = [batches_t.c.id == batch_id, batches_t.c.status == prior]
-    if prior == "finalizing":
-        condition.append(batches_t.c.finalizing_at == row.finalizing_at)
-    with db.engine.begin() as conn:
-        if not conn.execute(
-            update(batches_t).where(*condition).values(status="finalizing", finalizing_at=now)
-        ).rowcount:
-            return False
-    _run_finalizer(batch_id, final)
+    held_by = batches_t.c.finalizer.is_not_distinct_from
+    with claim_lease(socket.gethostname()) as holder:
+        with db.engine.begin() as conn:
+            if not conn.execute(
+                update(batches_t)
+                .where(
+                    batches_t.c.id == batch_id,
+                    batches_t.c.status == prior,
+                    held_by(row.finalizer),
+                )
+                .values(status="finalizing", finalizing_at=utcnow(), finalizer=holder)
+            ).rowcount:
+                return False
+        try:
+            _run_finalizer(batch_id, final, holder)
+        except BaseException:
+            back = {"status": prior, "finalizing_at": row.finalizing_at, "finalizer": None}
+            if prior == "finalizing":  # taken over: left for the next sweep to take again
+                back = {"finalizer": None}
+            with db.engine.begin() as conn:
+                conn.execute(
+                    update(batches_t)
+                    .where(batches_t.c.id == batch_id, held_by(holder))
+                    .values(**back)
+                )
+            raise
     return True
 
 
-def _run_finalizer(batch_id: str, final: str) -> None:
-    """Run the kind's finalizer, then move finalizing -> the final status."""
+def _run_finalizer(batch_id: str, final: str, holder: str) -> None:
+    """Run the kind's finalizer, then move finalizing -> the final status (if still ours)."""
     batch = db.session.get(Batch, batch_id, populate_existing=True)
     assert batch is not None
-    values: dict[str, Any] = {"status": final, f"{final}_at": utcnow()}
+    values: dict[str, Any] = {"status": final, f"{final}_at": utcnow(), "finalizer": None}
     if final == "expired" and batch.expired_at is not None:
         values["expired_at"] = batch.expired_at
     try:
@@ -126,11 +150,15 @@ def _run_finalizer(batch_id: str, final: str) -> None:
         log.exception("finalizer for batch %s failed", batch_id)
         db.session.rollback()
         error = {"code": "finalize_failed", "message": f"{type(exc).__name__}: {exc}"}
-        values = {"status": "failed", "failed_at": utcnow(), "errors": [error]}
+        values = {"status": "failed", "failed_at": utcnow(), "errors": [error], "finalizer": None}
     with db.engine.begin() as conn:
         conn.execute(
             update(batches_t)
-            .where(batches_t.c.id == batch_id, batches_t.c.status == "finalizing")
+            .where(
+                batches_t.c.id == batch_id,
+                batches_t.c.status == "finalizing",
+                batches_t.c.finalizer == holder,
+            )
             .values(**values)
         )
     log.info("batch %s %s", batch_id, values["status"])  # a batch's end: one line

@@ -19,9 +19,7 @@ import logging
 import random
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -29,16 +27,16 @@ from flask import current_app
 from sqlalchemy import and_, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import leases
-from app.extensions import current_flask_app, db, redis_store
+from app.extensions import current_flask_app, db
 from app.models import Job, utcnow
 from app.models.job import jobs_t
 from app.providers import ChatRequest, ProviderError, UnknownModel, providers
 from app.services import capacity, events
+from app.services.batch_claims import claim_lease
 from app.services.batch_lifecycle import maybe_finalize
 from app.services.batch_semaphore import semaphore
 from app.services.batch_writes import ItemResult, Ticket, result_writer
-from app.services.batches import CLAIMS_KEY, requeue_items, stop_error, stop_reason
+from app.services.batches import requeue_items, stop_error, stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -138,43 +136,6 @@ def _claim(where: Any, holder: str) -> list[Any]:
     )
     with db.engine.begin() as conn:
         return list(conn.execute(stmt).all())
-
-
-def claims() -> leases.Renewer:
-    """This process's claim leases (one per running chunk or job), renewed in the background."""
-    app = current_flask_app()
-    renewer: leases.Renewer | None = app.extensions.get("sluice_batch_claims")
-    if renewer is None:
-        renewer = app.extensions["sluice_batch_claims"] = leases.Renewer(
-            redis_store.client, app.config["BATCH_LEASE_SECONDS"], live_only=False
-        )
-    return renewer
-
-
-@contextmanager
-def claim_lease(worker: str) -> Iterator[str]:
-    """A lease for one claim, held (and renewed) while the block runs; yields its holder name.
-
-    Taken before the claim, so every claimed row names a lease that was live. The sweeper
-    re-queues running items whose holder's lease lapsed, whoever held it.
-    """
-    renewer = claims()
-    token = uuid.uuid4().hex
-    leases.acquire(renewer.client, [CLAIMS_KEY], token, leases.ms(renewer.seconds))
-    renewer.hold(CLAIMS_KEY, token)
-    try:
-        yield f"{worker}/{token}"
-    finally:
-        renewer.drop(token)
-        try:
-            leases.release(renewer.client, CLAIMS_KEY, token)
-        except Exception:
-            log.warning("could not release claim lease %s; it lapses on its own", token)
-
-
-def holder_token(holder: str | None) -> str:
-    """The lease token in a job's `worker` column ("" for none)."""
-    return holder.rpartition("/")[2] if holder and "/" in holder else ""
 
 
 STOP_CHECK_SECONDS = 0.5

@@ -11,15 +11,14 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from app import leases
 from app.extensions import db, redis_store
 from app.models import utcnow
 from app.models.batch import batches_t
 from app.models.job import jobs_t
 from app.queueing import BATCH_QUEUE
+from app.services.batch_claims import lapsed_holders
 from app.services.batch_lifecycle import expire_batch, maybe_finalize
-from app.services.batch_runner import holder_token
-from app.services.batches import CLAIMS_KEY, enqueue_chunks, requeue_items, resend, runs
+from app.services.batches import enqueue_chunks, requeue_items, resend, runs
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,8 @@ def requeue_lost_items() -> int:
             .where(jobs_t.c.status == "running", jobs_t.c.mode == "batch")
             .group_by(jobs_t.c.worker)
         ).all()
-    tokens = {holder: holder_token(holder) for holder in holders}
-    live = leases.live_members(client, CLAIMS_KEY, [t for t in tokens.values() if t])
-    lost = [holder for holder, token in tokens.items() if token not in live]
     requeued = 0
-    for holder in lost:
+    for holder in lapsed_holders(client, holders):
         where = jobs_t.c.worker.is_(None) if holder is None else jobs_t.c.worker == holder
         with db.engine.connect() as conn:
             rows = conn.execute(
@@ -151,21 +147,12 @@ def expire_due_batches() -> int:
     return len(due)
 
 
-def finalize_stragglers(stale_after: float = 600.0) -> int:
-    """Finalize batches whose last item ended without finalizing (e.g. the worker died)."""
+def finalize_stragglers() -> int:
+    """Finalize batches whose last item ended without finalizing, or whose finalizer died."""
     with db.engine.connect() as conn:
         rows = conn.execute(
-            select(batches_t.c.id, batches_t.c.status, batches_t.c.finalizing_at).where(
+            select(batches_t.c.id, batches_t.c.status).where(
                 batches_t.c.status.in_(("in_progress", "cancelling", "finalizing"))
             )
         ).all()
-    done = 0
-    now = utcnow()
-    for row in rows:
-        if row.status == "finalizing":
-            at = row.finalizing_at
-            if at is None or (now - at).total_seconds() > stale_after:
-                done += maybe_finalize(row.id, stale_finalizing=True)
-        else:
-            done += maybe_finalize(row.id)
-    return done
+    return sum(maybe_finalize(row.id, take_over=row.status == "finalizing") for row in rows)
