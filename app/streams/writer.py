@@ -1,7 +1,7 @@
 """The worker's side of the delta log: appends (batched per process) and terminal entries.
 
-`DeltaLog.append()` is one pipelined round trip (XADD + PUBLISH of the notice + EXISTS of
-the cancel flag); the terminal `done`/`error` entry sets the log's expiry.
+`DeltaLog.append()` is one round trip (the append script: XADD + PUBLISH of the notice +
+EXISTS of the cancel flag); the terminal `done`/`error` entry sets the log's expiry.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import redis
 
-from app.redis_scripts import run_script, run_script_calls
+from app.redis_scripts import run_script, script_sha
 from app.streams.entries import (
     APPEND_SCRIPT,
     LEASE_SCRIPT,
@@ -49,21 +49,31 @@ class AppendBatcher:
     sends whatever waits in one pipelined round trip after another until nothing does,
     then goes idle, and callers send their own again. Per-job order is kept: a job waits
     for its append's answer before making the next.
+
+    One round trip is in flight at a time, so they all go over one connection the batcher
+    holds (taken from the client's pool once per process): EVALSHA written and read
+    straight on it, as a pipeline does, without the client's per-command path (pool
+    check-out and its readiness probe, command dispatch), which cost more CPU than the
+    round trip itself. Connection errors are retried as the client retries them.
     """
 
     MAX_BATCH = 256
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, script: str = APPEND_SCRIPT) -> None:
         self.client = client
+        self.script = script
         self._pending: deque[_Append] = deque()
         self._lock = threading.Lock()
         self._busy = False  # a round trip is in flight, or the sender is draining
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._conn: Any = None
+        self._conn_pid = 0
+        self._sha = script_sha(script)
 
     def append(self, keys: list[str], args: list[Any]) -> Any:
-        """Run the append script for one job; returns its answer (raises its error)."""
+        """Run the script (the append script) for one job; returns its answer (raises its error)."""
         item = _Append(keys, args)
         with self._lock:
             lead = not self._busy
@@ -116,9 +126,7 @@ class AppendBatcher:
 
     def _send(self, batch: list[_Append]) -> None:
         try:
-            answers = run_script_calls(
-                self.client, APPEND_SCRIPT, [(item.keys, item.args) for item in batch]
-            )
+            answers = self._round_trip([(item.keys, item.args) for item in batch])
             for item, answer in zip(batch, answers, strict=True):
                 if isinstance(answer, BaseException):
                     item.error = answer
@@ -131,6 +139,47 @@ class AppendBatcher:
         finally:
             for item in batch:
                 item.done.set()
+
+    def _round_trip(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The script for each call, in one round trip; an answer (or error) per call.
+
+        Calls that find the script missing (a restarted Redis) did not run: it is loaded
+        and they are sent again, so nothing runs twice.
+        """
+        conn = self._connection()
+        sha = self._sha
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        answers: list[Any] = conn.retry.call_with_retry(
+            lambda: _send_and_read(conn, commands), lambda _error: conn.disconnect()
+        )
+        missing = [
+            i for i, a in enumerate(answers) if isinstance(a, redis.exceptions.NoScriptError)
+        ]
+        if missing:
+            self.client.script_load(self.script)
+            again = self._round_trip([calls[i] for i in missing])
+            for i, answer in zip(missing, again, strict=True):
+                answers[i] = answer
+        return answers
+
+    def _connection(self) -> Any:
+        """The batcher's own connection (a new one in a forked child)."""
+        if self._conn is None or self._conn_pid != os.getpid():
+            self._conn = self.client.connection_pool.get_connection()
+            self._conn_pid = os.getpid()
+        return self._conn
+
+
+def _send_and_read(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Write the commands in one packet and read a reply (or its error) for each."""
+    conn.send_packed_command(conn.pack_commands(commands))
+    answers: list[Any] = []
+    for _ in commands:
+        try:
+            answers.append(conn.read_response())
+        except redis.exceptions.ResponseError as exc:
+            answers.append(exc)
+    return answers
 
 
 _batchers: dict[int, AppendBatcher] = {}
