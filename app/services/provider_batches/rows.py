@@ -99,25 +99,31 @@ def bound(rows: Iterable[Any]) -> tuple[dict[str, ChatRequest], list[tuple[str, 
 
 
 def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
-    """Write outcomes into items still queued in this provider batch (exactly once)."""
+    """Write outcomes into items still queued in this provider batch (exactly once), their
+    cost charged first (`costs.charge`; unpriced if Redis failed, for the sweeper's settle)."""
     if not outcomes:
         return 0
     config = current_app.config
     now = utcnow()
     written = prompt = completion = 0
     holder = f"provider:{pb.provider}/{pb.remote_id or pb.id}"
-    priced: list[tuple[str, str, str | None, float]] = []
-    ids: list[str] = []
-    with db.engine.begin() as conn:
-        rows = conn.execute(
-            select(jobs_t.c.id, jobs_t.c.model, jobs_t.c.tenant_id, jobs_t.c.mode).where(
-                jobs_t.c.id.in_([j for j, _ in outcomes])
+    usages = {j: o.completion.usage.as_dict() if o.completion is not None else None
+              for j, o in outcomes}  # fmt: skip
+    usd = {j: job_cost(pb.model, usage, "provider", config) for j, usage in usages.items()}
+    with db.engine.connect() as conn:
+        waiting = conn.execute(
+            select(jobs_t.c.id, jobs_t.c.tenant_id, jobs_t.c.mode).where(
+                jobs_t.c.id.in_(list(usd)),
+                jobs_t.c.status == "queued",
+                jobs_t.c.provider_batch_id == pb.id,
             )
         ).all()
-        known = {row.id: row for row in rows}
+    charged = costs.charge((row.tenant_id, row.mode, "provider", usd[row.id]) for row in waiting)
+    ids: list[str] = []
+    with db.engine.begin() as conn:
         for job_id, o in outcomes:
             c = o.completion
-            usage = c.usage.as_dict() if c is not None else None
+            usage = usages[job_id]
             values: dict[str, Any] = {
                 "status": o.status,
                 "output": db_text(c.text) if c is not None else None,
@@ -125,7 +131,7 @@ def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
                 "finish_reason": c.finish_reason if c is not None else None,
                 "usage": usage,
                 "error": o.error,
-                "cost_usd": job_cost(pb.model, usage, "provider", config),
+                "cost_usd": usd[job_id] if charged else None,
                 "attempts": jobs_t.c.attempts + 1,
                 "worker": holder[:200],
                 "started_at": pb.submitted_at or now,
@@ -143,8 +149,6 @@ def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
             if moved:
                 written += 1
                 ids.append(job_id)
-                if (row := known.get(job_id)) is not None:
-                    priced.append((row.tenant_id, row.mode, "provider", values["cost_usd"]))
                 if usage:
                     prompt += usage["prompt_tokens"]
                     completion += usage["completion_tokens"]
@@ -157,7 +161,6 @@ def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
                     completion_tokens=batches_t.c.completion_tokens + completion,
                 )
             )
-    costs.record(priced)
     telemetry.batch_results_written(ids, now)
     return written
 
