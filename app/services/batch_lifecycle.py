@@ -34,6 +34,9 @@ FINALIZERS: dict[str, Callable[[Batch], None]] = {"openai": write_result_files}
 
 def cancel_batch(batch: Batch) -> Batch:
     """Stop a batch: queued items never run, running ones finish or stop, then cancelled."""
+    if batch.status == "cancelling" and batch.executor == "provider":
+        cancel_remote(batch.id)  # again: a provider that refused the first is told again
+        return batch
     if batch.status in ("cancelling", "cancelled"):
         return batch
     if batch.status != "in_progress":

@@ -226,12 +226,18 @@ def cancel_one(pb_id: str) -> None:
 
     `submitting` (never sent): ended here, its items cancelled. `sending` (a sender is
     calling the provider): marked, and the sender cancels what it created as soon as it
-    has the id. `in_progress`: the provider is told; the next poll applies its end.
+    has the id. `in_progress`: the provider is told (`tell_cancel`); the next poll applies
+    its end, or tells it again if it refused (`engine.poll`).
     """
     now = utcnow()
     for _ in range(3):  # the row may move on under us (sent, stored): act on where it is
         pb = row(pb_id)
         if pb is None or pb.status not in OPEN:
+            return
+        if pb.status == "in_progress":
+            if pb.remote_id and pb.cancel_requested_at is None:  # not accepted yet
+                tell_cancel(pb)
+                set_where(pb_id, "in_progress", next_poll_at=now)
             return
         with db.engine.begin() as conn:
             marked = conn.execute(
@@ -251,12 +257,50 @@ def cancel_one(pb_id: str) -> None:
         if pb.status == "submitting":
             cancelled = Outcome("cancelled", error=stop_error("cancelled"))
             write(pb, [(j.id, cancelled) for j in items(pb_id)])
-        elif pb.status == "in_progress" and pb.remote_id:
-            try:
-                batch_api(pb.provider).cancel(pb.remote_id)
-            except Exception as exc:
-                log.warning(
-                    "cancelling %s (%s) at %s failed: %s", pb.id, pb.remote_id, pb.provider, exc
-                )
-            set_where(pb_id, "in_progress", next_poll_at=now)
         return
+
+
+def tell_cancel(pb: Any, remote_id: str | None = None) -> bool:
+    """Ask the provider to cancel a provider batch (the row's, or remote_id); idempotent.
+
+    True once it accepted, which alone records the row's `cancel_requested_at`. A refusal
+    is only logged: the poll tells it again while the batch is `unwanted`.
+    """
+    remote_id = remote_id or pb.remote_id
+    try:
+        batch_api(pb.provider).cancel(remote_id)
+    except Exception as exc:
+        log.warning("cancelling %s (%s) at %s failed: %s", pb.id, remote_id, pb.provider, exc)
+        return False
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(pbatches_t)
+            .where(
+                pbatches_t.c.id == pb.id,
+                pbatches_t.c.remote_id == remote_id,
+                pbatches_t.c.status == "in_progress",
+                pbatches_t.c.cancel_requested_at.is_(None),
+            )
+            .values(cancel_requested_at=utcnow())
+        )
+    return True
+
+
+STOPPED = ("cancelling", "cancelled", "expired", "completed", "failed")
+
+
+def unwanted(pb: Any) -> bool:
+    """Whether nobody waits for this provider batch's results any more: its Sluice batch
+    is cancelling or ended, or none of its items is still queued (standalone jobs
+    cancelled, a batch expired), so nothing it returns would be written."""
+    with db.engine.connect() as conn:
+        if pb.batch_id is not None:
+            status = conn.scalar(select(batches_t.c.status).where(batches_t.c.id == pb.batch_id))
+            if status in STOPPED:
+                return True
+        waiting = conn.scalar(
+            select(jobs_t.c.id)
+            .where(jobs_t.c.provider_batch_id == pb.id, jobs_t.c.status == "queued")
+            .limit(1)
+        )
+    return waiting is None
