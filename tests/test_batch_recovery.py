@@ -27,7 +27,7 @@ from sqlalchemy import func, select, update
 from app import telemetry
 from app.cli.processes import worker_argv
 from app.extensions import db, redis_store
-from app.models import Batch, Job, utcnow
+from app.models import Batch, File, Job, utcnow
 from app.providers import Completion, Usage
 from app.services import (
     batch_claims,
@@ -36,6 +36,7 @@ from app.services import (
     batch_sweep,
     batch_writes,
     batches,
+    files,
     sweeper,
 )
 from app.services.heartbeat import live_workers
@@ -325,6 +326,25 @@ def test_a_batch_left_finalizing_by_a_dead_finalizer_is_taken_over_at_once(
     # the dead finalizer's late end is refused: the batch is no longer its own
     batch_lifecycle._run_finalizer(batch_id, "expired", holder or "dead-host/0badc0de")
     assert finalizer_state(batch_id) == ("completed", None)
+
+
+def test_a_finalizer_taken_over_midway_leaves_no_file_rows(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its files commit with the final status, or not at all: none orphaned in /v1/files."""
+    tenant_id = tenant_of(api_key)
+    batch_id = insert_batch(tenant_id, ["succeeded"]).id
+    name = f"{batch_id}_output.jsonl"
+
+    def overtaken(batch: Batch) -> None:
+        with db.engine.begin() as conn:  # as a sweep that judged this finalizer dead
+            conn.execute(update(Batch).where(Batch.id == batch.id).values(finalizer="other/1"))
+        files.create_generated_file(tenant_id, name, "batch_output", [b"{}\n"], key=name)
+
+    monkeypatch.setitem(batch_lifecycle.FINALIZERS, "documents", overtaken)
+    assert batch_lifecycle.maybe_finalize(batch_id)
+    assert finalizer_state(batch_id) == ("finalizing", "other/1")  # the new holder's now
+    assert not db.session.scalars(select(File).where(File.filename == name)).all()
 
 
 def test_stranded_standalone_job_is_sent_again(

@@ -528,71 +528,75 @@ def _run(
     max_retries = config["STREAM_MAX_RETRIES"]
     retry_after_max = config["STREAM_RETRY_AFTER_MAX"]
     reader = _Reader(registry, request)  # the upstream call starts now ...
-    # ... and the row is marked while the provider works on its first token. The SDK yields
-    # before it sends (its pool probes idle connections), so wait for the response headers
-    # (or a short cap) rather than let the blocking DB write hold the request back.
-    reader.sent.wait(MARK_RUNNING_WAIT)
-    marked = _mark_running(job_id, worker)
-    if marked is None:
+    try:
+        # ... and the row is marked while the provider works on its first token. The SDK yields
+        # before it sends (its pool probes idle connections), so wait for the response headers
+        # (or a short cap) rather than let the blocking DB write hold the request back.
+        reader.sent.wait(MARK_RUNNING_WAIT)
+        marked = _mark_running(job_id, worker)
+        if marked is None:
+            reader.close()
+            return "not-queued"
+        run.tenant_id = marked[0]
+        _note(job_id, status="running", tenant_id=run.tenant_id, worker=worker)
+        run.next_refresh = time.monotonic() + lease_seconds / 3
+        attempt = 0
+        while True:
+            try:
+                _consume(run, reader)
+                return _finish(run, reader)
+            except _Stop as stop:
+                reader.close()
+                return _end(run, reader, stop.status, stop.error)
+            except LostLease:
+                reader.close()
+                log.warning("job %s: lease lost; the job is no longer this worker's", job_id)
+                return "lost"
+            except ProviderError as exc:
+                if not run.appended and _retries(exc, max_retries - attempt, retry_after_max):
+                    attempt += 1
+                    delay = exc.retry_after if exc.retry_after is not None else 0.25 * 2**attempt
+                    log.info("job %s: retry %d after %s: %s", job_id, attempt, delay, exc.message)
+                    try:
+                        _wait(run, max(delay, 0.0))
+                    except _Stop as stop:
+                        return _end(run, reader, stop.status, stop.error)
+                    except LostLease:
+                        return "lost"
+                    reader = _Reader(registry, request)
+                    continue
+                return _end(run, reader, "failed", _provider_error(exc))
+            except UnknownModel as exc:
+                error = {
+                    "message": str(exc),
+                    "type": "invalid_request_error",
+                    "code": "model_not_found",
+                }
+                return _end(run, reader, "failed", error | {"param": "model"})
+            except redis.RedisError as exc:  # the log is unreachable: the row keeps what was sent
+                log.warning("job %s: delta log unreachable: %r", job_id, exc)
+                reader.close()
+                unreachable = {
+                    "message": "The job's stream log became unreachable (Redis); the generation "
+                    "stopped. Its output holds what was streamed.",
+                    "type": "service_unavailable",
+                    "code": "stream_unavailable",
+                    "param": None,
+                }
+                return _end(run, reader, "failed", unreachable)
+            except Exception as exc:
+                log.exception("job %s: stream failed", job_id)
+                reader.close()
+                internal: dict[str, Any] = {
+                    "message": f"Internal error while streaming: {type(exc).__name__}",
+                    "type": "server_error",
+                    "code": "internal_error",
+                    "param": None,
+                }
+                return _end(run, reader, "failed", internal)
+    except BaseException:  # cut (GreenletExit on a broker connection loss): stop upstream too
         reader.close()
-        return "not-queued"
-    run.tenant_id = marked[0]
-    _note(job_id, status="running", tenant_id=run.tenant_id, worker=worker)
-    run.next_refresh = time.monotonic() + lease_seconds / 3
-    attempt = 0
-    while True:
-        try:
-            _consume(run, reader)
-            return _finish(run, reader)
-        except _Stop as stop:
-            reader.close()
-            return _end(run, reader, stop.status, stop.error)
-        except LostLease:
-            reader.close()
-            log.warning("job %s: lease lost; the job is no longer this worker's", job_id)
-            return "lost"
-        except ProviderError as exc:
-            if not run.appended and _retries(exc, max_retries - attempt, retry_after_max):
-                attempt += 1
-                delay = exc.retry_after if exc.retry_after is not None else 0.25 * 2**attempt
-                log.info("job %s: retry %d after %s: %s", job_id, attempt, delay, exc.message)
-                try:
-                    _wait(run, max(delay, 0.0))
-                except _Stop as stop:
-                    return _end(run, reader, stop.status, stop.error)
-                except LostLease:
-                    return "lost"
-                reader = _Reader(registry, request)
-                continue
-            return _end(run, reader, "failed", _provider_error(exc))
-        except UnknownModel as exc:
-            error = {
-                "message": str(exc),
-                "type": "invalid_request_error",
-                "code": "model_not_found",
-            }
-            return _end(run, reader, "failed", error | {"param": "model"})
-        except redis.RedisError as exc:  # the log is unreachable: the row keeps what was sent
-            log.warning("job %s: delta log unreachable: %r", job_id, exc)
-            reader.close()
-            unreachable = {
-                "message": "The job's stream log became unreachable (Redis); the generation "
-                "stopped. Its output holds what was streamed.",
-                "type": "service_unavailable",
-                "code": "stream_unavailable",
-                "param": None,
-            }
-            return _end(run, reader, "failed", unreachable)
-        except Exception as exc:
-            log.exception("job %s: stream failed", job_id)
-            reader.close()
-            internal: dict[str, Any] = {
-                "message": f"Internal error while streaming: {type(exc).__name__}",
-                "type": "server_error",
-                "code": "internal_error",
-                "param": None,
-            }
-            return _end(run, reader, "failed", internal)
+        raise
 
 
 def _retries(exc: ProviderError, left: int, retry_after_max: float) -> bool:
