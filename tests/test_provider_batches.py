@@ -561,7 +561,15 @@ def test_results_applied_twice_are_written_once(
     from app.services.provider_batches import engine
 
     created = doc_batch(http, "openai/echo", 2)
-    sweep_until(papp, status_of(http, created["id"]))
+
+    def applied() -> bool:  # the batch can end (all items written) before its row closes
+        with papp.app_context():
+            pb = db.session.scalar(
+                select(ProviderBatch).where(ProviderBatch.batch_id == created["id"])
+            )
+            return pb is not None and pb.status == "applied"
+
+    sweep_until(papp, lambda: status_of(http, created["id"])() and applied())
     before = {
         r.id: (r.status, r.finished_at, r.attempts, r.cost_usd)
         for r in item_rows(papp, created["id"])
