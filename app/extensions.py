@@ -36,16 +36,33 @@ def current_flask_app() -> Flask:
     return app
 
 
+# libpq: a dead server or a cut link fails the call within about a minute instead of the
+# kernel's ~15 min of retransmits, while the process's lease renewer keeps its claims live
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms an unacknowledged send may wait
+}
+
+
 def init_db(app: Flask) -> None:
     """Bind the database; each SQLite engine gets WAL and a busy timeout on connect."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite"):
         app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
     else:
-        app.config.setdefault(
-            "SQLALCHEMY_ENGINE_OPTIONS",
-            {"pool_size": 10, "max_overflow": 40, "pool_pre_ping": True, "pool_recycle": 1800},
-        )
+        options: dict[str, Any] = {
+            "pool_size": 10,
+            "max_overflow": 40,
+            "pool_pre_ping": True,
+            "pool_recycle": 1800,
+        }
+        if uri.startswith("postgresql"):
+            options["connect_args"] = POSTGRES_CONNECT_ARGS
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", options)
     db.init_app(app)
     with app.app_context():
         for engine in db.engines.values():

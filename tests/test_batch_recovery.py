@@ -6,6 +6,8 @@ fault hook (restored afterwards), and drive the sweeper's steps themselves.
 
 from __future__ import annotations
 
+import io
+import json
 import signal
 import socket
 import time
@@ -17,6 +19,7 @@ from typing import Any
 import gevent
 import gevent.event
 import httpx
+import kombu.exceptions
 import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
@@ -24,7 +27,7 @@ from sqlalchemy import func, select, update
 from app import telemetry
 from app.cli.processes import worker_argv
 from app.extensions import db, redis_store
-from app.models import Batch, Job, utcnow
+from app.models import Batch, File, Job, utcnow
 from app.providers import Completion, Usage
 from app.services import (
     batch_claims,
@@ -32,11 +35,14 @@ from app.services import (
     batch_runner,
     batch_sweep,
     batch_writes,
+    batches,
+    files,
     sweeper,
 )
 from app.services.heartbeat import live_workers
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import (
+    app_client,
     batch_results,
     insert_batch,
     insert_job,
@@ -322,6 +328,25 @@ def test_a_batch_left_finalizing_by_a_dead_finalizer_is_taken_over_at_once(
     assert finalizer_state(batch_id) == ("completed", None)
 
 
+def test_a_finalizer_taken_over_midway_leaves_no_file_rows(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its files commit with the final status, or not at all: none orphaned in /v1/files."""
+    tenant_id = tenant_of(api_key)
+    batch_id = insert_batch(tenant_id, ["succeeded"]).id
+    name = f"{batch_id}_output.jsonl"
+
+    def overtaken(batch: Batch) -> None:
+        with db.engine.begin() as conn:  # as a sweep that judged this finalizer dead
+            conn.execute(update(Batch).where(Batch.id == batch.id).values(finalizer="other/1"))
+        files.create_generated_file(tenant_id, name, "batch_output", [b"{}\n"], key=name)
+
+    monkeypatch.setitem(batch_lifecycle.FINALIZERS, "documents", overtaken)
+    assert batch_lifecycle.maybe_finalize(batch_id)
+    assert finalizer_state(batch_id) == ("finalizing", "other/1")  # the new holder's now
+    assert not db.session.scalars(select(File).where(File.filename == name)).all()
+
+
 def test_stranded_standalone_job_is_sent_again(
     stack: Stack, app_ctx: Flask, api_key: str, client: httpx.Client
 ) -> None:
@@ -342,6 +367,62 @@ def test_stranded_standalone_job_is_sent_again(
     db.session.remove()
     count = db.session.scalar(select(func.count()).select_from(Job).where(Job.id == job_id))
     assert count == 1
+
+
+CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("submit", ["document batch", "background job", "openai batch"])
+def test_a_broker_error_after_the_commit_answers_success_and_the_sweeper_runs_it(
+    stack: Stack,
+    app_ctx: Flask,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    submit: str,
+) -> None:
+    """The work exists once committed: a 503 would have its client create it a second time."""
+    http = app_client(app_ctx, api_key)
+    if submit == "openai batch":
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": CHAT}
+        upload = {"purpose": "batch", "file": (io.BytesIO(json.dumps(line).encode()), "in.jsonl")}
+        file_id = http.post("/v1/files", data=upload, content_type="multipart/form-data").json["id"]
+
+    def refused(*_: Any, **__: Any) -> None:
+        raise kombu.exceptions.OperationalError("Error 111 connecting to redis. Refused.")
+
+    monkeypatch.setattr(batches, "send_task", refused)
+    if submit == "document batch":
+        docs = [{"id": "a", "text": "alpha"}, {"id": "b", "text": "beta"}]
+        body = {"model": "mock/echo", "instructions": "Repeat.", "documents": docs}
+        answer = http.post("/v1/document-batches", json=body)
+    elif submit == "background job":
+        answer = http.post("/v1/jobs", json=CHAT | {"mode": "batch"})
+    else:
+        window = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        answer = http.post("/v1/batches", json={"input_file_id": file_id, **window})
+    monkeypatch.undo()
+    assert answer.status_code == (200 if submit == "openai batch" else 202), answer.json
+    tenant = tenant_of(api_key)
+    db.session.remove()
+    made = db.session.scalars(select(Batch.id).where(Batch.tenant_id == tenant)).all()
+    assert len(made) == (0 if submit == "background job" else 1)
+    jobs = db.session.scalars(select(Job).where(Job.tenant_id == tenant)).all()
+    assert len(jobs) == (2 if submit == "document batch" else 1)
+    assert {job.status for job in jobs} == {"queued"}  # nothing was sent
+    long_ago = utcnow() - timedelta(minutes=2)  # the sweeper's wait, elapsed
+    db.session.execute(update(Job).where(Job.tenant_id == tenant).values(created_at=long_ago))
+    db.session.execute(update(Batch).where(Batch.tenant_id == tenant).values(created_at=long_ago))
+    db.session.commit()
+    sweeper.sweep()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        db.session.remove()
+        statuses = set(db.session.scalars(select(Job.status).where(Job.tenant_id == tenant)))
+        if statuses == {"succeeded"}:
+            break
+        time.sleep(0.2)
+    assert statuses == {"succeeded"}
+    assert len(db.session.scalars(select(Job.id).where(Job.tenant_id == tenant)).all()) == len(jobs)
 
 
 def test_a_worker_side_error_is_retried_not_the_items_failure(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +20,9 @@ from app.cli.processes import sweeper_argv
 from app.extensions import db, redis_store
 from app.models import Batch, utcnow
 from app.queueing import BATCH_QUEUE, send_task
-from app.services import sweeper
+from app.services import batch_sweep, sweeper
 from app.services.batches import CHUNK_TASK
-from tests.helpers import insert_batch, tenant_of
+from tests.helpers import insert_batch, tenant_of, wait_batch
 from tests.stack import Stack
 
 INTERVAL = 0.5
@@ -75,6 +77,41 @@ def test_sweeps_run_on_time_behind_a_flooded_batch_queue(
     db.session.remove()
     batch = db.session.get(Batch, batch_id)
     assert batch is not None and batch.status == "expired"  # the sweep really did its work
+
+
+def queued_chunks(batch_id: str) -> list[list[Any]]:
+    """The args of this batch's chunk tasks waiting in the batch queue."""
+    found = []
+    for raw in redis_store.client.lrange(BATCH_QUEUE, 0, -1):
+        args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+        if args and args[0] == batch_id:
+            found.append(args)
+    return found
+
+
+def test_a_lost_chunk_is_resent_behind_another_tenants_backlog(
+    stack: Stack, app_ctx: Flask, api_key: str, client: httpx.Client
+) -> None:
+    """A batch whose chunk send was lost (a broker error after its commit, a killed worker's
+    prefetch) while the queue holds other work: the sweep re-sends it all the same."""
+    stack.kill("batch", signal.SIGTERM)  # the queue keeps what is sent meanwhile
+    try:
+        send_task(CHUNK_TASK, ["batch_backlog", 0, 9], queue=BATCH_QUEUE)  # someone's backlog
+        lost = insert_batch(tenant_of(api_key), ["queued"] * 3).id
+        waiting = insert_batch(tenant_of(api_key), ["queued"] * 2).id  # its send just went
+        long_ago = utcnow() - timedelta(minutes=2)
+        db.session.execute(update(Batch).where(Batch.id == lost).values(created_at=long_ago))
+        db.session.commit()
+        batch_sweep.resend_orphaned_chunks()
+        assert queued_chunks(lost) == [[lost, 0, 2]]
+        assert queued_chunks(waiting) == []  # not standing still for STRANDED_AFTER yet
+        batch_sweep.resend_orphaned_chunks()
+        assert queued_chunks(lost) == [[lost, 0, 2]]  # once per period, not every pass
+    finally:
+        stack.start_worker("batch")
+        stack.wait_ready()
+    done = wait_batch(client, lost)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 3, done
 
 
 def test_a_deadlock_victim_is_run_again_and_other_errors_are_not(app: Flask) -> None:

@@ -3,12 +3,30 @@ cost counters the dashboard's cost cards read, on the real Redis."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import redis
 from flask import Flask
 
 from app.config import ConfigError, load_config
+from app.extensions import db
+from app.models import Job, new_id
 from app.policy import RouteRequest, evaluate, parse_policy
-from app.pricing import DEFAULT_PRICES, Price, budget_for, parse_budgets, parse_prices, price_for
+from app.pricing import (
+    DEFAULT_PRICES,
+    Price,
+    budget_for,
+    job_cost,
+    parse_budgets,
+    parse_prices,
+    price_for,
+)
+from app.providers import Completion, Usage
+from app.services import costs
+from app.services.provider_batches import rows
+from app.services.provider_batches.apis import Outcome
+from tests.helpers import insert_job, tenant_of
 
 
 def test_cost_from_usage_and_executor() -> None:
@@ -145,10 +163,7 @@ def test_auto_executor_by_completion_window_or_deadline() -> None:
 
 def test_cost_today_by_mode_executor_and_tenant(app_ctx: Flask, api_key: str) -> None:
     from app.dashboard import queries
-    from app.extensions import db
     from app.models import Tenant
-    from app.services import costs
-    from tests.helpers import tenant_of
 
     tenant = tenant_of(api_key)
     name = db.session.get(Tenant, tenant).name  # type: ignore[union-attr]
@@ -168,3 +183,57 @@ def test_cost_today_by_mode_executor_and_tenant(app_ctx: Flask, api_key: str) ->
     )
     assert {t["tenant"]: t["usd"] for t in after["by_tenant"]}[name] == pytest.approx(0.75)
     assert after["tenants"] == before["tenants"] + 1
+
+
+def _redis_down(*args: object, **kwargs: object) -> None:
+    raise redis.ConnectionError("Redis is down")
+
+
+def _job(job_id: str) -> Job:
+    db.session.expire_all()
+    job = db.session.get(Job, job_id)
+    assert job is not None
+    return job
+
+
+def test_spend_settled_during_a_redis_outage_is_recorded_once_after_it(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = tenant_of(api_key)
+    job = insert_job(tenant, "stream", "succeeded")
+    usd = job_cost(job.model, job.usage, None, app_ctx.config)
+    assert usd > 0
+    with monkeypatch.context() as down:
+        down.setattr(redis.client.Pipeline, "execute", _redis_down)
+        costs.settle()
+    assert _job(job.id).cost_usd is None  # left to be settled again, not lost
+    assert costs.spent_today(tenant) == 0.0
+    costs.settle()
+    assert _job(job.id).cost_usd == pytest.approx(usd)
+    assert costs.spent_today(tenant) == pytest.approx(usd)
+    costs.settle()  # priced: never again
+    assert costs.spent_today(tenant) == pytest.approx(usd)
+
+
+def test_provider_results_written_during_a_redis_outage_are_settled_later(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider executor's results are kept; their cost goes to the sweeper's settle."""
+    tenant = tenant_of(api_key)
+    pb = SimpleNamespace(id=new_id("pbatch_"), provider="mock", remote_id="mock_1",
+                         model="mock/demo", batch_id=None, submitted_at=None)  # fmt: skip
+    job = insert_job(tenant, "batch", "queued", executor="provider", provider_batch_id=pb.id)
+    answer = Completion.of_text("hi", "stop", Usage(prompt_tokens=1000, completion_tokens=500))
+    usd = job_cost(pb.model, answer.usage.as_dict(), "provider", app_ctx.config)
+    assert usd > 0
+    with monkeypatch.context() as down:
+        down.setattr(redis.client.Pipeline, "execute", _redis_down)
+        assert rows.write(pb, [(job.id, Outcome("succeeded", answer))]) == 1
+    written = _job(job.id)
+    assert written.status == "succeeded" and written.output == "hi"  # the result is kept
+    assert written.cost_usd is None and costs.spent_today(tenant) == 0.0
+    costs.settle()
+    assert _job(job.id).cost_usd == pytest.approx(usd)  # the batch price, as the writer's
+    assert costs.spent_today(tenant) == pytest.approx(usd)
+    costs.settle()
+    assert costs.spent_today(tenant) == pytest.approx(usd)

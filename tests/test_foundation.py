@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -234,6 +235,31 @@ def test_sqlite_pragmas_only_on_the_apps_engine(
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "delete"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 0
     other.dispose()
+
+
+def test_postgres_connections_fail_fast_on_a_dead_link(
+    make_app: Callable[..., Flask], test_env: dict[str, str]
+) -> None:
+    """libpq's connect timeout and keepalives are set, not the kernel's ~15 min default."""
+    url = test_env["DATABASE_URL"]
+    if not url.startswith("postgresql"):
+        url = "postgresql://postgres@127.0.0.1:5432/test"  # this machine's server, if up
+        try:
+            socket.create_connection(("127.0.0.1", 5432), 1).close()
+        except OSError:
+            pytest.skip("no PostgreSQL server here")
+    uri = url.replace("postgresql://", "postgresql+psycopg://")
+    scratch = make_app({"SQLALCHEMY_DATABASE_URI": uri})
+    with scratch.app_context():
+        raw = db.engine.raw_connection()
+        try:
+            params = raw.driver_connection.info.get_parameters()
+        finally:
+            raw.close()
+        db.engine.dispose()
+    assert params["keepalives"] == "1" and params["connect_timeout"] == "10"
+    assert int(params["keepalives_idle"]) + 3 * int(params["keepalives_interval"]) <= 60
+    assert params["tcp_user_timeout"] == "60000"
 
 
 def test_no_redis_url_is_a_clear_error_and_starts_nothing(

@@ -56,6 +56,11 @@ def _submits(file_id: str) -> dict[str, tuple[str, str, dict[str, Any]]]:
     }
 
 
+# Background work needs Redis only to send its task, after its commit: in a Redis outage it
+# is accepted (a 503 would have its client create it twice) and the sweeper sends it later.
+ACCEPTED = {"jobs async": 202, "document batch": 202, "openai batch": 200}
+
+
 def _assert_503(response: httpx.Response, what: str) -> None:
     assert response.status_code == 503, (what, response.status_code, response.text[:300])
     assert int(response.headers["Retry-After"]) > 0
@@ -69,15 +74,15 @@ def test_dead_redis_or_database_is_503_in_process(
 ) -> None:
     auth = {"Authorization": f"Bearer {api_key}"}
     no_redis = make_app({"REDIS_URL": "redis://127.0.0.1:1/0"}).test_client()
-    for method, path, kwargs in _submits("file_x").values():
+    for name, (method, path, kwargs) in _submits("file_x").items():
         if path == "/v1/batches":
             continue  # needs an uploaded file: the real-stack test covers it
         caplog.clear()
         answer = no_redis.open(
             path, method=method, headers=auth | kwargs.pop("headers", {}), **kwargs
         )
-        if path == "/v1/me":
-            assert answer.status_code == 200  # needs the database only
+        if path == "/v1/me" or name in ACCEPTED:
+            assert answer.status_code == ACCEPTED.get(name, 200), name  # the database only
             continue
         assert answer.status_code == 503, (path, answer.get_data(as_text=True))
         assert answer.headers["Retry-After"] == "5"
@@ -165,9 +170,12 @@ def test_redis_and_database_cut_answer_503_then_recover(
                     continue  # needs the database only
                 started = time.monotonic()
                 answer = client.request(method, path, **kwargs)
+                assert time.monotonic() - started < 15  # bounded by the socket timeouts
+                if what == "redis" and name in ACCEPTED:
+                    assert answer.status_code == ACCEPTED[name], (name, answer.text[:300])
+                    continue
                 _assert_503(answer, f"{what} cut: {name}")
                 assert answer.json()["error"]["code"] == f"{what}_unavailable"
-                assert time.monotonic() - started < 15  # bounded by the socket timeouts
             proxy.restore()
             _wait_for(lambda: client.post("/v1/chat/completions", json=CHAT).status_code == 200)
             assert client.get("/v1/me").status_code == 200

@@ -561,7 +561,15 @@ def test_results_applied_twice_are_written_once(
     from app.services.provider_batches import engine
 
     created = doc_batch(http, "openai/echo", 2)
-    sweep_until(papp, status_of(http, created["id"]))
+
+    def applied() -> bool:  # the batch can end (all items written) before its row closes
+        with papp.app_context():
+            pb = db.session.scalar(
+                select(ProviderBatch).where(ProviderBatch.batch_id == created["id"])
+            )
+            return pb is not None and pb.status == "applied"
+
+    sweep_until(papp, lambda: status_of(http, created["id"])() and applied())
     before = {
         r.id: (r.status, r.finished_at, r.attempts, r.cost_usd)
         for r in item_rows(papp, created["id"])
@@ -727,3 +735,63 @@ def test_a_window_longer_than_the_providers_resends_what_the_provider_expired(
     sent = Counter(c for b in fresh_batch_apis.of_kind("anthropic") for c in b.custom_ids)
     assert sent == Counter({r.id: 2 for r in rows})  # once per provider batch
     assert all(r.attempts == 1 and r.output for r in rows)
+
+
+@pytest.mark.parametrize("how", ["refused", "cut", "expiry-refused", "job-refused"])
+def test_a_cancel_the_provider_never_took_is_sent_again(
+    how: str,
+    http: httpx.Client,
+    papp: Flask,
+    fresh_batch_apis: BatchAPIs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The provider refused the cancel (a 500), or never got it (the process was cut after
+    the commit): the polls tell it again, and everything ends cancelled within a few sweeps,
+    not when the provider batch would have finished (60 s) or expired (24 h)."""
+    from app.models import Batch
+    from app.providers import ProviderError
+    from app.services import batch_lifecycle, jobs
+    from app.services.provider_batches import apis
+    from app.services.stream_runner import CANCELLED_ERROR
+
+    def refuse(self: Any, remote_id: str) -> None:
+        raise ProviderError("openai: 500 on cancel", retryable=True, status_code=500)
+
+    fresh_batch_apis.configure(processing_s=60.0)
+    if how == "job-refused":
+        body = {
+            "model": "openai/echo",
+            "mode": "batch",
+            "messages": [{"role": "user", "content": "x"}],
+        }
+        job = http.post("/v1/jobs", json=body).json()
+        batch_id, job_id = None, job["id"]
+    else:
+        window = {"completion_window": "3s"} if how == "expiry-refused" else {}
+        batch_id, job_id = doc_batch(http, "openai/echo", 2, **window)["id"], None
+    sweep_until(papp, lambda: bool(getattr(pbatch_of(papp, batch_id, job_id), "remote_id", None)))
+    remote_id = pbatch_of(papp, batch_id, job_id).remote_id
+    # in this process only: the batch workers that poll call the provider as it is
+    monkeypatch.setattr(apis.OpenAIBatchAPI, "cancel", refuse)
+    if how == "cut":
+        monkeypatch.setattr(batch_lifecycle, "cancel_remote", lambda batch_id: None)
+    with papp.app_context():
+        if how == "job-refused":
+            assert jobs.cancel_background_job(job_id, CANCELLED_ERROR)
+        elif how != "expiry-refused":
+            batch = db.session.get(Batch, batch_id)
+            assert batch is not None and batch_lifecycle.cancel_batch(batch).status == "cancelling"
+    if how != "expiry-refused":
+        assert fresh_batch_apis.cancels[remote_id] == 0  # not delivered
+        assert pbatch_of(papp, batch_id, job_id).cancel_requested_at is None  # nor recorded
+    sweep_until(papp, lambda: pbatch_of(papp, batch_id, job_id).status == "applied", timeout=20)
+    assert fresh_batch_apis.cancels[remote_id] >= 1
+    assert fresh_batch_apis.items[remote_id].cancel_at is not None
+    assert pbatch_of(papp, batch_id, job_id).remote_status == "cancelled"
+    if batch_id is not None:
+        sweep_until(papp, status_of(http, batch_id), timeout=10)
+        batch = http.get(f"/v1/document-batches/{batch_id}").json()
+        ended = "expired" if how == "expiry-refused" else "cancelled"
+        assert batch["status"] == ended and batch["counts"][ended] == 2, batch
+    else:
+        assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import openai
 import pytest
+import redis
 from flask import Flask
+from sqlalchemy import select
 
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
+from app.queueing import STREAM_QUEUE
+from app.services import jobs, stream_runner
 from app.streams.keys import lease_key, log_key
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import follow, read_sse, stream_chat
+from tests.helpers import SSE, app_client, follow, read_sse, stream_chat, tenant_of
 from tests.stack import Stack
 
 
@@ -195,3 +202,76 @@ def test_killed_stream_worker(
             stack.kill(mine)
         stack.start_worker("stream")
         stack.wait_ready()
+
+
+def _until(lines: Iterator[str], deadline: float) -> Iterator[str]:
+    """An SSE body's lines until the deadline (the relay's pings keep them coming)."""
+    for line in lines:
+        yield line
+        if time.monotonic() > deadline:
+            return
+
+
+def test_a_stream_whose_task_was_lost_still_streams(
+    stack: Stack, client: httpx.Client, upstream: FakeUpstream, app: Flask
+) -> None:
+    """The task is lost before a worker took the job (its worker died with it prefetched):
+    the sweep sends it again, and the client waiting on the stream gets it within ~30 s."""
+    upstream.add_scenario("lost-task", deltas=["found ", "again"])
+    body = {"model": "openai/lost-task", "messages": [{"role": "user", "content": "x"}]}
+    stack.kill("stream", signal.SIGTERM)  # the queue keeps the task meanwhile
+    started = time.monotonic()
+    got: dict[str, Any] = {}
+
+    def consume() -> None:
+        with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+            got["sse"] = read_sse(r, lines=_until(r.iter_lines(), started + 40))
+            got["at"] = time.monotonic()
+
+    reader = threading.Thread(target=consume, daemon=True)
+    try:
+        with app.app_context():
+            reader.start()
+            queue = redis_store.client
+            while not queue.llen(STREAM_QUEUE):
+                assert time.monotonic() < started + 10, "the task was never sent"
+                time.sleep(0.05)
+            queue.delete(STREAM_QUEUE)  # lost
+            stack.start_worker("stream")
+            stack.wait_ready()
+            while reader.is_alive():  # as beat's sweeper does, every second here
+                stream_runner.sweep_streams()
+                reader.join(1)
+    finally:
+        if "stream" not in stack.procs:
+            stack.start_worker("stream")
+            stack.wait_ready()
+    sse: SSE = got["sse"]
+    assert sse.done and sse.error is None and sse.text == "found again", sse
+    assert got["at"] - started < 30, f"streamed after {got['at'] - started:.1f}s"
+
+
+def test_a_failed_send_ends_the_job_before_the_client_is_told_to_retry(
+    stack: Stack, app: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 asks for a retry, so the job it was about must never run (as a second copy)."""
+
+    def refused(*_: Any, **__: Any) -> None:
+        raise redis.ConnectionError("Error 111 connecting to redis. Connection refused.")
+
+    http = app_client(app, api_key)
+    body = {"model": "mock/echo", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with app.app_context():
+        for also_the_log in (False, True):
+            monkeypatch.setattr(jobs, "push_task", refused)
+            if also_the_log:  # Redis refuses the log's error entry too: the row alone ends
+                monkeypatch.setattr(stream_runner, "write_terminal", refused)
+            answer = http.post("/v1/chat/completions", json=body)
+            monkeypatch.undo()
+            assert answer.status_code == 503, answer.get_data(as_text=True)
+            db.session.remove()
+            rows = db.session.scalars(
+                select(Job).where(Job.tenant_id == tenant_of(api_key)).order_by(Job.created_at)
+            ).all()
+            assert len(rows) == 1 + also_the_log
+            assert rows[-1].status == "failed" and rows[-1].error["code"] == "not_started"

@@ -34,6 +34,9 @@ FINALIZERS: dict[str, Callable[[Batch], None]] = {"openai": write_result_files}
 
 def cancel_batch(batch: Batch) -> Batch:
     """Stop a batch: queued items never run, running ones finish or stop, then cancelled."""
+    if batch.status == "cancelling" and batch.executor == "provider":
+        cancel_remote(batch.id)  # again: a provider that refused the first is told again
+        return batch
     if batch.status in ("cancelling", "cancelled"):
         return batch
     if batch.status != "in_progress":
@@ -121,6 +124,7 @@ def maybe_finalize(batch_id: str, *, take_over: bool = False) -> bool:
         try:
             _run_finalizer(batch_id, final, holder)
         except BaseException:
+            db.session.rollback()  # what the finalizer wrote goes; it held SQLite's lock
             back = {"status": prior, "finalizing_at": row.finalizing_at, "finalizer": None}
             if prior == "finalizing":  # taken over: left for the next sweep to take again
                 back = {"finalizer": None}
@@ -135,7 +139,11 @@ def maybe_finalize(batch_id: str, *, take_over: bool = False) -> bool:
 
 
 def _run_finalizer(batch_id: str, final: str, holder: str) -> None:
-    """Run the kind's finalizer, then move finalizing -> the final status (if still ours)."""
+    """Run the kind's finalizer, then move finalizing -> the final status, if still ours.
+
+    What the finalizer wrote (its file rows) commits with the final status, in one
+    transaction: a finalizer cut short or taken over leaves no rows behind.
+    """
     batch = db.session.get(Batch, batch_id, populate_existing=True)
     assert batch is not None
     values: dict[str, Any] = {"status": final, f"{final}_at": utcnow(), "finalizer": None}
@@ -145,22 +153,23 @@ def _run_finalizer(batch_id: str, final: str, holder: str) -> None:
         finalizer = FINALIZERS.get(batch.kind)
         if finalizer is not None:
             finalizer(batch)
-        db.session.commit()
+        db.session.flush()
     except Exception as exc:
         log.exception("finalizer for batch %s failed", batch_id)
         db.session.rollback()
         error = {"code": "finalize_failed", "message": f"{type(exc).__name__}: {exc}"}
         values = {"status": "failed", "failed_at": utcnow(), "errors": [error], "finalizer": None}
-    with db.engine.begin() as conn:
-        conn.execute(
-            update(batches_t)
-            .where(
-                batches_t.c.id == batch_id,
-                batches_t.c.status == "finalizing",
-                batches_t.c.finalizer == holder,
-            )
-            .values(**values)
-        )
+    ours = (
+        batches_t.c.id == batch_id,
+        batches_t.c.status == "finalizing",
+        batches_t.c.finalizer == holder,
+    )
+    moved = db.session.execute(update(batches_t).where(*ours).values(**values))
+    if not moved.rowcount:  # type: ignore[attr-defined]
+        db.session.rollback()  # taken over: the new holder writes its own
+        log.warning("batch %s was taken over from finalizer %s", batch_id, holder)
+        return
+    db.session.commit()
     log.info("batch %s %s", batch_id, values["status"])  # a batch's end: one line
     db.session.expire_all()
     batch = db.session.get(Batch, batch_id)

@@ -7,9 +7,9 @@ with workers and with another sweep: every move is a conditional UPDATE.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Exists, exists, func, select
 
 from app.extensions import db, redis_store
 from app.models import utcnow
@@ -22,9 +22,9 @@ from app.services.batches import enqueue_chunks, requeue_items, resend, runs
 
 log = logging.getLogger(__name__)
 
-STRANDED_AFTER = 30.0  # seconds a standalone job may stay queued before its task is re-sent
-RESEND_EVERY = 300  # seconds between two re-sends of one stranded job
-RESENT_KEY = "sluice:batch:resent:{}"
+STRANDED_AFTER = 30.0  # seconds a standalone job (a batch: its items) may stand still queued
+RESEND_EVERY = 300  # seconds between two re-sends of one stranded job (the most, of a batch)
+RESENT_KEY = "sluice:batch:resent:{}"  # + job or batch id: its last re-send, while it counts
 LOST = {
     "message": "the worker running this item vanished (its claim lease lapsed)",
     "type": "server_error",
@@ -61,46 +61,65 @@ def requeue_lost_items() -> int:
 
 
 def resend_orphaned_chunks() -> int:
-    """Queued items of a batch with nothing running while the queue is empty: re-send them.
+    """Queued items of a batch with nothing running and standing still: re-send them.
 
-    Covers a task message lost with its worker before it claimed anything (Redis only
-    redelivers it after the visibility timeout). Duplicates are harmless: claims are
-    conditional.
+    Covers chunk sends that failed after their commit (create_batch, a give-back) and
+    messages lost with a worker before it claimed anything (Redis only redelivers them after
+    the visibility timeout), behind any backlog of the queue: a batch is due once none of
+    its items started or ended for STRANDED_AFTER seconds (at once while the queue is
+    empty), and again after as long as it has stood still (at most RESEND_EVERY).
+    Duplicates are harmless: claims are conditional.
     """
     client = redis_store.client
-    if client.llen(BATCH_QUEUE):
-        return 0
+    drained = not client.llen(BATCH_QUEUE)
     with db.engine.connect() as conn:
-        batch_ids = conn.scalars(
-            select(batches_t.c.id).where(
+        batches = conn.execute(
+            select(batches_t.c.id, batches_t.c.created_at).where(
                 batches_t.c.status == "in_progress",
                 batches_t.c.executor.is_distinct_from("provider"),  # #13: not on workers
             )
         ).all()
     sent = 0
-    for batch_id in batch_ids:
+    for batch_id, created_at in batches:
+        gate = RESENT_KEY.format(batch_id)
         with db.engine.connect() as conn:
-            counts: dict[str, int] = dict(
-                conn.execute(
-                    select(jobs_t.c.status, func.count())
-                    .where(
-                        jobs_t.c.batch_id == batch_id, jobs_t.c.status.in_(("queued", "running"))
-                    )
-                    .group_by(jobs_t.c.status)
-                ).all()
-            )
-            if counts.get("running") or not counts.get("queued"):
+            if not _orphaned(conn, batch_id) or client.exists(gate):
+                continue
+            idle = _idle_seconds(conn, batch_id, created_at)
+            if idle < STRANDED_AFTER and not drained:
+                continue
+            again_after = int(min(RESEND_EVERY, max(STRANDED_AFTER, idle)))
+            if not client.set(gate, 1, nx=True, ex=again_after):
                 continue
             indexes = conn.scalars(
                 select(jobs_t.c.item_index).where(
                     jobs_t.c.batch_id == batch_id, jobs_t.c.status == "queued"
                 )
             ).all()
-        if client.llen(BATCH_QUEUE):
-            return sent
         for lo, hi in runs(sorted(indexes)):
             sent += enqueue_chunks(batch_id, lo, hi)
+        log.warning("re-sent %d queued item(s) of %s (idle %.0fs)", len(indexes), batch_id, idle)
     return sent
+
+
+def _orphaned(conn: Connection, batch_id: str) -> bool:
+    """Whether the batch has queued items and none running (two index lookups, no count)."""
+
+    def has(status: str) -> Exists:
+        return exists().where(jobs_t.c.batch_id == batch_id, jobs_t.c.status == status)
+
+    return bool(conn.scalar(select(has("queued") & ~has("running"))))
+
+
+def _idle_seconds(conn: Connection, batch_id: str, created_at: datetime) -> float:
+    """Seconds since the batch was created or one of its items last started or ended."""
+    started, finished = conn.execute(
+        select(func.max(jobs_t.c.started_at), func.max(jobs_t.c.finished_at)).where(
+            jobs_t.c.batch_id == batch_id
+        )
+    ).one()
+    last = max(t for t in (created_at, started, finished) if t is not None)
+    return (utcnow() - last).total_seconds()
 
 
 def resend_stranded_jobs() -> int:

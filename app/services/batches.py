@@ -216,7 +216,7 @@ def create_batch(
                     return existing
             raise
     if route.executor != "provider":  # the provider executor's sweep step submits them
-        enqueue_chunks(batch_id, 0, total - 1)
+        send_committed(f"the chunks of {batch_id}", lambda: enqueue_chunks(batch_id, 0, total - 1))
     batch = db.session.get(Batch, batch_id)
     assert batch is not None
     events.batch_changed(batch)
@@ -300,11 +300,20 @@ def requeue_items(rows: Iterable[Any], error: dict[str, Any]) -> int:
                 else:
                     singles.append(row.id)
     telemetry.batch_rows_written(ended)  # items out of attempts end here, not on a worker
-    try:
-        resend(ranges, singles)
-    except Exception:
-        log.warning("could not re-send %d item(s); the sweeper will", len(ranges) + len(singles))
+    send_committed(f"{len(ranges) + len(singles)} item(s)", lambda: resend(ranges, singles))
     return len(ranges) + len(singles)
+
+
+def send_committed(what: str, send: Callable[[], object]) -> None:
+    """Send the tasks of committed work; a failure (a broker outage) is logged, not raised.
+
+    The work exists: an error answer would have its client create it again. The sweeper
+    re-sends what stays queued (batch_sweep: stranded jobs, orphaned chunks).
+    """
+    try:
+        send()
+    except Exception as exc:
+        log.warning("could not send %s (%r); the sweeper will", what, exc)
 
 
 def resend(indexes: set[tuple[str, int]], singles: Iterable[str]) -> int:
@@ -368,7 +377,7 @@ def submit_batch_job(
     db.session.add(job)
     db.session.commit()
     if route.executor != "provider":  # the provider executor's sweep step submits it
-        send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE)
+        send_committed(job.id, lambda: send_task(JOB_TASK, args=[job.id], queue=BATCH_QUEUE))
     events.job_changed(job)
     return job
 

@@ -4,7 +4,8 @@ A job's cost comes from its usage, its model's price (`app.pricing`) and its exe
 (the provider executor pays the batch price). The provider executor records it as it
 writes each result; the sweeper's `settle` step prices every other ended job (streams
 and worker-run batch items) within a sweep, so no runner needs to know about prices.
-Each job is priced once (`cost_usd IS NULL` guards the write), and only then added to:
+Each job is priced once (`cost_usd IS NULL` guards the write), its cost added first to
+the totals below (`charge`; a Redis failure leaves the job unpriced for a later `settle`):
 
 - `sluice:costs:totals`, a Redis hash `tenant|mode|executor` -> USD, exposed by
   `/metrics` as `sluice_cost_usd_total{tenant,mode,executor}`;
@@ -53,25 +54,42 @@ def day_of(at: datetime | None = None) -> str:
 
 
 def record(entries: Iterable[tuple[str, str, str | None, float]]) -> None:
-    """Add priced jobs (tenant_id, mode, executor, usd) to the totals. Never raises."""
+    """Add priced jobs (tenant_id, mode, executor, usd) to the totals, all or none (one
+    MULTI/EXEC); raises when Redis does."""
     items = [e for e in entries if e[3]]
     if not items:
         return
+    names = _tenant_names({e[0] for e in items})
+    pipe = redis_store.client.pipeline(transaction=True)
+    day = DAY_KEY.format(day_of())
+    split = DAY_SPLIT_KEY.format(day_of())
+    for tenant_id, mode, executor, usd in items:
+        label = f"{names.get(tenant_id, tenant_id)}|{mode}|{executor or 'workers'}"
+        pipe.hincrbyfloat(TOTALS_KEY, label, usd)
+        pipe.hincrbyfloat(day, tenant_id, usd)
+        pipe.hincrbyfloat(split, f"{mode}|{executor or 'workers'}", usd)
+    pipe.expire(day, DAY_TTL)
+    pipe.expire(split, DAY_TTL)
+    pipe.execute()
+
+
+def charge(priced: Iterable[tuple[str, str, str | None, float]]) -> bool:
+    """Add jobs about to be priced (tenant_id, mode, executor, usd) to the totals, before
+    their cost_usd is written; False if Redis failed: then write them unpriced (NULL), and
+    the sweeper's `settle` charges them later, so no spend is lost to a Redis outage.
+
+    Call it outside any transaction (no database lock held across Redis). A job priced by
+    another writer meanwhile, or a process cut before the write commits, is counted twice:
+    the safe side for budgets.
+    """
+    entries = list(priced)
     try:
-        names = _tenant_names({e[0] for e in items})
-        pipe = redis_store.client.pipeline(transaction=False)
-        day = DAY_KEY.format(day_of())
-        split = DAY_SPLIT_KEY.format(day_of())
-        for tenant_id, mode, executor, usd in items:
-            label = f"{names.get(tenant_id, tenant_id)}|{mode}|{executor or 'workers'}"
-            pipe.hincrbyfloat(TOTALS_KEY, label, usd)
-            pipe.hincrbyfloat(day, tenant_id, usd)
-            pipe.hincrbyfloat(split, f"{mode}|{executor or 'workers'}", usd)
-        pipe.expire(day, DAY_TTL)
-        pipe.expire(split, DAY_TTL)
-        pipe.execute()
-    except Exception:
-        log.warning("could not add %d job cost(s) to the Redis totals", len(items))
+        record(entries)
+    except Exception as exc:
+        log.warning("could not add %d job cost(s) to the Redis totals (%s): left to settle",
+                    len(entries), type(exc).__name__)  # fmt: skip
+        return False
+    return True
 
 
 def _tenant_names(ids: set[str]) -> dict[str, str]:
@@ -91,18 +109,16 @@ def settle(limit: int = SETTLE_LIMIT) -> int:
             .where(jobs_t.c.cost_usd.is_(None), jobs_t.c.finished_at.is_not(None))
             .limit(limit)
         ).all()  # fmt: skip
-    priced: list[tuple[str, str, str | None, float]] = []
+    usd = {row.id: job_cost(row.model, row.usage, row.executor, config) for row in rows}
+    if not charge((row.tenant_id, row.mode, row.executor, usd[row.id]) for row in rows):
+        return len(rows)  # all left unpriced: the next sweep charges them
     with db.engine.begin() as conn:
-        for row in rows:
-            usd = job_cost(row.model, row.usage, row.executor, config)
-            moved = conn.execute(
+        for job_id, cost in usd.items():
+            conn.execute(
                 update(jobs_t)
-                .where(jobs_t.c.id == row.id, jobs_t.c.cost_usd.is_(None))
-                .values(cost_usd=usd)
-            ).rowcount
-            if moved:
-                priced.append((row.tenant_id, row.mode, row.executor, usd))
-    record(priced)
+                .where(jobs_t.c.id == job_id, jobs_t.c.cost_usd.is_(None))
+                .values(cost_usd=cost)
+            )
     return len(rows)
 
 

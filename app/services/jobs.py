@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +17,10 @@ from app.queueing import STREAM_QUEUE, push_task
 from app.services.costs import job_cost_usd
 from app.services.events import job_changed
 from app.services.provider_batches.rows import cancel_job_remote
+from app.services.stream_runner import STREAM_TASK, end_unsent_job
 
-STREAM_TASK = "sluice.stream.run"
+log = logging.getLogger(__name__)
+
 MAX_PRIORITY = 2**31 - 1  # the jobs.priority column is a 32-bit integer
 
 
@@ -97,7 +100,9 @@ def start_stream_job(
 
     The returned Job is not bound to the session and has every column loaded, so reading
     it never costs a query. Pass job_id when a stream slot was already taken for it;
-    `before_send()` runs between the commit and the send (the relay's subscribe).
+    `before_send()` runs between the commit and the send (the relay's subscribe). A send that
+    fails ends the job (end_unsent_job) and raises; a message lost later is re-sent by the
+    stream sweep.
     """
     record = body.to_record()
     values: dict[str, Any] = {
@@ -122,14 +127,19 @@ def start_stream_job(
     db.session.execute(insert(jobs_t), [columns])  # Core: no ORM bulk-insert layer
     db.session.commit()
     job = Job(**values)
-    if before_send is not None:
-        before_send()
-    with redis_store.client.pipeline(transaction=False) as pipe:  # task + note: one round trip
-        push_task(pipe, STREAM_TASK, [job.id, record], STREAM_QUEUE)
-        job_changed(job, pipe)
-        for answer in pipe.execute(raise_on_error=False)[:-1]:  # the note is best effort
-            if isinstance(answer, Exception):
-                raise answer
+    try:
+        if before_send is not None:
+            before_send()
+        with redis_store.client.pipeline(transaction=False) as pipe:  # task + note: one trip
+            push_task(pipe, STREAM_TASK, [job.id, record], STREAM_QUEUE)
+            job_changed(job, pipe)
+            for answer in pipe.execute(raise_on_error=False)[:-1]:  # the note is best effort
+                if isinstance(answer, Exception):
+                    raise answer
+    except Exception:
+        if end_unsent_job(job.id):  # ended: the client's retry is a new job, not a second run
+            raise
+        log.warning("job %s: its send raised, but a worker took it; streaming", job.id)
     return job
 
 

@@ -36,6 +36,7 @@ from app.providers import (
     estimate_tokens,
     providers,
 )
+from app.queueing import STREAM_QUEUE, push_task
 from app.services.events import publish
 from app.streams.entries import (
     Entry,
@@ -250,8 +251,34 @@ def _release(job_id: str) -> None:
         log.exception("could not release the stream slot of %s", job_id)
 
 
+STREAM_TASK = "sluice.stream.run"  # run_stream_job's task (workers/stream_tasks.py)
+RESEND_AFTER = 15.0  # seconds a stream job may stay queued, unleased, before its task is re-sent
+RESENT_KEY = "sluice:stream:resent:{}"  # + job id: its last re-send, for RESEND_AFTER seconds
+UNSENT_ERROR = {
+    "message": "The job's task could not be sent (Redis was unreachable); nothing ran.",
+    "type": "server_error",
+    "code": "not_started",
+    "param": None,
+}
+
+
+def end_unsent_job(job_id: str) -> bool:
+    """End a queued job whose task could not be sent; False if a worker took it all the same.
+
+    Its client is answered an error, so the job must never run later (the sweep would
+    re-send it): when Redis refuses the log's error entry too, the row alone ends (a relay
+    or the sweep copies that end into the log, fail_lost_job).
+    """
+    try:
+        return _end_queued(job_id, "failed", UNSENT_ERROR)
+    except Exception as exc:
+        log.warning("job %s: ending it in the log failed (%r); the row alone ends", job_id, exc)
+        return _end_job(job_id, "failed", from_status=("queued",), error=UNSENT_ERROR)
+
+
 def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
-    """Sweeper step: fail running stream jobs whose lease lapsed, and long-queued ones."""
+    """Sweeper step: fail running stream jobs whose lease lapsed, and long-queued ones;
+    re-send the task of a job queued for RESEND_AFTER seconds with no lease and no log."""
     config = current_app.config
     client = redis_store.client
     lease = config["STREAM_LEASE_SECONDS"]
@@ -265,15 +292,15 @@ def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
             Job.started_at < now - timedelta(seconds=lease),
         )
     ).all()
-    queued = db.session.scalars(
-        select(Job.id).where(
+    queued = db.session.execute(
+        select(Job.id, Job.created_at).where(
             Job.status == "queued",
             Job.mode == "stream",
-            Job.created_at < now - timedelta(seconds=queued_timeout),
+            Job.created_at < now - timedelta(seconds=min(RESEND_AFTER, queued_timeout)),
         )
     ).all()
     db.session.commit()
-    counts = {"lost": 0, "unstarted": 0}
+    counts = {"lost": 0, "unstarted": 0, "resent": 0}
     if running:
         pipe = client.pipeline(transaction=False)
         for job_id in running:
@@ -281,13 +308,30 @@ def sweep_streams(*, queued_timeout: float | None = None) -> dict[str, int]:
         for job_id, leased in zip(running, pipe.execute(), strict=True):
             if not leased and _safely(fail_lost_job, job_id):
                 counts["lost"] += 1
-    for job_id in queued:
+    stale = now - timedelta(seconds=queued_timeout)
+    for job_id, created_at in queued:
         if client.exists(lease_key(job_id)):
+            continue
+        if created_at >= stale:
+            if _safely(_resend, client, job_id):
+                counts["resent"] += 1
             continue
         # a log that ended (a cancel cut short before its row write) settles the row first
         if _safely(fail_lost_job, job_id) or _safely(fail_unstarted_job, job_id, queued_timeout):
             counts["unstarted"] += 1
     return counts
+
+
+def _resend(client: redis.Redis, job_id: str) -> bool:
+    """Send a queued job's task again (a lost or unsent message) unless it has a log or was
+    re-sent lately; a duplicate is harmless (the lease is taken NX, a log is never rerun)."""
+    if client.exists(log_key(job_id)):
+        return False
+    if not client.set(RESENT_KEY.format(job_id), 1, nx=True, ex=int(RESEND_AFTER)):
+        return False
+    push_task(client, STREAM_TASK, [job_id], STREAM_QUEUE)
+    log.warning("job %s: still queued, no worker holds it; its task was sent again", job_id)
+    return True
 
 
 def _safely(step: Any, *args: Any) -> bool:

@@ -63,6 +63,7 @@ class Remote:
     counts: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # a batch-level failure
     handle: Any = None  # the SDK object, for results
+    cancelling: bool = False  # the provider took a cancel and is winding the batch down
 
 
 class Pending(Exception):
@@ -179,7 +180,7 @@ class OpenAIBatchAPI(_SDKAdapter):
             data = (batch.errors.data if batch.errors else None) or []
             text = "; ".join(f"{e.code}: {e.message}" for e in data) or "the batch failed"
             error = item_error("provider_batch_failed", f"{self.name}: {text}", self.name)
-        return Remote(status, ended, status, counts, error, batch)
+        return Remote(status, ended, status, counts, error, batch, status == "cancelling")
 
     def cancel(self, remote_id: str) -> None:
         self._call(self.client.batches.cancel, remote_id)
@@ -296,7 +297,8 @@ class AnthropicBatchAPI(_SDKAdapter):
             final = "cancelled"
         elif counts.get("expired"):
             final = "expired"
-        return Remote(str(batch.processing_status), ended, final, counts, None, batch)
+        cancelling = batch.cancel_initiated_at is not None
+        return Remote(str(batch.processing_status), ended, final, counts, None, batch, cancelling)
 
     def cancel(self, remote_id: str) -> None:
         self._call(self.client.messages.batches.cancel, remote_id)

@@ -16,6 +16,9 @@ its task re-sent, never double-apply:
   so a batch created but not recorded is found, not created twice.
 - poll (`poll`): each open provider batch is retrieved when due from its stored id, with
   backoff doubling from PROVIDER_BATCH_POLL_SECONDS up to PROVIDER_BATCH_POLL_MAX_SECONDS.
+  One nobody waits for any more (its batch cancelling or ended, its jobs cancelled) and
+  that the provider is not cancelling is told to cancel again at each poll: a cancel the
+  provider refused, or never sent because the process was cut, is delivered all the same.
 - apply: an ended provider batch's results (any order, matched by custom_id = job id) are
   written into item rows still `queued` (so each exactly once), with usage and cost at the
   batch price; items without a result end by how the provider batch ended.
@@ -296,7 +299,7 @@ def send(pb_id: str) -> int:
             log.warning("provider batch %s found unrecorded as %s: adopted", pb_id, found)
             _store(pb, generation, found)
             return 1
-    if pb.cancel_requested_at is not None:  # cancelled before anything was created
+    if pb.cancel_requested_at is not None or rows.unwanted(pb):  # cancelled before sent
         cancelled = Outcome("cancelled", error=stop_error("cancelled"))
         rows.write(pb, [(j.id, cancelled) for j in rows.items(pb_id)])
         _close(pb, "applied", utcnow())
@@ -363,21 +366,14 @@ def _store(pb: Any, generation: int, remote_id: str) -> None:
             )
         ).rowcount
     current = rows.row(pb.id)
-    api = batch_api(pb.provider)
     if not stored:
         if current is None or current.remote_id != remote_id:
             log.warning("provider batch %s: lost its row; cancelling %s", pb.id, remote_id)
-            _try_cancel(api, pb, remote_id)
+            rows.tell_cancel(pb, remote_id)
         return
-    if current is not None and current.cancel_requested_at is not None:
-        _try_cancel(api, pb, remote_id)
-
-
-def _try_cancel(api: Any, pb: Any, remote_id: str) -> None:
-    try:
-        api.cancel(remote_id)
-    except Exception as exc:
-        log.warning("cancelling %s (%s) at %s failed: %s", pb.id, remote_id, pb.provider, exc)
+    asked = current is not None and current.cancel_requested_at is not None
+    if asked and not rows.tell_cancel(current):  # refused: unmarked, the next poll retells
+        rows.set_where(pb.id, "in_progress", cancel_requested_at=None, next_poll_at=now)
 
 
 def _error_of(exc: BaseException) -> dict[str, Any]:
@@ -448,17 +444,30 @@ def poll(pb_id: str) -> int:
         )
         return 0
     if not remote.ended:
+        told = not remote.cancelling and _retell(pb)
         rows.set_where(
             pb_id,
             "in_progress",
             remote_status=remote.status,
             remote_counts=remote.counts,
             polls=pb.polls + 1,
-            next_poll_at=utcnow() + _backoff(pb.polls + 1),
+            next_poll_at=utcnow() + _backoff(0 if told else pb.polls + 1),
         )
         return 0
     _apply(pb, api, remote)
     return 1
+
+
+def _retell(pb: Any) -> bool:
+    """Tell the provider again to cancel a provider batch nobody waits for (its cancel was
+    refused, or never sent); True if it accepted. One accepted within the last
+    PROVIDER_BATCH_POLL_MAX_SECONDS is left alone (this poll's retrieve may predate it)."""
+    fresh = rows.row(pb.id)
+    asked = fresh.cancel_requested_at if fresh is not None else None
+    recent = timedelta(seconds=_config("PROVIDER_BATCH_POLL_MAX_SECONDS"))
+    if asked is not None and utcnow() - rows.aware(asked) < recent:
+        return False
+    return rows.unwanted(pb) and rows.tell_cancel(pb)
 
 
 def _apply(pb: Any, api: Any, remote: Remote) -> None:

@@ -99,25 +99,31 @@ def bound(rows: Iterable[Any]) -> tuple[dict[str, ChatRequest], list[tuple[str, 
 
 
 def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
-    """Write outcomes into items still queued in this provider batch (exactly once)."""
+    """Write outcomes into items still queued in this provider batch (exactly once), their
+    cost charged first (`costs.charge`; unpriced if Redis failed, for the sweeper's settle)."""
     if not outcomes:
         return 0
     config = current_app.config
     now = utcnow()
     written = prompt = completion = 0
     holder = f"provider:{pb.provider}/{pb.remote_id or pb.id}"
-    priced: list[tuple[str, str, str | None, float]] = []
-    ids: list[str] = []
-    with db.engine.begin() as conn:
-        rows = conn.execute(
-            select(jobs_t.c.id, jobs_t.c.model, jobs_t.c.tenant_id, jobs_t.c.mode).where(
-                jobs_t.c.id.in_([j for j, _ in outcomes])
+    usages = {j: o.completion.usage.as_dict() if o.completion is not None else None
+              for j, o in outcomes}  # fmt: skip
+    usd = {j: job_cost(pb.model, usage, "provider", config) for j, usage in usages.items()}
+    with db.engine.connect() as conn:
+        waiting = conn.execute(
+            select(jobs_t.c.id, jobs_t.c.tenant_id, jobs_t.c.mode).where(
+                jobs_t.c.id.in_(list(usd)),
+                jobs_t.c.status == "queued",
+                jobs_t.c.provider_batch_id == pb.id,
             )
         ).all()
-        known = {row.id: row for row in rows}
+    charged = costs.charge((row.tenant_id, row.mode, "provider", usd[row.id]) for row in waiting)
+    ids: list[str] = []
+    with db.engine.begin() as conn:
         for job_id, o in outcomes:
             c = o.completion
-            usage = c.usage.as_dict() if c is not None else None
+            usage = usages[job_id]
             values: dict[str, Any] = {
                 "status": o.status,
                 "output": db_text(c.text) if c is not None else None,
@@ -125,7 +131,7 @@ def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
                 "finish_reason": c.finish_reason if c is not None else None,
                 "usage": usage,
                 "error": o.error,
-                "cost_usd": job_cost(pb.model, usage, "provider", config),
+                "cost_usd": usd[job_id] if charged else None,
                 "attempts": jobs_t.c.attempts + 1,
                 "worker": holder[:200],
                 "started_at": pb.submitted_at or now,
@@ -143,8 +149,6 @@ def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
             if moved:
                 written += 1
                 ids.append(job_id)
-                if (row := known.get(job_id)) is not None:
-                    priced.append((row.tenant_id, row.mode, "provider", values["cost_usd"]))
                 if usage:
                     prompt += usage["prompt_tokens"]
                     completion += usage["completion_tokens"]
@@ -157,7 +161,6 @@ def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
                     completion_tokens=batches_t.c.completion_tokens + completion,
                 )
             )
-    costs.record(priced)
     telemetry.batch_results_written(ids, now)
     return written
 
@@ -223,12 +226,18 @@ def cancel_one(pb_id: str) -> None:
 
     `submitting` (never sent): ended here, its items cancelled. `sending` (a sender is
     calling the provider): marked, and the sender cancels what it created as soon as it
-    has the id. `in_progress`: the provider is told; the next poll applies its end.
+    has the id. `in_progress`: the provider is told (`tell_cancel`); the next poll applies
+    its end, or tells it again if it refused (`engine.poll`).
     """
     now = utcnow()
     for _ in range(3):  # the row may move on under us (sent, stored): act on where it is
         pb = row(pb_id)
         if pb is None or pb.status not in OPEN:
+            return
+        if pb.status == "in_progress":
+            if pb.remote_id and pb.cancel_requested_at is None:  # not accepted yet
+                tell_cancel(pb)
+                set_where(pb_id, "in_progress", next_poll_at=now)
             return
         with db.engine.begin() as conn:
             marked = conn.execute(
@@ -248,12 +257,50 @@ def cancel_one(pb_id: str) -> None:
         if pb.status == "submitting":
             cancelled = Outcome("cancelled", error=stop_error("cancelled"))
             write(pb, [(j.id, cancelled) for j in items(pb_id)])
-        elif pb.status == "in_progress" and pb.remote_id:
-            try:
-                batch_api(pb.provider).cancel(pb.remote_id)
-            except Exception as exc:
-                log.warning(
-                    "cancelling %s (%s) at %s failed: %s", pb.id, pb.remote_id, pb.provider, exc
-                )
-            set_where(pb_id, "in_progress", next_poll_at=now)
         return
+
+
+def tell_cancel(pb: Any, remote_id: str | None = None) -> bool:
+    """Ask the provider to cancel a provider batch (the row's, or remote_id); idempotent.
+
+    True once it accepted, which alone records the row's `cancel_requested_at`. A refusal
+    is only logged: the poll tells it again while the batch is `unwanted`.
+    """
+    remote_id = remote_id or pb.remote_id
+    try:
+        batch_api(pb.provider).cancel(remote_id)
+    except Exception as exc:
+        log.warning("cancelling %s (%s) at %s failed: %s", pb.id, remote_id, pb.provider, exc)
+        return False
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(pbatches_t)
+            .where(
+                pbatches_t.c.id == pb.id,
+                pbatches_t.c.remote_id == remote_id,
+                pbatches_t.c.status == "in_progress",
+                pbatches_t.c.cancel_requested_at.is_(None),
+            )
+            .values(cancel_requested_at=utcnow())
+        )
+    return True
+
+
+STOPPED = ("cancelling", "cancelled", "expired", "completed", "failed")
+
+
+def unwanted(pb: Any) -> bool:
+    """Whether nobody waits for this provider batch's results any more: its Sluice batch
+    is cancelling or ended, or none of its items is still queued (standalone jobs
+    cancelled, a batch expired), so nothing it returns would be written."""
+    with db.engine.connect() as conn:
+        if pb.batch_id is not None:
+            status = conn.scalar(select(batches_t.c.status).where(batches_t.c.id == pb.batch_id))
+            if status in STOPPED:
+                return True
+        waiting = conn.scalar(
+            select(jobs_t.c.id)
+            .where(jobs_t.c.provider_batch_id == pb.id, jobs_t.c.status == "queued")
+            .limit(1)
+        )
+    return waiting is None
