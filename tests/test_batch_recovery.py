@@ -94,32 +94,36 @@ def attempts(batch_id: str) -> dict[str, int]:
 def test_worker_restarted_under_the_same_node_name_strands_nothing(
     workers: Stack, client: httpx.Client, upstream: FakeUpstream, app_ctx: Flask
 ) -> None:
-    upstream.add_scenario("same-name", delay_ms=100, echo=True)
+    upstream.add_scenario("same-name", delay_ms=300, echo=True)
     node = "batch-samename"
     workers.kill("batch-recovery", signal.SIGTERM)  # the victim is the only batch worker
-    workers._spawn("victim", worker_argv("batch", 20, name=node))
-    n = 120
-    docs = [{"id": f"s{i}", "text": f"same name {i}"} for i in range(n)]
-    batch_id = submit_documents(client, docs, model="openai/same-name").json()["id"]
-    deadline = time.monotonic() + 30
-    while client.get(f"/v1/document-batches/{batch_id}").json()["counts"]["succeeded"] < 20:
-        assert time.monotonic() < deadline, "the victim never got going"
-        time.sleep(0.05)
-    workers.kill("victim")  # SIGKILL mid-batch, then the same node name comes back at once
-    assert client.get(f"/v1/document-batches/{batch_id}").json()["counts"]["running"] > 0
-    workers._spawn("victim", worker_argv("batch", 20, name=node))
-    new_pid = workers.procs["victim"].pid
-    deadline = time.monotonic() + 30
-    while not any(  # the same name beats again: a hostname check cannot tell the two apart
-        w["hostname"].startswith(node) and w.get("pid") == new_pid
-        for w in live_workers(redis_store.client, 2)
-    ):
-        assert time.monotonic() < deadline, "the restarted worker never came up"
-        time.sleep(0.1)
-    try:
+    try:  # the module's worker comes back whatever fails: the later tests need it
+        workers._spawn("victim", worker_argv("batch", 20, name=node))
+        n = 120
+        docs = [{"id": f"s{i}", "text": f"same name {i}"} for i in range(n)]
+        batch_id = submit_documents(client, docs, model="openai/same-name").json()["id"]
+        deadline = time.monotonic() + 30
+        while True:  # some done, some in flight: SIGKILL mid-batch
+            counts = client.get(f"/v1/document-batches/{batch_id}").json()["counts"]
+            if counts["succeeded"] >= 20 and counts["running"] > 0:
+                break
+            assert time.monotonic() < deadline, f"the victim never got going: {counts}"
+            time.sleep(0.05)
+        workers.kill("victim")  # then the same node name comes back at once
+        assert client.get(f"/v1/document-batches/{batch_id}").json()["counts"]["running"] > 0
+        workers._spawn("victim", worker_argv("batch", 20, name=node))
+        new_pid = workers.procs["victim"].pid
+        deadline = time.monotonic() + 30
+        while not any(  # the same name beats again: a hostname check cannot tell the two apart
+            w["hostname"].startswith(node) and w.get("pid") == new_pid
+            for w in live_workers(redis_store.client, 2)
+        ):
+            assert time.monotonic() < deadline, "the restarted worker never came up"
+            time.sleep(0.1)
         done = sweep_until_done(client, batch_id)
     finally:
-        workers.kill("victim")
+        if "victim" in workers.procs:
+            workers.kill("victim")
         workers.start_worker("batch", "batch-recovery", concurrency=20)
     assert done["status"] == "completed" and done["counts"]["succeeded"] == n, done
     lines = batch_results(client, batch_id)

@@ -781,9 +781,7 @@ def test_a_cancel_the_provider_never_took_is_sent_again(
         elif how != "expiry-refused":
             batch = db.session.get(Batch, batch_id)
             assert batch is not None and batch_lifecycle.cancel_batch(batch).status == "cancelling"
-    if how != "expiry-refused":
-        assert fresh_batch_apis.cancels[remote_id] == 0  # not delivered
-        assert pbatch_of(papp, batch_id, job_id).cancel_requested_at is None  # nor recorded
+    # (not asserted here that it was not delivered: a worker's poll may already have told it)
     sweep_until(papp, lambda: pbatch_of(papp, batch_id, job_id).status == "applied", timeout=20)
     assert fresh_batch_apis.cancels[remote_id] >= 1
     assert fresh_batch_apis.items[remote_id].cancel_at is not None

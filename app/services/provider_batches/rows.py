@@ -11,11 +11,12 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import redis
 from flask import current_app
 from sqlalchemy import Table, select, update
 
 from app import telemetry
-from app.extensions import db
+from app.extensions import db, redis_store
 from app.models import ProviderBatch, utcnow
 from app.models.batch import batches_t
 from app.models.job import jobs_t
@@ -267,10 +268,14 @@ def tell_cancel(pb: Any, remote_id: str | None = None) -> bool:
     is only logged: the poll tells it again while the batch is `unwanted`.
     """
     remote_id = remote_id or pb.remote_id
+    gate = TELLING_KEY.format(pb.id)
+    if not _set_gate(gate):
+        return False  # another process is telling it (or just did): one cancel, not two
     try:
         batch_api(pb.provider).cancel(remote_id)
     except Exception as exc:
         log.warning("cancelling %s (%s) at %s failed: %s", pb.id, remote_id, pb.provider, exc)
+        _drop_gate(gate)  # the next poll may tell it again at once
         return False
     with db.engine.begin() as conn:
         conn.execute(
@@ -284,6 +289,25 @@ def tell_cancel(pb: Any, remote_id: str | None = None) -> bool:
             .values(cancel_requested_at=utcnow())
         )
     return True
+
+
+TELLING_KEY = "sluice:provider-batch:telling-cancel:{}"  # + row id: a cancel under way
+TELLING_SECONDS = 60  # how long a told cancel keeps others from telling it again
+
+
+def _set_gate(gate: str) -> bool:
+    """Take the one-teller gate; True without Redis too (a second cancel is harmless)."""
+    try:
+        return bool(redis_store.client.set(gate, 1, nx=True, ex=TELLING_SECONDS))
+    except redis.RedisError:
+        return True
+
+
+def _drop_gate(gate: str) -> None:
+    try:
+        redis_store.client.delete(gate)
+    except redis.RedisError:
+        log.debug("could not drop %s; it lapses", gate)
 
 
 STOPPED = ("cancelling", "cancelled", "expired", "completed", "failed")
