@@ -5,6 +5,7 @@ use_responses_api=True; what reaches the provider; refusals naming the Responses
 from __future__ import annotations
 
 import json
+import threading
 import time
 import typing
 from typing import Any
@@ -12,10 +13,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from flask import Flask
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel
+from sqlalchemy import update
 
 from app.services.responses_request import translate
 from tests.fake_upstream import FakeUpstream
@@ -634,3 +637,45 @@ def test_item_references_name_items_of_earlier_responses(
         headers={"Authorization": f"Bearer {other_key}"},
     )
     assert theirs.status_code == 400 and theirs.json()["error"]["param"] == "input[0].id"
+
+
+@pytest.mark.parametrize("how", ["previous_response_id", "item_reference"])
+def test_a_response_whose_row_trails_its_log_can_be_continued_at_once(
+    openai_client: openai.OpenAI, upstream: FakeUpstream, app: Flask, how: str
+) -> None:
+    """`stream: false` answers from the log's end, which the worker writes before the row:
+    a client continuing at once must not get a 400 "still running" for that moment."""
+    from app.extensions import db
+    from app.models import Job
+    from app.services.responses_objects import job_id_of
+
+    upstream.add_scenario("responses-trail", deltas=["Hello ", "Ada."])
+    first = openai_client.responses.create(model="openai/responses-trail", input="I am Ada.")
+    job_id = job_id_of(first.id)
+    with app.app_context():  # as in the moment between the worker's two terminal writes
+        db.session.execute(update(Job).where(Job.id == job_id).values(status="running"))
+        db.session.commit()
+
+    def row_lands() -> None:
+        time.sleep(0.3)
+        with app.app_context():
+            db.session.execute(update(Job).where(Job.id == job_id).values(status="succeeded"))
+            db.session.commit()
+
+    landing = threading.Thread(target=row_lands)
+    landing.start()
+    try:
+        if how == "previous_response_id":
+            openai_client.responses.create(
+                model="openai/responses-trail", previous_response_id=first.id, input="Who?"
+            )
+        else:
+            said = {"type": "item_reference", "id": first.output[0].id}
+            openai_client.responses.create(
+                model="openai/responses-trail",
+                input=[said, {"role": "user", "content": "Who?"}],  # type: ignore[list-item]
+            )
+    finally:
+        landing.join()
+    sent = upstream.last_request("responses-trail")
+    assert sent is not None and "Hello Ada." in json.dumps(sent["messages"])  # carried in

@@ -7,6 +7,7 @@ for `stream: true` as the Responses SSE events (app.streams.responses_render).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import Blueprint, g, request
@@ -25,7 +26,7 @@ from app.services import front_door
 from app.services import responses_objects as objects
 from app.services.responses_objects import generation_response, job_id_of, job_response
 from app.services.responses_request import parse_responses_request
-from app.streams.entries import Generation
+from app.streams.entries import Generation, is_terminal
 from app.streams.hub import current_hub
 from app.streams.keys import log_key
 from app.streams.responses_render import ResponsesRenderer
@@ -105,7 +106,7 @@ def _referenced(reference: dict[str, Any], where: str) -> dict[str, Any]:
     ident = reference.get("id")
     resp_id = objects.item_response_id(ident) if isinstance(ident, str) else None
     job = _find_response_job(resp_id) if resp_id is not None else None
-    if job is not None and job.status in TERMINAL:
+    if job is not None and _ended(job):
         for item in job_response(job)["output"] + objects.input_items(job):
             if item["id"] == ident:
                 return dict(item)
@@ -124,7 +125,7 @@ def _history(previous_id: str) -> list[dict[str, Any]]:
             param="previous_response_id",
             code="previous_response_not_found",
         )
-    if job.status not in TERMINAL:
+    if not _ended(job):
         raise APIError(
             400,
             f"Previous response with id '{previous_id}' is still {job.status}: wait for it "
@@ -134,6 +135,27 @@ def _history(previous_id: str) -> list[dict[str, Any]]:
     history = objects.conversation(job)
     db.session.commit()  # end the read transaction before the job is admitted
     return history
+
+
+ROW_WAIT_SECONDS = 2.0  # how long a row may trail its log's end (the worker writes the log first)
+
+
+def _ended(job: Job) -> bool:
+    """Whether the job ended, its row written: a response answered from its log's end a
+    moment ago (`stream: false` too) may not have its row yet, so that row is waited for."""
+    if job.status in TERMINAL:
+        return True
+    last: list[Any] = current_hub().client.xrevrange(log_key(job.id), count=1)  # type: ignore[assignment]
+    if not last or not is_terminal(last[0][1]):
+        return False
+    deadline = time.monotonic() + ROW_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        db.session.commit()  # no read transaction held across the wait: each look is fresh
+        db.session.refresh(job)
+        if job.status in TERMINAL:
+            return True
+    return False
 
 
 def _find_response_job(resp_id: str) -> Job | None:
