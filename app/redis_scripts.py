@@ -34,27 +34,50 @@ def run_script(client: redis.Redis, script: str, numkeys: int, *args: Any) -> An
 
 
 def run_script_calls(
-    client: redis.Redis, script: str, calls: list[tuple[list[str], list[Any]]]
+    client: redis.Redis,
+    script: str,
+    calls: list[tuple[list[str], list[Any]]],
+    connection: Any = None,
 ) -> list[Any]:
     """Run one Lua script for each (keys, args) in one round trip; an answer per call.
 
     EVALSHA straight, without redis-py's pipeline script check (a SCRIPT EXISTS round trip
     per pipeline); calls that find the script missing (a restarted Redis) are loaded and
-    run again: a NOSCRIPT call did not run, so nothing runs twice.
+    run again: a NOSCRIPT call did not run, so nothing runs twice. With a `connection` the
+    caller holds (nothing else in flight on it), the calls are written and read straight
+    on it, without the client's per-command path; connection errors are retried as the
+    client retries them.
     """
-    if len(calls) == 1:
+    if connection is None and len(calls) == 1:
         keys, args = calls[0]
         return [run_script(client, script, len(keys), *keys, *args)]
     sha = script_sha(script)
-    pipe = client.pipeline(transaction=False)
-    for keys, args in calls:
-        pipe.evalsha(sha, len(keys), *keys, *args)
-    answers = list(pipe.execute(raise_on_error=False))
+    if connection is None:
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        answers = list(pipe.execute(raise_on_error=False))
+    else:
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        answers = connection.retry.call_with_retry(
+            lambda: _send_and_read(connection, commands), lambda _error: connection.disconnect()
+        )
     missing = [i for i, a in enumerate(answers) if isinstance(a, redis.exceptions.NoScriptError)]
     if missing:
         client.script_load(script)
-        for i, answer in zip(
-            missing, run_script_calls(client, script, [calls[i] for i in missing]), strict=True
-        ):
+        again = run_script_calls(client, script, [calls[i] for i in missing], connection)
+        for i, answer in zip(missing, again, strict=True):
             answers[i] = answer
+    return answers
+
+
+def _send_and_read(connection: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Write the commands in one packet and read a reply (or its error) for each."""
+    connection.send_packed_command(connection.pack_commands(commands))
+    answers: list[Any] = []
+    for _ in commands:
+        try:
+            answers.append(connection.read_response())
+        except redis.exceptions.ResponseError as exc:
+            answers.append(exc)
     return answers

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import redis
 
-from app.redis_scripts import run_script, script_sha
+from app.redis_scripts import run_script, run_script_calls
 from app.streams.entries import (
     APPEND_SCRIPT,
     LEASE_SCRIPT,
@@ -70,7 +70,6 @@ class AppendBatcher:
         self._pid = os.getpid()
         self._conn: Any = None
         self._conn_pid = 0
-        self._sha = script_sha(script)
 
     def append(self, keys: list[str], args: list[Any]) -> Any:
         """Run the script (the append script) for one job; returns its answer (raises its error)."""
@@ -141,26 +140,8 @@ class AppendBatcher:
                 item.done.set()
 
     def _round_trip(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """The script for each call, in one round trip; an answer (or error) per call.
-
-        Calls that find the script missing (a restarted Redis) did not run: it is loaded
-        and they are sent again, so nothing runs twice.
-        """
-        conn = self._connection()
-        sha = self._sha
-        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
-        answers: list[Any] = conn.retry.call_with_retry(
-            lambda: _send_and_read(conn, commands), lambda _error: conn.disconnect()
-        )
-        missing = [
-            i for i, a in enumerate(answers) if isinstance(a, redis.exceptions.NoScriptError)
-        ]
-        if missing:
-            self.client.script_load(self.script)
-            again = self._round_trip([calls[i] for i in missing])
-            for i, answer in zip(missing, again, strict=True):
-                answers[i] = answer
-        return answers
+        """The script for each call, in one round trip on the batcher's connection."""
+        return run_script_calls(self.client, self.script, calls, self._connection())
 
     def _connection(self) -> Any:
         """The batcher's own connection (a new one in a forked child)."""
@@ -168,18 +149,6 @@ class AppendBatcher:
             self._conn = self.client.connection_pool.get_connection()
             self._conn_pid = os.getpid()
         return self._conn
-
-
-def _send_and_read(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Write the commands in one packet and read a reply (or its error) for each."""
-    conn.send_packed_command(conn.pack_commands(commands))
-    answers: list[Any] = []
-    for _ in commands:
-        try:
-            answers.append(conn.read_response())
-        except redis.exceptions.ResponseError as exc:
-            answers.append(exc)
-    return answers
 
 
 _batchers: dict[int, AppendBatcher] = {}
