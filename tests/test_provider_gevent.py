@@ -41,13 +41,14 @@ def test_the_zero_timeout_probe_answers_without_yielding(cooperative_poll: None)
     left, right = socket.socketpair()
     try:
         assert _yields(lambda: hiredis_parser._socket_can_read(left, 0))  # as it was
-        gevent_compat._patch_redis(select.poll)
+        gevent_compat._patch_redis(gevent_compat._make_probe(select.poll))
         probe = hiredis_parser._socket_can_read
         assert not _yields(lambda: probe(left, 0))
         assert probe(left, 0) is False
         right.sendall(b"+OK\r\n")
         assert probe(left, 0) is True
-        gevent_compat._patch_redis(select.poll)  # idempotent: not wrapped twice
+        # idempotent: not wrapped twice
+        gevent_compat._patch_redis(gevent_compat._make_probe(select.poll))
         assert hiredis_parser._socket_can_read is probe
     finally:
         left.close()
@@ -56,7 +57,7 @@ def test_the_zero_timeout_probe_answers_without_yielding(cooperative_poll: None)
 
 @pytest.mark.unit
 def test_a_probe_with_a_timeout_still_waits_cooperatively(cooperative_poll: None) -> None:
-    gevent_compat._patch_redis(select.poll)
+    gevent_compat._patch_redis(gevent_compat._make_probe(select.poll))
     left, right = socket.socketpair()
     try:
         assert _yields(lambda: hiredis_parser._socket_can_read(left, 0.01))

@@ -79,10 +79,10 @@ def install() -> None:
             continue
         if hasattr(module, "is_socket_readable"):
             module.is_socket_readable = probe
-    _patch_redis(poll)
+    _patch_redis(probe)
 
 
-def _patch_redis(poll: Any) -> None:
+def _patch_redis(probe: Callable[[socket.socket | None], bool]) -> None:
     """redis-py's hiredis parser: zero-timeout readiness checks over the unpatched poll."""
     try:
         module: Any = importlib.import_module("redis._parsers.hiredis")
@@ -91,7 +91,6 @@ def _patch_redis(poll: Any) -> None:
     cooperative = getattr(module, "_socket_can_read", None)
     if cooperative is None or hasattr(cooperative, "__wrapped__"):
         return  # not this redis-py's layout, or patched already
-    readable = select.POLLIN
 
     def socket_can_read(sock: Any, timeout: float | None) -> bool:
         """Whether `sock` has data (or EOF); a zero timeout never yields to the hub."""
@@ -99,9 +98,7 @@ def _patch_redis(poll: Any) -> None:
             return bool(cooperative(sock, timeout))
         if hasattr(sock, "pending") and sock.pending():  # decrypted TLS bytes
             return True
-        probe = poll()
-        probe.register(sock, readable)
-        return bool(probe.poll(0))
+        return probe(sock)
 
     socket_can_read.__wrapped__ = cooperative  # type: ignore[attr-defined]
     module._socket_can_read = socket_can_read
