@@ -100,14 +100,13 @@ def maybe_finalize(batch_id: str, *, take_over: bool = False) -> bool:
     if row is None:
         return False
     prior = row.status
+    final = "cancelled" if prior == "cancelling" else "expired" if row.expired_at else "completed"
     if prior == "finalizing":
         if not take_over or not lapsed_holders(redis_store.client, [row.finalizer]):
             return False
+        final = "cancelled" if stop_reason(batch_id) == "cancelled" else final
     elif prior not in ("in_progress", "cancelling"):
         return False
-    final = "cancelled" if prior == "cancelling" else "expired" if row.expired_at else "completed"
-    if prior == "finalizing":
-        final = "cancelled" if stop_reason(batch_id) == "cancelled" else final
     held_by = batches_t.c.finalizer.is_not_distinct_from
     with claim_lease(socket.gethostname()) as holder:
         with db.engine.begin() as conn:
@@ -146,7 +145,7 @@ def _run_finalizer(batch_id: str, final: str, holder: str) -> None:
     """
     batch = db.session.get(Batch, batch_id, populate_existing=True)
     assert batch is not None
-    values: dict[str, Any] = {"status": final, f"{final}_at": utcnow(), "finalizer": None}
+    values: dict[str, Any] = {"status": final, f"{final}_at": utcnow()}
     if final == "expired" and batch.expired_at is not None:
         values["expired_at"] = batch.expired_at
     try:
@@ -158,13 +157,13 @@ def _run_finalizer(batch_id: str, final: str, holder: str) -> None:
         log.exception("finalizer for batch %s failed", batch_id)
         db.session.rollback()
         error = {"code": "finalize_failed", "message": f"{type(exc).__name__}: {exc}"}
-        values = {"status": "failed", "failed_at": utcnow(), "errors": [error], "finalizer": None}
+        values = {"status": "failed", "failed_at": utcnow(), "errors": [error]}
     ours = (
         batches_t.c.id == batch_id,
         batches_t.c.status == "finalizing",
         batches_t.c.finalizer == holder,
     )
-    moved = db.session.execute(update(batches_t).where(*ours).values(**values))
+    moved = db.session.execute(update(batches_t).where(*ours).values(**values, finalizer=None))
     if not moved.rowcount:  # type: ignore[attr-defined]
         db.session.rollback()  # taken over: the new holder writes its own
         log.warning("batch %s was taken over from finalizer %s", batch_id, holder)
