@@ -102,10 +102,15 @@ def redis_client(
         timeout=pool_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
-        socket_keepalive=True,
         health_check_interval=30,
+        **keepalive(url),
     )
     return redis.Redis(connection_pool=pool)
+
+
+def keepalive(redis_url: str) -> dict[str, bool]:
+    """TCP keepalive for a Redis connection's options (a Unix socket takes none)."""
+    return {} if redis_url.startswith("unix://") else {"socket_keepalive": True}
 
 
 def app_redis_client(config: Any, max_connections: int | None = None) -> redis.Redis:
@@ -164,7 +169,8 @@ class AppLimiter(Limiter):
         if not app.config["REDIS_URL"]:
             return
         pool = redis_store.for_app(app).connection_pool
-        app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
+        url = app.config["REDIS_URL"]  # limits spells a Unix socket `redis+unix://`
+        app.config.setdefault("RATELIMIT_STORAGE_URI", url.replace("unix://", "redis+unix://", 1))
         app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {"connection_pool": pool})
         super().init_app(app)
         app.extensions["rate_limit_strategy"] = self._limiter

@@ -19,7 +19,7 @@ from flask import Flask, current_app
 from kombu import Queue
 from kombu.utils.json import dumps
 
-from app.extensions import REDIS_URL_MISSING, redis_store
+from app.extensions import REDIS_URL_MISSING, keepalive, redis_store
 from app.services.heartbeat import beat, forget, worker_info
 
 log = logging.getLogger(__name__)
@@ -28,15 +28,22 @@ STREAM_QUEUE = "interactive"
 BATCH_QUEUE = "batch"
 
 
+def broker_url(redis_url: str | None) -> str | None:
+    """Celery's broker URL for a Redis URL: kombu spells a Unix socket `redis+socket://`."""
+    if redis_url and redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
 def celery_settings(config: dict[str, Any]) -> dict[str, Any]:
     """Sluice's Celery settings, each overridable by the CELERY mapping ([celery] in TOML)."""
     redis_timeouts = {
         "socket_timeout": config["REDIS_SOCKET_TIMEOUT"],
         "socket_connect_timeout": config["REDIS_CONNECT_TIMEOUT"],
-        "socket_keepalive": True,
+        **keepalive(config["REDIS_URL"] or ""),
     }
     settings: dict[str, Any] = {
-        "broker_url": config["REDIS_URL"],
+        "broker_url": broker_url(config["REDIS_URL"]),
         # gevent pools ack hundreds of late-acked tasks at once: kombu's default of 10 Redis
         # connections runs dry (MaxConnectionsError), the consumer reconnects and cancels its
         # running tasks. Connections are opened lazily, so a high cap costs nothing idle.
@@ -125,8 +132,8 @@ def _direct_now(celery_app: Celery, url: str) -> bool:
     conf = celery_app.conf
     options = conf.broker_transport_options or {}
     return (
-        conf.broker_url == url
-        and str(conf.broker_url).startswith(("redis://", "rediss://", "unix://"))
+        conf.broker_url == broker_url(url)
+        and str(conf.broker_url).startswith(("redis://", "rediss://", "redis+socket://"))
         and not options.get("global_keyprefix")
         and conf.task_serializer == "json"
         and not conf.task_compression

@@ -31,7 +31,7 @@ from flask import current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.extensions import redis_client
+from app.extensions import keepalive, redis_client
 from app.streams.entries import Entry, entry_key, error_fields, is_terminal, parse_notice
 from app.streams.keys import (
     NOTIFY_PREFIX,
@@ -115,7 +115,7 @@ class _Wire:
 
     def __init__(self, url: str) -> None:
         pool = redis.ConnectionPool.from_url(
-            url, socket_connect_timeout=5, socket_keepalive=True, retry=Retry(NoBackoff(), 0)
+            url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0), **keepalive(url)
         )
         self.connection: Any = cast(Any, pool.make_connection())  # (its socket is used)
         self.connection.connect()
