@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,3 +170,21 @@ def test_tenant_isolation(openai_client: openai.OpenAI, stack: Stack, other_key:
         other.files.delete(file_id)
     assert [f.id for f in other.files.list()] == []
     assert openai_client.files.retrieve(file_id).id == file_id
+
+
+def test_the_sweeper_removes_temp_files_a_killed_process_left(app_ctx: Flask) -> None:
+    """An upload or generated file whose writer was SIGKILLed stays in FILES_DIR/tmp; the
+    sweeper removes it once it is older than any write takes, and leaves one being written."""
+    from app.services import files, sweeper
+
+    stale = files.temp_path()
+    stale.write_bytes(b'{"custom_id": "half a line')
+    old = time.time() - files.TEMP_MAX_AGE - 60
+    os.utime(stale, (old, old))
+    fresh = files.temp_path()
+    fresh.write_bytes(b"being written")
+    done = sweeper.sweep()
+    assert done["files.remove_stale_temp_files"]
+    assert not stale.exists()
+    assert fresh.exists()
+    fresh.unlink()

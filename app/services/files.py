@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -48,6 +49,26 @@ def temp_path() -> Path:
     tmp = files_dir() / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     return tmp / f"upload-{secrets.token_hex(12)}"
+
+
+TEMP_MAX_AGE = 6 * 3600.0  # seconds: longer than any upload or generated file takes to write
+
+
+def remove_stale_temp_files(max_age: float = TEMP_MAX_AGE) -> int:
+    """Delete FILES_DIR/tmp files untouched for max_age (left by a process killed mid-write)."""
+    tmp = files_dir() / "tmp"
+    if not tmp.is_dir():
+        return 0
+    cutoff = time.time() - max_age
+    removed = 0
+    for entry in os.scandir(tmp):
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:  # another sweeper, or its writer finishing, took it
+            continue
+    return removed
 
 
 class CountingWriter:

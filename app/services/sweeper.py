@@ -29,7 +29,7 @@ PASS = "pass"
 
 def steps() -> list[tuple[str, Callable[[], Any]]]:
     """Each channel's sweep steps, by name, in the order they run."""
-    from app.services import batch_sweep, costs
+    from app.services import batch_sweep, costs, files
     from app.services.provider_batches import engine as provider_batches
     from app.services.stream_runner import sweep_streams
 
@@ -42,6 +42,7 @@ def steps() -> list[tuple[str, Callable[[], Any]]]:
         ("batch.provider_batches", provider_batches.sweep),  # #13: enqueues the provider calls
         ("stream.sweep_streams", sweep_streams),
         ("costs.settle", costs.settle),  # #13: price ended jobs
+        ("files.remove_stale_temp_files", files.remove_stale_temp_files),
     ]
 
 
