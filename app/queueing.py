@@ -10,6 +10,7 @@ import uuid
 import weakref
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import redis
 from celery import Celery, Task, bootsteps, signals
@@ -29,10 +30,13 @@ BATCH_QUEUE = "batch"
 
 
 def broker_url(redis_url: str | None) -> str | None:
-    """Celery's broker URL for a Redis URL: kombu spells a Unix socket `redis+socket://`."""
-    if redis_url and redis_url.startswith("unix://"):
-        return "redis+socket://" + redis_url.removeprefix("unix://")
-    return redis_url
+    """Celery's broker URL for a Redis URL: kombu spells a Unix socket `redis+socket://`,
+    and its database `?virtual_host=N` (it ignores redis-py's `?db=N`)."""
+    if not redis_url or not redis_url.startswith("unix://"):
+        return redis_url
+    path, _, query = redis_url.removeprefix("unix://").partition("?")
+    params = [("virtual_host" if k == "db" else k, v) for k, v in parse_qsl(query)]
+    return "redis+socket://" + path + (f"?{urlencode(params)}" if params else "")
 
 
 def celery_settings(config: dict[str, Any]) -> dict[str, Any]:

