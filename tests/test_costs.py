@@ -168,8 +168,9 @@ def test_cost_today_by_mode_executor_and_tenant(app_ctx: Flask, api_key: str) ->
     tenant = tenant_of(api_key)
     name = db.session.get(Tenant, tenant).name  # type: ignore[union-attr]
     before = queries.cost_today(top=10_000)
-    costs.record([(tenant, "batch", "provider", 0.5), (tenant, "stream", None, 0.25),
-                  (tenant, "batch", "workers", 0.0)])  # fmt: skip
+    costs.record([(new_id("job_"), tenant, "batch", "provider", 0.5),
+                  (new_id("job_"), tenant, "stream", None, 0.25),
+                  (new_id("job_"), tenant, "batch", "workers", 0.0)])  # fmt: skip
     after = queries.cost_today(top=10_000)
     assert after["today_usd"] == pytest.approx(before["today_usd"] + 0.75)
     assert after["by_mode"]["batch"] == pytest.approx(before["by_mode"]["batch"] + 0.5)
@@ -205,6 +206,7 @@ def test_spend_settled_during_a_redis_outage_is_recorded_once_after_it(
     assert usd > 0
     with monkeypatch.context() as down:
         down.setattr(redis.client.Pipeline, "execute", _redis_down)
+        down.setattr(redis.Redis, "execute_command", _redis_down)
         costs.settle()
     assert _job(job.id).cost_usd is None  # left to be settled again, not lost
     assert costs.spent_today(tenant) == 0.0
@@ -228,6 +230,7 @@ def test_provider_results_written_during_a_redis_outage_are_settled_later(
     assert usd > 0
     with monkeypatch.context() as down:
         down.setattr(redis.client.Pipeline, "execute", _redis_down)
+        down.setattr(redis.Redis, "execute_command", _redis_down)
         assert rows.write(pb, [(job.id, Outcome("succeeded", answer))]) == 1
     written = _job(job.id)
     assert written.status == "succeeded" and written.output == "hi"  # the result is kept
@@ -236,4 +239,69 @@ def test_provider_results_written_during_a_redis_outage_are_settled_later(
     assert _job(job.id).cost_usd == pytest.approx(usd)  # the batch price, as the writer's
     assert costs.spent_today(tenant) == pytest.approx(usd)
     costs.settle()
+    assert costs.spent_today(tenant) == pytest.approx(usd)
+
+
+def _charge_then(monkeypatch: pytest.MonkeyPatch, race: object) -> None:
+    """The first charge runs `race` right after it, before its writer prices the rows: a
+    second writer that read the same unpriced rows meanwhile (another sweeper, a redelivered
+    task)."""
+    real = costs.record
+    raced: list[bool] = []
+
+    def record(entries: object) -> None:
+        real(entries)  # type: ignore[arg-type]
+        if not raced:
+            raced.append(True)
+            race()  # type: ignore[operator]
+
+    monkeypatch.setattr(costs, "record", record)
+
+
+def test_two_settles_of_one_job_charge_it_once(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = tenant_of(api_key)
+    job = insert_job(tenant, "stream", "succeeded")
+    usd = job_cost(job.model, job.usage, None, app_ctx.config)
+    _charge_then(monkeypatch, costs.settle)
+    costs.settle()
+    assert _job(job.id).cost_usd == pytest.approx(usd)
+    assert costs.spent_today(tenant) == pytest.approx(usd)
+
+
+def test_a_charge_whose_answer_was_lost_is_not_added_again_by_the_next_settle(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran the charge but its answer never came back: the job is left unpriced, and
+    the next settle prices it without adding it again."""
+    tenant = tenant_of(api_key)
+    job = insert_job(tenant, "stream", "succeeded")
+    usd = job_cost(job.model, job.usage, None, app_ctx.config)
+
+    def lost() -> None:
+        raise redis.ConnectionError("connection lost")
+
+    with monkeypatch.context() as cut:
+        _charge_then(cut, lost)
+        costs.settle()
+    assert _job(job.id).cost_usd is None and costs.spent_today(tenant) == pytest.approx(usd)
+    costs.settle()
+    assert _job(job.id).cost_usd == pytest.approx(usd)
+    assert costs.spent_today(tenant) == pytest.approx(usd)
+
+
+def test_two_writers_of_one_provider_result_charge_it_once(
+    app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = tenant_of(api_key)
+    pb = SimpleNamespace(id=new_id("pbatch_"), provider="mock", remote_id="mock_1",
+                         model="mock/demo", batch_id=None, submitted_at=None)  # fmt: skip
+    job = insert_job(tenant, "batch", "queued", executor="provider", provider_batch_id=pb.id)
+    answer = Completion.of_text("hi", "stop", Usage(prompt_tokens=1000, completion_tokens=500))
+    usd = job_cost(pb.model, answer.usage.as_dict(), "provider", app_ctx.config)
+    outcomes = [(job.id, Outcome("succeeded", answer))]
+    _charge_then(monkeypatch, lambda: rows.write(pb, outcomes))  # a second poller
+    rows.write(pb, outcomes)
+    assert _job(job.id).cost_usd == pytest.approx(usd)
     assert costs.spent_today(tenant) == pytest.approx(usd)

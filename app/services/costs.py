@@ -5,7 +5,9 @@ A job's cost comes from its usage, its model's price (`app.pricing`) and its exe
 writes each result; the sweeper's `settle` step prices every other ended job (streams
 and worker-run batch items) within a sweep, so no runner needs to know about prices.
 Each job is priced once (`cost_usd IS NULL` guards the write), its cost added first to
-the totals below (`charge`; a Redis failure leaves the job unpriced for a later `settle`):
+the totals below (`charge`; a Redis failure leaves the job unpriced for a later `settle`),
+once: the same script marks the job charged (`sluice:costs:charged:<job id>`, kept a day),
+so two writers of one job (two sweepers, two pollers, a retried task) add it once:
 
 - `sluice:costs:totals`, a Redis hash `tenant|mode|executor` -> USD, exposed by
   `/metrics` as `sluice_cost_usd_total{tenant,mode,executor}`;
@@ -30,6 +32,7 @@ from app.models import Job, Tenant, utcnow
 from app.models.job import TERMINAL, jobs_t
 from app.policy import RouteRequest
 from app.pricing import budget_for, job_cost
+from app.redis_scripts import run_script
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,27 @@ TOTALS_KEY = "sluice:costs:totals"
 DAY_KEY = "sluice:costs:day:{}"
 DAY_SPLIT_KEY = "sluice:costs:day:{}:split"  # field "mode|executor": USD this UTC day
 DAY_TTL = 3 * 86400
+CHARGED_KEY = "sluice:costs:charged:{}"  # a job already added to the totals
+CHARGED_TTL = 86400  # longer than any writer's read -> charge -> price
 SETTLE_LIMIT = 500  # jobs priced per sweep (one short write transaction)
+
+# KEYS: totals, day, day split, then each job's charged marker. ARGV: the day keys' TTL,
+# then per job: totals field, tenant id, split field, USD. Adds the jobs not charged yet.
+RECORD = f"""
+for i = 4, #KEYS do
+  local a = 2 + (i - 4) * 4
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', {CHARGED_TTL}) then
+    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[a], ARGV[a + 3])
+    redis.call('HINCRBYFLOAT', KEYS[2], ARGV[a + 1], ARGV[a + 3])
+    redis.call('HINCRBYFLOAT', KEYS[3], ARGV[a + 2], ARGV[a + 3])
+  end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return 1
+"""
+
+Priced = tuple[str, str, str, str | None, float]  # job id, tenant id, mode, executor, USD
 
 
 def job_cost_usd(job: Job) -> float | None:
@@ -53,34 +76,30 @@ def day_of(at: datetime | None = None) -> str:
     return (at or utcnow()).strftime("%Y-%m-%d")
 
 
-def record(entries: Iterable[tuple[str, str, str | None, float]]) -> None:
-    """Add priced jobs (tenant_id, mode, executor, usd) to the totals, all or none (one
-    MULTI/EXEC); raises when Redis does."""
-    items = [e for e in entries if e[3]]
+def record(entries: Iterable[Priced]) -> None:
+    """Add priced jobs to the totals, all or none (one script), each job once however often
+    it is recorded; raises when Redis does."""
+    items = [e for e in entries if e[4]]
     if not items:
         return
-    names = _tenant_names({e[0] for e in items})
-    pipe = redis_store.client.pipeline(transaction=True)
-    day = DAY_KEY.format(day_of())
-    split = DAY_SPLIT_KEY.format(day_of())
-    for tenant_id, mode, executor, usd in items:
+    names = _tenant_names({e[1] for e in items})
+    keys = [TOTALS_KEY, DAY_KEY.format(day_of()), DAY_SPLIT_KEY.format(day_of())]
+    args: list[object] = [DAY_TTL]
+    for job_id, tenant_id, mode, executor, usd in items:
+        keys.append(CHARGED_KEY.format(job_id))
         label = f"{names.get(tenant_id, tenant_id)}|{mode}|{executor or 'workers'}"
-        pipe.hincrbyfloat(TOTALS_KEY, label, usd)
-        pipe.hincrbyfloat(day, tenant_id, usd)
-        pipe.hincrbyfloat(split, f"{mode}|{executor or 'workers'}", usd)
-    pipe.expire(day, DAY_TTL)
-    pipe.expire(split, DAY_TTL)
-    pipe.execute()
+        args += [label, tenant_id, f"{mode}|{executor or 'workers'}", usd]
+    run_script(redis_store.client, RECORD, len(keys), *keys, *args)
 
 
-def charge(priced: Iterable[tuple[str, str, str | None, float]]) -> bool:
-    """Add jobs about to be priced (tenant_id, mode, executor, usd) to the totals, before
-    their cost_usd is written; False if Redis failed: then write them unpriced (NULL), and
-    the sweeper's `settle` charges them later, so no spend is lost to a Redis outage.
+def charge(priced: Iterable[Priced]) -> bool:
+    """Add jobs about to be priced (job id, tenant id, mode, executor, usd) to the totals,
+    before their cost_usd is written; False if Redis failed: then write them unpriced (NULL),
+    and the sweeper's `settle` charges them later, so no spend is lost to a Redis outage.
 
-    Call it outside any transaction (no database lock held across Redis). A job priced by
-    another writer meanwhile, or a process cut before the write commits, is counted twice:
-    the safe side for budgets.
+    Call it outside any transaction (no database lock held across Redis). A job charged
+    already (by another writer meanwhile, or by a process cut before its write committed)
+    is not added again.
     """
     entries = list(priced)
     try:
@@ -110,7 +129,7 @@ def settle(limit: int = SETTLE_LIMIT) -> int:
             .limit(limit)
         ).all()  # fmt: skip
     usd = {row.id: job_cost(row.model, row.usage, row.executor, config) for row in rows}
-    if not charge((row.tenant_id, row.mode, row.executor, usd[row.id]) for row in rows):
+    if not charge((row.id, row.tenant_id, row.mode, row.executor, usd[row.id]) for row in rows):
         return len(rows)  # all left unpriced: the next sweep charges them
     with db.engine.begin() as conn:
         for job_id, cost in usd.items():

@@ -119,7 +119,9 @@ def write(pb: Any, outcomes: list[tuple[str, Outcome]]) -> int:
                 jobs_t.c.provider_batch_id == pb.id,
             )
         ).all()
-    charged = costs.charge((row.tenant_id, row.mode, "provider", usd[row.id]) for row in waiting)
+    charged = costs.charge(
+        (row.id, row.tenant_id, row.mode, "provider", usd[row.id]) for row in waiting
+    )
     ids: list[str] = []
     with db.engine.begin() as conn:
         for job_id, o in outcomes:
