@@ -134,11 +134,8 @@ def app_ctx(app: Flask) -> Iterator[Flask]:
 def stack(app: Flask, test_env: dict[str, str], home: Path) -> Iterator[Stack]:
     """gunicorn (gevent) web, one stream worker and one batch worker, ready."""
     running = Stack(env=test_env, home=home)
-    running.start_web()
-    running.start_worker("stream")
-    running.start_worker("batch")
+    running.start_all()
     try:
-        running.wait_ready()
         yield running
     finally:
         running.stop()

@@ -79,6 +79,18 @@ class Stack:
         self._spawn(name, worker_argv(mode, concurrency, name=f"{name}-{secrets.token_hex(3)}"))
         return name
 
+    def start_all(self) -> None:
+        """gunicorn web, one stream worker and one batch worker; returns once /readyz says so
+        (a failed start stops what did start)."""
+        self.start_web()
+        self.start_worker("stream")
+        self.start_worker("batch")
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
     def kill(self, name: str, sig: int = signal.SIGKILL, grace: float = 30) -> None:
         """Kill a process group (the worker and its pool) as a crash would.
 

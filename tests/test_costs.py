@@ -217,16 +217,21 @@ def test_spend_settled_during_a_redis_outage_is_recorded_once_after_it(
     assert costs.spent_today(tenant) == pytest.approx(usd)
 
 
+def _provider_job(app: Flask, tenant: str) -> tuple[SimpleNamespace, Job, Completion, float]:
+    """A queued provider-executor job, the provider's answer for it and what it costs."""
+    pb = SimpleNamespace(id=new_id("pbatch_"), provider="mock", remote_id="mock_1",
+                         model="mock/demo", batch_id=None, submitted_at=None)  # fmt: skip
+    job = insert_job(tenant, "batch", "queued", executor="provider", provider_batch_id=pb.id)
+    answer = Completion.of_text("hi", "stop", Usage(prompt_tokens=1000, completion_tokens=500))
+    return pb, job, answer, job_cost(pb.model, answer.usage.as_dict(), "provider", app.config)
+
+
 def test_provider_results_written_during_a_redis_outage_are_settled_later(
     app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The provider executor's results are kept; their cost goes to the sweeper's settle."""
     tenant = tenant_of(api_key)
-    pb = SimpleNamespace(id=new_id("pbatch_"), provider="mock", remote_id="mock_1",
-                         model="mock/demo", batch_id=None, submitted_at=None)  # fmt: skip
-    job = insert_job(tenant, "batch", "queued", executor="provider", provider_batch_id=pb.id)
-    answer = Completion.of_text("hi", "stop", Usage(prompt_tokens=1000, completion_tokens=500))
-    usd = job_cost(pb.model, answer.usage.as_dict(), "provider", app_ctx.config)
+    pb, job, answer, usd = _provider_job(app_ctx, tenant)
     assert usd > 0
     with monkeypatch.context() as down:
         down.setattr(redis.client.Pipeline, "execute", _redis_down)
@@ -295,11 +300,7 @@ def test_two_writers_of_one_provider_result_charge_it_once(
     app_ctx: Flask, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tenant = tenant_of(api_key)
-    pb = SimpleNamespace(id=new_id("pbatch_"), provider="mock", remote_id="mock_1",
-                         model="mock/demo", batch_id=None, submitted_at=None)  # fmt: skip
-    job = insert_job(tenant, "batch", "queued", executor="provider", provider_batch_id=pb.id)
-    answer = Completion.of_text("hi", "stop", Usage(prompt_tokens=1000, completion_tokens=500))
-    usd = job_cost(pb.model, answer.usage.as_dict(), "provider", app_ctx.config)
+    pb, job, answer, usd = _provider_job(app_ctx, tenant)
     outcomes = [(job.id, Outcome("succeeded", answer))]
     _charge_then(monkeypatch, lambda: rows.write(pb, outcomes))  # a second poller
     rows.write(pb, outcomes)

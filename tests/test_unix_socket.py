@@ -31,11 +31,8 @@ def unix_stack(stack: Stack, tmp_path: Path) -> Iterator[Stack]:
         assert time.monotonic() < deadline and server.poll() is None, "Redis did not start"
         time.sleep(0.02)
     own = Stack(env=stack.env | {"REDIS_URL": url}, home=tmp_path)
-    own.start_web()
-    own.start_worker("stream")
-    own.start_worker("batch")
     try:
-        own.wait_ready()
+        own.start_all()
         yield own
     finally:
         own.stop()
