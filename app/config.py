@@ -74,6 +74,9 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "WORKER_HEARTBEAT_SECONDS": (float, 5.0),
     "VISIBILITY_TIMEOUT": (int, 3600),
     "BROKER_MAX_CONNECTIONS": (int, 1000),
+    "DB_POOL_SIZE": (int, 10),  # database connections kept open per process
+    "DB_MAX_OVERFLOW": (int, 40),  # opened beyond those in a burst, closed when returned
+    "DB_POOL_TIMEOUT": (float, 30.0),  # the longest wait for one when all are in use
     "REDIS_MAX_CONNECTIONS": (int, 200),  # per process; a burst beyond waits for one
     "REDIS_POOL_TIMEOUT": (float, 5.0),  # the longest wait for a pooled connection
     "REDIS_SOCKET_TIMEOUT": (float, 10.0),

@@ -49,20 +49,21 @@ POSTGRES_CONNECT_ARGS = {
 
 
 def init_db(app: Flask) -> None:
-    """Bind the database; each SQLite engine gets WAL and a busy timeout on connect."""
+    """Bind the database (a pool of DB_POOL_SIZE + DB_MAX_OVERFLOW connections per process);
+    each SQLite engine gets WAL and a busy timeout on connect."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    options: dict[str, Any] = {
+        "pool_size": app.config["DB_POOL_SIZE"],
+        "max_overflow": app.config["DB_MAX_OVERFLOW"],
+        "pool_timeout": app.config["DB_POOL_TIMEOUT"],
+    }
     if uri.startswith("sqlite"):
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
+        options["connect_args"] = {"timeout": 30}
     else:
-        options: dict[str, Any] = {
-            "pool_size": 10,
-            "max_overflow": 40,
-            "pool_pre_ping": True,
-            "pool_recycle": 1800,
-        }
+        options |= {"pool_pre_ping": True, "pool_recycle": 1800}
         if uri.startswith("postgresql"):
             options["connect_args"] = POSTGRES_CONNECT_ARGS
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", options)
+    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", options)
     db.init_app(app)
     with app.app_context():
         for engine in db.engines.values():

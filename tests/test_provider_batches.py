@@ -581,6 +581,7 @@ def test_results_applied_twice_are_written_once(
         pb.status = "in_progress"  # as if the process died before closing the row
         db.session.commit()
         assert engine.poll(pb.id) == 1
+        assert not db.session().in_transaction()  # the poll goes on to other calls: no read held
     after = {
         r.id: (r.status, r.finished_at, r.attempts, r.cost_usd)
         for r in item_rows(papp, created["id"])
@@ -616,6 +617,8 @@ def test_cancelling_a_standalone_provider_job_cancels_its_provider_batch(
 def test_a_jobs_api_batch_job_on_the_provider_executor(
     provider: str, http: httpx.Client, papp: Flask, upstream: FakeUpstream
 ) -> None:
+    from app.services.provider_batches import engine
+
     body = {
         "model": f"{provider}/echo",
         "mode": "batch",
@@ -626,6 +629,9 @@ def test_a_jobs_api_batch_job_on_the_provider_executor(
     sweep_until(papp, lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded")
     done = http.get(f"/v1/jobs/{job['id']}").json()
     assert done["output"] == "one job" and done["attempts"] == 1
+    with papp.app_context():  # announcing its end leaves no read transaction (and connection)
+        engine._announce(pbatch_of(papp, job_id=job["id"]))
+        assert not db.session().in_transaction()
     assert done["cost_usd"] == pytest.approx(batch_price(papp, done["model"], done["usage"]))
     assert sent_custom_ids(upstream, provider) == Counter({job["id"]: 1})
 

@@ -174,6 +174,7 @@ def _run_finalizer(batch_id: str, final: str, holder: str) -> None:
     batch = db.session.get(Batch, batch_id)
     if batch is not None:
         events.batch_changed(batch)
+    db.session.commit()  # the read's transaction ends: its caller may go on to wait
 
 
 def expire_batch(batch_id: str) -> None:

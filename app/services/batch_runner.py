@@ -363,12 +363,18 @@ def run_job(job_id: str, worker: str) -> bool:
         rows = _claim(jobs_t.c.id == job_id, holder)
         if not rows:
             return False
-        job = db.session.get(Job, job_id)
-        if job is not None:
-            events.job_changed(job)
+        _announce(job_id)
         backlog().add(len(rows))  # counted off by the run
         written = _run_claimed(None, rows, lambda: None)
+    _announce(job_id)
+    return bool(written)
+
+
+def _announce(job_id: str) -> None:
+    """Tell dashboards the job changed; the read's transaction ends here, so no database
+    connection is held through the provider call that follows (a pool of 15 ran out with
+    16 background jobs in flight, and the 16th waited 30 s, then failed)."""
     job = db.session.get(Job, job_id, populate_existing=True)
     if job is not None:
         events.job_changed(job)
-    return bool(written)
+    db.session.commit()
