@@ -19,7 +19,6 @@ from app.extensions import db, redis_store
 from app.models import Job
 from app.services import batch_sweep, sweeper
 from app.services.batch_semaphore import ProviderSemaphore
-from app.services.responses_objects import job_id_of
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import batch_results, submit_documents, tuned_batch_worker, wait_batch
 from tests.stack import Stack
@@ -172,37 +171,3 @@ def test_expired_batch_keeps_finished_items(
     assert counts["succeeded"] + counts["expired"] + counts["failed"] == 400
     expired = batch_results(client, batch_id, status="expired")
     assert expired[0]["error"]["code"] == "batch_expired"
-
-
-def test_background_jobs_hold_no_database_connection_while_they_run(
-    stack: Stack, client: httpx.Client, app_ctx: Flask
-) -> None:
-    """Six background jobs on a worker with two database connections all run at once: a
-    job holds a connection only while it reads or writes its row, never through its call."""
-    two_connections = {
-        "SLUICE_DB_POOL_SIZE": "1",
-        "SLUICE_DB_MAX_OVERFLOW": "1",
-        "SLUICE_DB_POOL_TIMEOUT": "2",
-    }
-    with tuned_batch_worker(stack, two_connections, "batch-two-connections"):
-        body = {"model": "mock/echo?ttft_ms=4000", "input": "later"}
-        ids = []
-        for _ in range(6):
-            queued = client.post("/v1/responses", json=body, headers={"Prefer": "respond-async"})
-            assert queued.status_code in (200, 202), queued.text
-            ids.append(queued.json()["id"])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            polled = [client.get(f"/v1/responses/{rid}").json()["status"] for rid in ids]
-            if all(status not in ("queued", "in_progress") for status in polled):
-                break
-            time.sleep(0.2)
-        assert polled == ["completed"] * 6
-    job_ids = [job_id_of(rid) for rid in ids]
-    db.session.remove()
-    rows = db.session.execute(
-        select(Job.started_at, Job.finished_at).where(Job.id.in_(job_ids))
-    ).all()
-    assert len(rows) == 6
-    # every call was in flight at once: the last to start started before the first ended
-    assert max(row.started_at for row in rows) < min(row.finished_at for row in rows)

@@ -18,11 +18,14 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from langchain_openai import ChatOpenAI
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from app.extensions import db
+from app.models import Job
+from app.services.responses_objects import job_id_of
 from app.services.responses_request import translate
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import read_sse
+from tests.helpers import read_sse, tuned_batch_worker
 from tests.stack import Stack
 from tests.test_clients import PIXEL, Person, llm  # noqa: F401 - llm: the fixture, reused
 
@@ -679,3 +682,37 @@ def test_a_response_whose_row_trails_its_log_can_be_continued_at_once(
         landing.join()
     sent = upstream.last_request("responses-trail")
     assert sent is not None and "Hello Ada." in json.dumps(sent["messages"])  # carried in
+
+
+def test_background_jobs_hold_no_database_connection_while_they_run(
+    stack: Stack, client: httpx.Client, app_ctx: Flask
+) -> None:
+    """Six background jobs on a worker with two database connections all run at once: a
+    job holds a connection only while it reads or writes its row, never through its call."""
+    two_connections = {
+        "SLUICE_DB_POOL_SIZE": "1",
+        "SLUICE_DB_MAX_OVERFLOW": "1",
+        "SLUICE_DB_POOL_TIMEOUT": "2",
+    }
+    with tuned_batch_worker(stack, two_connections, "batch-two-connections"):
+        body = {"model": "mock/echo?ttft_ms=4000", "input": "later"}
+        ids = []
+        for _ in range(6):
+            queued = client.post("/v1/responses", json=body, headers={"Prefer": "respond-async"})
+            assert queued.status_code in (200, 202), queued.text
+            ids.append(queued.json()["id"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            polled = [client.get(f"/v1/responses/{rid}").json()["status"] for rid in ids]
+            if all(status not in ("queued", "in_progress") for status in polled):
+                break
+            time.sleep(0.2)
+        assert polled == ["completed"] * 6
+    job_ids = [job_id_of(rid) for rid in ids]
+    db.session.remove()
+    rows = db.session.execute(
+        select(Job.started_at, Job.finished_at).where(Job.id.in_(job_ids))
+    ).all()
+    assert len(rows) == 6
+    # every call was in flight at once: the last to start started before the first ended
+    assert max(row.started_at for row in rows) < min(row.finished_at for row in rows)
