@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 from flask import current_app
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, select, update
 
 from app import admission, telemetry
 from app.extensions import db, redis_store
@@ -110,11 +110,17 @@ def _end_statement(from_status: tuple[str, ...], keys: tuple[str, ...]) -> Any:
         names = ("status", "finished_at", *keys)
         stmt = _END_STATEMENTS[(from_status, keys)] = (
             update(jobs_t)
-            .where(columns.id == bindparam("b_id"), columns.status.in_(from_status))
+            .where(columns.id == bindparam("b_id"), status_is(*from_status))
             .values({columns[k]: bindparam(f"v_{k}", type_=columns[k].type) for k in names})
             .returning(*(columns[attr.key] for attr in telemetry.ENDED_COLUMNS))
         )
     return stmt
+
+
+def status_is(*statuses: str) -> Any:
+    """`status = a OR status = b`: unlike IN (an "expanding" parameter, rendered into the
+    SQL at every execution, ~30 us), compiled once with the prebuilt statement."""
+    return or_(*(jobs_t.c.status == status for status in statuses))
 
 
 def _write(stmt: Any, params: dict[str, Any]) -> list[Any]:
@@ -478,7 +484,7 @@ def run_stream_job(job_id: str, payload: Mapping[str, Any] | None = None, worker
 
 _MARK_RUNNING = (
     update(jobs_t)
-    .where(jobs_t.c.id == bindparam("b_id"), jobs_t.c.status.in_(("queued", "running")))
+    .where(jobs_t.c.id == bindparam("b_id"), status_is("queued", "running"))
     .values(
         status="running",
         started_at=bindparam("v_started_at", type_=jobs_t.c.started_at.type),
