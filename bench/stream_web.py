@@ -45,6 +45,8 @@ def main(argv: list[str]) -> None:
         REDIS_URL=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/13",
         SLUICE_LOG_LEVEL="WARNING",
         SLUICE_STREAM_MAX_CONCURRENT="0",
+        # no worker writes a first entry: without this, each request waits 1 s for one
+        SLUICE_STREAM_ERROR_STATUS_SECONDS="0",
     )
     from app import create_app
     from app.auth import create_key
