@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -309,6 +310,12 @@ def release_recorded(client: redis.Redis, record: str, member: str) -> int:
 def _queued(client: redis.Redis) -> bool:
     """Whether client is a pipeline (its calls are queued, their answers come later)."""
     return isinstance(client, redis.client.Pipeline)
+
+
+def first_in(client: Any, key: str, seconds: float) -> bool:
+    """Whether this caller is the first to pass `key`'s gate in `seconds` (SET NX EX): the
+    once-per-period gate of re-sends and one-teller steps. `client` may be a Redis client."""
+    return bool(client.set(key, 1, nx=True, ex=max(1, int(seconds))))
 
 
 def now_ms(client: redis.Redis) -> int:

@@ -7,6 +7,7 @@ import secrets
 
 import redis
 
+from app import leases
 from app.redis_scripts import run_script, run_script_calls, script_sha
 
 COUNT = "return redis.call('INCR', KEYS[1])"
@@ -53,3 +54,16 @@ def test_batched_calls_run_each_once_when_the_script_went_missing(redis_url: str
     assert run_script_calls(client, script, [([k], []) for k in keys]) == [1, 1, 1]
     assert run_script_calls(client, script, [([k], []) for k in keys]) == [2, 2, 2]
     client.delete(*keys)
+
+
+def test_a_once_per_period_gate_lets_one_caller_through_until_it_lapses(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    gate = f"test:gate:{secrets.token_hex(4)}"
+    assert leases.first_in(client, gate, 30)
+    assert not leases.first_in(client, gate, 30)  # the second caller within the period
+    assert 0 < client.ttl(gate) <= 30
+    assert leases.first_in(client, f"{gate}:other", 0.2)  # under a second: one second
+    assert client.ttl(f"{gate}:other") == 1
+    client.delete(gate)
+    assert leases.first_in(client, gate, 30)  # lapsed (here: deleted): the next one passes
+    client.delete(gate, f"{gate}:other")

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Exists, exists, func, select
 
+from app import leases
 from app.extensions import db, redis_store
 from app.models import utcnow
 from app.models.batch import batches_t
@@ -89,7 +90,7 @@ def resend_orphaned_chunks() -> int:
             if idle < STRANDED_AFTER and not drained:
                 continue
             again_after = int(min(RESEND_EVERY, max(STRANDED_AFTER, idle)))
-            if not client.set(gate, 1, nx=True, ex=again_after):
+            if not leases.first_in(client, gate, again_after):
                 continue
             indexes = conn.scalars(
                 select(jobs_t.c.item_index).where(
@@ -143,7 +144,7 @@ def resend_stranded_jobs() -> int:
             )
             .limit(1000)
         ).all()
-    due = [j for j in job_ids if client.set(RESENT_KEY.format(j), 1, nx=True, ex=RESEND_EVERY)]
+    due = [j for j in job_ids if leases.first_in(client, RESENT_KEY.format(j), RESEND_EVERY)]
     resend(set(), due)
     if due:
         log.warning("re-sent %d stranded background job(s)", len(due))

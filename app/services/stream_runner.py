@@ -22,7 +22,7 @@ import redis
 from flask import current_app
 from sqlalchemy import bindparam, or_, select, update
 
-from app import admission, telemetry
+from app import admission, leases, telemetry
 from app.extensions import db, redis_store
 from app.models import Job, utcnow
 from app.models.job import TERMINAL, jobs_t
@@ -333,7 +333,7 @@ def _resend(client: redis.Redis, job_id: str) -> bool:
     re-sent lately; a duplicate is harmless (the lease is taken NX, a log is never rerun)."""
     if client.exists(log_key(job_id)):
         return False
-    if not client.set(RESENT_KEY.format(job_id), 1, nx=True, ex=int(RESEND_AFTER)):
+    if not leases.first_in(client, RESENT_KEY.format(job_id), RESEND_AFTER):
         return False
     push_task(client, STREAM_TASK, [job_id], STREAM_QUEUE)
     log.warning("job %s: still queued, no worker holds it; its task was sent again", job_id)

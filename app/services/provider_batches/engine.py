@@ -39,6 +39,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import and_, delete, insert, select, update
 
+from app import leases
 from app.extensions import db, redis_store
 from app.models import new_id, utcnow
 from app.models.batch import batches_t
@@ -105,8 +106,7 @@ def _backoff(polls: int) -> timedelta:
 
 def _once(key: str) -> bool:
     """Whether to enqueue the task named by key (not if one is already queued, within a lease)."""
-    ttl = max(1, int(_lease().total_seconds()))
-    return bool(redis_store.client.set(QUEUED_KEY.format(key), 1, nx=True, ex=ttl))
+    return leases.first_in(redis_store.client, QUEUED_KEY.format(key), _lease().total_seconds())
 
 
 # ---------------------------------------------------------------- submit

@@ -15,7 +15,7 @@ import redis
 from flask import current_app
 from sqlalchemy import Table, select, update
 
-from app import telemetry
+from app import leases, telemetry
 from app.extensions import db, redis_store
 from app.models import ProviderBatch, utcnow
 from app.models.batch import batches_t
@@ -300,7 +300,7 @@ TELLING_SECONDS = 60  # how long a told cancel keeps others from telling it agai
 def _set_gate(gate: str) -> bool:
     """Take the one-teller gate; True without Redis too (a second cancel is harmless)."""
     try:
-        return bool(redis_store.client.set(gate, 1, nx=True, ex=TELLING_SECONDS))
+        return leases.first_in(redis_store.client, gate, TELLING_SECONDS)
     except redis.RedisError:
         return True
 
