@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -312,9 +311,9 @@ def _queued(client: redis.Redis) -> bool:
     return isinstance(client, redis.client.Pipeline)
 
 
-def first_in(client: Any, key: str, seconds: float) -> bool:
-    """Whether this caller is the first to pass `key`'s gate in `seconds` (SET NX EX): the
-    once-per-period gate of re-sends and one-teller steps. `client` may be a Redis client."""
+def first_in(client: redis.Redis, key: str, seconds: float) -> bool:
+    """Whether this caller is the first to pass `key`'s gate in `seconds` (SET NX EX, at
+    least a second): the once-per-period gate of re-sends and one-teller steps."""
     return bool(client.set(key, 1, nx=True, ex=max(1, int(seconds))))
 
 

@@ -569,12 +569,11 @@ def _announce(pb: Any) -> None:
         batch = db.session.get(Batch, pb.batch_id, populate_existing=True)
         if batch is not None:
             events.batch_changed(batch)
-        db.session.commit()  # as below
-        return
-    from app.models import Job
+    else:
+        from app.models import Job
 
-    for job in db.session.scalars(select(Job).where(Job.provider_batch_id == pb.id)):
-        events.job_changed(job)
+        for job in db.session.scalars(select(Job).where(Job.provider_batch_id == pb.id)):
+            events.job_changed(job)
     db.session.commit()  # the poll goes on to other provider calls: hold no connection
 
 
