@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -120,6 +121,52 @@ def test_subscribes_asked_for_together_go_out_as_one_command(app_ctx: Flask) -> 
         assert texts == ["heard", None]
         for tail in tails:
             tail.close()
+    finally:
+        hub.close()
+
+
+def _followed(tail: Tail, patience: float = 3.0) -> list[str | None]:
+    """The texts a relay follows up to its terminal entry (None), or what came in `patience`."""
+    texts: list[str | None] = []
+    deadline = time.monotonic() + patience
+    for item in tail.follow(ping_seconds=0.1):
+        if item is not None:
+            texts.append(item[1].get("d"))
+        elif time.monotonic() > deadline:
+            break
+    return texts
+
+
+def test_the_task_is_sent_without_waiting_for_the_hub_and_nothing_is_missed(
+    app_ctx: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tail.sending() never waits for the hub's SUBSCRIBE: a job whose worker writes its
+    whole log before the hub hears the channel is relayed in full (one read, once heard);
+    a relay whose channel was heard before the send reads nothing."""
+    deferred: list[Callable[[], None]] = []
+    hub = StreamHub(app_ctx.config["REDIS_URL"], defer=deferred.append)
+    try:
+        hub._start()
+        reads = counted_xread(hub, monkeypatch)
+        late, early = (f"job_send_{secrets.token_hex(4)}" for _ in range(2))
+        tail = Tail(hub, late, lease_seconds=60, ping_seconds=5)
+        tail.register()
+        tail.sending()  # the SUBSCRIBE has not even gone out: nothing waits for it
+        dlog = leased_log(late)
+        dlog.append(content_delta("before "))
+        dlog.finish("stop", None)  # the log ended before the hub heard of the job
+        deferred.pop()()
+        assert _followed(tail) == ["before ", None] and len(reads) == 1
+
+        heard = Tail(hub, early, lease_seconds=60, ping_seconds=5)
+        heard.register()
+        deferred.pop()()
+        assert heard.subscribe()  # the hub hears this job's channel before the send
+        heard.sending()
+        dlog = leased_log(early)
+        dlog.append(content_delta("after"))
+        dlog.finish("stop", None)
+        assert _followed(heard) == ["after", None] and len(reads) == 1  # no read for it
     finally:
         hub.close()
 

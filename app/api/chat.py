@@ -163,7 +163,7 @@ def run_routed(
     tail = make_tail(job_id)
     if route.mode == "stream":
         tail.register()  # its SUBSCRIBE goes out now, confirmed while admission and the
-        # insert run; the task is sent once the hub hears the job: no first read is needed
+        # insert run; the task is sent right after (Tail.sending: no wait for the hub)
     try:
         job, route = front_door.start_chat_job(
             tenant_id,
@@ -172,7 +172,7 @@ def run_routed(
             endpoint=endpoint,
             priority=priority,
             job_id=job_id,
-            before_send=tail.subscribe,
+            before_send=tail.sending,
             previous_response_id=previous_response_id,
         )
     except BaseException:

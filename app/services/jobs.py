@@ -100,7 +100,7 @@ def start_stream_job(
 
     The returned Job is not bound to the session and has every column loaded, so reading
     it never costs a query. Pass job_id when a stream slot was already taken for it;
-    `before_send()` runs between the commit and the send (the relay's subscribe). A send that
+    `before_send()` runs between the commit and the send (the relay's Tail.sending). A send that
     fails ends the job (end_unsent_job) and raises; a message lost later is re-sent by the
     stream sweep.
     """

@@ -535,13 +535,26 @@ class Tail:
 
     def register(self) -> None:
         """Register with the hub now (no wait): its SUBSCRIBE goes out while the caller
-        does other work (admission, the job's insert); then subscribe() before the send."""
+        does other work (admission, the job's insert); then sending() (or subscribe())
+        before the job's task is sent."""
         if self._sub is None:
             self._sub = self.hub.subscribe(self.job_id, self.after)
 
+    def sending(self) -> None:
+        """Right before the job's task is sent, without waiting: if the hub hears the job's
+        channel already, the log cannot hold an entry it was not told of, so follow() skips
+        its first read; if not yet, follow() reads the log once it does.
+
+        Under load the hub's confirmation can trail the insert by tens of milliseconds
+        (its listener waits its turn behind the relays): the task does not wait for it.
+        """
+        self.register()
+        assert self._sub is not None
+        self._armed_ahead = self._sub.armed.is_set()
+
     def subscribe(self) -> bool:
         """Register with the hub (if register() did not), then wait until it hears the job's
-        channel; True once it does (send the job's task after that).
+        channel; True once it does (send the job's task after that; sending() does not wait).
 
         The log then cannot hold an entry the hub did not announce to this relay (or, if
         the hub reconnects meanwhile, wake it for), so follow() skips its first read;
