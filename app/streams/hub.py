@@ -410,7 +410,8 @@ class StreamHub:
     def subscribe(self, job_id: str, last: str) -> Subscription:
         """Register BEFORE reading the log, so no notice can fall between read and wait.
 
-        The read (or the task's send) must also wait for `sub.armed`: see `Tail.subscribe`.
+        The read must also wait for `sub.armed`, unless it was set before the job's task
+        was sent (then no read is needed): see `Tail.sending`.
         """
         if not self._started:
             self._start()
