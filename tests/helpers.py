@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from app.auth import lookup_key
 from app.extensions import db, redis_store
 from app.models import Batch, Job, utcnow
-from app.streams.hub import StreamHub
+from app.streams.hub import ARM_SECONDS, StreamHub, Tail
 from app.streams.keys import lease_key
 from app.streams.writer import DeltaLog
 from tests.stack import Stack
@@ -308,3 +308,25 @@ def counted_xread(hub: StreamHub, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(hub.client, "xread", counting)
     return reads
+
+
+def hub_hears(tail: Tail) -> bool:
+    """Register `tail`, wait until its hub hears the job's channel, then mark the send (as a
+    task sent after that would be: follow() skips its first read); True once it does."""
+    tail.register()
+    assert tail._sub is not None
+    heard = tail._sub.armed.wait(ARM_SECONDS)
+    tail.sending()
+    return heard
+
+
+def followed_texts(tail: Tail, patience: float = 3.0) -> list[str | None]:
+    """The texts a relay follows up to its terminal entry (None), or what came in `patience`."""
+    texts: list[str | None] = []
+    deadline = time.monotonic() + patience
+    for item in tail.follow(ping_seconds=0.1):
+        if item is not None:
+            texts.append(item[1].get("d"))
+        elif time.monotonic() > deadline:
+            break
+    return texts

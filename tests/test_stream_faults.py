@@ -27,7 +27,7 @@ from app.streams.relay import sse_body
 from app.streams.render import ChunkRenderer
 from app.streams.writer import DeltaLog, LostLease, release_lease, write_terminal
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import read_sse
+from tests.helpers import hub_hears, read_sse
 from tests.stack import Stack
 
 LEASE = 3.0  # SLUICE_STREAM_LEASE_SECONDS in the test settings
@@ -255,7 +255,7 @@ def test_a_delta_wakes_only_the_hubs_that_relay_its_job(app_ctx: Flask) -> None:
             for hub, job in zip((relaying, other), jobs, strict=True)
         ]
         for tail in tails:
-            assert tail.subscribe()
+            assert hub_hears(tail)
         idle.feed()
         assert idle.connected.wait(5)
         client.set(lease_key(jobs[0]), "T", px=60_000)
@@ -282,7 +282,7 @@ def test_a_hub_that_reconnects_hears_its_jobs_again(app_ctx: Flask) -> None:
     job = f"job_resub_{secrets.token_hex(4)}"
     try:
         tail = Tail(hub, job, lease_seconds=60, ping_seconds=0.2, running=True)
-        assert tail.subscribe()
+        assert hub_hears(tail)
         client.set(lease_key(job), "T", px=60_000)
         dlog = DeltaLog(client, job, running_ttl=60, final_ttl=60, token="T", lease_seconds=60)
         dlog.append(_content("before "))

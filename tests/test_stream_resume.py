@@ -19,6 +19,7 @@ from tests.helpers import (
     content_delta,
     counted_xread,
     follow,
+    hub_hears,
     leased_log,
     read_sse,
     stream_chat,
@@ -194,7 +195,7 @@ def test_a_relay_at_the_tail_reads_nothing_and_gets_the_terminal_entry_from_its_
     job = f"job_tail_{secrets.token_hex(4)}"
     try:
         tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
-        assert tail.subscribe()
+        assert hub_hears(tail)
         dlog = leased_log(job)
         dlog.append(content_delta("un "))
         dlog.append(content_delta("deux"))
@@ -223,18 +224,18 @@ def test_an_ended_relays_channel_is_dropped_with_the_next_subscribe_and_reused_u
     first, second = (f"job_stale_{secrets.token_hex(4)}" for _ in range(2))
     try:
         tail = Tail(hub, first, lease_seconds=60, ping_seconds=5)
-        assert tail.subscribe()
+        assert hub_hears(tail)
         tail.close()
         assert _numsub(notify_channel(first)) == 1  # still heard: nothing was sent
         again = Tail(hub, first, lease_seconds=60, ping_seconds=5)
-        assert again.subscribe()
+        assert hub_hears(again)
         assert again._sub is not None and again._sub.armed.is_set()
         dlog = leased_log(first)
         dlog.append(content_delta("still heard"))
         dlog.finish("stop", None)
         texts = [item[1].get("d") for item in again.follow() if item is not None]
         assert texts == ["still heard", None]  # follow() closed it: stale again
-        assert Tail(hub, second, lease_seconds=60, ping_seconds=5).subscribe()
+        assert hub_hears(Tail(hub, second, lease_seconds=60, ping_seconds=5))
         assert _numsub(notify_channel(first)) == 0
         assert _numsub(notify_channel(second)) == 1
     finally:

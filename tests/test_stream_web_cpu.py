@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,7 +13,7 @@ from app.streams.hub import StreamHub, Tail
 from app.streams.keys import notify_channel
 from app.streams.relay import sse_body
 from app.streams.render import ChunkRenderer
-from tests.helpers import content_delta, counted_xread, leased_log
+from tests.helpers import content_delta, counted_xread, followed_texts, hub_hears, leased_log
 
 
 @pytest.fixture
@@ -34,7 +33,7 @@ def test_the_relay_goes_on_from_the_early_error_wait_without_reading_again(
     reads = counted_xread(hub, monkeypatch)
     job = f"job_fold_{secrets.token_hex(4)}"
     tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
-    assert tail.subscribe()
+    assert hub_hears(tail)
     dlog = leased_log(job)
     dlog.append(content_delta("un "))
     items, error = early_error(tail, 2.0)
@@ -58,7 +57,7 @@ def test_a_silent_job_the_relay_waits_on_with_the_same_follow(
     reads = counted_xread(hub, monkeypatch)
     job = f"job_fold_{secrets.token_hex(4)}"
     tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
-    assert tail.subscribe()
+    assert hub_hears(tail)
     dlog = leased_log(job)
     items, error = early_error(tail, 0.05)
     assert error is None and items is not None
@@ -75,7 +74,7 @@ def test_an_early_error_still_answers_with_its_status(hub: StreamHub) -> None:
 
     job = f"job_fold_{secrets.token_hex(4)}"
     tail = Tail(hub, job, lease_seconds=60, ping_seconds=5)
-    assert tail.subscribe()
+    assert hub_hears(tail)
     error = {"message": "no", "type": "invalid_request_error", "code": None, "param": None}
     leased_log(job).fail(error)
     items, found = early_error(tail, 2.0)
@@ -112,7 +111,7 @@ def test_subscribes_asked_for_together_go_out_as_one_command(app_ctx: Flask) -> 
         deferred.pop()()
         channels = [notify_channel(job) for job in jobs]
         assert sent == [(("SUBSCRIBE", *channels), ("UNSUBSCRIBE", channels[3]))]
-        assert all(tail.subscribe() for tail in tails[:3])
+        assert all(hub_hears(tail) for tail in tails[:3])
         assert [_numsub(c) for c in channels] == [1, 1, 1, 0]
         dlog = leased_log(jobs[0])
         dlog.append(content_delta("heard"))
@@ -123,18 +122,6 @@ def test_subscribes_asked_for_together_go_out_as_one_command(app_ctx: Flask) -> 
             tail.close()
     finally:
         hub.close()
-
-
-def _followed(tail: Tail, patience: float = 3.0) -> list[str | None]:
-    """The texts a relay follows up to its terminal entry (None), or what came in `patience`."""
-    texts: list[str | None] = []
-    deadline = time.monotonic() + patience
-    for item in tail.follow(ping_seconds=0.1):
-        if item is not None:
-            texts.append(item[1].get("d"))
-        elif time.monotonic() > deadline:
-            break
-    return texts
 
 
 def test_the_task_is_sent_without_waiting_for_the_hub_and_nothing_is_missed(
@@ -156,17 +143,16 @@ def test_the_task_is_sent_without_waiting_for_the_hub_and_nothing_is_missed(
         dlog.append(content_delta("before "))
         dlog.finish("stop", None)  # the log ended before the hub heard of the job
         deferred.pop()()
-        assert _followed(tail) == ["before ", None] and len(reads) == 1
+        assert followed_texts(tail) == ["before ", None] and len(reads) == 1
 
         heard = Tail(hub, early, lease_seconds=60, ping_seconds=5)
         heard.register()
         deferred.pop()()
-        assert heard.subscribe()  # the hub hears this job's channel before the send
-        heard.sending()
+        assert hub_hears(heard)  # the hub hears this job's channel before the send
         dlog = leased_log(early)
         dlog.append(content_delta("after"))
         dlog.finish("stop", None)
-        assert _followed(heard) == ["after", None] and len(reads) == 1  # no read for it
+        assert followed_texts(heard) == ["after", None] and len(reads) == 1  # no read for it
     finally:
         hub.close()
 

@@ -531,20 +531,21 @@ class Tail:
     running: bool = False  # the job was (or has been seen) running
     check_lost: Callable[[str], bool] | None = None  # settle a job whose worker is gone
     outage_seconds: float = 30.0  # how long Redis may be unreachable before the relay ends
-    _sub: Subscription | None = None  # registered ahead by register() or subscribe()
+    _sub: Subscription | None = None  # registered ahead by register() or sending()
     _armed_ahead: bool = False  # ... and the hub heard the job's channel before the send
 
     def register(self) -> None:
         """Register with the hub now (no wait): its SUBSCRIBE goes out while the caller
-        does other work (admission, the job's insert); then sending() (or subscribe())
-        before the job's task is sent."""
+        does other work (admission, the job's insert); then sending() before the job's
+        task is sent."""
         if self._sub is None:
             self._sub = self.hub.subscribe(self.job_id, self.after)
 
     def sending(self) -> None:
         """Right before the job's task is sent, without waiting: if the hub hears the job's
-        channel already, the log cannot hold an entry it was not told of, so follow() skips
-        its first read; if not yet, follow() reads the log once it does.
+        channel already, the log cannot hold an entry the hub did not announce to this relay
+        (or, if it reconnects meanwhile, wake it for), so follow() skips its first read; if
+        not yet, follow() reads the log once it does. End with close() if follow() never runs.
 
         Under load the hub's confirmation can trail the insert by tens of milliseconds
         (its listener waits its turn behind the relays): the task does not wait for it.
@@ -553,22 +554,8 @@ class Tail:
         assert self._sub is not None
         self._armed_ahead = self._sub.armed.is_set()
 
-    def subscribe(self) -> bool:
-        """Register with the hub (if register() did not), then wait until it hears the job's
-        channel; True once it does (send the job's task after that; sending() does not wait).
-
-        The log then cannot hold an entry the hub did not announce to this relay (or, if
-        the hub reconnects meanwhile, wake it for), so follow() skips its first read;
-        unless the hub did not hear the channel in time (False): follow() then reads first.
-        End with close() if follow() never runs.
-        """
-        self.register()
-        assert self._sub is not None
-        self._armed_ahead = self._sub.armed.wait(ARM_SECONDS)
-        return self._armed_ahead
-
     def close(self) -> None:
-        """Drop a subscription made by subscribe() (idempotent; follow() does it too)."""
+        """Drop a subscription made by register() (idempotent; follow() does it too)."""
         sub, self._sub = self._sub, None
         if sub is not None:
             self.hub.unsubscribe(sub)
