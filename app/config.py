@@ -27,7 +27,9 @@ TUNABLES: dict[str, tuple[type, Any]] = {
     "STREAM_RETRY_MS": (int, 3000),
     "STREAM_LOG_TTL_SECONDS": (int, 3600),
     "STREAM_LEASE_SECONDS": (float, 10.0),
-    "STREAM_COALESCE_MS": (float, 5.0),
+    "STREAM_COALESCE_MS": (float, 5.0),  # the coalescing window at low load (app/streams/pacing)
+    "STREAM_COALESCE_MAX_MS": (float, 50.0),  # ... and its widest, under load
+    "STREAM_APPENDS_PER_SECOND": (float, 500.0),  # a worker's append budget; 0: never widen
     "STREAM_MAX_RETRIES": (int, 2),
     "STREAM_RETRY_AFTER_MAX": (float, 2.0),  # a longer upstream Retry-After fails the job
     "STREAM_QUEUED_TIMEOUT_SECONDS": (float, 300.0),

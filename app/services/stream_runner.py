@@ -47,6 +47,7 @@ from app.streams.entries import (
     is_terminal,
 )
 from app.streams.keys import cancel_key, lease_key, log_key
+from app.streams.pacing import LOAD, Window
 from app.streams.writer import (
     DeltaLog,
     LostLease,
@@ -361,6 +362,7 @@ class _Reader:
         self.stream: Any = None
         self.deltas = 0
         self.sent = threading.Event()  # the upstream answered (headers) or the call failed
+        self.ended = threading.Event()  # the upstream stream ended or failed: nothing to wait for
         self._closed = False
         self._registry = registry
         self._request = request
@@ -384,9 +386,11 @@ class _Reader:
                     self.deltas += 1
                 put(("d", choice))
             put(("end", stream))
+            self.ended.set()
         except BaseException as exc:
             self.sent.set()
             put(("err", exc))
+            self.ended.set()
 
     def close(self) -> None:
         """Close the upstream stream (ProviderStream.close()) and let the thread end."""
@@ -409,7 +413,7 @@ class _Run:
     dlog: DeltaLog
     lease_value: str
     lease_seconds: float
-    window: float
+    window: Window
     generation: Generation = field(default_factory=Generation)  # what was appended
     finishes: dict[int, str] = field(default_factory=dict)  # each choice's finish reason
     appended: int = 0  # log entries written: once any is, the run is never retried
@@ -527,7 +531,7 @@ def _run(
         dlog,
         lease_value,
         lease_seconds,
-        window=config["STREAM_COALESCE_MS"] / 1000,
+        window=Window.from_config(config),
         tail=tail,
     )
     registry = providers()
@@ -633,11 +637,18 @@ def _wait(run: _Run, seconds: float) -> None:
 
 def _consume(run: _Run, reader: _Reader) -> None:
     """Move deltas from the provider to the log until the stream ends (or raise)."""
+    with LOAD.counted():  # the coalescing window follows the process's running streams
+        _move_deltas(run, reader)
+
+
+def _move_deltas(run: _Run, reader: _Reader) -> None:
     get = reader.queue.get
     get_nowait = reader.queue.get_nowait
     dlog = run.dlog
-    window = run.window
-    last_flush = time.monotonic() - window
+    window_at, running = run.window.seconds, LOAD
+    ended = reader.ended.wait
+    widest = run.window.widest
+    last_flush = time.monotonic() - widest  # the first delta goes out at once
     while True:
         now = time.monotonic()
         timeout = min(run.next_refresh, last_flush + CANCEL_CHECK_SECONDS) - now
@@ -650,7 +661,7 @@ def _consume(run: _Run, reader: _Reader) -> None:
                 cancelled = bool(dlog.client.exists(dlog.cancel_key))
             if cancelled:
                 raise _Stop("cancelled", CANCELLED_ERROR) from None
-            last_flush = max(last_flush, time.monotonic() - window)
+            last_flush = max(last_flush, time.monotonic() - widest)
             continue
         if kind != "d":
             _settle(kind, value)
@@ -658,8 +669,9 @@ def _consume(run: _Run, reader: _Reader) -> None:
         buffer = [value]
         pending: tuple[str, Any] | None = None
         ending = bool(value.get("finish_reason"))  # the end comes next: no reason to wait
+        window = window_at(running.running)
         if window > 0 and not ending and (wait := last_flush + window - time.monotonic()) > 0:
-            time.sleep(wait)  # coalesce what arrives within the window
+            ended(wait)  # coalesce what arrives within the window (cut short by the end)
         while True:
             try:
                 kind, value = get_nowait()
