@@ -33,6 +33,7 @@ class RawSSEStream:
         self._deltas = 0
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.pace: Callable[[], None] | None = None  # called after each read of the body
 
     # -- subclass hooks ----------------------------------------------------------------------
 
@@ -76,6 +77,8 @@ class RawSSEStream:
                 elif line.startswith(b"event:"):
                     event = line[6:].strip().decode()
             buffer = buffer[start:]
+            if self.pace is not None:
+                self.pace()  # may wait, so that the next read takes what arrived meanwhile
         if data:  # a last event without its blank line
             yield event, b"\n".join(data).decode()
 

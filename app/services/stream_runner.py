@@ -36,6 +36,7 @@ from app.providers import (
     estimate_tokens,
     providers,
 )
+from app.providers.streaming import RawSSEStream
 from app.queueing import STREAM_QUEUE, push_task
 from app.services.events import publish
 from app.streams.entries import (
@@ -355,9 +356,14 @@ def _safely(step: Any, *args: Any) -> bool:
 
 
 class _Reader:
-    """Runs the provider stream in its own thread (a greenlet under gevent) into a queue."""
+    """Runs the provider stream in its own thread (a greenlet under gevent) into a queue.
 
-    def __init__(self, registry: ProviderRegistry, request: ChatRequest) -> None:
+    Under load (a coalescing window wider than its low-load width) it reads the upstream at
+    most once a window once the first delta is out: what arrives meanwhile waits in the
+    socket and comes in one read, one wake-up and one append instead of one each.
+    """
+
+    def __init__(self, registry: ProviderRegistry, request: ChatRequest, window: Window) -> None:
         self.queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.stream: Any = None
         self.deltas = 0
@@ -366,6 +372,8 @@ class _Reader:
         self._closed = False
         self._registry = registry
         self._request = request
+        self._window = window
+        self._out = False  # a delta was handed over
         self.thread = threading.Thread(target=self._run, daemon=True, name="provider-stream")
         self.thread.start()
 
@@ -381,16 +389,27 @@ class _Reader:
             if self._closed:
                 stream.close()
                 return
+            if isinstance(stream, RawSSEStream) and self._window.widest > self._window.base:
+                stream.pace = self._pace
             for choice in stream:
                 if delta_text(choice, int(choice.get("index") or 0)):
                     self.deltas += 1
                 put(("d", choice))
+                self._out = True
             put(("end", stream))
             self.ended.set()
         except BaseException as exc:
             self.sent.set()
             put(("err", exc))
             self.ended.set()
+
+    def _pace(self) -> None:
+        """After a read of the upstream: under load, wait out the window before the next."""
+        if not self._out:
+            return  # nothing out yet: the first delta is never held back
+        window = self._window.seconds(LOAD.running)
+        if window > self._window.base:
+            time.sleep(window)
 
     def close(self) -> None:
         """Close the upstream stream (ProviderStream.close()) and let the thread end."""
@@ -537,7 +556,7 @@ def _run(
     registry = providers()
     max_retries = config["STREAM_MAX_RETRIES"]
     retry_after_max = config["STREAM_RETRY_AFTER_MAX"]
-    reader = _Reader(registry, request)  # the upstream call starts now ...
+    reader = _Reader(registry, request, run.window)  # the upstream call starts now ...
     try:
         # ... and the row is marked while the provider works on its first token. The SDK yields
         # before it sends (its pool probes idle connections), so wait for the response headers
@@ -573,7 +592,7 @@ def _run(
                         return _end(run, reader, stop.status, stop.error)
                     except LostLease:
                         return "lost"
-                    reader = _Reader(registry, request)
+                    reader = _Reader(registry, request, run.window)
                     continue
                 return _end(run, reader, "failed", _provider_error(exc))
             except UnknownModel as exc:
