@@ -9,6 +9,7 @@ from flask import Flask
 
 from app.extensions import db, redis_store
 from app.models import Job
+from app.providers.transport import _Body
 from app.services import stream_runner
 from app.streams.entries import Entry, choices_of, is_terminal, text_of
 from app.streams.pacing import LOAD, StreamLoad, Window
@@ -79,6 +80,29 @@ def test_under_load_a_run_appends_less_often_and_loses_nothing(
     first = choices_of(wide[0][1])
     assert first[0]["delta"]["content"] == choices_of(narrow[0][1])[0]["delta"]["content"]
     assert LOAD.running == 0
+
+
+@pytest.mark.timeout(60)
+def test_under_load_the_reader_takes_what_arrived_meanwhile_in_one_read(
+    app_ctx: Flask, api_key: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same 40 tokens: a read each at low load; a read a window (50 ms) under load,
+    so the worker wakes for the upstream a few times, not 40."""
+    reads: list[int] = []
+    recv = _Body._recv
+
+    def counted(self: _Body) -> bytes:
+        data = recv(self)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(_Body, "_recv", counted)
+    upstream.add_scenario("pacing-reads", tokens=40, tps=200, ttft_ms=10)
+    _run_job(app_ctx, api_key, "pacing-reads", **SETTINGS, STREAM_APPENDS_PER_SECOND=0.0)
+    low_load, reads[:] = len(reads), []
+    _run_job(app_ctx, api_key, "pacing-reads", **SETTINGS, STREAM_APPENDS_PER_SECOND=1.0)
+    assert low_load >= 30, low_load
+    assert len(reads) <= 12, reads
 
 
 @pytest.mark.timeout(60)
