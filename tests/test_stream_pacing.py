@@ -27,6 +27,13 @@ def test_the_window_is_the_base_at_low_load_and_widens_with_the_streams_up_to_it
     assert window.seconds(25) == window.seconds(1000) == pytest.approx(0.05)
 
 
+def test_a_reader_waits_between_reads_only_under_load_while_tokens_come_fast() -> None:
+    window = Window.from_config(SETTINGS | {"STREAM_APPENDS_PER_SECOND": 500.0})
+    assert window.pause(25, since=0.02) == pytest.approx(0.05)  # 25 streams: 50 ms
+    assert window.pause(25, since=0.2) == 0.0  # slower than the window: nothing to gather
+    assert window.pause(2, since=0.0) == 0.0  # low load: the base window is the writer's
+
+
 def test_without_an_append_budget_the_window_never_widens() -> None:
     window = Window.from_config(SETTINGS | {"STREAM_APPENDS_PER_SECOND": 0.0})
     assert window.seconds(10_000) == pytest.approx(0.005)

@@ -358,9 +358,10 @@ def _safely(step: Any, *args: Any) -> bool:
 class _Reader:
     """Runs the provider stream in its own thread (a greenlet under gevent) into a queue.
 
-    Under load (a coalescing window wider than its low-load width) it reads the upstream at
-    most once a window once the first delta is out: what arrives meanwhile waits in the
-    socket and comes in one read, one wake-up and one append instead of one each.
+    Under load (a coalescing window wider than its low-load width), while tokens come
+    faster than the window, it reads the upstream at most once a window: what arrives
+    meanwhile waits in the socket and comes in one read, one wake-up and one append
+    instead of one each.
     """
 
     def __init__(self, registry: ProviderRegistry, request: ChatRequest, window: Window) -> None:
@@ -374,6 +375,7 @@ class _Reader:
         self._request = request
         self._window = window
         self._out = False  # a delta was handed over
+        self._read_at = 0.0  # when the last read of the upstream was, or the last wait ended
         self.thread = threading.Thread(target=self._run, daemon=True, name="provider-stream")
         self.thread.start()
 
@@ -404,12 +406,16 @@ class _Reader:
             self.ended.set()
 
     def _pace(self) -> None:
-        """After a read of the upstream: under load, wait out the window before the next."""
-        if not self._out:
-            return  # nothing out yet: the first delta is never held back
-        window = self._window.seconds(LOAD.running)
-        if window > self._window.base:
-            time.sleep(window)
+        """After a read of the upstream: under load, while tokens come closer together than
+        the window, wait it out before the next read (never before the first delta is out,
+        nor once the upstream's finish came)."""
+        now = time.monotonic()
+        since, self._read_at = now - self._read_at, now
+        if not self._out or self.stream.finish_reason is not None:
+            return
+        if (pause := self._window.pause(LOAD.running, since)) > 0:
+            time.sleep(pause)
+            self._read_at = time.monotonic()
 
     def close(self) -> None:
         """Close the upstream stream (ProviderStream.close()) and let the thread end."""

@@ -6,7 +6,9 @@ appends what arrived within `STREAM_COALESCE_MS` of its last append. When a work
 runs more streams than `STREAM_APPENDS_PER_SECOND` allows at that window, the window widens
 to streams / budget, up to `STREAM_COALESCE_MAX_MS`: the process's append rate stays near
 its budget and every stream still gets its text at least that often. The first delta and
-the end of a stream are never held back.
+the end of a stream are not held back by the writer's window; under load the reader
+waits a window between reads while tokens come faster than it (`Window.pause`), so a token,
+and an end that came during that wait, may wait up to one window.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class Window:
         if self.appends_per_second <= 0:
             return self.base
         return min(self.widest, max(self.base, running / self.appends_per_second))
+
+    def pause(self, running: int, since: float) -> float:
+        """How long a reader waits after a read that came `since` seconds after its last:
+        under load (a window wider than the base) while tokens come faster than the window,
+        the window; else nothing."""
+        window = self.seconds(running)
+        return window if window > self.base and since < window else 0.0
 
 
 class StreamLoad:
