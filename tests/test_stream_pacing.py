@@ -55,7 +55,10 @@ def test_the_load_counts_the_runs_in_progress_also_when_one_fails() -> None:
 
 
 def _run_job(app: Flask, api_key: str, model: str, **settings: float) -> tuple[list[Entry], float]:
-    request = {"model": f"openai/{model}", "messages": [{"role": "user", "content": "x"}]}
+    request = {
+        "model": model if "/" in model else f"openai/{model}",
+        "messages": [{"role": "user", "content": "x"}],
+    }
     job_id = insert_job(tenant_of(api_key), "stream", "queued", request=request).id
     started = time.monotonic()
     with tuned(app, **settings):
@@ -90,8 +93,13 @@ def test_under_load_a_run_appends_less_often_and_loses_nothing(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_under_load_the_reader_takes_what_arrived_meanwhile_in_one_read(
-    app_ctx: Flask, api_key: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    app_ctx: Flask,
+    api_key: str,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: str,
 ) -> None:
     """The same 40 tokens: a read each at low load; a read a window (50 ms) under load,
     so the worker wakes for the upstream a few times, not 40."""
@@ -105,9 +113,10 @@ def test_under_load_the_reader_takes_what_arrived_meanwhile_in_one_read(
 
     monkeypatch.setattr(_Body, "_recv", counted)
     upstream.add_scenario("pacing-reads", tokens=40, tps=200, ttft_ms=10)
-    _run_job(app_ctx, api_key, "pacing-reads", **SETTINGS, STREAM_APPENDS_PER_SECOND=0.0)
+    model = f"{provider}/pacing-reads"
+    _run_job(app_ctx, api_key, model, **SETTINGS, STREAM_APPENDS_PER_SECOND=0.0)
     low_load, reads[:] = len(reads), []
-    _run_job(app_ctx, api_key, "pacing-reads", **SETTINGS, STREAM_APPENDS_PER_SECOND=1.0)
+    _run_job(app_ctx, api_key, model, **SETTINGS, STREAM_APPENDS_PER_SECOND=1.0)
     assert low_load >= 30, low_load
     assert len(reads) <= 12, reads
 
