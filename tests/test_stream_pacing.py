@@ -25,6 +25,7 @@ def test_the_window_is_the_base_at_low_load_and_widens_with_the_streams_up_to_it
     assert window.seconds(0) == window.seconds(2) == pytest.approx(0.005)
     assert window.seconds(10) == pytest.approx(0.02)  # 10 streams / 500 appends a second
     assert window.seconds(25) == window.seconds(1000) == pytest.approx(0.05)
+    assert window.widens
 
 
 def test_a_reader_waits_between_reads_only_under_load_while_tokens_come_fast() -> None:
@@ -37,6 +38,7 @@ def test_a_reader_waits_between_reads_only_under_load_while_tokens_come_fast() -
 def test_without_an_append_budget_the_window_never_widens() -> None:
     window = Window.from_config(SETTINGS | {"STREAM_APPENDS_PER_SECOND": 0.0})
     assert window.seconds(10_000) == pytest.approx(0.005)
+    assert not window.widens
 
 
 def test_the_widest_window_is_never_narrower_than_the_base() -> None:
@@ -55,10 +57,7 @@ def test_the_load_counts_the_runs_in_progress_also_when_one_fails() -> None:
 
 
 def _run_job(app: Flask, api_key: str, model: str, **settings: float) -> tuple[list[Entry], float]:
-    request = {
-        "model": model if "/" in model else f"openai/{model}",
-        "messages": [{"role": "user", "content": "x"}],
-    }
+    request = {"model": model, "messages": [{"role": "user", "content": "x"}]}
     job_id = insert_job(tenant_of(api_key), "stream", "queued", request=request).id
     started = time.monotonic()
     with tuned(app, **settings):
@@ -81,9 +80,9 @@ def test_under_load_a_run_appends_less_often_and_loses_nothing(
     delta still alone and at once."""
     upstream.add_scenario("pacing", tokens=40, tps=200, ttft_ms=10)
     narrow, _ = _run_job(
-        app_ctx, api_key, "pacing", STREAM_COALESCE_MS=0.0, STREAM_APPENDS_PER_SECOND=0.0
+        app_ctx, api_key, "openai/pacing", STREAM_COALESCE_MS=0.0, STREAM_APPENDS_PER_SECOND=0.0
     )
-    wide, _ = _run_job(app_ctx, api_key, "pacing", **SETTINGS, STREAM_APPENDS_PER_SECOND=1.0)
+    wide, _ = _run_job(app_ctx, api_key, "openai/pacing", **SETTINGS, STREAM_APPENDS_PER_SECOND=1.0)
     assert text_of(wide) == text_of(narrow) and len(text_of(wide)) > 40
     assert len(narrow) >= 30, len(narrow)
     assert 3 <= len(wide) <= 10, len(wide)  # ~200 ms of tokens in 50 ms windows
@@ -131,7 +130,7 @@ def test_the_end_of_the_stream_cuts_the_window_short(
     entries, took = _run_job(
         app_ctx,
         api_key,
-        "pacing-end",
+        "openai/pacing-end",
         STREAM_COALESCE_MS=5000.0,
         STREAM_COALESCE_MAX_MS=5000.0,
         STREAM_APPENDS_PER_SECOND=0.0,

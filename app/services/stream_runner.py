@@ -391,7 +391,7 @@ class _Reader:
             if self._closed:
                 stream.close()
                 return
-            if isinstance(stream, RawSSEStream) and self._window.widest > self._window.base:
+            if isinstance(stream, RawSSEStream) and self._window.widens:
                 stream.pace = self._pace
             for choice in stream:
                 if delta_text(choice, int(choice.get("index") or 0)):
@@ -399,10 +399,10 @@ class _Reader:
                 put(("d", choice))
                 self._out = True
             put(("end", stream))
-            self.ended.set()
         except BaseException as exc:
             self.sent.set()
             put(("err", exc))
+        finally:
             self.ended.set()
 
     def _pace(self) -> None:
@@ -670,10 +670,8 @@ def _move_deltas(run: _Run, reader: _Reader) -> None:
     get = reader.queue.get
     get_nowait = reader.queue.get_nowait
     dlog = run.dlog
-    window_at, running = run.window.seconds, LOAD
-    ended = reader.ended.wait
-    widest = run.window.widest
-    last_flush = time.monotonic() - widest  # the first delta goes out at once
+    window = run.window
+    last_flush = time.monotonic() - window.widest  # the first delta goes out at once
     while True:
         now = time.monotonic()
         timeout = min(run.next_refresh, last_flush + CANCEL_CHECK_SECONDS) - now
@@ -686,7 +684,7 @@ def _move_deltas(run: _Run, reader: _Reader) -> None:
                 cancelled = bool(dlog.client.exists(dlog.cancel_key))
             if cancelled:
                 raise _Stop("cancelled", CANCELLED_ERROR) from None
-            last_flush = max(last_flush, time.monotonic() - widest)
+            last_flush = max(last_flush, time.monotonic() - window.widest)
             continue
         if kind != "d":
             _settle(kind, value)
@@ -694,9 +692,9 @@ def _move_deltas(run: _Run, reader: _Reader) -> None:
         buffer = [value]
         pending: tuple[str, Any] | None = None
         ending = bool(value.get("finish_reason"))  # the end comes next: no reason to wait
-        window = window_at(running.running)
-        if window > 0 and not ending and (wait := last_flush + window - time.monotonic()) > 0:
-            ended(wait)  # coalesce what arrives within the window (cut short by the end)
+        width = window.seconds(LOAD.running)
+        if width > 0 and not ending and (wait := last_flush + width - time.monotonic()) > 0:
+            reader.ended.wait(wait)  # coalesce what arrives meanwhile (the end cuts it short)
         while True:
             try:
                 kind, value = get_nowait()

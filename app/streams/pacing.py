@@ -34,6 +34,11 @@ class Window:
         widest = max(base, config["STREAM_COALESCE_MAX_MS"] / 1000)
         return cls(base, widest, max(0.0, config["STREAM_APPENDS_PER_SECOND"]))
 
+    @property
+    def widens(self) -> bool:
+        """Whether load can widen the window at all."""
+        return self.appends_per_second > 0 and self.widest > self.base
+
     def seconds(self, running: int) -> float:
         """The window while `running` streams run in this process."""
         if self.appends_per_second <= 0:
