@@ -7,8 +7,8 @@ import sys
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("stream", "batch", "dashboard", "quota"):
-        sys.exit("usage: python -m bench stream|batch|dashboard|quota [options]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("stream", "batch", "dashboard", "quota", "floor"):
+        sys.exit("usage: python -m bench stream|batch|dashboard|quota|floor [options]")
     module = importlib.import_module(f"bench.{sys.argv[1]}")
     module.main(sys.argv[2:])
 
