@@ -39,6 +39,7 @@ from app.providers import (
 from app.providers.streaming import RawSSEStream
 from app.queueing import STREAM_QUEUE, push_task
 from app.services.events import publish
+from app.streams.cancels import CancelListener, cancel_listener
 from app.streams.entries import (
     Entry,
     Generation,
@@ -61,7 +62,7 @@ from app.streams.writer import (
 log = logging.getLogger(__name__)
 
 MARK_RUNNING_WAIT = 0.02  # longest the `running` write waits for the upstream's headers
-CANCEL_CHECK_SECONDS = 0.5  # how often an idle run (waiting on the provider) looks for a cancel
+CANCEL_HEARD = ("cancel", None)  # a reader queue item: the cancel listener heard this job's
 CANCELLED_ERROR = {
     "message": "The job was cancelled.",
     "type": "cancelled",
@@ -446,6 +447,13 @@ class _Run:
     tenant_id: str | None = None
     next_refresh: float = 0.0
     tail: Any = None  # the pipeline run_stream_job executes last (telemetry, note, release)
+    reader: _Reader | None = None  # the current attempt's
+    cancels: CancelListener | None = None  # this process's: wakes the run on a cancel
+
+    def cancel_heard(self) -> None:
+        """From the cancel listener: wake the run's loop, which reads the flag."""
+        if self.reader is not None:
+            self.reader.queue.put(CANCEL_HEARD)
 
     @property
     def text(self) -> str:
@@ -562,7 +570,9 @@ def _run(
     registry = providers()
     max_retries = config["STREAM_MAX_RETRIES"]
     retry_after_max = config["STREAM_RETRY_AFTER_MAX"]
-    reader = _Reader(registry, request, run.window)  # the upstream call starts now ...
+    reader = run.reader = _Reader(registry, request, run.window)  # the call starts now ...
+    run.cancels = cancel_listener()
+    run.cancels.watch(job_id, run.cancel_heard)
     try:
         # ... and the row is marked while the provider works on its first token. The SDK yields
         # before it sends (its pool probes idle connections), so wait for the response headers
@@ -598,7 +608,7 @@ def _run(
                         return _end(run, reader, stop.status, stop.error)
                     except LostLease:
                         return "lost"
-                    reader = _Reader(registry, request, run.window)
+                    reader = run.reader = _Reader(registry, request, run.window)
                     continue
                 return _end(run, reader, "failed", _provider_error(exc))
             except UnknownModel as exc:
@@ -632,6 +642,8 @@ def _run(
     except BaseException:  # cut (GreenletExit on a broker connection loss): stop upstream too
         reader.close()
         raise
+    finally:
+        run.cancels.unwatch(job_id, run.cancel_heard)
 
 
 def _retries(exc: ProviderError, left: int, retry_after_max: float) -> bool:
@@ -673,10 +685,11 @@ def _move_deltas(run: _Run, reader: _Reader) -> None:
     window = run.window
     last_flush = time.monotonic() - window.widest  # the first delta goes out at once
     while True:
-        now = time.monotonic()
-        timeout = min(run.next_refresh, last_flush + CANCEL_CHECK_SECONDS) - now
+        # while the listener hears cancels, a silent upstream costs no reads of the flag
+        poll = run.cancels.poll_seconds() if run.cancels is not None else None
+        due = run.next_refresh if poll is None else min(run.next_refresh, last_flush + poll)
         try:
-            kind, value = get(timeout=max(0.0, timeout))
+            kind, value = get(timeout=max(0.0, due - time.monotonic()))
         except queue.Empty:
             if time.monotonic() >= run.next_refresh:
                 cancelled = run.refresh()
@@ -686,11 +699,16 @@ def _move_deltas(run: _Run, reader: _Reader) -> None:
                 raise _Stop("cancelled", CANCELLED_ERROR) from None
             last_flush = max(last_flush, time.monotonic() - window.widest)
             continue
+        if kind == "cancel":  # heard (or the listener's state changed): the flag says
+            if dlog.client.exists(dlog.cancel_key):
+                raise _Stop("cancelled", CANCELLED_ERROR)
+            continue
         if kind != "d":
             _settle(kind, value)
             return
         buffer = [value]
         pending: tuple[str, Any] | None = None
+        heard = False  # a cancel heard meanwhile: the append's answer (or a read) says
         ending = bool(value.get("finish_reason"))  # the end comes next: no reason to wait
         width = window.seconds(LOAD.running)
         if width > 0 and not ending and (wait := last_flush + width - time.monotonic()) > 0:
@@ -702,13 +720,15 @@ def _move_deltas(run: _Run, reader: _Reader) -> None:
                 break
             if kind == "d":
                 buffer.append(value)
+            elif kind == "cancel":
+                heard = True
             else:
                 pending = (kind, value)
                 break
         choices, finishes = coalesce(buffer)
         run.finishes.update(finishes)
         if not choices:  # only finish reasons
-            cancelled = False
+            cancelled = heard and bool(dlog.client.exists(dlog.cancel_key))
         else:
             if run.first_token_at is None:
                 run.first_token_at = utcnow()

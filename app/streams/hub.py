@@ -9,9 +9,8 @@ carries the broadcast channel of job and batch changes, fanned out to the dashbo
 feed and batch-progress streams, subscribed only while such a feed is open here (so a
 process without one is not woken by every job's changes).
 
-The listener reads its replies straight off the socket with a hiredis Reader and writes
-commands packed by hiredis (redis-py makes and hands over the connection: address, TLS,
-auth): redis-py's pub/sub layers cost ~15 us a notice under load, this ~3 us.
+The listener's connection is a `Wire` (app/streams/wire.py): replies read straight off
+its socket, without redis-py's pub/sub layers.
 """
 
 from __future__ import annotations
@@ -25,13 +24,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-import hiredis
 import redis
 from flask import current_app
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from app.extensions import keepalive, redis_client
+from app.extensions import redis_client
 from app.streams.entries import Entry, entry_key, error_fields, is_terminal, parse_notice
 from app.streams.keys import (
     NOTIFY_PREFIX,
@@ -42,6 +38,7 @@ from app.streams.keys import (
     log_key,
     notify_channel,
 )
+from app.streams.wire import Wire
 
 log = logging.getLogger(__name__)
 
@@ -105,46 +102,6 @@ class Feed:
         return out
 
 
-class _Wire:
-    """The listener's pub/sub connection, without redis-py's per-reply layers.
-
-    redis-py connects it (URL, TLS, AUTH, handshake); then replies are read off its socket
-    by a hiredis Reader and commands are written as hiredis packs them. Reads belong to the
-    listener; writes may come from any greenlet, one at a time (the hub's lock).
-    """
-
-    def __init__(self, url: str) -> None:
-        pool = redis.ConnectionPool.from_url(
-            url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0), **keepalive(url)
-        )
-        self.connection: Any = cast(Any, pool.make_connection())  # (its socket is used)
-        self.connection.connect()
-        self._sock: Any = self.connection._sock
-        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
-
-    def send(self, *commands: tuple[str, ...]) -> None:
-        self._sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))  # type: ignore[arg-type]
-
-    def settimeout(self, seconds: float | None) -> None:
-        self._sock.settimeout(seconds)
-
-    def replies(self) -> list[Any]:
-        """Every reply one read brings (at least one); raises when the connection is lost."""
-        reader = self._reader
-        while (reply := reader.gets()) is False:
-            data = self._sock.recv(65536)
-            if not data:
-                raise redis.ConnectionError("Redis closed the stream hub's connection")
-            reader.feed(data)
-        out = [reply]
-        while (reply := reader.gets()) is not False:
-            out.append(reply)
-        return out
-
-    def close(self) -> None:
-        self.connection.disconnect()
-
-
 def _gevent_defer() -> Callable[[Callable[[], None]], None] | None:
     """Run a function in a new greenlet once the caller yields, when threads are gevent's
     (None otherwise: the hub then writes at once)."""
@@ -201,7 +158,7 @@ class StreamHub:
         self._asked: list[str] = []  # job channels whose SUBSCRIBE waits for the flush
         self._flush_due = False
         self._defer = defer if defer is not None else _gevent_defer()
-        self._wire: _Wire | None = None  # the listener's connection, for (un)subscribes
+        self._wire: Wire | None = None  # the listener's connection, for (un)subscribes
         self.heard = 0  # job notices heard (all of them for jobs this process relays)
         self._feeds: set[Feed] = set()
         self._broadcast_asked = 0  # SUBSCRIBEs of the broadcast channel sent on this wire
@@ -226,9 +183,9 @@ class StreamHub:
     def _listen_forever(self) -> None:
         backoff = 0.05
         while not self._closed.is_set():
-            wire: _Wire | None = None
+            wire: Wire | None = None
             try:
-                wire = _Wire(self.url)  # connects, unlocked
+                wire = Wire(self.url)  # connects, unlocked
                 wire.settimeout(5.0)
                 with self._lock:  # the jobs relayed now; later ones subscribe on this wire
                     self._stale.clear()

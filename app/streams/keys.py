@@ -20,6 +20,12 @@ def broadcast_channel(db: int) -> str:
     return f"sluice:{db}:dashboard"
 
 
+def cancel_channel(db: int) -> str:
+    """The id of each stream job whose cancel flag was just raised, for one Redis database:
+    every stream worker process hears it (app/streams/cancels.py)."""
+    return f"sluice:{db}:cancels"
+
+
 def keys_channel(db: int) -> str:
     """ "<key hash> <ack list>" per revoked API key (app/auth.py), for one Redis database."""
     return f"sluice:{db}:keys-revoked"

@@ -24,7 +24,14 @@ from app.streams.entries import (
     encode_delta,
     error_fields,
 )
-from app.streams.keys import cancel_key, lease_key, log_key, notify_channel
+from app.streams.keys import (
+    cancel_channel,
+    cancel_key,
+    db_of,
+    lease_key,
+    log_key,
+    notify_channel,
+)
 
 
 class _Append:
@@ -282,8 +289,12 @@ def release_lease(client: redis.Redis, job_id: str, token: str) -> bool:
 
 
 def request_cancel(client: redis.Redis, job_id: str, ttl: int = 3600) -> None:
-    """Raise the cancel flag the worker checks between deltas."""
-    client.set(cancel_key(job_id), "1", ex=ttl)
+    """Raise the cancel flag the worker checks between deltas, and tell the stream workers
+    (a run waiting on a silent upstream hears it at once: app/streams/cancels.py)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(cancel_key(job_id), "1", ex=ttl)
+        pipe.publish(cancel_channel(db_of(client)), job_id)
+        pipe.execute()
 
 
 def read_all(client: redis.Redis, job_id: str) -> list[tuple[str, dict[str, str]]]:
