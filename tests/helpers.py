@@ -201,6 +201,20 @@ def insert_job(tenant_id: str, mode: str, status: str, **fields: Any) -> Job:
     return job
 
 
+def wait_row(model: type[Job | Batch], row_id: str, status: str, timeout: float = 10.0) -> Any:
+    """The row once its status is `status`, read afresh each time (inside an app context)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        db.session.remove()
+        row = db.session.get(model, row_id)
+        if row is not None and row.status == status:
+            return row
+        if time.monotonic() >= deadline:
+            found = row.status if row is not None else "missing"
+            raise AssertionError(f"{model.__name__} {row_id} is {found}, not {status}")
+        time.sleep(0.02)
+
+
 def insert_batch(tenant_id: str, statuses: list[str]) -> Batch:
     batch = Batch(
         tenant_id=tenant_id, kind="documents", status="in_progress", model="mock/demo",

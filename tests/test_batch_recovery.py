@@ -49,6 +49,7 @@ from tests.helpers import (
     submit_documents,
     tenant_of,
     tuned_batch_worker,
+    wait_row,
 )
 from tests.stack import Stack
 
@@ -261,14 +262,7 @@ def test_a_run_cut_mid_chunk_gives_its_items_back(
     holders = db.session.scalars(select(Job.worker).where(Job.batch_id == batch_id)).all()
     assert not any((h or "").startswith("cut-worker") for h in holders)  # all given back
     # the re-sent chunk runs on the session's worker: every item once more, then done
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        db.session.remove()
-        batch = db.session.get(Batch, batch_id)
-        if batch is not None and batch.status == "completed":
-            break
-        time.sleep(0.2)
-    assert batch is not None and batch.status == "completed"
+    wait_row(Batch, batch_id, "completed", timeout=30)
     assert set(attempts(batch_id).values()) == {2}
 
 

@@ -18,7 +18,7 @@ from app.streams.cancels import CancelListener, cancel_listener
 from app.streams.keys import cancel_key
 from app.streams.writer import read_all, request_cancel
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import insert_job, tenant_of, tuned
+from tests.helpers import insert_job, tenant_of, tuned, wait_row
 
 LONG_LEASE = {"STREAM_LEASE_SECONDS": 600.0}  # no lease refresh (which reads the flag) in a test
 
@@ -41,17 +41,6 @@ def _silent_run(
     return job_id, outcome, thread
 
 
-def _wait_running(job_id: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        db.session.expire_all()
-        job = db.session.get(Job, job_id)
-        if job is not None and job.status == "running":
-            return
-        time.sleep(0.02)
-    raise AssertionError("the run never started")
-
-
 @pytest.mark.timeout(60)
 def test_a_run_waiting_on_a_silent_upstream_hears_a_cancel_at_once_without_polling(
     app_ctx: Flask, api_key: str, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
@@ -59,7 +48,7 @@ def test_a_run_waiting_on_a_silent_upstream_hears_a_cancel_at_once_without_polli
     """With polling pushed out to a minute, only the listener can end the run in time."""
     monkeypatch.setattr(cancels, "POLL_SECONDS", 60.0)
     job_id, outcome, thread = _silent_run(app_ctx, api_key, upstream)
-    _wait_running(job_id)
+    wait_row(Job, job_id, "running")
     assert cancel_listener().hearing.wait(5), "the listener never heard its channel"
     asked = time.monotonic()
     request_cancel(redis_store.client, job_id)
@@ -83,7 +72,7 @@ def test_while_no_listener_hears_a_run_polls_the_flag(
     monkeypatch.setattr(stream_runner, "cancel_listener", lambda: deaf)
     monkeypatch.setattr(cancels, "POLL_SECONDS", 0.2)
     job_id, outcome, thread = _silent_run(app_ctx, api_key, upstream)
-    _wait_running(job_id)
+    wait_row(Job, job_id, "running")
     asked = time.monotonic()
     redis_store.client.set(cancel_key(job_id), "1", ex=60)  # the flag, and no notice
     thread.join(20)

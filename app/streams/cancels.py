@@ -104,20 +104,15 @@ class CancelListener:
                             backoff = 0.05
                             self._wake(None)  # look once at what was raised while deaf
             except Exception as exc:
-                lost = self.hearing.is_set()
-                if lost and not self._closed.is_set():  # (once an outage, not every retry)
+                if self.hearing.is_set() and not self._closed.is_set():  # once an outage
                     log.warning("the cancel listener lost its pub/sub connection: %r", exc)
             finally:
-                lost = self.hearing.is_set()
-                self.hearing.clear()
-                if lost:
-                    self._wake(None)  # back to polling until it hears again
                 self._wire = None
                 if wire is not None:
-                    try:
-                        wire.close()
-                    except Exception:
-                        pass
+                    wire.close()
+                if self.hearing.is_set():
+                    self.hearing.clear()
+                    self._wake(None)  # back to polling until it hears again
             self._closed.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 

@@ -219,10 +219,7 @@ class StreamHub:
                 self.connected.clear()
                 self._revoked(None)
                 if wire is not None:
-                    try:
-                        wire.close()
-                    except Exception:
-                        pass
+                    wire.close()
             self._closed.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 
