@@ -127,9 +127,30 @@ def test_the_listener_wakes_only_the_cancelled_jobs_runs_and_all_of_them_after_a
         listener.close()
 
 
+@pytest.mark.timeout(30)
+def test_the_listener_keeps_its_connection_through_a_long_silence(app_ctx: Flask) -> None:
+    """Longer than its connection's connect-and-subscribe timeout (5 s) with nothing to hear."""
+    listener = CancelListener(app_ctx.config["REDIS_URL"])
+    woken: list[int] = []
+    try:
+        listener.watch("job_quiet", lambda: woken.append(1))
+        assert listener.hearing.wait(5)
+        before = _client_ids(listener)
+        time.sleep(6)
+        assert listener.hearing.is_set()
+        assert _client_ids(listener) == before and len(before) == 1
+        assert woken == [1]  # only the look once it heard: no loss, no reconnect
+    finally:
+        listener.close()
+
+
+def _client_ids(listener: CancelListener) -> list[int]:
+    client = redis.Redis.from_url(listener.url)
+    return [c["id"] for c in client.client_list() if c.get("name") == listener.client_name]
+
+
 def _kill_connection_of(listener: CancelListener) -> None:
     """CLIENT KILL the listener's pub/sub connection (found by its client name)."""
-    client = redis.Redis.from_url(listener.url)
-    ours = [c["id"] for c in client.client_list() if c.get("name") == listener.client_name]
+    ours = _client_ids(listener)
     assert len(ours) == 1, ours
-    client.client_kill_filter(_id=ours[0])
+    redis.Redis.from_url(listener.url).client_kill_filter(_id=ours[0])

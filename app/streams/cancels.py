@@ -100,6 +100,7 @@ class CancelListener:
                         if reply[0] == "message":
                             self._wake(reply[2])
                         elif reply[0] == "subscribe":
+                            wire.settimeout(None)  # (the connect timeout until now)
                             self.hearing.set()
                             backoff = 0.05
                             self._wake(None)  # look once at what was raised while deaf
