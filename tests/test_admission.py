@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,9 @@ from app.errors import APIError
 from app.extensions import redis_store
 from app.models import new_id
 from app.policy import Route
-from tests.helpers import web_with_config
+from app.services import stream_runner
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import insert_job, web_with_config
 from tests.stack import Stack
 
 
@@ -432,3 +435,32 @@ def test_live_policy_reloads_when_the_file_changes(
         path.write_text(LIVE_POLICY)
     # back to the original rules: the catch-all streams it
     wait_until(lambda: live.post("/v1/jobs", json=payload).status_code == 200, 10)
+
+
+@pytest.mark.timeout(60)
+def test_a_running_stream_keeps_its_slot_past_its_lease_and_gives_it_back_at_the_end(
+    slots: Flask, api_key: str, upstream: FakeUpstream
+) -> None:
+    """The run renews its slot with its lease (in the same round trip): a stream that lasts
+    two leases keeps its slot to its end, then gives it back."""
+    slots.config["STREAM_LEASE_SECONDS"] = 0.6
+    slots.config["STREAM_SLOT_QUEUED_SECONDS"] = 0.6
+    upstream.add_scenario("outlives-lease", tokens=6, tps=2.5, ttft_ms=10)  # 2 s
+    request = {"model": "openai/outlives-lease", "messages": [{"role": "user", "content": "x"}]}
+    owner = tenant_of(slots, api_key)
+    job_id = insert_job(owner, "stream", "queued", request=request).id
+    assert admission.acquire_stream_slot(stream_route(), owner, job_id) == "stream"
+    outcome: list[str] = []
+
+    def run() -> None:
+        with slots.app_context():
+            outcome.append(stream_runner.run_stream_job(job_id, request, "slot-worker"))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(1.3)  # two leases in, still streaming
+    assert not outcome
+    assert admission.usage(owner)["global"] == 1
+    thread.join(20)
+    assert outcome == ["succeeded"]
+    assert admission.usage(owner)["global"] == 0

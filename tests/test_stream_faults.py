@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from app.providers.base import text_delta
 from app.services.stream_runner import sweep_streams
 from app.streams.entries import done_fields, error_fields
 from app.streams.hub import StreamHub, Tail
-from app.streams.keys import lease_key
+from app.streams.keys import cancel_key, lease_key
 from app.streams.relay import sse_body
 from app.streams.render import ChunkRenderer
 from app.streams.writer import DeltaLog, LostLease, release_lease, write_terminal
@@ -35,6 +36,26 @@ LEASE = 3.0  # SLUICE_STREAM_LEASE_SECONDS in the test settings
 
 def _content(text: str) -> list[dict]:
     return [{"index": 0, "delta": {"content": text}}]
+
+
+def test_a_refresh_raises_for_its_lease_not_for_what_it_also_renews(app_ctx: Flask) -> None:
+    """The run's slot renewal rides the lease refresh's round trip; its failure is logged."""
+    client = redis_store.client
+    job = f"job_also_{secrets.token_hex(4)}"
+    mine = DeltaLog(client, job, running_ttl=60, final_ttl=60, token="A", lease_seconds=5)
+    client.set(lease_key(job), "A", px=5000)
+    queued: list[str] = []
+
+    def also(pipe: Any) -> None:
+        queued.append("renewal")
+        pipe.lpush(lease_key(job), "x")  # WRONGTYPE: a failing renewal
+
+    assert mine.refresh(also=also) is False and queued == ["renewal"]
+    client.set(cancel_key(job), "1", ex=60)
+    assert mine.refresh(also=also) is True
+    client.set(lease_key(job), "B", px=5000)
+    with pytest.raises(LostLease):
+        mine.refresh(also=also)
 
 
 def test_lease_is_compare_and_set(app_ctx: Flask) -> None:

@@ -462,12 +462,10 @@ class _Run:
     def refresh(self) -> bool:
         """Renew lease, log expiry and stream slot; return whether a cancel was requested."""
         self.next_refresh = time.monotonic() + self.lease_seconds / 3
-        cancelled = self.dlog.refresh()
-        try:
-            admission.renew_stream_slot(self.job_id)
-        except Exception:
-            log.warning("could not renew the stream slot of %s", self.job_id, exc_info=True)
-        return cancelled
+        return self.dlog.refresh(also=self._renew_slot)
+
+    def _renew_slot(self, pipe: Any) -> None:
+        admission.renew_stream_slot(self.job_id, client=pipe)
 
 
 class _Stop(Exception):

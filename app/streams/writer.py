@@ -6,10 +6,11 @@ EXISTS of the cancel flag); the terminal `done`/`error` entry sets the log's exp
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import redis
@@ -32,6 +33,8 @@ from app.streams.keys import (
     log_key,
     notify_channel,
 )
+
+log = logging.getLogger(__name__)
 
 
 class _Append:
@@ -226,18 +229,30 @@ class DeltaLog:
         self._expiry_set = True
         return bool(cancelled)
 
-    def refresh(self) -> bool:
-        """Renew the lease and the running expiry; return whether a cancel was requested."""
+    def refresh(self, also: Callable[[Any], object] | None = None) -> bool:
+        """Renew the lease and the running expiry; return whether a cancel was requested.
+
+        `also(pipe)` queues more commands in the same round trip (the run's slot renewal);
+        their failures are logged, not raised.
+        """
         pipe = self.client.pipeline(transaction=False)
         # EVAL on the pipeline: a registered script there costs a SCRIPT EXISTS round trip
         run_script(pipe, LEASE_SCRIPT, 2, self.lease_key, self.key, self.token, self.lease_ms)
+        pipe.exists(self.cancel_key)
         if self._expiry_set:
             pipe.expire(self.key, self.running_ttl)
-        pipe.exists(self.cancel_key)
-        answers = pipe.execute()
-        if not answers[0]:
+        if also is not None:
+            also(pipe)
+        held, cancelled, *rest = pipe.execute(raise_on_error=False)
+        for answer in (held, cancelled):
+            if isinstance(answer, Exception):
+                raise answer
+        if not held:
             raise LostLease(self.job_id)
-        return bool(answers[-1])
+        for answer in rest:
+            if isinstance(answer, Exception):
+                log.warning("job %s: a renewal failed: %r", self.job_id, answer)
+        return bool(cancelled)
 
     def end(self, fields: dict[str, str]) -> bool:
         """Add the terminal entry (once, and only while the job is ours); True if written."""
