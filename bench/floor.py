@@ -34,7 +34,7 @@ from typing import Any
 import redis
 
 from bench.floor_apps import FLOOR_QUEUE, LATENCY_KEY, celery_app
-from bench.stream import Result, children, cpu_seconds, pct, sse_stream
+from bench.stream import Result, children, cpu_seconds, pct, redis_server_pids, sse_stream
 from tests.stack import free_port
 
 IDLE_SECONDS = 3.0
@@ -161,8 +161,8 @@ def celery_floor(args: argparse.Namespace, home: Path, redis_url: str) -> list[d
                 "-n", f"floor{n}@%h", "--loglevel", "WARNING",
                 "--without-mingle", "--without-gossip"]  # fmt: skip
         workers.append(spawn(argv, env, home / f"celery{n}.log"))
-    procs = Procs(workers, redis_pids(client))
-    sender = celery_app_for(redis_url)
+    procs = Procs(workers, redis_server_pids(client))
+    sender = celery_app(redis_url)
     record = {"model": "openai/floor", "messages": [{"role": "user", "content": "bench"}]}
     rows = []
     try:
@@ -199,20 +199,17 @@ def pickup_latency(
     """p50 / p99 ms from a task's send to its first line, one at a time (not in the CPU)."""
     client.delete(LATENCY_KEY)
     for _ in range(total):
-        app.send_task("floor.noop", args=[f"job_{uuid.uuid4().hex}", record, time.time()])
+        send(app, record, 1, stamped=True)
         drain(client, poll=0.0005)
     values = [float(v) * 1000 for v in client.lrange(LATENCY_KEY, 0, -1)]
     return pct(values, 50), pct(values, 99)
 
 
-def celery_app_for(redis_url: str) -> Any:
-    os.environ["REDIS_URL"] = redis_url
-    return celery_app()
-
-
-def send(app: Any, record: dict[str, Any], n: int) -> None:
+def send(app: Any, record: dict[str, Any], n: int, *, stamped: bool = False) -> None:
+    """n do-nothing tasks; `stamped`: each carries its send time (the latency pass)."""
     for _ in range(n):
-        app.send_task("floor.noop", args=[f"job_{uuid.uuid4().hex}", record], queue=FLOOR_QUEUE)
+        args: list[Any] = [f"job_{uuid.uuid4().hex}", record, *([time.time()] if stamped else [])]
+        app.send_task("floor.noop", args=args, queue=FLOOR_QUEUE)
 
 
 def drain(client: redis.Redis, poll: float = 0.01) -> None:
@@ -223,14 +220,6 @@ def drain(client: redis.Redis, poll: float = 0.01) -> None:
             return
         time.sleep(poll)
     raise RuntimeError("the floor's Celery workers did not drain the queue")
-
-
-def redis_pids(client: redis.Redis) -> list[int]:
-    try:
-        pid = int(client.info("server")["process_id"])
-    except (redis.RedisError, KeyError, ValueError):
-        return []
-    return [pid] if Path(f"/proc/{pid}").exists() else []
 
 
 # -- provider ----------------------------------------------------------------------------

@@ -54,9 +54,9 @@ def latency_client() -> redis.Redis:
     return redis.Redis.from_url(os.environ["REDIS_URL"])
 
 
-def celery_app() -> Celery:
+def celery_app(redis_url: str) -> Celery:
     """Celery as Sluice configures it for stream tasks; `floor.noop` does nothing."""
-    app = Celery("floor", broker=os.environ["REDIS_URL"])
+    app = Celery("floor", broker=redis_url)
     app.conf.update(
         task_ignore_result=True,
         task_serializer="json",
@@ -80,4 +80,4 @@ def celery_app() -> Celery:
 
 
 if os.environ.get("FLOOR_CELERY"):  # only in the floor's own worker processes (celery -A)
-    app = celery_app()
+    app = celery_app(os.environ["REDIS_URL"])

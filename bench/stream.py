@@ -154,6 +154,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def redis_server_pids(client: redis.Redis) -> list[int]:
+    """The server's process behind a client, when it runs on this machine (else none)."""
+    try:
+        pid = int(client.info("server")["process_id"])
+    except (redis.RedisError, KeyError, ValueError):
+        return []
+    return [pid] if Path(f"/proc/{pid}").exists() else []
+
+
 def children(pid: int) -> list[int]:
     """pid and every descendant (the gunicorn master and its worker, a celery worker)."""
     found = [pid]
@@ -269,11 +278,7 @@ class BenchStack:
         """The Redis server's process, when it runs on this machine (else none: not counted)."""
         if getattr(self, "redis_proc", None) is not None:
             return [self.redis_proc.pid]
-        try:
-            pid = int(redis.Redis.from_url(self.redis_url).info("server")["process_id"])
-        except (redis.RedisError, KeyError, ValueError):
-            return []
-        return [pid] if Path(f"/proc/{pid}").exists() else []
+        return redis_server_pids(redis.Redis.from_url(self.redis_url))
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -21,6 +21,7 @@ from app.extensions import db, redis_store
 from app.models import Job
 from app.providers.base import text_delta
 from app.services.stream_runner import sweep_streams
+from app.streams.cancels import CancelListener
 from app.streams.entries import done_fields, error_fields
 from app.streams.hub import StreamHub, Tail
 from app.streams.keys import cancel_key, lease_key
@@ -253,7 +254,8 @@ def test_lost_redis_keeps_the_streamed_text_in_the_row(app_ctx: Flask, api_key: 
         dead = redis.Redis(host="127.0.0.1", port=closed.getsockname()[1], decode_responses=True)
         dlog = DeltaLog(dead, job_id, running_ttl=60, final_ttl=60, token="T")
         request = ChatRequest("mock/echo", [{"role": "user", "content": "x"}])
-        run = stream_runner._Run(job_id, request, dlog, "T", 60.0, window=0.0)
+        listener = CancelListener(app_ctx.config["REDIS_URL"])  # (never started)
+        run = stream_runner._Run(job_id, request, dlog, "T", 60.0, window=0.0, cancels=listener)
         run.generation.add_choices([text_delta("sent "), text_delta("to the client")])
         error = {"message": "x", "type": "service_unavailable", "code": "stream_unavailable"}
         fields = error_fields(error)

@@ -62,7 +62,7 @@ from app.streams.writer import (
 log = logging.getLogger(__name__)
 
 MARK_RUNNING_WAIT = 0.02  # longest the `running` write waits for the upstream's headers
-CANCEL_HEARD = ("cancel", None)  # a reader queue item: the cancel listener heard this job's
+CANCEL_HEARD = ("cancel", None)  # a reader queue item: the cancel listener heard of a cancel
 CANCELLED_ERROR = {
     "message": "The job was cancelled.",
     "type": "cancelled",
@@ -440,6 +440,7 @@ class _Run:
     lease_value: str
     lease_seconds: float
     window: Window
+    cancels: CancelListener  # this process's: wakes the run on a cancel
     generation: Generation = field(default_factory=Generation)  # what was appended
     finishes: dict[int, str] = field(default_factory=dict)  # each choice's finish reason
     appended: int = 0  # log entries written: once any is, the run is never retried
@@ -448,7 +449,6 @@ class _Run:
     next_refresh: float = 0.0
     tail: Any = None  # the pipeline run_stream_job executes last (telemetry, note, release)
     reader: _Reader | None = None  # the current attempt's
-    cancels: CancelListener | None = None  # this process's: wakes the run on a cancel
 
     def cancel_heard(self) -> None:
         """From the cancel listener: wake the run's loop, which reads the flag."""
@@ -563,13 +563,13 @@ def _run(
         lease_value,
         lease_seconds,
         window=Window.from_config(config),
+        cancels=cancel_listener(),
         tail=tail,
     )
     registry = providers()
     max_retries = config["STREAM_MAX_RETRIES"]
     retry_after_max = config["STREAM_RETRY_AFTER_MAX"]
     reader = run.reader = _Reader(registry, request, run.window)  # the call starts now ...
-    run.cancels = cancel_listener()
     run.cancels.watch(job_id, run.cancel_heard)
     try:
         # ... and the row is marked while the provider works on its first token. The SDK yields
@@ -684,7 +684,7 @@ def _move_deltas(run: _Run, reader: _Reader) -> None:
     last_flush = time.monotonic() - window.widest  # the first delta goes out at once
     while True:
         # while the listener hears cancels, a silent upstream costs no reads of the flag
-        poll = run.cancels.poll_seconds() if run.cancels is not None else None
+        poll = run.cancels.poll_seconds()
         due = run.next_refresh if poll is None else min(run.next_refresh, last_flush + poll)
         try:
             kind, value = get(timeout=max(0.0, due - time.monotonic()))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import redis
 from flask import current_app
 
-from app.streams.keys import cancel_channel
+from app.streams.keys import cancel_channel, db_of
 from app.streams.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,7 @@ class CancelListener:
     def __init__(self, url: str) -> None:
         self.url = url
         self.pid = os.getpid()
-        db = redis.ConnectionPool.from_url(url).connection_kwargs.get("db") or 0
-        self.channel = cancel_channel(int(db))
+        self.channel = cancel_channel(db_of(redis.Redis.from_url(url)))
         # its connection's name in CLIENT LIST
         self.client_name = f"sluice-cancels-{self.pid}-{uuid.uuid4().hex[:6]}"
         self.hearing = threading.Event()  # subscribed: a cancel raised now wakes its run
